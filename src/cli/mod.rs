@@ -1,0 +1,148 @@
+//! The operator's CLI: `dunnage volume ...`, `attach`, `detach`. Tables for
+//! people, `--json` for scripts; errors go to stderr with a non-zero exit.
+
+use crate::control::client::Client;
+use crate::control::{CreateArgs, NameArgs};
+use crate::registry::VolumeInfo;
+use crate::spec::human_bytes;
+use anyhow::{bail, Result};
+use clap::Subcommand;
+use comfy_table::{presets::NOTHING, Table};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Subcommand)]
+pub enum VolumeCmd {
+    /// Create a volume (a no-op if it exists).
+    Create {
+        /// Volume name: letters, digits, '_', '.', '-'; `name@size` sets the size.
+        name: String,
+        /// Option as key=value, repeatable: size, fs, fsopts, block_size, sticky, label.
+        #[arg(short = 'o', long = "opt", value_name = "KEY=VALUE")]
+        opts: Vec<String>,
+        /// Print the new volume as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List volumes as a table.
+    Ls {
+        /// Print JSON (an array of the objects `inspect` prints).
+        #[arg(long)]
+        json: bool,
+        /// Only volumes with this label: `key=value`, or `key` for any value. Repeatable.
+        #[arg(long, value_name = "KEY[=VALUE]")]
+        label: Vec<String>,
+    },
+    /// Show one volume as JSON.
+    Inspect { name: String },
+    /// Delete a volume and its data (refused while in use or sticky).
+    Rm { name: String },
+    /// Change a volume's sticky flag or labels.
+    Update {
+        name: String,
+        /// `sticky=true|false` or `label=k=v,k2=v2`.
+        #[arg(short = 'o', long = "opt", value_name = "KEY=VALUE", required = true)]
+        opts: Vec<String>,
+    },
+}
+
+fn parse_opts(opts: &[String]) -> Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    for o in opts {
+        let Some((k, v)) = o.split_once('=') else {
+            bail!("option {o:?} is not KEY=VALUE (for example -o size=10G)");
+        };
+        out.insert(k.to_string(), v.to_string());
+    }
+    Ok(out)
+}
+
+fn table(vols: &[VolumeInfo]) -> String {
+    let mut t = Table::new();
+    t.load_preset(NOTHING);
+    t.set_header(["NAME", "SIZE", "FS", "STATE", "DEVICE", "ALLOCATED", "MOUNTS", "LABELS"]);
+    for v in vols {
+        let labels: Vec<String> = v.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        t.add_row([
+            v.name.clone(),
+            human_bytes(v.size_bytes),
+            v.fs.clone(),
+            v.state.clone(),
+            v.device
+                .as_ref()
+                .map(|d| d.display().to_string())
+                .unwrap_or_else(|| "-".into()),
+            human_bytes(v.allocated_bytes),
+            v.mounts.to_string(),
+            if labels.is_empty() { "-".into() } else { labels.join(",") },
+        ]);
+    }
+    t.to_string()
+}
+
+pub fn volume(run_dir: &Path, cmd: VolumeCmd) -> Result<()> {
+    let client = Client::new(run_dir);
+    match cmd {
+        VolumeCmd::Create { name, opts, json } => {
+            let args = CreateArgs {
+                name,
+                opts: parse_opts(&opts)?,
+            };
+            let v: VolumeInfo = client.post("/v1/volume/create", &args)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("{}", v.name);
+            }
+        }
+        VolumeCmd::Ls { json, label } => {
+            let mut vols: Vec<VolumeInfo> = client.post("/v1/volume/list", &())?;
+            for l in &label {
+                let (k, v) = match l.split_once('=') {
+                    Some((k, v)) => (k, Some(v)),
+                    None => (l.as_str(), None),
+                };
+                vols.retain(|vol| vol.has_label(k, v));
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&vols)?);
+            } else {
+                println!("{}", table(&vols));
+            }
+        }
+        VolumeCmd::Inspect { name } => {
+            let v: VolumeInfo = client.post("/v1/volume/inspect", &NameArgs { name })?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+        VolumeCmd::Rm { name } => {
+            let () = client.post("/v1/volume/remove", &NameArgs { name: name.clone() })?;
+            println!("{name}");
+        }
+        VolumeCmd::Update { name, opts } => {
+            let args = CreateArgs {
+                name,
+                opts: parse_opts(&opts)?,
+            };
+            let v: VolumeInfo = client.post("/v1/volume/update", &args)?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+    }
+    Ok(())
+}
+
+#[derive(serde::Deserialize)]
+struct Device {
+    device: PathBuf,
+}
+
+/// Attach for direct block use; prints the device path and nothing else.
+pub fn attach(run_dir: &Path, name: String) -> Result<()> {
+    let d: Device = Client::new(run_dir).post("/v1/volume/attach", &NameArgs { name })?;
+    println!("{}", d.device.display());
+    Ok(())
+}
+
+pub fn detach(run_dir: &Path, name: String) -> Result<()> {
+    let () = Client::new(run_dir).post("/v1/volume/detach", &NameArgs { name })?;
+    Ok(())
+}

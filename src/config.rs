@@ -1,0 +1,61 @@
+//! Where things live on this node, and the handles every layer shares.
+
+use crate::catalog::Catalog;
+use crate::export::ExportKind;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// The node as the registry and volume actors see it.
+pub struct Node {
+    /// This node's name (the host name on a single node); errors carry it.
+    pub name: String,
+    pub data_dir: PathBuf,
+    pub run_dir: PathBuf,
+    pub mount_dir: PathBuf,
+    /// The export actually in use (`auto` resolved).
+    pub export: ExportKind,
+    pub catalog: Arc<dyn Catalog>,
+}
+
+impl Node {
+    /// Volume data lives under its id, so a volume re-created under the same
+    /// name never meets the old one's files.
+    pub fn volume_dir(&self, id: &str) -> PathBuf {
+        self.data_dir.join("volumes").join(id)
+    }
+
+    /// Where a volume's filesystem is mounted for Docker.
+    pub fn mount_point(&self, name: &str) -> PathBuf {
+        self.mount_dir.join(name)
+    }
+
+    pub fn fuse_root(&self) -> PathBuf {
+        self.run_dir.join("fuse")
+    }
+
+    pub fn fuse_dir(&self, name: &str) -> PathBuf {
+        self.fuse_root().join(name)
+    }
+}
+
+/// This machine's host name, for errors that name the node.
+pub fn host_name() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// Bytes the files of a directory take on disk (st_blocks), not their length.
+pub fn disk_usage(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.metadata().ok())
+        .filter(|m| m.is_file())
+        .map(|m| m.blocks() * 512)
+        .sum()
+}

@@ -1,0 +1,136 @@
+//! The operator's control socket (`<run-dir>/control.sock`), spoken by the
+//! CLI: small JSON RPCs over HTTP on a unix socket, so it can also be driven
+//! with `curl --unix-socket`.
+
+pub mod client;
+
+use crate::registry::{self, Registry, RegistryError};
+use actix::Addr;
+use actix_web::{web, HttpResponse};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use std::collections::BTreeMap;
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct NameArgs {
+    pub name: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CreateArgs {
+    pub name: String,
+    #[serde(default)]
+    pub opts: BTreeMap<String, String>,
+}
+
+/// What `GET /v1/node` answers.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct NodeInfo {
+    pub node: String,
+    pub version: String,
+    pub export: String,
+    pub data_dir: String,
+    pub run_dir: String,
+    pub mount_dir: String,
+    pub plugin_socket: String,
+}
+
+fn fail(status: u16, msg: impl std::fmt::Display) -> HttpResponse {
+    HttpResponse::build(
+        actix_web::http::StatusCode::from_u16(status)
+            .unwrap_or(actix_web::http::StatusCode::INTERNAL_SERVER_ERROR),
+    )
+    .json(json!({ "error": msg.to_string() }))
+}
+
+fn reply<T: Serialize>(res: Result<Result<T, RegistryError>, actix::MailboxError>) -> HttpResponse {
+    match res {
+        Ok(Ok(v)) => HttpResponse::Ok().json(v),
+        Ok(Err(e)) => fail(e.status(), e),
+        Err(e) => fail(503, format!("dunnage registry unavailable: {e}")),
+    }
+}
+
+fn args<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, HttpResponse> {
+    serde_json::from_slice(body).map_err(|e| fail(400, format!("malformed request: {e}")))
+}
+
+type Reg = web::Data<Addr<Registry>>;
+
+async fn list(reg: Reg) -> HttpResponse {
+    reply(reg.send(registry::List).await)
+}
+
+async fn create(reg: Reg, body: web::Bytes) -> HttpResponse {
+    match args::<CreateArgs>(&body) {
+        Ok(a) => reply(
+            reg.send(registry::Create {
+                name: a.name,
+                opts: a.opts,
+            })
+            .await,
+        ),
+        Err(r) => r,
+    }
+}
+
+async fn update(reg: Reg, body: web::Bytes) -> HttpResponse {
+    match args::<CreateArgs>(&body) {
+        Ok(a) => reply(
+            reg.send(registry::Update {
+                name: a.name,
+                opts: a.opts,
+            })
+            .await,
+        ),
+        Err(r) => r,
+    }
+}
+
+async fn inspect(reg: Reg, body: web::Bytes) -> HttpResponse {
+    match args::<NameArgs>(&body) {
+        Ok(a) => reply(reg.send(registry::Get { name: a.name }).await),
+        Err(r) => r,
+    }
+}
+
+async fn remove(reg: Reg, body: web::Bytes) -> HttpResponse {
+    match args::<NameArgs>(&body) {
+        Ok(a) => reply(reg.send(registry::Remove { name: a.name }).await),
+        Err(r) => r,
+    }
+}
+
+async fn attach(reg: Reg, body: web::Bytes) -> HttpResponse {
+    match args::<NameArgs>(&body) {
+        Ok(a) => reply(
+            reg.send(registry::Attach { name: a.name })
+                .await
+                .map(|r| r.map(|p| json!({ "device": p }))),
+        ),
+        Err(r) => r,
+    }
+}
+
+async fn detach(reg: Reg, body: web::Bytes) -> HttpResponse {
+    match args::<NameArgs>(&body) {
+        Ok(a) => reply(reg.send(registry::Detach { name: a.name }).await),
+        Err(r) => r,
+    }
+}
+
+async fn node(info: web::Data<NodeInfo>) -> HttpResponse {
+    HttpResponse::Ok().json(info.get_ref())
+}
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.route("/v1/node", web::get().to(node))
+        .route("/v1/volume/list", web::post().to(list))
+        .route("/v1/volume/create", web::post().to(create))
+        .route("/v1/volume/update", web::post().to(update))
+        .route("/v1/volume/inspect", web::post().to(inspect))
+        .route("/v1/volume/remove", web::post().to(remove))
+        .route("/v1/volume/attach", web::post().to(attach))
+        .route("/v1/volume/detach", web::post().to(detach))
+        .default_service(web::to(|| async { fail(404, "no such control endpoint") }));
+}

@@ -1,0 +1,34 @@
+//! Stage 4: the block engine. Bytes in, bytes out, ordering and flush.
+//!
+//! The engine knows nothing of Docker, FUSE or ublk: exports call it directly
+//! from their IO threads (no actor hop per IO). Later layers (snapshots,
+//! encryption, replication) wrap or extend an engine through [`BlockEngine`].
+
+mod alloc;
+mod error;
+mod header;
+mod map;
+mod thin;
+
+pub use error::EngineError;
+pub use thin::{ThinImage, ThinParams, ThinUsage};
+
+/// The interface every export uses. All methods take `&self`: an engine is
+/// shared by many IO threads and does its own fine-grained locking.
+///
+/// Offsets and lengths are in bytes and need not be aligned; IO past the end
+/// of the device is an error ([`EngineError::OutOfRange`]).
+pub trait BlockEngine: Send + Sync {
+    /// Size of the device in bytes.
+    fn size(&self) -> u64;
+    /// Fill `buf` from `offset`. Never-written ranges read as zeros.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), EngineError>;
+    /// Write `buf` at `offset`. Not durable until [`BlockEngine::flush`] returns.
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), EngineError>;
+    /// Make every write that completed before this call durable: after it
+    /// returns, the data survives kill -9 of the process and a power cut.
+    fn flush(&self) -> Result<(), EngineError>;
+    /// Forget `len` bytes at `offset` (TRIM / punch hole): they read as zeros
+    /// afterwards, and whole blocks return their space.
+    fn discard(&self, offset: u64, len: u64) -> Result<(), EngineError>;
+}

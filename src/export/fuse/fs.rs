@@ -1,0 +1,250 @@
+//! The one-file filesystem: a root directory holding `image`, whose bytes are
+//! the engine's. Requests are answered on fuser's worker threads by calling
+//! the engine directly; read buffers are per-thread and reused.
+
+use super::IMAGE;
+use crate::engine::BlockEngine;
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, FopenFlags, Filesystem, Generation, INodeNo,
+    KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty,
+    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, WriteFlags,
+};
+use std::cell::RefCell;
+use std::ffi::OsStr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+const IMAGE_INO: INodeNo = INodeNo(2);
+/// Nothing here ever changes but through us, so the kernel may cache freely.
+const TTL: Duration = Duration::from_secs(3600);
+/// Largest request we ask the kernel for (also bounds the read buffer).
+const MAX_IO: u32 = 1 << 20;
+
+thread_local! {
+    static READ_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+pub struct ImageFs {
+    engine: Arc<dyn BlockEngine>,
+    started: SystemTime,
+}
+
+impl ImageFs {
+    pub fn new(engine: Arc<dyn BlockEngine>) -> Self {
+        ImageFs {
+            engine,
+            started: SystemTime::now(),
+        }
+    }
+
+    fn attr(&self, ino: INodeNo) -> Option<FileAttr> {
+        let (kind, perm, size, nlink) = match ino {
+            INodeNo::ROOT => (FileType::Directory, 0o700, 0, 2),
+            IMAGE_INO => (FileType::RegularFile, 0o600, self.engine.size(), 1),
+            _ => return None,
+        };
+        Some(FileAttr {
+            ino,
+            size,
+            blocks: size.div_ceil(512),
+            atime: self.started,
+            mtime: self.started,
+            ctime: self.started,
+            crtime: self.started,
+            kind,
+            perm,
+            nlink,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            blksize: 4096,
+            flags: 0,
+        })
+    }
+}
+
+fn errno(e: &crate::engine::EngineError) -> Errno {
+    tracing::warn!(error = %e, "engine error answered to the kernel");
+    Errno::from_i32(e.errno())
+}
+
+impl Filesystem for ImageFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // Both are best effort: the kernel answers with what it can do.
+        let _ = config.set_max_write(MAX_IO);
+        let _ = config.set_max_readahead(MAX_IO);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match (parent, self.attr(IMAGE_INO)) {
+            (INodeNo::ROOT, Some(attr)) if name == IMAGE => {
+                reply.entry(&TTL, &attr, Generation(0))
+            }
+            _ => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.attr(ino) {
+            Some(attr) => reply.attr(&TTL, &attr),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        if ino != IMAGE_INO {
+            return reply.error(Errno::EISDIR);
+        }
+        // Direct IO: the loop device above is the only cache; parallel direct
+        // writes: the kernel must not serialise writes on the inode lock.
+        reply.opened(
+            FileHandle(0),
+            FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES,
+        );
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        if ino != IMAGE_INO {
+            return reply.error(Errno::EISDIR);
+        }
+        let end = self.engine.size();
+        let len = (size as u64).min(end.saturating_sub(offset)) as usize;
+        READ_BUF.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            if buf.len() < len {
+                buf.resize(len.max(MAX_IO as usize), 0);
+            }
+            match self.engine.read_at(&mut buf[..len], offset) {
+                Ok(()) => reply.data(&buf[..len]),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        if ino != IMAGE_INO {
+            return reply.error(Errno::EISDIR);
+        }
+        match self.engine.write_at(data, offset) {
+            Ok(()) => reply.written(data.len() as u32),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        // close(2) of the image: nothing is buffered here, fsync makes durable.
+        reply.ok()
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        match self.engine.flush() {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        if ino != IMAGE_INO {
+            return reply.error(Errno::EISDIR);
+        }
+        // The loop device turns discard into PUNCH_HOLE and write-zeroes into
+        // ZERO_RANGE (or PUNCH_HOLE); both mean "reads as zeros" to a thin image.
+        let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        let zero = libc::FALLOC_FL_ZERO_RANGE;
+        let ok = mode == punch
+            || mode & !libc::FALLOC_FL_KEEP_SIZE == zero
+            || mode == 0 && offset.saturating_add(length) <= self.engine.size();
+        if !ok {
+            return reply.error(Errno::EOPNOTSUPP);
+        }
+        if mode == 0 {
+            // Plain allocate within the size: a thin image allocates on write.
+            return reply.ok();
+        }
+        match self.engine.discard(offset, length) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        if ino != INodeNo::ROOT {
+            return reply.error(Errno::ENOTDIR);
+        }
+        reply.opened(FileHandle(0), FopenFlags::empty())
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        if ino != INodeNo::ROOT {
+            return reply.error(Errno::ENOTDIR);
+        }
+        let entries = [
+            (INodeNo::ROOT, FileType::Directory, "."),
+            (INodeNo::ROOT, FileType::Directory, ".."),
+            (IMAGE_INO, FileType::RegularFile, IMAGE),
+        ];
+        for (i, (ino, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
+            if reply.add(*ino, (i + 1) as u64, *kind, name) {
+                break;
+            }
+        }
+        reply.ok()
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let blocks = self.engine.size() / 4096;
+        reply.statfs(blocks, 0, 0, 2, 0, 4096, 255, 4096)
+    }
+}

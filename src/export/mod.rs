@@ -1,0 +1,115 @@
+//! Stage 5: hand an engine to the kernel as a block device.
+//!
+//! Today that is FUSE + loop: FUSE serves the volume as one file, a loop
+//! device with direct IO sits on it. ublk comes next behind the same
+//! [`Export`] type. Exports are thin: no policy, just plumbing.
+
+pub mod fuse;
+
+use crate::engine::BlockEngine;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Which kernel interface serves the volumes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExportKind {
+    /// ublk when /dev/ublk-control exists, else FUSE + loop.
+    Auto,
+    /// ublk (`/dev/ublkbN`); needs the ublk_drv kernel module.
+    Ublk,
+    /// A FUSE-served image file on a loop device (`/dev/loopN`).
+    Fuse,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error("ublk is not available on this kernel (/dev/ublk-control is missing; `modprobe ublk_drv` needs Linux 6.0+ built with CONFIG_BLK_DEV_UBLK); use --export fuse or auto")]
+    UblkUnavailable,
+    #[error("the ublk export is not built yet; use --export fuse or auto")]
+    UblkNotBuilt,
+    #[error("FUSE is not available: {0} (load it with `modprobe fuse`)")]
+    FuseUnavailable(String),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl ExportError {
+    pub(crate) fn io(what: impl Into<String>, source: std::io::Error) -> Self {
+        ExportError::Io {
+            what: what.into(),
+            source,
+        }
+    }
+}
+
+/// Resolve `auto` against what this kernel offers, and check the choice can work.
+pub fn resolve(kind: ExportKind) -> Result<ExportKind, ExportError> {
+    let ublk = Path::new("/dev/ublk-control").exists();
+    match kind {
+        ExportKind::Ublk if !ublk => Err(ExportError::UblkUnavailable),
+        ExportKind::Ublk => Err(ExportError::UblkNotBuilt),
+        // ublk is preferred where present, once built; until then auto means FUSE.
+        ExportKind::Auto | ExportKind::Fuse => {
+            if !Path::new("/dev/fuse").exists() {
+                return Err(ExportError::FuseUnavailable("/dev/fuse is missing".into()));
+            }
+            if !Path::new("/dev/loop-control").exists() {
+                return Err(ExportError::io(
+                    "loop devices are not available (/dev/loop-control is missing; `modprobe loop`)",
+                    std::io::Error::from(std::io::ErrorKind::NotFound),
+                ));
+            }
+            Ok(ExportKind::Fuse)
+        }
+    }
+}
+
+/// A live block device serving one volume.
+pub struct Export {
+    device: PathBuf,
+    inner: fuse::FuseLoopExport,
+}
+
+impl Export {
+    /// Start serving `engine` as a block device. `work_dir` is this volume's
+    /// private directory under the run dir (the FUSE mount lives there).
+    pub fn start(
+        kind: ExportKind,
+        volume: &str,
+        engine: Arc<dyn BlockEngine>,
+        work_dir: &Path,
+    ) -> Result<Export, ExportError> {
+        match kind {
+            ExportKind::Fuse | ExportKind::Auto => {
+                let inner = fuse::FuseLoopExport::start(volume, engine, work_dir)?;
+                Ok(Export {
+                    device: inner.device().to_path_buf(),
+                    inner,
+                })
+            }
+            ExportKind::Ublk => Err(ExportError::UblkNotBuilt),
+        }
+    }
+
+    pub fn device(&self) -> &Path {
+        &self.device
+    }
+
+    /// Stop serving: detach the device and end the export. The device must
+    /// no longer be mounted.
+    pub fn stop(self) -> Result<(), ExportError> {
+        self.inner.stop()
+    }
+}
+
+/// Remove what a crashed run left under `run_dir`: loop devices on our FUSE
+/// files and dead FUSE mounts. Filesystem mounts are the caller's (they live
+/// in the mount dir) and must be unmounted first.
+pub fn cleanup_leftovers(fuse_root: &Path) -> Vec<String> {
+    fuse::cleanup_leftovers(fuse_root)
+}

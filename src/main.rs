@@ -1,0 +1,56 @@
+//! The `dunnage` binary: the daemon (`serve`) and the operator's CLI.
+//! anyhow lives here only.
+
+use clap::{Parser, Subcommand};
+use dunnage::cli::{self, VolumeCmd};
+use dunnage::serve::{self, ServeArgs};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "dunnage", version, about = "Thin, snapshottable block volumes for Docker, served from userspace", long_about = None)]
+struct Cli {
+    /// Run directory of the daemon: holds control.sock (and, by default, the
+    /// mount points). The CLI finds the daemon through it.
+    #[arg(long, global = true, env = "DUNNAGE_RUN_DIR", default_value = "/run/dunnage")]
+    run_dir: PathBuf,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the daemon: the Docker plugin socket and the control socket.
+    /// Logs go to stderr; set RUST_LOG (e.g. debug) for more.
+    Serve(ServeArgs),
+    /// Manage volumes.
+    #[command(subcommand)]
+    Volume(VolumeCmd),
+    /// Attach a volume as a block device on this host; prints the device path.
+    Attach { name: String },
+    /// Detach a volume attached with `dunnage attach`.
+    Detach { name: String },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,fuser=warn,actix_server=warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let res = match cli.cmd {
+        Cmd::Serve(args) => serve::run(args, cli.run_dir),
+        Cmd::Volume(cmd) => cli::volume(&cli.run_dir, cmd),
+        Cmd::Attach { name } => cli::attach(&cli.run_dir, name),
+        Cmd::Detach { name } => cli::detach(&cli.run_dir, name),
+    };
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("dunnage: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,430 @@
+//! Stage 2: the registry, this node's supervisor actor. It owns the catalog's
+//! create path and one volume actor per volume in use, and answers Get/List
+//! straight from the persisted catalog plus the runtime table.
+//!
+//! Handlers here never block on volume work: per-volume requests are
+//! forwarded to the volume's actor and awaited there, so a slow mkfs on one
+//! volume never holds up Get or another volume's Mount.
+
+mod view;
+
+pub use view::VolumeInfo;
+
+use crate::catalog::{new_volume_id, CatalogError, VolumeRecord};
+use crate::config::Node;
+use crate::engine::{EngineError, ThinImage, ThinParams};
+use crate::spec::{self, SpecError};
+use crate::volume::{self, RuntimeTable, VolumeActor, VolumeError};
+use actix::prelude::*;
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("no such volume: {0}")]
+    NotFound(String),
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    #[error(transparent)]
+    Volume(#[from] VolumeError),
+    #[error("volume {volume} on node {node}: {source}")]
+    Catalog {
+        volume: String,
+        node: String,
+        #[source]
+        source: CatalogError,
+    },
+    #[error("volume {volume} on node {node}: cannot create its image: {source}")]
+    Create {
+        volume: String,
+        node: String,
+        #[source]
+        source: EngineError,
+    },
+    #[error("the daemon is shutting down")]
+    ShuttingDown,
+}
+
+impl RegistryError {
+    /// Whether the request itself was at fault (HTTP 4xx on the control socket).
+    pub fn status(&self) -> u16 {
+        match self {
+            RegistryError::NotFound(_) => 404,
+            RegistryError::Spec(_) => 400,
+            RegistryError::Volume(v) => match v.kind {
+                volume::VolumeErrorKind::InUse(_)
+                | volume::VolumeErrorKind::Sticky(_)
+                | volume::VolumeErrorKind::DeviceBusy { .. }
+                | volume::VolumeErrorKind::NoFilesystem(_) => 409,
+                volume::VolumeErrorKind::Removed => 404,
+                _ => 500,
+            },
+            RegistryError::ShuttingDown => 503,
+            _ => 500,
+        }
+    }
+}
+
+pub type Reply<T> = Result<T, RegistryError>;
+
+pub struct Registry {
+    node: Arc<Node>,
+    runtime: RuntimeTable,
+    /// Volume actors by volume id.
+    actors: HashMap<String, Addr<VolumeActor>>,
+    stopping: bool,
+}
+
+impl Registry {
+    pub fn new(node: Arc<Node>) -> Self {
+        Registry {
+            node,
+            runtime: RuntimeTable::default(),
+            actors: HashMap::new(),
+            stopping: false,
+        }
+    }
+
+    /// Resolve Docker's `name@size` shorthand to the volume's name.
+    fn lookup(&self, name: &str) -> Reply<VolumeRecord> {
+        let (base, _) = spec::split_shorthand(name);
+        self.node
+            .catalog
+            .get(base)
+            .ok_or_else(|| RegistryError::NotFound(base.to_string()))
+    }
+
+    fn actor(&mut self, record: &VolumeRecord) -> Reply<Addr<VolumeActor>> {
+        if self.stopping {
+            return Err(RegistryError::ShuttingDown);
+        }
+        if let Some(addr) = self.actors.get(&record.id).filter(|a| a.connected()) {
+            return Ok(addr.clone());
+        }
+        let node = self.node.clone();
+        let runtime = self.runtime.clone();
+        let rec = record.clone();
+        let addr = SyncArbiter::start(1, move || VolumeActor::new(node.clone(), &rec, runtime.clone()));
+        self.actors.insert(record.id.clone(), addr.clone());
+        Ok(addr)
+    }
+
+    fn info(&self, record: VolumeRecord) -> VolumeInfo {
+        let rt = self.runtime.read().get(&record.id).cloned().unwrap_or_default();
+        let allocated = crate::config::disk_usage(&self.node.volume_dir(&record.id));
+        VolumeInfo::new(record, rt, allocated, &self.node.name)
+    }
+
+    fn create(&mut self, name: &str, opts: &BTreeMap<String, String>) -> Reply<VolumeInfo> {
+        if self.stopping {
+            return Err(RegistryError::ShuttingDown);
+        }
+        let (base, shorthand) = spec::split_shorthand(name);
+        spec::validate_name(base)?;
+        // Validate even when the volume exists, so a typo is not silently accepted.
+        let spec = spec::parse_options(opts, shorthand)?;
+        if let Some(existing) = self.node.catalog.get(base) {
+            return Ok(self.info(existing));
+        }
+        let record = VolumeRecord {
+            name: base.to_string(),
+            id: new_volume_id(),
+            created_at: chrono::Utc::now(),
+            spec,
+            options: opts.clone(),
+            formatted: false,
+        };
+        let dir = self.node.volume_dir(&record.id);
+        let made = std::fs::create_dir_all(&dir)
+            .map_err(|e| EngineError::Io {
+                op: "create directory",
+                path: dir.clone(),
+                source: e,
+            })
+            .and_then(|_| {
+                ThinImage::create(
+                    &dir,
+                    ThinParams {
+                        size: record.spec.size,
+                        block_size: record.spec.block_size_bytes(),
+                    },
+                )
+            });
+        if let Err(source) = made {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(RegistryError::Create {
+                volume: base.to_string(),
+                node: self.node.name.clone(),
+                source,
+            });
+        }
+        if let Err(source) = self.node.catalog.insert(record.clone()) {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(RegistryError::Catalog {
+                volume: base.to_string(),
+                node: self.node.name.clone(),
+                source,
+            });
+        }
+        tracing::info!(volume = %record.name, id = %record.id, size = record.spec.size, fs = %record.spec.fs, "created");
+        Ok(self.info(record))
+    }
+
+    fn update(&mut self, name: &str, opts: &BTreeMap<String, String>) -> Reply<VolumeInfo> {
+        let record = self.lookup(name)?;
+        let mut sticky = None;
+        let mut labels = None;
+        for (k, v) in opts {
+            match k.as_str() {
+                "sticky" | "label" | "labels" => {
+                    let one: BTreeMap<String, String> = [(k.clone(), v.clone())].into();
+                    let parsed = spec::parse_options(&one, None)?;
+                    if k == "sticky" {
+                        sticky = Some(parsed.sticky);
+                    } else {
+                        labels = Some(parsed.labels);
+                    }
+                }
+                _ => {
+                    return Err(SpecError::Value {
+                        option: k.clone(),
+                        value: v.clone(),
+                        reason: "only sticky and label can change after create".into(),
+                    }
+                    .into())
+                }
+            }
+        }
+        let updated = self
+            .node
+            .catalog
+            .modify(&record.name, &record.id, &mut |r| {
+                if let Some(s) = sticky {
+                    r.spec.sticky = s;
+                }
+                if let Some(l) = &labels {
+                    r.spec.labels = l.clone();
+                }
+            })
+            .map_err(|source| RegistryError::Catalog {
+                volume: record.name.clone(),
+                node: self.node.name.clone(),
+                source,
+            })?;
+        Ok(self.info(updated))
+    }
+}
+
+impl Actor for Registry {
+    type Context = Context<Self>;
+}
+
+/// Orphaned data (a crash between writing an image and the catalog, or
+/// between the catalog and deleting data) is removed at start.
+pub fn remove_orphans(node: &Node) -> Vec<PathBuf> {
+    let known: std::collections::HashSet<String> =
+        node.catalog.list().into_iter().map(|r| r.id).collect();
+    let mut removed = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(node.data_dir.join("volumes")) {
+        for e in entries.flatten() {
+            let id = e.file_name().to_string_lossy().into_owned();
+            if !known.contains(&id) && std::fs::remove_dir_all(e.path()).is_ok() {
+                removed.push(e.path());
+            }
+        }
+    }
+    removed
+}
+
+#[derive(Message, Debug)]
+#[rtype(result = "Reply<VolumeInfo>")]
+pub struct Create {
+    pub name: String,
+    pub opts: BTreeMap<String, String>,
+}
+
+#[derive(Message, Debug)]
+#[rtype(result = "Reply<VolumeInfo>")]
+pub struct Update {
+    pub name: String,
+    pub opts: BTreeMap<String, String>,
+}
+
+#[derive(Message, Debug)]
+#[rtype(result = "Reply<()>")]
+pub struct Remove {
+    pub name: String,
+}
+
+#[derive(Message, Debug)]
+#[rtype(result = "Reply<VolumeInfo>")]
+pub struct Get {
+    pub name: String,
+}
+
+#[derive(Message, Debug)]
+#[rtype(result = "Reply<Vec<VolumeInfo>>")]
+pub struct List;
+
+#[derive(Message, Debug)]
+#[rtype(result = "Reply<PathBuf>")]
+pub struct Mount {
+    pub name: String,
+    pub id: String,
+}
+
+#[derive(Message, Debug)]
+#[rtype(result = "Reply<()>")]
+pub struct Unmount {
+    pub name: String,
+    pub id: String,
+}
+
+#[derive(Message, Debug)]
+#[rtype(result = "Reply<PathBuf>")]
+pub struct Attach {
+    pub name: String,
+}
+
+#[derive(Message, Debug)]
+#[rtype(result = "Reply<()>")]
+pub struct Detach {
+    pub name: String,
+}
+
+/// Take every volume down; answered when all are down.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct Shutdown;
+
+impl Handler<Create> for Registry {
+    type Result = Reply<VolumeInfo>;
+    fn handle(&mut self, msg: Create, _: &mut Context<Self>) -> Self::Result {
+        self.create(&msg.name, &msg.opts)
+    }
+}
+
+impl Handler<Update> for Registry {
+    type Result = Reply<VolumeInfo>;
+    fn handle(&mut self, msg: Update, _: &mut Context<Self>) -> Self::Result {
+        self.update(&msg.name, &msg.opts)
+    }
+}
+
+impl Handler<Get> for Registry {
+    type Result = Reply<VolumeInfo>;
+    fn handle(&mut self, msg: Get, _: &mut Context<Self>) -> Self::Result {
+        self.lookup(&msg.name).map(|r| self.info(r))
+    }
+}
+
+impl Handler<List> for Registry {
+    type Result = Reply<Vec<VolumeInfo>>;
+    fn handle(&mut self, _: List, _: &mut Context<Self>) -> Self::Result {
+        Ok(self
+            .node
+            .catalog
+            .list()
+            .into_iter()
+            .map(|r| self.info(r))
+            .collect())
+    }
+}
+
+/// Forward a message to a volume's actor and map its answer.
+fn forward<M, T>(addr: Addr<VolumeActor>, msg: M) -> ResponseFuture<Reply<T>>
+where
+    M: Message<Result = Result<T, VolumeError>> + Send + 'static,
+    VolumeActor: Handler<M>,
+    T: Send + 'static,
+{
+    Box::pin(async move {
+        match addr.send(msg).await {
+            Ok(r) => r.map_err(RegistryError::from),
+            // The actor stopped (removed or shutting down) before it answered.
+            Err(_) => Err(RegistryError::ShuttingDown),
+        }
+    })
+}
+
+impl Handler<Remove> for Registry {
+    type Result = ResponseActFuture<Self, Reply<()>>;
+    fn handle(&mut self, msg: Remove, _: &mut Context<Self>) -> Self::Result {
+        let res = self.lookup(&msg.name).and_then(|r| Ok((self.actor(&r)?, r.id)));
+        match res {
+            Err(e) => Box::pin(fut::ready(Err(e))),
+            Ok((addr, id)) => Box::pin(forward(addr, volume::Remove).into_actor(self).map(
+                move |res, act, _| {
+                    if res.is_ok() {
+                        act.actors.remove(&id);
+                    }
+                    res
+                },
+            )),
+        }
+    }
+}
+
+impl Handler<Mount> for Registry {
+    type Result = ResponseFuture<Reply<PathBuf>>;
+    fn handle(&mut self, msg: Mount, _: &mut Context<Self>) -> Self::Result {
+        match self.lookup(&msg.name).and_then(|r| self.actor(&r)) {
+            Ok(addr) => forward(addr, volume::Mount { id: msg.id }),
+            Err(e) => Box::pin(async move { Err(e) }),
+        }
+    }
+}
+
+impl Handler<Unmount> for Registry {
+    type Result = ResponseFuture<Reply<()>>;
+    fn handle(&mut self, msg: Unmount, _: &mut Context<Self>) -> Self::Result {
+        // Unmount of a volume or ID we don't know succeeds: dockerd may replay
+        // Unmounts after our restart, and must not be stuck on them.
+        let addr = self
+            .lookup(&msg.name)
+            .ok()
+            .and_then(|r| self.actors.get(&r.id).filter(|a| a.connected()).cloned());
+        match addr {
+            Some(addr) => forward(addr, volume::Unmount { id: msg.id }),
+            None => Box::pin(async { Ok(()) }),
+        }
+    }
+}
+
+impl Handler<Attach> for Registry {
+    type Result = ResponseFuture<Reply<PathBuf>>;
+    fn handle(&mut self, msg: Attach, _: &mut Context<Self>) -> Self::Result {
+        match self.lookup(&msg.name).and_then(|r| self.actor(&r)) {
+            Ok(addr) => forward(addr, volume::HostAttach),
+            Err(e) => Box::pin(async move { Err(e) }),
+        }
+    }
+}
+
+impl Handler<Detach> for Registry {
+    type Result = ResponseFuture<Reply<()>>;
+    fn handle(&mut self, msg: Detach, _: &mut Context<Self>) -> Self::Result {
+        let record = match self.lookup(&msg.name) {
+            Ok(r) => r,
+            Err(e) => return Box::pin(async move { Err(e) }),
+        };
+        match self.actors.get(&record.id).filter(|a| a.connected()).cloned() {
+            Some(addr) => forward(addr, volume::HostDetach),
+            None => Box::pin(async { Ok(()) }),
+        }
+    }
+}
+
+impl Handler<Shutdown> for Registry {
+    type Result = ResponseFuture<()>;
+    fn handle(&mut self, _: Shutdown, _: &mut Context<Self>) -> Self::Result {
+        self.stopping = true;
+        let actors: Vec<_> = self.actors.drain().map(|(_, a)| a).collect();
+        Box::pin(async move {
+            for a in actors {
+                let _ = a.send(volume::Shutdown).await;
+            }
+        })
+    }
+}

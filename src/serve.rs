@@ -1,0 +1,183 @@
+//! `dunnage serve`: start-up (locking, crash cleanup, sockets), the two HTTP
+//! servers, and an orderly shutdown on SIGTERM/SIGINT.
+
+use crate::catalog::{Catalog, EmbeddedCatalog};
+use crate::config::{host_name, Node};
+use crate::control::{self, NodeInfo};
+use crate::export::{self, ExportKind};
+use crate::plugin::{self, Scope};
+use crate::registry::{self, Registry};
+use crate::sys::mount;
+use actix::Actor;
+use actix_web::{web, App, HttpServer};
+use anyhow::{bail, Context, Result};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// Driver name: Docker finds the plugin as `<plugin-dir>/<name>.sock` and
+    /// users pass it to `docker volume create -d`.
+    #[arg(long, default_value = "dunnage")]
+    pub name: String,
+    /// Directory where Docker looks for plugin sockets.
+    #[arg(long, default_value = "/run/docker/plugins")]
+    pub plugin_dir: PathBuf,
+    /// Where volume images and the catalog are kept (must survive reboots).
+    #[arg(long, default_value = "/var/lib/dunnage")]
+    pub data_dir: PathBuf,
+    /// Where filesystems are mounted for Docker [default: <run-dir>/mounts].
+    #[arg(long)]
+    pub mount_dir: Option<PathBuf>,
+    /// How volumes reach the kernel: ublk where the kernel has ublk_drv,
+    /// else a FUSE-served image on a loop device.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub export: ExportKind,
+}
+
+/// Refuse to replace a socket another live daemon answers on; remove a stale one.
+fn claim_socket(path: &Path) -> Result<()> {
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            bail!(
+                "another daemon is serving {}; stop it first, or give this one a different --name / --run-dir",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("remove stale socket {}", path.display()))?;
+        tracing::info!(socket = %path.display(), "replaced a stale socket from an earlier run");
+    }
+    Ok(())
+}
+
+/// Undo what a crashed run left: filesystem mounts first, then devices and
+/// FUSE mounts, then empty mount points.
+fn cleanup(node: &Node) {
+    for m in mount::mounts_under(&node.mount_dir) {
+        match mount::unmount(&m.mount_point, true) {
+            Ok(()) => tracing::warn!(mount = %m.mount_point.display(), "unmounted a leftover of a crashed run"),
+            Err(e) => tracing::error!(mount = %m.mount_point.display(), error = %e, "cannot unmount a leftover"),
+        }
+    }
+    for line in export::cleanup_leftovers(&node.fuse_root()) {
+        tracing::warn!("{line}");
+    }
+    if let Ok(entries) = std::fs::read_dir(&node.mount_dir) {
+        for e in entries.flatten() {
+            let _ = std::fs::remove_dir(e.path().join(crate::volume::mounting::DATA_SUBDIR));
+            let _ = std::fs::remove_dir(e.path());
+        }
+    }
+    for dir in registry::remove_orphans(node) {
+        tracing::warn!(dir = %dir.display(), "removed data of a volume that is not in the catalog");
+    }
+}
+
+pub fn run(args: ServeArgs, run_dir: PathBuf) -> Result<()> {
+    crate::spec::validate_name(&args.name).context("--name")?;
+    let mount_dir = args.mount_dir.clone().unwrap_or_else(|| run_dir.join("mounts"));
+    for dir in [&args.data_dir, &run_dir, &mount_dir, &args.plugin_dir] {
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    }
+    std::fs::create_dir_all(args.data_dir.join("volumes"))?;
+    let lock_path = args.data_dir.join("lock");
+    let lock_file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .with_context(|| format!("open {}", lock_path.display()))?;
+    let _lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .map_err(|(_, e)| {
+            anyhow::anyhow!(
+                "data dir {} is in use by another dunnage serve ({e}); one daemon per data dir",
+                args.data_dir.display()
+            )
+        })?;
+
+    let export = export::resolve(args.export)?;
+    let catalog: Arc<dyn Catalog> = Arc::new(EmbeddedCatalog::open(&args.data_dir)?);
+    let node = Arc::new(Node {
+        name: host_name(),
+        data_dir: args.data_dir.clone(),
+        run_dir: run_dir.clone(),
+        mount_dir: mount_dir.clone(),
+        export,
+        catalog,
+    });
+    cleanup(&node);
+
+    let plugin_sock = args.plugin_dir.join(format!("{}.sock", args.name));
+    let control_sock = run_dir.join("control.sock");
+    claim_socket(&plugin_sock)?;
+    claim_socket(&control_sock)?;
+    let info = NodeInfo {
+        node: node.name.clone(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        export: format!("{export:?}").to_lowercase(),
+        data_dir: args.data_dir.display().to_string(),
+        run_dir: run_dir.display().to_string(),
+        mount_dir: mount_dir.display().to_string(),
+        plugin_socket: plugin_sock.display().to_string(),
+    };
+
+    let system = actix::System::new();
+    let result = system.block_on(async move {
+        let registry = Registry::new(node.clone()).start();
+        let reg = registry.clone();
+        let plugin_srv = HttpServer::new(move || {
+            App::new()
+                .app_data(web::Data::new(reg.clone()))
+                .app_data(web::Data::new(Scope("local")))
+                .configure(plugin::configure)
+        })
+        .workers(1)
+        .disable_signals()
+        .bind_uds(&plugin_sock)
+        .with_context(|| format!("listen on {}", plugin_sock.display()))?
+        .run();
+        let reg = registry.clone();
+        let info = web::Data::new(info);
+        let control_srv = HttpServer::new(move || {
+            App::new()
+                .app_data(web::Data::new(reg.clone()))
+                .app_data(info.clone())
+                .configure(control::configure)
+        })
+        .workers(1)
+        .disable_signals()
+        .bind_uds(&control_sock)
+        .with_context(|| format!("listen on {}", control_sock.display()))?
+        .run();
+        let (ph, ch) = (plugin_srv.handle(), control_srv.handle());
+        actix_rt::spawn(plugin_srv);
+        actix_rt::spawn(control_srv);
+        tracing::info!(
+            node = %node.name,
+            socket = %plugin_sock.display(),
+            control = %control_sock.display(),
+            data_dir = %node.data_dir.display(),
+            export = ?node.export,
+            volumes = node.catalog.list().len(),
+            "dunnage is serving"
+        );
+
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+        }
+        // Stop taking requests, then take every volume down.
+        ph.stop(true).await;
+        ch.stop(true).await;
+        registry.send(registry::Shutdown).await.ok();
+        let _ = std::fs::remove_file(&plugin_sock);
+        let _ = std::fs::remove_file(&control_sock);
+        anyhow::Ok(())
+    });
+    result?;
+    tracing::info!("stopped; nothing left mounted or attached");
+    Ok(())
+}

@@ -1,0 +1,515 @@
+//! What a volume is asked to be: names, sizes and `--opt` options, parsed and
+//! validated before anything is touched. Every refusal says what is wrong and
+//! what would be accepted.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
+
+pub const KIB: u64 = 1 << 10;
+pub const MIB: u64 = 1 << 20;
+pub const GIB: u64 = 1 << 30;
+pub const TIB: u64 = 1 << 40;
+
+/// Largest volume: the engine's address space, and far beyond any test.
+pub const MAX_SIZE: u64 = 64 * TIB;
+/// Smallest volume: below this mkfs.ext4 makes a uselessly small filesystem.
+pub const MIN_SIZE: u64 = 16 * MIB;
+/// mkfs.xfs refuses filesystems under 300 MiB.
+pub const MIN_XFS_SIZE: u64 = 300 * MIB;
+pub const MAX_NAME_LEN: usize = 128;
+pub const DEFAULT_SIZE: u64 = GIB;
+pub const DEFAULT_BLOCK_SIZE_KIB: u32 = 32;
+
+/// Options this build honours.
+pub const SUPPORTED_OPTIONS: &[&str] = &["size", "fs", "fsopts", "block_size", "sticky", "label"];
+
+/// Options of the design that parse but are not built yet. Values that mean
+/// "off" or "the default" are accepted, anything else is refused, never ignored.
+const NOT_YET: &[&str] = &[
+    "repl",
+    "replicas",
+    "nodes",
+    "hosts",
+    "parent",
+    "snap_interval",
+    "snap_schedule",
+    "secure",
+    "secret_key",
+    "io_priority",
+    "priority_io",
+    "group",
+    "fg",
+    "shared",
+];
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SpecError {
+    #[error("invalid volume name {name:?}: {reason}")]
+    Name { name: String, reason: String },
+    #[error("invalid size {value:?}: {reason} (examples: 512M, 10G, 1T, 2Gi, 5GB; a bare number is GiB)")]
+    Size { value: String, reason: String },
+    #[error("invalid value {value:?} for option {option}: {reason}")]
+    Value {
+        option: String,
+        value: String,
+        reason: String,
+    },
+    #[error("option {option}={value} is not supported yet by this build of dunnage; remove it (supported options: {supported})")]
+    NotYet {
+        option: String,
+        value: String,
+        supported: String,
+    },
+    #[error("unknown option {option:?}; valid options are: {valid}")]
+    Unknown { option: String, valid: String },
+    #[error("size given twice: {shorthand:?} in the name and size={option:?}; use one")]
+    SizeTwice { shorthand: String, option: String },
+}
+
+/// Filesystem made on first mount.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FsType {
+    Ext4,
+    Xfs,
+    /// Raw block device only (`dunnage attach`); Docker cannot mount it.
+    None,
+}
+
+impl fmt::Display for FsType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            FsType::Ext4 => "ext4",
+            FsType::Xfs => "xfs",
+            FsType::None => "none",
+        })
+    }
+}
+
+/// A validated volume specification.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeSpec {
+    /// Bytes, a multiple of 4 KiB.
+    pub size: u64,
+    pub fs: FsType,
+    /// Extra mkfs arguments, split on whitespace.
+    pub fsopts: Vec<String>,
+    pub block_size_kib: u32,
+    pub sticky: bool,
+    pub labels: BTreeMap<String, String>,
+}
+
+impl Default for VolumeSpec {
+    fn default() -> Self {
+        VolumeSpec {
+            size: DEFAULT_SIZE,
+            fs: FsType::Ext4,
+            fsopts: Vec::new(),
+            block_size_kib: DEFAULT_BLOCK_SIZE_KIB,
+            sticky: false,
+            labels: BTreeMap::new(),
+        }
+    }
+}
+
+impl VolumeSpec {
+    pub fn block_size_bytes(&self) -> u32 {
+        self.block_size_kib * 1024
+    }
+}
+
+/// Validate a volume name: it becomes a directory name and a mount point.
+pub fn validate_name(name: &str) -> Result<(), SpecError> {
+    let fail = |reason: &str| {
+        Err(SpecError::Name {
+            name: name.chars().take(80).collect(),
+            reason: reason.to_string(),
+        })
+    };
+    if name.is_empty() {
+        return fail("it is empty");
+    }
+    if name.len() > MAX_NAME_LEN {
+        return fail(&format!(
+            "it is {} characters long, the limit is {MAX_NAME_LEN}",
+            name.len()
+        ));
+    }
+    if name.contains('\0') {
+        return fail("it contains a NUL byte");
+    }
+    if name.contains('/') {
+        return fail("it contains '/'");
+    }
+    if name == "." || name == ".." || name.contains("..") {
+        return fail("it contains '..'");
+    }
+    if !name.starts_with(|c: char| c.is_ascii_alphanumeric()) {
+        return fail("it must start with a letter or digit");
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')))
+    {
+        return fail(&format!(
+            "{c:?} is not allowed; use letters, digits, '_', '.' and '-'"
+        ));
+    }
+    Ok(())
+}
+
+/// Split Docker's `name@size` shorthand (from rbd-docker-plugin).
+pub fn split_shorthand(name: &str) -> (&str, Option<&str>) {
+    match name.split_once('@') {
+        Some((n, s)) => (n, Some(s)),
+        None => (name, None),
+    }
+}
+
+/// Parse a size: binary units, `G`, `Gi`, `GiB` and `GB` all mean GiB; a bare
+/// number is GiB. The result is rounded up to 4 KiB and range-checked.
+pub fn parse_size(value: &str) -> Result<u64, SpecError> {
+    let fail = |reason: &str| {
+        Err(SpecError::Size {
+            value: value.chars().take(40).collect(),
+            reason: reason.to_string(),
+        })
+    };
+    let v = value.trim();
+    let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
+    let (digits, unit) = v.split_at(split);
+    if digits.is_empty() {
+        return fail("it must start with a whole number");
+    }
+    let n: u64 = match digits.parse() {
+        Ok(n) => n,
+        Err(_) => return fail("the number is too large"),
+    };
+    let mult = match unit.to_ascii_lowercase().as_str() {
+        "" | "g" | "gi" | "gib" | "gb" => GIB,
+        "b" => 1,
+        "k" | "ki" | "kib" | "kb" => KIB,
+        "m" | "mi" | "mib" | "mb" => MIB,
+        "t" | "ti" | "tib" | "tb" => TIB,
+        _ => return fail(&format!("unknown unit {unit:?}; use K, M, G or T")),
+    };
+    let bytes = match n.checked_mul(mult) {
+        Some(b) if b <= MAX_SIZE => b,
+        _ => return fail("larger than the 64 TiB limit"),
+    };
+    let bytes = bytes.div_ceil(4096) * 4096;
+    if bytes < MIN_SIZE {
+        return fail("smaller than the 16 MiB minimum");
+    }
+    Ok(bytes)
+}
+
+fn parse_bool(option: &str, value: &str) -> Result<bool, SpecError> {
+    match value.to_ascii_lowercase().as_str() {
+        "true" | "yes" | "on" | "1" => Ok(true),
+        "false" | "no" | "off" | "0" => Ok(false),
+        _ => Err(SpecError::Value {
+            option: option.to_string(),
+            value: value.to_string(),
+            reason: "expected true or false".into(),
+        }),
+    }
+}
+
+fn parse_labels(value: &str) -> Result<BTreeMap<String, String>, SpecError> {
+    let mut labels = BTreeMap::new();
+    for pair in value.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').ok_or_else(|| SpecError::Value {
+            option: "label".into(),
+            value: value.to_string(),
+            reason: format!("{pair:?} is not key=value; write label=k=v,k2=v2"),
+        })?;
+        let k = k.trim();
+        if k.is_empty() || k.contains(|c: char| c.is_control()) || v.contains(char::is_control)
+        {
+            return Err(SpecError::Value {
+                option: "label".into(),
+                value: value.to_string(),
+                reason: format!("{pair:?} has an empty key or control characters"),
+            });
+        }
+        labels.insert(k.to_string(), v.trim().to_string());
+    }
+    Ok(labels)
+}
+
+/// True when a not-yet-built option's value asks for nothing beyond the default.
+fn is_default_value(option: &str, value: &str) -> bool {
+    let v = value.trim().to_ascii_lowercase();
+    match option {
+        "repl" | "replicas" => v == "1",
+        "snap_interval" => v == "0",
+        "secure" | "shared" | "fg" => matches!(v.as_str(), "false" | "no" | "off" | "0"),
+        "nodes" | "hosts" | "group" | "snap_schedule" | "parent" => v.is_empty(),
+        _ => false,
+    }
+}
+
+/// Build a spec from Docker's `Opts` (plus the size from a `name@size` shorthand).
+pub fn parse_options(
+    opts: &BTreeMap<String, String>,
+    shorthand_size: Option<&str>,
+) -> Result<VolumeSpec, SpecError> {
+    let mut spec = VolumeSpec::default();
+    for (key, value) in opts {
+        let key_l = key.trim().to_ascii_lowercase();
+        match key_l.as_str() {
+            "size" => {
+                if let Some(s) = shorthand_size {
+                    return Err(SpecError::SizeTwice {
+                        shorthand: s.to_string(),
+                        option: value.clone(),
+                    });
+                }
+                spec.size = parse_size(value)?;
+            }
+            "fs" => {
+                spec.fs = match value.trim().to_ascii_lowercase().as_str() {
+                    "ext4" => FsType::Ext4,
+                    "xfs" => FsType::Xfs,
+                    "none" | "raw" => FsType::None,
+                    _ => {
+                        return Err(SpecError::Value {
+                            option: "fs".into(),
+                            value: value.clone(),
+                            reason: "supported filesystems are ext4, xfs and none (raw block)"
+                                .into(),
+                        })
+                    }
+                }
+            }
+            "fsopts" => {
+                spec.fsopts = value.split_whitespace().map(str::to_string).collect();
+            }
+            "block_size" => {
+                let kib: u32 = value.trim().parse().map_err(|_| SpecError::Value {
+                    option: "block_size".into(),
+                    value: value.clone(),
+                    reason: "expected a number of KiB: 4, 8, 16, 32, 64 ... 1024".into(),
+                })?;
+                if !(4..=1024).contains(&kib) || !kib.is_power_of_two() {
+                    return Err(SpecError::Value {
+                        option: "block_size".into(),
+                        value: value.clone(),
+                        reason: "must be a power of two between 4 and 1024 (KiB)".into(),
+                    });
+                }
+                spec.block_size_kib = kib;
+            }
+            "sticky" => spec.sticky = parse_bool("sticky", value)?,
+            "label" | "labels" => spec.labels = parse_labels(value)?,
+            "repl" | "replicas" => {
+                let n: u32 = value.trim().parse().unwrap_or(0);
+                if !(1..=3).contains(&n) {
+                    return Err(SpecError::Value {
+                        option: key_l,
+                        value: value.clone(),
+                        reason: "copies of the data must be 1, 2 or 3".into(),
+                    });
+                }
+                if n != 1 {
+                    return Err(not_yet(&key_l, value));
+                }
+            }
+            k if NOT_YET.contains(&k) => {
+                if !is_default_value(k, value) {
+                    return Err(not_yet(k, value));
+                }
+            }
+            _ => {
+                return Err(SpecError::Unknown {
+                    option: key.chars().take(64).collect(),
+                    valid: SUPPORTED_OPTIONS.join(", "),
+                })
+            }
+        }
+    }
+    if let Some(s) = shorthand_size {
+        spec.size = parse_size(s)?;
+    }
+    if spec.fs == FsType::Xfs && spec.size < MIN_XFS_SIZE {
+        return Err(SpecError::Value {
+            option: "size".into(),
+            value: format!("{} MiB", spec.size / MIB),
+            reason: "xfs needs at least 300 MiB; use a larger size or fs=ext4".into(),
+        });
+    }
+    if spec.fs == FsType::None && !spec.fsopts.is_empty() {
+        return Err(SpecError::Value {
+            option: "fsopts".into(),
+            value: spec.fsopts.join(" "),
+            reason: "fs=none makes no filesystem, so fsopts has nothing to apply to".into(),
+        });
+    }
+    Ok(spec)
+}
+
+fn not_yet(option: &str, value: &str) -> SpecError {
+    SpecError::NotYet {
+        option: option.to_string(),
+        value: value.chars().take(64).collect(),
+        supported: SUPPORTED_OPTIONS.join(", "),
+    }
+}
+
+/// `1.0 GiB`-style rendering for tables and Docker's Status.
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn sizes_in_binary_units() {
+        assert_eq!(parse_size("10G").unwrap(), 10 * GIB);
+        assert_eq!(parse_size("10Gi").unwrap(), 10 * GIB);
+        assert_eq!(parse_size("10GB").unwrap(), 10 * GIB);
+        assert_eq!(parse_size("10gib").unwrap(), 10 * GIB);
+        assert_eq!(parse_size("512M").unwrap(), 512 * MIB);
+        assert_eq!(parse_size("1T").unwrap(), TIB);
+        assert_eq!(parse_size("3").unwrap(), 3 * GIB);
+        assert_eq!(parse_size("20000K").unwrap(), 20000 * KIB);
+        // Rounded up to 4 KiB.
+        assert_eq!(parse_size("16777217B").unwrap(), 16 * MIB + 4096);
+    }
+
+    #[test]
+    fn bad_sizes_are_refused_with_a_reason() {
+        for bad in ["-1", "1Q", "99999999T", "", "G", "1.5G", "0", "1K", "65T"] {
+            let err = parse_size(bad).unwrap_err().to_string();
+            assert!(err.contains("invalid size"), "{bad}: {err}");
+            assert!(err.contains("examples"), "{bad}: {err}");
+        }
+        assert!(parse_size("99999999T")
+            .unwrap_err()
+            .to_string()
+            .contains("64 TiB"));
+    }
+
+    #[test]
+    fn names() {
+        for good in ["a", "pgdata", "my-vol_1.2", &"x".repeat(128)] {
+            validate_name(good).unwrap();
+        }
+        let long = "x".repeat(300);
+        for bad in ["", "a/b", "..", "a..b", "a\0b", &long, "-x", ".x", "a b", "a@b"] {
+            assert!(validate_name(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(validate_name(&long)
+            .unwrap_err()
+            .to_string()
+            .contains("300 characters"));
+    }
+
+    #[test]
+    fn shorthand() {
+        assert_eq!(split_shorthand("data@2G"), ("data", Some("2G")));
+        assert_eq!(split_shorthand("data"), ("data", None));
+        let spec = parse_options(&BTreeMap::new(), Some("2G")).unwrap();
+        assert_eq!(spec.size, 2 * GIB);
+        let err = parse_options(&opts(&[("size", "1G")]), Some("2G")).unwrap_err();
+        assert!(matches!(err, SpecError::SizeTwice { .. }));
+    }
+
+    #[test]
+    fn defaults() {
+        let spec = parse_options(&BTreeMap::new(), None).unwrap();
+        assert_eq!(spec, VolumeSpec::default());
+        assert_eq!(spec.size, GIB);
+        assert_eq!(spec.fs, FsType::Ext4);
+        assert_eq!(spec.block_size_bytes(), 32 * 1024);
+    }
+
+    #[test]
+    fn all_supported_options() {
+        let spec = parse_options(
+            &opts(&[
+                ("size", "2G"),
+                ("fs", "xfs"),
+                ("fsopts", "-m  crc=1"),
+                ("block_size", "64"),
+                ("sticky", "true"),
+                ("label", "app=pg, tier=db"),
+            ]),
+            None,
+        )
+        .unwrap();
+        assert_eq!(spec.size, 2 * GIB);
+        assert_eq!(spec.fs, FsType::Xfs);
+        assert_eq!(spec.fsopts, vec!["-m", "crc=1"]);
+        assert_eq!(spec.block_size_kib, 64);
+        assert!(spec.sticky);
+        assert_eq!(spec.labels.get("tier").map(String::as_str), Some("db"));
+    }
+
+    #[test]
+    fn refusals() {
+        let cases: &[(&[(&str, &str)], &str)] = &[
+            (&[("fs", "ntfs")], "ext4, xfs and none"),
+            (&[("repl", "7")], "1, 2 or 3"),
+            (&[("repl", "2")], "not supported yet"),
+            (&[("secure", "true")], "not supported yet"),
+            (&[("parent", "src")], "not supported yet"),
+            (&[("io_priority", "high")], "not supported yet"),
+            (&[("colour", "blue")], "valid options are: size, fs"),
+            (&[("block_size", "48")], "power of two"),
+            (&[("block_size", "2048")], "power of two"),
+            (&[("block_size", "x")], "KiB"),
+            (&[("sticky", "maybe")], "true or false"),
+            (&[("label", "novalue")], "key=value"),
+            (&[("fs", "xfs"), ("size", "100M")], "300 MiB"),
+            (&[("fs", "none"), ("fsopts", "-F")], "nothing to apply"),
+        ];
+        for (o, want) in cases {
+            let err = parse_options(&opts(o), None).unwrap_err().to_string();
+            assert!(err.contains(want), "{o:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn default_values_of_unbuilt_options_are_accepted() {
+        parse_options(
+            &opts(&[
+                ("repl", "1"),
+                ("secure", "false"),
+                ("snap_interval", "0"),
+                ("shared", "false"),
+            ]),
+            None,
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn human() {
+        assert_eq!(human_bytes(GIB), "1.0 GiB");
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(3 * MIB / 2), "1.5 MiB");
+    }
+}

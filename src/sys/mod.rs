@@ -1,0 +1,7 @@
+//! The only home of `unsafe` and raw syscalls: loop-device ioctls, mount(2),
+//! and reading the kernel's tables of mounts and loop devices. Every unsafe
+//! block carries a `SAFETY:` comment.
+#![allow(unsafe_code)]
+
+pub mod loopdev;
+pub mod mount;

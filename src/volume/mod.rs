@@ -1,0 +1,404 @@
+//! Stage 3: one actor per volume. It owns that volume's engine and export and
+//! serialises everything that changes them (mount, unmount, attach, detach,
+//! remove), so two Docker requests for one volume can never interleave.
+//!
+//! It runs on its own thread (a `SyncArbiter` of one) because its work blocks:
+//! mkfs, mount(2), loop ioctls, FUSE session setup. IO never passes through
+//! it: the export's threads call the engine directly.
+
+pub mod mounting;
+pub mod usage;
+
+use crate::catalog::{CatalogError, VolumeRecord};
+use crate::config::Node;
+use crate::engine::{BlockEngine, EngineError, ThinImage};
+use crate::export::{Export, ExportError};
+use crate::spec::FsType;
+use actix::prelude::*;
+use parking_lot::RwLock;
+use serde::Serialize;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use usage::{MountStep, UnmountStep, Usage, UsageError};
+
+/// What a volume is doing on this node, as Get, List and inspect report it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    #[default]
+    Detached,
+    /// Mounted for Docker containers.
+    Mounted,
+    /// A raw block device on the host (`dunnage attach`).
+    Attached,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Runtime {
+    pub state: State,
+    pub device: Option<PathBuf>,
+    pub mountpoint: Option<PathBuf>,
+    pub mounts: u32,
+}
+
+/// Runtime state of every volume by id, written by volume actors and read by
+/// the registry, so that Get never waits behind a slow mkfs.
+pub type RuntimeTable = Arc<RwLock<HashMap<String, Runtime>>>;
+
+#[derive(Debug, thiserror::Error)]
+#[error("volume {volume} on node {node}: {kind}")]
+pub struct VolumeError {
+    pub volume: String,
+    pub node: String,
+    pub kind: VolumeErrorKind,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeErrorKind {
+    #[error(transparent)]
+    InUse(#[from] UsageError),
+    #[error("it is sticky and cannot be removed; clear the flag first: dunnage volume update {0} -o sticky=false")]
+    Sticky(String),
+    #[error("it was removed")]
+    Removed,
+    #[error("it has no filesystem (fs=none): use it as a raw device with `dunnage attach {0}`")]
+    NoFilesystem(String),
+    #[error("{device} is still in use on the host (mounted or open); unmount or close it, then detach again")]
+    DeviceBusy { device: String },
+    #[error("it already holds a {found} filesystem, not {want}; it was formatted outside dunnage")]
+    ForeignFilesystem { found: String, want: String },
+    #[error("formatting failed: {0}")]
+    Mkfs(String),
+    #[error("{0}")]
+    Mount(String),
+    #[error("engine: {0}")]
+    Engine(#[from] EngineError),
+    #[error("export: {0}")]
+    Export(#[from] ExportError),
+    #[error("catalog: {0}")]
+    Catalog(#[from] CatalogError),
+}
+
+struct Attached {
+    engine: Arc<ThinImage>,
+    export: Export,
+    /// Where the filesystem is mounted, when mounted for Docker.
+    fs_mount: Option<PathBuf>,
+    data_path: Option<PathBuf>,
+}
+
+pub struct VolumeActor {
+    node: Arc<Node>,
+    name: String,
+    id: String,
+    usage: Usage,
+    attached: Option<Attached>,
+    runtime: RuntimeTable,
+    removed: bool,
+}
+
+impl VolumeActor {
+    pub fn new(node: Arc<Node>, record: &VolumeRecord, runtime: RuntimeTable) -> Self {
+        VolumeActor {
+            node,
+            name: record.name.clone(),
+            id: record.id.clone(),
+            usage: Usage::default(),
+            attached: None,
+            runtime,
+            removed: false,
+        }
+    }
+
+    fn err(&self, kind: impl Into<VolumeErrorKind>) -> VolumeError {
+        VolumeError {
+            volume: self.name.clone(),
+            node: self.node.name.clone(),
+            kind: kind.into(),
+        }
+    }
+
+    fn record(&self) -> Result<VolumeRecord, VolumeError> {
+        match self.node.catalog.get(&self.name) {
+            Some(r) if r.id == self.id && !self.removed => Ok(r),
+            _ => Err(self.err(VolumeErrorKind::Removed)),
+        }
+    }
+
+    fn publish(&self) {
+        let rt = match &self.attached {
+            None => Runtime::default(),
+            Some(a) => Runtime {
+                state: if self.usage.host_attached() {
+                    State::Attached
+                } else {
+                    State::Mounted
+                },
+                device: Some(a.export.device().to_path_buf()),
+                mountpoint: a.data_path.clone(),
+                mounts: self.usage.total_mounts(),
+            },
+        };
+        self.runtime.write().insert(self.id.clone(), rt);
+    }
+
+    fn bring_up(&mut self) -> Result<(), VolumeErrorKind> {
+        if self.attached.is_some() {
+            return Ok(());
+        }
+        let engine = Arc::new(ThinImage::open(&self.node.volume_dir(&self.id))?);
+        let export = Export::start(
+            self.node.export,
+            &self.name,
+            engine.clone() as Arc<dyn BlockEngine>,
+            &self.node.fuse_dir(&self.name),
+        )?;
+        tracing::info!(volume = %self.name, device = %export.device().display(), "attached");
+        self.attached = Some(Attached {
+            engine,
+            export,
+            fs_mount: None,
+            data_path: None,
+        });
+        Ok(())
+    }
+
+    /// Unmount (if mounted), stop the export, flush the engine. On failure the
+    /// volume stays attached so the caller can retry.
+    fn tear_down(&mut self, force: bool) -> Result<(), VolumeErrorKind> {
+        let Some(mut a) = self.attached.take() else {
+            return Ok(());
+        };
+        if let Some(target) = &a.fs_mount {
+            if let Err(e) = mounting::unmount(target, force) {
+                self.attached = Some(a);
+                return Err(VolumeErrorKind::Mount(e));
+            }
+            a.fs_mount = None;
+            a.data_path = None;
+        }
+        let device = a.export.device().display().to_string();
+        let engine = a.engine;
+        a.export.stop()?;
+        engine.flush()?;
+        tracing::info!(volume = %self.name, device, "detached");
+        Ok(())
+    }
+
+    /// Format on first use, then mount for Docker. The device is up.
+    fn format_and_mount(&mut self, record: &VolumeRecord) -> Result<PathBuf, VolumeErrorKind> {
+        let device = self
+            .attached
+            .as_ref()
+            .expect("brought up")
+            .export
+            .device()
+            .to_path_buf();
+        let want = record.spec.fs.to_string();
+        match probe_fs(&device) {
+            Some(found) if found == want => {
+                if !record.formatted {
+                    self.mark_formatted()?;
+                }
+            }
+            Some(found) => return Err(VolumeErrorKind::ForeignFilesystem { found, want }),
+            None => {
+                let started = std::time::Instant::now();
+                mounting::mkfs(&device, &record.spec).map_err(VolumeErrorKind::Mkfs)?;
+                tracing::info!(volume = %self.name, fs = %want, took = ?started.elapsed(), "formatted");
+                self.mark_formatted()?;
+            }
+        }
+        let target = self.node.mount_point(&self.name);
+        let data = mounting::mount_for_docker(&device, &target, record.spec.fs)
+            .map_err(VolumeErrorKind::Mount)?;
+        let a = self.attached.as_mut().expect("brought up");
+        a.fs_mount = Some(target);
+        a.data_path = Some(data.clone());
+        Ok(data)
+    }
+
+    fn mark_formatted(&self) -> Result<(), CatalogError> {
+        self.node
+            .catalog
+            .modify(&self.name, &self.id, &mut |r| r.formatted = true)
+            .map(|_| ())
+    }
+}
+
+/// The filesystem type on a device, if any (`blkid -p`, which reads the
+/// device itself rather than a cache).
+fn probe_fs(device: &std::path::Path) -> Option<String> {
+    let out = std::process::Command::new("blkid")
+        .args(["-p", "-o", "value", "-s", "TYPE"])
+        .arg(device)
+        .output()
+        .ok()?;
+    let t = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    (out.status.success() && !t.is_empty()).then_some(t)
+}
+
+impl Actor for VolumeActor {
+    type Context = SyncContext<Self>;
+}
+
+/// Docker mounts the volume for mount ID `id`; answers the path for Docker.
+#[derive(Message)]
+#[rtype(result = "Result<PathBuf, VolumeError>")]
+pub struct Mount {
+    pub id: String,
+}
+
+#[derive(Message)]
+#[rtype(result = "Result<(), VolumeError>")]
+pub struct Unmount {
+    pub id: String,
+}
+
+/// Attach as a raw block device on the host; answers the device path.
+#[derive(Message)]
+#[rtype(result = "Result<PathBuf, VolumeError>")]
+pub struct HostAttach;
+
+#[derive(Message)]
+#[rtype(result = "Result<(), VolumeError>")]
+pub struct HostDetach;
+
+/// Delete the volume: catalog entry and data.
+#[derive(Message)]
+#[rtype(result = "Result<(), VolumeError>")]
+pub struct Remove;
+
+/// The daemon is stopping: take everything down, even if busy.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Shutdown;
+
+impl Handler<Mount> for VolumeActor {
+    type Result = Result<PathBuf, VolumeError>;
+
+    fn handle(&mut self, msg: Mount, _: &mut SyncContext<Self>) -> Self::Result {
+        let record = self.record()?;
+        if record.spec.fs == FsType::None {
+            return Err(self.err(VolumeErrorKind::NoFilesystem(self.name.clone())));
+        }
+        let step = self.usage.check_mount(&self.name).map_err(|e| self.err(e))?;
+        if step == MountStep::Attach {
+            self.bring_up().map_err(|e| self.err(e))?;
+            if let Err(e) = self.format_and_mount(&record) {
+                let _ = self.tear_down(true);
+                self.publish();
+                return Err(self.err(e));
+            }
+        }
+        self.usage.mounted(&msg.id);
+        self.publish();
+        let path = self
+            .attached
+            .as_ref()
+            .and_then(|a| a.data_path.clone())
+            .expect("mounted");
+        tracing::info!(volume = %self.name, id = %msg.id, mounts = self.usage.total_mounts(), "mount");
+        Ok(path)
+    }
+}
+
+impl Handler<Unmount> for VolumeActor {
+    type Result = Result<(), VolumeError>;
+
+    fn handle(&mut self, msg: Unmount, _: &mut SyncContext<Self>) -> Self::Result {
+        let step = self.usage.unmount(&msg.id);
+        tracing::info!(volume = %self.name, id = %msg.id, ?step, "unmount");
+        if step == UnmountStep::Detach {
+            if let Err(e) = self.tear_down(false) {
+                self.usage.restore(&msg.id);
+                self.publish();
+                return Err(self.err(e));
+            }
+        }
+        self.publish();
+        Ok(())
+    }
+}
+
+impl Handler<HostAttach> for VolumeActor {
+    type Result = Result<PathBuf, VolumeError>;
+
+    fn handle(&mut self, _: HostAttach, _: &mut SyncContext<Self>) -> Self::Result {
+        self.record()?;
+        if self.usage.host_attached() {
+            if let Some(a) = &self.attached {
+                return Ok(a.export.device().to_path_buf());
+            }
+        }
+        self.usage.check_host_attach().map_err(|e| self.err(e))?;
+        self.bring_up().map_err(|e| self.err(e))?;
+        self.usage.set_host(true);
+        self.publish();
+        Ok(self.attached.as_ref().expect("up").export.device().to_path_buf())
+    }
+}
+
+impl Handler<HostDetach> for VolumeActor {
+    type Result = Result<(), VolumeError>;
+
+    fn handle(&mut self, _: HostDetach, _: &mut SyncContext<Self>) -> Self::Result {
+        if !self.usage.host_attached() {
+            return Ok(());
+        }
+        if let Some(a) = &self.attached {
+            let device = a.export.device();
+            if crate::sys::loopdev::is_in_use(device) {
+                return Err(self.err(VolumeErrorKind::DeviceBusy {
+                    device: device.display().to_string(),
+                }));
+            }
+        }
+        self.tear_down(false).map_err(|e| self.err(e))?;
+        self.usage.set_host(false);
+        self.publish();
+        Ok(())
+    }
+}
+
+impl Handler<Remove> for VolumeActor {
+    type Result = Result<(), VolumeError>;
+
+    fn handle(&mut self, _: Remove, ctx: &mut SyncContext<Self>) -> Self::Result {
+        let record = self.record()?;
+        self.usage
+            .check_remove(&self.name)
+            .map_err(|e| self.err(e))?;
+        if record.spec.sticky {
+            return Err(self.err(VolumeErrorKind::Sticky(self.name.clone())));
+        }
+        // Catalog first: once it is gone the volume is gone, and a crash
+        // before the data is deleted leaves an orphan that the next start removes.
+        self.node
+            .catalog
+            .remove(&self.name, &self.id)
+            .map_err(|e| self.err(e))?;
+        self.removed = true;
+        self.runtime.write().remove(&self.id);
+        let dir = self.node.volume_dir(&self.id);
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            tracing::warn!(volume = %self.name, dir = %dir.display(), error = %e, "could not delete the data; it will be removed at the next start");
+        }
+        tracing::info!(volume = %self.name, "removed");
+        ctx.stop();
+        Ok(())
+    }
+}
+
+impl Handler<Shutdown> for VolumeActor {
+    type Result = ();
+
+    fn handle(&mut self, _: Shutdown, ctx: &mut SyncContext<Self>) {
+        if let Err(e) = self.tear_down(true) {
+            tracing::error!(volume = %self.name, error = %e, "could not take the volume down cleanly");
+        }
+        self.runtime.write().remove(&self.id);
+        ctx.stop();
+    }
+}

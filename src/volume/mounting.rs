@@ -1,0 +1,96 @@
+//! mkfs on first use, and mounting the filesystem where Docker looks for it.
+
+use crate::spec::{FsType, VolumeSpec};
+use crate::sys::mount;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Docker gets this subdirectory of the filesystem, so a new volume looks
+/// empty to containers (no lost+found: initdb and friends refuse non-empty dirs).
+pub const DATA_SUBDIR: &str = "data";
+
+/// Make the filesystem. Returns mkfs's complaint on failure.
+pub fn mkfs(device: &Path, spec: &VolumeSpec) -> Result<(), String> {
+    let mut cmd = match spec.fs {
+        FsType::Ext4 => {
+            let mut c = Command::new("mkfs.ext4");
+            // The device reads zeros where never written, so the journal and
+            // inode tables need not be written out now: the volume stays thin.
+            c.args(["-q", "-F", "-E", "lazy_itable_init=1,lazy_journal_init=1"]);
+            c
+        }
+        FsType::Xfs => {
+            let mut c = Command::new("mkfs.xfs");
+            c.args(["-q", "-f"]);
+            c
+        }
+        FsType::None => return Ok(()),
+    };
+    cmd.args(&spec.fsopts).arg(device);
+    let out = cmd
+        .output()
+        .map_err(|e| format!("cannot run mkfs for {}: {e} (install e2fsprogs / xfsprogs)", spec.fs))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "mkfs.{} {} failed ({}): {}",
+            spec.fs,
+            spec.fsopts.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// Mount `device` at `target` and return the directory to hand to Docker.
+pub fn mount_for_docker(device: &Path, target: &Path, fs: FsType) -> Result<PathBuf, String> {
+    std::fs::create_dir_all(target).map_err(|e| format!("create {}: {e}", target.display()))?;
+    if mount::is_mount_point(target) {
+        // Left by a crash that cleanup could not remove: never stack mounts.
+        mount::unmount(target, true).map_err(|e| format!("unmount stale {}: {e}", target.display()))?;
+    }
+    mount::mount_fs(device, target, &fs.to_string())
+        .map_err(|e| format!("mount {} on {}: {e}", device.display(), target.display()))?;
+    let data = target.join(DATA_SUBDIR);
+    if let Err(e) = std::fs::create_dir_all(&data) {
+        let _ = mount::unmount(target, false);
+        return Err(format!("create {}: {e}", data.display()));
+    }
+    Ok(data)
+}
+
+/// Unmount the filesystem at `target` and remove the mount point. A busy
+/// filesystem is retried briefly (udev and blkid hold it for a moment after
+/// a container stops); `force` then detaches it lazily (shutdown only).
+pub fn unmount(target: &Path, force: bool) -> Result<(), String> {
+    let mut last = None;
+    for _ in 0..25 {
+        match mount::unmount(target, false) {
+            Ok(()) => {
+                last = None;
+                break;
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) && !mount::is_mount_point(target) => {
+                last = None;
+                break;
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                last = Some(e);
+                std::thread::sleep(std::time::Duration::from_millis(40));
+            }
+            Err(e) => return Err(format!("unmount {}: {e}", target.display())),
+        }
+    }
+    if let Some(e) = last {
+        if !force {
+            return Err(format!(
+                "unmount {}: {e}; something on this host still uses the volume's files",
+                target.display()
+            ));
+        }
+        mount::unmount(target, true).map_err(|e| format!("unmount {}: {e}", target.display()))?;
+    }
+    let _ = std::fs::remove_dir(target);
+    Ok(())
+}
