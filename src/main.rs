@@ -12,7 +12,12 @@ use std::process::ExitCode;
 struct Cli {
     /// Run directory of the daemon: holds control.sock (and, by default, the
     /// mount points). The CLI finds the daemon through it.
-    #[arg(long, global = true, env = "DUNNAGE_RUN_DIR", default_value = "/run/dunnage")]
+    #[arg(
+        long,
+        global = true,
+        env = "DUNNAGE_RUN_DIR",
+        default_value = "/run/dunnage"
+    )]
     run_dir: PathBuf,
     #[command(subcommand)]
     cmd: Cmd,
@@ -30,12 +35,17 @@ enum Cmd {
     Attach { name: String },
     /// Detach a volume attached with `dunnage attach`.
     Detach { name: String },
+    /// Test helper: write, discard and flush an engine image in a loop,
+    /// reporting each flush on stdout (see `tests/engine_crash.rs`).
+    #[command(hide = true)]
+    DebugEngineWriter { dir: PathBuf },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,fuser=warn,actix_server=warn"));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,fuser=warn,actix_server=warn")
+    });
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -45,6 +55,7 @@ fn main() -> ExitCode {
         Cmd::Volume(cmd) => cli::volume(&cli.run_dir, cmd),
         Cmd::Attach { name } => cli::attach(&cli.run_dir, name),
         Cmd::Detach { name } => cli::detach(&cli.run_dir, name),
+        Cmd::DebugEngineWriter { dir } => cli::debug::engine_writer(&dir),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

@@ -57,8 +57,12 @@ fn claim_socket(path: &Path) -> Result<()> {
 fn cleanup(node: &Node) {
     for m in mount::mounts_under(&node.mount_dir) {
         match mount::unmount(&m.mount_point, true) {
-            Ok(()) => tracing::warn!(mount = %m.mount_point.display(), "unmounted a leftover of a crashed run"),
-            Err(e) => tracing::error!(mount = %m.mount_point.display(), error = %e, "cannot unmount a leftover"),
+            Ok(()) => {
+                tracing::warn!(mount = %m.mount_point.display(), "unmounted a leftover of a crashed run")
+            }
+            Err(e) => {
+                tracing::error!(mount = %m.mount_point.display(), error = %e, "cannot unmount a leftover")
+            }
         }
     }
     for line in export::cleanup_leftovers(&node.fuse_root()) {
@@ -77,7 +81,10 @@ fn cleanup(node: &Node) {
 
 pub fn run(args: ServeArgs, run_dir: PathBuf) -> Result<()> {
     crate::spec::validate_name(&args.name).context("--name")?;
-    let mount_dir = args.mount_dir.clone().unwrap_or_else(|| run_dir.join("mounts"));
+    let mount_dir = args
+        .mount_dir
+        .clone()
+        .unwrap_or_else(|| run_dir.join("mounts"));
     for dir in [&args.data_dir, &run_dir, &mount_dir, &args.plugin_dir] {
         std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     }

@@ -226,8 +226,7 @@ fn parse_labels(value: &str) -> Result<BTreeMap<String, String>, SpecError> {
             reason: format!("{pair:?} is not key=value; write label=k=v,k2=v2"),
         })?;
         let k = k.trim();
-        if k.is_empty() || k.contains(|c: char| c.is_control()) || v.contains(char::is_control)
-        {
+        if k.is_empty() || k.contains(|c: char| c.is_control()) || v.contains(char::is_control) {
             return Err(SpecError::Value {
                 option: "label".into(),
                 value: value.to_string(),
@@ -418,7 +417,9 @@ mod tests {
             validate_name(good).unwrap();
         }
         let long = "x".repeat(300);
-        for bad in ["", "a/b", "..", "a..b", "a\0b", &long, "-x", ".x", "a b", "a@b"] {
+        for bad in [
+            "", "a/b", "..", "a..b", "a\0b", &long, "-x", ".x", "a b", "a@b",
+        ] {
             assert!(validate_name(bad).is_err(), "{bad:?} accepted");
         }
         assert!(validate_name(&long)

@@ -44,10 +44,7 @@ impl EmbeddedCatalog {
                 if disk.version != FORMAT_VERSION {
                     return Err(CatalogError::Corrupt {
                         path,
-                        reason: format!(
-                            "format version {} is not {FORMAT_VERSION}",
-                            disk.version
-                        ),
+                        reason: format!("format version {} is not {FORMAT_VERSION}", disk.version),
                     });
                 }
                 disk.volumes
@@ -176,7 +173,10 @@ mod tests {
         let a = record("a");
         c.insert(a.clone()).unwrap();
         c.insert(record("b")).unwrap();
-        assert!(matches!(c.insert(record("a")), Err(CatalogError::Exists(_))));
+        assert!(matches!(
+            c.insert(record("a")),
+            Err(CatalogError::Exists(_))
+        ));
         let a2 = c.modify("a", &a.id, &mut |r| r.formatted = true).unwrap();
         assert!(a2.formatted);
         c.remove("b", &c.get("b").unwrap().id).unwrap();

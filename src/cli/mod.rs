@@ -1,6 +1,8 @@
 //! The operator's CLI: `dunnage volume ...`, `attach`, `detach`. Tables for
 //! people, `--json` for scripts; errors go to stderr with a non-zero exit.
 
+pub mod debug;
+
 use crate::control::client::Client;
 use crate::control::{CreateArgs, NameArgs};
 use crate::registry::VolumeInfo;
@@ -60,7 +62,16 @@ fn parse_opts(opts: &[String]) -> Result<BTreeMap<String, String>> {
 fn table(vols: &[VolumeInfo]) -> String {
     let mut t = Table::new();
     t.load_preset(NOTHING);
-    t.set_header(["NAME", "SIZE", "FS", "STATE", "DEVICE", "ALLOCATED", "MOUNTS", "LABELS"]);
+    t.set_header([
+        "NAME",
+        "SIZE",
+        "FS",
+        "STATE",
+        "DEVICE",
+        "ALLOCATED",
+        "MOUNTS",
+        "LABELS",
+    ]);
     for v in vols {
         let labels: Vec<String> = v.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
         t.add_row([
@@ -74,7 +85,11 @@ fn table(vols: &[VolumeInfo]) -> String {
                 .unwrap_or_else(|| "-".into()),
             human_bytes(v.allocated_bytes),
             v.mounts.to_string(),
-            if labels.is_empty() { "-".into() } else { labels.join(",") },
+            if labels.is_empty() {
+                "-".into()
+            } else {
+                labels.join(",")
+            },
         ]);
     }
     t.to_string()

@@ -44,22 +44,34 @@ impl Client {
         self.request("GET", path, None)
     }
 
-    pub fn post<A: Serialize, R: DeserializeOwned>(&self, path: &str, args: &A) -> Result<R, ClientError> {
+    pub fn post<A: Serialize, R: DeserializeOwned>(
+        &self,
+        path: &str,
+        args: &A,
+    ) -> Result<R, ClientError> {
         let body = serde_json::to_vec(args).expect("arguments serialise");
         self.request("POST", path, Some(&body))
     }
 
-    fn request<R: DeserializeOwned>(&self, method: &str, path: &str, body: Option<&[u8]>) -> Result<R, ClientError> {
+    fn request<R: DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+    ) -> Result<R, ClientError> {
         let io = |source| ClientError::Io {
             path: self.socket.clone(),
             source,
         };
-        let mut stream = UnixStream::connect(&self.socket).map_err(|source| ClientError::Connect {
-            path: self.socket.clone(),
-            source,
-        })?;
+        let mut stream =
+            UnixStream::connect(&self.socket).map_err(|source| ClientError::Connect {
+                path: self.socket.clone(),
+                source,
+            })?;
         // Mount and attach run mkfs; give them time, but never hang forever.
-        stream.set_read_timeout(Some(Duration::from_secs(600))).map_err(io)?;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(600)))
+            .map_err(io)?;
         let body = body.unwrap_or(b"");
         let head = format!(
             "{method} {path} HTTP/1.1\r\nHost: dunnage\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
@@ -73,13 +85,17 @@ impl Client {
         let mut resp = httparse::Response::new(&mut headers);
         let header_len = match resp.parse(&raw) {
             Ok(httparse::Status::Complete(n)) => n,
-            Ok(httparse::Status::Partial) => return Err(ClientError::Protocol("truncated response".into())),
+            Ok(httparse::Status::Partial) => {
+                return Err(ClientError::Protocol("truncated response".into()))
+            }
             Err(e) => return Err(ClientError::Protocol(e.to_string())),
         };
         let status = resp.code.unwrap_or(0);
         let chunked = resp.headers.iter().any(|h| {
             h.name.eq_ignore_ascii_case("transfer-encoding")
-                && String::from_utf8_lossy(h.value).to_ascii_lowercase().contains("chunked")
+                && String::from_utf8_lossy(h.value)
+                    .to_ascii_lowercase()
+                    .contains("chunked")
         });
         let body = if chunked {
             dechunk(&raw[header_len..])?

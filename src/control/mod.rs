@@ -51,8 +51,8 @@ fn reply<T: Serialize>(res: Result<Result<T, RegistryError>, actix::MailboxError
     }
 }
 
-fn args<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, HttpResponse> {
-    serde_json::from_slice(body).map_err(|e| fail(400, format!("malformed request: {e}")))
+fn args<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, String> {
+    serde_json::from_slice(body).map_err(|e| format!("malformed request: {e}"))
 }
 
 type Reg = web::Data<Addr<Registry>>;
@@ -70,7 +70,7 @@ async fn create(reg: Reg, body: web::Bytes) -> HttpResponse {
             })
             .await,
         ),
-        Err(r) => r,
+        Err(e) => fail(400, e),
     }
 }
 
@@ -83,21 +83,21 @@ async fn update(reg: Reg, body: web::Bytes) -> HttpResponse {
             })
             .await,
         ),
-        Err(r) => r,
+        Err(e) => fail(400, e),
     }
 }
 
 async fn inspect(reg: Reg, body: web::Bytes) -> HttpResponse {
     match args::<NameArgs>(&body) {
         Ok(a) => reply(reg.send(registry::Get { name: a.name }).await),
-        Err(r) => r,
+        Err(e) => fail(400, e),
     }
 }
 
 async fn remove(reg: Reg, body: web::Bytes) -> HttpResponse {
     match args::<NameArgs>(&body) {
         Ok(a) => reply(reg.send(registry::Remove { name: a.name }).await),
-        Err(r) => r,
+        Err(e) => fail(400, e),
     }
 }
 
@@ -108,14 +108,14 @@ async fn attach(reg: Reg, body: web::Bytes) -> HttpResponse {
                 .await
                 .map(|r| r.map(|p| json!({ "device": p }))),
         ),
-        Err(r) => r,
+        Err(e) => fail(400, e),
     }
 }
 
 async fn detach(reg: Reg, body: web::Bytes) -> HttpResponse {
     match args::<NameArgs>(&body) {
         Ok(a) => reply(reg.send(registry::Detach { name: a.name }).await),
-        Err(r) => r,
+        Err(e) => fail(400, e),
     }
 }
 

@@ -8,6 +8,7 @@ mod alloc;
 mod error;
 mod header;
 mod map;
+pub mod pattern;
 mod thin;
 
 pub use error::EngineError;

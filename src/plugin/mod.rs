@@ -63,9 +63,10 @@ async fn remove(reg: Reg, body: web::Bytes) -> HttpResponse {
         Ok(r) => r,
         Err(e) => return err(e),
     };
-    answer(reg.send(registry::Remove { name: req.name }).await, |_| {
-        json!({ "Err": "" })
-    })
+    answer(
+        reg.send(registry::Remove { name: req.name }).await,
+        |_| json!({ "Err": "" }),
+    )
 }
 
 async fn mount(reg: Reg, body: web::Bytes) -> HttpResponse {
@@ -77,9 +78,10 @@ async fn mount(reg: Reg, body: web::Bytes) -> HttpResponse {
         name: req.name,
         id: req.id,
     };
-    answer(reg.send(msg).await, |p| {
-        json!({ "Mountpoint": p.display().to_string(), "Err": "" })
-    })
+    answer(
+        reg.send(msg).await,
+        |p| json!({ "Mountpoint": p.display().to_string(), "Err": "" }),
+    )
 }
 
 async fn unmount(reg: Reg, body: web::Bytes) -> HttpResponse {
@@ -100,7 +102,10 @@ async fn path(reg: Reg, body: web::Bytes) -> HttpResponse {
         Err(e) => return err(e),
     };
     answer(reg.send(registry::Get { name: req.name }).await, |v| {
-        let mp = v.mountpoint.map(|p| p.display().to_string()).unwrap_or_default();
+        let mp = v
+            .mountpoint
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
         json!({ "Mountpoint": mp, "Err": "" })
     })
 }
@@ -127,9 +132,10 @@ async fn get(reg: Reg, body: web::Bytes) -> HttpResponse {
     // Answer under the name Docker asked for: with the `name@size` shorthand
     // Docker keeps that as the volume's name.
     let asked = req.name.clone();
-    answer(reg.send(registry::Get { name: req.name }).await, |v| {
-        json!({ "Volume": docker_volume(&asked, &v), "Err": "" })
-    })
+    answer(
+        reg.send(registry::Get { name: req.name }).await,
+        |v| json!({ "Volume": docker_volume(&asked, &v), "Err": "" }),
+    )
 }
 
 async fn list(reg: Reg) -> HttpResponse {

@@ -49,7 +49,8 @@ mod tests {
 
     #[test]
     fn decodes_what_dockerd_sends() {
-        let r: CreateRequest = decode("c", b"{\"Name\":\"v\",\"Opts\":{\"size\":\"1G\"}}\n", "").unwrap();
+        let r: CreateRequest =
+            decode("c", b"{\"Name\":\"v\",\"Opts\":{\"size\":\"1G\"}}\n", "").unwrap();
         assert_eq!(r.name, "v");
         assert_eq!(r.opts.unwrap()["size"], "1G");
         let r: CreateRequest = decode("c", b"{\"Name\":\"v\",\"Opts\":null}\n", "").unwrap();
@@ -61,8 +62,12 @@ mod tests {
     #[test]
     fn malformed_bodies_say_what_is_expected() {
         let e = decode::<NameRequest>("VolumeDriver.Get", b"{\"Name\":", NAME_SHAPE).unwrap_err();
-        assert!(e.contains("VolumeDriver.Get") && e.contains("expected JSON like"), "{e}");
-        let e = decode::<CreateRequest>("c", b"{\"Name\":\"v\",\"Opts\":{\"size\":5}}", "").unwrap_err();
+        assert!(
+            e.contains("VolumeDriver.Get") && e.contains("expected JSON like"),
+            "{e}"
+        );
+        let e = decode::<CreateRequest>("c", b"{\"Name\":\"v\",\"Opts\":{\"size\":5}}", "")
+            .unwrap_err();
         assert!(e.contains("malformed"), "{e}");
     }
 }

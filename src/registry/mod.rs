@@ -105,13 +105,20 @@ impl Registry {
         let node = self.node.clone();
         let runtime = self.runtime.clone();
         let rec = record.clone();
-        let addr = SyncArbiter::start(1, move || VolumeActor::new(node.clone(), &rec, runtime.clone()));
+        let addr = SyncArbiter::start(1, move || {
+            VolumeActor::new(node.clone(), &rec, runtime.clone())
+        });
         self.actors.insert(record.id.clone(), addr.clone());
         Ok(addr)
     }
 
     fn info(&self, record: VolumeRecord) -> VolumeInfo {
-        let rt = self.runtime.read().get(&record.id).cloned().unwrap_or_default();
+        let rt = self
+            .runtime
+            .read()
+            .get(&record.id)
+            .cloned()
+            .unwrap_or_default();
         let allocated = crate::config::disk_usage(&self.node.volume_dir(&record.id));
         VolumeInfo::new(record, rt, allocated, &self.node.name)
     }
@@ -351,7 +358,9 @@ where
 impl Handler<Remove> for Registry {
     type Result = ResponseActFuture<Self, Reply<()>>;
     fn handle(&mut self, msg: Remove, _: &mut Context<Self>) -> Self::Result {
-        let res = self.lookup(&msg.name).and_then(|r| Ok((self.actor(&r)?, r.id)));
+        let res = self
+            .lookup(&msg.name)
+            .and_then(|r| Ok((self.actor(&r)?, r.id)));
         match res {
             Err(e) => Box::pin(fut::ready(Err(e))),
             Ok((addr, id)) => Box::pin(forward(addr, volume::Remove).into_actor(self).map(
@@ -409,7 +418,12 @@ impl Handler<Detach> for Registry {
             Ok(r) => r,
             Err(e) => return Box::pin(async move { Err(e) }),
         };
-        match self.actors.get(&record.id).filter(|a| a.connected()).cloned() {
+        match self
+            .actors
+            .get(&record.id)
+            .filter(|a| a.connected())
+            .cloned()
+        {
             Some(addr) => forward(addr, volume::HostDetach),
             None => Box::pin(async { Ok(()) }),
         }

@@ -95,8 +95,7 @@ impl LoopDevice {
                     lo_number: 0,
                     lo_encrypt_type: 0,
                     lo_encrypt_key_size: 0,
-                    lo_flags: LO_FLAGS_AUTOCLEAR
-                        | if direct_io { LO_FLAGS_DIRECT_IO } else { 0 },
+                    lo_flags: LO_FLAGS_AUTOCLEAR | if direct_io { LO_FLAGS_DIRECT_IO } else { 0 },
                     lo_file_name: name,
                     lo_crypt_name: [0; LO_NAME_SIZE],
                     lo_encrypt_key: [0; 32],

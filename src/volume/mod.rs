@@ -283,7 +283,10 @@ impl Handler<Mount> for VolumeActor {
         if record.spec.fs == FsType::None {
             return Err(self.err(VolumeErrorKind::NoFilesystem(self.name.clone())));
         }
-        let step = self.usage.check_mount(&self.name).map_err(|e| self.err(e))?;
+        let step = self
+            .usage
+            .check_mount(&self.name)
+            .map_err(|e| self.err(e))?;
         if step == MountStep::Attach {
             self.bring_up().map_err(|e| self.err(e))?;
             if let Err(e) = self.format_and_mount(&record) {
@@ -336,7 +339,13 @@ impl Handler<HostAttach> for VolumeActor {
         self.bring_up().map_err(|e| self.err(e))?;
         self.usage.set_host(true);
         self.publish();
-        Ok(self.attached.as_ref().expect("up").export.device().to_path_buf())
+        Ok(self
+            .attached
+            .as_ref()
+            .expect("up")
+            .export
+            .device()
+            .to_path_buf())
     }
 }
 

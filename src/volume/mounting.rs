@@ -27,9 +27,12 @@ pub fn mkfs(device: &Path, spec: &VolumeSpec) -> Result<(), String> {
         FsType::None => return Ok(()),
     };
     cmd.args(&spec.fsopts).arg(device);
-    let out = cmd
-        .output()
-        .map_err(|e| format!("cannot run mkfs for {}: {e} (install e2fsprogs / xfsprogs)", spec.fs))?;
+    let out = cmd.output().map_err(|e| {
+        format!(
+            "cannot run mkfs for {}: {e} (install e2fsprogs / xfsprogs)",
+            spec.fs
+        )
+    })?;
     if out.status.success() {
         Ok(())
     } else {
@@ -48,7 +51,8 @@ pub fn mount_for_docker(device: &Path, target: &Path, fs: FsType) -> Result<Path
     std::fs::create_dir_all(target).map_err(|e| format!("create {}: {e}", target.display()))?;
     if mount::is_mount_point(target) {
         // Left by a crash that cleanup could not remove: never stack mounts.
-        mount::unmount(target, true).map_err(|e| format!("unmount stale {}: {e}", target.display()))?;
+        mount::unmount(target, true)
+            .map_err(|e| format!("unmount stale {}: {e}", target.display()))?;
     }
     mount::mount_fs(device, target, &fs.to_string())
         .map_err(|e| format!("mount {} on {}: {e}", device.display(), target.display()))?;

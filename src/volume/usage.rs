@@ -158,7 +158,11 @@ mod tests {
         u.set_host(false);
         u.mounted("a");
         assert_eq!(u.check_host_attach(), Err(UsageError::DockerMounted(1)));
-        assert!(u.check_remove("pg").unwrap_err().to_string().contains("1 mount"));
+        assert!(u
+            .check_remove("pg")
+            .unwrap_err()
+            .to_string()
+            .contains("1 mount"));
     }
 
     #[test]

@@ -5,9 +5,9 @@
 use super::IMAGE;
 use crate::engine::BlockEngine;
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, FopenFlags, Filesystem, Generation, INodeNo,
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
     KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty,
-    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, WriteFlags,
+    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, WriteFlags,
 };
 use std::cell::RefCell;
 use std::ffi::OsStr;
@@ -78,9 +78,7 @@ impl Filesystem for ImageFs {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         match (parent, self.attr(IMAGE_INO)) {
-            (INodeNo::ROOT, Some(attr)) if name == IMAGE => {
-                reply.entry(&TTL, &attr, Generation(0))
-            }
+            (INodeNo::ROOT, Some(attr)) if name == IMAGE => reply.entry(&TTL, &attr, Generation(0)),
             _ => reply.error(Errno::ENOENT),
         }
     }
@@ -241,6 +239,22 @@ impl Filesystem for ImageFs {
             }
         }
         reply.ok()
+    }
+
+    fn getxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _size: u32,
+        reply: ReplyXattr,
+    ) {
+        // ENOSYS makes the kernel stop asking (e.g. security.capability on every write).
+        reply.error(Errno::ENOSYS)
+    }
+
+    fn listxattr(&self, _req: &Request, _ino: INodeNo, _size: u32, reply: ReplyXattr) {
+        reply.error(Errno::ENOSYS)
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {

@@ -38,13 +38,13 @@ impl FuseLoopExport {
         }
         let mut config = Config::default();
         config.mount_options = vec![
-                MountOption::FSName(format!("dunnage:{volume}")),
-                MountOption::Subtype("dunnage".into()),
-                MountOption::RW,
-                MountOption::NoDev,
-                MountOption::NoSuid,
-                MountOption::NoExec,
-            ];
+            MountOption::FSName(format!("dunnage:{volume}")),
+            MountOption::Subtype("dunnage".into()),
+            MountOption::RW,
+            MountOption::NoDev,
+            MountOption::NoSuid,
+            MountOption::NoExec,
+        ];
         config.acl = SessionACL::Owner;
         config.n_threads = Some(FUSE_THREADS);
         config.clone_fd = true;
@@ -84,9 +84,9 @@ impl FuseLoopExport {
 
     fn stop_session(&mut self) -> Result<(), ExportError> {
         if let Some(session) = self.session.take() {
-            session
-                .umount_and_join()
-                .map_err(|e| ExportError::io(format!("unmount FUSE at {}", self.mount_dir.display()), e))?;
+            session.umount_and_join().map_err(|e| {
+                ExportError::io(format!("unmount FUSE at {}", self.mount_dir.display()), e)
+            })?;
         }
         let _ = std::fs::remove_dir(&self.mount_dir);
         Ok(())
@@ -115,14 +115,24 @@ pub fn cleanup_leftovers(fuse_root: &Path) -> Vec<String> {
     let mut done = Vec::new();
     for (dev, backing) in loopdev::attached_under(fuse_root) {
         match loopdev::detach_path(&dev) {
-            Ok(()) => done.push(format!("detached {} (on {})", dev.display(), backing.display())),
+            Ok(()) => done.push(format!(
+                "detached {} (on {})",
+                dev.display(),
+                backing.display()
+            )),
             Err(e) => done.push(format!("could not detach {}: {e}", dev.display())),
         }
     }
     for m in mount::mounts_under(fuse_root) {
         match mount::unmount(&m.mount_point, true) {
-            Ok(()) => done.push(format!("unmounted dead FUSE mount {}", m.mount_point.display())),
-            Err(e) => done.push(format!("could not unmount {}: {e}", m.mount_point.display())),
+            Ok(()) => done.push(format!(
+                "unmounted dead FUSE mount {}",
+                m.mount_point.display()
+            )),
+            Err(e) => done.push(format!(
+                "could not unmount {}: {e}",
+                m.mount_point.display()
+            )),
         }
     }
     if let Ok(entries) = std::fs::read_dir(fuse_root) {

@@ -1,0 +1,100 @@
+//! Hot paths of the thin engine: map lookup + read of an allocated block,
+//! first-write allocation, and a request split across blocks.
+//!
+//! `cargo bench --bench engine` measures; `cargo bench --bench engine -- --test`
+//! runs each once as a smoke test.
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use dunnage::engine::{BlockEngine, ThinImage, ThinParams};
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+const BS: u32 = 32 << 10;
+
+fn image(size: u64) -> (tempfile::TempDir, ThinImage) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = ThinImage::create(
+        dir.path(),
+        ThinParams {
+            size,
+            block_size: BS,
+        },
+    )
+    .expect("create image");
+    (dir, img)
+}
+
+fn filled(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i % 251) as u8 | 1).collect()
+}
+
+fn read_allocated_4k(c: &mut Criterion) {
+    let (_dir, img) = image(64 << 20);
+    img.write_at(&filled(8 << 20), 0).expect("fill");
+    let mut buf = vec![0u8; 4096];
+    let mut i = 0u64;
+    c.bench_function("read_4k_allocated", |b| {
+        b.iter(|| {
+            // Walk 2048 different 4k slots over 256 blocks.
+            i = (i + 1) % 2048;
+            img.read_at(black_box(&mut buf), i * 4096).expect("read");
+        })
+    });
+}
+
+fn first_write_allocation(c: &mut Criterion) {
+    // Each timed write lands in a never-written block. Untimed between
+    // batches, the batch's blocks are discarded and flushed, so their space
+    // is reused and the data file stays small.
+    const BATCH: u64 = 256;
+    let (_dir, img) = image(BATCH * u64::from(BS));
+    let data = filled(4096);
+    c.bench_function("write_4k_first_allocation", |b| {
+        b.iter_custom(|iters| {
+            let mut elapsed = Duration::ZERO;
+            let mut done = 0;
+            while done < iters {
+                let n = (iters - done).min(BATCH);
+                let start = Instant::now();
+                for block in 0..n {
+                    img.write_at(black_box(&data), block * u64::from(BS))
+                        .expect("write");
+                }
+                elapsed += start.elapsed();
+                img.discard(0, img.size()).expect("discard");
+                img.flush().expect("flush");
+                done += n;
+            }
+            elapsed
+        })
+    });
+}
+
+fn unaligned_64k_split(c: &mut Criterion) {
+    let (_dir, img) = image(64 << 20);
+    img.write_at(&filled(16 << 20), 0).expect("fill");
+    let data = filled(64 << 10);
+    let mut i = 0u64;
+    c.bench_function("write_64k_unaligned_split", |b| {
+        b.iter(|| {
+            // 64 KiB at an odd offset: spans three 32 KiB blocks.
+            i = (i + 1) % 200;
+            img.write_at(black_box(&data), i * (64 << 10) + 1234)
+                .expect("write");
+        })
+    });
+}
+
+fn config() -> Criterion {
+    Criterion::default()
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(200))
+        .measurement_time(Duration::from_millis(800))
+}
+
+criterion_group! {
+    name = benches;
+    config = config();
+    targets = read_allocated_4k, first_write_allocation, unaligned_64k_split
+}
+criterion_main!(benches);
