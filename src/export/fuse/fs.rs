@@ -5,7 +5,7 @@
 use super::IMAGE;
 use crate::engine::BlockEngine;
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    Errno, FileAttr, InitFlags, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
     KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty,
     ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, WriteFlags,
 };
@@ -73,6 +73,11 @@ impl Filesystem for ImageFs {
         // Both are best effort: the kernel answers with what it can do.
         let _ = config.set_max_write(MAX_IO);
         let _ = config.set_max_readahead(MAX_IO);
+        // Without async direct IO every loop request would be a synchronous
+        // FUSE round trip on the loop worker: queue depth 1 whatever fio asks.
+        if let Err(missing) = config.add_capabilities(InitFlags::FUSE_ASYNC_DIO) {
+            tracing::warn!(?missing, "the kernel's FUSE lacks async direct IO: expect queue depth 1");
+        }
         Ok(())
     }
 

@@ -1,0 +1,251 @@
+//! End to end against the real dockerd (started by `just test` / scripts/dockerd.sh) with
+//! the local image dunnage-test-busybox (scripts/test-image.sh). dockerd is shared between
+//! tests: every daemon, volume and container name is unique to this process.
+//!
+//! dockerd caches every legacy (socket) volume driver it has talked to until it restarts,
+//! and when asked about a volume it does not know (`docker volume inspect` or `rm` of a
+//! missing name, `docker volume ls`) it probes all of them — a driver whose socket is gone
+//! costs ~30 s of connection retries. So these tests never ask dockerd about unknown
+//! volumes: they only name volumes dockerd has on record, and forget a volume once
+//! `docker volume rm` succeeded.
+
+mod common;
+
+use common::{
+    docker, docker_ok, expect_err, require_docker, unique, Daemon, Opts, GIB, TEST_IMAGE,
+};
+use serde_json::{json, Value};
+
+const DOCKER_PLUGIN_DIR: &str = "/run/docker/plugins";
+
+/// Removes the containers and volumes a test made, whatever happened. Declare it after the
+/// `Daemon` so that it is dropped first (volume removal needs the plugin).
+#[derive(Default)]
+struct Cleanup {
+    containers: Vec<String>,
+    volumes: Vec<String>,
+}
+
+impl Cleanup {
+    /// `docker volume rm` that must succeed; the volume is then no longer cleaned up.
+    fn volume_rm(&mut self, vol: &str) {
+        docker_ok(&["volume", "rm", vol]);
+        self.volumes.retain(|v| v != vol);
+    }
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for c in &self.containers {
+            let _ = docker(&["rm", "-f", "-v", c]);
+        }
+        for v in &self.volumes {
+            let _ = docker(&["volume", "rm", "-f", v]);
+        }
+    }
+}
+
+fn start_daemon() -> Daemon {
+    require_docker();
+    Daemon::start(Opts {
+        plugin_dir: Some(DOCKER_PLUGIN_DIR.into()),
+        ..Opts::default()
+    })
+}
+
+fn run_container(cleanup: &mut Cleanup, args: &[&str]) -> String {
+    let cname = unique("dunnage-e2e");
+    cleanup.containers.push(cname.clone());
+    let mut all = vec!["run", "--rm", "--name", cname.as_str()];
+    all.extend_from_slice(args);
+    docker_ok(&all)
+}
+
+#[test]
+fn docker_volume_lifecycle_across_restart() {
+    let mut d = start_daemon();
+    let mut cleanup = Cleanup::default();
+    let vol = unique("e2e");
+    cleanup.volumes.push(vol.clone());
+    let before = d.data_baseline();
+
+    let out = docker_ok(&["volume", "create", "-d", &d.name, "--opt", "size=1G", &vol]);
+    assert_eq!(out.trim(), vol);
+    assert!(
+        d.list_names().contains(&vol),
+        "docker volume create did not reach dunnage"
+    );
+    let info = d.inspect(&vol);
+    assert_eq!(info["size_bytes"], GIB, "{info}");
+    let id = info["id"].as_str().expect("id").to_string();
+
+    let bind = format!("{vol}:/data");
+    run_container(
+        &mut cleanup,
+        &[
+            "-v",
+            &bind,
+            TEST_IMAGE,
+            "sh",
+            "-c",
+            "echo hello > /data/f && sync",
+        ],
+    );
+    // dockerd unmounted it when the container went away.
+    assert!(
+        !d.is_mounted(&vol),
+        "still mounted after the container exited"
+    );
+    let l = d.leftovers_running();
+    assert!(l.is_empty(), "leftovers after the container exited: {l:?}");
+    assert_eq!(d.inspect(&vol)["formatted"], true);
+
+    d.restart();
+
+    let out = run_container(
+        &mut cleanup,
+        &[
+            "-v",
+            &bind,
+            TEST_IMAGE,
+            "sh",
+            "-c",
+            "cat /data/f && ls -a /data",
+        ],
+    );
+    let mut lines = out.lines();
+    assert_eq!(
+        lines.next(),
+        Some("hello"),
+        "read back after restart: {out:?}"
+    );
+    let mut listing: Vec<&str> = lines.collect();
+    listing.sort();
+    assert_eq!(
+        listing,
+        [".", "..", "f"],
+        "the volume should hold only what the container wrote: {out:?}"
+    );
+
+    let out = docker_ok(&["volume", "inspect", &vol]);
+    let v: Value = serde_json::from_str(&out).expect("docker volume inspect JSON");
+    let v = &v[0];
+    assert_eq!(v["Name"], vol.as_str(), "{v}");
+    assert_eq!(v["Driver"], d.name.as_str(), "{v}");
+    assert!(
+        v["Status"].as_object().is_some_and(|s| !s.is_empty()),
+        "docker volume inspect should show the plugin's Status: {v}"
+    );
+
+    cleanup.volume_rm(&vol);
+    assert!(
+        !d.list_names().contains(&vol),
+        "docker volume rm did not remove it"
+    );
+    let (status, g) = d.get(&vol);
+    expect_err("Get after docker volume rm", status, &g);
+    d.assert_no_new_data(&before, &[&vol, &id], "after docker volume rm");
+    let l = d.leftovers_running();
+    assert!(l.is_empty(), "leftovers after docker volume rm: {l:?}");
+}
+
+#[test]
+fn docker_run_shorthand_name_at_size() {
+    let d = start_daemon();
+    let mut cleanup = Cleanup::default();
+    let base = unique("sh");
+    let vol = format!("{base}@2G");
+    cleanup.volumes.push(vol.clone());
+
+    let bind = format!("{vol}:/data");
+    let out = run_container(
+        &mut cleanup,
+        &[
+            "-v",
+            &bind,
+            "--volume-driver",
+            &d.name,
+            TEST_IMAGE,
+            "df",
+            "-k",
+            "/data",
+        ],
+    );
+    // Filesystem 1K-blocks Used Available Use% Mounted on
+    let kib: u64 = out
+        .lines()
+        .nth(1)
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("cannot parse df output: {out:?}"));
+    assert!(
+        (GIB / 1024 * 17 / 10..=2 * GIB / 1024).contains(&kib),
+        "{vol} should be about 2 GiB, df says {kib} KiB"
+    );
+    assert_eq!(
+        d.inspect(&base)["size_bytes"],
+        2 * GIB,
+        "{vol} should create {base} with 2 GiB"
+    );
+    assert!(!d.is_mounted(&base));
+
+    cleanup.volume_rm(&vol);
+    let (status, g) = d.get(&base);
+    expect_err("Get after docker volume rm", status, &g);
+}
+
+#[test]
+fn docker_volume_create_bad_option_shows_daemon_error() {
+    let d = start_daemon();
+    let mut cleanup = Cleanup::default();
+    let vol = unique("bad");
+
+    // What the daemon itself says about this request...
+    let daemon_err = d.err(
+        "/VolumeDriver.Create",
+        &json!({"Name": vol, "Opts": {"size": "1Q"}}),
+    );
+    // ...is what the docker user sees.
+    let out = docker(&["volume", "create", "-d", &d.name, "--opt", "size=1Q", &vol]);
+    assert!(
+        !out.status.success(),
+        "docker volume create with size=1Q succeeded: {out:?}"
+    );
+    assert!(
+        out.stderr.contains(daemon_err.trim()),
+        "docker should show the daemon's message {daemon_err:?}, stderr: {:?}",
+        out.stderr
+    );
+    assert!(!d.list_names().contains(&vol));
+
+    let out = docker(&[
+        "volume",
+        "create",
+        "-d",
+        &d.name,
+        "--opt",
+        "colour=blue",
+        &vol,
+    ]);
+    assert!(!out.status.success(), "unknown option accepted: {out:?}");
+    assert!(
+        out.stderr.contains("colour") && out.stderr.contains("size"),
+        "docker should show the unknown option and the valid ones: {:?}",
+        out.stderr
+    );
+
+    // The failed attempts left nothing behind, neither in dockerd nor in dunnage: the
+    // same name can now be created with valid options, and gets exactly those.
+    cleanup.volumes.push(vol.clone());
+    docker_ok(&["volume", "create", "-d", &d.name, "--opt", "size=64M", &vol]);
+    assert_eq!(d.inspect(&vol)["size_bytes"], 64 << 20);
+    let out = docker_ok(&["volume", "inspect", &vol]);
+    let v: Value = serde_json::from_str(&out).expect("docker volume inspect JSON");
+    assert_eq!(v[0]["Driver"], d.name.as_str(), "{v}");
+    assert_eq!(
+        v[0]["Options"],
+        json!({"size": "64M"}),
+        "dockerd should record only the options of the successful create: {v}"
+    );
+    cleanup.volume_rm(&vol);
+}
