@@ -5,7 +5,7 @@
 use super::IMAGE;
 use crate::engine::BlockEngine;
 use fuser::{
-    Errno, FileAttr, InitFlags, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
     KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty,
     ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, WriteFlags,
 };
@@ -76,7 +76,10 @@ impl Filesystem for ImageFs {
         // Without async direct IO every loop request would be a synchronous
         // FUSE round trip on the loop worker: queue depth 1 whatever fio asks.
         if let Err(missing) = config.add_capabilities(InitFlags::FUSE_ASYNC_DIO) {
-            tracing::warn!(?missing, "the kernel's FUSE lacks async direct IO: expect queue depth 1");
+            tracing::warn!(
+                ?missing,
+                "the kernel's FUSE lacks async direct IO: expect queue depth 1"
+            );
         }
         Ok(())
     }
