@@ -397,6 +397,13 @@ fn docker_mount_refused_while_attached() {
     // Now Docker can have it.
     let mp = d.mount("held", &id);
     assert_eq!(mp, d.mountpoint("held"));
+    // ... and while Docker has it, the host cannot attach it.
+    let err = d.cli_err(&["attach", "held"]);
+    assert!(
+        err.contains("mounted by Docker") && err.contains("held"),
+        "attach of a Docker-mounted volume should say why: {err:?}"
+    );
+    assert_eq!(d.inspect("held")["state"], "mounted");
     d.unmount("held", &id);
     d.cli_ok(&["volume", "rm", "held"]);
     let l = d.leftovers_running();
