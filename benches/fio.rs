@@ -1,0 +1,648 @@
+//! End-to-end block IO with fio, side by side, in one run, on one backing
+//! filesystem (DESIGN.md §5):
+//!
+//! - **limit**: the kernel loop device with direct IO over a raw file;
+//! - **peer**: qemu-storage-daemon's FUSE export of a raw file, on a loop device;
+//! - **dunnage**: a raw dunnage volume attached with `dunnage attach`.
+//!
+//! Each device is written through once, then every profile of fixtures/fio/ runs
+//! on the three targets in turn (limit, peer, dunnage, limit, ...) for each round;
+//! a figure is the median of the rounds. The same run times the control plane
+//! (plugin Create/Mount/Unmount/Remove, `docker run` with a dunnage volume vs a
+//! `local` one) and the daemon's memory.
+//!
+//! ```text
+//! just bench [quick] [--dir PATH] [--rounds N] [--runtime SECS] [--size SIZE] [--no-docker]
+//! cargo bench --bench fio -- quick
+//! ```
+//!
+//! Needs root, fio, qemu-storage-daemon and the release binary
+//! (`cargo build --release`). Writes target/bench/results.json, results.md and
+//! chart.png. Everything it sets up is torn down at the end, on error and on Ctrl-C.
+
+#[path = "fio/control.rs"]
+mod control;
+#[path = "fio/host.rs"]
+mod host;
+#[path = "fio/job.rs"]
+mod job;
+#[path = "fio/proc.rs"]
+mod proc;
+#[path = "fio/report.rs"]
+mod report;
+#[path = "fio/targets.rs"]
+mod targets;
+
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use job::{Params, PROFILES};
+use proc::{check_stop, nap, rss_kib, Teardown};
+use report::{Outcome, PerTarget, ProfileResult, Results};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+use targets::{Kind, Target};
+
+const USAGE: &str = "\
+usage: cargo bench --bench fio -- [quick] [options]     (or: just bench [quick] [options])
+
+  quick             one round of 5 s jobs on 512 MiB devices (about 3 minutes)
+                    (default: 3 rounds of 20 s jobs on 2 GiB devices, about 25 minutes)
+  --dir PATH        put the backing files on the filesystem holding PATH
+                    (default: a tmpfs that the bench mounts under /tmp)
+  --rounds N        rounds per profile (the figure is the median)
+  --runtime SECS    seconds per fio job
+  --size SIZE       device size, e.g. 512M, 4G
+  --no-docker       skip the `docker run` timing
+  -h, --help        this text
+
+Writes target/bench/results.json, results.md and chart.png.";
+
+const PLUGIN_CYCLES: usize = 10;
+const DOCKER_RUNS: usize = 5;
+
+struct Opts {
+    quick: bool,
+    dir: Option<PathBuf>,
+    rounds: usize,
+    runtime: u64,
+    ramp: u64,
+    size: u64,
+    docker: bool,
+}
+
+fn parse_size(s: &str) -> Result<u64> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().with_context(|| format!("size {s:?}"))?;
+    let mult: u64 = match unit.to_ascii_uppercase().as_str() {
+        "" | "M" | "MB" | "MIB" | "MI" => 1 << 20,
+        "G" | "GB" | "GIB" | "GI" => 1 << 30,
+        _ => bail!("size {s:?}: use M or G"),
+    };
+    let bytes = n * mult;
+    if bytes < 64 << 20 {
+        bail!("size {s:?}: at least 64M");
+    }
+    Ok(bytes)
+}
+
+impl Opts {
+    fn parse(args: &[String]) -> Result<Option<Opts>> {
+        let mut o = Opts {
+            quick: false,
+            dir: None,
+            rounds: 3,
+            runtime: 20,
+            ramp: 2,
+            size: 2 << 30,
+            docker: true,
+        };
+        let (mut rounds, mut runtime, mut size) = (None, None, None);
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            let mut value = |name: &str| {
+                it.next()
+                    .cloned()
+                    .with_context(|| format!("{name} needs a value\n\n{USAGE}"))
+            };
+            match a.as_str() {
+                "--bench" => {}
+                "quick" | "--quick" => o.quick = true,
+                "full" => o.quick = false,
+                "--dir" => o.dir = Some(PathBuf::from(value("--dir")?)),
+                "--rounds" => rounds = Some(value("--rounds")?.parse().context("--rounds")?),
+                "--runtime" => runtime = Some(value("--runtime")?.parse().context("--runtime")?),
+                "--size" => size = Some(parse_size(&value("--size")?)?),
+                "--no-docker" => o.docker = false,
+                "-h" | "--help" => {
+                    println!("{USAGE}");
+                    return Ok(None);
+                }
+                other => bail!("unknown argument {other:?}\n\n{USAGE}"),
+            }
+        }
+        if o.quick {
+            (o.rounds, o.runtime, o.ramp, o.size) = (1, 5, 1, 512 << 20);
+        }
+        o.rounds = rounds.unwrap_or(o.rounds).max(1);
+        o.runtime = runtime.unwrap_or(o.runtime).max(1);
+        o.size = size.unwrap_or(o.size);
+        Ok(Some(o))
+    }
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    // `cargo test --all-targets` runs bench targets too, without `--bench`.
+    if !args.iter().any(|a| a == "--bench") {
+        println!(
+            "benches/fio.rs: the fio benchmark only runs under `cargo bench --bench fio` or `just bench`; nothing to test"
+        );
+        return ExitCode::SUCCESS;
+    }
+    let opts = match Opts::parse(&args) {
+        Ok(Some(o)) => o,
+        Ok(None) => return ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("fio bench: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Err(e) = proc::install_signal_handler() {
+        eprintln!("fio bench: {e:#}");
+        return ExitCode::FAILURE;
+    }
+    let mut td = Teardown::default();
+    let res = bench(&opts, &mut td);
+    td.unwind_to(0);
+    let problems = std::mem::take(&mut td.problems);
+    match res {
+        Ok(()) if problems.is_empty() => ExitCode::SUCCESS,
+        Ok(()) => {
+            eprintln!("fio bench: teardown problems (see above)");
+            ExitCode::FAILURE
+        }
+        Err(e) if proc::stopped() => {
+            eprintln!("fio bench: interrupted ({e:#}); torn down");
+            ExitCode::from(130)
+        }
+        Err(e) => {
+            eprintln!("fio bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn manifest_dir() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Progress: a bar on a terminal, plain lines otherwise. Work is counted in
+/// expected seconds, so the ETA means something.
+struct Progress {
+    bar: ProgressBar,
+}
+
+impl Progress {
+    fn new(total: u64) -> Progress {
+        let bar = ProgressBar::new(total);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{msg}\n{spinner:.green} [{elapsed_precise}] [{wide_bar:.cyan/blue}] {percent:>3}% eta {eta:>4}",
+            )
+            .expect("template")
+            .progress_chars("=> "),
+        );
+        bar.enable_steady_tick(Duration::from_millis(200));
+        Progress { bar }
+    }
+
+    fn step(&self, msg: String) {
+        if self.bar.is_hidden() {
+            eprintln!("fio bench: {msg}");
+        }
+        self.bar.set_message(msg);
+    }
+
+    fn note(&self, msg: String) {
+        if self.bar.is_hidden() {
+            eprintln!("{msg}");
+        } else {
+            self.bar.println(msg);
+        }
+    }
+
+    fn done(&self, work: u64) {
+        self.bar.inc(work);
+    }
+}
+
+fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("the fio bench needs root (loop devices, FUSE, mounts)");
+    }
+    let mut missing = Vec::new();
+    for tool in [
+        "fio",
+        "qemu-storage-daemon",
+        "losetup",
+        "mount",
+        "umount",
+        "findmnt",
+    ] {
+        if host::which(tool).is_none() {
+            missing.push(tool);
+        }
+    }
+    if !missing.is_empty() {
+        bail!("missing {}: run scripts/bench-deps.sh", missing.join(", "));
+    }
+    let bin = std::env::var_os("DUNNAGE_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| manifest_dir().join("target/release/dunnage"));
+    if !bin.is_file() {
+        bail!(
+            "{} is missing: run `cargo build --release` first (or set DUNNAGE_BIN)",
+            bin.display()
+        );
+    }
+    let out = manifest_dir().join("target/bench");
+    std::fs::create_dir_all(&out).with_context(|| format!("create {}", out.display()))?;
+    for f in [
+        "dunnage.log",
+        "dunnage-docker.log",
+        "qemu-storage-daemon.log",
+    ] {
+        let _ = std::fs::remove_file(out.join(f));
+    }
+
+    // The backing directory: our own tmpfs, or a directory on --dir's filesystem.
+    let pid = std::process::id();
+    let base = o.dir.clone().unwrap_or_else(std::env::temp_dir);
+    // Absolute, so that loop devices' backing files can be matched to it.
+    let base = std::fs::canonicalize(&base)
+        .with_context(|| format!("--dir {}: no such directory", base.display()))?;
+    let root = base.join(format!("dunnage-bench-{pid}"));
+    std::fs::create_dir(&root).with_context(|| format!("create {}", root.display()))?;
+    let tmpfs = o.dir.is_none();
+    {
+        let root = root.clone();
+        td.push(format!("remove {}", root.display()), move || {
+            let left = targets::sweep(&root);
+            if tmpfs {
+                std::fs::remove_dir(&root)?;
+            } else {
+                std::fs::remove_dir_all(&root)?;
+            }
+            if !left.is_empty() {
+                bail!("left behind: {}", left.join("; "));
+            }
+            Ok(())
+        });
+    }
+    let need = 3 * o.size + (1 << 30);
+    if tmpfs {
+        let avail = host::mem_available_bytes().unwrap_or(u64::MAX);
+        if need + (2 << 30) > avail {
+            bail!(
+                "a tmpfs for 3 devices of {} MiB needs about {} MiB of memory, {} MiB available; use --size or --dir",
+                o.size >> 20,
+                need >> 20,
+                avail >> 20
+            );
+        }
+        host::mount_tmpfs(&root, need)?;
+        let root = root.clone();
+        td.push(
+            format!("unmount the tmpfs on {}", root.display()),
+            move || {
+                let left = targets::sweep(&root);
+                host::umount(&root, false).or_else(|e| {
+                    host::umount(&root, true)?;
+                    bail!("{e:#}; unmounted lazily")
+                })?;
+                if !left.is_empty() {
+                    bail!("left behind: {}", left.join("; "));
+                }
+                Ok(())
+            },
+        );
+    }
+    let backing = report::Backing {
+        fs: if tmpfs {
+            format!("tmpfs ({} MiB, mounted by the bench)", need >> 20)
+        } else {
+            host::fs_of(&root)
+        },
+        dir: root.display().to_string(),
+        harness_tmpfs: tmpfs,
+    };
+
+    let machine = host::Machine::probe();
+    let mut versions = BTreeMap::new();
+    versions.insert("fio".to_string(), host::version_of("fio"));
+    versions.insert(
+        "qemu-storage-daemon".to_string(),
+        host::version_of("qemu-storage-daemon"),
+    );
+    versions.insert(
+        "dunnage".to_string(),
+        host::version_of(&bin.display().to_string()),
+    );
+
+    // Work, in expected seconds, for the progress bar.
+    let per_job = o.runtime + o.ramp + 1;
+    let precond = (o.size >> 20) / 400 + 2;
+    let docker_work = if o.docker {
+        10 + 2 * DOCKER_RUNS as u64
+    } else {
+        0
+    };
+    let total = 5
+        + 3 * precond
+        + (o.rounds * PROFILES.len() * 3) as u64 * per_job
+        + PLUGIN_CYCLES as u64
+        + docker_work;
+    let pg = Progress::new(total);
+    pg.note(format!(
+        "fio bench ({}): {} round(s) x {} profiles x 3 targets, {} s jobs, {} MiB devices on {}",
+        if o.quick { "quick" } else { "full" },
+        o.rounds,
+        PROFILES.len(),
+        o.runtime,
+        o.size >> 20,
+        backing.fs
+    ));
+
+    // The daemon under test, with everything under the backing directory.
+    pg.step("starting dunnage serve".into());
+    let name = format!("bench-{pid}");
+    let d = targets::Dunnage::start(
+        &bin,
+        &name,
+        &root,
+        &root.join("plugins"),
+        &out.join("dunnage.log"),
+        td,
+    )?;
+    nap(Duration::from_secs(1));
+    let mut memory = report::Memory {
+        daemon_idle_kib: rss_kib(d.pid()),
+        ..Default::default()
+    };
+
+    // The three devices.
+    pg.step("setting up the limit, peer and dunnage devices".into());
+    let data_plane = td.mark();
+    let limit = targets::limit(&root, o.size, td)?;
+    let (peer, qsd_pid) = targets::peer(&root, o.size, &out.join("qemu-storage-daemon.log"), td)?;
+    let dun = targets::dunnage(&d, o.size, td)?;
+    nap(Duration::from_millis(500));
+    memory.daemon_attached_kib = rss_kib(d.pid());
+    let all: [&Target; 3] = [&limit, &peer, &dun];
+    let mut problems = Vec::new();
+    for t in all {
+        if t.info.size_bytes != o.size {
+            problems.push(format!(
+                "{} device {} has {} bytes, not {}",
+                t.kind.name(),
+                t.dev.display(),
+                t.info.size_bytes,
+                o.size
+            ));
+        }
+        if t.info.direct_io == Some(false) {
+            problems.push(format!(
+                "{} device {}: the loop driver turned direct IO off",
+                t.kind.name(),
+                t.dev.display()
+            ));
+        }
+    }
+    for p in &problems {
+        pg.note(format!("warning: {p}"));
+    }
+    pg.note(format!(
+        "devices: limit {}, peer {}, dunnage {}",
+        limit.dev.display(),
+        peer.dev.display(),
+        dun.dev.display()
+    ));
+    pg.done(5);
+
+    // Write every device through once.
+    let mut broken: BTreeMap<&'static str, String> = BTreeMap::new();
+    for t in all {
+        check_stop()?;
+        pg.step(format!(
+            "writing {} through once ({})",
+            t.kind.name(),
+            t.dev.display()
+        ));
+        let params = Params {
+            dev: &t.dev,
+            size: t.info.size_bytes,
+            runtime: o.runtime,
+            ramp: o.ramp,
+        };
+        let timeout = Duration::from_secs(120 + (o.size >> 20) / 20);
+        match job::run_fio(&job::job_file("precondition"), &params, timeout) {
+            Ok(s) => pg.note(format!(
+                "  precondition {:<8} {:>7.0} MiB/s",
+                t.kind.name(),
+                s.mib_s
+            )),
+            Err(e) => {
+                check_stop()?;
+                let msg = format!("{e:#}");
+                pg.note(format!("  precondition {} FAILED: {msg}", t.kind.name()));
+                broken.insert(t.kind.name(), format!("precondition failed: {msg}"));
+            }
+        }
+        pg.done(precond);
+    }
+
+    // The profiles, targets interleaved, round after round.
+    let mut samples: BTreeMap<(&str, &str), PerTarget> = BTreeMap::new();
+    for round in 1..=o.rounds {
+        for p in &PROFILES {
+            for t in all {
+                check_stop()?;
+                let entry = samples.entry((p.id, t.kind.name())).or_default();
+                if let Some(why) = broken.get(t.kind.name()) {
+                    entry.errors.push(why.clone());
+                    pg.done(per_job);
+                    continue;
+                }
+                pg.step(format!(
+                    "round {round}/{}: {} on {}",
+                    o.rounds,
+                    p.title,
+                    t.kind.name()
+                ));
+                let params = Params {
+                    dev: &t.dev,
+                    size: t.info.size_bytes,
+                    runtime: o.runtime,
+                    ramp: o.ramp,
+                };
+                let timeout = Duration::from_secs(o.runtime + o.ramp + 120);
+                match job::run_fio(&job::job_file(p.id), &params, timeout) {
+                    Ok(s) => {
+                        pg.note(format!(
+                            "  r{round} {:<21} {:<8} {:>9.0} IOPS {:>8.1} MiB/s{}",
+                            p.title,
+                            t.kind.name(),
+                            s.iops,
+                            s.mib_s,
+                            if p.latency {
+                                s.write_p99_us
+                                    .map(|v| format!("  p99 {v:.0} µs"))
+                                    .unwrap_or_default()
+                            } else {
+                                String::new()
+                            }
+                        ));
+                        entry.rounds.push(s);
+                    }
+                    Err(e) => {
+                        check_stop()?;
+                        let msg = format!("round {round}: {e:#}");
+                        pg.note(format!(
+                            "  r{round} {:<21} {:<8} FAILED: {e:#}",
+                            p.title,
+                            t.kind.name()
+                        ));
+                        entry.errors.push(msg);
+                    }
+                }
+                pg.done(per_job);
+            }
+        }
+    }
+    memory.daemon_after_io_kib = rss_kib(d.pid());
+    memory.qemu_storage_daemon_after_io_kib = rss_kib(qsd_pid);
+    let delta = |a: Option<u64>, b: Option<u64>| Some(a? as i64 - b? as i64);
+    memory.extra_attached_kib = delta(memory.daemon_attached_kib, memory.daemon_idle_kib);
+    memory.extra_after_io_kib = delta(memory.daemon_after_io_kib, memory.daemon_idle_kib);
+    let target_infos: Vec<report::TargetInfo> = all
+        .iter()
+        .map(|t| report::TargetInfo {
+            name: t.kind.name(),
+            what: t.kind.describe(),
+            device: t.info.clone(),
+        })
+        .collect();
+
+    // Take the devices down before the control-plane part.
+    pg.step("detaching the bench devices".into());
+    let before = td.problems.len();
+    td.unwind_to(data_plane);
+    problems.extend(td.problems[before..].iter().cloned());
+    check_stop()?;
+
+    // Control plane (1): plugin calls on the daemon's socket.
+    pg.step(format!(
+        "plugin Create/Mount/Unmount/Remove of a 1 GiB ext4 volume, {PLUGIN_CYCLES} times"
+    ));
+    let plugin = match control::plugin_cycles(&d.plugin_socket(), PLUGIN_CYCLES, |_| pg.done(1)) {
+        Ok(t) => Outcome::Measured(t),
+        Err(e) => {
+            check_stop()?;
+            pg.note(format!("plugin timing FAILED: {e:#}"));
+            Outcome::NotMeasured(format!("{e:#}"))
+        }
+    };
+
+    // Control plane (2): docker run with a dunnage volume vs a local one.
+    let docker_run = if o.docker {
+        let mut spent = 0;
+        let res = control::docker_runs(
+            &bin,
+            &root,
+            &out.join("dunnage-docker.log"),
+            DOCKER_RUNS,
+            td,
+            |msg| {
+                pg.step(msg.to_string());
+                pg.done(2);
+                spent += 2;
+            },
+        )?;
+        pg.done(docker_work.saturating_sub(spent));
+        match res {
+            Ok(t) => Outcome::Measured(t),
+            Err(why) => {
+                pg.note(format!("docker run timing not measured: {why}"));
+                Outcome::NotMeasured(why)
+            }
+        }
+    } else {
+        Outcome::NotMeasured("--no-docker".into())
+    };
+    pg.bar.finish_and_clear();
+
+    // Results.
+    let mut notes = Vec::new();
+    if !tmpfs {
+        notes.push(
+            "on a real filesystem the peer (cache.direct=off) and dunnage (buffered image files) go through the host's page cache while the limit does direct IO to the disk, so their reads and writes may beat the limit; use the default tmpfs to compare the IO paths"
+                .to_string(),
+        );
+    }
+    let profiles: Vec<ProfileResult> = PROFILES
+        .iter()
+        .map(|p| {
+            let mut results = BTreeMap::new();
+            for k in Kind::ALL {
+                let mut t = samples.remove(&(p.id, k.name())).unwrap_or_default();
+                t.median = job::median_sample(&t.rounds);
+                results.insert(k.name(), t);
+            }
+            let ratios = report::ratios(&results, p.latency);
+            ProfileResult {
+                id: p.id,
+                title: p.title,
+                job: format!("fixtures/fio/{}.fio", p.id),
+                results,
+                ratios,
+            }
+        })
+        .collect();
+    for p in &profiles {
+        for (k, t) in &p.results {
+            if t.median.is_none() {
+                problems.push(format!("{} on {k}: no result", p.title));
+            }
+        }
+    }
+    let results = Results {
+        mode: if o.quick { "quick" } else { "full" }.into(),
+        machine,
+        backing,
+        params: report::RunParams {
+            rounds: o.rounds,
+            runtime_s: o.runtime,
+            ramp_s: o.ramp,
+            device_size_bytes: o.size,
+            figure: "median over rounds, each figure on its own",
+            order: "per profile per round: limit, peer, dunnage",
+        },
+        versions,
+        targets: target_infos,
+        profiles,
+        control_plane: report::ControlPlane { plugin, docker_run },
+        memory,
+        notes,
+        problems,
+    };
+    report::write_json(&results, &out.join("results.json"))?;
+    std::fs::write(out.join("results.md"), report::markdown(&results))
+        .context("write results.md")?;
+    let chart = out.join("chart.png");
+    let chart_note = match report::chart(&results, &chart) {
+        Ok(()) => chart.display().to_string(),
+        Err(e) => format!("not drawn: {e:#}"),
+    };
+
+    println!();
+    println!("{}", report::summary_line(&results));
+    for n in &results.notes {
+        println!("note: {n}");
+    }
+    println!("{}", report::main_table(&results, false));
+    println!("{}", report::side_table(&results, false));
+    for p in &results.problems {
+        println!("problem: {p}");
+    }
+    println!(
+        "results: {}, {}; chart: {chart_note}; logs: {}",
+        out.join("results.json").display(),
+        out.join("results.md").display(),
+        out.display()
+    );
+    Ok(())
+}
