@@ -1,10 +1,11 @@
 //! Hot paths of the thin engine: map lookup + read of an allocated block,
-//! first-write allocation, and a request split across blocks.
+//! first-write allocation, a request split across blocks, and 1 MiB
+//! sequential requests (one system call each with identity placement).
 //!
 //! `cargo bench --bench engine` measures; `cargo bench --bench engine -- --test`
 //! runs each once as a smoke test.
 
-use criterion::{criterion_group, criterion_main, Criterion};
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use dunnage::engine::{BlockEngine, ThinImage, ThinParams};
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -85,6 +86,42 @@ fn unaligned_64k_split(c: &mut Criterion) {
     });
 }
 
+/// 1 MiB sequential writes over a 64 MiB device: the first lap allocates,
+/// later laps overwrite mapped blocks.
+fn sequential_1m_write(c: &mut Criterion) {
+    const MIB: u64 = 1 << 20;
+    let (_dir, img) = image(64 * MIB);
+    let data = filled(MIB as usize);
+    let mut i = 0u64;
+    let mut group = c.benchmark_group("sequential");
+    group.throughput(Throughput::Bytes(MIB));
+    group.bench_function("write_1m_sequential", |b| {
+        b.iter(|| {
+            img.write_at(black_box(&data), i * MIB).expect("write");
+            i = (i + 1) % 64;
+        })
+    });
+    group.finish();
+}
+
+/// 1 MiB sequential reads of a written 64 MiB device.
+fn sequential_1m_read(c: &mut Criterion) {
+    const MIB: u64 = 1 << 20;
+    let (_dir, img) = image(64 * MIB);
+    img.write_at(&filled(64 * MIB as usize), 0).expect("fill");
+    let mut buf = vec![0u8; MIB as usize];
+    let mut i = 0u64;
+    let mut group = c.benchmark_group("sequential");
+    group.throughput(Throughput::Bytes(MIB));
+    group.bench_function("read_1m_sequential", |b| {
+        b.iter(|| {
+            img.read_at(black_box(&mut buf), i * MIB).expect("read");
+            i = (i + 1) % 64;
+        })
+    });
+    group.finish();
+}
+
 fn config() -> Criterion {
     Criterion::default()
         .sample_size(10)
@@ -95,6 +132,7 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = read_allocated_4k, first_write_allocation, unaligned_64k_split
+    targets = read_allocated_4k, first_write_allocation, unaligned_64k_split,
+        sequential_1m_write, sequential_1m_read
 }
 criterion_main!(benches);

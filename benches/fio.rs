@@ -3,11 +3,18 @@
 //!
 //! - **limit**: the kernel loop device with direct IO over a raw file;
 //! - **peer**: qemu-storage-daemon's FUSE export of a raw file, on a loop device;
-//! - **dunnage**: a raw dunnage volume attached with `dunnage attach`.
+//! - **dunnage**: a raw dunnage volume attached with `dunnage attach`, from a
+//!   daemon with `--fuse-passthrough auto` (the kernel does IO on the data file
+//!   when the volume's layout allows it);
+//! - **dunnage-engine**: the same from a second daemon with
+//!   `--fuse-passthrough off`: every IO through dunnage's FUSE threads and
+//!   engine, the path that snapshots, encryption and replication need.
 //!
 //! Each device is written through once, then every profile of fixtures/fio/ runs
-//! on the three targets in turn (limit, peer, dunnage, limit, ...) for each round;
-//! a figure is the median of the rounds. The same run times the control plane
+//! on the four targets in turn (limit, peer, dunnage, dunnage-engine, limit, ...)
+//! for each round; a figure is the median of the rounds. Besides fio's figures,
+//! each job records the CPU its target's server used, and each dunnage target
+//! what the daemon says about passthrough. The same run times the control plane
 //! (plugin Create/Mount/Unmount/Remove, `docker run` with a dunnage volume vs a
 //! `local` one) and the daemon's memory.
 //!
@@ -36,19 +43,19 @@ mod targets;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use job::{Params, PROFILES};
-use proc::{check_stop, nap, rss_kib, Teardown};
+use proc::{check_stop, cpu_seconds, nap, rss_kib, Teardown};
 use report::{Outcome, PerTarget, ProfileResult, Results};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use targets::{Kind, Target};
 
 const USAGE: &str = "\
 usage: cargo bench --bench fio -- [quick] [options]     (or: just bench [quick] [options])
 
   quick             one round of 5 s jobs on 512 MiB devices (about 3 minutes)
-                    (default: 3 rounds of 20 s jobs on 2 GiB devices, about 25 minutes)
+                    (default: 3 rounds of 15 s jobs on 2 GiB devices, about 25 minutes)
   --dir PATH        put the backing files on the filesystem holding PATH
                     (default: a tmpfs that the bench mounts under /tmp)
   --rounds N        rounds per profile (the figure is the median)
@@ -95,7 +102,7 @@ impl Opts {
             quick: false,
             dir: None,
             rounds: 3,
-            runtime: 20,
+            runtime: 15,
             ramp: 2,
             size: 2 << 30,
             docker: true,
@@ -176,6 +183,10 @@ fn main() -> ExitCode {
     }
 }
 
+fn results_target(infos: &[report::TargetInfo], k: Kind) -> Option<&report::TargetInfo> {
+    infos.iter().find(|t| t.name == k.name())
+}
+
 fn manifest_dir() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
@@ -253,6 +264,7 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
     std::fs::create_dir_all(&out).with_context(|| format!("create {}", out.display()))?;
     for f in [
         "dunnage.log",
+        "dunnage-engine.log",
         "dunnage-docker.log",
         "qemu-storage-daemon.log",
     ] {
@@ -283,12 +295,13 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
             Ok(())
         });
     }
-    let need = 3 * o.size + (1 << 30);
+    let n_targets = Kind::ALL.len() as u64;
+    let need = n_targets * o.size + (1 << 30);
     if tmpfs {
         let avail = host::mem_available_bytes().unwrap_or(u64::MAX);
         if need + (2 << 30) > avail {
             bail!(
-                "a tmpfs for 3 devices of {} MiB needs about {} MiB of memory, {} MiB available; use --size or --dir",
+                "a tmpfs for {n_targets} devices of {} MiB needs about {} MiB of memory, {} MiB available; use --size or --dir",
                 o.size >> 20,
                 need >> 20,
                 avail >> 20
@@ -341,14 +354,14 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
     } else {
         0
     };
-    let total = 5
-        + 3 * precond
-        + (o.rounds * PROFILES.len() * 3) as u64 * per_job
+    let total = 6
+        + n_targets * precond
+        + (o.rounds * PROFILES.len()) as u64 * n_targets * per_job
         + PLUGIN_CYCLES as u64
         + docker_work;
     let pg = Progress::new(total);
     pg.note(format!(
-        "fio bench ({}): {} round(s) x {} profiles x 3 targets, {} s jobs, {} MiB devices on {}",
+        "fio bench ({}): {} round(s) x {} profiles x {n_targets} targets, {} s jobs, {} MiB devices on {}",
         if o.quick { "quick" } else { "full" },
         o.rounds,
         PROFILES.len(),
@@ -357,32 +370,50 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
         backing.fs
     ));
 
-    // The daemon under test, with everything under the backing directory.
-    pg.step("starting dunnage serve".into());
+    // The daemon under test, with everything under the backing directory; it
+    // stays for the control-plane part.
+    pg.step("starting dunnage serve (--fuse-passthrough auto)".into());
     let name = format!("bench-{pid}");
     let d = targets::Dunnage::start(
         &bin,
         &name,
         &root,
         &root.join("plugins"),
+        Kind::Dunnage.fuse_passthrough(),
         &out.join("dunnage.log"),
+        td,
+    )?;
+    let data_plane = td.mark();
+    // A second daemon with passthrough off, its own directories under the
+    // backing directory; it goes with the devices.
+    pg.step("starting a second dunnage serve (--fuse-passthrough off)".into());
+    let de = targets::Dunnage::start(
+        &bin,
+        &format!("{name}-engine"),
+        &root.join("engine"),
+        &root.join("plugins"),
+        Kind::DunnageEngine.fuse_passthrough(),
+        &out.join("dunnage-engine.log"),
         td,
     )?;
     nap(Duration::from_secs(1));
     let mut memory = report::Memory {
         daemon_idle_kib: rss_kib(d.pid()),
+        engine_daemon_idle_kib: rss_kib(de.pid()),
         ..Default::default()
     };
+    pg.done(1);
 
-    // The three devices.
-    pg.step("setting up the limit, peer and dunnage devices".into());
-    let data_plane = td.mark();
+    // The four devices.
+    pg.step("setting up the limit, peer, dunnage and dunnage-engine devices".into());
     let limit = targets::limit(&root, o.size, td)?;
     let (peer, qsd_pid) = targets::peer(&root, o.size, &out.join("qemu-storage-daemon.log"), td)?;
-    let dun = targets::dunnage(&d, o.size, td)?;
+    let dun = targets::dunnage(&d, Kind::Dunnage, o.size, td)?;
+    let dun_engine = targets::dunnage(&de, Kind::DunnageEngine, o.size, td)?;
     nap(Duration::from_millis(500));
     memory.daemon_attached_kib = rss_kib(d.pid());
-    let all: [&Target; 3] = [&limit, &peer, &dun];
+    let all: [&Target; 4] = [&limit, &peer, &dun, &dun_engine];
+    debug_assert!(all.iter().map(|t| t.kind).eq(Kind::ALL));
     let mut problems = Vec::new();
     for t in all {
         if t.info.size_bytes != o.size {
@@ -406,11 +437,27 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
         pg.note(format!("warning: {p}"));
     }
     pg.note(format!(
-        "devices: limit {}, peer {}, dunnage {}",
-        limit.dev.display(),
-        peer.dev.display(),
-        dun.dev.display()
+        "devices: {}",
+        all.iter()
+            .map(|t| format!("{} {}", t.kind.name(), t.dev.display()))
+            .collect::<Vec<_>>()
+            .join(", ")
     ));
+    for t in all {
+        if let Some(p) = &t.io_path {
+            pg.note(format!(
+                "io path: {} (--fuse-passthrough {}): passthrough {} ({})",
+                t.kind.name(),
+                p.fuse_passthrough_flag,
+                match p.passthrough {
+                    Some(true) => "on",
+                    Some(false) => "off",
+                    None => "unknown",
+                },
+                p.source
+            ));
+        }
+    }
     pg.done(5);
 
     // Write every device through once.
@@ -431,7 +478,7 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
         let timeout = Duration::from_secs(120 + (o.size >> 20) / 20);
         match job::run_fio(&job::job_file("precondition"), &params, timeout) {
             Ok(s) => pg.note(format!(
-                "  precondition {:<8} {:>7.0} MiB/s",
+                "  precondition {:<14} {:>7.0} MiB/s",
                 t.kind.name(),
                 s.mib_s
             )),
@@ -470,14 +517,26 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
                     ramp: o.ramp,
                 };
                 let timeout = Duration::from_secs(o.runtime + o.ramp + 120);
-                match job::run_fio(&job::job_file(p.id), &params, timeout) {
-                    Ok(s) => {
+                let cpu0 = t.server_pid.and_then(cpu_seconds);
+                let t0 = Instant::now();
+                let res = job::run_fio(&job::job_file(p.id), &params, timeout);
+                let wall = t0.elapsed().as_secs_f64();
+                let cpu1 = t.server_pid.and_then(cpu_seconds);
+                match res {
+                    Ok(mut s) => {
+                        s.server_cpu_cores = match (cpu0, cpu1) {
+                            (Some(a), Some(b)) if wall > 0.0 => Some((b - a) / wall),
+                            _ => None,
+                        };
                         pg.note(format!(
-                            "  r{round} {:<21} {:<8} {:>9.0} IOPS {:>8.1} MiB/s{}",
+                            "  r{round} {:<21} {:<14} {:>9.0} IOPS {:>8.1} MiB/s{}{}",
                             p.title,
                             t.kind.name(),
                             s.iops,
                             s.mib_s,
+                            s.server_cpu_cores
+                                .map(|c| format!("  server CPU {c:.2}"))
+                                .unwrap_or_default(),
                             if p.latency {
                                 s.write_p99_us
                                     .map(|v| format!("  p99 {v:.0} µs"))
@@ -492,7 +551,7 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
                         check_stop()?;
                         let msg = format!("round {round}: {e:#}");
                         pg.note(format!(
-                            "  r{round} {:<21} {:<8} FAILED: {e:#}",
+                            "  r{round} {:<21} {:<14} FAILED: {e:#}",
                             p.title,
                             t.kind.name()
                         ));
@@ -504,21 +563,43 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
         }
     }
     memory.daemon_after_io_kib = rss_kib(d.pid());
+    memory.engine_daemon_after_io_kib = rss_kib(de.pid());
     memory.qemu_storage_daemon_after_io_kib = rss_kib(qsd_pid);
     let delta = |a: Option<u64>, b: Option<u64>| Some(a? as i64 - b? as i64);
     memory.extra_attached_kib = delta(memory.daemon_attached_kib, memory.daemon_idle_kib);
     memory.extra_after_io_kib = delta(memory.daemon_after_io_kib, memory.daemon_idle_kib);
+    memory.engine_extra_after_io_kib = delta(
+        memory.engine_daemon_after_io_kib,
+        memory.engine_daemon_idle_kib,
+    );
+    let cpu_median = |k: Kind| {
+        job::median(
+            samples
+                .iter()
+                .filter(|((_, t), _)| *t == k.name())
+                .flat_map(|(_, e)| e.rounds.iter().filter_map(|s| s.server_cpu_cores))
+                .collect(),
+        )
+    };
     let target_infos: Vec<report::TargetInfo> = all
         .iter()
-        .map(|t| report::TargetInfo {
-            name: t.kind.name(),
-            what: t.kind.describe(),
-            device: t.info.clone(),
+        .map(|t| {
+            let cpu = cpu_median(t.kind);
+            report::TargetInfo {
+                name: t.kind.name(),
+                what: t.kind.describe(),
+                device: t.info.clone(),
+                server_cpu_cores_median: cpu,
+                io_path: t.io_path.clone().map(|mut p| {
+                    p.cpu_says_daemon_did_io = cpu.map(|c| c >= targets::DAEMON_DID_IO_CORES);
+                    p
+                }),
+            }
         })
         .collect();
 
-    // Take the devices down before the control-plane part.
-    pg.step("detaching the bench devices".into());
+    // Take the devices and the second daemon down before the control-plane part.
+    pg.step("detaching the bench devices, stopping the second daemon".into());
     let before = td.problems.len();
     td.unwind_to(data_plane);
     problems.extend(td.problems[before..].iter().cloned());
@@ -573,6 +654,36 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
                 .to_string(),
         );
     }
+    let dun_info = results_target(&target_infos, Kind::Dunnage);
+    let cpu_of = |k: Kind| {
+        results_target(&target_infos, k)
+            .and_then(|t| t.server_cpu_cores_median)
+            .map(|c| format!("{c:.2}"))
+            .unwrap_or_else(|| "n/a".into())
+    };
+    let dun_path = dun_info.and_then(|t| t.io_path.as_ref());
+    match (
+        dun_path.and_then(|p| p.passthrough),
+        dun_path.and_then(|p| p.cpu_says_daemon_did_io),
+    ) {
+        (Some(false), _) => notes.push(
+            "the daemon served the dunnage volume without passthrough, so dunnage and dunnage-engine took the same path".to_string(),
+        ),
+        (Some(true), _) => {}
+        (None, Some(true)) => notes.push(format!(
+            "the daemon does not report whether passthrough served the dunnage volume, but its CPU while fio ran (median {} cores over the jobs; dunnage-engine {}) says the IO went through it: dunnage and dunnage-engine took the same path in this run",
+            cpu_of(Kind::Dunnage),
+            cpu_of(Kind::DunnageEngine)
+        )),
+        (None, Some(false)) => notes.push(format!(
+            "the daemon does not report whether passthrough served the dunnage volume; its CPU while fio ran (median {} cores over the jobs; dunnage-engine {}) says the kernel did the IO on the data file",
+            cpu_of(Kind::Dunnage),
+            cpu_of(Kind::DunnageEngine)
+        )),
+        (None, None) => notes.push(
+            "the daemon does not report whether passthrough served the dunnage volume, and its CPU was not measured".to_string(),
+        ),
+    }
     let profiles: Vec<ProfileResult> = PROFILES
         .iter()
         .map(|p| {
@@ -609,7 +720,7 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
             ramp_s: o.ramp,
             device_size_bytes: o.size,
             figure: "median over rounds, each figure on its own",
-            order: "per profile per round: limit, peer, dunnage",
+            order: "per profile per round: limit, peer, dunnage, dunnage-engine",
         },
         versions,
         targets: target_infos,
@@ -632,6 +743,9 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
     println!("{}", report::summary_line(&results));
     for n in &results.notes {
         println!("note: {n}");
+    }
+    for l in report::io_path_lines(&results) {
+        println!("io path: {l}");
     }
     println!("{}", report::main_table(&results, false));
     println!("{}", report::side_table(&results, false));

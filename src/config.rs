@@ -14,6 +14,8 @@ pub struct Node {
     pub mount_dir: PathBuf,
     /// The export actually in use (`auto` resolved).
     pub export: ExportKind,
+    /// Use FUSE passthrough for volumes whose layout allows it.
+    pub passthrough: bool,
     pub catalog: Arc<dyn Catalog>,
 }
 

@@ -34,6 +34,17 @@ pub struct ServeArgs {
     /// else a FUSE-served image on a loop device.
     #[arg(long, value_enum, default_value = "auto")]
     pub export: ExportKind,
+    /// FUSE export: let the kernel read and write a volume's data file
+    /// directly (FUSE passthrough) while the volume's layout allows it;
+    /// `off` serves every IO through dunnage's own engine path.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub fuse_passthrough: Passthrough,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Passthrough {
+    Auto,
+    Off,
 }
 
 /// Refuse to replace a socket another live daemon answers on; remove a stale one.
@@ -112,6 +123,7 @@ pub fn run(args: ServeArgs, run_dir: PathBuf) -> Result<()> {
         run_dir: run_dir.clone(),
         mount_dir: mount_dir.clone(),
         export,
+        passthrough: args.fuse_passthrough == Passthrough::Auto,
         catalog,
     });
     cleanup(&node);

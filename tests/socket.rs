@@ -179,7 +179,16 @@ fn data_survives_sigterm_restart() {
 
 #[test]
 fn data_survives_kill9() {
-    let mut d = Daemon::start(Opts::default());
+    kill9_keeps_fsynced_data(Opts::default());
+}
+
+#[test]
+fn data_survives_kill9_engine_path() {
+    kill9_keeps_fsynced_data(Opts::engine_path());
+}
+
+fn kill9_keeps_fsynced_data(opts: Opts) {
+    let mut d = Daemon::start(opts);
     d.create("crash", &[("size", "128M")]);
     d.create("bystander", &[("size", "64M")]);
     let a = mount_id("crash-a");
@@ -489,7 +498,16 @@ fn shorthand_name_at_size() {
 
 #[test]
 fn thin_allocation() {
-    let d = Daemon::start(Opts::default());
+    thin(Opts::default());
+}
+
+#[test]
+fn thin_allocation_engine_path() {
+    thin(Opts::engine_path());
+}
+
+fn thin(opts: Opts) {
+    let d = Daemon::start(opts);
     let base = d.data_allocated();
     d.create("thin", &[("size", "10G")]);
     let id = mount_id("thin");

@@ -69,6 +69,11 @@ pub struct Sample {
     pub write_p99_us: Option<f64>,
     pub read_mean_us: Option<f64>,
     pub write_mean_us: Option<f64>,
+    /// CPU time the target's user-space server (qemu-storage-daemon, dunnage
+    /// serve) used while fio ran, per second of the job (ramp included): 1.0
+    /// is one core busy. None for the limit, which has no server.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_cpu_cores: Option<f64>,
 }
 
 pub struct Params<'a> {
@@ -142,6 +147,7 @@ pub fn parse(stdout: &str) -> Result<Sample> {
         write_p99_us: w_p99,
         read_mean_us: r_mean,
         write_mean_us: w_mean,
+        server_cpu_cores: None,
     })
 }
 
@@ -175,5 +181,6 @@ pub fn median_sample(samples: &[Sample]) -> Option<Sample> {
         write_p99_us: mo(&|s| s.write_p99_us),
         read_mean_us: mo(&|s| s.read_mean_us),
         write_mean_us: mo(&|s| s.write_mean_us),
+        server_cpu_cores: mo(&|s| s.server_cpu_cores),
     })
 }

@@ -268,6 +268,19 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// CPU time (user + system, all threads, exited ones included) a process has
+/// used, in seconds (utime and stime of /proc/PID/stat).
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces and parentheses: fields follow the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // After ')': state is field 3 of stat(5), so utime (14) and stime (15) are at 11 and 12.
+    let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    // In USER_HZ, which is 100 on every architecture this runs on.
+    Some(ticks as f64 / 100.0)
+}
+
 type Undo = Box<dyn FnOnce() -> Result<()>>;
 
 /// Teardown actions, run last-in first-out: by `unwind_to` for a finished stage,

@@ -3,7 +3,7 @@
 use crate::control::{DockerTiming, PluginTiming};
 use crate::host::{DeviceInfo, Machine};
 use crate::job::{Sample, PROFILES};
-use crate::targets::Kind;
+use crate::targets::{IoPath, Kind};
 use anyhow::{Context, Result};
 use comfy_table::{presets, CellAlignment, ContentArrangement, Table};
 use serde::Serialize;
@@ -51,6 +51,14 @@ pub struct TargetInfo {
     pub name: &'static str,
     pub what: &'static str,
     pub device: DeviceInfo,
+    /// The median over every job on this target of the CPU its server used
+    /// (cores); none for the limit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_cpu_cores_median: Option<f64>,
+    /// For the dunnage targets: the daemon's `--fuse-passthrough` and whether
+    /// passthrough served the volume, as far as the daemon says.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub io_path: Option<IoPath>,
 }
 
 #[derive(Debug, Serialize, Default)]
@@ -76,9 +84,15 @@ pub struct Ratios {
     pub dunnage_limit: Option<f64>,
     pub dunnage_peer: Option<f64>,
     pub peer_limit: Option<f64>,
+    pub dunnage_engine_limit: Option<f64>,
+    pub dunnage_engine_peer: Option<f64>,
+    /// The engine path (`--fuse-passthrough off`) ÷ the default (`auto`).
+    pub dunnage_engine_dunnage: Option<f64>,
     /// For the latency profile: p99 write latency of dunnage ÷ that of the limit.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub p99_dunnage_limit: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub p99_dunnage_engine_limit: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -101,6 +115,10 @@ pub struct Memory {
     pub daemon_after_io_kib: Option<u64>,
     pub extra_attached_kib: Option<i64>,
     pub extra_after_io_kib: Option<i64>,
+    /// The second daemon, `--fuse-passthrough off` (target dunnage-engine).
+    pub engine_daemon_idle_kib: Option<u64>,
+    pub engine_daemon_after_io_kib: Option<u64>,
+    pub engine_extra_after_io_kib: Option<i64>,
     pub qemu_storage_daemon_after_io_kib: Option<u64>,
 }
 
@@ -108,22 +126,44 @@ impl ProfileResult {
     pub fn get(&self, k: Kind) -> Option<&Sample> {
         self.results.get(k.name()).and_then(|t| t.median.as_ref())
     }
+
+    /// IOPS of `a` ÷ IOPS of `b` (medians).
+    pub fn ratio(&self, a: Kind, b: Kind) -> Option<f64> {
+        iops_ratio(&self.results, a, b)
+    }
+}
+
+fn iops_ratio(results: &BTreeMap<&'static str, PerTarget>, a: Kind, b: Kind) -> Option<f64> {
+    let iops = |k: Kind| {
+        results
+            .get(k.name())
+            .and_then(|t| t.median)
+            .map(|s| s.iops)
+            .filter(|v| *v > 0.0)
+    };
+    Some(iops(a)? / iops(b)?)
 }
 
 pub fn ratios(results: &BTreeMap<&'static str, PerTarget>, latency: bool) -> Ratios {
     let m = |k: Kind| results.get(k.name()).and_then(|t| t.median);
-    let iops = |k: Kind| m(k).map(|s| s.iops).filter(|v| *v > 0.0);
-    let div = |a: Option<f64>, b: Option<f64>| Some(a? / b?);
+    let r = |a: Kind, b: Kind| iops_ratio(results, a, b);
     let p99 = |k: Kind| m(k).and_then(|s| s.write_p99_us).filter(|v| *v > 0.0);
-    Ratios {
-        dunnage_limit: div(iops(Kind::Dunnage), iops(Kind::Limit)),
-        dunnage_peer: div(iops(Kind::Dunnage), iops(Kind::Peer)),
-        peer_limit: div(iops(Kind::Peer), iops(Kind::Limit)),
-        p99_dunnage_limit: if latency {
-            div(p99(Kind::Dunnage), p99(Kind::Limit))
+    let p99_ratio = |a: Kind| {
+        if latency {
+            Some(p99(a)? / p99(Kind::Limit)?)
         } else {
             None
-        },
+        }
+    };
+    Ratios {
+        dunnage_limit: r(Kind::Dunnage, Kind::Limit),
+        dunnage_peer: r(Kind::Dunnage, Kind::Peer),
+        peer_limit: r(Kind::Peer, Kind::Limit),
+        dunnage_engine_limit: r(Kind::DunnageEngine, Kind::Limit),
+        dunnage_engine_peer: r(Kind::DunnageEngine, Kind::Peer),
+        dunnage_engine_dunnage: r(Kind::DunnageEngine, Kind::Dunnage),
+        p99_dunnage_limit: p99_ratio(Kind::Dunnage),
+        p99_dunnage_engine_limit: p99_ratio(Kind::DunnageEngine),
     }
 }
 
@@ -166,8 +206,10 @@ fn fmt_delta_kib(kib: i64) -> String {
     format!("{:+.1} MiB", kib as f64 / 1024.0)
 }
 
-/// The main table: per profile, IOPS and MiB/s of each target, p99 of the
-/// latency profile, and dunnage's ratios.
+/// The main table: a row per profile and target, in run order, with IOPS,
+/// MiB/s, the p99 write latency of the latency profile, the CPU its server
+/// used, and its IOPS ratio to the limit, to the peer and (for dunnage-engine)
+/// to dunnage with passthrough allowed.
 pub fn main_table(r: &Results, markdown: bool) -> Table {
     let mut t = Table::new();
     t.load_preset(if markdown {
@@ -178,56 +220,110 @@ pub fn main_table(r: &Results, markdown: bool) -> Table {
     if !markdown {
         t.set_content_arrangement(ContentArrangement::Disabled);
     }
-    let mut header = vec!["profile".to_string()];
-    for k in Kind::ALL {
-        header.push(format!("{} IOPS", k.name()));
-        header.push(format!("{} MiB/s", k.name()));
-    }
-    header.extend([
-        "p99 µs limit / peer / dunnage".to_string(),
-        "dunnage / limit".to_string(),
-        "dunnage / peer".to_string(),
+    t.set_header(vec![
+        "profile",
+        "target",
+        "IOPS",
+        "MiB/s",
+        "write p99 µs",
+        "server CPU (cores)",
+        "÷ limit",
+        "÷ peer",
+        "÷ dunnage",
     ]);
-    t.set_header(header);
+    let dash = || "—".to_string();
     for p in &r.profiles {
-        let mut row = vec![p.title.to_string()];
-        for k in Kind::ALL {
-            match p.get(k) {
+        let latency = PROFILES.iter().any(|q| q.id == p.id && q.latency);
+        for (i, k) in Kind::ALL.into_iter().enumerate() {
+            let mut row = vec![
+                if i == 0 {
+                    p.title.to_string()
+                } else {
+                    String::new()
+                },
+                k.name().to_string(),
+            ];
+            let s = p.get(k);
+            match s {
                 Some(s) => {
                     row.push(fmt_iops(s.iops));
                     row.push(fmt_mib(s.mib_s));
                 }
                 None => {
                     row.push("failed".into());
-                    row.push("—".into());
+                    row.push(dash());
                 }
             }
+            row.push(if latency {
+                s.and_then(|s| s.write_p99_us)
+                    .map(|v| format!("{v:.0}"))
+                    .unwrap_or_else(|| "n/a".into())
+            } else {
+                String::new()
+            });
+            row.push(match (k, s) {
+                (Kind::Limit, _) => dash(),
+                (_, Some(s)) => s
+                    .server_cpu_cores
+                    .map(|c| format!("{c:.2}"))
+                    .unwrap_or_else(|| "n/a".into()),
+                (_, None) => dash(),
+            });
+            for base in [Kind::Limit, Kind::Peer, Kind::Dunnage] {
+                let shown = match base {
+                    Kind::Limit => k != Kind::Limit,
+                    Kind::Peer => matches!(k, Kind::Dunnage | Kind::DunnageEngine),
+                    _ => k == Kind::DunnageEngine,
+                };
+                row.push(if shown {
+                    fmt_ratio(p.ratio(k, base))
+                } else {
+                    String::new()
+                });
+            }
+            t.add_row(row);
         }
-        let latency = PROFILES.iter().any(|q| q.id == p.id && q.latency);
-        row.push(if latency {
-            Kind::ALL
-                .iter()
-                .map(|k| {
-                    p.get(*k)
-                        .and_then(|s| s.write_p99_us)
-                        .map(|v| format!("{v:.0}"))
-                        .unwrap_or_else(|| "n/a".into())
-                })
-                .collect::<Vec<_>>()
-                .join(" / ")
-        } else {
-            String::new()
-        });
-        row.push(fmt_ratio(p.ratios.dunnage_limit));
-        row.push(fmt_ratio(p.ratios.dunnage_peer));
-        t.add_row(row);
     }
-    for i in 1..t.column_count() {
+    for i in 2..t.column_count() {
         if let Some(c) = t.column_mut(i) {
             c.set_cell_alignment(CellAlignment::Right);
         }
     }
     t
+}
+
+/// For the dunnage targets: the daemon's `--fuse-passthrough` and what it
+/// says about the path that served the volume.
+pub fn io_path_lines(r: &Results) -> Vec<String> {
+    r.targets
+        .iter()
+        .filter_map(|t| {
+            let p = t.io_path.as_ref()?;
+            let said = match p.passthrough {
+                Some(true) => "passthrough on".to_string(),
+                Some(false) => "passthrough off".to_string(),
+                None => "passthrough unknown".to_string(),
+            };
+            let mut line = format!(
+                "{}: --fuse-passthrough {}; {said} ({})",
+                t.name, p.fuse_passthrough_flag, p.source
+            );
+            for l in &p.log_lines {
+                line.push_str(&format!("; log: {l}"));
+            }
+            if let (Some(c), Some(daemon)) = (t.server_cpu_cores_median, p.cpu_says_daemon_did_io) {
+                line.push_str(&format!(
+                    "; daemon CPU while fio ran: median {c:.2} cores, so the IO went {}",
+                    if daemon {
+                        "through the daemon"
+                    } else {
+                        "straight to the data file"
+                    }
+                ));
+            }
+            Some(line)
+        })
+        .collect()
 }
 
 /// Control plane and memory, one row each.
@@ -304,6 +400,16 @@ pub fn side_table(r: &Results, markdown: bool) -> Table {
         m.extra_after_io_kib.map(fmt_delta_kib).unwrap_or_else(na),
     ]);
     t.add_row(vec![
+        "second daemon (--fuse-passthrough off) RSS, idle".to_string(),
+        m.engine_daemon_idle_kib.map(fmt_mib_kib).unwrap_or_else(na),
+    ]);
+    t.add_row(vec![
+        "second daemon (--fuse-passthrough off) RSS, extra after the IO run".to_string(),
+        m.engine_extra_after_io_kib
+            .map(fmt_delta_kib)
+            .unwrap_or_else(na),
+    ]);
+    t.add_row(vec![
         "qemu-storage-daemon RSS after the IO run".to_string(),
         m.qemu_storage_daemon_after_io_kib
             .map(fmt_mib_kib)
@@ -347,6 +453,14 @@ pub fn markdown(r: &Results) -> String {
             .join("; "),
     );
     s.push_str(".\n\n");
+    let io = io_path_lines(r);
+    if !io.is_empty() {
+        s.push_str("IO path:\n\n");
+        for l in io {
+            s.push_str(&format!("- {l}\n"));
+        }
+        s.push('\n');
+    }
     s.push_str(&main_table(r, true).to_string());
     s.push_str("\n\n");
     s.push_str(&side_table(r, true).to_string());
@@ -399,8 +513,7 @@ pub fn chart(r: &Results, path: &Path) -> Result<()> {
     let n = r.profiles.len();
     let value = |p: &ProfileResult, k: Kind| match k {
         Kind::Limit => p.get(Kind::Limit).map(|_| 1.0),
-        Kind::Peer => p.ratios.peer_limit,
-        Kind::Dunnage => p.ratios.dunnage_limit,
+        _ => p.ratio(k, Kind::Limit),
     };
     let top = r
         .profiles
@@ -409,10 +522,11 @@ pub fn chart(r: &Results, path: &Path) -> Result<()> {
         .flatten()
         .fold(1.0f64, f64::max)
         * 1.3;
-    let colors = [
+    let colors: [RGBColor; Kind::ALL.len()] = [
         RGBColor(150, 150, 150),
         RGBColor(230, 145, 56),
         RGBColor(31, 119, 180),
+        RGBColor(44, 160, 44),
     ];
 
     let root = BitMapBackend::new(path, (1400, 700)).into_drawing_area();
@@ -438,7 +552,8 @@ pub fn chart(r: &Results, path: &Path) -> Result<()> {
         .label_style(("sans-serif", 16))
         .draw()
         .map_err(|e| err(&e))?;
-    let width = 0.26;
+    // The bars of a profile fill 0.8 of its slot, 0.1 either side.
+    let width = 0.8 / Kind::ALL.len() as f64;
     for (ki, k) in Kind::ALL.into_iter().enumerate() {
         let color = colors[ki];
         let bars: Vec<Rectangle<(f64, f64)>> = r
@@ -447,7 +562,7 @@ pub fn chart(r: &Results, path: &Path) -> Result<()> {
             .enumerate()
             .filter_map(|(i, p)| {
                 let v = value(p, k)?;
-                let x0 = i as f64 + 0.11 + ki as f64 * width;
+                let x0 = i as f64 + 0.1 + ki as f64 * width;
                 Some(Rectangle::new(
                     [(x0, 0.0), (x0 + width * 0.92, v)],
                     color.filled(),
@@ -465,7 +580,7 @@ pub fn chart(r: &Results, path: &Path) -> Result<()> {
             .enumerate()
             .filter_map(|(i, p)| {
                 let v = value(p, k)?;
-                let x = i as f64 + 0.11 + ki as f64 * width + width * 0.46;
+                let x = i as f64 + 0.1 + ki as f64 * width + width * 0.46;
                 Some(Text::new(
                     format!("{v:.2}"),
                     (x, v),

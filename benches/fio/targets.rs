@@ -1,11 +1,15 @@
-//! The three targets: the kernel loop device over a raw file (limit),
+//! The four targets: the kernel loop device over a raw file (limit),
 //! qemu-storage-daemon's FUSE export on a loop device (peer), and a dunnage
-//! volume attached with `dunnage attach`.
+//! volume attached with `dunnage attach` from two daemons: one with FUSE
+//! passthrough allowed (dunnage), one with it off (dunnage-engine), so that
+//! every IO of the latter goes through dunnage's FUSE threads and engine.
 
 use crate::control::plugin_post;
 use crate::host::{self, DeviceInfo};
 use crate::proc::{check_stop, nap, run_ok, Server, Teardown};
 use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use serde_json::Value;
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -19,16 +23,19 @@ pub enum Kind {
     Limit,
     Peer,
     Dunnage,
+    DunnageEngine,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 3] = [Kind::Limit, Kind::Peer, Kind::Dunnage];
+    /// In the order the jobs run, per profile per round.
+    pub const ALL: [Kind; 4] = [Kind::Limit, Kind::Peer, Kind::Dunnage, Kind::DunnageEngine];
 
     pub fn name(self) -> &'static str {
         match self {
             Kind::Limit => "limit",
             Kind::Peer => "peer",
             Kind::Dunnage => "dunnage",
+            Kind::DunnageEngine => "dunnage-engine",
         }
     }
 
@@ -38,7 +45,21 @@ impl Kind {
             Kind::Peer => {
                 "qemu-storage-daemon FUSE export of a raw file (cache.direct=off), loop device with direct IO"
             }
-            Kind::Dunnage => "dunnage volume (fs=none, FUSE export), `dunnage attach`",
+            Kind::Dunnage => {
+                "dunnage volume (fs=none, FUSE export), `dunnage attach`, daemon with `--fuse-passthrough auto`: the kernel does IO on the data file when the volume's layout allows it"
+            }
+            Kind::DunnageEngine => {
+                "dunnage volume (fs=none, FUSE export), `dunnage attach`, second daemon with `--fuse-passthrough off`: every IO through dunnage's FUSE threads and engine"
+            }
+        }
+    }
+
+    /// The `--fuse-passthrough` value of the daemon serving this target.
+    pub fn fuse_passthrough(self) -> Option<&'static str> {
+        match self {
+            Kind::Dunnage => Some("auto"),
+            Kind::DunnageEngine => Some("off"),
+            Kind::Limit | Kind::Peer => None,
         }
     }
 }
@@ -47,7 +68,33 @@ pub struct Target {
     pub kind: Kind,
     pub dev: PathBuf,
     pub info: DeviceInfo,
+    /// The user-space server behind the device (none for the limit).
+    pub server_pid: Option<u32>,
+    /// Which path served IO, for the dunnage targets.
+    pub io_path: Option<IoPath>,
 }
+
+/// Which path served a dunnage volume's IO, as far as the daemon says.
+#[derive(Debug, Clone, Serialize)]
+pub struct IoPath {
+    /// The daemon's `--fuse-passthrough`.
+    pub fuse_passthrough_flag: &'static str,
+    /// Whether passthrough was on, when the daemon reports it (a field of
+    /// `dunnage volume inspect`); `None` when it does not say.
+    pub passthrough: Option<bool>,
+    /// Where `passthrough` comes from, or why it is unknown.
+    pub source: String,
+    /// Daemon log lines about passthrough since the attach.
+    pub log_lines: Vec<String>,
+    /// What the daemon's CPU says, whatever the daemon reports: whether the IO
+    /// went through it (its median CPU over the profiles at least
+    /// `DAEMON_DID_IO_CORES`) rather than straight to the data file.
+    pub cpu_says_daemon_did_io: Option<bool>,
+}
+
+/// Daemon CPU, in cores, above which the daemon served the IO itself: with
+/// passthrough it sees no reads or writes and stays near 0 while fio runs.
+pub const DAEMON_DID_IO_CORES: f64 = 0.1;
 
 /// `dunnage serve` with its own directories, and its CLI.
 pub struct Dunnage {
@@ -55,18 +102,21 @@ pub struct Dunnage {
     pub name: String,
     pub plugin_dir: PathBuf,
     pub run_dir: PathBuf,
+    pub log: PathBuf,
     pub server: Rc<RefCell<Server>>,
 }
 
 impl Dunnage {
     /// Starts `dunnage serve --export fuse` with data and run dirs under `root`
-    /// and waits until its plugin socket answers. Teardown stops it (SIGTERM: it
-    /// detaches and unmounts its volumes) and sweeps anything it left.
+    /// (and `--fuse-passthrough` if given) and waits until its plugin socket
+    /// answers. Teardown stops it (SIGTERM: it detaches and unmounts its
+    /// volumes) and sweeps anything it left.
     pub fn start(
         bin: &Path,
         name: &str,
         root: &Path,
         plugin_dir: &Path,
+        fuse_passthrough: Option<&str>,
         log: &Path,
         td: &mut Teardown,
     ) -> Result<Dunnage> {
@@ -75,21 +125,23 @@ impl Dunnage {
         for d in [&data_dir, &run_dir, &plugin_dir.to_path_buf()] {
             std::fs::create_dir_all(d).with_context(|| format!("create {}", d.display()))?;
         }
-        let server = Server::spawn(
-            &format!("dunnage serve --name {name}"),
-            Command::new(bin)
-                .arg("serve")
-                .args(["--name", name])
-                .arg("--plugin-dir")
-                .arg(plugin_dir)
-                .arg("--data-dir")
-                .arg(&data_dir)
-                .arg("--run-dir")
-                .arg(&run_dir)
-                .args(["--export", "fuse"])
-                .env_remove("DUNNAGE_RUN_DIR"),
-            log,
-        )?;
+        let mut cmd = Command::new(bin);
+        cmd.arg("serve")
+            .args(["--name", name])
+            .arg("--plugin-dir")
+            .arg(plugin_dir)
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .arg("--run-dir")
+            .arg(&run_dir)
+            .args(["--export", "fuse"])
+            .env_remove("DUNNAGE_RUN_DIR")
+            // Plain log lines, for reading them back.
+            .env("NO_COLOR", "1");
+        if let Some(p) = fuse_passthrough {
+            cmd.args(["--fuse-passthrough", p]);
+        }
+        let server = Server::spawn(&format!("dunnage serve --name {name}"), &mut cmd, log)?;
         let server = Rc::new(RefCell::new(server));
         let (s, sweep_root) = (server.clone(), run_dir.clone());
         td.push(format!("stop dunnage serve --name {name}"), move || {
@@ -106,6 +158,7 @@ impl Dunnage {
             name: name.to_string(),
             plugin_dir: plugin_dir.to_path_buf(),
             run_dir,
+            log: log.to_path_buf(),
             server,
         };
         let deadline = Instant::now() + START_TIMEOUT;
@@ -180,7 +233,13 @@ fn loop_target(kind: Kind, file: &Path, td: &mut Teardown) -> Result<Target> {
         move || host::loop_detach(&d),
     );
     let info = host::device_info(&dev)?;
-    Ok(Target { kind, dev, info })
+    Ok(Target {
+        kind,
+        dev,
+        info,
+        server_pid: None,
+        io_path: None,
+    })
 }
 
 /// (a) `losetup --direct-io=on` over a raw file.
@@ -240,11 +299,13 @@ pub fn peer(root: &Path, size: u64, log: &Path, td: &mut Teardown) -> Result<(Ta
         }
         Ok(())
     });
-    Ok((loop_target(Kind::Peer, &mnt, td)?, pid))
+    let mut t = loop_target(Kind::Peer, &mnt, td)?;
+    t.server_pid = Some(pid);
+    Ok((t, pid))
 }
 
-/// (c) a raw dunnage volume of `size` bytes, attached on this host.
-pub fn dunnage(d: &Dunnage, size: u64, td: &mut Teardown) -> Result<Target> {
+/// (c) a raw dunnage volume of `size` bytes from daemon `d`, attached on this host.
+pub fn dunnage(d: &Dunnage, kind: Kind, size: u64, td: &mut Teardown) -> Result<Target> {
     let vol = "benchvol";
     let size_opt = format!("size={}M", size >> 20);
     d.cli(&["volume", "create", vol, "-o", &size_opt, "-o", "fs=none"])?;
@@ -257,21 +318,156 @@ pub fn dunnage(d: &Dunnage, size: u64, td: &mut Teardown) -> Result<Target> {
         .map(drop)
     };
     let rm = cli.clone();
-    td.push("dunnage volume rm benchvol", move || {
+    td.push(format!("dunnage volume rm {vol} ({})", d.name), move || {
         rm(&["volume", "rm", vol])
     });
+    let log_from = std::fs::metadata(&d.log).map(|m| m.len()).unwrap_or(0);
     let out = d.cli(&["attach", vol])?;
     let dev = PathBuf::from(out.trim());
     if !dev.starts_with("/dev/") {
         bail!("dunnage attach printed {out:?}, not a device path");
     }
-    td.push(format!("dunnage detach {vol}"), move || {
+    td.push(format!("dunnage detach {vol} ({})", d.name), move || {
         cli(&["detach", vol])
     });
     let info = host::device_info(&dev)?;
+    // Passthrough is decided when the loop device opens the image, i.e. during
+    // the attach; give the log a moment to show it.
+    nap(Duration::from_millis(200));
+    let io_path = io_path(d, kind, vol, log_from);
     Ok(Target {
-        kind: Kind::Dunnage,
+        kind,
         dev,
         info,
+        server_pid: Some(d.pid()),
+        io_path: Some(io_path),
     })
+}
+
+/// Reads whether passthrough serves `vol`: a `passthrough` field of `volume
+/// inspect` if the daemon has one, and the log lines about it since `log_from`.
+fn io_path(d: &Dunnage, kind: Kind, vol: &str, log_from: u64) -> IoPath {
+    let flag = kind.fuse_passthrough().unwrap_or("default");
+    let log_lines = log_lines_since(&d.log, log_from, "passthrough");
+    let (passthrough, source) = match d.cli(&["volume", "inspect", vol]) {
+        Ok(out) => match serde_json::from_str::<Value>(&out) {
+            Ok(v) => match find_bool(&v, "passthrough", "") {
+                Some((key, b)) => (Some(b), format!("`dunnage volume inspect {vol}`: {key}")),
+                None => match passthrough_from_log(&log_lines) {
+                    Some((on, line)) => (
+                        Some(on),
+                        format!("daemon log (`volume inspect` has no passthrough field): {line}"),
+                    ),
+                    None => (
+                        None,
+                        format!(
+                            "not reported: `dunnage volume inspect` has no passthrough field{}",
+                            if log_lines.is_empty() {
+                                " and the daemon log does not mention passthrough"
+                            } else {
+                                "; see log_lines"
+                            }
+                        ),
+                    ),
+                },
+            },
+            Err(e) => (
+                None,
+                format!("`dunnage volume inspect {vol}` is not JSON: {e}"),
+            ),
+        },
+        Err(e) => (
+            None,
+            format!("`dunnage volume inspect {vol}` failed: {e:#}"),
+        ),
+    };
+    IoPath {
+        fuse_passthrough_flag: flag,
+        passthrough,
+        source,
+        log_lines,
+        cpu_says_daemon_did_io: None,
+    }
+}
+
+/// Whether passthrough is on after the attach, from the daemon's log lines
+/// about it (in order, the last change decides): it begins, or the kernel
+/// refused it, or it ended. With the line that made that change.
+fn passthrough_from_log(lines: &[String]) -> Option<(bool, &str)> {
+    let mut state: Option<(bool, &str)> = None;
+    for l in lines {
+        let low = l.to_ascii_lowercase();
+        let on = if low.contains("refused")
+            || low.contains("serving io ourselves")
+            || low.contains("passthrough ends")
+        {
+            false
+        } else if low.contains("passthrough begins") {
+            true
+        } else {
+            continue;
+        };
+        // Keep the line that made the change ("refused" rather than the "ends" after it).
+        if state.map(|(was, _)| was) != Some(on) {
+            state = Some((on, l.as_str()));
+        }
+    }
+    state
+}
+
+/// The first boolean whose key contains `word` (case-insensitive), depth first,
+/// with its dotted path.
+fn find_bool(v: &Value, word: &str, at: &str) -> Option<(String, bool)> {
+    let Value::Object(map) = v else {
+        return None;
+    };
+    for (k, x) in map {
+        let path = if at.is_empty() {
+            k.clone()
+        } else {
+            format!("{at}.{k}")
+        };
+        if k.to_ascii_lowercase().contains(word) {
+            if let Some(b) = x.as_bool() {
+                return Some((path, b));
+            }
+        }
+        if let Some(found) = find_bool(x, word, &path) {
+            return Some(found);
+        }
+    }
+    None
+}
+
+/// Lines of a log written after byte `from` that mention `word`, without
+/// terminal colours.
+fn log_lines_since(log: &Path, from: u64, word: &str) -> Vec<String> {
+    let Ok(bytes) = std::fs::read(log) else {
+        return Vec::new();
+    };
+    let tail = bytes.get(from as usize..).unwrap_or_default();
+    String::from_utf8_lossy(tail)
+        .lines()
+        .map(strip_ansi)
+        .filter(|l| l.to_ascii_lowercase().contains(word))
+        .map(|l| l.trim().to_string())
+        .collect()
+}
+
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            // CSI: ESC [ parameters final-byte
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }

@@ -2,21 +2,67 @@
 //!
 //! A bitmap of physical blocks below the high-water mark (`next`): a set bit
 //! is a block that is referenced by the map, or was freed but is not
-//! reusable yet. New blocks come from the lowest clear bit at or after a
-//! roving cursor (next fit), or, when no bit is clear, from the high-water
-//! mark. A block freed by a discard is *deferred*: it stays set until the
-//! flush that makes its unmapping durable releases it ([`PhysAlloc::take_pending`]
+//! reusable yet. The engine asks first for a *given* block
+//! ([`AllocGuard::claim`]: identity placement, physical == logical), and
+//! otherwise for any block ([`AllocGuard::alloc`]): the lowest clear bit at
+//! or after a roving cursor (next fit), or, when no bit is clear, the
+//! high-water mark. Claiming a block at or above the high-water mark moves
+//! the mark past it; the blocks skipped become free.
+//!
+//! A block freed by a discard is *deferred*: it stays set until the flush
+//! that makes its unmapping durable releases it ([`PhysAlloc::take_pending`]
 //! / [`PhysAlloc::release`]), so an on-disk map can never point at a block
-//! that was handed to another logical block.
+//! that was handed to another logical block. A deferred block freed from
+//! the logical block of the same index (an identity mapping) may be
+//! *revived* by that same logical block ([`AllocGuard::revive`]) before it
+//! is released: it then stays set, and the flush that took it skips it.
+//! Deferred blocks are tracked by bitmaps (waiting for a flush / taken by
+//! the flush in progress / revivable); the lists handed to a flush may hold
+//! stale entries (revived blocks), which the bitmaps filter out.
 //!
 //! The bitmap is rebuilt from the map on open; the allocator itself is never
 //! persisted. All methods take one short mutex: allocation only happens on
 //! the first write to a logical block, never on the IO path of mapped blocks.
+//! The engine holds that mutex ([`PhysAlloc::lock`]) across the check that
+//! a logical block is unmapped, the choice of its physical block and the
+//! publication of the mapping, so every first mapping is decided by one
+//! thread and racing writers of one block agree on its identity placement.
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, MutexGuard};
 
 pub(crate) struct PhysAlloc {
     inner: Mutex<Inner>,
+}
+
+/// The allocator, locked: see [`PhysAlloc::lock`].
+pub(crate) struct AllocGuard<'a>(MutexGuard<'a, Inner>);
+
+/// A growable bitmap (clear past its end).
+#[derive(Default)]
+struct Bits(Vec<u64>);
+
+impl Bits {
+    #[inline]
+    fn get(&self, bit: u64) -> bool {
+        self.0
+            .get((bit / 64) as usize)
+            .is_some_and(|w| w & (1 << (bit % 64)) != 0)
+    }
+
+    fn set(&mut self, bit: u64) {
+        let w = (bit / 64) as usize;
+        if w >= self.0.len() {
+            let grow = (self.0.len() * 2).max(w + 1);
+            self.0.resize(grow, 0);
+        }
+        self.0[w] |= 1 << (bit % 64);
+    }
+
+    fn clear(&mut self, bit: u64) {
+        if let Some(w) = self.0.get_mut((bit / 64) as usize) {
+            *w &= !(1 << (bit % 64));
+        }
+    }
 }
 
 struct Inner {
@@ -28,8 +74,15 @@ struct Inner {
     free: u64,
     /// Where the next search for a clear bit starts (a word index).
     cursor: usize,
-    /// Freed blocks waiting for the flush that makes their unmapping durable.
+    /// Freed blocks waiting for the flush that makes their unmapping
+    /// durable (entries whose `waiting` bit is clear are stale).
     pending: Vec<u64>,
+    /// Deferred blocks not yet taken by a flush.
+    waiting: Bits,
+    /// Deferred blocks taken by the flush in progress.
+    taken: Bits,
+    /// Deferred blocks freed from the logical block of the same index.
+    own: Bits,
     /// Blocks at or above this are never handed out.
     limit: u64,
 }
@@ -37,9 +90,13 @@ struct Inner {
 impl PhysAlloc {
     /// An allocator whose referenced blocks are the set bits of `used`
     /// (blocks below `next`; bits at or above `next` must be clear).
-    pub fn new(used: Vec<u64>, next: u64, limit: u64) -> PhysAlloc {
+    pub fn new(mut used: Vec<u64>, next: u64, limit: u64) -> PhysAlloc {
         let set: u64 = used.iter().map(|w| u64::from(w.count_ones())).sum();
         debug_assert!(set <= next);
+        let words = next.div_ceil(64) as usize;
+        if used.len() < words {
+            used.resize(words, 0);
+        }
         PhysAlloc {
             inner: Mutex::new(Inner {
                 used,
@@ -47,65 +104,91 @@ impl PhysAlloc {
                 free: next - set,
                 cursor: 0,
                 pending: Vec::new(),
+                waiting: Bits::default(),
+                taken: Bits::default(),
+                own: Bits::default(),
                 limit,
             }),
         }
     }
 
+    /// Lock the allocator, for several decisions in a row.
+    pub fn lock(&self) -> AllocGuard<'_> {
+        AllocGuard(self.inner.lock())
+    }
+
     /// Hand out one physical block, or `None` when the address space is exhausted.
+    #[cfg(test)]
     pub fn alloc(&self) -> Option<u64> {
-        let mut inner = self.inner.lock();
-        if inner.free > 0 {
-            if let Some(block) = inner.take_clear_bit() {
-                return Some(block);
-            }
-        }
-        if inner.next >= inner.limit {
-            return None;
-        }
-        let block = inner.next;
-        inner.next += 1;
-        inner.set(block);
-        Some(block)
+        self.lock().alloc()
     }
 
     /// Return a block that was handed out but never published in the map
     /// nor written: it is reusable at once.
+    #[cfg(test)]
     pub fn give_back(&self, block: u64) {
-        let mut inner = self.inner.lock();
-        inner.clear(block);
+        self.lock().give_back(block)
     }
 
     /// Free blocks whose unmapping is not durable yet: they become reusable
     /// when a later flush hands them to [`PhysAlloc::release`].
     pub fn defer_free(&self, blocks: impl IntoIterator<Item = u64>) {
-        self.inner.lock().pending.extend(blocks);
+        self.inner.lock().defer(blocks, false);
     }
 
-    /// Take the deferred blocks, at the start of a flush.
+    /// [`PhysAlloc::defer_free`] for blocks each freed from the logical
+    /// block of the same index: that logical block may revive its own.
+    pub fn defer_free_own(&self, blocks: impl IntoIterator<Item = u64>) {
+        self.inner.lock().defer(blocks, true);
+    }
+
+    /// Take the deferred blocks, at the start of a flush. They stay
+    /// unusable until [`PhysAlloc::release`] (or go back to waiting with
+    /// [`PhysAlloc::restore_pending`]); a block revived meanwhile is skipped
+    /// by both.
     pub fn take_pending(&self) -> Vec<u64> {
-        std::mem::take(&mut self.inner.lock().pending)
+        let mut guard = self.inner.lock();
+        let inner = &mut *guard;
+        let mut pending = std::mem::take(&mut inner.pending);
+        pending.retain(|&block| {
+            if !inner.waiting.get(block) {
+                return false; // revived, or listed twice
+            }
+            inner.waiting.clear(block);
+            inner.taken.set(block);
+            true
+        });
+        pending
     }
 
     /// Put back blocks taken by [`PhysAlloc::take_pending`] when the flush failed.
     pub fn restore_pending(&self, blocks: Vec<u64>) {
-        self.inner.lock().pending.extend(blocks);
+        let mut inner = self.inner.lock();
+        for block in blocks {
+            if inner.taken.get(block) {
+                inner.taken.clear(block);
+                inner.waiting.set(block);
+                inner.pending.push(block);
+            }
+        }
     }
 
     /// Make blocks reusable, once the flush that unmapped them is durable.
     pub fn release(&self, blocks: Vec<u64>) {
         let mut inner = self.inner.lock();
         for block in blocks {
-            inner.clear(block);
+            if inner.taken.get(block) {
+                inner.taken.clear(block);
+                inner.own.clear(block);
+                inner.clear(block);
+            }
         }
     }
 
     /// Whether `block` is referenced or deferred (not free).
     #[cfg(test)]
     pub fn is_used(&self, block: u64) -> bool {
-        let inner = self.inner.lock();
-        let w = (block / 64) as usize;
-        w < inner.used.len() && inner.used[w] & (1 << (block % 64)) != 0
+        self.inner.lock().is_set(block)
     }
 
     /// Runs `(first, count)` of free blocks in `[start, end)`, in order
@@ -131,14 +214,81 @@ impl PhysAlloc {
         runs
     }
 
-    /// The high-water mark (physical blocks ever handed out since open).
-    #[cfg(test)]
+    /// The high-water mark: one past the highest block ever handed out
+    /// (or referenced at open).
     pub fn high_water(&self) -> u64 {
         self.inner.lock().next
     }
 }
 
+impl AllocGuard<'_> {
+    /// Hand out `block` itself if it is free (identity placement).
+    pub fn claim(&mut self, block: u64) -> bool {
+        let inner = &mut *self.0;
+        if block >= inner.limit || inner.is_set(block) {
+            return false;
+        }
+        if block < inner.next {
+            inner.free -= 1;
+        } else {
+            inner.free += block - inner.next;
+            inner.next = block + 1;
+        }
+        inner.set(block);
+        true
+    }
+
+    /// Take back a deferred block freed from the logical block of the same
+    /// index, for that logical block: it stays used, and is no longer
+    /// released by a flush.
+    pub fn revive(&mut self, block: u64) -> bool {
+        let inner = &mut *self.0;
+        if !inner.own.get(block) || !(inner.waiting.get(block) || inner.taken.get(block)) {
+            return false;
+        }
+        debug_assert!(inner.is_set(block));
+        inner.own.clear(block);
+        inner.waiting.clear(block);
+        inner.taken.clear(block);
+        true
+    }
+
+    /// Hand out any free block (next fit, then the high-water mark), or
+    /// `None` when the address space is exhausted.
+    pub fn alloc(&mut self) -> Option<u64> {
+        let inner = &mut *self.0;
+        if inner.free > 0 {
+            if let Some(block) = inner.take_clear_bit() {
+                return Some(block);
+            }
+        }
+        if inner.next >= inner.limit {
+            return None;
+        }
+        let block = inner.next;
+        inner.next += 1;
+        inner.set(block);
+        Some(block)
+    }
+
+    /// See [`PhysAlloc::give_back`].
+    pub fn give_back(&mut self, block: u64) {
+        self.0.clear(block);
+    }
+
+    /// Defer `block` again (undo a [`AllocGuard::revive`] whose mapping
+    /// was not published).
+    pub fn defer_own(&mut self, block: u64) {
+        self.0.defer([block], true);
+    }
+}
+
 impl Inner {
+    fn is_set(&self, block: u64) -> bool {
+        let w = (block / 64) as usize;
+        w < self.used.len() && self.used[w] & (1 << (block % 64)) != 0
+    }
+
     fn set(&mut self, block: u64) {
         let w = (block / 64) as usize;
         if w >= self.used.len() {
@@ -163,6 +313,21 @@ impl Inner {
             if w < self.cursor {
                 self.cursor = w;
             }
+        }
+    }
+
+    fn defer(&mut self, blocks: impl IntoIterator<Item = u64>, own: bool) {
+        for block in blocks {
+            debug_assert!(self.is_set(block), "deferring free block {block}");
+            debug_assert!(
+                !self.waiting.get(block) && !self.taken.get(block),
+                "block {block} deferred twice"
+            );
+            self.waiting.set(block);
+            if own {
+                self.own.set(block);
+            }
+            self.pending.push(block);
         }
     }
 
@@ -227,5 +392,59 @@ mod tests {
         assert_eq!(a.alloc(), Some(5));
         assert_eq!(a.alloc(), None);
         assert_eq!(a.high_water(), 6);
+    }
+
+    #[test]
+    fn claim_takes_a_given_block_and_moves_the_high_water_mark() {
+        let a = PhysAlloc::new(Vec::new(), 0, 1000);
+        let mut g = a.lock();
+        assert!(g.claim(100));
+        assert!(!g.claim(100), "claimed twice");
+        assert!(!g.claim(1000), "claimed past the limit");
+        drop(g);
+        assert_eq!(a.high_water(), 101);
+        // The blocks skipped are free, below the mark: next fit finds them.
+        assert_eq!(a.alloc(), Some(0));
+        assert!(a.lock().claim(50));
+        assert_eq!(a.free_runs(0, 102), vec![(1, 49), (51, 49), (101, 1)]);
+        assert!(a.is_used(100) && a.is_used(50) && !a.is_used(49));
+    }
+
+    #[test]
+    fn revive_own_deferred_block_survives_the_flush_that_took_it() {
+        let a = PhysAlloc::new(Vec::new(), 0, 1000);
+        for b in [3, 4, 5, 9] {
+            assert!(a.lock().claim(b));
+        }
+        a.defer_free_own([3, 4]);
+        a.defer_free([9]);
+        // Not own: never revived (another logical block freed it).
+        assert!(!a.lock().revive(9));
+        // Waiting for a flush: revived, and the flush skips it.
+        assert!(a.lock().revive(3));
+        assert!(!a.lock().revive(3), "revived twice");
+        // Freed again before the flush: listed twice, taken once.
+        a.defer_free_own([3]);
+        let taken = a.take_pending();
+        assert_eq!(taken, vec![3, 4, 9]);
+        // Taken by the flush in progress: revived; release skips it.
+        assert!(a.lock().revive(4));
+        a.release(taken);
+        assert!(a.is_used(4), "revived block released by the flush");
+        assert!(!a.is_used(3) && !a.is_used(9));
+        assert!(a.is_used(5));
+        // A failed flush puts back only what is still deferred.
+        a.defer_free_own([5]);
+        let taken = a.take_pending();
+        assert_eq!(taken, vec![5]);
+        a.restore_pending(taken);
+        assert!(a.lock().revive(5));
+        assert_eq!(a.take_pending(), Vec::<u64>::new());
+        assert!(a.is_used(5));
+        // Released blocks are free again, and no longer revivable.
+        a.defer_free_own([5]);
+        a.release(a.take_pending());
+        assert!(!a.lock().revive(5));
+        assert!(a.lock().claim(5));
     }
 }

@@ -32,4 +32,12 @@ pub trait BlockEngine: Send + Sync {
     /// Forget `len` bytes at `offset` (TRIM / punch hole): they read as zeros
     /// afterwards, and whole blocks return their space.
     fn discard(&self, offset: u64, len: u64) -> Result<(), EngineError>;
+    /// Let the kernel do reads and writes on a file directly (FUSE
+    /// passthrough): returns that file when the engine's layout allows it
+    /// (identity-mapped, local, unshared), `None` otherwise.
+    fn begin_passthrough(&self) -> Option<std::fs::File> {
+        None
+    }
+    /// Passthrough is over: take back what the kernel wrote. Idempotent.
+    fn end_passthrough(&self) {}
 }

@@ -2,7 +2,7 @@
 //!
 //! # On-disk layout
 //!
-//! An image is a directory with three files:
+//! An image is a directory with three files, and sometimes a marker:
 //!
 //! - `header`: the superblock (4 KiB: magic, format version, size, block size,
 //!   incompatible feature bits, CRC-32C; see `header.rs`). Written once, last,
@@ -16,6 +16,8 @@
 //! - `data`: physical blocks of `block_size` bytes, back to back. It grows
 //!   as blocks are first allocated; space of discarded blocks is returned
 //!   with `fallocate(PUNCH_HOLE)`. Reads past its end read zeros.
+//! - `passthrough` (a marker, usually absent): present while the data file
+//!   is handed to the kernel (see *Passthrough*).
 //!
 //! A logical block gets a physical block on its first write of non-zero
 //! bytes (an all-zero write into an unmapped block is dropped: it already
@@ -24,13 +26,28 @@
 //! the flush after it changed. Free physical blocks are not stored: on open
 //! they are rebuilt from the map (`alloc.rs`).
 //!
+//! # Identity placement
+//!
+//! Logical block `j` gets physical block `j` when that block is free (the
+//! data file of a fresh image is then exactly a sparse raw image of the
+//! device: byte `x` of the device is byte `x` of `data`), and otherwise a
+//! block chosen by next fit (images written by earlier builds, which placed
+//! blocks densely). When physical `j` is deferred (invariant 2) because `j`
+//! itself was discarded and the flush has not released it yet, a new write
+//! of `j` *revives* it rather than break identity: see invariant 6. A count
+//! of mapped blocks whose physical block differs from their own index makes
+//! [`ThinImage::is_identity`] O(1). An image that is identity stays so: the
+//! fallback needs physical `j` to be held by another logical block.
+//!
 //! # Invariants and crash consistency
 //!
 //! 1. *A block that is free, or handed out but not yet written, reads zeros
-//!    on disk*: fresh blocks lie past every referenced block (open truncates
-//!    the data file there) and freed blocks are hole-punched before they are
-//!    queued for reuse; open also punches any free block that holds data
-//!    (writes to a block whose mapping was lost in a crash), then syncs.
+//!    on disk*: blocks past every referenced block were never written since
+//!    open (open truncates the data file there; identity placement may hand
+//!    out any of them), freed blocks are hole-punched before they are
+//!    queued for reuse, and open also punches any free block that holds
+//!    data (writes to a block whose mapping was lost in a crash), then
+//!    syncs. Passthrough keeps it: its writes are adopted (7.).
 //! 2. *A block freed by discard is reused only after the flush that persists
 //!    its unmapping* (deferred free, released at the end of that flush), and
 //!    only after that flush synced the punch. So no on-disk map, whatever
@@ -49,6 +66,29 @@
 //! 5. On open the allocator marks every referenced block used (a block
 //!    referenced twice, or an entry with unknown flags, is corruption), so it
 //!    never hands out a block the map references.
+//! 6. *Revival*: a deferred block `j` freed from logical `j` (an identity
+//!    mapping; the allocator records which deferred blocks were) may be
+//!    mapped again by logical `j`, and by no other block, before the flush
+//!    releases it; a flush that already took it skips it at release. This is
+//!    safe because since `j` was handed to logical `j` no on-disk map can
+//!    reference it from another logical block (2.), so every mix of map
+//!    pages a crash can leave maps `j` from logical `j` or not at all; and
+//!    the block was punched before it was deferred (1.), so what logical `j`
+//!    can read after a crash is its own history: zeros, the new write, or
+//!    (a discard undone) its old data under the new write. That exposes
+//!    nothing of another block, and "later discards may be undone" already
+//!    allows it. A deferred block freed from another logical block (a
+//!    non-identity mapping) is never revived.
+//! 7. *Passthrough* (below): while the marker exists, data extents of the
+//!    data file are the truth, not the map. The marker is durable (file and
+//!    directory fsynced) before the data file is handed out, and is removed
+//!    only after every data extent is mapped identity and that map is
+//!    durable; open finds a marker left by a crash and adopts the extents
+//!    *before* it punches free blocks holding data (1.), which would
+//!    otherwise destroy every write made through passthrough. Passthrough
+//!    is entered only on an identity image, after a flush that released
+//!    every deferred block, so the adopted extents can belong to no block
+//!    but their own.
 //!
 //! After a crash an image holds every write completed before the last
 //! successful `flush`; later writes are each present or absent (a write in
@@ -56,35 +96,74 @@
 //! poisons the image: every later `flush` fails, since the kernel may have
 //! dropped the dirty pages that failed to write.
 //!
+//! # Passthrough
+//!
+//! [`ThinImage::begin_passthrough`] hands out the data file itself (for
+//! FUSE passthrough: the kernel then reads and writes it directly, at the
+//! device offsets, without the map). It refuses (`Ok(None)`) unless the
+//! image is identity; otherwise it excludes all IO, flushes, extends the
+//! data file to the device size (a raw image: reads past the end of a file
+//! would be short), writes the marker durably, and switches the engine's
+//! own IO to the same semantics: reads and writes go to the data file at
+//! the same offset (a hole reads zeros; the filesystem's sparse file is the
+//! allocation, so a write allocates nothing and maps nothing), a discard
+//! punches its range (partial blocks too) and unmaps the whole blocks it
+//! covers, a flush always syncs the data file (writes made by the kernel
+//! are invisible to the engine) and then the map if it changed, and
+//! [`ThinImage::usage`] counts the data file's allocated space.
+//! [`ThinImage::end_passthrough`] excludes all IO, maps every block an
+//! extent of the data file touches (`SEEK_DATA`/`SEEK_HOLE`, block
+//! granularity) to itself, flushes, removes the marker and returns to
+//! mapped IO. Dropping the image in passthrough flushes but keeps the
+//! marker: the kernel may still write through its file, and the next open
+//! adopts.
+//!
 //! # Concurrency
 //!
-//! IO is positional (`pread`/`pwrite`) and takes no global lock. Each IO
-//! on a logical block holds, for its duration, the read side of one of 256
-//! striped `RwLock`s (cache-line padded; stripe = block mod 256); only a
-//! discard unmapping a whole block takes the write side, so a block's
-//! physical space is never freed under an IO in flight. The first write to
-//! an unmapped block allocates a physical block and publishes it with a
-//! compare-and-swap on the map entry; a loser of the race gives its block
-//! back unwritten and writes into the winner's. A fresh block is never
-//! written with padding, so concurrent partial writes to it both land.
+//! IO is positional (`pread`/`pwrite`) and takes no global lock. An IO
+//! holds, for its duration, the read side of the striped `RwLock`s of the
+//! logical blocks it spans (256 stripes, cache-line padded; stripe = block
+//! mod 256), taken in ascending *stripe* order, each once (an IO of 256
+//! blocks or more takes them all). Whoever takes several stripes takes them
+//! in that order, so no two lockers wait on each other in a cycle. A
+//! discard unmapping whole blocks takes the write side of the stripes of a
+//! window of blocks (at most 16 MiB), unmaps, punches and defers them before
+//! unlocking, so a block's physical space is never freed under an IO in
+//! flight, and a write that follows finds the block deferred (revivable).
+//! [`ThinImage::begin_passthrough`] and [`ThinImage::end_passthrough`] take
+//! the write side of every stripe: an IO sees one mode from start to end.
+//!
+//! Under its locks an IO walks its blocks and coalesces: a run of blocks
+//! whose physical blocks are contiguous is one `pread`/`pwrite` (with
+//! identity placement a 1 MiB request is one system call), a run of
+//! unmapped blocks read is one `memset`; nothing is allocated on the heap.
+//! The first write to an unmapped block chooses a physical block and
+//! publishes the mapping with a compare-and-swap on the map entry, all under
+//! the allocator's mutex (held across the unmapped blocks of a run, dropped
+//! before any system call), so racing first writers of a block agree on its
+//! placement. A fresh block is never written with padding, so concurrent
+//! partial writes to it both land.
 
-use super::alloc::PhysAlloc;
+use super::alloc::{AllocGuard, PhysAlloc};
 use super::header::{Header, HEADER_BYTES};
 use super::map::{BlockMap, Entry};
 use super::{BlockEngine, EngineError};
 use nix::errno::Errno;
 use nix::fcntl::{fallocate, FallocateFlags, Flock, FlockArg};
 use nix::unistd::{lseek, Whence};
-use parking_lot::{Mutex, RwLock};
+use parking_lot::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::ops::Range;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 const HEADER_FILE: &str = "header";
 const MAP_FILE: &str = "map";
 const DATA_FILE: &str = "data";
+/// Present while the data file is handed out (see the module doc).
+const PASSTHROUGH_FILE: &str = "passthrough";
 
 const MIN_BLOCK_SIZE: u32 = 4 << 10;
 const MAX_BLOCK_SIZE: u32 = 1 << 20;
@@ -92,6 +171,8 @@ const SIZE_ALIGN: u64 = 4096;
 /// Largest device size accepted by [`ThinImage::create`].
 const MAX_SIZE: u64 = 64 << 40;
 const STRIPES: usize = 256;
+/// Largest run of blocks a discard unmaps under one set of stripe locks.
+const UNMAP_WINDOW_BYTES: u64 = 16 << 20;
 
 /// Parameters of a new image.
 #[derive(Debug, Clone, Copy)]
@@ -146,12 +227,22 @@ pub struct ThinUsage {
 #[derive(Default)]
 struct Stripe(RwLock<()>);
 
+/// System calls and fills of the IO paths, to check coalescing.
+#[cfg(test)]
+#[derive(Default)]
+struct IoCounters {
+    preads: AtomicU64,
+    pwrites: AtomicU64,
+    zero_fills: AtomicU64,
+}
+
 /// A thin image open for IO. See the module doc.
 pub struct ThinImage {
     size: u64,
     block_size: u32,
     shift: u32,
     nblocks: u64,
+    dir: PathBuf,
     data: File,
     data_path: PathBuf,
     map_file: File,
@@ -160,6 +251,14 @@ pub struct ThinImage {
     alloc: PhysAlloc,
     stripes: Box<[Stripe]>,
     allocated: AtomicU64,
+    /// Mapped blocks whose physical block is not their own index.
+    non_identity: AtomicU64,
+    /// The data file is handed out: IO goes to it at the device offsets.
+    /// Changed only under the write side of every stripe.
+    passthrough: AtomicBool,
+    /// Place logical block j at physical j when free (off only in tests of
+    /// the fallback policy, which images of earlier builds exercise).
+    identity_placement: bool,
     /// Data was written since the flush that last synced the data file.
     data_dirty: AtomicBool,
     /// Holes were punched since the data file was last fsynced.
@@ -170,6 +269,8 @@ pub struct ThinImage {
     poisoned: AtomicBool,
     flush_lock: Mutex<()>,
     flush_on_drop: bool,
+    #[cfg(test)]
+    counters: IoCounters,
     /// Held for the image's lifetime; dropping it unlocks.
     _lock: Flock<File>,
 }
@@ -181,6 +282,7 @@ impl std::fmt::Debug for ThinImage {
             .field("size", &self.size)
             .field("block_size", &self.block_size)
             .field("allocated_blocks", &self.allocated.load(Ordering::Relaxed))
+            .field("passthrough", &self.passthrough.load(Ordering::Relaxed))
             .finish()
     }
 }
@@ -193,6 +295,35 @@ fn io_error<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> E
     }
 }
 
+/// fsync a directory (after creating or removing an entry in it).
+fn sync_dir(dir: &Path) -> Result<(), EngineError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_error("fsync", dir))
+}
+
+/// The stripes of logical blocks `first..=last`, in ascending stripe order,
+/// each once.
+fn stripe_order(first: u64, last: u64) -> std::iter::Chain<Range<usize>, Range<usize>> {
+    if last - first + 1 >= STRIPES as u64 {
+        return (0..STRIPES).chain(0..0);
+    }
+    let (s, e) = (
+        (first % STRIPES as u64) as usize,
+        (last % STRIPES as u64) as usize,
+    );
+    if s <= e {
+        (s..e + 1).chain(0..0)
+    } else {
+        (0..e + 1).chain(s..STRIPES)
+    }
+}
+
+/// A pending run of a read: `buf` from `file` in the data file, or zeros.
+struct ReadRun {
+    file: Option<u64>,
+    buf: Range<usize>,
+}
 impl ThinImage {
     /// Create a new, empty image in the existing directory `dir` and open it.
     /// The files are synced, and the directory, before this returns.
@@ -232,8 +363,9 @@ impl ThinImage {
     }
 
     /// Open the image in `dir`, after a clean stop or a crash. Rebuilds the
-    /// free-block set from the map and returns to the filesystem the space
-    /// of blocks written but never durably mapped.
+    /// free-block set from the map, adopts the writes made through
+    /// passthrough if a crash interrupted it, and returns to the filesystem
+    /// the space of blocks written but never durably mapped.
     pub fn open(dir: &Path) -> Result<ThinImage, EngineError> {
         let hdr_path = dir.join(HEADER_FILE);
         let hdr = File::open(&hdr_path).map_err(io_error("open", &hdr_path))?;
@@ -279,6 +411,7 @@ impl ThinImage {
         let mut used: Vec<u64> = Vec::new();
         let mut next = 0u64;
         let mut allocated = 0u64;
+        let mut non_identity = 0u64;
         let mut bad: Option<String> = None;
         map.for_each_mapped(|block, entry| {
             if bad.is_some() {
@@ -307,6 +440,7 @@ impl ThinImage {
             used[w] |= 1 << (phys % 64);
             next = next.max(phys + 1);
             allocated += 1;
+            non_identity += u64::from(phys != block);
         });
         if let Some(reason) = bad {
             return Err(corrupt(&map_path, reason));
@@ -317,6 +451,7 @@ impl ThinImage {
             block_size: header.block_size,
             shift: header.block_size.trailing_zeros(),
             nblocks,
+            dir: dir.to_path_buf(),
             data,
             data_path,
             map_file,
@@ -325,15 +460,34 @@ impl ThinImage {
             alloc: PhysAlloc::new(used, next, Self::phys_limit(nblocks)),
             stripes: (0..STRIPES).map(|_| Stripe::default()).collect(),
             allocated: AtomicU64::new(allocated),
+            non_identity: AtomicU64::new(non_identity),
+            passthrough: AtomicBool::new(false),
+            identity_placement: true,
             data_dirty: AtomicBool::new(false),
             punched: AtomicBool::new(false),
             can_punch: AtomicBool::new(true),
             poisoned: AtomicBool::new(false),
             flush_lock: Mutex::new(()),
             flush_on_drop: true,
+            #[cfg(test)]
+            counters: IoCounters::default(),
             _lock: lock,
         };
-        image.scrub_free_blocks(next)?;
+        // Invariant 7: adopt before the scrub, which would punch every
+        // write made through passthrough (free blocks holding data).
+        let marker = dir.join(PASSTHROUGH_FILE);
+        if marker.try_exists().map_err(io_error("stat", &marker))? {
+            let adopted = image.adopt_extents()?;
+            image.data_dirty.store(true, Ordering::Release);
+            image.flush_inner()?;
+            image.remove_marker()?;
+            tracing::info!(
+                data = %image.data_path.display(),
+                blocks = adopted,
+                "adopted the writes made through passthrough before a crash"
+            );
+        }
+        image.scrub_free_blocks(image.alloc.high_water())?;
         Ok(image)
     }
 
@@ -400,9 +554,24 @@ impl ThinImage {
         Ok(())
     }
 
-    /// Space accounting.
+    /// Space accounting. In passthrough, from the data file's allocated
+    /// space (the kernel's writes allocate without the map).
     pub fn usage(&self) -> ThinUsage {
-        let allocated_blocks = self.allocated.load(Ordering::Relaxed);
+        let mut allocated_blocks = self.allocated.load(Ordering::Relaxed);
+        if self.passthrough.load(Ordering::Acquire) {
+            // Mapped blocks are allocated; so is what the kernel wrote.
+            match self.data.metadata() {
+                Ok(meta) => {
+                    let written = (meta.blocks() * 512).div_ceil(u64::from(self.block_size));
+                    allocated_blocks = allocated_blocks.max(written).min(self.nblocks)
+                }
+                Err(e) => tracing::warn!(
+                    data = %self.data_path.display(),
+                    error = %e,
+                    "stat of the data file failed: usage counts mapped blocks"
+                ),
+            }
+        }
         ThinUsage {
             size: self.size,
             block_size: self.block_size,
@@ -416,6 +585,160 @@ impl ThinImage {
         self.block_size
     }
 
+    /// Whether every mapped block is at its own index in the data file
+    /// (the data file is then a sparse raw image of the device).
+    pub fn is_identity(&self) -> bool {
+        self.non_identity.load(Ordering::Acquire) == 0
+    }
+
+    /// Whether the data file is handed out (see the module doc).
+    pub fn is_passthrough(&self) -> bool {
+        self.passthrough.load(Ordering::Acquire)
+    }
+
+    /// Hand out the data file for passthrough IO, if the image is identity
+    /// (else `Ok(None)`): durably mark the image as in passthrough and
+    /// switch the engine's own IO to the data file at device offsets. The
+    /// returned file is a duplicate of the engine's, open read-write. Call
+    /// again while in passthrough: another duplicate.
+    pub fn begin_passthrough(&self) -> Result<Option<File>, EngineError> {
+        self.with_all_write_locks(|| {
+            let dup = || {
+                self.data
+                    .try_clone()
+                    .map_err(io_error("dup", &self.data_path))
+            };
+            if self.passthrough.load(Ordering::Acquire) {
+                return dup().map(Some);
+            }
+            if !self.is_identity() {
+                return Ok(None);
+            }
+            // The on-disk map becomes the in-memory one, and every deferred
+            // block is released: no map, on disk or not, then references a
+            // block from another logical block (invariant 7).
+            self.flush_inner()?;
+            // A raw image of the device's size: the kernel would read short
+            // past the end of the file.
+            let len = self
+                .data
+                .metadata()
+                .map_err(io_error("stat", &self.data_path))?
+                .len();
+            if len < self.size {
+                self.data
+                    .set_len(self.size)
+                    .map_err(io_error("truncate", &self.data_path))?;
+                self.data
+                    .sync_all()
+                    .map_err(io_error("fsync", &self.data_path))?;
+            }
+            let file = dup()?;
+            if let Err(e) = self.write_marker() {
+                // Best effort: a stray marker only makes the next open adopt
+                // extents of an identity image, which are its own blocks.
+                let _ = std::fs::remove_file(self.dir.join(PASSTHROUGH_FILE));
+                return Err(e);
+            }
+            self.passthrough.store(true, Ordering::Release);
+            tracing::info!(data = %self.data_path.display(), "passthrough begins");
+            Ok(Some(file))
+        })
+    }
+
+    /// Leave passthrough (nothing to do if not in it): map every block the
+    /// data file holds data in to itself, flush, remove the marker. On
+    /// error the image stays in passthrough, marker included.
+    pub fn end_passthrough(&self) -> Result<(), EngineError> {
+        self.with_all_write_locks(|| {
+            if !self.passthrough.load(Ordering::Acquire) {
+                return Ok(());
+            }
+            let adopted = self.adopt_extents()?;
+            // In passthrough a flush always syncs the data file first.
+            self.flush_inner()?;
+            self.remove_marker()?;
+            self.passthrough.store(false, Ordering::Release);
+            tracing::info!(
+                data = %self.data_path.display(),
+                adopted,
+                "passthrough ends"
+            );
+            Ok(())
+        })
+    }
+
+    fn write_marker(&self) -> Result<(), EngineError> {
+        let path = self.dir.join(PASSTHROUGH_FILE);
+        let file = File::create(&path).map_err(io_error("create", &path))?;
+        file.write_all_at(b"the data file is written through passthrough\n", 0)
+            .map_err(io_error("write", &path))?;
+        file.sync_all().map_err(io_error("fsync", &path))?;
+        sync_dir(&self.dir)
+    }
+
+    fn remove_marker(&self) -> Result<(), EngineError> {
+        let path = self.dir.join(PASSTHROUGH_FILE);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_error("remove", &path)(e)),
+        }
+        sync_dir(&self.dir)
+    }
+
+    /// Map every unmapped block that an extent of the data file touches to
+    /// itself (block granularity). The caller excludes IO, or runs before
+    /// any. Returns how many blocks were mapped.
+    fn adopt_extents(&self) -> Result<u64, EngineError> {
+        let bs = u64::from(self.block_size);
+        let limit = self.nblocks * bs;
+        let corrupt = |reason: String| EngineError::Corrupt {
+            path: self.data_path.clone(),
+            reason,
+        };
+        let mut adopted = 0u64;
+        let mut alloc = self.alloc.lock();
+        let mut pos = 0u64;
+        while pos < limit {
+            let start = match lseek(&self.data, pos as i64, Whence::SeekData) {
+                Ok(off) => off as u64,
+                Err(Errno::ENXIO) => break,
+                Err(errno) => return Err(io_error("seek", &self.data_path)(errno.into())),
+            };
+            if start >= limit {
+                break;
+            }
+            let end = match lseek(&self.data, start as i64, Whence::SeekHole) {
+                Ok(off) => (off as u64).min(limit),
+                Err(errno) => return Err(io_error("seek", &self.data_path)(errno.into())),
+            };
+            for block in start / bs..end.div_ceil(bs) {
+                match self.map.get(block).phys() {
+                    Some(phys) if phys == block => continue,
+                    Some(phys) => {
+                        return Err(corrupt(format!(
+                            "passthrough image maps block {block} to physical block {phys}"
+                        )))
+                    }
+                    None => {}
+                }
+                if !(alloc.claim(block) || alloc.revive(block)) {
+                    return Err(corrupt(format!(
+                        "passthrough image: physical block {block} holds data but is in use"
+                    )));
+                }
+                if self.map.try_map(block, Entry::mapped(block)).is_err() {
+                    return Err(corrupt(format!("block {block} mapped while adopting")));
+                }
+                self.allocated.fetch_add(1, Ordering::Relaxed);
+                adopted += 1;
+            }
+            pos = end;
+        }
+        Ok(adopted)
+    }
+
     fn check_range(&self, offset: u64, len: u64) -> Result<(), EngineError> {
         match offset.checked_add(len) {
             Some(end) if end <= self.size => Ok(()),
@@ -427,9 +750,47 @@ impl ThinImage {
         }
     }
 
+    /// First and last logical block of a non-empty range.
+    #[inline]
+    fn span(&self, offset: u64, len: u64) -> (u64, u64) {
+        (offset >> self.shift, (offset + len - 1) >> self.shift)
+    }
+
     #[inline]
     fn stripe(&self, block: u64) -> &RwLock<()> {
         &self.stripes[block as usize % STRIPES].0
+    }
+
+    /// Run `f` holding the read side of the stripes of blocks `first..=last`.
+    #[inline]
+    fn with_read_locks<R>(&self, first: u64, last: u64, f: impl FnOnce() -> R) -> R {
+        if first == last {
+            let _io = self.stripe(first).read();
+            return f();
+        }
+        let mut held: [Option<RwLockReadGuard<'_, ()>>; STRIPES] = [const { None }; STRIPES];
+        for s in stripe_order(first, last) {
+            held[s] = Some(self.stripes[s].0.read());
+        }
+        let result = f();
+        drop(held);
+        result
+    }
+
+    /// Run `f` holding the write side of the stripes of blocks `first..=last`.
+    fn with_write_locks<R>(&self, first: u64, last: u64, f: impl FnOnce() -> R) -> R {
+        let mut held: [Option<RwLockWriteGuard<'_, ()>>; STRIPES] = [const { None }; STRIPES];
+        for s in stripe_order(first, last) {
+            held[s] = Some(self.stripes[s].0.write());
+        }
+        let result = f();
+        drop(held);
+        result
+    }
+
+    /// Run `f` with every IO excluded.
+    fn with_all_write_locks<R>(&self, f: impl FnOnce() -> R) -> R {
+        self.with_write_locks(0, STRIPES as u64 - 1, f)
     }
 
     #[inline]
@@ -444,7 +805,7 @@ impl ThinImage {
         &self,
         offset: u64,
         len: usize,
-        mut f: impl FnMut(u64, usize, std::ops::Range<usize>) -> Result<(), EngineError>,
+        mut f: impl FnMut(u64, usize, Range<usize>) -> Result<(), EngineError>,
     ) -> Result<(), EngineError> {
         let bs = self.block_size as usize;
         let mut done = 0usize;
@@ -459,47 +820,145 @@ impl ThinImage {
         Ok(())
     }
 
-    fn read_block(&self, block: u64, in_block: usize, buf: &mut [u8]) -> Result<(), EngineError> {
-        let _io = self.stripe(block).read();
-        match self.map.get(block).phys() {
-            None => buf.fill(0),
-            Some(phys) => {
-                let off = self.phys_offset(phys, in_block);
-                let n =
-                    read_full(&self.data, buf, off).map_err(io_error("read", &self.data_path))?;
-                // Past the end of the data file: a block allocated but not yet
-                // written to there.
-                buf[n..].fill(0);
-            }
-        }
+    /// Fill `buf` from the data file at `offset` (one positional read; past
+    /// the end of the file reads zeros).
+    fn read_data(&self, buf: &mut [u8], offset: u64) -> Result<(), EngineError> {
+        #[cfg(test)]
+        self.counters.preads.fetch_add(1, Ordering::Relaxed);
+        let n = read_full(&self.data, buf, offset).map_err(io_error("read", &self.data_path))?;
+        // Past the end of the data file: a block allocated but not yet
+        // written to there.
+        buf[n..].fill(0);
         Ok(())
     }
 
-    /// Write one block piece; returns whether any data was written.
-    fn write_block(&self, block: u64, in_block: usize, buf: &[u8]) -> Result<bool, EngineError> {
-        let _io = self.stripe(block).read();
-        let phys = loop {
-            if let Some(phys) = self.map.get(block).phys() {
-                break phys;
+    fn finish_read(&self, buf: &mut [u8], run: ReadRun) -> Result<(), EngineError> {
+        match run.file {
+            Some(at) => self.read_data(&mut buf[run.buf], at),
+            None => {
+                #[cfg(test)]
+                self.counters.zero_fills.fetch_add(1, Ordering::Relaxed);
+                buf[run.buf].fill(0);
+                Ok(())
             }
-            if is_zero(buf) {
-                return Ok(false);
-            }
-            let phys = self.alloc.alloc().ok_or(EngineError::NoSpace)?;
-            match self.map.try_map(block, Entry::mapped(phys)) {
-                Ok(()) => {
-                    self.allocated.fetch_add(1, Ordering::Relaxed);
-                    break phys;
+        }
+    }
+
+    /// Read through the map, one system call per physically contiguous run
+    /// and one fill per unmapped run. The caller holds the stripes.
+    fn read_mapped(&self, buf: &mut [u8], offset: u64) -> Result<(), EngineError> {
+        let mut run: Option<ReadRun> = None;
+        self.split(offset, buf.len(), |block, in_block, range| {
+            let file = self
+                .map
+                .get(block)
+                .phys()
+                .map(|phys| self.phys_offset(phys, in_block));
+            if let Some(run) = &mut run {
+                let joins = match (run.file, file) {
+                    (None, None) => true,
+                    (Some(at), Some(file)) => at + run.buf.len() as u64 == file,
+                    _ => false,
+                };
+                if joins {
+                    run.buf.end = range.end;
+                    return Ok(());
                 }
-                // Another writer mapped it first: use its block.
-                Err(_) => self.alloc.give_back(phys),
             }
-        };
-        let off = self.phys_offset(phys, in_block);
+            match run.replace(ReadRun { file, buf: range }) {
+                Some(done) => self.finish_read(buf, done),
+                None => Ok(()),
+            }
+        })?;
+        match run {
+            Some(done) => self.finish_read(buf, done),
+            None => Ok(()),
+        }
+    }
+
+    /// Write `buf` to the data file at `offset` (one positional write).
+    fn write_data(&self, buf: &[u8], offset: u64) -> Result<(), EngineError> {
+        #[cfg(test)]
+        self.counters.pwrites.fetch_add(1, Ordering::Relaxed);
         self.data
-            .write_all_at(buf, off)
-            .map_err(io_error("write", &self.data_path))?;
-        Ok(true)
+            .write_all_at(buf, offset)
+            .map_err(io_error("write", &self.data_path))
+    }
+
+    /// Write through the map, allocating on first write, one system call
+    /// per physically contiguous run. The caller holds the stripes. Sets
+    /// `wrote` once any data was written.
+    fn write_mapped(&self, buf: &[u8], offset: u64, wrote: &mut bool) -> Result<(), EngineError> {
+        // Held across the first writes of a run, dropped before a syscall.
+        let mut alloc: Option<AllocGuard<'_>> = None;
+        let mut run: Option<(u64, Range<usize>)> = None;
+        let mut finish = |run: Option<(u64, Range<usize>)>| -> Result<(), EngineError> {
+            if let Some((at, range)) = run {
+                self.write_data(&buf[range], at)?;
+                *wrote = true;
+            }
+            Ok(())
+        };
+        self.split(offset, buf.len(), |block, in_block, range| {
+            let phys = match self.map.get(block).phys() {
+                Some(phys) => phys,
+                // An all-zero piece of an unmapped block: it already reads
+                // as zeros, nothing to write.
+                None if is_zero(&buf[range.clone()]) => {
+                    alloc = None;
+                    return finish(run.take());
+                }
+                None => {
+                    let guard = alloc.get_or_insert_with(|| self.alloc.lock());
+                    self.map_block(guard, block)?
+                }
+            };
+            let file = self.phys_offset(phys, in_block);
+            if let Some((at, r)) = &mut run {
+                if *at + r.len() as u64 == file && r.end == range.start {
+                    r.end = range.end;
+                    return Ok(());
+                }
+            }
+            alloc = None;
+            finish(run.replace((file, range)))
+        })?;
+        drop(alloc);
+        finish(run)
+    }
+
+    /// Give unmapped `block` a physical block and publish the mapping,
+    /// under the allocator's lock (so no other first write interleaves).
+    fn map_block(&self, alloc: &mut AllocGuard<'_>, block: u64) -> Result<u64, EngineError> {
+        if let Some(phys) = self.map.get(block).phys() {
+            return Ok(phys); // another writer mapped it meanwhile
+        }
+        let (phys, revived) = if !self.identity_placement {
+            (alloc.alloc().ok_or(EngineError::NoSpace)?, false)
+        } else if alloc.claim(block) {
+            (block, false)
+        } else if alloc.revive(block) {
+            (block, true) // invariant 6
+        } else {
+            (alloc.alloc().ok_or(EngineError::NoSpace)?, false)
+        };
+        if let Err(won) = self.map.try_map(block, Entry::mapped(phys)) {
+            // Unreachable: first mappings are made under the allocator lock.
+            if revived {
+                alloc.defer_own(phys);
+            } else {
+                alloc.give_back(phys);
+            }
+            return won.phys().ok_or(EngineError::Corrupt {
+                path: self.map_path.clone(),
+                reason: format!("block {block} raced to an invalid entry"),
+            });
+        }
+        self.allocated.fetch_add(1, Ordering::Relaxed);
+        if phys != block {
+            self.non_identity.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(phys)
     }
 
     /// Zero a range of the data file: punch a hole, or write zeros where
@@ -538,51 +997,79 @@ impl ThinImage {
     /// Zero part of a block in place (a discard that does not cover it).
     fn zero_in_block(&self, block: u64, in_block: usize, len: usize) -> Result<(), EngineError> {
         let _io = self.stripe(block).read();
+        if self.passthrough.load(Ordering::Acquire) {
+            // The data file may hold data the map does not know of.
+            return self.zero_phys(self.phys_offset(block, in_block), len as u64);
+        }
         if let Some(phys) = self.map.get(block).phys() {
             self.zero_phys(self.phys_offset(phys, in_block), len as u64)?;
         }
         Ok(())
     }
 
-    /// Unmap the whole blocks `[first, end)`, punch their space and defer
-    /// their reuse to the next flush.
-    fn unmap_blocks(&self, first: u64, end: u64) -> Result<(), EngineError> {
-        let bs = u64::from(self.block_size);
-        // A run of physically contiguous freed blocks: (first, count).
-        let mut run: Option<(u64, u64)> = None;
-        let finish = |run: (u64, u64)| -> Result<(), EngineError> {
-            self.zero_phys(run.0 * bs, run.1 * bs)?;
-            self.alloc.defer_free(run.0..run.0 + run.1);
-            Ok(())
-        };
+    /// The first block in `[block, end)` with a mapping, skipping map pages
+    /// never mapped into.
+    fn next_mapped(&self, mut block: u64, end: u64) -> Option<u64> {
         let page = super::map::ENTRIES_PER_PAGE as u64;
-        let mut block = first;
         while block < end {
-            let page_end = ((block / page + 1) * page).min(end);
             if !self.map.page_present(block) {
-                block = page_end;
+                block = (block / page + 1) * page;
                 continue;
             }
-            for b in block..page_end {
-                if self.map.get(b) == Entry::UNMAPPED {
-                    continue;
-                }
-                let old = {
-                    let _excl = self.stripe(b).write();
-                    self.map.unmap(b)
-                };
-                let Some(phys) = old.phys() else { continue };
-                self.allocated.fetch_sub(1, Ordering::Relaxed);
-                run = match run {
-                    Some((s, n)) if s + n == phys => Some((s, n + 1)),
-                    Some(done) => {
-                        finish(done)?;
-                        Some((phys, 1))
-                    }
-                    None => Some((phys, 1)),
-                };
+            if self.map.get(block) != Entry::UNMAPPED {
+                return Some(block);
             }
-            block = page_end;
+            block += 1;
+        }
+        None
+    }
+
+    /// Unmap the whole blocks `[first, end)`, punch their space (unless
+    /// `punch` is false: the caller punched it) and defer their reuse to
+    /// the next flush. Each window of blocks is unmapped, punched and
+    /// deferred under the write side of its stripes.
+    fn unmap_blocks(&self, first: u64, end: u64, punch: bool) -> Result<(), EngineError> {
+        let window = (UNMAP_WINDOW_BYTES >> self.shift).max(1);
+        let mut block = first;
+        while let Some(start) = self.next_mapped(block, end) {
+            let stop = (start + window).min(end);
+            self.with_write_locks(start, stop - 1, || self.unmap_window(start, stop, punch))?;
+            block = stop;
+        }
+        Ok(())
+    }
+
+    fn unmap_window(&self, first: u64, end: u64, punch: bool) -> Result<(), EngineError> {
+        // A run of physically contiguous freed blocks: (first, count, own).
+        let mut run: Option<(u64, u64, bool)> = None;
+        let finish = |(phys, count, own): (u64, u64, bool)| -> Result<(), EngineError> {
+            if punch {
+                self.zero_phys(phys << self.shift, count << self.shift)?;
+            }
+            if own {
+                self.alloc.defer_free_own(phys..phys + count);
+            } else {
+                self.alloc.defer_free(phys..phys + count);
+            }
+            Ok(())
+        };
+        for block in first..end {
+            let Some(phys) = self.map.unmap(block).phys() else {
+                continue;
+            };
+            self.allocated.fetch_sub(1, Ordering::Relaxed);
+            let own = phys == block;
+            if !own {
+                self.non_identity.fetch_sub(1, Ordering::Relaxed);
+            }
+            run = match run {
+                Some((s, n, o)) if s + n == phys && o == own => Some((s, n + 1, o)),
+                Some(done) => {
+                    finish(done)?;
+                    Some((phys, 1, own))
+                }
+                None => Some((phys, 1, own)),
+            };
         }
         if let Some(done) = run {
             finish(done)?;
@@ -607,6 +1094,8 @@ impl ThinImage {
         let freed = self.alloc.take_pending();
         let punched = self.punched.swap(false, Ordering::AcqRel);
         let dirty = self.data_dirty.swap(false, Ordering::AcqRel);
+        // In passthrough the kernel writes the data file behind our back.
+        let dirty = dirty || self.passthrough.load(Ordering::Acquire);
         let synced = if punched {
             self.data.sync_all()
         } else if dirty {
@@ -644,6 +1133,12 @@ impl ThinImage {
     fn crash(mut self) {
         self.flush_on_drop = false;
     }
+
+    /// Place blocks by the fallback policy only, as earlier builds did.
+    #[cfg(test)]
+    fn set_identity_placement(&mut self, on: bool) {
+        self.identity_placement = on;
+    }
 }
 
 impl Drop for ThinImage {
@@ -652,6 +1147,12 @@ impl Drop for ThinImage {
             if let Err(e) = self.flush_inner() {
                 tracing::warn!(data = %self.data_path.display(), error = %e, "flush on close failed");
             }
+        }
+        if self.passthrough.load(Ordering::Acquire) {
+            tracing::info!(
+                data = %self.data_path.display(),
+                "closed in passthrough: the next open adopts the data file's extents"
+            );
         }
     }
 }
@@ -663,17 +1164,33 @@ impl BlockEngine for ThinImage {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), EngineError> {
         self.check_range(offset, buf.len() as u64)?;
-        self.split(offset, buf.len(), |block, in_block, range| {
-            self.read_block(block, in_block, &mut buf[range])
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let (first, last) = self.span(offset, buf.len() as u64);
+        self.with_read_locks(first, last, || {
+            if self.passthrough.load(Ordering::Acquire) {
+                self.read_data(buf, offset)
+            } else {
+                self.read_mapped(buf, offset)
+            }
         })
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), EngineError> {
         self.check_range(offset, buf.len() as u64)?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let (first, last) = self.span(offset, buf.len() as u64);
         let mut wrote = false;
-        let result = self.split(offset, buf.len(), |block, in_block, range| {
-            wrote |= self.write_block(block, in_block, &buf[range])?;
-            Ok(())
+        let result = self.with_read_locks(first, last, || {
+            if self.passthrough.load(Ordering::Acquire) {
+                wrote = true;
+                self.write_data(buf, offset)
+            } else {
+                self.write_mapped(buf, offset, &mut wrote)
+            }
         });
         if wrote {
             // After the pwrites: a flush that sees this covers them.
@@ -693,6 +1210,28 @@ impl BlockEngine for ThinImage {
         }
         let bs = u64::from(self.block_size);
         let end = offset + len;
+        // Whole blocks; a range reaching the end of the device covers the
+        // (possibly partial) last block.
+        let full_end = if end == self.size {
+            self.nblocks
+        } else {
+            end / bs
+        };
+        let (first, last) = self.span(offset, len);
+        let punched = self.with_read_locks(first, last, || {
+            if !self.passthrough.load(Ordering::Acquire) {
+                return Ok(false);
+            }
+            // The whole range, partial blocks included: punching zeroes.
+            self.zero_phys(offset, len).map(|()| true)
+        })?;
+        if punched {
+            let first_full = offset.div_ceil(bs);
+            if first_full < full_end {
+                self.unmap_blocks(first_full, full_end, false)?;
+            }
+            return Ok(());
+        }
         let mut start = offset;
         if offset % bs != 0 {
             let block = offset / bs;
@@ -703,18 +1242,38 @@ impl BlockEngine for ThinImage {
         if start >= end {
             return Ok(());
         }
-        // Whole blocks; a range reaching the end of the device covers the
-        // (possibly partial) last block.
-        let full_end = if end == self.size {
-            self.nblocks
-        } else {
-            end / bs
-        };
-        self.unmap_blocks(start / bs, full_end)?;
+        self.unmap_blocks(start / bs, full_end, true)?;
         if end != self.size && end % bs != 0 {
             self.zero_in_block(end / bs, 0, (end % bs) as usize)?;
         }
         Ok(())
+    }
+
+    fn begin_passthrough(&self) -> Option<File> {
+        match ThinImage::begin_passthrough(self) {
+            Ok(Some(file)) => Some(file),
+            Ok(None) => {
+                tracing::info!(
+                    data = %self.data_path.display(),
+                    "image is not identity-mapped: no passthrough"
+                );
+                None
+            }
+            Err(e) => {
+                tracing::error!(data = %self.data_path.display(), error = %e, "passthrough refused");
+                None
+            }
+        }
+    }
+
+    fn end_passthrough(&self) {
+        if let Err(e) = ThinImage::end_passthrough(self) {
+            tracing::error!(
+                data = %self.data_path.display(),
+                error = %e,
+                "leaving passthrough failed: the image stays marked, the next open adopts"
+            );
+        }
     }
 }
 
@@ -883,7 +1442,11 @@ mod tests {
     #[test]
     fn discard_unmaps_punches_and_space_is_reused() {
         let bs = 64 * KIB;
-        let (dir, img) = new_image(4 * MIB, bs as u32);
+        let (dir, mut img) = new_image(4 * MIB, bs as u32);
+        // The fallback placement (images of earlier builds): identity
+        // placement never reuses a block for another logical block; see
+        // `identity_discard_punches_and_revives` for it.
+        img.set_identity_placement(false);
         let data = pattern(7, 8 * bs as usize);
         img.write_at(&data, 0).unwrap();
         img.flush().unwrap();
@@ -1133,7 +1696,11 @@ mod tests {
     #[test]
     fn crash_then_reuse_reads_zeros() {
         let bs = 4096u64;
-        let (dir, img) = new_image(MIB, bs as u32);
+        let (dir, mut img) = new_image(MIB, bs as u32);
+        // The fallback placement (images of earlier builds), which reuses a
+        // block for another logical block; `identity_crash_then_rewrite_reads_zeros`
+        // is the identity placement's case.
+        img.set_identity_placement(false);
         for block in 0..10 {
             img.write_at(&pattern(block, 4096), block * bs).unwrap();
         }
@@ -1144,7 +1711,8 @@ mod tests {
         img.write_at(&pattern(77, 4096), 50 * bs).unwrap();
         img.crash();
 
-        let img = ThinImage::open(dir.path()).unwrap();
+        let mut img = ThinImage::open(dir.path()).unwrap();
+        img.set_identity_placement(false);
         assert!(read_vec(&img, 50 * bs, 4096).iter().all(|&b| b == 0));
         assert_eq!(img.usage().allocated_blocks, 9);
         // The next allocation reuses that physical block: it must read zeros.
@@ -1312,6 +1880,481 @@ mod tests {
                     v[at] = 0;
                 }
             }
+        }
+    }
+
+    fn data_file_bytes(dir: &Path, offset: u64, len: usize) -> Vec<u8> {
+        let file = File::open(dir.join(DATA_FILE)).unwrap();
+        let mut buf = vec![0xAA; len];
+        let n = read_full(&file, &mut buf, offset).unwrap();
+        buf[n..].fill(0);
+        buf
+    }
+
+    fn marker_exists(dir: &Path) -> bool {
+        dir.join(PASSTHROUGH_FILE).exists()
+    }
+
+    /// (preads, pwrites, zero fills) so far.
+    fn io_counts(img: &ThinImage) -> (u64, u64, u64) {
+        let c = &img.counters;
+        (
+            c.preads.load(Ordering::Relaxed),
+            c.pwrites.load(Ordering::Relaxed),
+            c.zero_fills.load(Ordering::Relaxed),
+        )
+    }
+
+    #[test]
+    fn identity_placement_makes_the_data_file_a_raw_image() {
+        let size = 8 * MIB;
+        let (dir, img) = new_image(size, 32 << 10);
+        let writes = [
+            (3 * MIB + 5000, pattern(1, 1000)),
+            (0, pattern(2, 70_000)),
+            (size - 4096, pattern(3, 4096)),
+            (5 * MIB - 100, pattern(4, 200_000)),
+        ];
+        for (offset, data) in &writes {
+            img.write_at(data, *offset).unwrap();
+        }
+        img.flush().unwrap();
+        assert!(img.is_identity());
+        for (offset, data) in &writes {
+            assert_eq!(
+                &data_file_bytes(dir.path(), *offset, data.len()),
+                data,
+                "data file at {offset}"
+            );
+        }
+        // Byte for byte, the whole device.
+        assert_eq!(
+            data_file_bytes(dir.path(), 0, size as usize),
+            read_vec(&img, 0, size as usize)
+        );
+        assert!(data_len(dir.path()) <= size);
+        drop(img);
+        let img = ThinImage::open(dir.path()).unwrap();
+        assert!(img.is_identity());
+        for (offset, data) in &writes {
+            assert_eq!(&read_vec(&img, *offset, data.len()), data);
+        }
+    }
+
+    #[test]
+    fn identity_discard_punches_and_revives() {
+        let bs = 64 * KIB;
+        let (dir, img) = new_image(4 * MIB, bs as u32);
+        let data = pattern(7, 8 * bs as usize);
+        img.write_at(&data, 0).unwrap();
+        img.flush().unwrap();
+        let disk_before = data_disk_bytes(dir.path());
+        // Blocks 1..=4 whole, parts of 0 and 5.
+        let (start, end) = (bs / 2, 5 * bs + 100);
+        img.discard(start, end - start).unwrap();
+        assert_eq!(img.usage().allocated_blocks, 4);
+        let disk_after = data_disk_bytes(dir.path());
+        assert!(
+            disk_before - disk_after >= 4 * bs,
+            "{disk_before} -> {disk_after}"
+        );
+        for phys in 1..=4 {
+            assert!(
+                img.alloc.is_used(phys),
+                "deferred block {phys} free before the flush"
+            );
+        }
+        // Block 2 written again before the flush: it gets its own block back.
+        let again = pattern(8, 1000);
+        img.write_at(&again, 2 * bs + 300).unwrap();
+        assert_eq!(img.map.get(2).phys(), Some(2));
+        assert!(img.is_identity());
+        img.flush().unwrap();
+        // The flush released 1, 3, 4, not the revived 2.
+        assert!(img.alloc.is_used(2));
+        assert!(!img.alloc.is_used(1) && !img.alloc.is_used(3) && !img.alloc.is_used(4));
+        let mut expect = data.clone();
+        expect[start as usize..end as usize].fill(0);
+        expect[2 * bs as usize + 300..][..1000].copy_from_slice(&again);
+        assert_eq!(read_vec(&img, 0, 8 * bs as usize), expect);
+        // The revived block was punched: only the new write is in it.
+        assert_eq!(
+            data_file_bytes(dir.path(), 2 * bs, bs as usize),
+            expect[2 * bs as usize..3 * bs as usize]
+        );
+        // Released blocks go back to their own logical blocks.
+        img.write_at(&pattern(9, 10), 3 * bs + 5).unwrap();
+        assert_eq!(img.map.get(3).phys(), Some(3));
+        img.discard(0, 4 * MIB).unwrap();
+        img.flush().unwrap();
+        assert_eq!(img.usage().allocated_blocks, 0);
+        assert!(img.is_identity());
+        img.crash();
+        let img = ThinImage::open(dir.path()).unwrap();
+        assert!(read_vec(&img, 0, 4 * MIB as usize).iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn revived_block_survives_a_crash_either_way() {
+        let bs = 4096u64;
+        let (dir, img) = new_image(MIB, bs as u32);
+        img.write_at(&pattern(1, 4096), 5 * bs).unwrap();
+        img.flush().unwrap();
+        img.discard(5 * bs, bs).unwrap();
+        img.write_at(&[0x77; 100], 5 * bs + 1000).unwrap();
+        assert_eq!(img.map.get(5).phys(), Some(5));
+        img.crash();
+        // The on-disk map still maps 5 to 5 (the discard was not flushed):
+        // it reads the punch and the new write, nothing of another block.
+        let img = ThinImage::open(dir.path()).unwrap();
+        let got = read_vec(&img, 5 * bs, 4096);
+        let mut want = vec![0u8; 4096];
+        want[1000..1100].fill(0x77);
+        assert_eq!(got, want);
+        assert!(img.is_identity());
+    }
+
+    #[test]
+    fn identity_crash_then_rewrite_reads_zeros() {
+        let bs = 4096u64;
+        let (dir, img) = new_image(MIB, bs as u32);
+        for block in (0..10).chain([20]) {
+            img.write_at(&pattern(block, 4096), block * bs).unwrap();
+        }
+        img.flush().unwrap();
+        // Below the high-water mark, written, never durably mapped.
+        img.write_at(&pattern(77, 4096), 15 * bs).unwrap();
+        img.crash();
+
+        let img = ThinImage::open(dir.path()).unwrap();
+        assert!(read_vec(&img, 15 * bs, 4096).iter().all(|&b| b == 0));
+        assert_eq!(img.usage().allocated_blocks, 11);
+        assert_eq!(data_len(dir.path()), 21 * bs);
+        // Open punched it: a partial write reads zeros around it.
+        img.write_at(&[0x55; 16], 15 * bs + 100).unwrap();
+        let got = read_vec(&img, 15 * bs, 4096);
+        assert_eq!(got[100..116], [0x55; 16]);
+        assert!(got[..100].iter().all(|&b| b == 0));
+        assert!(
+            got[116..].iter().all(|&b| b == 0),
+            "stale data exposed after crash"
+        );
+        assert_eq!(img.map.get(15).phys(), Some(15));
+    }
+
+    #[test]
+    fn a_block_freed_by_another_logical_block_is_not_revived() {
+        let bs = 4096u64;
+        let (dir, mut img) = new_image(MIB, bs as u32);
+        // An image of an earlier build: logical 7 on physical 0.
+        img.set_identity_placement(false);
+        img.write_at(&pattern(7, 4096), 7 * bs).unwrap();
+        img.flush().unwrap();
+        assert_eq!(img.map.get(7).phys(), Some(0));
+        assert!(!img.is_identity());
+        img.set_identity_placement(true);
+        img.discard(7 * bs, bs).unwrap();
+        assert!(img.is_identity());
+        // Physical 0 is deferred, freed by logical 7: logical 0 must not
+        // take it before the flush (the on-disk map still maps 7 to it).
+        img.write_at(&pattern(0, 4096), 0).unwrap();
+        assert_ne!(img.map.get(0).phys(), Some(0));
+        assert!(!img.is_identity());
+        assert_eq!(img.begin_passthrough().unwrap().map(|_| ()), None);
+        img.crash();
+        let img = ThinImage::open(dir.path()).unwrap();
+        // Logical 7 (its discard undone) reads its punched block or its
+        // own data, never logical 0's.
+        let got = read_vec(&img, 7 * bs, 4096);
+        assert!(got != pattern(0, 4096), "logical 7 reads logical 0's data");
+        assert!(got == pattern(7, 4096) || got.iter().all(|&b| b == 0));
+        assert_eq!(read_vec(&img, 0, 4096).len(), 4096);
+    }
+
+    #[test]
+    fn contiguous_runs_are_one_syscall() {
+        for bs in [4096u32, 32 << 10] {
+            let (_dir, img) = new_image(8 * MIB, bs);
+            let one_mib = pattern(u64::from(bs), MIB as usize);
+            // A 1 MiB aligned first write on an identity volume: one pwrite.
+            let before = io_counts(&img);
+            img.write_at(&one_mib, MIB).unwrap();
+            let after = io_counts(&img);
+            assert_eq!(after.1 - before.1, 1, "bs {bs}: first write");
+            // An overwrite, a read of it: one each.
+            img.write_at(&one_mib, MIB).unwrap();
+            let mut buf = vec![0u8; MIB as usize];
+            img.read_at(&mut buf, MIB).unwrap();
+            assert_eq!(buf, one_mib);
+            let now = io_counts(&img);
+            assert_eq!((now.0 - after.0, now.1 - after.1), (1, 1), "bs {bs}");
+            // Unaligned, straddling mapped and fresh blocks: still one.
+            img.write_at(&one_mib, 2 * MIB - 12_345).unwrap();
+            assert_eq!(io_counts(&img).1 - now.1, 1, "bs {bs}: unaligned");
+            // Hole, data, hole: one fill, one pread, one fill.
+            let before = io_counts(&img);
+            let got = read_vec(&img, 0, 4 * MIB as usize);
+            let after = io_counts(&img);
+            assert_eq!(
+                (after.0 - before.0, after.2 - before.2),
+                (1, 2),
+                "bs {bs}: mixed read"
+            );
+            let (m, tail) = (MIB as usize, 3 * MIB as usize - 12_345);
+            assert!(got[..m].iter().all(|&b| b == 0));
+            assert!(got[m..2 * m - 12_345] == one_mib[..m - 12_345]);
+            assert!(got[2 * m - 12_345..tail] == one_mib[..]);
+            assert!(got[tail..].iter().all(|&b| b == 0));
+            // A zero block in the middle of a fresh write is skipped: two runs.
+            let mut holed = pattern(5, 4 * bs as usize);
+            holed[bs as usize..2 * bs as usize].fill(0);
+            let before = io_counts(&img);
+            img.write_at(&holed, 6 * MIB).unwrap();
+            assert_eq!(io_counts(&img).1 - before.1, 2, "bs {bs}: zero block");
+            assert_eq!(
+                img.usage().allocated_blocks,
+                (3 * MIB - 12_345).div_ceil(u64::from(bs)) - MIB / u64::from(bs) + 3
+            );
+            assert_eq!(read_vec(&img, 6 * MIB, holed.len()), holed);
+        }
+    }
+
+    #[test]
+    fn passthrough_writes_through_the_file_are_kept() {
+        let bs = 32u64 << 10;
+        let size = 16 * MIB;
+        let (dir, img) = new_image(size, bs as u32);
+        img.write_at(&pattern(1, 100_000), 10_000).unwrap();
+        let file = img.begin_passthrough().unwrap().expect("identity image");
+        assert!(img.is_passthrough() && marker_exists(dir.path()));
+        // A raw image of the device.
+        assert_eq!(file.metadata().unwrap().len(), size);
+        let writes = [
+            (5 * MIB + 123, pattern(2, 3000)),
+            (50_000, pattern(3, 10_000)), // over the engine's write
+            (size - 5000, pattern(4, 5000)),
+        ];
+        for (offset, data) in &writes {
+            file.write_all_at(data, *offset).unwrap();
+        }
+        let mut model = vec![0u8; size as usize];
+        model[10_000..110_000].copy_from_slice(&pattern(1, 100_000));
+        for (offset, data) in &writes {
+            model[*offset as usize..][..data.len()].copy_from_slice(data);
+        }
+        // The engine's own IO goes to the same bytes.
+        assert!(read_vec(&img, 0, size as usize) == model);
+        img.write_at(&pattern(5, 7000), 9 * MIB).unwrap();
+        model[9 * MIB as usize..][..7000].copy_from_slice(&pattern(5, 7000));
+        let mut back = vec![0u8; 7000];
+        file.read_exact_at(&mut back, 9 * MIB).unwrap();
+        assert_eq!(back, pattern(5, 7000));
+        // Usage follows the data file's allocation.
+        let before = img.usage().allocated_blocks;
+        assert!(before >= 4, "{before}");
+        file.write_all_at(&pattern(6, 2 * MIB as usize), 12 * MIB)
+            .unwrap();
+        model[12 * MIB as usize..][..2 * MIB as usize]
+            .copy_from_slice(&pattern(6, 2 * MIB as usize));
+        let after = img.usage().allocated_blocks;
+        assert!(after >= before + 64, "{before} -> {after}");
+        img.flush().unwrap();
+        // Again: another handle on the same file.
+        assert!(img.begin_passthrough().unwrap().is_some());
+        drop(file);
+        img.end_passthrough().unwrap();
+        assert!(!img.is_passthrough() && !marker_exists(dir.path()));
+        assert!(img.is_identity());
+        assert!(read_vec(&img, 0, size as usize) == model);
+        let allocated = img.usage().allocated_blocks;
+        // 10_000..110_000 (4 blocks), 5 MiB+123 (1), end (1), 9 MiB (1),
+        // 12 MiB (64).
+        assert_eq!(allocated, 71);
+        img.end_passthrough().unwrap(); // not in passthrough: nothing
+        drop(img);
+        let img = ThinImage::open(dir.path()).unwrap();
+        assert!(read_vec(&img, 0, size as usize) == model);
+        assert_eq!(img.usage().allocated_blocks, allocated);
+        assert!(img.is_identity());
+    }
+
+    #[test]
+    fn crash_in_passthrough_adopts_the_writes() {
+        let bs = 4096u64;
+        let size = 4 * MIB;
+        let (dir, img) = new_image(size, bs as u32);
+        img.write_at(&pattern(1, 3 * bs as usize), 0).unwrap();
+        img.flush().unwrap();
+        let file = img.begin_passthrough().unwrap().unwrap();
+        // Never-mapped blocks, an overwrite, and a write straddling blocks.
+        file.write_all_at(&pattern(2, 4096), 100 * bs).unwrap();
+        file.write_all_at(&pattern(3, 10), bs + 7).unwrap();
+        file.write_all_at(&pattern(4, 9000), 200 * bs - 20).unwrap();
+        file.sync_all().unwrap();
+        drop(file);
+        img.crash();
+        assert!(marker_exists(dir.path()));
+
+        let img = ThinImage::open(dir.path()).unwrap();
+        assert!(!marker_exists(dir.path()));
+        assert!(!img.is_passthrough() && img.is_identity());
+        assert_eq!(read_vec(&img, 100 * bs, 4096), pattern(2, 4096));
+        assert_eq!(read_vec(&img, bs + 7, 10), pattern(3, 10));
+        assert_eq!(read_vec(&img, 200 * bs - 20, 9000), pattern(4, 9000));
+        assert_eq!(read_vec(&img, 0, 7), pattern(1, 7));
+        // 0..3, 100, 199..=202.
+        assert_eq!(img.usage().allocated_blocks, 3 + 1 + 4);
+        // The adoption is durable: another crash keeps it.
+        img.crash();
+        let img = ThinImage::open(dir.path()).unwrap();
+        assert_eq!(read_vec(&img, 200 * bs - 20, 9000), pattern(4, 9000));
+        assert_eq!(img.usage().allocated_blocks, 8);
+    }
+
+    #[test]
+    fn discard_in_passthrough_punches_and_unmaps() {
+        let bs = 16u64 << 10;
+        let size = 2 * MIB;
+        let (dir, img) = new_image(size, bs as u32);
+        img.write_at(&pattern(1, 4 * bs as usize), 0).unwrap(); // mapped 0..4
+        let file = img.begin_passthrough().unwrap().unwrap();
+        file.write_all_at(&pattern(2, 4 * bs as usize), 4 * bs)
+            .unwrap(); // 4..8, unknown to the map
+        let mut model = pattern(1, 4 * bs as usize);
+        model.extend(pattern(2, 4 * bs as usize));
+        model.resize(size as usize, 0);
+        let disk_before = data_disk_bytes(dir.path());
+        // Part of 1, all of 2..=5, part of 6; and a piece inside block 7.
+        let (start, end) = (bs + 100, 6 * bs + 300);
+        img.discard(start, end - start).unwrap();
+        img.discard(7 * bs + 10, 20).unwrap();
+        model[start as usize..end as usize].fill(0);
+        model[7 * bs as usize + 10..][..20].fill(0);
+        assert!(read_vec(&img, 0, size as usize) == model);
+        let mut through = vec![0u8; size as usize];
+        read_full(&file, &mut through, 0).unwrap();
+        assert!(through == model);
+        assert!(disk_before - data_disk_bytes(dir.path()) >= 4 * bs);
+        // Whole blocks 2 and 3, once mapped, are unmapped.
+        assert_eq!(img.map.get(2), Entry::UNMAPPED);
+        assert_eq!(img.map.get(3), Entry::UNMAPPED);
+        assert_eq!(img.map.get(1).phys(), Some(1));
+        let usage = img.usage().allocated_blocks;
+        assert!((4..=5).contains(&usage), "{usage}");
+        img.flush().unwrap();
+        // A discarded block written again through the file is adopted.
+        file.write_all_at(&[9; 10], 3 * bs).unwrap();
+        model[3 * bs as usize..][..10].fill(9);
+        drop(file);
+        img.end_passthrough().unwrap();
+        assert!(read_vec(&img, 0, size as usize) == model);
+        let mut mapped: Vec<u64> = Vec::new();
+        img.map.for_each_mapped(|b, e| {
+            assert_eq!(e.phys(), Some(b));
+            mapped.push(b)
+        });
+        assert_eq!(mapped, vec![0, 1, 3, 6, 7]);
+        drop(img);
+        let img = ThinImage::open(dir.path()).unwrap();
+        assert!(read_vec(&img, 0, size as usize) == model);
+    }
+
+    #[test]
+    fn non_identity_image_refuses_passthrough() {
+        let (dir, mut img) = new_image(MIB, 4096);
+        img.set_identity_placement(false);
+        img.write_at(&pattern(1, 100), 5 * 4096).unwrap(); // logical 5 on physical 0
+        assert!(!img.is_identity());
+        assert!(img.begin_passthrough().unwrap().is_none());
+        assert!(BlockEngine::begin_passthrough(&img).is_none());
+        assert!(!img.is_passthrough() && !marker_exists(dir.path()));
+        BlockEngine::end_passthrough(&img);
+        assert_eq!(read_vec(&img, 5 * 4096, 100), pattern(1, 100));
+        // Once the odd block is gone (and flushed), it is identity again.
+        img.discard(5 * 4096, 4096).unwrap();
+        assert!(img.is_identity());
+        let engine: &dyn BlockEngine = &img;
+        let file = engine
+            .begin_passthrough()
+            .expect("identity after the discard");
+        file.write_all_at(&[3; 10], 0).unwrap();
+        engine.end_passthrough();
+        assert!(!img.is_passthrough() && !marker_exists(dir.path()));
+        assert_eq!(read_vec(&img, 0, 10), [3; 10]);
+    }
+
+    /// Multi-block IO (stripes wrap, up to all of them), discards, flushes
+    /// and passthrough switching, concurrently, against per-thread models.
+    #[test]
+    fn concurrent_big_io_and_passthrough_switching_match_model() {
+        const THREADS: u64 = 3;
+        let bs = 4096u64;
+        let region = 400 * bs + 777;
+        let size = (THREADS * region).div_ceil(4096) * 4096;
+        let (dir, img) = new_image(size, bs as u32);
+        let img = Arc::new(img);
+        let stop = Arc::new(AtomicBool::new(false));
+        let switcher = {
+            let (img, stop) = (img.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut files = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    if img.begin_passthrough().unwrap().is_some() {
+                        files += 1;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(2));
+                    img.end_passthrough().unwrap();
+                    std::thread::sleep(std::time::Duration::from_millis(2));
+                }
+                files
+            })
+        };
+        let handles: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let img = img.clone();
+                std::thread::spawn(move || {
+                    let base = t * region;
+                    let mut model = vec![0u8; region as usize];
+                    let mut rng = Rng(t + 101);
+                    for op in 0..400u64 {
+                        let off = rng.below(region);
+                        let len = rng.below((300 * bs).min(region - off) + 1) as usize;
+                        let o = off as usize;
+                        match rng.below(12) {
+                            0..=5 => {
+                                let data = pattern(t << 32 | op, len);
+                                img.write_at(&data, base + off).unwrap();
+                                model[o..o + len].copy_from_slice(&data);
+                            }
+                            6..=8 => {
+                                let mut buf = vec![0u8; len];
+                                img.read_at(&mut buf, base + off).unwrap();
+                                assert_eq!(buf, &model[o..o + len], "thread {t} op {op}");
+                            }
+                            9 | 10 => {
+                                img.discard(base + off, len as u64).unwrap();
+                                model[o..o + len].fill(0);
+                            }
+                            _ => img.flush().unwrap(),
+                        }
+                    }
+                    model
+                })
+            })
+            .collect();
+        let models: Vec<Vec<u8>> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        stop.store(true, Ordering::Relaxed);
+        assert!(switcher.join().unwrap() > 0);
+        let img = Arc::into_inner(img).unwrap();
+        assert!(img.is_identity());
+        drop(img);
+        let img = ThinImage::open(dir.path()).unwrap();
+        for (t, model) in models.iter().enumerate() {
+            assert_eq!(
+                &read_vec(&img, t as u64 * region, region as usize),
+                model,
+                "thread {t}"
+            );
         }
     }
 }

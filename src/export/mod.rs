@@ -78,15 +78,18 @@ pub struct Export {
 impl Export {
     /// Start serving `engine` as a block device. `work_dir` is this volume's
     /// private directory under the run dir (the FUSE mount lives there).
+    /// `passthrough` lets the kernel do IO on the engine's file directly
+    /// when the engine allows it (FUSE passthrough).
     pub fn start(
         kind: ExportKind,
         volume: &str,
         engine: Arc<dyn BlockEngine>,
         work_dir: &Path,
+        passthrough: bool,
     ) -> Result<Export, ExportError> {
         match kind {
             ExportKind::Fuse | ExportKind::Auto => {
-                let inner = fuse::FuseLoopExport::start(volume, engine, work_dir)?;
+                let inner = fuse::FuseLoopExport::start(volume, engine, work_dir, passthrough)?;
                 Ok(Export {
                     device: inner.device().to_path_buf(),
                     inner,

@@ -153,6 +153,7 @@ impl VolumeActor {
             &self.name,
             engine.clone() as Arc<dyn BlockEngine>,
             &self.node.fuse_dir(&self.name),
+            self.node.passthrough,
         )?;
         tracing::info!(volume = %self.name, device = %export.device().display(), "attached");
         self.attached = Some(Attached {

@@ -124,6 +124,8 @@ pub struct Opts {
     pub export: String,
     /// Driver name; default `unique("dunnage")`.
     pub name: Option<String>,
+    /// `--fuse-passthrough`: `auto` (the default) or `off` (every IO through dunnage's engine).
+    pub passthrough: &'static str,
 }
 
 impl Default for Opts {
@@ -133,6 +135,17 @@ impl Default for Opts {
             custom_mount_dir: true,
             export: "fuse".into(),
             name: None,
+            passthrough: "auto",
+        }
+    }
+}
+
+impl Opts {
+    /// Every IO through dunnage's own FUSE threads and engine, no passthrough.
+    pub fn engine_path() -> Opts {
+        Opts {
+            passthrough: "off",
+            ..Opts::default()
         }
     }
 }
@@ -147,6 +160,7 @@ pub struct Daemon {
     pub mount_dir: PathBuf,
     explicit_mount_dir: bool,
     export: String,
+    passthrough: &'static str,
     pub log_path: PathBuf,
     child: Option<Child>,
     // Last, so it is dropped after the daemon is stopped.
@@ -185,6 +199,7 @@ impl Daemon {
             mount_dir,
             explicit_mount_dir: opts.custom_mount_dir,
             export: opts.export,
+            passthrough: opts.passthrough,
             log_path: root.join("daemon.log"),
             child: None,
             tmp,
@@ -233,6 +248,8 @@ impl Daemon {
         }
         args.push("--export".into());
         args.push(self.export.clone());
+        args.push("--fuse-passthrough".into());
+        args.push(self.passthrough.into());
         args
     }
 

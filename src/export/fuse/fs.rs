@@ -5,16 +5,19 @@
 use super::IMAGE;
 use crate::engine::BlockEngine;
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
-    KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty,
-    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, WriteFlags,
+    BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    InitFlags, KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
+    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, WriteFlags,
 };
+use parking_lot::Mutex;
 use std::cell::RefCell;
 use std::ffi::OsStr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 const IMAGE_INO: INodeNo = INodeNo(2);
+/// File handle of opens served by passthrough (others are 0).
+const PASSTHROUGH_FH: FileHandle = FileHandle(1);
 /// Nothing here ever changes but through us, so the kernel may cache freely.
 const TTL: Duration = Duration::from_secs(3600);
 /// Largest request we ask the kernel for (also bounds the read buffer).
@@ -24,16 +27,52 @@ thread_local! {
     static READ_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
+/// The kernel's handle on the file it reads and writes directly.
+struct Passthrough {
+    id: BackingId,
+    /// Kept open as long as the kernel may use it.
+    _file: std::fs::File,
+    opens: u32,
+}
+
 pub struct ImageFs {
     engine: Arc<dyn BlockEngine>,
     started: SystemTime,
+    /// Passthrough wanted (by configuration) and granted (by the kernel at init).
+    passthrough: bool,
+    backing: Mutex<Option<Passthrough>>,
 }
 
 impl ImageFs {
-    pub fn new(engine: Arc<dyn BlockEngine>) -> Self {
+    pub fn new(engine: Arc<dyn BlockEngine>, passthrough: bool) -> Self {
         ImageFs {
             engine,
             started: SystemTime::now(),
+            passthrough,
+            backing: Mutex::new(None),
+        }
+    }
+
+    /// Make sure a passthrough backing exists if the engine allows one.
+    fn ensure_backing(&self, backing: &mut Option<Passthrough>, reply: &ReplyOpen) {
+        if backing.is_some() {
+            return;
+        }
+        let Some(file) = self.engine.begin_passthrough() else {
+            return;
+        };
+        match reply.open_backing(&file) {
+            Ok(id) => {
+                *backing = Some(Passthrough {
+                    id,
+                    _file: file,
+                    opens: 0,
+                })
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "the kernel refused FUSE passthrough; serving IO ourselves");
+                self.engine.end_passthrough();
+            }
         }
     }
 
@@ -81,6 +120,15 @@ impl Filesystem for ImageFs {
                 "the kernel's FUSE lacks async direct IO: expect queue depth 1"
             );
         }
+        if self.passthrough {
+            // Depth 2: the data dir may itself be on a stacked fs (overlayfs).
+            let granted = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+                && config.set_max_stack_depth(2).is_ok();
+            if !granted {
+                tracing::info!("this kernel's FUSE has no passthrough; serving IO ourselves");
+                self.passthrough = false;
+            }
+        }
         Ok(())
     }
 
@@ -102,12 +150,45 @@ impl Filesystem for ImageFs {
         if ino != IMAGE_INO {
             return reply.error(Errno::EISDIR);
         }
+        if self.passthrough {
+            let mut backing = self.backing.lock();
+            self.ensure_backing(&mut backing, &reply);
+            if let Some(b) = backing.as_mut() {
+                b.opens += 1;
+                // The kernel reads and writes the engine's data file itself.
+                return reply.opened_passthrough(PASSTHROUGH_FH, FopenFlags::empty(), &b.id);
+            }
+        }
         // Direct IO: the loop device above is the only cache; parallel direct
         // writes: the kernel must not serialise writes on the inode lock.
         reply.opened(
             FileHandle(0),
             FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES,
         );
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        if fh == PASSTHROUGH_FH {
+            let mut backing = self.backing.lock();
+            if let Some(b) = backing.as_mut() {
+                b.opens -= 1;
+                if b.opens == 0 {
+                    // The last user is gone, so no IO bypasses us any more.
+                    *backing = None;
+                    self.engine.end_passthrough();
+                }
+            }
+        }
+        reply.ok()
     }
 
     fn read(

@@ -19,6 +19,7 @@ const FUSE_THREADS: usize = 4;
 const LOOP_BLOCK_SIZE: u32 = 4096;
 
 pub struct FuseLoopExport {
+    engine: Arc<dyn BlockEngine>,
     mount_dir: PathBuf,
     session: Option<BackgroundSession>,
     loop_dev: Option<loopdev::LoopDevice>,
@@ -30,6 +31,7 @@ impl FuseLoopExport {
         volume: &str,
         engine: Arc<dyn BlockEngine>,
         mount_dir: &Path,
+        passthrough: bool,
     ) -> Result<Self, ExportError> {
         std::fs::create_dir_all(mount_dir)
             .map_err(|e| ExportError::io(format!("create {}", mount_dir.display()), e))?;
@@ -48,7 +50,7 @@ impl FuseLoopExport {
         config.acl = SessionACL::Owner;
         config.n_threads = Some(FUSE_THREADS);
         config.clone_fd = true;
-        let image = fs::ImageFs::new(engine);
+        let image = fs::ImageFs::new(engine.clone(), passthrough);
         let session = Session::new(image, mount_dir, &config).map_err(|e| {
             ExportError::FuseUnavailable(format!("mount FUSE at {}: {e}", mount_dir.display()))
         })?;
@@ -56,6 +58,7 @@ impl FuseLoopExport {
             .spawn()
             .map_err(|e| ExportError::io("start the FUSE session", e))?;
         let mut this = FuseLoopExport {
+            engine,
             mount_dir: mount_dir.to_path_buf(),
             session: Some(session),
             loop_dev: None,
@@ -89,6 +92,8 @@ impl FuseLoopExport {
             })?;
         }
         let _ = std::fs::remove_dir(&self.mount_dir);
+        // No IO can bypass the engine once the session is over.
+        self.engine.end_passthrough();
         Ok(())
     }
 
