@@ -44,7 +44,7 @@ fmt:
 # fio side by side: kernel loop (limit), qemu-storage-daemon (peer), dunnage; plus control-plane
 # and memory figures. `just bench quick` takes ~3 min, the full run ~25 min. Results in target/bench/.
 bench *ARGS:
-    scripts/bench-deps.sh
+    scripts/install-deps.sh
     scripts/kernel-prep.sh
     cargo build --release
     cargo bench --bench fio -- {{ARGS}}

@@ -249,7 +249,10 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
         }
     }
     if !missing.is_empty() {
-        bail!("missing {}: run scripts/bench-deps.sh", missing.join(", "));
+        bail!(
+            "missing {}: run scripts/install-deps.sh",
+            missing.join(", ")
+        );
     }
     let bin = std::env::var_os("DUNNAGE_BIN")
         .map(PathBuf::from)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install the Debian packages that dunnage's daemon, tests and benchmarks need.
+# Install the Debian packages that dunnage's daemon, tests and benchmarks (`just bench`) need.
 # Idempotent: does nothing (and prints nothing) when everything is present;
 # runs `apt-get update` at most once, and only when something is missing.
 set -euo pipefail
@@ -15,6 +15,7 @@ PACKAGES=(
     util-linux     # losetup, mount, umount, findmnt
     iproute2       # ip (network namespaces in cluster tests)
     kmod           # modprobe (fuse, loop)
+    fonts-dejavu-core # DejaVuSans.ttf: labels the chart of `just bench`
 )
 
 installed() {

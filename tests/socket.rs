@@ -507,11 +507,23 @@ fn thin_allocation_engine_path() {
 }
 
 fn thin(opts: Opts) {
+    // This kernel has FUSE passthrough: a fresh volume must get it unless it is turned off.
+    let want_path = if opts.passthrough == "off" {
+        "engine"
+    } else {
+        "passthrough"
+    };
     let d = Daemon::start(opts);
     let base = d.data_allocated();
     d.create("thin", &[("size", "10G")]);
     let id = mount_id("thin");
     let mp = d.mount("thin", &id);
+    assert_eq!(
+        d.inspect("thin")["io_path"],
+        want_path,
+        "which path serves IO\n{}",
+        d.log_tail()
+    );
     let st = nix::sys::statvfs::statvfs(&mp).expect("statvfs");
     assert!(
         st.blocks() * st.fragment_size() > 9 * GIB,

@@ -491,7 +491,7 @@ fn load_fonts() -> Result<()> {
         let path = Path::new(FONT_DIR).join(file);
         let bytes = std::fs::read(&path).with_context(|| {
             format!(
-                "read {} (install fonts-dejavu-core: scripts/bench-deps.sh)",
+                "read {} (install fonts-dejavu-core: scripts/install-deps.sh)",
                 path.display()
             )
         })?;

@@ -351,7 +351,11 @@ fn io_path(d: &Dunnage, kind: Kind, vol: &str, log_from: u64) -> IoPath {
     let log_lines = log_lines_since(&d.log, log_from, "passthrough");
     let (passthrough, source) = match d.cli(&["volume", "inspect", vol]) {
         Ok(out) => match serde_json::from_str::<Value>(&out) {
-            Ok(v) => match find_bool(&v, "passthrough", "") {
+            Ok(v) => match v["io_path"]
+                .as_str()
+                .map(|p| ("io_path".to_string(), p == "passthrough"))
+                .or_else(|| find_bool(&v, "passthrough", ""))
+            {
                 Some((key, b)) => (Some(b), format!("`dunnage volume inspect {vol}`: {key}")),
                 None => match passthrough_from_log(&log_lines) {
                     Some((on, line)) => (

@@ -103,6 +103,16 @@ impl Export {
         &self.device
     }
 
+    /// Which path serves IO: `passthrough` (the kernel on the engine's
+    /// file) or `engine` (dunnage's own threads).
+    pub fn io_path(&self) -> &'static str {
+        if self.inner.passthrough() {
+            "passthrough"
+        } else {
+            "engine"
+        }
+    }
+
     /// Stop serving: detach the device and end the export. The device must
     /// no longer be mounted.
     pub fn stop(self) -> Result<(), ExportError> {

@@ -27,6 +27,9 @@ pub struct VolumeInfo {
     pub mountpoint: Option<PathBuf>,
     /// Docker mounts outstanding (sum over mount IDs).
     pub mounts: u32,
+    /// While attached: `passthrough` (the kernel does IO on the data file)
+    /// or `engine` (every IO through dunnage's engine).
+    pub io_path: Option<String>,
     /// Bytes the volume's files take on the backing filesystem.
     pub allocated_bytes: u64,
 }
@@ -55,6 +58,7 @@ impl VolumeInfo {
             device: rt.device,
             mountpoint: rt.mountpoint,
             mounts: rt.mounts,
+            io_path: rt.io_path.map(str::to_string),
             allocated_bytes,
         }
     }
@@ -78,6 +82,9 @@ impl VolumeInfo {
         put("sticky", self.sticky.into());
         if let Some(d) = &self.device {
             put("device", d.display().to_string().into());
+        }
+        if let Some(p) = &self.io_path {
+            put("io_path", p.clone().into());
         }
         if !self.labels.is_empty() {
             put(

@@ -40,6 +40,8 @@ pub struct Runtime {
     pub device: Option<PathBuf>,
     pub mountpoint: Option<PathBuf>,
     pub mounts: u32,
+    /// `passthrough` or `engine` while attached.
+    pub io_path: Option<&'static str>,
 }
 
 /// Runtime state of every volume by id, written by volume actors and read by
@@ -138,6 +140,7 @@ impl VolumeActor {
                 device: Some(a.export.device().to_path_buf()),
                 mountpoint: a.data_path.clone(),
                 mounts: self.usage.total_mounts(),
+                io_path: Some(a.export.io_path()),
             },
         };
         self.runtime.write().insert(self.id.clone(), rt);

@@ -12,6 +12,7 @@ use fuser::{
 use parking_lot::Mutex;
 use std::cell::RefCell;
 use std::ffi::OsStr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -41,15 +42,18 @@ pub struct ImageFs {
     /// Passthrough wanted (by configuration) and granted (by the kernel at init).
     passthrough: bool,
     backing: Mutex<Option<Passthrough>>,
+    /// Whether the kernel currently does the IO itself, for `volume inspect`.
+    active: Arc<AtomicBool>,
 }
 
 impl ImageFs {
-    pub fn new(engine: Arc<dyn BlockEngine>, passthrough: bool) -> Self {
+    pub fn new(engine: Arc<dyn BlockEngine>, passthrough: bool, active: Arc<AtomicBool>) -> Self {
         ImageFs {
             engine,
             started: SystemTime::now(),
             passthrough,
             backing: Mutex::new(None),
+            active,
         }
     }
 
@@ -63,6 +67,7 @@ impl ImageFs {
         };
         match reply.open_backing(&file) {
             Ok(id) => {
+                self.active.store(true, Ordering::Relaxed);
                 *backing = Some(Passthrough {
                     id,
                     _file: file,
@@ -184,6 +189,7 @@ impl Filesystem for ImageFs {
                 if b.opens == 0 {
                     // The last user is gone, so no IO bypasses us any more.
                     *backing = None;
+                    self.active.store(false, Ordering::Relaxed);
                     self.engine.end_passthrough();
                 }
             }

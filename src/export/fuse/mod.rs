@@ -8,6 +8,7 @@ use crate::engine::BlockEngine;
 use crate::sys::{loopdev, mount};
 use fuser::{BackgroundSession, Config, MountOption, Session, SessionACL};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 /// Name of the image file inside the FUSE mount.
@@ -20,6 +21,7 @@ const LOOP_BLOCK_SIZE: u32 = 4096;
 
 pub struct FuseLoopExport {
     engine: Arc<dyn BlockEngine>,
+    passthrough: Arc<AtomicBool>,
     mount_dir: PathBuf,
     session: Option<BackgroundSession>,
     loop_dev: Option<loopdev::LoopDevice>,
@@ -50,7 +52,8 @@ impl FuseLoopExport {
         config.acl = SessionACL::Owner;
         config.n_threads = Some(FUSE_THREADS);
         config.clone_fd = true;
-        let image = fs::ImageFs::new(engine.clone(), passthrough);
+        let active = Arc::new(AtomicBool::new(false));
+        let image = fs::ImageFs::new(engine.clone(), passthrough, active.clone());
         let session = Session::new(image, mount_dir, &config).map_err(|e| {
             ExportError::FuseUnavailable(format!("mount FUSE at {}: {e}", mount_dir.display()))
         })?;
@@ -59,6 +62,7 @@ impl FuseLoopExport {
             .map_err(|e| ExportError::io("start the FUSE session", e))?;
         let mut this = FuseLoopExport {
             engine,
+            passthrough: active,
             mount_dir: mount_dir.to_path_buf(),
             session: Some(session),
             loop_dev: None,
@@ -83,6 +87,11 @@ impl FuseLoopExport {
 
     pub fn device(&self) -> &Path {
         &self.device
+    }
+
+    /// Whether the kernel does this volume's IO on the data file itself.
+    pub fn passthrough(&self) -> bool {
+        self.passthrough.load(Ordering::Relaxed)
     }
 
     fn stop_session(&mut self) -> Result<(), ExportError> {
