@@ -31,6 +31,7 @@ test: deps
     cargo build --release
     cargo test --release --all-targets
     cargo bench --bench engine -- --test
+    scripts/vm/run.sh --script tests/vm/ublk.sh
 
 # Formatting and lints, warnings are errors.
 lint:
@@ -48,3 +49,9 @@ bench *ARGS:
     scripts/kernel-prep.sh
     cargo build --release
     cargo bench --bench fio -- {{ARGS}}
+
+# ublk export in a VM (Debian's backports kernel has ublk_drv; this host's kernel does not):
+# boots it under qemu TCG and runs tests/vm/ublk.sh with the release binary inside.
+test-ublk: deps
+    cargo build --release
+    scripts/vm/run.sh --script tests/vm/ublk.sh

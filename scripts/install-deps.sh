@@ -15,6 +15,7 @@ PACKAGES=(
     util-linux     # losetup, mount, umount, findmnt
     iproute2       # ip (network namespaces in cluster tests)
     kmod           # modprobe (fuse, loop)
+    libclang-dev   # bindgen, run by libublk-rs-sys when building the ublk export
     fonts-dejavu-core # DejaVuSans.ttf: labels the chart of `just bench`
 )
 

@@ -1,10 +1,12 @@
 //! Stage 5: hand an engine to the kernel as a block device.
 //!
-//! Today that is FUSE + loop: FUSE serves the volume as one file, a loop
-//! device with direct IO sits on it. ublk comes next behind the same
-//! [`Export`] type. Exports are thin: no policy, just plumbing.
+//! Two kinds behind the one [`Export`] type: ublk (`/dev/ublkbN`, queue
+//! threads call the engine per request) where the kernel has ublk_drv, and
+//! FUSE + loop elsewhere (FUSE serves the volume as one file, a loop device
+//! with direct IO sits on it). Exports are thin: no policy, just plumbing.
 
 pub mod fuse;
+pub mod ublk;
 
 use crate::engine::BlockEngine;
 use std::path::{Path, PathBuf};
@@ -26,8 +28,6 @@ pub enum ExportKind {
 pub enum ExportError {
     #[error("ublk is not available on this kernel (/dev/ublk-control is missing; `modprobe ublk_drv` needs Linux 6.0+ built with CONFIG_BLK_DEV_UBLK); use --export fuse or auto")]
     UblkUnavailable,
-    #[error("the ublk export is not built yet; use --export fuse or auto")]
-    UblkNotBuilt,
     #[error("FUSE is not available: {0} (load it with `modprobe fuse`)")]
     FuseUnavailable(String),
     #[error("{what}: {source}")]
@@ -49,12 +49,11 @@ impl ExportError {
 
 /// Resolve `auto` against what this kernel offers, and check the choice can work.
 pub fn resolve(kind: ExportKind) -> Result<ExportKind, ExportError> {
-    let ublk = Path::new("/dev/ublk-control").exists();
+    let ublk = ublk::available();
     match kind {
         ExportKind::Ublk if !ublk => Err(ExportError::UblkUnavailable),
-        ExportKind::Ublk => Err(ExportError::UblkNotBuilt),
-        // ublk is preferred where present, once built; until then auto means FUSE.
-        ExportKind::Auto | ExportKind::Fuse => {
+        ExportKind::Ublk | ExportKind::Auto if ublk => Ok(ExportKind::Ublk),
+        ExportKind::Ublk | ExportKind::Auto | ExportKind::Fuse => {
             if !Path::new("/dev/fuse").exists() {
                 return Err(ExportError::FuseUnavailable("/dev/fuse is missing".into()));
             }
@@ -72,14 +71,20 @@ pub fn resolve(kind: ExportKind) -> Result<ExportKind, ExportError> {
 /// A live block device serving one volume.
 pub struct Export {
     device: PathBuf,
-    inner: fuse::FuseLoopExport,
+    inner: Inner,
+}
+
+enum Inner {
+    Fuse(fuse::FuseLoopExport),
+    Ublk(ublk::UblkExport),
 }
 
 impl Export {
     /// Start serving `engine` as a block device. `work_dir` is this volume's
     /// private directory under the run dir (the FUSE mount lives there).
     /// `passthrough` lets the kernel do IO on the engine's file directly
-    /// when the engine allows it (FUSE passthrough).
+    /// when the engine allows it (FUSE passthrough; ublk ignores it).
+    /// `kind` is what [`resolve`] returned: `Auto` is taken as FUSE.
     pub fn start(
         kind: ExportKind,
         volume: &str,
@@ -92,10 +97,16 @@ impl Export {
                 let inner = fuse::FuseLoopExport::start(volume, engine, work_dir, passthrough)?;
                 Ok(Export {
                     device: inner.device().to_path_buf(),
-                    inner,
+                    inner: Inner::Fuse(inner),
                 })
             }
-            ExportKind::Ublk => Err(ExportError::UblkNotBuilt),
+            ExportKind::Ublk => {
+                let inner = ublk::UblkExport::start(volume, engine)?;
+                Ok(Export {
+                    device: inner.device().to_path_buf(),
+                    inner: Inner::Ublk(inner),
+                })
+            }
         }
     }
 
@@ -106,17 +117,19 @@ impl Export {
     /// Which path serves IO: `passthrough` (the kernel on the engine's
     /// file) or `engine` (dunnage's own threads).
     pub fn io_path(&self) -> &'static str {
-        if self.inner.passthrough() {
-            "passthrough"
-        } else {
-            "engine"
+        match &self.inner {
+            Inner::Fuse(f) if f.passthrough() => "passthrough",
+            Inner::Fuse(_) | Inner::Ublk(_) => "engine",
         }
     }
 
     /// Stop serving: detach the device and end the export. The device must
     /// no longer be mounted.
     pub fn stop(self) -> Result<(), ExportError> {
-        self.inner.stop()
+        match self.inner {
+            Inner::Fuse(f) => f.stop(),
+            Inner::Ublk(u) => u.stop(),
+        }
     }
 }
 
