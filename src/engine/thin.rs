@@ -1582,6 +1582,45 @@ mod tests {
         }
     }
 
+    /// One thread's random mix of writes, reads (checked against a model),
+    /// discards and flushes on its own region `t`; returns what the region
+    /// must hold.
+    fn model_thread(
+        img: &ThinImage,
+        t: u64,
+        region: u64,
+        seed: u64,
+        ops: u64,
+        max_len: u64,
+    ) -> Vec<u8> {
+        let base = t * region;
+        let mut model = vec![0u8; region as usize];
+        let mut rng = Rng(seed);
+        for op in 0..ops {
+            let off = rng.below(region);
+            let len = rng.below(max_len.min(region - off) + 1) as usize;
+            let o = off as usize;
+            match rng.below(12) {
+                0..=5 => {
+                    let data = pattern(t << 32 | op, len);
+                    img.write_at(&data, base + off).unwrap();
+                    model[o..o + len].copy_from_slice(&data);
+                }
+                6..=8 => {
+                    let mut buf = vec![0u8; len];
+                    img.read_at(&mut buf, base + off).unwrap();
+                    assert_eq!(buf, &model[o..o + len], "thread {t} op {op}");
+                }
+                9 | 10 => {
+                    img.discard(base + off, len as u64).unwrap();
+                    model[o..o + len].fill(0);
+                }
+                _ => img.flush().unwrap(),
+            }
+        }
+        model
+    }
+
     #[test]
     fn concurrent_mixed_io_matches_model() {
         const THREADS: u64 = 4;
@@ -1593,34 +1632,7 @@ mod tests {
         let handles: Vec<_> = (0..THREADS)
             .map(|t| {
                 let img = img.clone();
-                std::thread::spawn(move || {
-                    let base = t * region;
-                    let mut model = vec![0u8; region as usize];
-                    let mut rng = Rng(t + 11);
-                    for op in 0..1500u64 {
-                        let off = rng.below(region);
-                        let len = rng.below((3 * bs).min(region - off) + 1) as usize;
-                        let o = off as usize;
-                        match rng.below(12) {
-                            0..=5 => {
-                                let data = pattern(t << 32 | op, len);
-                                img.write_at(&data, base + off).unwrap();
-                                model[o..o + len].copy_from_slice(&data);
-                            }
-                            6..=8 => {
-                                let mut buf = vec![0u8; len];
-                                img.read_at(&mut buf, base + off).unwrap();
-                                assert_eq!(buf, &model[o..o + len], "thread {t} op {op}");
-                            }
-                            9 | 10 => {
-                                img.discard(base + off, len as u64).unwrap();
-                                model[o..o + len].fill(0);
-                            }
-                            _ => img.flush().unwrap(),
-                        }
-                    }
-                    model
-                })
+                std::thread::spawn(move || model_thread(&img, t, region, t + 11, 1500, 3 * bs))
             })
             .collect();
         let models: Vec<Vec<u8>> = handles.into_iter().map(|h| h.join().unwrap()).collect();
@@ -2312,34 +2324,7 @@ mod tests {
         let handles: Vec<_> = (0..THREADS)
             .map(|t| {
                 let img = img.clone();
-                std::thread::spawn(move || {
-                    let base = t * region;
-                    let mut model = vec![0u8; region as usize];
-                    let mut rng = Rng(t + 101);
-                    for op in 0..400u64 {
-                        let off = rng.below(region);
-                        let len = rng.below((300 * bs).min(region - off) + 1) as usize;
-                        let o = off as usize;
-                        match rng.below(12) {
-                            0..=5 => {
-                                let data = pattern(t << 32 | op, len);
-                                img.write_at(&data, base + off).unwrap();
-                                model[o..o + len].copy_from_slice(&data);
-                            }
-                            6..=8 => {
-                                let mut buf = vec![0u8; len];
-                                img.read_at(&mut buf, base + off).unwrap();
-                                assert_eq!(buf, &model[o..o + len], "thread {t} op {op}");
-                            }
-                            9 | 10 => {
-                                img.discard(base + off, len as u64).unwrap();
-                                model[o..o + len].fill(0);
-                            }
-                            _ => img.flush().unwrap(),
-                        }
-                    }
-                    model
-                })
+                std::thread::spawn(move || model_thread(&img, t, region, t + 101, 400, 300 * bs))
             })
             .collect();
         let models: Vec<Vec<u8>> = handles.into_iter().map(|h| h.join().unwrap()).collect();
