@@ -651,6 +651,13 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
 
     // Results.
     let mut notes = Vec::new();
+    if !std::path::Path::new("/dev/ublk-control").exists() {
+        // `just test-ublk` exercises ublk in an emulated VM; its timings are not performance.
+        notes.push(
+            "no ublk rows: this host's kernel has no ublk_drv (/dev/ublk-control is missing), so dunnage serves volumes through FUSE + loop here"
+                .to_string(),
+        );
+    }
     if !tmpfs {
         notes.push(
             "on a real filesystem the peer (cache.direct=off) and dunnage (buffered image files) go through the host's page cache while the limit does direct IO to the disk, so their reads and writes may beat the limit; use the default tmpfs to compare the IO paths"
