@@ -17,9 +17,8 @@
 //! A frozen (snapshot) map is the same type loaded from another file and
 //! never mapped into.
 
+use super::extents::data_extents;
 use super::EngineError;
-use nix::errno::Errno;
-use nix::unistd::{lseek, Whence};
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -248,18 +247,10 @@ impl BlockMap {
         let map = BlockMap::new(nblocks);
         const CHUNK: usize = 256 * MAP_PAGE_BYTES;
         let mut buf = vec![0u8; CHUNK];
-        let mut pos: u64 = 0;
-        while pos < len {
-            let start = match lseek(file, pos as i64, Whence::SeekData) {
-                Ok(off) => off as u64,
-                Err(Errno::ENXIO) => break,
-                Err(errno) => return Err(io_err("seek")(errno.into())),
-            };
-            let end = match lseek(file, start as i64, Whence::SeekHole) {
-                Ok(off) => (off as u64).min(len),
-                Err(errno) => return Err(io_err("seek")(errno.into())),
-            };
-            let mut at = start - start % MAP_PAGE_BYTES as u64;
+        // Pages already read: extents may share a partly written page.
+        let mut done: u64 = 0;
+        for (start, end) in data_extents(file, len).map_err(io_err("seek"))? {
+            let mut at = (start - start % MAP_PAGE_BYTES as u64).max(done);
             let stop = end.div_ceil(MAP_PAGE_BYTES as u64) * MAP_PAGE_BYTES as u64;
             let stop = stop.min(len);
             while at < stop {
@@ -272,7 +263,7 @@ impl BlockMap {
                 }
                 at += n as u64;
             }
-            pos = end.max(stop);
+            done = done.max(stop);
         }
         Ok(map)
     }

@@ -6,6 +6,7 @@
 
 mod alloc;
 mod error;
+mod extents;
 mod header;
 mod map;
 pub mod pattern;

@@ -145,12 +145,12 @@
 //! partial writes to it both land.
 
 use super::alloc::{AllocGuard, PhysAlloc};
+use super::extents::data_extents;
 use super::header::{Header, HEADER_BYTES};
 use super::map::{BlockMap, Entry};
 use super::{BlockEngine, EngineError};
 use nix::errno::Errno;
 use nix::fcntl::{fallocate, FallocateFlags, Flock, FlockArg};
-use nix::unistd::{lseek, Whence};
 use parking_lot::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::fs::File;
 use std::io;
@@ -516,26 +516,13 @@ impl ThinImage {
         }
         let limit = len.min(hwm);
         let mut punched_blocks = 0u64;
-        let mut pos = 0u64;
-        while pos < limit {
-            let start = match lseek(&self.data, pos as i64, Whence::SeekData) {
-                Ok(off) => off as u64,
-                Err(Errno::ENXIO) => break,
-                Err(errno) => return Err(io_error("seek", &self.data_path)(errno.into())),
-            };
-            if start >= limit {
-                break;
-            }
-            let end = match lseek(&self.data, start as i64, Whence::SeekHole) {
-                Ok(off) => (off as u64).min(limit),
-                Err(errno) => return Err(io_error("seek", &self.data_path)(errno.into())),
-            };
+        let extents = data_extents(&self.data, limit).map_err(io_error("seek", &self.data_path))?;
+        for (start, end) in extents {
             // Free blocks overlapping [start, end) hold data: punch them.
             for (first, count) in self.alloc.free_runs(start / bs, end.div_ceil(bs)) {
                 self.zero_phys(first * bs, count * bs)?;
                 punched_blocks += count;
             }
-            pos = end;
         }
         if punched_blocks > 0 {
             tracing::info!(
@@ -699,20 +686,8 @@ impl ThinImage {
         };
         let mut adopted = 0u64;
         let mut alloc = self.alloc.lock();
-        let mut pos = 0u64;
-        while pos < limit {
-            let start = match lseek(&self.data, pos as i64, Whence::SeekData) {
-                Ok(off) => off as u64,
-                Err(Errno::ENXIO) => break,
-                Err(errno) => return Err(io_error("seek", &self.data_path)(errno.into())),
-            };
-            if start >= limit {
-                break;
-            }
-            let end = match lseek(&self.data, start as i64, Whence::SeekHole) {
-                Ok(off) => (off as u64).min(limit),
-                Err(errno) => return Err(io_error("seek", &self.data_path)(errno.into())),
-            };
+        let extents = data_extents(&self.data, limit).map_err(io_error("seek", &self.data_path))?;
+        for (start, end) in extents {
             for block in start / bs..end.div_ceil(bs) {
                 match self.map.get(block).phys() {
                     Some(phys) if phys == block => continue,
@@ -734,7 +709,6 @@ impl ThinImage {
                 self.allocated.fetch_add(1, Ordering::Relaxed);
                 adopted += 1;
             }
-            pos = end;
         }
         Ok(adopted)
     }
