@@ -1,7 +1,7 @@
 //! Where things live on this node, and the handles every layer shares.
 
 use crate::catalog::Catalog;
-use crate::export::ExportKind;
+use crate::export::Exporter;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -12,10 +12,9 @@ pub struct Node {
     pub data_dir: PathBuf,
     pub run_dir: PathBuf,
     pub mount_dir: PathBuf,
-    /// The export actually in use (`auto` resolved).
-    pub export: ExportKind,
-    /// Use FUSE passthrough for volumes whose layout allows it.
-    pub passthrough: bool,
+    /// How volumes reach the kernel here (`auto` resolved), and the FUSE
+    /// keeper.
+    pub exporter: Exporter,
     pub catalog: Arc<dyn Catalog>,
 }
 
@@ -29,6 +28,11 @@ impl Node {
     /// Where a volume's filesystem is mounted for Docker.
     pub fn mount_point(&self, name: &str) -> PathBuf {
         self.mount_dir.join(name)
+    }
+
+    /// Attach records of the volumes attached here (see `volume::handover`).
+    pub fn attached_dir(&self) -> PathBuf {
+        self.run_dir.join("attached")
     }
 
     pub fn fuse_root(&self) -> PathBuf {

@@ -39,6 +39,10 @@ enum Cmd {
     /// reporting each flush on stdout (see `tests/engine_crash.rs`).
     #[command(hide = true)]
     DebugEngineWriter { dir: PathBuf },
+    /// Internal: the process `serve` starts to hold FUSE descriptors across
+    /// a daemon restart (see src/export/fuse/keeper.rs). Not for users.
+    #[command(hide = true)]
+    FuseKeeper,
 }
 
 fn main() -> ExitCode {
@@ -56,6 +60,7 @@ fn main() -> ExitCode {
         Cmd::Attach { name } => cli::attach(&cli.run_dir, name),
         Cmd::Detach { name } => cli::detach(&cli.run_dir, name),
         Cmd::DebugEngineWriter { dir } => cli::debug::engine_writer(&dir),
+        Cmd::FuseKeeper => dunnage::export::fuse::keeper::serve(&cli.run_dir).map_err(Into::into),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

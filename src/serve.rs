@@ -4,10 +4,11 @@
 use crate::catalog::{Catalog, EmbeddedCatalog};
 use crate::config::{host_name, Node};
 use crate::control::{self, NodeInfo};
-use crate::export::{self, ExportKind};
+use crate::export::{self, ExportKind, Exporter, Handover};
 use crate::plugin::{self, Scope};
 use crate::registry::{self, Registry};
 use crate::sys::mount;
+use crate::volume::handover::{self, AttachRecord};
 use actix::Actor;
 use actix_web::{web, App, HttpServer};
 use anyhow::{bail, Context, Result};
@@ -63,10 +64,89 @@ fn claim_socket(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Undo what a crashed run left: filesystem mounts first, then devices and
-/// FUSE mounts, then empty mount points.
-fn cleanup(node: &Node) {
+/// Paths a crashed run left that the new daemon takes back (never cleaned).
+#[derive(Default)]
+struct Protected {
+    paths: std::collections::BTreeSet<PathBuf>,
+}
+
+impl Protected {
+    fn of(records: &[AttachRecord]) -> Self {
+        let mut paths = std::collections::BTreeSet::new();
+        for r in records {
+            paths.extend(r.fs_mount.iter().cloned());
+            paths.insert(r.export.device().to_path_buf());
+            if let Handover::Fuse(h) = &r.export {
+                paths.insert(h.mount_dir.clone());
+            }
+        }
+        Protected { paths }
+    }
+
+    fn has(&self, p: &Path) -> bool {
+        self.paths.contains(p)
+    }
+}
+
+/// Split the attach records of the last run into those this daemon can take
+/// back (the volume still exists, under the same export kind) and the rest,
+/// which are abandoned.
+fn triage(node: &Node) -> Vec<AttachRecord> {
+    let keys: Option<std::collections::BTreeSet<String>> = node
+        .exporter
+        .keeper()
+        .and_then(|k| k.keys().ok())
+        .map(|k| k.into_iter().collect());
+    let mut keep = Vec::new();
+    for rec in handover::load_all(node) {
+        let exists = node
+            .catalog
+            .get(&rec.volume)
+            .is_some_and(|r| r.id == rec.id);
+        let why_not = match &rec.export {
+            _ if !exists => Some("the volume is gone from the catalog"),
+            Handover::Fuse(_) if node.exporter.kind != ExportKind::Fuse => {
+                Some("this daemon does not use the FUSE export")
+            }
+            Handover::Ublk(_) if node.exporter.kind != ExportKind::Ublk => {
+                Some("this daemon does not use the ublk export")
+            }
+            Handover::Fuse(h) if !mount::is_mount_point(&h.mount_dir) => {
+                Some("its FUSE mount is gone")
+            }
+            Handover::Fuse(_) if !keys.as_ref().is_some_and(|k| k.contains(&rec.id)) => {
+                Some("the FUSE keeper does not hold its connection")
+            }
+            _ => None,
+        };
+        match why_not {
+            None => keep.push(rec),
+            Some(reason) => {
+                tracing::warn!(volume = %rec.volume, node = %node.name, device = %rec.export.device().display(), reason, "cannot take back a volume the last run had attached; cleaning it up");
+                node.exporter
+                    .abandon(&rec.id, &rec.export, rec.fs_mount.as_deref());
+                handover::remove(node, &rec.id);
+            }
+        }
+    }
+    keep
+}
+
+/// Undo what a crashed run left and this daemon does not take back: cut
+/// dead FUSE connections first (so no unmount below waits on a server that
+/// is gone), then filesystem mounts, devices, FUSE mounts, and empty mount
+/// points.
+fn cleanup(node: &Node, keep: &[AttachRecord]) {
+    let protected = Protected::of(keep);
+    for m in mount::mounts_under(&node.fuse_root()) {
+        if !protected.has(&m.mount_point) {
+            let _ = crate::sys::fuse::abort_connection(&m.mount_point);
+        }
+    }
     for m in mount::mounts_under(&node.mount_dir) {
+        if protected.has(&m.mount_point) {
+            continue;
+        }
         match mount::unmount(&m.mount_point, true) {
             Ok(()) => {
                 tracing::warn!(mount = %m.mount_point.display(), "unmounted a leftover of a crashed run")
@@ -76,11 +156,22 @@ fn cleanup(node: &Node) {
             }
         }
     }
-    for line in export::cleanup_leftovers(&node.fuse_root()) {
+    for line in export::cleanup_leftovers(&node.fuse_root(), &|p| protected.has(p)) {
         tracing::warn!("{line}");
+    }
+    if let Some(k) = node.exporter.keeper() {
+        let kept: std::collections::BTreeSet<&str> = keep.iter().map(|r| r.id.as_str()).collect();
+        for key in k.keys().unwrap_or_default() {
+            if !kept.contains(key.as_str()) {
+                let _ = k.release(&key);
+            }
+        }
     }
     if let Ok(entries) = std::fs::read_dir(&node.mount_dir) {
         for e in entries.flatten() {
+            if protected.has(&e.path()) {
+                continue;
+            }
             let _ = std::fs::remove_dir(e.path().join(crate::volume::mounting::DATA_SUBDIR));
             let _ = std::fs::remove_dir(e.path());
         }
@@ -115,23 +206,25 @@ pub fn run(args: ServeArgs, run_dir: PathBuf) -> Result<()> {
             )
         })?;
 
+    let plugin_sock = args.plugin_dir.join(format!("{}.sock", args.name));
+    let control_sock = run_dir.join("control.sock");
+    claim_socket(&plugin_sock)?;
+    claim_socket(&control_sock)?;
     let export = export::resolve(args.export)?;
     let catalog: Arc<dyn Catalog> = Arc::new(EmbeddedCatalog::open(&args.data_dir)?);
+    // Last before serving: nothing below fails before the keeper is told bye.
+    let exporter = Exporter::new(export, args.fuse_passthrough == Passthrough::Auto, &run_dir)?;
     let node = Arc::new(Node {
         name: host_name(),
         data_dir: args.data_dir.clone(),
         run_dir: run_dir.clone(),
         mount_dir: mount_dir.clone(),
-        export,
-        passthrough: args.fuse_passthrough == Passthrough::Auto,
+        exporter,
         catalog,
     });
-    cleanup(&node);
+    let resumable = triage(&node);
+    cleanup(&node, &resumable);
 
-    let plugin_sock = args.plugin_dir.join(format!("{}.sock", args.name));
-    let control_sock = run_dir.join("control.sock");
-    claim_socket(&plugin_sock)?;
-    claim_socket(&control_sock)?;
     let info = NodeInfo {
         node: node.name.clone(),
         version: env!("CARGO_PKG_VERSION").into(),
@@ -142,9 +235,10 @@ pub fn run(args: ServeArgs, run_dir: PathBuf) -> Result<()> {
         plugin_socket: plugin_sock.display().to_string(),
     };
 
+    let exporter_node = node.clone();
     let system = actix::System::new();
     let result = system.block_on(async move {
-        let registry = Registry::new(node.clone()).start();
+        let registry = Registry::new(node.clone(), resumable).start();
         let reg = registry.clone();
         let plugin_srv = HttpServer::new(move || {
             App::new()
@@ -178,7 +272,7 @@ pub fn run(args: ServeArgs, run_dir: PathBuf) -> Result<()> {
             socket = %plugin_sock.display(),
             control = %control_sock.display(),
             data_dir = %node.data_dir.display(),
-            export = ?node.export,
+            export = ?node.exporter.kind,
             volumes = node.catalog.list().len(),
             "dunnage is serving"
         );
@@ -196,6 +290,8 @@ pub fn run(args: ServeArgs, run_dir: PathBuf) -> Result<()> {
         let _ = std::fs::remove_file(&control_sock);
         anyhow::Ok(())
     });
+    // Also when serving failed to start: the keeper may go if it holds nothing.
+    exporter_node.exporter.shutdown();
     result?;
     tracing::info!("stopped; nothing left mounted or attached");
     Ok(())

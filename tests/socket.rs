@@ -19,7 +19,7 @@ fn assert_no_leftovers(d: &Daemon, context: &str) {
 }
 
 fn assert_no_leftovers_stopped(d: &Daemon, context: &str) {
-    let l = d.leftovers();
+    let l = d.leftovers_stopped();
     assert!(
         l.is_empty(),
         "{context}: leftovers after the daemon stopped {l:?}\n{}",

@@ -19,6 +19,7 @@
 
 use super::extents::data_extents;
 use super::EngineError;
+use parking_lot::Mutex;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -76,12 +77,19 @@ fn new_page() -> Box<Page> {
     Box::new([const { AtomicU64::new(0) }; ENTRIES_PER_PAGE])
 }
 
+/// Stripes of locks over map pages for writing them to the file.
+const PAGE_LOCKS: usize = 64;
+
 /// The in-memory map: pages allocated on first use, plus one dirty bit per page.
 pub(crate) struct BlockMap {
     nblocks: u64,
     pages: Box<[OnceLock<Box<Page>>]>,
     /// Bit `p % 64` of word `p / 64` is set when page `p` changed since it was last written.
     dirty: Box<[AtomicU64]>,
+    /// Whoever copies entries of a page to the file holds its stripe, and
+    /// reads them from memory under it: the last copy in the file is then
+    /// never older than the memory was when the copy began.
+    page_locks: Box<[Mutex<()>]>,
 }
 
 impl BlockMap {
@@ -94,7 +102,32 @@ impl BlockMap {
             dirty: (0..npages.div_ceil(64))
                 .map(|_| AtomicU64::new(0))
                 .collect(),
+            page_locks: (0..PAGE_LOCKS).map(|_| Mutex::new(())).collect(),
         }
+    }
+
+    /// Copy the entries of blocks `[first, end)` from memory to `file`
+    /// now, without syncing: the file's page cache then holds every
+    /// mapping, and a process killed before its next flush loses none (a
+    /// restarted daemon serving the same live device must see every write
+    /// the kernel was told is done). Persisting entries before their data
+    /// is safe: a block handed out reads zeros until written (invariant 1
+    /// of thin.rs), so an early entry reads as an absent write.
+    pub fn write_through(&self, file: &File, first: u64, end: u64) -> io::Result<()> {
+        let mut buf = [0u8; MAP_PAGE_BYTES];
+        let mut block = first;
+        while block < end {
+            let page = (block >> PAGE_SHIFT) as usize;
+            let stop = end.min(((page as u64) + 1) << PAGE_SHIFT);
+            let n = (stop - block) as usize;
+            let _copy = self.page_locks[page % PAGE_LOCKS].lock();
+            for (i, out) in buf[..n * 8].chunks_exact_mut(8).enumerate() {
+                out.copy_from_slice(&self.get(block + i as u64).0.to_le_bytes());
+            }
+            file.write_all_at(&buf[..n * 8], block * 8)?;
+            block = stop;
+        }
+        Ok(())
     }
 
     /// Map pages needed for `nblocks` entries.
@@ -215,6 +248,7 @@ impl BlockMap {
         let Some(entries) = self.pages[page].get() else {
             return Ok(());
         };
+        let _copy = self.page_locks[page % PAGE_LOCKS].lock();
         for (slot, out) in entries.iter().zip(buf.chunks_exact_mut(8)) {
             out.copy_from_slice(&slot.load(Ordering::Acquire).to_le_bytes());
         }

@@ -90,7 +90,15 @@
 //!    every deferred block, so the adopted extents can belong to no block
 //!    but their own.
 //!
-//! After a crash an image holds every write completed before the last
+//! 8. *Write-through*: every map change is also copied at once to the map
+//!    file (its page cache, not synced; see `BlockMap::write_through`). So
+//!    a killed process loses no mapping: a daemon restarted under a live
+//!    device (the kernel was told those writes are done) finds them all.
+//!    The kernel may write such a page back before the flush syncs the
+//!    data: by 1. and 2. the entry then points at a block reading zeros,
+//!    which is an absent write.
+//!
+//! After a machine crash an image holds every write completed before the last
 //! successful `flush`; later writes are each present or absent (a write in
 //! progress may be torn), later discards may be undone. A failed sync
 //! poisons the image: every later `flush` fails, since the kernel may have
@@ -367,6 +375,19 @@ impl ThinImage {
     /// passthrough if a crash interrupted it, and returns to the filesystem
     /// the space of blocks written but never durably mapped.
     pub fn open(dir: &Path) -> Result<ThinImage, EngineError> {
+        Self::open_inner(dir, false)
+    }
+
+    /// Open the image of a volume whose export outlived the process that
+    /// served it (a daemon killed with the device still live). If it was in
+    /// passthrough, it stays so: the kernel has gone on writing the data
+    /// file directly, and still does, so the data file must be neither cut
+    /// nor scrubbed; the writes are adopted when passthrough ends.
+    pub fn open_resuming(dir: &Path) -> Result<ThinImage, EngineError> {
+        Self::open_inner(dir, true)
+    }
+
+    fn open_inner(dir: &Path, resuming: bool) -> Result<ThinImage, EngineError> {
         let hdr_path = dir.join(HEADER_FILE);
         let hdr = File::open(&hdr_path).map_err(io_error("open", &hdr_path))?;
         let lock = match Flock::lock(hdr, FlockArg::LockExclusiveNonblock) {
@@ -476,7 +497,13 @@ impl ThinImage {
         // Invariant 7: adopt before the scrub, which would punch every
         // write made through passthrough (free blocks holding data).
         let marker = dir.join(PASSTHROUGH_FILE);
-        if marker.try_exists().map_err(io_error("stat", &marker))? {
+        let in_passthrough = marker.try_exists().map_err(io_error("stat", &marker))?;
+        if in_passthrough && resuming {
+            image.passthrough.store(true, Ordering::Release);
+            tracing::info!(data = %image.data_path.display(), "resuming in passthrough");
+            return Ok(image);
+        }
+        if in_passthrough {
             let adopted = image.adopt_extents()?;
             image.data_dirty.store(true, Ordering::Release);
             image.flush_inner()?;
@@ -932,6 +959,9 @@ impl ThinImage {
         if phys != block {
             self.non_identity.fetch_add(1, Ordering::Relaxed);
         }
+        self.map
+            .write_through(&self.map_file, block, block + 1)
+            .map_err(io_error("write", &self.map_path))?;
         Ok(phys)
     }
 
@@ -1048,7 +1078,9 @@ impl ThinImage {
         if let Some(done) = run {
             finish(done)?;
         }
-        Ok(())
+        self.map
+            .write_through(&self.map_file, first, end)
+            .map_err(io_error("write", &self.map_path))
     }
 
     fn poisoned_error(&self) -> EngineError {
@@ -1102,7 +1134,7 @@ impl ThinImage {
     }
 
     /// Drop the image without flushing, as a kill -9 would (the page cache
-    /// keeps every write; map changes not yet flushed are lost).
+    /// keeps every write and, by write-through, every map change).
     #[cfg(test)]
     fn crash(mut self) {
         self.flush_on_drop = false;
@@ -1297,6 +1329,20 @@ mod tests {
         let mut buf = vec![0xAA; len];
         img.read_at(&mut buf, offset).unwrap();
         buf
+    }
+
+    fn map_bytes(dir: &Path) -> Vec<u8> {
+        std::fs::read(dir.join(MAP_FILE)).unwrap()
+    }
+
+    impl ThinImage {
+        /// A machine crash after the data reached the disk but the map
+        /// pages written through since the last flush did not: kill -9,
+        /// then the map file as that flush left it (`flushed`).
+        fn power_cut(self, dir: &Path, flushed: &[u8]) {
+            self.crash();
+            std::fs::write(dir.join(MAP_FILE), flushed).unwrap();
+        }
     }
 
     fn data_len(dir: &Path) -> u64 {
@@ -1647,13 +1693,14 @@ mod tests {
             img.write_at(&pattern(block, 4096), block * bs).unwrap();
         }
         img.flush().unwrap();
+        let flushed = map_bytes(dir.path());
         // Not flushed: a discard, an overwrite, new allocations.
         img.discard(3 * bs, bs).unwrap();
         img.write_at(&pattern(1000, 4096), 4 * bs).unwrap();
         for block in 10..20 {
             img.write_at(&pattern(block, 4096), block * bs).unwrap();
         }
-        img.crash();
+        img.power_cut(dir.path(), &flushed);
 
         let img = ThinImage::open(dir.path()).unwrap();
         for block in 0..10 {
@@ -1680,6 +1727,33 @@ mod tests {
     }
 
     #[test]
+    fn kill9_keeps_every_completed_write_and_discard() {
+        // A killed process under a live device: the kernel was told these
+        // are done, and the next daemon serves the same device.
+        let bs = 4096u64;
+        let (dir, img) = new_image(MIB, bs as u32);
+        for block in 0..10 {
+            img.write_at(&pattern(block, 4096), block * bs).unwrap();
+        }
+        img.flush().unwrap();
+        img.discard(3 * bs, bs).unwrap();
+        for block in 10..20 {
+            img.write_at(&pattern(block, 4096), block * bs).unwrap();
+        }
+        img.crash();
+        let img = ThinImage::open(dir.path()).unwrap();
+        for block in (0..20).filter(|&b| b != 3) {
+            assert_eq!(
+                read_vec(&img, block * bs, 4096),
+                pattern(block, 4096),
+                "block {block}"
+            );
+        }
+        assert!(read_vec(&img, 3 * bs, 4096).iter().all(|&b| b == 0));
+        assert_eq!(img.usage().allocated_blocks, 19);
+    }
+
+    #[test]
     fn crash_then_reuse_reads_zeros() {
         let bs = 4096u64;
         let (dir, mut img) = new_image(MIB, bs as u32);
@@ -1692,10 +1766,11 @@ mod tests {
         }
         img.discard(3 * bs, bs).unwrap();
         img.flush().unwrap();
+        let flushed = map_bytes(dir.path());
         // Reuses physical block 3; the mapping is lost in the crash but the
-        // data reaches the file (kill -9 keeps the page cache).
+        // data reaches the disk.
         img.write_at(&pattern(77, 4096), 50 * bs).unwrap();
-        img.crash();
+        img.power_cut(dir.path(), &flushed);
 
         let mut img = ThinImage::open(dir.path()).unwrap();
         img.set_identity_placement(false);
@@ -2008,9 +2083,10 @@ mod tests {
             img.write_at(&pattern(block, 4096), block * bs).unwrap();
         }
         img.flush().unwrap();
+        let flushed = map_bytes(dir.path());
         // Below the high-water mark, written, never durably mapped.
         img.write_at(&pattern(77, 4096), 15 * bs).unwrap();
-        img.crash();
+        img.power_cut(dir.path(), &flushed);
 
         let img = ThinImage::open(dir.path()).unwrap();
         assert!(read_vec(&img, 15 * bs, 4096).iter().all(|&b| b == 0));
@@ -2195,6 +2271,32 @@ mod tests {
         let img = ThinImage::open(dir.path()).unwrap();
         assert_eq!(read_vec(&img, 200 * bs - 20, 9000), pattern(4, 9000));
         assert_eq!(img.usage().allocated_blocks, 8);
+    }
+
+    #[test]
+    fn resuming_in_passthrough_keeps_the_kernels_writes_and_its_file() {
+        let bs = 4096u64;
+        let (dir, img) = new_image(4 * MIB, bs as u32);
+        let file = img.begin_passthrough().unwrap().unwrap();
+        file.write_all_at(&pattern(5, 4096), 10 * bs).unwrap();
+        img.crash();
+        // The kernel still holds the file and writes on while no daemon runs.
+        file.write_all_at(&pattern(6, 4096), 20 * bs).unwrap();
+
+        let img = ThinImage::open_resuming(dir.path()).unwrap();
+        assert!(img.is_passthrough() && marker_exists(dir.path()));
+        // Not cut, not scrubbed: a write made after the resume survives too.
+        file.write_all_at(&pattern(7, 4096), 30 * bs).unwrap();
+        for (block, seed) in [(10, 5), (20, 6), (30, 7)] {
+            assert_eq!(read_vec(&img, block * bs, 4096), pattern(seed, 4096));
+        }
+        drop(file);
+        ThinImage::end_passthrough(&img).unwrap();
+        assert!(!marker_exists(dir.path()) && !img.is_passthrough());
+        assert_eq!(img.usage().allocated_blocks, 3);
+        img.crash();
+        let img = ThinImage::open(dir.path()).unwrap();
+        assert_eq!(read_vec(&img, 30 * bs, 4096), pattern(7, 4096));
     }
 
     #[test]

@@ -68,6 +68,164 @@ pub fn resolve(kind: ExportKind) -> Result<ExportKind, ExportError> {
     }
 }
 
+/// What a restarted daemon needs to take a live export back: persisted per
+/// attached volume in the run dir by the volume actor.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Handover {
+    Fuse(fuse::FuseHandover),
+    Ublk(ublk::UblkHandover),
+}
+
+impl Handover {
+    pub fn device(&self) -> &Path {
+        match self {
+            Handover::Fuse(f) => &f.device,
+            Handover::Ublk(u) => &u.device,
+        }
+    }
+}
+
+/// The node's way of exporting volumes: the resolved kind, whether FUSE
+/// passthrough is wanted, and (FUSE) the keeper that holds connections
+/// across a daemon crash.
+pub struct Exporter {
+    pub kind: ExportKind,
+    pub passthrough: bool,
+    keeper: Option<Arc<fuse::keeper::Keeper>>,
+}
+
+impl Exporter {
+    /// `kind` is what [`resolve`] returned. For FUSE, connects to the run
+    /// dir's keeper (starting it if needed).
+    pub fn new(kind: ExportKind, passthrough: bool, run_dir: &Path) -> Result<Self, ExportError> {
+        let keeper = match kind {
+            ExportKind::Ublk => None,
+            ExportKind::Fuse | ExportKind::Auto => Some(Arc::new(
+                fuse::keeper::Keeper::connect(run_dir)
+                    .map_err(|e| ExportError::io("start the FUSE keeper", e))?,
+            )),
+        };
+        Ok(Exporter {
+            kind,
+            passthrough,
+            keeper,
+        })
+    }
+
+    /// An exporter without a keeper (tests, tools): crashes are not survived.
+    pub fn without_keeper(kind: ExportKind, passthrough: bool) -> Self {
+        Exporter {
+            kind,
+            passthrough,
+            keeper: None,
+        }
+    }
+
+    pub fn keeper(&self) -> Option<&Arc<fuse::keeper::Keeper>> {
+        self.keeper.as_ref()
+    }
+
+    /// Start serving `engine` as a block device. `key` names it to the
+    /// keeper (the volume id); `work_dir` is the volume's private directory
+    /// under the run dir (the FUSE mount lives there).
+    pub fn start(
+        &self,
+        key: &str,
+        volume: &str,
+        engine: Arc<dyn BlockEngine>,
+        work_dir: &Path,
+    ) -> Result<Export, ExportError> {
+        let inner = match self.kind {
+            ExportKind::Fuse | ExportKind::Auto => Inner::Fuse(fuse::FuseLoopExport::start(
+                key,
+                volume,
+                engine,
+                work_dir,
+                self.passthrough,
+                self.keeper.clone(),
+            )?),
+            ExportKind::Ublk => Inner::Ublk(ublk::UblkExport::start(volume, engine)?),
+        };
+        Ok(Export::new(inner))
+    }
+
+    /// Take back an export a crashed daemon left live. `inherited_passthrough`:
+    /// the engine reopened still in passthrough.
+    pub fn resume(
+        &self,
+        key: &str,
+        volume: &str,
+        engine: Arc<dyn BlockEngine>,
+        handover: &Handover,
+        inherited_passthrough: bool,
+    ) -> Result<Export, ExportError> {
+        let inner = match handover {
+            Handover::Fuse(h) => {
+                let missing = || {
+                    ExportError::io(
+                        format!("resume {volume}: the FUSE keeper holds nothing for it"),
+                        std::io::Error::from(std::io::ErrorKind::NotFound),
+                    )
+                };
+                let keeper = self.keeper.as_ref().ok_or_else(missing)?;
+                let fds = keeper
+                    .fetch(key)
+                    .map_err(|e| ExportError::io("ask the FUSE keeper", e))?
+                    .ok_or_else(missing)?;
+                Inner::Fuse(fuse::FuseLoopExport::resume(
+                    key,
+                    engine,
+                    h,
+                    fds,
+                    inherited_passthrough,
+                    self.keeper.clone(),
+                )?)
+            }
+            Handover::Ublk(h) => Inner::Ublk(ublk::UblkExport::recover(volume, engine, h)?),
+        };
+        Ok(Export::new(inner))
+    }
+
+    /// Give up a volume that could not be taken back after a crash: cut
+    /// its device first (so nothing below waits on a server that is gone),
+    /// then unmount its filesystem, then remove the device.
+    pub fn abandon(&self, key: &str, handover: &Handover, fs_mount: Option<&Path>) {
+        match handover {
+            Handover::Fuse(h) => {
+                let _ = crate::sys::fuse::abort_connection(&h.mount_dir);
+            }
+            Handover::Ublk(h) => ublk::cut(h),
+        }
+        if let Some(m) = fs_mount {
+            if let Err(e) = crate::sys::mount::unmount(m, true) {
+                tracing::warn!(mount = %m.display(), error = %e, "cannot unmount an abandoned volume");
+            }
+            let _ = std::fs::remove_dir(m);
+        }
+        match handover {
+            Handover::Fuse(h) => {
+                let _ = crate::sys::loopdev::detach_path(&h.device);
+                if let Some(k) = &self.keeper {
+                    let _ = k.release(key);
+                }
+                let _ = crate::sys::mount::unmount(&h.mount_dir, true);
+                let _ = std::fs::remove_dir(&h.mount_dir);
+            }
+            Handover::Ublk(h) => ublk::remove(h),
+        }
+    }
+
+    /// Clean shutdown: the keeper may go if it holds nothing.
+    pub fn shutdown(&self) {
+        if let Some(k) = &self.keeper {
+            if let Err(e) = k.bye() {
+                tracing::warn!(error = %e, "could not say bye to the FUSE keeper");
+            }
+        }
+    }
+}
+
 /// A live block device serving one volume.
 pub struct Export {
     device: PathBuf,
@@ -80,34 +238,12 @@ enum Inner {
 }
 
 impl Export {
-    /// Start serving `engine` as a block device. `work_dir` is this volume's
-    /// private directory under the run dir (the FUSE mount lives there).
-    /// `passthrough` lets the kernel do IO on the engine's file directly
-    /// when the engine allows it (FUSE passthrough; ublk ignores it).
-    /// `kind` is what [`resolve`] returned: `Auto` is taken as FUSE.
-    pub fn start(
-        kind: ExportKind,
-        volume: &str,
-        engine: Arc<dyn BlockEngine>,
-        work_dir: &Path,
-        passthrough: bool,
-    ) -> Result<Export, ExportError> {
-        match kind {
-            ExportKind::Fuse | ExportKind::Auto => {
-                let inner = fuse::FuseLoopExport::start(volume, engine, work_dir, passthrough)?;
-                Ok(Export {
-                    device: inner.device().to_path_buf(),
-                    inner: Inner::Fuse(inner),
-                })
-            }
-            ExportKind::Ublk => {
-                let inner = ublk::UblkExport::start(volume, engine)?;
-                Ok(Export {
-                    device: inner.device().to_path_buf(),
-                    inner: Inner::Ublk(inner),
-                })
-            }
-        }
+    fn new(inner: Inner) -> Export {
+        let device = match &inner {
+            Inner::Fuse(f) => f.device().to_path_buf(),
+            Inner::Ublk(u) => u.device().to_path_buf(),
+        };
+        Export { device, inner }
     }
 
     pub fn device(&self) -> &Path {
@@ -120,6 +256,13 @@ impl Export {
         match &self.inner {
             Inner::Fuse(f) if f.passthrough() => "passthrough",
             Inner::Fuse(_) | Inner::Ublk(_) => "engine",
+        }
+    }
+
+    pub fn handover(&self) -> Handover {
+        match &self.inner {
+            Inner::Fuse(f) => Handover::Fuse(f.handover()),
+            Inner::Ublk(u) => Handover::Ublk(u.handover()),
         }
     }
 
@@ -136,6 +279,6 @@ impl Export {
 /// Remove what a crashed run left under `run_dir`: loop devices on our FUSE
 /// files and dead FUSE mounts. Filesystem mounts are the caller's (they live
 /// in the mount dir) and must be unmounted first.
-pub fn cleanup_leftovers(fuse_root: &Path) -> Vec<String> {
-    fuse::cleanup_leftovers(fuse_root)
+pub fn cleanup_leftovers(fuse_root: &Path, protected: &dyn Fn(&Path) -> bool) -> Vec<String> {
+    fuse::cleanup_leftovers(fuse_root, protected)
 }

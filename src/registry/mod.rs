@@ -14,6 +14,7 @@ use crate::catalog::{new_volume_id, CatalogError, VolumeRecord};
 use crate::config::Node;
 use crate::engine::{EngineError, ThinImage, ThinParams};
 use crate::spec::{self, SpecError};
+use crate::volume::handover::AttachRecord;
 use crate::volume::{self, RuntimeTable, VolumeActor, VolumeError};
 use actix::prelude::*;
 use std::collections::{BTreeMap, HashMap};
@@ -74,15 +75,18 @@ pub struct Registry {
     /// Volume actors by volume id.
     actors: HashMap<String, Addr<VolumeActor>>,
     stopping: bool,
+    /// Attach records of the last run to take back at start.
+    resume: Vec<AttachRecord>,
 }
 
 impl Registry {
-    pub fn new(node: Arc<Node>) -> Self {
+    pub fn new(node: Arc<Node>, resume: Vec<AttachRecord>) -> Self {
         Registry {
             node,
             runtime: RuntimeTable::default(),
             actors: HashMap::new(),
             stopping: false,
+            resume,
         }
     }
 
@@ -225,6 +229,19 @@ impl Registry {
 
 impl Actor for Registry {
     type Context = Context<Self>;
+
+    /// Volumes the last run left attached are taken back first: each
+    /// actor's mailbox starts with its Resume, before any Docker request.
+    fn started(&mut self, _: &mut Context<Self>) {
+        for rec in std::mem::take(&mut self.resume) {
+            let Some(record) = self.node.catalog.get(&rec.volume) else {
+                continue;
+            };
+            if let Ok(addr) = self.actor(&record) {
+                addr.do_send(volume::Resume(rec));
+            }
+        }
+    }
 }
 
 /// Orphaned data (a crash between writing an image and the catalog, or

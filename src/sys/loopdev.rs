@@ -123,8 +123,19 @@ impl LoopDevice {
         Err(io::Error::other("no free loop device after 32 tries"))
     }
 
+    /// A device attached by an earlier run, through a descriptor of it that
+    /// survived that run (held by the FUSE keeper).
+    pub fn adopt(path: PathBuf, file: File) -> LoopDevice {
+        LoopDevice { path, file }
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The open device, to hand a copy to the FUSE keeper.
+    pub fn file(&self) -> &File {
+        &self.file
     }
 
     /// Detach now. Fails with EBUSY while someone else holds the device open

@@ -3,5 +3,7 @@
 //! block carries a `SAFETY:` comment.
 #![allow(unsafe_code)]
 
+pub mod fd;
+pub mod fuse;
 pub mod loopdev;
 pub mod mount;

@@ -1,21 +1,9 @@
 //! mount(2)/umount2(2) and the kernel's mount table.
 
-use nix::mount::{MntFlags, MsFlags};
+use nix::mount::MntFlags;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
-
-/// Mount `source` (a block device) of type `fstype` on `target`.
-pub fn mount_fs(source: &Path, target: &Path, fstype: &str) -> io::Result<()> {
-    nix::mount::mount(
-        Some(source),
-        target,
-        Some(fstype),
-        MsFlags::MS_NOATIME,
-        None::<&str>,
-    )
-    .map_err(io::Error::from)
-}
 
 /// Unmount `target`; with `lazy`, detach it from the tree even if busy.
 pub fn unmount(target: &Path, lazy: bool) -> io::Result<()> {
@@ -33,6 +21,8 @@ pub struct MountEntry {
     pub mount_point: PathBuf,
     pub fstype: String,
     pub source: String,
+    /// `major:minor` of the filesystem (for FUSE, minor is the connection number).
+    pub dev: String,
 }
 
 /// Undo mountinfo's octal escapes (`\040` for a space, ...).
@@ -58,6 +48,7 @@ pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
     text.lines()
         .filter_map(|line| {
             let (left, right) = line.split_once(" - ")?;
+            let dev = left.split(' ').nth(2)?;
             let mount_point = left.split(' ').nth(4)?;
             let mut r = right.split(' ');
             let fstype = r.next()?;
@@ -66,6 +57,7 @@ pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
                 mount_point: PathBuf::from(unescape(mount_point)),
                 fstype: fstype.to_string(),
                 source: unescape(source),
+                dev: dev.to_string(),
             })
         })
         .collect()

@@ -6,6 +6,7 @@
 //! mkfs, mount(2), loop ioctls, FUSE session setup. IO never passes through
 //! it: the export's threads call the engine directly.
 
+pub mod handover;
 pub mod mounting;
 pub mod usage;
 
@@ -129,6 +130,22 @@ impl VolumeActor {
     }
 
     fn publish(&self) {
+        match &self.attached {
+            Some(a) => {
+                let rec = handover::AttachRecord {
+                    volume: self.name.clone(),
+                    id: self.id.clone(),
+                    export: a.export.handover(),
+                    fs_mount: a.fs_mount.clone(),
+                    data_path: a.data_path.clone(),
+                    usage: self.usage.clone(),
+                };
+                if let Err(e) = handover::save(&self.node, &rec) {
+                    tracing::warn!(volume = %self.name, error = %e, "cannot write the attach record: a daemon crash now would disturb this volume's users");
+                }
+            }
+            None => handover::remove(&self.node, &self.id),
+        }
         let rt = match &self.attached {
             None => Runtime::default(),
             Some(a) => Runtime {
@@ -151,12 +168,11 @@ impl VolumeActor {
             return Ok(());
         }
         let engine = Arc::new(ThinImage::open(&self.node.volume_dir(&self.id))?);
-        let export = Export::start(
-            self.node.export,
+        let export = self.node.exporter.start(
+            &self.id,
             &self.name,
             engine.clone() as Arc<dyn BlockEngine>,
             &self.node.fuse_dir(&self.name),
-            self.node.passthrough,
         )?;
         tracing::info!(volume = %self.name, device = %export.device().display(), "attached");
         self.attached = Some(Attached {
@@ -165,6 +181,32 @@ impl VolumeActor {
             fs_mount: None,
             data_path: None,
         });
+        Ok(())
+    }
+
+    /// Take back what a crashed daemon left attached, as it was: the
+    /// export goes on serving the same device, the filesystem stays
+    /// mounted, Docker's mount IDs are remembered.
+    fn resume(&mut self, rec: handover::AttachRecord) -> Result<(), VolumeErrorKind> {
+        // The engine stays in passthrough if it was: the kernel kept writing
+        // the data file directly while no daemon ran.
+        let engine = Arc::new(ThinImage::open_resuming(&self.node.volume_dir(&self.id))?);
+        let inherited = engine.is_passthrough();
+        let export = self.node.exporter.resume(
+            &self.id,
+            &self.name,
+            engine.clone() as Arc<dyn BlockEngine>,
+            &rec.export,
+            inherited,
+        )?;
+        tracing::info!(volume = %self.name, device = %export.device().display(), mounts = rec.usage.total_mounts(), "taken back after a daemon restart");
+        self.attached = Some(Attached {
+            engine,
+            export,
+            fs_mount: rec.fs_mount,
+            data_path: rec.data_path,
+        });
+        self.usage = rec.usage;
         Ok(())
     }
 
@@ -273,6 +315,11 @@ pub struct HostDetach;
 #[derive(Message)]
 #[rtype(result = "Result<(), VolumeError>")]
 pub struct Remove;
+
+/// Take back the volume a crashed daemon left attached (sent once, first).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Resume(pub handover::AttachRecord);
 
 /// The daemon is stopping: take everything down, even if busy.
 #[derive(Message)]
@@ -401,6 +448,24 @@ impl Handler<Remove> for VolumeActor {
         tracing::info!(volume = %self.name, "removed");
         ctx.stop();
         Ok(())
+    }
+}
+
+impl Handler<Resume> for VolumeActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Resume, _: &mut SyncContext<Self>) {
+        let rec = msg.0;
+        let export = rec.export.clone();
+        let fs_mount = rec.fs_mount.clone();
+        if let Err(e) = self.resume(rec) {
+            tracing::error!(volume = %self.name, node = %self.node.name, error = %e, "cannot take the volume back after a restart: its users lose it (containers using it must be restarted)");
+            self.node
+                .exporter
+                .abandon(&self.id, &export, fs_mount.as_deref());
+            self.usage = Usage::default();
+        }
+        self.publish();
     }
 }
 

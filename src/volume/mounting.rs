@@ -46,6 +46,22 @@ pub fn mkfs(device: &Path, spec: &VolumeSpec) -> Result<(), String> {
     }
 }
 
+/// Run a helper (mount, umount, mkdir) as a child process. Whatever does IO
+/// on a dunnage device runs outside the daemon: a thread of ours blocked on
+/// our own device would keep a killed daemon from ever exiting, and with it
+/// the ublk character device a new daemon needs to recover the device.
+fn helper(program: &str, args: &[&std::ffi::OsStr]) -> Result<(), String> {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run {program}: {e} (install util-linux)"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+    }
+}
+
 /// Mount `device` at `target` and return the directory to hand to Docker.
 pub fn mount_for_docker(device: &Path, target: &Path, fs: FsType) -> Result<PathBuf, String> {
     std::fs::create_dir_all(target).map_err(|e| format!("create {}: {e}", target.display()))?;
@@ -54,11 +70,22 @@ pub fn mount_for_docker(device: &Path, target: &Path, fs: FsType) -> Result<Path
         mount::unmount(target, true)
             .map_err(|e| format!("unmount stale {}: {e}", target.display()))?;
     }
-    mount::mount_fs(device, target, &fs.to_string())
-        .map_err(|e| format!("mount {} on {}: {e}", device.display(), target.display()))?;
+    let fstype = fs.to_string();
+    helper(
+        "mount",
+        &[
+            "-t".as_ref(),
+            fstype.as_ref(),
+            "-o".as_ref(),
+            "noatime".as_ref(),
+            device.as_os_str(),
+            target.as_os_str(),
+        ],
+    )
+    .map_err(|e| format!("mount {} on {}: {e}", device.display(), target.display()))?;
     let data = target.join(DATA_SUBDIR);
-    if let Err(e) = std::fs::create_dir_all(&data) {
-        let _ = mount::unmount(target, false);
+    if let Err(e) = helper("mkdir", &["-p".as_ref(), data.as_os_str()]) {
+        let _ = unmount(target, true);
         return Err(format!("create {}: {e}", data.display()));
     }
     Ok(data)
@@ -70,16 +97,16 @@ pub fn mount_for_docker(device: &Path, target: &Path, fs: FsType) -> Result<Path
 pub fn unmount(target: &Path, force: bool) -> Result<(), String> {
     let mut last = None;
     for _ in 0..25 {
-        match mount::unmount(target, false) {
+        if !mount::is_mount_point(target) {
+            last = None;
+            break;
+        }
+        match helper("umount", &[target.as_os_str()]) {
             Ok(()) => {
                 last = None;
                 break;
             }
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) && !mount::is_mount_point(target) => {
-                last = None;
-                break;
-            }
-            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+            Err(e) if e.contains("busy") => {
                 last = Some(e);
                 std::thread::sleep(std::time::Duration::from_millis(40));
             }
@@ -93,7 +120,8 @@ pub fn unmount(target: &Path, force: bool) -> Result<(), String> {
                 target.display()
             ));
         }
-        mount::unmount(target, true).map_err(|e| format!("unmount {}: {e}", target.display()))?;
+        helper("umount", &["-l".as_ref(), target.as_os_str()])
+            .map_err(|e| format!("unmount {}: {e}", target.display()))?;
     }
     let _ = std::fs::remove_dir(target);
     Ok(())

@@ -32,7 +32,8 @@ pub enum UsageError {
     DockerMounted(u32),
 }
 
-#[derive(Debug, Default, Clone)]
+/// Persisted with the attach record, so a restarted daemon keeps counting.
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Usage {
     /// Mount ID -> how many times Docker mounted it without unmounting.
     mounts: BTreeMap<String, u32>,

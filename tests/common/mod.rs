@@ -579,6 +579,25 @@ impl Daemon {
         leftovers(&self.run_dir, &self.mount_dir)
     }
 
+    /// Leftovers once the daemon stopped cleanly: also its FUSE keeper,
+    /// which must have exited (it had nothing left to hold).
+    pub fn leftovers_stopped(&self) -> Vec<String> {
+        let mut l = self.leftovers();
+        // The keeper exits right after answering the daemon's bye.
+        for _ in 0..100 {
+            if keeper_pids(&self.run_dir).is_empty() {
+                break;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        l.extend(
+            keeper_pids(&self.run_dir)
+                .into_iter()
+                .map(|p| format!("fuse-keeper process {p}")),
+        );
+        l
+    }
+
     /// Leftovers while the daemon still runs: like [`Daemon::leftovers`] but tolerating one
     /// daemon-wide FUSE mount exactly at `<run-dir>/fuse` (the export's root), which may
     /// live as long as the daemon. Per-volume mounts and loop devices are never tolerated.
@@ -700,6 +719,11 @@ impl Drop for Daemon {
 /// Lazily unmounts everything under `root` (deepest first) and detaches loop devices
 /// whose backing file is under `root`.
 pub fn cleanup_under(root: &Path) {
+    // A FUSE keeper left by a failed test keeps dead connections hanging:
+    // kill it first so the unmounts below cannot block on them.
+    for pid in keeper_pids(root) {
+        let _ = kill(pid, Signal::SIGKILL);
+    }
     for _ in 0..3 {
         let mut mounts = mounts_under(root);
         if mounts.is_empty() {
@@ -1048,6 +1072,32 @@ pub fn leftovers(run_dir: &Path, mount_dir: &Path) -> Vec<String> {
             .filter(|(_, b)| b.starts_with(run_dir))
             .map(|(dev, b)| format!("loop {} -> {}", dev, b.display())),
     );
+    out
+}
+
+/// `dunnage fuse-keeper` processes whose run dir lies under `root`.
+pub fn keeper_pids(root: &Path) -> Vec<Pid> {
+    let mut out = Vec::new();
+    let Ok(rd) = fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmdline) = fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if args.iter().any(|a| a == "fuse-keeper")
+            && args.iter().any(|a| Path::new(a).starts_with(root))
+        {
+            out.push(Pid::from_raw(pid));
+        }
+    }
     out
 }
 

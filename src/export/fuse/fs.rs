@@ -28,12 +28,25 @@ thread_local! {
     static READ_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
-/// The kernel's handle on the file it reads and writes directly.
-struct Passthrough {
-    id: BackingId,
+/// Passthrough opens: the kernel reads and writes the engine's file itself.
+#[derive(Default)]
+struct Backing {
+    /// The kernel's handle on that file; `None` after a resume, until an
+    /// open needs one (the old daemon's registration lives on in the kernel
+    /// for the files it opened).
+    id: Option<BackingId>,
     /// Kept open as long as the kernel may use it.
-    _file: std::fs::File,
+    file: Option<std::fs::File>,
     opens: u32,
+}
+
+/// What the export reports about its filesystem.
+#[derive(Debug, Default)]
+pub struct Status {
+    /// The kernel does this volume's IO itself right now.
+    pub active: AtomicBool,
+    /// Passthrough was wanted and the kernel agreed at INIT.
+    pub granted: AtomicBool,
 }
 
 pub struct ImageFs {
@@ -41,42 +54,64 @@ pub struct ImageFs {
     started: SystemTime,
     /// Passthrough wanted (by configuration) and granted (by the kernel at init).
     passthrough: bool,
-    backing: Mutex<Option<Passthrough>>,
-    /// Whether the kernel currently does the IO itself, for `volume inspect`.
-    active: Arc<AtomicBool>,
+    backing: Mutex<Option<Backing>>,
+    status: Arc<Status>,
 }
 
 impl ImageFs {
-    pub fn new(engine: Arc<dyn BlockEngine>, passthrough: bool, active: Arc<AtomicBool>) -> Self {
+    pub fn new(engine: Arc<dyn BlockEngine>, passthrough: bool, status: Arc<Status>) -> Self {
         ImageFs {
             engine,
             started: SystemTime::now(),
             passthrough,
             backing: Mutex::new(None),
-            active,
+            status,
         }
     }
 
-    /// Make sure a passthrough backing exists if the engine allows one.
-    fn ensure_backing(&self, backing: &mut Option<Passthrough>, reply: &ReplyOpen) {
-        if backing.is_some() {
-            return;
+    /// Serve a connection an earlier daemon set up. `inherited` when the
+    /// engine is still in passthrough: the loop device's open (the one
+    /// user of the image) goes on bypassing us, and its release ends it.
+    pub fn resumed(
+        engine: Arc<dyn BlockEngine>,
+        passthrough: bool,
+        inherited: bool,
+        status: Arc<Status>,
+    ) -> Self {
+        let fs = ImageFs::new(engine, passthrough, status);
+        if inherited {
+            fs.status.active.store(true, Ordering::Relaxed);
+            *fs.backing.lock() = Some(Backing {
+                opens: 1,
+                ..Backing::default()
+            });
+        }
+        fs
+    }
+
+    /// Make sure the kernel has a backing file for a new passthrough open.
+    /// False when the engine (or the kernel) refuses passthrough now.
+    fn ensure_backing(&self, backing: &mut Option<Backing>, reply: &ReplyOpen) -> bool {
+        if backing.as_ref().is_some_and(|b| b.id.is_some()) {
+            return true;
         }
         let Some(file) = self.engine.begin_passthrough() else {
-            return;
+            return false;
         };
         match reply.open_backing(&file) {
             Ok(id) => {
-                self.active.store(true, Ordering::Relaxed);
-                *backing = Some(Passthrough {
-                    id,
-                    _file: file,
-                    opens: 0,
-                })
+                self.status.active.store(true, Ordering::Relaxed);
+                let b = backing.get_or_insert_with(Backing::default);
+                b.id = Some(id);
+                b.file = Some(file);
+                true
             }
             Err(e) => {
                 tracing::warn!(error = %e, "the kernel refused FUSE passthrough; serving IO ourselves");
-                self.engine.end_passthrough();
+                if backing.is_none() {
+                    self.engine.end_passthrough();
+                }
+                false
             }
         }
     }
@@ -134,6 +169,9 @@ impl Filesystem for ImageFs {
                 self.passthrough = false;
             }
         }
+        self.status
+            .granted
+            .store(self.passthrough, Ordering::Relaxed);
         Ok(())
     }
 
@@ -157,11 +195,12 @@ impl Filesystem for ImageFs {
         }
         if self.passthrough {
             let mut backing = self.backing.lock();
-            self.ensure_backing(&mut backing, &reply);
-            if let Some(b) = backing.as_mut() {
+            if self.ensure_backing(&mut backing, &reply) {
+                let b = backing.as_mut().expect("ensured");
                 b.opens += 1;
+                let id = b.id.as_ref().expect("ensured");
                 // The kernel reads and writes the engine's data file itself.
-                return reply.opened_passthrough(PASSTHROUGH_FH, FopenFlags::empty(), &b.id);
+                return reply.opened_passthrough(PASSTHROUGH_FH, FopenFlags::empty(), id);
             }
         }
         // Direct IO: the loop device above is the only cache; parallel direct
@@ -185,11 +224,11 @@ impl Filesystem for ImageFs {
         if fh == PASSTHROUGH_FH {
             let mut backing = self.backing.lock();
             if let Some(b) = backing.as_mut() {
-                b.opens -= 1;
+                b.opens = b.opens.saturating_sub(1);
                 if b.opens == 0 {
                     // The last user is gone, so no IO bypasses us any more.
                     *backing = None;
-                    self.active.store(false, Ordering::Relaxed);
+                    self.status.active.store(false, Ordering::Relaxed);
                     self.engine.end_passthrough();
                 }
             }

@@ -32,6 +32,13 @@ const BLOCK_SHIFT: u8 = 12;
 /// How long `start` waits for the device to come up.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// What a new daemon needs to take the device back after a crash.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct UblkHandover {
+    pub dev_id: u32,
+    pub device: PathBuf,
+}
+
 pub struct UblkExport {
     dev_id: u32,
     device: PathBuf,
@@ -84,6 +91,28 @@ impl UblkExport {
         &self.device
     }
 
+    pub fn handover(&self) -> UblkHandover {
+        UblkHandover {
+            dev_id: self.dev_id,
+            device: self.device.clone(),
+        }
+    }
+
+    /// Take back a device a crashed daemon left quiesced (user recovery).
+    pub fn recover(
+        volume: &str,
+        _engine: Arc<dyn BlockEngine>,
+        handover: &UblkHandover,
+    ) -> Result<Self, ExportError> {
+        Err(ExportError::io(
+            format!(
+                "recover {} for {volume}: ublk user recovery is not built yet",
+                handover.device.display()
+            ),
+            std::io::Error::from(std::io::ErrorKind::Unsupported),
+        ))
+    }
+
     /// Stop the device (the queue threads see their commands aborted and
     /// return), then wait for the server thread, which deletes the device.
     pub fn stop(mut self) -> Result<(), ExportError> {
@@ -115,6 +144,20 @@ impl UblkExport {
 impl Drop for UblkExport {
     fn drop(&mut self) {
         let _ = self.shut_down();
+    }
+}
+
+/// Make a device nobody will recover fail its IO instead of queueing it.
+pub fn cut(handover: &UblkHandover) {
+    if let Ok(c) = UblkCtrl::new_simple(handover.dev_id as i32) {
+        let _ = c.kill_dev();
+    }
+}
+
+/// Delete a device nobody will recover.
+pub fn remove(handover: &UblkHandover) {
+    if let Ok(c) = UblkCtrl::new_simple(handover.dev_id as i32) {
+        let _ = c.del_dev();
     }
 }
 
