@@ -5,6 +5,7 @@
 //! encryption, replication) wrap or extend an engine through [`BlockEngine`].
 
 mod alloc;
+pub mod crypt;
 mod error;
 mod extents;
 mod header;
@@ -12,6 +13,7 @@ mod map;
 pub mod pattern;
 mod thin;
 
+pub use crypt::{CryptEngine, CryptParams, Secret};
 pub use error::EngineError;
 pub use thin::{ThinImage, ThinParams, ThinUsage};
 
