@@ -3,6 +3,11 @@
 //! The engine knows nothing of Docker, FUSE or ublk: exports call it directly
 //! from their IO threads (no actor hop per IO). Later layers (snapshots,
 //! encryption, replication) wrap or extend an engine through [`BlockEngine`].
+//!
+//! Encryption ([`CryptEngine`]) sits below the exports and above the thin
+//! image, so the image (and every snapshot or clone sharing its blocks) holds
+//! only ciphertext, and passthrough is off for encrypted volumes: the kernel
+//! would bypass the cipher.
 
 mod alloc;
 pub mod crypt;
