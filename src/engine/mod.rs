@@ -3,8 +3,14 @@
 //! The engine knows nothing of Docker, FUSE or ublk: exports call it directly
 //! from their IO threads (no actor hop per IO). Later layers (snapshots,
 //! encryption, replication) wrap or extend an engine through [`BlockEngine`].
+//!
+//! Encryption ([`CryptEngine`]) sits below the exports and above the thin
+//! image, so the image (and every snapshot or clone sharing its blocks) holds
+//! only ciphertext, and passthrough is off for encrypted volumes: the kernel
+//! would bypass the cipher.
 
 mod alloc;
+pub mod crypt;
 mod error;
 mod extents;
 mod header;
@@ -12,6 +18,7 @@ mod map;
 pub mod pattern;
 mod thin;
 
+pub use crypt::{CryptEngine, CryptParams, Secret};
 pub use error::EngineError;
 pub use thin::{ThinImage, ThinParams, ThinUsage};
 
