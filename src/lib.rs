@@ -15,6 +15,7 @@ pub mod engine;
 pub mod export;
 pub mod plugin;
 pub mod registry;
+pub mod schedule;
 pub mod serve;
 pub mod spec;
 pub mod sys;
