@@ -6,8 +6,10 @@
 //! passes `now` (from a [`Clock`]), carries out the returned [`Action`]s and
 //! reports back, so every rule is unit-tested with a [`FakeClock`].
 
+mod clock;
 mod error;
 mod policy;
 
+pub use clock::{Clock, FakeClock, SystemClock};
 pub use error::ScheduleError;
 pub use policy::{Rule, RuleKind, SnapPolicy, MAX_KEEP, MAX_PERIODIC_MINS};
