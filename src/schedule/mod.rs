@@ -9,7 +9,11 @@
 mod clock;
 mod error;
 mod policy;
+mod scheduler;
+#[cfg(test)]
+mod tests;
 
 pub use clock::{Clock, FakeClock, SystemClock};
 pub use error::ScheduleError;
 pub use policy::{Rule, RuleKind, SnapPolicy, MAX_KEEP, MAX_PERIODIC_MINS};
+pub use scheduler::{parse_snapshot_name, snapshot_name, Action, ScheduledSnapshot, Scheduler};
