@@ -15,6 +15,8 @@ pub struct Node {
     /// How volumes reach the kernel here (`auto` resolved), and the FUSE
     /// keeper.
     pub exporter: Exporter,
+    /// Encryption keys (memory only).
+    pub keys: crate::keys::KeyRing,
     pub catalog: Arc<dyn Catalog>,
 }
 

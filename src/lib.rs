@@ -13,6 +13,7 @@ pub mod config;
 pub mod control;
 pub mod engine;
 pub mod export;
+pub mod keys;
 pub mod plugin;
 pub mod registry;
 pub mod schedule;

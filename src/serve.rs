@@ -40,6 +40,11 @@ pub struct ServeArgs {
     /// `off` serves every IO through dunnage's own engine path.
     #[arg(long, value_enum, default_value = "auto")]
     pub fuse_passthrough: Passthrough,
+    /// File holding the node-wide encryption key: `secure=true` volumes
+    /// created without their own `secret_key` use it, and open by
+    /// themselves after a restart. Read once at start; keep it mode 600.
+    #[arg(long)]
+    pub secret_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -212,6 +217,7 @@ pub fn run(args: ServeArgs, run_dir: PathBuf) -> Result<()> {
     claim_socket(&control_sock)?;
     let export = export::resolve(args.export)?;
     let catalog: Arc<dyn Catalog> = Arc::new(EmbeddedCatalog::open(&args.data_dir)?);
+    let keys = crate::keys::KeyRing::new(args.secret_file.as_deref())?;
     // Last before serving: nothing below fails before the keeper is told bye.
     let exporter = Exporter::new(export, args.fuse_passthrough == Passthrough::Auto, &run_dir)?;
     let node = Arc::new(Node {
@@ -220,6 +226,7 @@ pub fn run(args: ServeArgs, run_dir: PathBuf) -> Result<()> {
         run_dir: run_dir.clone(),
         mount_dir: mount_dir.clone(),
         exporter,
+        keys,
         catalog,
     });
     let resumable = triage(&node);

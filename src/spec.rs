@@ -22,7 +22,20 @@ pub const DEFAULT_SIZE: u64 = GIB;
 pub const DEFAULT_BLOCK_SIZE_KIB: u32 = 32;
 
 /// Options this build honours.
-pub const SUPPORTED_OPTIONS: &[&str] = &["size", "fs", "fsopts", "block_size", "sticky", "label"];
+pub const SUPPORTED_OPTIONS: &[&str] = &[
+    "size",
+    "fs",
+    "fsopts",
+    "block_size",
+    "sticky",
+    "label",
+    "secure",
+    "secret_key",
+];
+
+/// The option carrying a volume's own passphrase. It is taken out of the
+/// options (see [`take_secret`]) before anything stores or logs them.
+pub const SECRET_OPTION: &str = "secret_key";
 
 /// Options of the design that parse but are not built yet. Values that mean
 /// "off" or "the default" are accepted, anything else is refused, never ignored.
@@ -34,8 +47,6 @@ const NOT_YET: &[&str] = &[
     "parent",
     "snap_interval",
     "snap_schedule",
-    "secure",
-    "secret_key",
     "io_priority",
     "priority_io",
     "group",
@@ -98,6 +109,9 @@ pub struct VolumeSpec {
     pub block_size_kib: u32,
     pub sticky: bool,
     pub labels: BTreeMap<String, String>,
+    /// Encrypted (AES-256-XTS); the key is never part of the spec.
+    #[serde(default)]
+    pub secure: bool,
 }
 
 impl Default for VolumeSpec {
@@ -109,6 +123,7 @@ impl Default for VolumeSpec {
             block_size_kib: DEFAULT_BLOCK_SIZE_KIB,
             sticky: false,
             labels: BTreeMap::new(),
+            secure: false,
         }
     }
 }
@@ -250,6 +265,29 @@ fn is_default_value(option: &str, value: &str) -> bool {
     }
 }
 
+/// Take the volume's own passphrase out of `opts` (any key case), so that
+/// the options can be stored and logged. An empty value is an error.
+pub fn take_secret(
+    opts: &mut BTreeMap<String, String>,
+) -> Result<Option<crate::engine::Secret>, SpecError> {
+    let Some(key) = opts
+        .keys()
+        .find(|k| k.trim().eq_ignore_ascii_case(SECRET_OPTION))
+        .cloned()
+    else {
+        return Ok(None);
+    };
+    let value = opts.remove(&key).unwrap_or_default();
+    if value.is_empty() {
+        return Err(SpecError::Value {
+            option: SECRET_OPTION.into(),
+            value: String::new(),
+            reason: "the passphrase is empty".into(),
+        });
+    }
+    Ok(Some(crate::engine::Secret::new(value)))
+}
+
 /// Build a spec from Docker's `Opts` (plus the size from a `name@size` shorthand).
 pub fn parse_options(
     opts: &BTreeMap<String, String>,
@@ -302,6 +340,9 @@ pub fn parse_options(
                 spec.block_size_kib = kib;
             }
             "sticky" => spec.sticky = parse_bool("sticky", value)?,
+            "secure" => spec.secure = parse_bool("secure", value)?,
+            // Taken out by `take_secret` before parsing; never stored.
+            SECRET_OPTION => {}
             "label" | "labels" => spec.labels = parse_labels(value)?,
             "repl" | "replicas" => {
                 let n: u32 = value.trim().parse().unwrap_or(0);
@@ -475,7 +516,7 @@ mod tests {
             (&[("fs", "ntfs")], "ext4, xfs and none"),
             (&[("repl", "7")], "1, 2 or 3"),
             (&[("repl", "2")], "not supported yet"),
-            (&[("secure", "true")], "not supported yet"),
+            (&[("secure", "perhaps")], "true or false"),
             (&[("parent", "src")], "not supported yet"),
             (&[("io_priority", "high")], "not supported yet"),
             (&[("colour", "blue")], "valid options are: size, fs"),
@@ -505,6 +546,21 @@ mod tests {
             None,
         )
         .unwrap();
+    }
+
+    #[test]
+    fn the_secret_is_taken_out_before_anything_stores_the_options() {
+        let mut o = opts(&[("secure", "true"), ("Secret_Key", "hunter2")]);
+        let secret = take_secret(&mut o).unwrap().expect("a secret");
+        assert!(!format!("{secret:?}").contains("hunter2"));
+        assert_eq!(o.keys().collect::<Vec<_>>(), ["secure"]);
+        assert!(parse_options(&o, None).unwrap().secure);
+        let mut empty = opts(&[("secret_key", "")]);
+        assert!(take_secret(&mut empty)
+            .unwrap_err()
+            .to_string()
+            .contains("empty"));
+        assert!(take_secret(&mut opts(&[("size", "1G")])).unwrap().is_none());
     }
 
     #[test]

@@ -438,6 +438,8 @@ fn cli_errors() {
         );
     }
     let err = d.cli_err(&["volume", "create", "x", "-o", "secure=true"]);
+    assert!(err.contains("needs a key"), "{err:?}");
+    let err = d.cli_err(&["volume", "create", "x", "-o", "io_priority=high"]);
     assert!(err.contains("not supported yet"), "{err:?}");
     let err = d.cli_err(&["volume", "create", "x", "-o", "colour=blue"]);
     assert!(err.contains("colour") && err.contains("size"), "{err:?}");

@@ -39,6 +39,16 @@ pub enum VolumeCmd {
     Inspect { name: String },
     /// Delete a volume and its data (refused while in use or sticky).
     Rm { name: String },
+    /// Give the key of an encrypted volume created with its own
+    /// `secret_key`: after a daemon restart such a volume is locked until
+    /// then. The key is read from standard input (or --key-file), never
+    /// from the command line, where `ps` would show it.
+    Unlock {
+        name: String,
+        /// Read the key from this file instead of standard input.
+        #[arg(long)]
+        key_file: Option<PathBuf>,
+    },
     /// Change a volume's sticky flag or labels.
     Update {
         name: String,
@@ -131,6 +141,25 @@ pub fn volume(run_dir: &Path, cmd: VolumeCmd) -> Result<()> {
         }
         VolumeCmd::Rm { name } => {
             let () = client.post("/v1/volume/remove", &NameArgs { name: name.clone() })?;
+            println!("{name}");
+        }
+        VolumeCmd::Unlock { name, key_file } => {
+            let mut key = match key_file {
+                Some(f) => std::fs::read_to_string(&f)
+                    .map_err(|e| anyhow::anyhow!("read {}: {e}", f.display()))?,
+                None => std::io::read_to_string(std::io::stdin())?,
+            };
+            while key.ends_with('\n') || key.ends_with('\r') {
+                key.pop();
+            }
+            if key.is_empty() {
+                bail!("no key given: pipe it to standard input or use --key-file");
+            }
+            let args = crate::control::UnlockArgs {
+                name: name.clone(),
+                secret: key,
+            };
+            let () = client.post("/v1/volume/unlock", &args)?;
             println!("{name}");
         }
         VolumeCmd::Update { name, opts } => {

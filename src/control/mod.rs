@@ -23,6 +23,13 @@ pub struct CreateArgs {
     pub opts: BTreeMap<String, String>,
 }
 
+/// `POST /v1/volume/unlock`. Not `Debug`: it carries the key.
+#[derive(Serialize, Deserialize)]
+pub struct UnlockArgs {
+    pub name: String,
+    pub secret: String,
+}
+
 /// What `GET /v1/node` answers.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct NodeInfo {
@@ -119,6 +126,24 @@ async fn detach(reg: Reg, body: web::Bytes) -> HttpResponse {
     }
 }
 
+async fn unlock(reg: Reg, body: web::Bytes) -> HttpResponse {
+    match args::<UnlockArgs>(&body) {
+        Ok(a) if a.secret.is_empty() => fail(400, "the key is empty"),
+        Ok(a) => reply(
+            reg.send(registry::Unlock {
+                name: a.name,
+                secret: crate::engine::Secret::new(a.secret),
+            })
+            .await,
+        ),
+        // Never echo the body: it holds the key.
+        Err(_) => fail(
+            400,
+            "malformed request: expected {\"name\": ..., \"secret\": ...}",
+        ),
+    }
+}
+
 async fn node(info: web::Data<NodeInfo>) -> HttpResponse {
     HttpResponse::Ok().json(info.get_ref())
 }
@@ -132,5 +157,6 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/v1/volume/remove", web::post().to(remove))
         .route("/v1/volume/attach", web::post().to(attach))
         .route("/v1/volume/detach", web::post().to(detach))
+        .route("/v1/volume/unlock", web::post().to(unlock))
         .default_service(web::to(|| async { fail(404, "no such control endpoint") }));
 }

@@ -297,6 +297,24 @@ impl std::fmt::Debug for CryptEngine {
     }
 }
 
+/// Read the `crypt` file in `dir` and derive the keys, checking them
+/// against its key check value.
+fn unlock(dir: &Path, secret: &Secret) -> Result<(CryptParams, DerivedKeys), EngineError> {
+    let params = CryptParams::load(dir)?;
+    check_secret(secret)?;
+    let keys = derive_keys(secret, &params.salt, params.iterations);
+    // Constant time: the comparison reveals nothing of the MAC.
+    if key_check_mac(&keys)
+        .verify_slice(&params.key_check)
+        .is_err()
+    {
+        return Err(EngineError::WrongKey {
+            path: dir.to_path_buf(),
+        });
+    }
+    Ok((params, keys))
+}
+
 impl CryptEngine {
     /// Encrypt the new, empty `image` in `dir` (its directory) with
     /// `secret`, [`DEFAULT_ITERATIONS`]: write the `crypt` file durably.
@@ -363,23 +381,18 @@ impl CryptEngine {
         dir: &Path,
         secret: &Secret,
     ) -> Result<CryptEngine, EngineError> {
-        let params = CryptParams::load(dir)?;
-        check_secret(secret)?;
-        let keys = derive_keys(secret, &params.salt, params.iterations);
-        // Constant time: the comparison reveals nothing of the MAC.
-        if key_check_mac(&keys)
-            .verify_slice(&params.key_check)
-            .is_err()
-        {
-            return Err(EngineError::WrongKey {
-                path: dir.to_path_buf(),
-            });
-        }
+        let (params, keys) = unlock(dir, secret)?;
         Ok(CryptEngine {
             inner: image,
             xts: xts_cipher(&keys[..64]),
             params,
         })
+    }
+
+    /// Whether `secret` is the key of the encrypted image in `dir`, without
+    /// opening the image: [`EngineError::WrongKey`] if not.
+    pub fn check_key(dir: &Path, secret: &Secret) -> Result<(), EngineError> {
+        unlock(dir, secret).map(|_| ())
     }
 
     /// The volume's encryption parameters (the `crypt` file).

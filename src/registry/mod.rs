@@ -12,7 +12,7 @@ pub use view::VolumeInfo;
 
 use crate::catalog::{new_volume_id, CatalogError, VolumeRecord};
 use crate::config::Node;
-use crate::engine::{EngineError, ThinImage, ThinParams};
+use crate::engine::{CryptEngine, EngineError, Secret, ThinImage, ThinParams};
 use crate::spec::{self, SpecError};
 use crate::volume::handover::AttachRecord;
 use crate::volume::{self, RuntimeTable, VolumeActor, VolumeError};
@@ -133,8 +133,37 @@ impl Registry {
         }
         let (base, shorthand) = spec::split_shorthand(name);
         spec::validate_name(base)?;
+        // The passphrase leaves the options here: they are stored and shown.
+        let mut opts = opts.clone();
+        let own_key = spec::take_secret(&mut opts)?;
         // Validate even when the volume exists, so a typo is not silently accepted.
-        let spec = spec::parse_options(opts, shorthand)?;
+        let spec = spec::parse_options(&opts, shorthand)?;
+        let key = match (spec.secure, own_key) {
+            (false, Some(_)) => {
+                return Err(SpecError::Value {
+                    option: spec::SECRET_OPTION.into(),
+                    value: "(hidden)".into(),
+                    reason: "a key is only used by encrypted volumes: add -o secure=true".into(),
+                }
+                .into())
+            }
+            (false, None) => None,
+            (true, Some(k)) => Some((Arc::new(k), true)),
+            (true, None) => match self.node.keys.node_key() {
+                Some(k) => Some((k, false)),
+                None => {
+                    return Err(SpecError::Value {
+                        option: "secure".into(),
+                        value: "true".into(),
+                        reason: format!(
+                            "an encrypted volume needs a key: add -o {}=PASSPHRASE, or start dunnage serve with --secret-file FILE for a node-wide key",
+                            spec::SECRET_OPTION
+                        ),
+                    }
+                    .into())
+                }
+            },
+        };
         if let Some(existing) = self.node.catalog.get(base) {
             return Ok(self.info(existing));
         }
@@ -143,7 +172,7 @@ impl Registry {
             id: new_volume_id(),
             created_at: chrono::Utc::now(),
             spec,
-            options: opts.clone(),
+            options: opts,
             formatted: false,
         };
         let dir = self.node.volume_dir(&record.id);
@@ -161,6 +190,12 @@ impl Registry {
                         block_size: record.spec.block_size_bytes(),
                     },
                 )
+            })
+            .and_then(|image| match &key {
+                // Encrypted before the catalog knows the volume: a crash
+                // in between leaves an orphan directory, removed at start.
+                Some((k, _)) => CryptEngine::create(Arc::new(image), &dir, k).map(|_| ()),
+                None => Ok(()),
             });
         if let Err(source) = made {
             let _ = std::fs::remove_dir_all(&dir);
@@ -178,7 +213,10 @@ impl Registry {
                 source,
             });
         }
-        tracing::info!(volume = %record.name, id = %record.id, size = record.spec.size, fs = %record.spec.fs, "created");
+        if let Some((k, true)) = key {
+            self.node.keys.insert(&record.id, k);
+        }
+        tracing::info!(volume = %record.name, id = %record.id, size = record.spec.size, fs = %record.spec.fs, encrypted = record.spec.secure, "created");
         Ok(self.info(record))
     }
 
@@ -261,7 +299,8 @@ pub fn remove_orphans(node: &Node) -> Vec<PathBuf> {
     removed
 }
 
-#[derive(Message, Debug)]
+/// Not `Debug`: the options may still carry the passphrase.
+#[derive(Message)]
 #[rtype(result = "Reply<VolumeInfo>")]
 pub struct Create {
     pub name: String,
@@ -315,6 +354,39 @@ pub struct Attach {
 #[rtype(result = "Reply<()>")]
 pub struct Detach {
     pub name: String,
+}
+
+/// Give the key of an encrypted volume created with its own `secret_key`
+/// (a restarted daemon does not have it): checked against the volume, then
+/// held in memory.
+#[derive(Message)]
+#[rtype(result = "Reply<()>")]
+pub struct Unlock {
+    pub name: String,
+    pub secret: Secret,
+}
+
+impl Handler<Unlock> for Registry {
+    type Result = Reply<()>;
+    fn handle(&mut self, msg: Unlock, _: &mut Context<Self>) -> Self::Result {
+        let record = self.lookup(&msg.name)?;
+        let node = self.node.name.clone();
+        let fail = |kind: volume::VolumeErrorKind| {
+            RegistryError::Volume(VolumeError {
+                volume: record.name.clone(),
+                node: node.clone(),
+                kind,
+            })
+        };
+        if !record.spec.secure {
+            return Err(fail(volume::VolumeErrorKind::NotEncrypted));
+        }
+        CryptEngine::check_key(&self.node.volume_dir(&record.id), &msg.secret)
+            .map_err(|e| fail(e.into()))?;
+        self.node.keys.insert(&record.id, Arc::new(msg.secret));
+        tracing::info!(volume = %record.name, "unlocked");
+        Ok(())
+    }
 }
 
 /// Take every volume down; answered when all are down.

@@ -19,6 +19,8 @@ pub struct VolumeInfo {
     pub fsopts: String,
     pub block_size_kib: u32,
     pub sticky: bool,
+    /// Encrypted at rest (AES-256-XTS); the key is never shown.
+    pub encrypted: bool,
     pub labels: BTreeMap<String, String>,
     pub options: BTreeMap<String, String>,
     pub formatted: bool,
@@ -51,6 +53,7 @@ impl VolumeInfo {
             fsopts: record.spec.fsopts.join(" "),
             block_size_kib: record.spec.block_size_kib,
             sticky: record.spec.sticky,
+            encrypted: record.spec.secure,
             labels: record.spec.labels,
             options: record.options,
             formatted: record.formatted,

@@ -12,7 +12,7 @@ pub mod usage;
 
 use crate::catalog::{CatalogError, VolumeRecord};
 use crate::config::Node;
-use crate::engine::{BlockEngine, EngineError, ThinImage};
+use crate::engine::{BlockEngine, CryptEngine, EngineError, ThinImage};
 use crate::export::{Export, ExportError};
 use crate::spec::FsType;
 use actix::prelude::*;
@@ -75,6 +75,10 @@ pub enum VolumeErrorKind {
     Mkfs(String),
     #[error("{0}")]
     Mount(String),
+    #[error("it is encrypted with its own key, which this daemon does not hold (it was restarted): run `dunnage volume unlock {0}` and give the key")]
+    Locked(String),
+    #[error("it is not encrypted: there is nothing to unlock")]
+    NotEncrypted,
     #[error("engine: {0}")]
     Engine(#[from] EngineError),
     #[error("export: {0}")]
@@ -163,15 +167,40 @@ impl VolumeActor {
         self.runtime.write().insert(self.id.clone(), rt);
     }
 
-    fn bring_up(&mut self) -> Result<(), VolumeErrorKind> {
+    /// What exports serve: the image, or the encryption layer over it
+    /// (which checks the key before any IO).
+    fn served(
+        &self,
+        image: &Arc<ThinImage>,
+        secure: bool,
+    ) -> Result<Arc<dyn BlockEngine>, VolumeErrorKind> {
+        if !secure {
+            return Ok(image.clone());
+        }
+        let key = self
+            .node
+            .keys
+            .get(&self.id)
+            .ok_or_else(|| VolumeErrorKind::Locked(self.name.clone()))?;
+        let dir = self.node.volume_dir(&self.id);
+        match CryptEngine::open(image.clone(), &dir, &key) {
+            Ok(c) => Ok(Arc::new(c)),
+            // The node key is tried when the volume's own is unknown.
+            Err(EngineError::WrongKey { .. }) => Err(VolumeErrorKind::Locked(self.name.clone())),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn bring_up(&mut self, secure: bool) -> Result<(), VolumeErrorKind> {
         if self.attached.is_some() {
             return Ok(());
         }
         let engine = Arc::new(ThinImage::open(&self.node.volume_dir(&self.id))?);
+        let served = self.served(&engine, secure)?;
         let export = self.node.exporter.start(
             &self.id,
             &self.name,
-            engine.clone() as Arc<dyn BlockEngine>,
+            served,
             &self.node.fuse_dir(&self.name),
         )?;
         tracing::info!(volume = %self.name, device = %export.device().display(), "attached");
@@ -192,13 +221,12 @@ impl VolumeActor {
         // the data file directly while no daemon ran.
         let engine = Arc::new(ThinImage::open_resuming(&self.node.volume_dir(&self.id))?);
         let inherited = engine.is_passthrough();
-        let export = self.node.exporter.resume(
-            &self.id,
-            &self.name,
-            engine.clone() as Arc<dyn BlockEngine>,
-            &rec.export,
-            inherited,
-        )?;
+        let secure = self.record().map(|r| r.spec.secure).unwrap_or(false);
+        let served = self.served(&engine, secure)?;
+        let export =
+            self.node
+                .exporter
+                .resume(&self.id, &self.name, served, &rec.export, inherited)?;
         tracing::info!(volume = %self.name, device = %export.device().display(), mounts = rec.usage.total_mounts(), "taken back after a daemon restart");
         self.attached = Some(Attached {
             engine,
@@ -339,7 +367,7 @@ impl Handler<Mount> for VolumeActor {
             .check_mount(&self.name)
             .map_err(|e| self.err(e))?;
         if step == MountStep::Attach {
-            self.bring_up().map_err(|e| self.err(e))?;
+            self.bring_up(record.spec.secure).map_err(|e| self.err(e))?;
             if let Err(e) = self.format_and_mount(&record) {
                 let _ = self.tear_down(true);
                 self.publish();
@@ -380,14 +408,14 @@ impl Handler<HostAttach> for VolumeActor {
     type Result = Result<PathBuf, VolumeError>;
 
     fn handle(&mut self, _: HostAttach, _: &mut SyncContext<Self>) -> Self::Result {
-        self.record()?;
+        let record = self.record()?;
         if self.usage.host_attached() {
             if let Some(a) = &self.attached {
                 return Ok(a.export.device().to_path_buf());
             }
         }
         self.usage.check_host_attach().map_err(|e| self.err(e))?;
-        self.bring_up().map_err(|e| self.err(e))?;
+        self.bring_up(record.spec.secure).map_err(|e| self.err(e))?;
         self.usage.set_host(true);
         self.publish();
         Ok(self
@@ -440,6 +468,7 @@ impl Handler<Remove> for VolumeActor {
             .remove(&self.name, &self.id)
             .map_err(|e| self.err(e))?;
         self.removed = true;
+        self.node.keys.forget(&self.id);
         self.runtime.write().remove(&self.id);
         let dir = self.node.volume_dir(&self.id);
         if let Err(e) = std::fs::remove_dir_all(&dir) {

@@ -126,6 +126,8 @@ pub struct Opts {
     pub name: Option<String>,
     /// `--fuse-passthrough`: `auto` (the default) or `off` (every IO through dunnage's engine).
     pub passthrough: &'static str,
+    /// More `serve` flags (e.g. `--secret-file`).
+    pub extra_args: Vec<String>,
 }
 
 impl Default for Opts {
@@ -136,6 +138,7 @@ impl Default for Opts {
             export: "fuse".into(),
             name: None,
             passthrough: "auto",
+            extra_args: Vec::new(),
         }
     }
 }
@@ -161,6 +164,7 @@ pub struct Daemon {
     explicit_mount_dir: bool,
     export: String,
     passthrough: &'static str,
+    extra_args: Vec<String>,
     pub log_path: PathBuf,
     child: Option<Child>,
     // Last, so it is dropped after the daemon is stopped.
@@ -200,6 +204,7 @@ impl Daemon {
             explicit_mount_dir: opts.custom_mount_dir,
             export: opts.export,
             passthrough: opts.passthrough,
+            extra_args: opts.extra_args,
             log_path: root.join("daemon.log"),
             child: None,
             tmp,
@@ -250,6 +255,7 @@ impl Daemon {
         args.push(self.export.clone());
         args.push("--fuse-passthrough".into());
         args.push(self.passthrough.into());
+        args.extend(self.extra_args.iter().cloned());
         args
     }
 

@@ -1,0 +1,236 @@
+//! Encrypted volumes (`secure=true`) through the plugin socket, the CLI and
+//! dockerd: no plaintext and no key anywhere on disk or in what the daemon
+//! shows, a wrong key refused before any IO, locked after a restart until
+//! `dunnage volume unlock`, and the node-wide key of `--secret-file`.
+
+mod common;
+
+use common::{
+    docker, docker_ok, require_docker, unique, write_durably, Daemon, Opts, BIN, TEST_IMAGE,
+};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+const MARKER: &[u8] = b"PLAINTEXT-MARKER-dunnage-7f3a9c";
+
+fn marker_blob() -> Vec<u8> {
+    MARKER.repeat(4 << 20 >> 5)
+}
+
+/// Every regular file under `dir` (sockets and the like skipped).
+fn files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let p = e.path();
+        let Ok(ft) = e.file_type() else { continue };
+        if ft.is_dir() {
+            out.extend(files(&p));
+        } else if ft.is_file() {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// The files under `dirs` whose bytes contain `needle`.
+fn containing(dirs: &[&Path], needle: &[u8]) -> Vec<PathBuf> {
+    let mut hits = Vec::new();
+    for dir in dirs {
+        for f in files(dir) {
+            let Ok(bytes) = std::fs::read(&f) else {
+                continue;
+            };
+            if bytes.windows(needle.len()).any(|w| w == needle) {
+                hits.push(f);
+            }
+        }
+    }
+    hits
+}
+
+fn unlock(d: &Daemon, name: &str, key: &str) -> (bool, String) {
+    let mut child = Command::new(BIN)
+        .args([
+            "--run-dir",
+            &d.run_dir.display().to_string(),
+            "volume",
+            "unlock",
+            name,
+        ])
+        .env_remove("DUNNAGE_RUN_DIR")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    writeln!(child.stdin.take().unwrap(), "{key}").unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn encrypted_volume_leaves_no_plaintext_or_key_and_locks_after_restart() {
+    let mut d = Daemon::start(Opts::default());
+    let key = format!("passphrase-{}", unique("k"));
+    let info = d.create(
+        "sec",
+        &[("size", "64M"), ("secure", "true"), ("secret_key", &key)],
+    );
+    let text = info.to_string();
+    assert!(!text.contains(&key), "Create answered the key: {text}");
+
+    let a = common::mount_id("sec-a");
+    let mp = d.mount("sec", &a);
+    let inspect = d.inspect("sec");
+    assert_eq!(inspect["encrypted"], true, "{inspect}");
+    assert_eq!(
+        inspect["io_path"], "engine",
+        "encrypted IO must not bypass the engine: {inspect}"
+    );
+    write_durably(&mp.join("blob"), &marker_blob());
+    d.unmount("sec", &a);
+
+    // Nothing of the plaintext, nothing of the key: data, run dir, log.
+    let dirs = [
+        d.data_dir.as_path(),
+        d.run_dir.as_path(),
+        d.log_path.parent().unwrap(),
+    ];
+    let hits = containing(&dirs, MARKER);
+    assert!(hits.is_empty(), "plaintext on disk in {hits:?}");
+    let hits = containing(&dirs, key.as_bytes());
+    assert!(hits.is_empty(), "the key is on disk in {hits:?}");
+    let (_, get) = d.get("sec");
+    assert!(!get.to_string().contains(&key), "Get shows the key: {get}");
+    let shown = d.cli_ok(&["volume", "inspect", "sec"]);
+    assert!(!shown.contains(&key) && shown.contains("secure"), "{shown}");
+
+    // After a restart the volume's own key is gone: locked, with a way out.
+    d.restart();
+    let b = common::mount_id("sec-b");
+    let err = d.err(
+        "/VolumeDriver.Mount",
+        &serde_json::json!({"Name": "sec", "ID": b}),
+    );
+    assert!(
+        err.contains("volume unlock sec") && err.contains("sec"),
+        "{err}"
+    );
+    let (ok, err) = unlock(&d, "sec", "not-the-key");
+    assert!(!ok && err.contains("does not match"), "wrong key: {err}");
+    let (ok, err) = unlock(&d, "sec", &key);
+    assert!(ok, "right key refused: {err}");
+    let mp = d.mount("sec", &b);
+    assert!(
+        std::fs::read(mp.join("blob")).unwrap() == marker_blob(),
+        "data changed"
+    );
+    d.unmount("sec", &b);
+    let hits = containing(&[d.log_path.parent().unwrap()], key.as_bytes());
+    assert!(hits.is_empty(), "the key reached the log: {hits:?}");
+    d.remove("sec");
+}
+
+#[test]
+fn secure_needs_a_key_and_a_key_needs_secure() {
+    let d = Daemon::start(Opts::default());
+    let err = d.err(
+        "/VolumeDriver.Create",
+        &serde_json::json!({"Name": "nokey", "Opts": {"secure": "true"}}),
+    );
+    assert!(
+        err.contains("secret_key") && err.contains("--secret-file"),
+        "{err}"
+    );
+    let err = d.err(
+        "/VolumeDriver.Create",
+        &serde_json::json!({"Name": "nosecure", "Opts": {"secret_key": "abc"}}),
+    );
+    assert!(err.contains("secure=true") && !err.contains("abc"), "{err}");
+    assert!(d.list_names().is_empty(), "a refused create left a volume");
+}
+
+#[test]
+fn node_key_through_dockerd() {
+    require_docker();
+    let tmp = tempfile::tempdir().unwrap();
+    let key_file = tmp.path().join("node.key");
+    let key = format!("node-key-{}", unique("k"));
+    std::fs::write(&key_file, format!("{key}\n")).unwrap();
+    let mut d = Daemon::start(Opts {
+        plugin_dir: Some("/run/docker/plugins".into()),
+        extra_args: vec!["--secret-file".into(), key_file.display().to_string()],
+        ..Opts::default()
+    });
+    let vol = unique("enc-vol");
+    docker_ok(&[
+        "volume",
+        "create",
+        "-d",
+        &d.name,
+        "-o",
+        "secure=true",
+        "-o",
+        "size=64M",
+        &vol,
+    ]);
+    let guard = VolumeGuard(vol.clone());
+    let marker = String::from_utf8(MARKER.to_vec()).unwrap();
+    let script = format!("for i in $(seq 1 2000); do echo {marker}; done > /data/m; sync");
+    let c1 = unique("enc-w");
+    docker_ok(&[
+        "run",
+        "--rm",
+        "--name",
+        &c1,
+        "-v",
+        &format!("{vol}:/data"),
+        TEST_IMAGE,
+        "sh",
+        "-c",
+        &script,
+    ]);
+    let hits = containing(&[d.data_dir.as_path(), d.run_dir.as_path()], MARKER);
+    assert!(hits.is_empty(), "plaintext on disk in {hits:?}");
+    let hits = containing(&[d.data_dir.as_path(), d.run_dir.as_path()], key.as_bytes());
+    assert!(hits.is_empty(), "the node key is on disk in {hits:?}");
+
+    // With the node key, a restarted daemon opens the volume by itself.
+    d.restart();
+    let c2 = unique("enc-r");
+    let out = docker_ok(&[
+        "run",
+        "--rm",
+        "--name",
+        &c2,
+        "-v",
+        &format!("{vol}:/data"),
+        TEST_IMAGE,
+        "sh",
+        "-c",
+        "grep -c dunnage /data/m",
+    ]);
+    assert_eq!(out.trim(), "2000");
+    let shown = docker_ok(&["volume", "inspect", &vol]);
+    assert!(
+        !shown.contains(&key),
+        "docker volume inspect shows the key: {shown}"
+    );
+    docker_ok(&["volume", "rm", &vol]);
+    std::mem::forget(guard);
+}
+
+struct VolumeGuard(String);
+
+impl Drop for VolumeGuard {
+    fn drop(&mut self) {
+        let _ = docker(&["volume", "rm", "-f", &self.0]);
+    }
+}
