@@ -17,6 +17,8 @@ pub struct Node {
     pub exporter: Exporter,
     /// Encryption keys (memory only).
     pub keys: crate::keys::KeyRing,
+    /// Shares engine IO between `io_priority` classes.
+    pub arbiter: std::sync::Arc<crate::engine::priority::IoArbiter>,
     pub catalog: Arc<dyn Catalog>,
 }
 

@@ -227,6 +227,7 @@ pub fn run(args: ServeArgs, run_dir: PathBuf) -> Result<()> {
         mount_dir: mount_dir.clone(),
         exporter,
         keys,
+        arbiter: crate::engine::priority::IoArbiter::new(),
         catalog,
     });
     let resumable = triage(&node);

@@ -31,6 +31,9 @@ pub const SUPPORTED_OPTIONS: &[&str] = &[
     "label",
     "secure",
     "secret_key",
+    "io_priority",
+    "group",
+    "fg",
 ];
 
 /// The option carrying a volume's own passphrase. It is taken out of the
@@ -47,10 +50,6 @@ const NOT_YET: &[&str] = &[
     "parent",
     "snap_interval",
     "snap_schedule",
-    "io_priority",
-    "priority_io",
-    "group",
-    "fg",
     "shared",
 ];
 
@@ -112,6 +111,16 @@ pub struct VolumeSpec {
     /// Encrypted (AES-256-XTS); the key is never part of the spec.
     #[serde(default)]
     pub secure: bool,
+    /// Share of the node's engine IO under contention.
+    #[serde(default)]
+    pub io_priority: crate::engine::priority::IoPriority,
+    /// Replica placement group, and whether replication must keep this
+    /// volume's replicas apart from other volumes of the group (`fg`).
+    /// Recorded now; enforced when replication places replicas.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    #[serde(default)]
+    pub fg: bool,
 }
 
 impl Default for VolumeSpec {
@@ -124,6 +133,9 @@ impl Default for VolumeSpec {
             sticky: false,
             labels: BTreeMap::new(),
             secure: false,
+            io_priority: Default::default(),
+            group: None,
+            fg: false,
         }
     }
 }
@@ -259,8 +271,8 @@ fn is_default_value(option: &str, value: &str) -> bool {
     match option {
         "repl" | "replicas" => v == "1",
         "snap_interval" => v == "0",
-        "secure" | "shared" | "fg" => matches!(v.as_str(), "false" | "no" | "off" | "0"),
-        "nodes" | "hosts" | "group" | "snap_schedule" | "parent" => v.is_empty(),
+        "shared" => matches!(v.as_str(), "false" | "no" | "off" | "0"),
+        "nodes" | "hosts" | "snap_schedule" | "parent" => v.is_empty(),
         _ => false,
     }
 }
@@ -341,6 +353,29 @@ pub fn parse_options(
             }
             "sticky" => spec.sticky = parse_bool("sticky", value)?,
             "secure" => spec.secure = parse_bool("secure", value)?,
+            "io_priority" | "priority_io" => {
+                spec.io_priority =
+                    crate::engine::priority::IoPriority::parse(value).ok_or_else(|| {
+                        SpecError::Value {
+                            option: key_l.clone(),
+                            value: value.clone(),
+                            reason: "expected high, medium or low".into(),
+                        }
+                    })?
+            }
+            "group" => {
+                let g = value.trim();
+                if !g.is_empty() {
+                    validate_name(g).map_err(|_| SpecError::Value {
+                        option: "group".into(),
+                        value: value.clone(),
+                        reason: "a group name is letters, digits, '_', '.', '-' (at most 128)"
+                            .into(),
+                    })?;
+                    spec.group = Some(g.to_string());
+                }
+            }
+            "fg" => spec.fg = parse_bool("fg", value)?,
             // Taken out by `take_secret` before parsing; never stored.
             SECRET_OPTION => {}
             "label" | "labels" => spec.labels = parse_labels(value)?,
@@ -518,7 +553,9 @@ mod tests {
             (&[("repl", "2")], "not supported yet"),
             (&[("secure", "perhaps")], "true or false"),
             (&[("parent", "src")], "not supported yet"),
-            (&[("io_priority", "high")], "not supported yet"),
+            (&[("io_priority", "urgent")], "high, medium or low"),
+            (&[("group", "a b")], "group name"),
+            (&[("shared", "true")], "not supported yet"),
             (&[("colour", "blue")], "valid options are: size, fs"),
             (&[("block_size", "48")], "power of two"),
             (&[("block_size", "2048")], "power of two"),

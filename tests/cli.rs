@@ -439,7 +439,7 @@ fn cli_errors() {
     }
     let err = d.cli_err(&["volume", "create", "x", "-o", "secure=true"]);
     assert!(err.contains("needs a key"), "{err:?}");
-    let err = d.cli_err(&["volume", "create", "x", "-o", "io_priority=high"]);
+    let err = d.cli_err(&["volume", "create", "x", "-o", "repl=2"]);
     assert!(err.contains("not supported yet"), "{err:?}");
     let err = d.cli_err(&["volume", "create", "x", "-o", "colour=blue"]);
     assert!(err.contains("colour") && err.contains("size"), "{err:?}");

@@ -417,8 +417,6 @@ fn bad_input_is_refused_and_changes_nothing() {
     // Options that exist in the design but are not built yet: never silently ignored.
     // (option, value, what the error must name: the option or its canonical alias)
     for (k, v, needle) in [
-        ("secure", "true", "secure"),
-        ("secret_key", "s3cret", "secret_key"),
         ("repl", "2", "repl"),
         ("replicas", "3", "repl"),
         ("nodes", "n1;n2", "nodes"),
@@ -426,10 +424,6 @@ fn bad_input_is_refused_and_changes_nothing() {
         ("parent", "good", "parent"),
         ("snap_interval", "5", "snap_interval"),
         ("snap_schedule", "periodic=60,10", "snap_schedule"),
-        ("io_priority", "high", "priority"),
-        ("priority_io", "high", "priority"),
-        ("group", "g1", "group"),
-        ("fg", "true", "fg"),
         ("shared", "true", "shared"),
     ] {
         let err = d.err(
@@ -439,6 +433,25 @@ fn bad_input_is_refused_and_changes_nothing() {
         assert!(
             err.contains("not supported yet") && err.contains(needle),
             "{k}={v}: expected a 'not supported yet' error naming {needle}: {err:?}"
+        );
+    }
+
+    // Built options with values they refuse, each saying what is accepted.
+    for (k, v, needle) in [
+        ("secure", "true", "needs a key"),
+        ("secret_key", "s3cret", "secure=true"),
+        ("io_priority", "urgent", "high, medium or low"),
+        ("priority_io", "1", "high, medium or low"),
+        ("group", "a/b", "group name"),
+        ("fg", "maybe", "true or false"),
+    ] {
+        let err = d.err(
+            "/VolumeDriver.Create",
+            &json!({"Name": "refused", "Opts": {k: v}}),
+        );
+        assert!(
+            err.contains(needle) && !err.contains("s3cret"),
+            "{k}={v}: expected an error saying {needle:?}: {err:?}"
         );
     }
 

@@ -16,6 +16,7 @@ mod extents;
 mod header;
 mod map;
 pub mod pattern;
+pub mod priority;
 mod thin;
 
 pub use crypt::{CryptEngine, CryptParams, Secret};

@@ -21,6 +21,11 @@ pub struct VolumeInfo {
     pub sticky: bool,
     /// Encrypted at rest (AES-256-XTS); the key is never shown.
     pub encrypted: bool,
+    /// `high`, `medium` or `low`: share of the node's engine IO.
+    pub io_priority: String,
+    /// Placement group (recorded; enforced by replication).
+    pub group: Option<String>,
+    pub fg: bool,
     pub labels: BTreeMap<String, String>,
     pub options: BTreeMap<String, String>,
     pub formatted: bool,
@@ -54,6 +59,9 @@ impl VolumeInfo {
             block_size_kib: record.spec.block_size_kib,
             sticky: record.spec.sticky,
             encrypted: record.spec.secure,
+            io_priority: record.spec.io_priority.to_string(),
+            group: record.spec.group.clone(),
+            fg: record.spec.fg,
             labels: record.spec.labels,
             options: record.options,
             formatted: record.formatted,

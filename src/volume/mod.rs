@@ -12,9 +12,10 @@ pub mod usage;
 
 use crate::catalog::{CatalogError, VolumeRecord};
 use crate::config::Node;
+use crate::engine::priority::PriorityEngine;
 use crate::engine::{BlockEngine, CryptEngine, EngineError, ThinImage};
 use crate::export::{Export, ExportError};
-use crate::spec::FsType;
+use crate::spec::{FsType, VolumeSpec};
 use actix::prelude::*;
 use parking_lot::RwLock;
 use serde::Serialize;
@@ -172,6 +173,19 @@ impl VolumeActor {
     fn served(
         &self,
         image: &Arc<ThinImage>,
+        spec: &VolumeSpec,
+    ) -> Result<Arc<dyn BlockEngine>, VolumeErrorKind> {
+        let base = self.decrypted(image, spec.secure)?;
+        Ok(Arc::new(PriorityEngine::new(
+            base,
+            self.node.arbiter.clone(),
+            spec.io_priority,
+        )))
+    }
+
+    fn decrypted(
+        &self,
+        image: &Arc<ThinImage>,
         secure: bool,
     ) -> Result<Arc<dyn BlockEngine>, VolumeErrorKind> {
         if !secure {
@@ -191,12 +205,12 @@ impl VolumeActor {
         }
     }
 
-    fn bring_up(&mut self, secure: bool) -> Result<(), VolumeErrorKind> {
+    fn bring_up(&mut self, spec: &VolumeSpec) -> Result<(), VolumeErrorKind> {
         if self.attached.is_some() {
             return Ok(());
         }
         let engine = Arc::new(ThinImage::open(&self.node.volume_dir(&self.id))?);
-        let served = self.served(&engine, secure)?;
+        let served = self.served(&engine, spec)?;
         let export = self.node.exporter.start(
             &self.id,
             &self.name,
@@ -221,8 +235,8 @@ impl VolumeActor {
         // the data file directly while no daemon ran.
         let engine = Arc::new(ThinImage::open_resuming(&self.node.volume_dir(&self.id))?);
         let inherited = engine.is_passthrough();
-        let secure = self.record().map(|r| r.spec.secure).unwrap_or(false);
-        let served = self.served(&engine, secure)?;
+        let spec = self.record().map(|r| r.spec).unwrap_or_default();
+        let served = self.served(&engine, &spec)?;
         let export =
             self.node
                 .exporter
@@ -367,7 +381,7 @@ impl Handler<Mount> for VolumeActor {
             .check_mount(&self.name)
             .map_err(|e| self.err(e))?;
         if step == MountStep::Attach {
-            self.bring_up(record.spec.secure).map_err(|e| self.err(e))?;
+            self.bring_up(&record.spec).map_err(|e| self.err(e))?;
             if let Err(e) = self.format_and_mount(&record) {
                 let _ = self.tear_down(true);
                 self.publish();
@@ -415,7 +429,7 @@ impl Handler<HostAttach> for VolumeActor {
             }
         }
         self.usage.check_host_attach().map_err(|e| self.err(e))?;
-        self.bring_up(record.spec.secure).map_err(|e| self.err(e))?;
+        self.bring_up(&record.spec).map_err(|e| self.err(e))?;
         self.usage.set_host(true);
         self.publish();
         Ok(self
@@ -502,8 +516,12 @@ impl Handler<Shutdown> for VolumeActor {
     type Result = ();
 
     fn handle(&mut self, _: Shutdown, ctx: &mut SyncContext<Self>) {
-        if let Err(e) = self.tear_down(true) {
-            tracing::error!(volume = %self.name, error = %e, "could not take the volume down cleanly");
+        match self.tear_down(true) {
+            // Down: the attach record goes too (a next start has nothing to take back).
+            Ok(()) => handover::remove(&self.node, &self.id),
+            Err(e) => {
+                tracing::error!(volume = %self.name, error = %e, "could not take the volume down cleanly")
+            }
         }
         self.runtime.write().remove(&self.id);
         ctx.stop();
