@@ -445,7 +445,8 @@ fn char_dev_id(name: &str) -> Option<u32> {
 
 /// Delete a device without waiting for its last opener (DEL_DEV_ASYNC):
 /// DEL_DEV would block until a filesystem still mounted on it, perhaps
-/// lazily detached, lets go. Kernels before 6.10 lack the async command.
+/// lazily detached, lets go. Kernels before 6.9 lack the async command
+/// and answer EOPNOTSUPP.
 fn delete(ctrl: &UblkCtrl) -> Result<(), UblkError> {
     match ctrl.del_dev_async() {
         Err(e) if errno(&e) == Some(libc::EOPNOTSUPP) => ctrl.del_dev().map(drop),
