@@ -8,11 +8,15 @@
 //!   when the volume's layout allows it);
 //! - **dunnage-engine**: the same from a second daemon with
 //!   `--fuse-passthrough off`: every IO through dunnage's FUSE threads and
-//!   engine, the path that snapshots, encryption and replication need.
+//!   engine, the path that snapshots, encryption and replication need;
+//! - **dunnage-ublk**, where the kernel has ublk (`/dev/ublk-control`): the
+//!   same from a third daemon with `--export ublk`, every IO through
+//!   dunnage's ublk queue threads and engine. Elsewhere the results say why
+//!   there is no such row.
 //!
 //! Each device is written through once, then every profile of fixtures/fio/ runs
-//! on the four targets in turn (limit, peer, dunnage, dunnage-engine, limit, ...)
-//! for each round; a figure is the median of the rounds. Besides fio's figures,
+//! on the targets in turn (limit, peer, dunnage, dunnage-engine[, dunnage-ublk],
+//! limit, ...) for each round; a figure is the median of the rounds. Besides fio's figures,
 //! each job records the CPU its target's server used, and each dunnage target
 //! what the daemon says about passthrough. The same run times the control plane
 //! (plugin Create/Mount/Unmount/Remove, `docker run` with a dunnage volume vs a
@@ -33,6 +37,8 @@ mod control;
 mod host;
 #[path = "fio/job.rs"]
 mod job;
+#[path = "fio/kind.rs"]
+mod kind;
 #[path = "fio/proc.rs"]
 mod proc;
 #[path = "fio/report.rs"]
@@ -67,6 +73,8 @@ usage: cargo bench --bench fio -- [quick] [options]     (or: just bench [quick] 
 Writes target/bench/results.json, results.md and chart.png.";
 
 const PLUGIN_CYCLES: usize = 10;
+/// Its presence means the kernel has ublk, and the bench a dunnage-ublk row.
+const UBLK_CONTROL: &str = "/dev/ublk-control";
 const DOCKER_RUNS: usize = 5;
 
 struct Opts {
@@ -268,6 +276,7 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
     for f in [
         "dunnage.log",
         "dunnage-engine.log",
+        "dunnage-ublk.log",
         "dunnage-docker.log",
         "qemu-storage-daemon.log",
     ] {
@@ -298,7 +307,9 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
             Ok(())
         });
     }
-    let n_targets = Kind::ALL.len() as u64;
+    let ublk = Path::new(UBLK_CONTROL).exists();
+    let kinds = Kind::selected(ublk);
+    let n_targets = kinds.len() as u64;
     let need = n_targets * o.size + (1 << 30);
     if tmpfs {
         let avail = host::mem_available_bytes().unwrap_or(u64::MAX);
@@ -382,6 +393,7 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
         &name,
         &root,
         &root.join("plugins"),
+        "fuse",
         Kind::Dunnage.fuse_passthrough(),
         &out.join("dunnage.log"),
         td,
@@ -395,30 +407,61 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
         &format!("{name}-engine"),
         &root.join("engine"),
         &root.join("plugins"),
+        "fuse",
         Kind::DunnageEngine.fuse_passthrough(),
         &out.join("dunnage-engine.log"),
         td,
     )?;
+    // Where the kernel has ublk, a third daemon with --export ublk; it
+    // goes with the devices too.
+    let du = if ublk {
+        pg.step("starting a third dunnage serve (--export ublk)".into());
+        Some(targets::Dunnage::start(
+            &bin,
+            &format!("{name}-ublk"),
+            &root.join("ublk"),
+            &root.join("plugins"),
+            "ublk",
+            None,
+            &out.join("dunnage-ublk.log"),
+            td,
+        )?)
+    } else {
+        None
+    };
     nap(Duration::from_secs(1));
     let mut memory = report::Memory {
         daemon_idle_kib: rss_kib(d.pid()),
         engine_daemon_idle_kib: rss_kib(de.pid()),
+        ublk_daemon_idle_kib: du.as_ref().and_then(|du| rss_kib(du.pid())),
         ..Default::default()
     };
     pg.done(1);
 
-    // The four devices.
-    pg.step("setting up the limit, peer, dunnage and dunnage-engine devices".into());
+    // The devices.
+    pg.step(format!(
+        "setting up the {} devices",
+        kinds
+            .iter()
+            .map(|k| k.name())
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
     let limit = targets::limit(&root, o.size, td)?;
     let (peer, qsd_pid) = targets::peer(&root, o.size, &out.join("qemu-storage-daemon.log"), td)?;
     let dun = targets::dunnage(&d, Kind::Dunnage, o.size, td)?;
     let dun_engine = targets::dunnage(&de, Kind::DunnageEngine, o.size, td)?;
+    let dun_ublk = match &du {
+        Some(du) => Some(targets::dunnage(du, Kind::DunnageUblk, o.size, td)?),
+        None => None,
+    };
     nap(Duration::from_millis(500));
     memory.daemon_attached_kib = rss_kib(d.pid());
-    let all: [&Target; 4] = [&limit, &peer, &dun, &dun_engine];
-    debug_assert!(all.iter().map(|t| t.kind).eq(Kind::ALL));
+    let mut all: Vec<&Target> = vec![&limit, &peer, &dun, &dun_engine];
+    all.extend(dun_ublk.as_ref());
+    debug_assert!(all.iter().map(|t| t.kind).eq(kinds.iter().copied()));
     let mut problems = Vec::new();
-    for t in all {
+    for &t in &all {
         if t.info.size_bytes != o.size {
             problems.push(format!(
                 "{} device {} has {} bytes, not {}",
@@ -446,7 +489,7 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
     ));
-    for t in all {
+    for &t in &all {
         if let Some(p) = &t.io_path {
             pg.note(format!(
                 "io path: {} (--fuse-passthrough {}): passthrough {} ({})",
@@ -465,7 +508,7 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
 
     // Write every device through once.
     let mut broken: BTreeMap<&'static str, String> = BTreeMap::new();
-    for t in all {
+    for &t in &all {
         check_stop()?;
         pg.step(format!(
             "writing {} through once ({})",
@@ -499,7 +542,7 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
     let mut samples: BTreeMap<(&str, &str), PerTarget> = BTreeMap::new();
     for round in 1..=o.rounds {
         for p in &PROFILES {
-            for t in all {
+            for &t in &all {
                 check_stop()?;
                 let entry = samples.entry((p.id, t.kind.name())).or_default();
                 if let Some(why) = broken.get(t.kind.name()) {
@@ -567,6 +610,7 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
     }
     memory.daemon_after_io_kib = rss_kib(d.pid());
     memory.engine_daemon_after_io_kib = rss_kib(de.pid());
+    memory.ublk_daemon_after_io_kib = du.as_ref().and_then(|du| rss_kib(du.pid()));
     memory.qemu_storage_daemon_after_io_kib = rss_kib(qsd_pid);
     let delta = |a: Option<u64>, b: Option<u64>| Some(a? as i64 - b? as i64);
     memory.extra_attached_kib = delta(memory.daemon_attached_kib, memory.daemon_idle_kib);
@@ -575,6 +619,8 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
         memory.engine_daemon_after_io_kib,
         memory.engine_daemon_idle_kib,
     );
+    memory.ublk_extra_after_io_kib =
+        delta(memory.ublk_daemon_after_io_kib, memory.ublk_daemon_idle_kib);
     let cpu_median = |k: Kind| {
         job::median(
             samples
@@ -601,8 +647,8 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
         })
         .collect();
 
-    // Take the devices and the second daemon down before the control-plane part.
-    pg.step("detaching the bench devices, stopping the second daemon".into());
+    // Take the devices and the other daemons down before the control-plane part.
+    pg.step("detaching the bench devices, stopping the other daemons".into());
     let before = td.problems.len();
     td.unwind_to(data_plane);
     problems.extend(td.problems[before..].iter().cloned());
@@ -651,7 +697,7 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
 
     // Results.
     let mut notes = Vec::new();
-    if !std::path::Path::new("/dev/ublk-control").exists() {
+    if !ublk {
         // `just test-ublk` exercises ublk in an emulated VM; its timings are not performance.
         notes.push(
             "no ublk rows: this host's kernel has no ublk_drv (/dev/ublk-control is missing), so dunnage serves volumes through FUSE + loop here"
@@ -698,7 +744,7 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
         .iter()
         .map(|p| {
             let mut results = BTreeMap::new();
-            for k in Kind::ALL {
+            for &k in &kinds {
                 let mut t = samples.remove(&(p.id, k.name())).unwrap_or_default();
                 t.median = job::median_sample(&t.rounds);
                 results.insert(k.name(), t);
@@ -730,7 +776,7 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
             ramp_s: o.ramp,
             device_size_bytes: o.size,
             figure: "median over rounds, each figure on its own",
-            order: "per profile per round: limit, peer, dunnage, dunnage-engine",
+            order: Kind::order(&kinds),
         },
         versions,
         targets: target_infos,

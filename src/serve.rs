@@ -122,6 +122,7 @@ fn triage(node: &Node) -> Vec<AttachRecord> {
             Handover::Fuse(_) if !keys.as_ref().is_some_and(|k| k.contains(&rec.id)) => {
                 Some("the FUSE keeper does not hold its connection")
             }
+            Handover::Ublk(h) if !h.device.exists() => Some("its ublk device is gone"),
             _ => None,
         };
         match why_not {
@@ -138,15 +139,27 @@ fn triage(node: &Node) -> Vec<AttachRecord> {
 }
 
 /// Undo what a crashed run left and this daemon does not take back: cut
-/// dead FUSE connections first (so no unmount below waits on a server that
-/// is gone), then filesystem mounts, devices, FUSE mounts, and empty mount
-/// points.
+/// dead FUSE connections and remove quiesced ublk devices first (so no
+/// unmount below waits on a server that is gone), then filesystem mounts,
+/// devices, FUSE mounts, and empty mount points.
 fn cleanup(node: &Node, keep: &[AttachRecord]) {
     let protected = Protected::of(keep);
     for m in mount::mounts_under(&node.fuse_root()) {
         if !protected.has(&m.mount_point) {
             let _ = crate::sys::fuse::abort_connection(&m.mount_point);
         }
+    }
+    let ublk_kept: std::collections::BTreeSet<u32> = keep
+        .iter()
+        .filter_map(|r| match &r.export {
+            Handover::Ublk(h) => Some(h.dev_id),
+            Handover::Fuse(_) => None,
+        })
+        .collect();
+    for line in
+        export::ublk::cleanup_orphans(node.exporter.run_dir(), &|id| ublk_kept.contains(&id))
+    {
+        tracing::warn!("{line}");
     }
     for m in mount::mounts_under(&node.mount_dir) {
         if protected.has(&m.mount_point) {

@@ -251,6 +251,7 @@ fn docker_runs_inner(
         DOCKER_DRIVER,
         &root.join("docker"),
         Path::new(DOCKER_PLUGIN_DIR),
+        "fuse",
         None,
         log,
         td,

@@ -43,7 +43,7 @@ pub struct RunParams {
     pub ramp_s: u64,
     pub device_size_bytes: u64,
     pub figure: &'static str,
-    pub order: &'static str,
+    pub order: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -88,11 +88,23 @@ pub struct Ratios {
     pub dunnage_engine_peer: Option<f64>,
     /// The engine path (`--fuse-passthrough off`) ÷ the default (`auto`).
     pub dunnage_engine_dunnage: Option<f64>,
+    /// dunnage-ublk (where the kernel has ublk) ÷ the limit, the peer,
+    /// dunnage, and dunnage-engine (the same engine path over FUSE).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dunnage_ublk_limit: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dunnage_ublk_peer: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dunnage_ublk_dunnage: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dunnage_ublk_dunnage_engine: Option<f64>,
     /// For the latency profile: p99 write latency of dunnage ÷ that of the limit.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub p99_dunnage_limit: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub p99_dunnage_engine_limit: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub p99_dunnage_ublk_limit: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -119,7 +131,25 @@ pub struct Memory {
     pub engine_daemon_idle_kib: Option<u64>,
     pub engine_daemon_after_io_kib: Option<u64>,
     pub engine_extra_after_io_kib: Option<i64>,
+    /// The third daemon, `--export ublk` (target dunnage-ublk), where the
+    /// kernel has ublk.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ublk_daemon_idle_kib: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ublk_daemon_after_io_kib: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ublk_extra_after_io_kib: Option<i64>,
     pub qemu_storage_daemon_after_io_kib: Option<u64>,
+}
+
+impl Results {
+    /// The targets of this run, in run order.
+    pub fn kinds(&self) -> Vec<Kind> {
+        Kind::ALL
+            .into_iter()
+            .filter(|k| self.targets.iter().any(|t| t.name == k.name()))
+            .collect()
+    }
 }
 
 impl ProfileResult {
@@ -162,8 +192,13 @@ pub fn ratios(results: &BTreeMap<&'static str, PerTarget>, latency: bool) -> Rat
         dunnage_engine_limit: r(Kind::DunnageEngine, Kind::Limit),
         dunnage_engine_peer: r(Kind::DunnageEngine, Kind::Peer),
         dunnage_engine_dunnage: r(Kind::DunnageEngine, Kind::Dunnage),
+        dunnage_ublk_limit: r(Kind::DunnageUblk, Kind::Limit),
+        dunnage_ublk_peer: r(Kind::DunnageUblk, Kind::Peer),
+        dunnage_ublk_dunnage: r(Kind::DunnageUblk, Kind::Dunnage),
+        dunnage_ublk_dunnage_engine: r(Kind::DunnageUblk, Kind::DunnageEngine),
         p99_dunnage_limit: p99_ratio(Kind::Dunnage),
         p99_dunnage_engine_limit: p99_ratio(Kind::DunnageEngine),
+        p99_dunnage_ublk_limit: p99_ratio(Kind::DunnageUblk),
     }
 }
 
@@ -208,8 +243,8 @@ fn fmt_delta_kib(kib: i64) -> String {
 
 /// The main table: a row per profile and target, in run order, with IOPS,
 /// MiB/s, the p99 write latency of the latency profile, the CPU its server
-/// used, and its IOPS ratio to the limit, to the peer and (for dunnage-engine)
-/// to dunnage with passthrough allowed.
+/// used, and its IOPS ratio to the limit, to the peer and (for dunnage-engine
+/// and dunnage-ublk) to dunnage with passthrough allowed.
 pub fn main_table(r: &Results, markdown: bool) -> Table {
     let mut t = Table::new();
     t.load_preset(if markdown {
@@ -232,9 +267,10 @@ pub fn main_table(r: &Results, markdown: bool) -> Table {
         "÷ dunnage",
     ]);
     let dash = || "—".to_string();
+    let kinds = r.kinds();
     for p in &r.profiles {
         let latency = PROFILES.iter().any(|q| q.id == p.id && q.latency);
-        for (i, k) in Kind::ALL.into_iter().enumerate() {
+        for (i, &k) in kinds.iter().enumerate() {
             let mut row = vec![
                 if i == 0 {
                     p.title.to_string()
@@ -272,8 +308,8 @@ pub fn main_table(r: &Results, markdown: bool) -> Table {
             for base in [Kind::Limit, Kind::Peer, Kind::Dunnage] {
                 let shown = match base {
                     Kind::Limit => k != Kind::Limit,
-                    Kind::Peer => matches!(k, Kind::Dunnage | Kind::DunnageEngine),
-                    _ => k == Kind::DunnageEngine,
+                    Kind::Peer => k.is_dunnage(),
+                    _ => matches!(k, Kind::DunnageEngine | Kind::DunnageUblk),
                 };
                 row.push(if shown {
                     fmt_ratio(p.ratio(k, base))
@@ -409,6 +445,18 @@ pub fn side_table(r: &Results, markdown: bool) -> Table {
             .map(fmt_delta_kib)
             .unwrap_or_else(na),
     ]);
+    if m.ublk_daemon_idle_kib.is_some() {
+        t.add_row(vec![
+            "third daemon (--export ublk) RSS, idle".to_string(),
+            m.ublk_daemon_idle_kib.map(fmt_mib_kib).unwrap_or_else(na),
+        ]);
+        t.add_row(vec![
+            "third daemon (--export ublk) RSS, extra after the IO run".to_string(),
+            m.ublk_extra_after_io_kib
+                .map(fmt_delta_kib)
+                .unwrap_or_else(na),
+        ]);
+    }
     t.add_row(vec![
         "qemu-storage-daemon RSS after the IO run".to_string(),
         m.qemu_storage_daemon_after_io_kib
@@ -511,6 +559,7 @@ pub fn chart(r: &Results, path: &Path) -> Result<()> {
     let err = |e: &dyn std::fmt::Display| anyhow::anyhow!("drawing {}: {e}", path.display());
 
     let n = r.profiles.len();
+    let kinds = r.kinds();
     let value = |p: &ProfileResult, k: Kind| match k {
         Kind::Limit => p.get(Kind::Limit).map(|_| 1.0),
         _ => p.ratio(k, Kind::Limit),
@@ -518,16 +567,17 @@ pub fn chart(r: &Results, path: &Path) -> Result<()> {
     let top = r
         .profiles
         .iter()
-        .flat_map(|p| Kind::ALL.map(|k| value(p, k)))
+        .flat_map(|p| kinds.iter().map(move |&k| value(p, k)))
         .flatten()
         .fold(1.0f64, f64::max)
         * 1.3;
-    let colors: [RGBColor; Kind::ALL.len()] = [
-        RGBColor(150, 150, 150),
-        RGBColor(230, 145, 56),
-        RGBColor(31, 119, 180),
-        RGBColor(44, 160, 44),
-    ];
+    let color_of = |k: Kind| match k {
+        Kind::Limit => RGBColor(150, 150, 150),
+        Kind::Peer => RGBColor(230, 145, 56),
+        Kind::Dunnage => RGBColor(31, 119, 180),
+        Kind::DunnageEngine => RGBColor(44, 160, 44),
+        Kind::DunnageUblk => RGBColor(148, 103, 189),
+    };
 
     let root = BitMapBackend::new(path, (1400, 700)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(&e))?;
@@ -553,9 +603,9 @@ pub fn chart(r: &Results, path: &Path) -> Result<()> {
         .draw()
         .map_err(|e| err(&e))?;
     // The bars of a profile fill 0.8 of its slot, 0.1 either side.
-    let width = 0.8 / Kind::ALL.len() as f64;
-    for (ki, k) in Kind::ALL.into_iter().enumerate() {
-        let color = colors[ki];
+    let width = 0.8 / kinds.len() as f64;
+    for (ki, &k) in kinds.iter().enumerate() {
+        let color = color_of(k);
         let bars: Vec<Rectangle<(f64, f64)>> = r
             .profiles
             .iter()

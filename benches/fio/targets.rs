@@ -1,8 +1,10 @@
-//! The four targets: the kernel loop device over a raw file (limit),
+//! The targets: the kernel loop device over a raw file (limit),
 //! qemu-storage-daemon's FUSE export on a loop device (peer), and a dunnage
-//! volume attached with `dunnage attach` from two daemons: one with FUSE
-//! passthrough allowed (dunnage), one with it off (dunnage-engine), so that
-//! every IO of the latter goes through dunnage's FUSE threads and engine.
+//! volume attached with `dunnage attach` from two FUSE daemons: one with
+//! FUSE passthrough allowed (dunnage), one with it off (dunnage-engine), so
+//! that every IO of the latter goes through dunnage's FUSE threads and
+//! engine; and where the kernel has ublk, from a third daemon with
+//! `--export ublk` (dunnage-ublk).
 
 use crate::control::plugin_post;
 use crate::host::{self, DeviceInfo};
@@ -18,51 +20,7 @@ use std::time::{Duration, Instant};
 
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    Limit,
-    Peer,
-    Dunnage,
-    DunnageEngine,
-}
-
-impl Kind {
-    /// In the order the jobs run, per profile per round.
-    pub const ALL: [Kind; 4] = [Kind::Limit, Kind::Peer, Kind::Dunnage, Kind::DunnageEngine];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Kind::Limit => "limit",
-            Kind::Peer => "peer",
-            Kind::Dunnage => "dunnage",
-            Kind::DunnageEngine => "dunnage-engine",
-        }
-    }
-
-    pub fn describe(self) -> &'static str {
-        match self {
-            Kind::Limit => "kernel loop device, direct IO, over a raw file",
-            Kind::Peer => {
-                "qemu-storage-daemon FUSE export of a raw file (cache.direct=off), loop device with direct IO"
-            }
-            Kind::Dunnage => {
-                "dunnage volume (fs=none, FUSE export), `dunnage attach`, daemon with `--fuse-passthrough auto`: the kernel does IO on the data file when the volume's layout allows it"
-            }
-            Kind::DunnageEngine => {
-                "dunnage volume (fs=none, FUSE export), `dunnage attach`, second daemon with `--fuse-passthrough off`: every IO through dunnage's FUSE threads and engine"
-            }
-        }
-    }
-
-    /// The `--fuse-passthrough` value of the daemon serving this target.
-    pub fn fuse_passthrough(self) -> Option<&'static str> {
-        match self {
-            Kind::Dunnage => Some("auto"),
-            Kind::DunnageEngine => Some("off"),
-            Kind::Limit | Kind::Peer => None,
-        }
-    }
-}
+pub use crate::kind::Kind;
 
 pub struct Target {
     pub kind: Kind,
@@ -103,19 +61,23 @@ pub struct Dunnage {
     pub plugin_dir: PathBuf,
     pub run_dir: PathBuf,
     pub log: PathBuf,
+    /// Its `--export`.
+    pub export: String,
     pub server: Rc<RefCell<Server>>,
 }
 
 impl Dunnage {
-    /// Starts `dunnage serve --export fuse` with data and run dirs under `root`
-    /// (and `--fuse-passthrough` if given) and waits until its plugin socket
-    /// answers. Teardown stops it (SIGTERM: it detaches and unmounts its
-    /// volumes) and sweeps anything it left.
+    /// Starts `dunnage serve --export EXPORT` with data and run dirs under
+    /// `root` (and `--fuse-passthrough` if given) and waits until its plugin
+    /// socket answers. Teardown stops it (SIGTERM: it detaches and unmounts
+    /// its volumes) and sweeps anything it left.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         bin: &Path,
         name: &str,
         root: &Path,
         plugin_dir: &Path,
+        export: &str,
         fuse_passthrough: Option<&str>,
         log: &Path,
         td: &mut Teardown,
@@ -134,7 +96,7 @@ impl Dunnage {
             .arg(&data_dir)
             .arg("--run-dir")
             .arg(&run_dir)
-            .args(["--export", "fuse"])
+            .args(["--export", export])
             .env_remove("DUNNAGE_RUN_DIR")
             // Plain log lines, for reading them back.
             .env("NO_COLOR", "1");
@@ -159,6 +121,7 @@ impl Dunnage {
             plugin_dir: plugin_dir.to_path_buf(),
             run_dir,
             log: log.to_path_buf(),
+            export: export.to_string(),
             server,
         };
         let deadline = Instant::now() + START_TIMEOUT;
@@ -306,6 +269,14 @@ pub fn peer(root: &Path, size: u64, log: &Path, td: &mut Teardown) -> Result<(Ta
 
 /// (c) a raw dunnage volume of `size` bytes from daemon `d`, attached on this host.
 pub fn dunnage(d: &Dunnage, kind: Kind, size: u64, td: &mut Teardown) -> Result<Target> {
+    if kind.export() != Some(d.export.as_str()) {
+        bail!(
+            "{} needs a daemon with --export {}, not {}",
+            kind.name(),
+            kind.export().unwrap_or("none"),
+            d.export
+        );
+    }
     let vol = "benchvol";
     let size_opt = format!("size={}M", size >> 20);
     d.cli(&["volume", "create", vol, "-o", &size_opt, "-o", "fs=none"])?;
@@ -331,16 +302,18 @@ pub fn dunnage(d: &Dunnage, kind: Kind, size: u64, td: &mut Teardown) -> Result<
         cli(&["detach", vol])
     });
     let info = host::device_info(&dev)?;
-    // Passthrough is decided when the loop device opens the image, i.e. during
-    // the attach; give the log a moment to show it.
-    nap(Duration::from_millis(200));
-    let io_path = io_path(d, kind, vol, log_from);
+    // Passthrough (FUSE only) is decided when the loop device opens the
+    // image, i.e. during the attach; give the log a moment to show it.
+    let io_path = kind.fuse_passthrough().map(|_| {
+        nap(Duration::from_millis(200));
+        io_path(d, kind, vol, log_from)
+    });
     Ok(Target {
         kind,
         dev,
         info,
         server_pid: Some(d.pid()),
-        io_path: Some(io_path),
+        io_path,
     })
 }
 

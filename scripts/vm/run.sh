@@ -15,6 +15,10 @@
 #   --module NAME   extra kernel module to insmod (with its deps). Repeatable.
 #   --timeout SECS  hard limit for the qemu run (default 300)
 #
+# A guest script names the host tools it needs beyond busybox, mke2fs and
+# the binary in lines of its own, `# vm-needs: TOOL...`; each is copied to
+# the guest at the path `command -v` finds on this host, with its libraries.
+#
 # Outputs in target/vm/: the kernel .deb and its extracted tree, initramfs.cpio,
 # console.log. Exit status 0 only if the guest printed "VM-RESULT: PASS".
 # Inside the guest the script's exit code decides PASS / FAIL <rc>.
@@ -39,7 +43,7 @@ while [ $# -gt 0 ]; do
         --timeout) TIMEOUT=$2; shift 2 ;;
         --mem) MEM=$2; shift 2 ;;
         --smp) SMP=$2; shift 2 ;;
-        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
         *) echo "run.sh: unknown argument: $1" >&2; exit 2 ;;
     esac
 done
@@ -69,7 +73,8 @@ is_installed() {
     [ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" = "install ok installed" ]
 }
 missing=()
-for p in qemu-system-x86 busybox-static cpio xz-utils kmod e2fsprogs; do
+# fio, curl and util-linux (blkid) for the tools guest scripts ask for (vm-needs).
+for p in qemu-system-x86 busybox-static cpio xz-utils kmod e2fsprogs fio curl util-linux; do
     is_installed "$p" || missing+=("$p")
 done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -190,6 +195,10 @@ copy_with_libs "$BIN" "/usr/local/bin/$(basename "$BIN")"
 copy_with_libs "$(command -v mke2fs)" /usr/sbin/mke2fs
 ln -sf mke2fs "$IRD/usr/sbin/mkfs.ext4"
 [ -f /etc/mke2fs.conf ] && cp /etc/mke2fs.conf "$IRD/etc/"
+for tool in $(sed -n 's/^# vm-needs://p' "$SCRIPT"); do
+    path=$(command -v "$tool") || die "$(basename "$SCRIPT") needs $tool, which this host does not have"
+    copy_with_libs "$path" "$path"
+done
 for spec in "${ADDS[@]+"${ADDS[@]}"}"; do
     host=${spec%%:*}
     guest=${spec#*:}
@@ -275,9 +284,11 @@ echo "init: running /guest.sh"
 cd /root
 sh /guest.sh
 rc=$?
-sync
 if [ $rc -eq 0 ]; then echo "VM-RESULT: PASS"; else echo "VM-RESULT: FAIL $rc"; fi
-sync
+# Not waited for: a failed test can leave IO that never completes (a
+# quiesced ublk device with no daemon), and everything here is in memory.
+sync &
+sleep 1
 poweroff -f
 EOF
 chmod +x "$IRD/init"

@@ -93,6 +93,9 @@ pub struct Exporter {
     pub kind: ExportKind,
     pub passthrough: bool,
     keeper: Option<Arc<fuse::keeper::Keeper>>,
+    /// Canonical, so that the owner recorded on a ublk device compares
+    /// equal however the next daemon spells its --run-dir.
+    run_dir: PathBuf,
 }
 
 impl Exporter {
@@ -110,15 +113,31 @@ impl Exporter {
             kind,
             passthrough,
             keeper,
+            run_dir: std::fs::canonicalize(run_dir).unwrap_or_else(|_| run_dir.to_path_buf()),
         })
     }
 
     /// An exporter without a keeper (tests, tools): crashes are not survived.
+    /// Its ublk devices name no run dir, so no daemon's cleanup claims them.
     pub fn without_keeper(kind: ExportKind, passthrough: bool) -> Self {
         Exporter {
             kind,
             passthrough,
             keeper: None,
+            run_dir: PathBuf::new(),
+        }
+    }
+
+    /// The run dir this exporter's devices are recorded under.
+    pub fn run_dir(&self) -> &Path {
+        &self.run_dir
+    }
+
+    /// Who owns the ublk device of volume `key` (its id) on this node.
+    fn ublk_owner(&self, key: &str) -> ublk::Owner {
+        ublk::Owner {
+            volume_id: key.to_string(),
+            run_dir: self.run_dir.clone(),
         }
     }
 
@@ -145,7 +164,11 @@ impl Exporter {
                 self.passthrough,
                 self.keeper.clone(),
             )?),
-            ExportKind::Ublk => Inner::Ublk(ublk::UblkExport::start(volume, engine)?),
+            ExportKind::Ublk => Inner::Ublk(ublk::UblkExport::start(
+                volume,
+                self.ublk_owner(key),
+                engine,
+            )?),
         };
         Ok(Export::new(inner))
     }
@@ -182,7 +205,12 @@ impl Exporter {
                     self.keeper.clone(),
                 )?)
             }
-            Handover::Ublk(h) => Inner::Ublk(ublk::UblkExport::recover(volume, engine, h)?),
+            Handover::Ublk(h) => Inner::Ublk(ublk::UblkExport::recover(
+                volume,
+                self.ublk_owner(key),
+                engine,
+                h,
+            )?),
         };
         Ok(Export::new(inner))
     }
@@ -195,7 +223,7 @@ impl Exporter {
             Handover::Fuse(h) => {
                 let _ = crate::sys::fuse::abort_connection(&h.mount_dir);
             }
-            Handover::Ublk(h) => ublk::cut(h),
+            Handover::Ublk(h) => ublk::cut(h, &self.ublk_owner(key)),
         }
         if let Some(m) = fs_mount {
             if let Err(e) = crate::sys::mount::unmount(m, true) {
@@ -212,7 +240,7 @@ impl Exporter {
                 let _ = crate::sys::mount::unmount(&h.mount_dir, true);
                 let _ = std::fs::remove_dir(&h.mount_dir);
             }
-            Handover::Ublk(h) => ublk::remove(h),
+            Handover::Ublk(h) => ublk::remove(h, &self.ublk_owner(key)),
         }
     }
 

@@ -5,6 +5,12 @@
 //! Queue threads call the engine directly for every request, in the
 //! request's own io buffer. None of this runs on an actix thread.
 //!
+//! Devices outlive a killed daemon (user recovery): the kernel quiesces the
+//! device and holds its IO until the next daemon takes it back with
+//! START/END_USER_RECOVERY ([`UblkExport::recover`]). Each device names its
+//! owner (volume id and run dir) in libublk's per-device JSON, so a new
+//! daemon tells its own leftovers from anybody else's devices.
+//!
 //! libublk is used only in this module (pinned in Cargo.toml: its API moves
 //! between minor versions).
 
@@ -13,7 +19,8 @@ use crate::engine::BlockEngine;
 use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
 use libublk::helpers::IoBuf;
 use libublk::io::{BufDescList, UblkDev, UblkIOCtx, UblkQueue};
-use libublk::{sys, BufDesc, UblkIORes};
+use libublk::{sys, BufDesc, UblkError, UblkFlags, UblkIORes};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
@@ -21,6 +28,10 @@ use std::time::Duration;
 
 /// The ublk control device; its presence means ublk_drv is loaded.
 pub const CONTROL: &str = "/dev/ublk-control";
+/// Where the kernel lists ublk character devices (`ublkcN`).
+const CHAR_CLASS: &str = "/sys/class/ublk-char";
+/// libublk's target type name, recorded in its JSON.
+const TARGET: &str = "dunnage";
 /// Hardware queues per device, each served by its own OS thread.
 const NR_QUEUES: u16 = 2;
 /// In-flight requests per queue; each has its own io buffer.
@@ -29,8 +40,53 @@ const QUEUE_DEPTH: u16 = 64;
 const IO_BUF_BYTES: u32 = 512 << 10;
 /// Logical (and physical) block size, as for the FUSE export's loop device.
 const BLOCK_SHIFT: u8 = 12;
-/// How long `start` waits for the device to come up.
+/// How long `start` and `recover` wait for the device to come up.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Driver features of every device.
+///
+/// `UBLK_F_USER_RECOVERY`: when the daemon dies the kernel quiesces the
+/// device and queues its IO until a new daemon recovers it, so users see a
+/// pause instead of EIO (not `..._FAIL_IO`, which would fail that IO).
+///
+/// `UBLK_F_USER_RECOVERY_REISSUE`: requests the dead daemon had fetched but
+/// not completed go to the new daemon again instead of failing with EIO
+/// (which ext4 answers by going read-only). Safe because every request is
+/// idempotent on the engine: a write puts the same bytes at the same
+/// offsets again (allocation is write-through and crash-consistent, so a
+/// block half written by the dead daemon is simply written once more),
+/// discard and write-zeroes leave the same zeros, read and flush change
+/// nothing. A request is only reissued because it never completed, so no
+/// user can have seen its result or issued anything that depends on it.
+const DEV_FLAGS: u64 = (sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_RECOVERY_REISSUE) as u64;
+
+/// The key of [`Owner`] in libublk's `target_data`.
+const OWNER_KEY: &str = "dunnage";
+
+/// Who a device belongs to, kept in libublk's per-device JSON
+/// (`target_data`), which lives as long as the device does: a new daemon
+/// recognises its own devices among all ublk devices by it, and never
+/// touches anybody else's.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Owner {
+    /// The volume's id (per creation, unlike its name).
+    pub volume_id: String,
+    /// The run dir of the daemon serving it (one daemon per run dir).
+    pub run_dir: PathBuf,
+}
+
+impl Owner {
+    /// The value for libublk's `target_data`.
+    fn target_data(&self) -> serde_json::Value {
+        serde_json::json!({ OWNER_KEY: self })
+    }
+
+    /// The owner in a device's `target_data`; `None` when the device is
+    /// not one of ours.
+    fn from_target_data(data: &serde_json::Value) -> Option<Owner> {
+        serde_json::from_value(data.get(OWNER_KEY)?.clone()).ok()
+    }
+}
 
 /// What a new daemon needs to take the device back after a crash.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -48,43 +104,43 @@ pub struct UblkExport {
 /// What the server thread reports once the device is live, or why not.
 type Started = Result<u32, String>;
 
+/// Where the server thread gets its device from.
+#[derive(Debug, Clone, Copy)]
+enum Origin {
+    /// ADD_DEV a new one.
+    Add,
+    /// A device a dead daemon left, after START_USER_RECOVERY: the same id
+    /// and queue geometry, which the kernel keeps.
+    Recover {
+        dev_id: u32,
+        nr_queues: u16,
+        depth: u16,
+        io_buf_bytes: u32,
+    },
+}
+
 impl UblkExport {
-    pub fn start(volume: &str, engine: Arc<dyn BlockEngine>) -> Result<Self, ExportError> {
+    pub fn start(
+        volume: &str,
+        owner: Owner,
+        engine: Arc<dyn BlockEngine>,
+    ) -> Result<Self, ExportError> {
         let size = engine.size();
         if size == 0 || size % (1 << BLOCK_SHIFT) != 0 {
             return Err(ExportError::io(
                 format!(
                     "ublk export of {volume}: size {size} is not a whole number of 4 KiB blocks"
                 ),
-                std::io::Error::from(std::io::ErrorKind::InvalidInput),
+                io::Error::from(io::ErrorKind::InvalidInput),
             ));
         }
-        let (tx, rx) = mpsc::sync_channel::<Started>(1);
-        let name = volume.to_string();
-        let server = std::thread::Builder::new()
-            .name(format!("ublk-{volume}"))
-            .spawn(move || serve(&name, engine, size, tx))
-            .map_err(|e| ExportError::io("spawn the ublk server thread", e))?;
-        match rx.recv_timeout(START_TIMEOUT) {
-            Ok(Ok(dev_id)) => Ok(UblkExport {
-                dev_id,
-                device: PathBuf::from(format!("/dev/ublkb{dev_id}")),
-                server: Some(server),
-            }),
-            Ok(Err(msg)) => {
-                let _ = server.join();
-                Err(ExportError::io(
-                    format!("start the ublk device for {volume}: {msg}"),
-                    std::io::Error::other(msg.clone()),
-                ))
-            }
-            // The thread is stuck (or gone without a word): leave it, it owns
-            // the control device and deletes it if it ever gets out.
-            Err(_) => Err(ExportError::io(
-                format!("start the ublk device for {volume}"),
-                std::io::Error::from(std::io::ErrorKind::TimedOut),
-            )),
-        }
+        launch(
+            format!("start the ublk device for {volume}"),
+            volume,
+            owner,
+            engine,
+            Origin::Add,
+        )
     }
 
     pub fn device(&self) -> &Path {
@@ -98,19 +154,104 @@ impl UblkExport {
         }
     }
 
-    /// Take back a device a crashed daemon left quiesced (user recovery).
+    /// Take back a device a killed daemon left quiesced (user recovery):
+    /// check it is this volume's and in a state recovery accepts, send
+    /// START_USER_RECOVERY (libublk retries while the dead daemon's
+    /// character device is still open), then serve it from a new server
+    /// thread whose `start_dev` sends END_USER_RECOVERY, which lets the
+    /// held IO flow again.
     pub fn recover(
         volume: &str,
-        _engine: Arc<dyn BlockEngine>,
+        owner: Owner,
+        engine: Arc<dyn BlockEngine>,
         handover: &UblkHandover,
     ) -> Result<Self, ExportError> {
-        Err(ExportError::io(
-            format!(
-                "recover {} for {volume}: ublk user recovery is not built yet",
-                handover.device.display()
-            ),
-            std::io::Error::from(std::io::ErrorKind::Unsupported),
-        ))
+        let what = format!("recover {} for {volume}", handover.device.display());
+        let refuse = |why: String, kind: io::ErrorKind| {
+            ExportError::io(format!("{what}: {why}"), io::Error::from(kind))
+        };
+        if !has_json(handover.dev_id) {
+            return Err(refuse(
+                "the device is gone, or has no libublk JSON".into(),
+                io::ErrorKind::NotFound,
+            ));
+        }
+        let ctrl = UblkCtrl::new_simple(handover.dev_id as i32)
+            .map_err(|e| ExportError::io(format!("{what}: the device is gone"), os_error(e)))?;
+        match ctrl
+            .get_target_data_from_json()
+            .and_then(|d| Owner::from_target_data(&d))
+        {
+            Some(o) if o == owner => {}
+            Some(o) => {
+                return Err(refuse(
+                    format!(
+                        "the device belongs to volume id {} of run dir {}",
+                        o.volume_id,
+                        o.run_dir.display()
+                    ),
+                    io::ErrorKind::PermissionDenied,
+                ))
+            }
+            None => {
+                return Err(refuse(
+                    "the device is not a dunnage device (no owner in its libublk JSON)".into(),
+                    io::ErrorKind::PermissionDenied,
+                ))
+            }
+        }
+        let info = ctrl.dev_info();
+        recoverable(info.state, info.flags)
+            .map_err(|why| refuse(why, io::ErrorKind::Unsupported))?;
+        let size = engine.size();
+        match ctrl.get_target_from_json() {
+            Ok(t) if t.dev_size == size => {}
+            Ok(t) => {
+                return Err(refuse(
+                    format!("the device has {} bytes, the volume {size}", t.dev_size),
+                    io::ErrorKind::InvalidData,
+                ))
+            }
+            Err(e) => {
+                return Err(ExportError::io(
+                    format!("{what}: read the device's size from its libublk JSON"),
+                    os_error(e),
+                ))
+            }
+        }
+        match ctrl.start_user_recover() {
+            Ok(r) if r >= 0 => {}
+            // libublk retried EBUSY for 30 s: the dead daemon's /dev/ublkcN
+            // is still open, or the device never quiesced.
+            Ok(r) => {
+                return Err(ExportError::io(
+                    format!(
+                        "{what}: START_USER_RECOVERY: /dev/ublkc{} is still open or the device is not quiesced",
+                        handover.dev_id
+                    ),
+                    io::Error::from_raw_os_error(-r),
+                ))
+            }
+            Err(e) => {
+                return Err(ExportError::io(
+                    format!("{what}: START_USER_RECOVERY"),
+                    os_error(e),
+                ))
+            }
+        }
+        drop(ctrl);
+        launch(
+            what,
+            volume,
+            owner,
+            engine,
+            Origin::Recover {
+                dev_id: info.dev_id,
+                nr_queues: info.nr_hw_queues,
+                depth: info.queue_depth,
+                io_buf_bytes: info.max_io_buf_bytes,
+            },
+        )
     }
 
     /// Stop the device (the queue threads see their commands aborted and
@@ -129,13 +270,13 @@ impl UblkExport {
             // that is still live.
             return Err(ExportError::io(
                 format!("stop {}", self.device.display()),
-                std::io::Error::other(e.to_string()),
+                os_error(e),
             ));
         }
         server.join().map_err(|_| {
             ExportError::io(
                 format!("the ublk server of {} panicked", self.device.display()),
-                std::io::Error::other("panic"),
+                io::Error::other("panic"),
             )
         })
     }
@@ -147,43 +288,240 @@ impl Drop for UblkExport {
     }
 }
 
-/// Make a device nobody will recover fail its IO instead of queueing it.
-pub fn cut(handover: &UblkHandover) {
-    if let Ok(c) = UblkCtrl::new_simple(handover.dev_id as i32) {
-        let _ = c.kill_dev();
+/// Spawn the server thread and wait until its device is live. `what`
+/// prefixes errors (it names the volume, and the device when known).
+fn launch(
+    what: String,
+    volume: &str,
+    owner: Owner,
+    engine: Arc<dyn BlockEngine>,
+    origin: Origin,
+) -> Result<UblkExport, ExportError> {
+    let size = engine.size();
+    let (tx, rx) = mpsc::sync_channel::<Started>(1);
+    let name = volume.to_string();
+    let server = std::thread::Builder::new()
+        .name(format!("ublk-{volume}"))
+        .spawn(move || serve(&name, owner, engine, size, origin, tx))
+        .map_err(|e| ExportError::io(format!("{what}: spawn the ublk server thread"), e))?;
+    match rx.recv_timeout(START_TIMEOUT) {
+        Ok(Ok(dev_id)) => Ok(UblkExport {
+            dev_id,
+            device: PathBuf::from(format!("/dev/ublkb{dev_id}")),
+            server: Some(server),
+        }),
+        Ok(Err(msg)) => {
+            let _ = server.join();
+            Err(ExportError::io(what, io::Error::other(msg)))
+        }
+        // The thread is stuck (or gone without a word): leave it, it owns
+        // the control device and deletes it if it ever gets out.
+        Err(_) => Err(ExportError::io(
+            what,
+            io::Error::from(io::ErrorKind::TimedOut),
+        )),
     }
 }
 
-/// Delete a device nobody will recover.
-pub fn remove(handover: &UblkHandover) {
-    if let Ok(c) = UblkCtrl::new_simple(handover.dev_id as i32) {
-        let _ = c.del_dev();
+/// Whether a device a dead daemon left can be recovered, from the state
+/// and flags the kernel reports.
+fn recoverable(state: u16, flags: u64) -> Result<(), String> {
+    if flags & u64::from(sys::UBLK_F_USER_RECOVERY) == 0 {
+        return Err(
+            "the device was created without user recovery, so the kernel stopped it when its daemon died"
+                .into(),
+        );
+    }
+    match u32::from(state) {
+        sys::UBLK_S_DEV_QUIESCED => Ok(()),
+        // The dead daemon's queues are still being torn down; the kernel
+        // quiesces the device once they are, and START_USER_RECOVERY
+        // (retried on EBUSY) waits for that.
+        sys::UBLK_S_DEV_LIVE => Ok(()),
+        sys::UBLK_S_DEV_DEAD => Err("the device was stopped (state DEAD): its disk is gone".into()),
+        sys::UBLK_S_DEV_FAIL_IO => Err("the device fails its IO (state FAIL_IO)".into()),
+        s => Err(format!("the device is in unknown state {s}")),
     }
 }
 
-/// Server thread: add the device, run it until it is stopped, delete it.
-fn serve(volume: &str, engine: Arc<dyn BlockEngine>, size: u64, tx: mpsc::SyncSender<Started>) {
-    let ctrl = match UblkCtrlBuilder::default()
-        .name("dunnage")
+/// The device's owner, from its libublk JSON; `None` if it has none.
+fn owner_of(ctrl: &UblkCtrl) -> Option<Owner> {
+    Owner::from_target_data(&ctrl.get_target_data_from_json()?)
+}
+
+/// Whether device `dev_id` exists and has libublk's JSON. Checked before
+/// opening a control for it: libublk prints to stderr when it finds no
+/// JSON for a device (the file name is libublk's, pinned in Cargo.toml).
+fn has_json(dev_id: u32) -> bool {
+    Path::new(&format!("{CHAR_CLASS}/ublkc{dev_id}")).exists()
+        && Path::new(&format!("{}/{dev_id:04}.json", UblkCtrl::run_dir())).exists()
+}
+
+/// A control for `dev_id` if the device exists and is `owner`'s.
+fn owned(dev_id: u32, owner: &Owner) -> Option<UblkCtrl> {
+    if !has_json(dev_id) {
+        return None;
+    }
+    let ctrl = UblkCtrl::new_simple(dev_id as i32).ok()?;
+    match owner_of(&ctrl) {
+        Some(o) if &o == owner => Some(ctrl),
+        found => {
+            tracing::warn!(device = %format!("/dev/ublkb{dev_id}"), volume_id = %owner.volume_id, ?found, "not touching a ublk device that is not this volume's");
+            None
+        }
+    }
+}
+
+/// Make a device nobody will recover fail its IO instead of queueing it
+/// (STOP_DEV: the kernel fails what it holds and removes the disk), so that
+/// nothing waits on it. Leaves devices that are not `owner`'s alone.
+pub fn cut(handover: &UblkHandover, owner: &Owner) {
+    if let Some(c) = owned(handover.dev_id, owner) {
+        if let Err(e) = c.kill_dev() {
+            tracing::warn!(device = %handover.device.display(), volume_id = %owner.volume_id, error = %os_error(e), "cannot stop the ublk device");
+        }
+    }
+}
+
+/// Delete a device nobody will recover (after [`cut`]). Leaves devices
+/// that are not `owner`'s alone.
+pub fn remove(handover: &UblkHandover, owner: &Owner) {
+    if let Some(c) = owned(handover.dev_id, owner) {
+        if let Err(e) = delete(&c) {
+            tracing::warn!(device = %handover.device.display(), volume_id = %owner.volume_id, error = %os_error(e), "cannot delete the ublk device");
+        }
+    }
+}
+
+/// Remove the devices a crashed daemon of `run_dir` left that nobody takes
+/// back (`keep` says which ids are taken back): each is stopped first, so
+/// that IO the kernel holds for it fails rather than waits, then deleted.
+/// Devices of other run dirs and other programs are never touched. Returns
+/// lines to log.
+pub fn cleanup_orphans(run_dir: &Path, keep: &dyn Fn(u32) -> bool) -> Vec<String> {
+    let mut lines = Vec::new();
+    let Ok(entries) = std::fs::read_dir(CHAR_CLASS) else {
+        return lines;
+    };
+    let mut ids: Vec<u32> = entries
+        .flatten()
+        .filter_map(|e| char_dev_id(&e.file_name().to_string_lossy()))
+        .collect();
+    ids.sort_unstable();
+    for dev_id in ids.into_iter().filter(|id| !keep(*id) && has_json(*id)) {
+        let Ok(ctrl) = UblkCtrl::new_simple(dev_id as i32) else {
+            continue;
+        };
+        let Some(owner) = owner_of(&ctrl).filter(|o| o.run_dir == run_dir) else {
+            continue;
+        };
+        let mut problems = Vec::new();
+        if let Err(e) = ctrl.kill_dev() {
+            problems.push(format!("stop: {}", os_error(e)));
+        }
+        if let Err(e) = delete(&ctrl) {
+            problems.push(format!("delete: {}", os_error(e)));
+        }
+        lines.push(if problems.is_empty() {
+            format!(
+                "removed /dev/ublkb{dev_id} (volume id {}), left by a crashed run",
+                owner.volume_id
+            )
+        } else {
+            format!(
+                "could not remove /dev/ublkb{dev_id} (volume id {}), left by a crashed run: {}",
+                owner.volume_id,
+                problems.join("; ")
+            )
+        });
+    }
+    lines
+}
+
+/// The id of a ublk character device from its name (`ublkc3` → 3).
+fn char_dev_id(name: &str) -> Option<u32> {
+    name.strip_prefix("ublkc")?.parse().ok()
+}
+
+/// Delete a device without waiting for its last opener (DEL_DEV_ASYNC):
+/// DEL_DEV would block until a filesystem still mounted on it, perhaps
+/// lazily detached, lets go. Kernels before 6.9 lack the async command
+/// and answer EOPNOTSUPP.
+fn delete(ctrl: &UblkCtrl) -> Result<(), UblkError> {
+    match ctrl.del_dev_async() {
+        Err(e) if errno(&e) == Some(libc::EOPNOTSUPP) => ctrl.del_dev().map(drop),
+        r => r.map(drop),
+    }
+}
+
+fn errno(e: &UblkError) -> Option<i32> {
+    match e {
+        UblkError::UringIOError(r) | UblkError::OtherError(r) => Some(-r),
+        UblkError::IOError(e) => e.raw_os_error(),
+        _ => None,
+    }
+}
+
+/// libublk's error as an io::Error with the kernel's errno when there is
+/// one (its own messages leave the errno out).
+fn os_error(e: UblkError) -> io::Error {
+    match (errno(&e), e) {
+        (_, UblkError::IOError(e)) => e,
+        (Some(n), _) if n > 0 => io::Error::from_raw_os_error(n),
+        (_, e) => io::Error::other(e.to_string()),
+    }
+}
+
+/// Server thread: add (or take back) the device, serve it until it is
+/// stopped, then delete it.
+fn serve(
+    volume: &str,
+    owner: Owner,
+    engine: Arc<dyn BlockEngine>,
+    size: u64,
+    origin: Origin,
+    tx: mpsc::SyncSender<Started>,
+) {
+    let builder = UblkCtrlBuilder::default()
+        .name(TARGET)
         .nr_queues(NR_QUEUES)
         .depth(QUEUE_DEPTH)
-        .io_buf_bytes(IO_BUF_BYTES)
-        // No UBLK_F_USER_RECOVERY yet: without a daemon that recovers the
-        // device after a crash, a quiesced device would hang its users
-        // forever; without the flag the kernel removes it and IO fails.
-        .dev_flags(libublk::UblkFlags::UBLK_DEV_F_ADD_DEV)
-        .build()
-    {
+        .io_buf_bytes(IO_BUF_BYTES);
+    let built = match origin {
+        Origin::Add => builder
+            .ctrl_flags(DEV_FLAGS)
+            .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV)
+            .build(),
+        // The kernel kept the device's flags; the geometry must be the
+        // device's, queue for queue.
+        Origin::Recover {
+            dev_id,
+            nr_queues,
+            depth,
+            io_buf_bytes,
+        } => builder
+            .id(dev_id as i32)
+            .nr_queues(nr_queues)
+            .depth(depth)
+            .io_buf_bytes(io_buf_bytes)
+            .dev_flags(UblkFlags::UBLK_DEV_F_RECOVER_DEV)
+            .build(),
+    };
+    let ctrl = match built {
         Ok(c) => c,
         Err(e) => {
-            let _ = tx.send(Err(format!("add the device: {e}")));
+            let _ = tx.send(Err(format!("open the device: {}", os_error(e))));
             return;
         }
     };
     let started = tx.clone();
+    let target_data = owner.target_data();
     let result = ctrl.run_target(
-        |dev: &mut UblkDev| {
+        move |dev: &mut UblkDev| {
             set_params(dev, size);
+            // libublk writes it to the device's JSON before START_DEV. A
+            // recovered device keeps the JSON it had (libublk reloads it).
+            dev.set_target_json(target_data);
             Ok(())
         },
         move |qid: u16, dev: &UblkDev| serve_queue(qid, dev, &*engine),
@@ -194,12 +532,22 @@ fn serve(volume: &str, engine: Arc<dyn BlockEngine>, size: u64, tx: mpsc::SyncSe
     match result {
         Ok(_) => tracing::debug!(volume, "ublk device stopped"),
         Err(e) => {
+            let e = os_error(e);
             tracing::warn!(volume, error = %e, "ublk device failed");
             // No-op if the device had come up: the receiver has its answer.
             let _ = tx.try_send(Err(e.to_string()));
         }
     }
-    // Dropping `ctrl` (added by us, not disowned) deletes the device.
+    // Every way out of here deletes the device: a clean stop, a failed
+    // start or recovery, a device stopped by someone else. Only a killed
+    // daemon, which runs no code at all, leaves it behind, quiesced for the
+    // next daemon to recover. Deleted explicitly because a recovered
+    // control (RECOVER_DEV) never deletes on drop, and an added one would
+    // with a DEL_DEV that waits for the device's last opener; after this
+    // the added control's drop finds it deleted and does nothing.
+    if let Err(e) = delete(&ctrl) {
+        tracing::warn!(volume, device = %format!("/dev/ublkb{}", ctrl.dev_info().dev_id), error = %os_error(e), "cannot delete the ublk device");
+    }
 }
 
 fn set_params(dev: &mut UblkDev, size: u64) {
@@ -394,6 +742,66 @@ mod tests {
         };
         assert_eq!(handle(&ram, fua, &mut buf), 4096);
         assert_eq!(*ram.flushes.lock(), 2);
+    }
+
+    fn owner() -> Owner {
+        Owner {
+            volume_id: "af9863f56c6a0f4345b8e51b7581377e".into(),
+            run_dir: PathBuf::from("/run/dunnage"),
+        }
+    }
+
+    #[test]
+    fn owner_round_trips_through_the_device_json() {
+        // As libublk writes the device's JSON file and reads it back.
+        let json = serde_json::json!({
+            "dev_info": { "dev_id": 3 },
+            "target": { "tgt_type": TARGET, "dev_size": 1u64 << 30 },
+            "target_data": owner().target_data(),
+        });
+        let text = json.to_string();
+        let back: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(Owner::from_target_data(&back["target_data"]), Some(owner()));
+    }
+
+    #[test]
+    fn other_devices_have_no_owner() {
+        for data in [
+            serde_json::json!({ "loop": { "backing_file": "/x" } }),
+            serde_json::json!({ OWNER_KEY: { "volume_id": 7 } }),
+            serde_json::json!("dunnage"),
+            serde_json::Value::Null,
+        ] {
+            assert_eq!(Owner::from_target_data(&data), None, "{data}");
+        }
+    }
+
+    #[test]
+    fn devices_carry_recovery_with_reissue() {
+        assert_ne!(DEV_FLAGS & u64::from(sys::UBLK_F_USER_RECOVERY), 0);
+        assert_ne!(DEV_FLAGS & u64::from(sys::UBLK_F_USER_RECOVERY_REISSUE), 0);
+        assert_eq!(DEV_FLAGS & u64::from(sys::UBLK_F_USER_RECOVERY_FAIL_IO), 0);
+    }
+
+    #[test]
+    fn recovery_wants_a_quiesced_or_quiescing_device() {
+        let state = |s: u32| u16::try_from(s).unwrap();
+        assert!(recoverable(state(sys::UBLK_S_DEV_QUIESCED), DEV_FLAGS).is_ok());
+        assert!(recoverable(state(sys::UBLK_S_DEV_LIVE), DEV_FLAGS).is_ok());
+        let dead = recoverable(state(sys::UBLK_S_DEV_DEAD), DEV_FLAGS).unwrap_err();
+        assert!(dead.contains("DEAD"), "{dead}");
+        assert!(recoverable(state(sys::UBLK_S_DEV_FAIL_IO), DEV_FLAGS).is_err());
+        let old = recoverable(state(sys::UBLK_S_DEV_QUIESCED), 0).unwrap_err();
+        assert!(old.contains("without user recovery"), "{old}");
+    }
+
+    #[test]
+    fn char_device_names() {
+        assert_eq!(char_dev_id("ublkc0"), Some(0));
+        assert_eq!(char_dev_id("ublkc17"), Some(17));
+        assert_eq!(char_dev_id("ublkb1"), None);
+        assert_eq!(char_dev_id("ublk-control"), None);
+        assert_eq!(char_dev_id("ublkc"), None);
     }
 
     #[test]
