@@ -164,13 +164,13 @@ use super::{BlockEngine, EngineError};
 use nix::errno::Errno;
 use nix::fcntl::{fallocate, FallocateFlags, Flock, FlockArg};
 use parking_lot::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use snap::{BaseChain, SharedBits};
+use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::ops::Range;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use snap::{BaseChain, SharedBits};
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 const HEADER_FILE: &str = "header";
@@ -626,7 +626,10 @@ impl ThinImage {
             }
         }
         // Racing IO may move a block between the counters: clamp.
-        let shared_blocks = self.head_shared.load(Ordering::Relaxed).min(allocated_blocks);
+        let shared_blocks = self
+            .head_shared
+            .load(Ordering::Relaxed)
+            .min(allocated_blocks);
         let snapshot_blocks = self
             .shared_count
             .load(Ordering::Relaxed)
@@ -1101,7 +1104,9 @@ impl ThinImage {
                 return Ok((block, true)); // invariant 6
             }
         }
-        let phys = alloc.alloc_above(self.nblocks).ok_or(EngineError::NoSpace)?;
+        let phys = alloc
+            .alloc_above(self.nblocks)
+            .ok_or(EngineError::NoSpace)?;
         Ok((phys, false))
     }
 
@@ -1466,9 +1471,9 @@ impl BlockEngine for ThinImage {
             }
         });
         let result = match copy {
-            Ok(true) => self.with_write_locks(first, last, || {
-                self.write_copying(buf, offset, &mut wrote)
-            }),
+            Ok(true) => {
+                self.with_write_locks(first, last, || self.write_copying(buf, offset, &mut wrote))
+            }
             Ok(false) => Ok(()),
             Err(e) => Err(e),
         };
@@ -1589,23 +1594,23 @@ mod tests {
     use std::os::unix::fs::MetadataExt;
     use std::sync::{Arc, Barrier};
 
-    const KIB: u64 = 1 << 10;
-    const MIB: u64 = 1 << 20;
-    const GIB: u64 = 1 << 30;
+    pub(super) const KIB: u64 = 1 << 10;
+    pub(super) const MIB: u64 = 1 << 20;
+    pub(super) const GIB: u64 = 1 << 30;
 
-    fn new_image(size: u64, block_size: u32) -> (tempfile::TempDir, ThinImage) {
+    pub(super) fn new_image(size: u64, block_size: u32) -> (tempfile::TempDir, ThinImage) {
         let dir = tempfile::tempdir().unwrap();
         let img = ThinImage::create(dir.path(), ThinParams { size, block_size }).unwrap();
         (dir, img)
     }
 
-    fn read_vec(img: &ThinImage, offset: u64, len: usize) -> Vec<u8> {
+    pub(super) fn read_vec(img: &ThinImage, offset: u64, len: usize) -> Vec<u8> {
         let mut buf = vec![0xAA; len];
         img.read_at(&mut buf, offset).unwrap();
         buf
     }
 
-    fn map_bytes(dir: &Path) -> Vec<u8> {
+    pub(super) fn map_bytes(dir: &Path) -> Vec<u8> {
         std::fs::read(dir.join(MAP_FILE)).unwrap()
     }
 
@@ -1613,17 +1618,17 @@ mod tests {
         /// A machine crash after the data reached the disk but the map
         /// pages written through since the last flush did not: kill -9,
         /// then the map file as that flush left it (`flushed`).
-        fn power_cut(self, dir: &Path, flushed: &[u8]) {
+        pub(super) fn power_cut(self, dir: &Path, flushed: &[u8]) {
             self.crash();
             std::fs::write(dir.join(MAP_FILE), flushed).unwrap();
         }
     }
 
-    fn data_len(dir: &Path) -> u64 {
+    pub(super) fn data_len(dir: &Path) -> u64 {
         std::fs::metadata(dir.join(DATA_FILE)).unwrap().len()
     }
 
-    fn data_disk_bytes(dir: &Path) -> u64 {
+    pub(super) fn data_disk_bytes(dir: &Path) -> u64 {
         std::fs::metadata(dir.join(DATA_FILE)).unwrap().blocks() * 512
     }
 
@@ -2218,7 +2223,7 @@ mod tests {
         }
     }
 
-    fn data_file_bytes(dir: &Path, offset: u64, len: usize) -> Vec<u8> {
+    pub(super) fn data_file_bytes(dir: &Path, offset: u64, len: usize) -> Vec<u8> {
         let file = File::open(dir.join(DATA_FILE)).unwrap();
         let mut buf = vec![0xAA; len];
         let n = read_full(&file, &mut buf, offset).unwrap();
@@ -2226,7 +2231,7 @@ mod tests {
         buf
     }
 
-    fn marker_exists(dir: &Path) -> bool {
+    pub(super) fn marker_exists(dir: &Path) -> bool {
         dir.join(PASSTHROUGH_FILE).exists()
     }
 

@@ -1050,11 +1050,11 @@ impl ThinImage {
         let hdr_path = dir.join(HEADER_FILE);
         // A clone whose create never finished has no header: nothing to lock.
         let _lock = match File::open(&hdr_path) {
-            Ok(hdr) => Some(
-                Flock::lock(hdr, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
+            Ok(hdr) => Some(Flock::lock(hdr, FlockArg::LockExclusiveNonblock).map_err(
+                |(_, errno)| {
                     io_error("lock (is the clone open? close it first)", &hdr_path)(errno.into())
-                })?,
-            ),
+                },
+            )?),
             Err(e) if e.kind() == io::ErrorKind::NotFound => None,
             Err(e) => return Err(io_error("open", &hdr_path)(e)),
         };
@@ -1094,5 +1094,401 @@ impl ThinImage {
             }
         }
         Ok(clones)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{map_bytes, new_image, read_vec, KIB, MIB};
+    use super::*;
+    use crate::engine::pattern::pattern;
+    use crate::engine::BlockEngine;
+    use std::ops::Range;
+
+    fn view_vec(img: &ThinImage, name: &str, offset: u64, len: usize) -> Vec<u8> {
+        let view = img.snapshot_view(name).unwrap();
+        let mut buf = vec![0xAA; len];
+        view.read_at(&mut buf, offset).unwrap();
+        buf
+    }
+
+    fn disk_bytes(path: &Path) -> u64 {
+        std::fs::metadata(path).unwrap().blocks() * 512
+    }
+
+    fn info<'a>(infos: &'a [SnapshotInfo], name: &str) -> &'a SnapshotInfo {
+        infos.iter().find(|i| i.name == name).unwrap()
+    }
+
+    #[test]
+    fn snapshot_names_are_checked() {
+        for good in [
+            "a",
+            "0",
+            "daily-20261112T1200Z",
+            "a.b_c-d",
+            &"x".repeat(128),
+        ] {
+            assert!(validate_name(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            ".a",
+            "-a",
+            "_a",
+            "a/b",
+            "a b",
+            "é",
+            "..",
+            &"x".repeat(129),
+        ] {
+            assert!(
+                matches!(validate_name(bad), Err(EngineError::BadSnapshotName { .. })),
+                "{bad:?}"
+            );
+        }
+        let (_dir, img) = new_image(MIB, 4096);
+        assert!(img.snapshot("../x").is_err());
+        img.snapshot("s").unwrap();
+        assert!(matches!(
+            img.snapshot("s"),
+            Err(EngineError::SnapshotExists { .. })
+        ));
+        assert!(matches!(
+            img.delete_snapshot("nope"),
+            Err(EngineError::NoSuchSnapshot { .. })
+        ));
+    }
+
+    #[test]
+    fn snapshot_keeps_old_data_and_writes_copy_on_write() {
+        let bs = 64 * KIB;
+        let size = 4 * MIB;
+        let (dir, img) = new_image(size, bs as u32);
+        let old = pattern(1, 8 * bs as usize);
+        img.write_at(&old, 0).unwrap();
+        img.snapshot("s1").unwrap();
+        assert_eq!(img.usage().shared_blocks, 8);
+        assert_eq!(img.usage().exclusive_blocks, 0);
+
+        let mut new = old.clone();
+        // Partial overwrite of block 1: the rest of the block stays.
+        new[bs as usize + 100..][..100].copy_from_slice(&pattern(2, 100));
+        img.write_at(&pattern(2, 100), bs + 100).unwrap();
+        // Whole block 2, an unaligned write across blocks 5 and 6.
+        new[2 * bs as usize..][..bs as usize].copy_from_slice(&pattern(3, bs as usize));
+        img.write_at(&pattern(3, bs as usize), 2 * bs).unwrap();
+        new[5 * bs as usize + 7..][..bs as usize].copy_from_slice(&pattern(4, bs as usize));
+        img.write_at(&pattern(4, bs as usize), 5 * bs + 7).unwrap();
+        // A discard of block 3, a partial discard in block 4, zeros to 7.
+        img.discard(3 * bs, bs).unwrap();
+        new[3 * bs as usize..][..bs as usize].fill(0);
+        img.discard(4 * bs + 10, 20).unwrap();
+        new[4 * bs as usize + 10..][..20].fill(0);
+        img.write_at(&[0u8; 50], 7 * bs + 1).unwrap();
+        new[7 * bs as usize + 1..][..50].fill(0);
+
+        assert_eq!(read_vec(&img, 0, 8 * bs as usize), new);
+        assert_eq!(view_vec(&img, "s1", 0, 8 * bs as usize), old);
+        // The whole device: nothing else.
+        assert!(view_vec(&img, "s1", 8 * bs, (size - 8 * bs) as usize)
+            .iter()
+            .all(|&b| b == 0));
+        let usage = img.usage();
+        // Blocks 1, 2, 4, 5, 6, 7 copied; 3 discarded; 0 untouched.
+        assert_eq!(usage.allocated_blocks, 7);
+        assert_eq!(usage.shared_blocks, 1);
+        assert_eq!(usage.exclusive_blocks, 6);
+        assert_eq!(usage.snapshot_blocks, 7);
+        assert_eq!(usage.snapshots, 1);
+        // Copies are placed above the identity homes.
+        assert_eq!(img.map.get(0).phys(), Some(0));
+        assert!(img.map.get(1).phys().unwrap() >= size / bs);
+        // A second write to a copied block goes in place.
+        let phys = img.map.get(1).phys();
+        img.write_at(&pattern(5, 10), bs).unwrap();
+        new[bs as usize..][..10].copy_from_slice(&pattern(5, 10));
+        assert_eq!(img.map.get(1).phys(), phys);
+
+        drop(img);
+        let img = ThinImage::open(dir.path()).unwrap();
+        assert_eq!(read_vec(&img, 0, 8 * bs as usize), new);
+        assert_eq!(view_vec(&img, "s1", 0, 8 * bs as usize), old);
+        let usage = img.usage();
+        assert_eq!((usage.shared_blocks, usage.snapshot_blocks), (1, 7));
+        let infos = img.snapshots().unwrap();
+        assert_eq!(infos.len(), 1);
+        assert_eq!((infos[0].blocks, infos[0].exclusive_blocks), (8, 7));
+        assert!(infos[0].clones.is_empty());
+    }
+
+    #[test]
+    fn taking_a_snapshot_copies_no_data() {
+        let bs = 4096u64;
+        let (dir, img) = new_image(256 * MIB, bs as u32);
+        for i in 0..64u64 {
+            img.write_at(&pattern(i, 64 * KIB as usize), i * 3 * MIB)
+                .unwrap();
+        }
+        img.flush().unwrap();
+        let data = dir.path().join(DATA_FILE);
+        let before = disk_bytes(&data);
+        img.snapshot("s").unwrap();
+        img.snapshot("t").unwrap();
+        assert_eq!(disk_bytes(&data), before);
+        // The map copy costs what the map holds: 64 pages here (and the
+        // filesystem's extent tree), of a 512 KiB map file.
+        let snap = snap_path(dir.path(), "s");
+        assert_eq!(
+            std::fs::metadata(&snap).unwrap().len(),
+            BlockMap::file_len(256 * MIB / bs)
+        );
+        assert!(disk_bytes(&snap) <= 66 * 4096, "{}", disk_bytes(&snap));
+        assert_eq!(disk_bytes(&snap), disk_bytes(&dir.path().join(MAP_FILE)));
+    }
+
+    #[test]
+    fn delete_frees_exactly_the_blocks_only_it_held() {
+        let bs = 4096u64;
+        let (dir, img) = new_image(MIB, bs as u32);
+        let data = dir.path().join(DATA_FILE);
+        let v = |version: u64, block: u64| pattern(version * 1000 + block, bs as usize);
+        let write = |version: u64, blocks: Range<u64>| {
+            for b in blocks {
+                img.write_at(&v(version, b), b * bs).unwrap();
+            }
+        };
+        write(1, 0..16);
+        img.snapshot("a").unwrap();
+        write(2, 0..8); // a alone holds v1 of 0..8
+        img.snapshot("b").unwrap();
+        write(3, 0..4); // b alone holds v2 of 0..4
+        write(3, 8..10); // a and b hold v1 of 8..10
+        let usage = img.usage();
+        assert_eq!(usage.allocated_blocks, 16);
+        assert_eq!(usage.shared_blocks, 4 + 6); // v2 of 4..8, v1 of 10..16
+        assert_eq!(usage.exclusive_blocks, 6);
+        assert_eq!(usage.snapshot_blocks, 8 + 4 + 2);
+        let infos = img.snapshots().unwrap();
+        assert_eq!(info(&infos, "a").exclusive_blocks, 8);
+        assert_eq!(info(&infos, "b").exclusive_blocks, 4);
+        assert_eq!(info(&infos, "a").blocks, 16);
+
+        img.flush().unwrap();
+        let before = disk_bytes(&data);
+        img.delete_snapshot("b").unwrap();
+        img.flush().unwrap();
+        assert_eq!(before - disk_bytes(&data), 4 * bs);
+        let usage = img.usage();
+        assert_eq!(usage.shared_blocks, 6);
+        assert_eq!(usage.snapshot_blocks, 8 + 2);
+        assert_eq!(usage.snapshots, 1);
+        // a still reads its own, shared parts included.
+        for b in 0..16 {
+            assert_eq!(
+                view_vec(&img, "a", b * bs, bs as usize),
+                v(1, b),
+                "block {b}"
+            );
+        }
+        // The freed blocks are reused, after the flush that released them.
+        let high = img.alloc.high_water();
+        write(4, 20..24);
+        img.snapshot("c").unwrap();
+        write(5, 20..24);
+        assert_eq!(img.alloc.high_water(), high);
+
+        img.delete_snapshot("c").unwrap();
+        let before = disk_bytes(&data);
+        img.delete_snapshot("a").unwrap();
+        img.flush().unwrap();
+        assert_eq!(before - disk_bytes(&data), 10 * bs);
+        let usage = img.usage();
+        assert_eq!((usage.shared_blocks, usage.snapshot_blocks), (0, 0));
+        assert_eq!(usage.exclusive_blocks, 20);
+        let expect = |b: u64| match b {
+            0..=3 | 8..=9 => v(3, b),
+            4..=7 => v(2, b),
+            20..=23 => v(5, b),
+            _ => v(1, b),
+        };
+        for b in (0..16).chain(20..24) {
+            assert_eq!(read_vec(&img, b * bs, bs as usize), expect(b), "block {b}");
+        }
+        drop(img);
+        let img = ThinImage::open(dir.path()).unwrap();
+        for b in (0..16).chain(20..24) {
+            assert_eq!(read_vec(&img, b * bs, bs as usize), expect(b), "block {b}");
+        }
+        assert_eq!(img.usage().allocated_blocks, 20);
+        assert!(!snap_path(dir.path(), "a").exists());
+    }
+
+    #[test]
+    fn a_crash_between_removal_and_punch_is_repaired_by_open() {
+        let bs = 4096u64;
+        let (dir, img) = new_image(MIB, bs as u32);
+        let data = dir.path().join(DATA_FILE);
+        img.write_at(&pattern(1, 16 * bs as usize), 0).unwrap();
+        img.snapshot("s").unwrap();
+        img.write_at(&pattern(2, 8 * bs as usize), 0).unwrap();
+        img.flush().unwrap();
+        let before = disk_bytes(&data);
+        // Delete's first step done, durably; the process dies before the punches.
+        std::fs::remove_file(snap_path(dir.path(), "s")).unwrap();
+        img.crash();
+        let img = ThinImage::open(dir.path()).unwrap();
+        let usage = img.usage();
+        assert_eq!((usage.shared_blocks, usage.snapshot_blocks), (0, 0));
+        assert_eq!(usage.snapshots, 0);
+        assert_eq!(before - disk_bytes(&data), 8 * bs);
+        let mut expect = pattern(1, 16 * bs as usize);
+        expect[..8 * bs as usize].copy_from_slice(&pattern(2, 8 * bs as usize));
+        assert_eq!(read_vec(&img, 0, 16 * bs as usize), expect);
+        // Writes go in place again: nothing is shared.
+        let phys = img.map.get(9).phys();
+        img.write_at(&[7; 10], 9 * bs).unwrap();
+        assert_eq!(img.map.get(9).phys(), phys);
+    }
+
+    #[test]
+    fn copy_on_write_survives_crashes() {
+        let bs = 16 * KIB;
+        let (dir, img) = new_image(MIB, bs as u32);
+        let old = pattern(1, 8 * bs as usize);
+        img.write_at(&old, 0).unwrap();
+        img.snapshot("s").unwrap();
+        img.write_at(&pattern(2, 100), bs + 50).unwrap();
+        img.flush().unwrap();
+        let flushed = map_bytes(dir.path());
+        // Copies not flushed: partial, whole, unaligned.
+        img.write_at(&pattern(3, 100), 2 * bs + 50).unwrap();
+        img.write_at(&pattern(4, bs as usize), 3 * bs).unwrap();
+        img.write_at(&pattern(5, 3000), 5 * bs - 1000).unwrap();
+        img.discard(6 * bs, bs).unwrap();
+        img.power_cut(dir.path(), &flushed);
+
+        let img = ThinImage::open(dir.path()).unwrap();
+        assert_eq!(view_vec(&img, "s", 0, 8 * bs as usize), old);
+        let got = read_vec(&img, 0, 8 * bs as usize);
+        let block = |b: u64| &got[(b * bs) as usize..((b + 1) * bs) as usize];
+        let old_block = |b: u64| &old[(b * bs) as usize..((b + 1) * bs) as usize];
+        let mut b1 = old_block(1).to_vec();
+        b1[50..150].copy_from_slice(&pattern(2, 100));
+        assert_eq!(block(1), &b1[..], "flushed copy lost");
+        // The others: old, or new over old, never zeros around the write.
+        let mut b2 = old_block(2).to_vec();
+        b2[50..150].copy_from_slice(&pattern(3, 100));
+        assert!(block(2) == old_block(2) || block(2) == &b2[..]);
+        assert!(block(3) == old_block(3) || block(3) == &pattern(4, bs as usize)[..]);
+        assert!(block(6) == old_block(6) || block(6).iter().all(|&b| b == 0));
+        for b in [0, 7] {
+            assert_eq!(block(b), old_block(b));
+        }
+        img.crash();
+        // A kill -9 loses nothing the image was told.
+        let img = ThinImage::open(dir.path()).unwrap();
+        img.write_at(&pattern(6, 100), 2 * bs + 50).unwrap();
+        img.crash();
+        let img = ThinImage::open(dir.path()).unwrap();
+        let mut b2 = old_block(2).to_vec();
+        b2[50..150].copy_from_slice(&pattern(6, 100));
+        assert_eq!(read_vec(&img, 2 * bs, bs as usize), b2);
+        assert_eq!(view_vec(&img, "s", 0, 8 * bs as usize), old);
+    }
+
+    #[test]
+    fn restore_returns_to_the_snapshot_and_frees_the_rest() {
+        let bs = 4096u64;
+        let (dir, img) = new_image(MIB, bs as u32);
+        let data = dir.path().join(DATA_FILE);
+        let v1 = pattern(1, 32 * bs as usize);
+        img.write_at(&v1, 0).unwrap();
+        img.discard(4 * bs, bs).unwrap();
+        let mut at_snap = v1.clone();
+        at_snap[4 * bs as usize..5 * bs as usize].fill(0);
+        img.snapshot("s").unwrap();
+        img.write_at(&pattern(2, 8 * bs as usize), 0).unwrap(); // copies
+        img.write_at(&pattern(3, 16 * bs as usize), 100 * bs)
+            .unwrap(); // new
+        img.write_at(&pattern(4, bs as usize), 4 * bs).unwrap(); // a hole then
+        img.discard(20 * bs, 4 * bs).unwrap();
+        // Refused while open.
+        assert!(matches!(
+            ThinImage::restore(dir.path(), "s"),
+            Err(EngineError::Io { .. })
+        ));
+        drop(img);
+        let before = disk_bytes(&data);
+        assert!(matches!(
+            ThinImage::restore(dir.path(), "nope"),
+            Err(EngineError::NoSuchSnapshot { .. })
+        ));
+        ThinImage::restore(dir.path(), "s").unwrap();
+        let img = ThinImage::open(dir.path()).unwrap();
+        assert_eq!(read_vec(&img, 0, 32 * bs as usize), at_snap);
+        assert!(read_vec(&img, 100 * bs, 16 * bs as usize)
+            .iter()
+            .all(|&b| b == 0));
+        let usage = img.usage();
+        assert_eq!(usage.allocated_blocks, 31);
+        assert_eq!((usage.shared_blocks, usage.snapshot_blocks), (31, 0));
+        // 7 copies (block 4 was a hole: written in place), 16 new blocks,
+        // block 4.
+        assert_eq!(before - disk_bytes(&data), 24 * bs);
+        // The snapshot stays, and writes copy again.
+        img.write_at(&pattern(5, 10), 0).unwrap();
+        assert_eq!(view_vec(&img, "s", 0, 32 * bs as usize), at_snap);
+    }
+
+    #[test]
+    fn passthrough_and_snapshots_exclude_each_other() {
+        let (dir, img) = new_image(MIB, 4096);
+        img.write_at(&pattern(1, 8192), 0).unwrap();
+        img.snapshot("s").unwrap();
+        assert!(matches!(
+            img.begin_passthrough(),
+            Err(EngineError::Shared { .. })
+        ));
+        assert!(BlockEngine::begin_passthrough(&img).is_none());
+        assert!(!img.is_passthrough());
+        img.delete_snapshot("s").unwrap();
+        // No copy was made: identity still, passthrough again.
+        assert!(img.is_identity());
+        let file = img.begin_passthrough().unwrap().unwrap();
+        assert!(matches!(
+            img.snapshot("t"),
+            Err(EngineError::InPassthrough { .. })
+        ));
+        assert!(img.snapshots().unwrap().is_empty());
+        assert!(!snap_path(dir.path(), "t").exists());
+        drop(file);
+        img.end_passthrough().unwrap();
+        img.snapshot("t").unwrap();
+        assert_eq!(view_vec(&img, "t", 0, 8192), pattern(1, 8192));
+    }
+
+    #[test]
+    fn a_viewed_snapshot_is_not_deleted() {
+        let (_dir, img) = new_image(MIB, 4096);
+        img.write_at(&pattern(1, 4096), 0).unwrap();
+        img.snapshot("s").unwrap();
+        let view = img.snapshot_view("s").unwrap();
+        assert!(matches!(
+            img.delete_snapshot("s"),
+            Err(EngineError::SnapshotBusy { .. })
+        ));
+        img.write_at(&pattern(2, 4096), 0).unwrap();
+        let mut buf = vec![0; 4096];
+        view.read_at(&mut buf, 0).unwrap();
+        assert_eq!(buf, pattern(1, 4096));
+        assert_eq!(view.name(), "s");
+        assert_eq!(view.size(), MIB);
+        drop(view);
+        img.delete_snapshot("s").unwrap();
+        assert!(matches!(
+            img.snapshot_view("s"),
+            Err(EngineError::NoSuchSnapshot { .. })
+        ));
     }
 }
