@@ -21,6 +21,8 @@ use std::time::SystemTime;
 pub(super) const SNAPS_DIR: &str = "snaps";
 const SNAP_EXT: &str = ".map";
 const PINS_EXT: &str = ".pins";
+/// A pin in `<snapshot>.pins/`: `<clone directory name>.pin`.
+const PIN_EXT: &str = ".pin";
 /// A clone's record of its base.
 pub(super) const BASE_FILE: &str = "base";
 const BASE_TMP: &str = "base.tmp";
@@ -509,7 +511,7 @@ fn pin_path(base: &Path, name: &str, clone: &Path) -> PathBuf {
     let id = clone
         .file_name()
         .map_or_else(|| "root".into(), |n| n.to_string_lossy().into_owned());
-    pins_dir(base, name).join(id)
+    pins_dir(base, name).join(format!("{id}{PIN_EXT}"))
 }
 
 /// Durably pin snapshot `name` of `base` for the clone in `clone`
@@ -539,7 +541,7 @@ fn pin_snapshot(base: &Path, name: &str, clone: &Path) -> Result<(), EngineError
     let file_name = pin.file_name().expect("pin has a name").to_string_lossy();
     let mut text = clone.as_os_str().as_encoded_bytes().to_vec();
     text.push(b'\n');
-    write_durably(&pins, &format!(".{file_name}.tmp"), &file_name, &text)
+    write_durably(&pins, &format!("{file_name}.tmp"), &file_name, &text)
 }
 
 /// The clone directory a pin file names; `None` if there is no pin.
@@ -578,7 +580,7 @@ fn live_clones(base: &Path, name: &str, prune: bool) -> Result<Vec<PathBuf>, Eng
     for entry in entries {
         let entry = entry.map_err(io_error("list", &pins))?;
         let path = entry.path();
-        if entry.file_name().to_string_lossy().starts_with('.') {
+        if !entry.file_name().to_string_lossy().ends_with(PIN_EXT) {
             continue; // a pin being written
         }
         let Some(clone) = pin_holder(&path)? else {
@@ -1490,5 +1492,237 @@ mod tests {
             img.snapshot_view("s"),
             Err(EngineError::NoSuchSnapshot { .. })
         ));
+    }
+
+    fn new_clone(base: &Path, snap: &str) -> (tempfile::TempDir, ThinImage) {
+        let dir = tempfile::tempdir().unwrap();
+        let img = ThinImage::create_clone(dir.path(), base, snap).unwrap();
+        (dir, img)
+    }
+
+    #[test]
+    fn clone_reads_its_base_and_writes_diverge_both_ways() {
+        let bs = 16 * KIB;
+        let size = 2 * MIB;
+        let (bdir, base) = new_image(size, bs as u32);
+        let v1 = pattern(1, 16 * bs as usize);
+        base.write_at(&v1, 0).unwrap();
+        base.snapshot("s").unwrap();
+        let (cdir, clone) = new_clone(bdir.path(), "s");
+        assert!(clone.is_clone() && !clone.is_identity());
+        assert_eq!((clone.size(), clone.block_size()), (size, bs as u32));
+        assert_eq!(read_vec(&clone, 0, size as usize)[..v1.len()], v1[..]);
+        assert_eq!(clone.usage().allocated_blocks, 0);
+        // No passthrough for a clone: its unwritten blocks are the base's.
+        assert!(clone.begin_passthrough().unwrap().is_none());
+
+        // The base moves on: the clone keeps the snapshot's content.
+        base.write_at(&pattern(2, 4 * bs as usize), 0).unwrap();
+        assert_eq!(read_vec(&clone, 0, v1.len()), v1);
+        // The clone moves on: partial (copy-up), whole, straddling, zeros.
+        let mut cv = v1.clone();
+        let writes = [
+            (bs + 100, pattern(3, 100)),
+            (2 * bs, pattern(4, bs as usize)),
+            (5 * bs - 7, pattern(5, 20)),
+            (7 * bs + 3, vec![0u8; 10]),
+            (40 * bs + 5, pattern(6, 10)), // no base data there
+        ];
+        cv.resize(size as usize, 0);
+        for (at, data) in &writes {
+            clone.write_at(data, *at).unwrap();
+            cv[*at as usize..][..data.len()].copy_from_slice(data);
+        }
+        assert_eq!(read_vec(&clone, 0, size as usize), cv);
+        let mut bv = v1.clone();
+        bv[..4 * bs as usize].copy_from_slice(&pattern(2, 4 * bs as usize));
+        assert_eq!(read_vec(&base, 0, bv.len()), bv);
+        assert_eq!(view_vec(&base, "s", 0, v1.len()), v1);
+        // Copied-up blocks land at their own index in the clone's file.
+        assert_eq!(clone.map.get(1).phys(), Some(1));
+        assert_eq!(clone.usage().allocated_blocks, 6);
+
+        drop(clone);
+        let clone = ThinImage::open(cdir.path()).unwrap();
+        assert_eq!(read_vec(&clone, 0, size as usize), cv);
+        // Two images open at once, each with its own lock: fine.
+        assert_eq!(read_vec(&base, 0, bv.len()), bv);
+    }
+
+    #[test]
+    fn clone_discard_reads_zeros_over_base_data() {
+        let bs = 8 * KIB;
+        let (bdir, base) = new_image(MIB, bs as u32);
+        let v1 = pattern(1, 16 * bs as usize);
+        base.write_at(&v1, 0).unwrap();
+        base.snapshot("s").unwrap();
+        let (cdir, clone) = new_clone(bdir.path(), "s");
+        clone.write_at(&pattern(2, bs as usize), 3 * bs).unwrap();
+        let mut cv = v1.clone();
+        cv[3 * bs as usize..][..bs as usize].copy_from_slice(&pattern(2, bs as usize));
+        // Whole blocks 2..=4 (base data, own data), a piece of block 6,
+        // and blocks past the base's data.
+        clone.discard(2 * bs, 3 * bs).unwrap();
+        cv[2 * bs as usize..5 * bs as usize].fill(0);
+        clone.discard(6 * bs + 100, 200).unwrap();
+        cv[6 * bs as usize + 100..][..200].fill(0);
+        clone.discard(10 * bs, 20 * bs).unwrap();
+        cv[10 * bs as usize..].fill(0);
+        assert_eq!(read_vec(&clone, 0, cv.len()), cv);
+        assert!(clone.map.get(2).is_zero() && clone.map.get(4).is_zero());
+        assert_eq!(clone.map.get(20), Entry::UNMAPPED);
+        // Only the partly discarded block holds space.
+        assert_eq!(clone.usage().allocated_blocks, 1);
+        // A write into a discarded block reads zeros around it.
+        clone.write_at(&[9; 10], 2 * bs + 50).unwrap();
+        cv[2 * bs as usize + 50..][..10].fill(9);
+        assert_eq!(read_vec(&clone, 0, cv.len()), cv);
+        drop(clone);
+        let clone = ThinImage::open(cdir.path()).unwrap();
+        assert_eq!(read_vec(&clone, 0, cv.len()), cv);
+        assert_eq!(read_vec(&base, 0, v1.len()), v1);
+    }
+
+    #[test]
+    fn a_pinned_snapshot_is_not_deleted_until_the_clone_is_destroyed() {
+        let (bdir, base) = new_image(MIB, 4096);
+        base.write_at(&pattern(1, 8192), 0).unwrap();
+        base.snapshot("s").unwrap();
+        let (cdir, clone) = new_clone(bdir.path(), "s");
+        let cpath = cdir.path().canonicalize().unwrap();
+        match base.delete_snapshot("s") {
+            Err(EngineError::SnapshotPinned { clone: c, name, .. }) => {
+                assert_eq!((c, name.as_str()), (cpath.clone(), "s"));
+            }
+            other => panic!("deleted a pinned snapshot: {other:?}"),
+        }
+        let infos = base.snapshots().unwrap();
+        assert_eq!(infos[0].clones, vec![cpath.clone()]);
+        assert_eq!(
+            ThinImage::clones_of(bdir.path()).unwrap(),
+            vec![("s".to_string(), cpath.clone())]
+        );
+        // Refused while the clone is open.
+        assert!(ThinImage::destroy_clone(cdir.path()).is_err());
+        drop(clone);
+        ThinImage::destroy_clone(cdir.path()).unwrap();
+        ThinImage::destroy_clone(cdir.path()).unwrap(); // nothing left to do
+        assert!(matches!(
+            ThinImage::open(cdir.path()),
+            Err(EngineError::BadClone { .. })
+        ));
+        assert!(ThinImage::clones_of(bdir.path()).unwrap().is_empty());
+        base.delete_snapshot("s").unwrap();
+        assert!(!pins_dir(bdir.path(), "s").exists());
+        // A clone of a missing snapshot is refused.
+        let other = tempfile::tempdir().unwrap();
+        assert!(matches!(
+            ThinImage::create_clone(other.path(), bdir.path(), "s"),
+            Err(EngineError::NoSuchSnapshot { .. })
+        ));
+    }
+
+    #[test]
+    fn a_stale_pin_does_not_hold_the_snapshot() {
+        let (bdir, base) = new_image(MIB, 4096);
+        base.snapshot("s").unwrap();
+        let (cdir, clone) = new_clone(bdir.path(), "s");
+        drop(clone);
+        // The clone's directory removed without destroy_clone (or a crash
+        // in the middle of it): the pin names a clone that is gone.
+        std::fs::remove_dir_all(cdir.path()).unwrap();
+        base.delete_snapshot("s").unwrap();
+    }
+
+    #[test]
+    fn clone_survives_crash_and_power_cut() {
+        let bs = 4096u64;
+        let (bdir, base) = new_image(MIB, bs as u32);
+        let v1 = pattern(1, 32 * bs as usize);
+        base.write_at(&v1, 0).unwrap();
+        base.snapshot("s").unwrap();
+        drop(base); // the clone does not need its base open
+        let (cdir, clone) = new_clone(bdir.path(), "s");
+        clone.write_at(&pattern(2, 100), 50).unwrap();
+        clone.discard(bs, bs).unwrap();
+        clone.flush().unwrap();
+        let flushed = map_bytes(cdir.path());
+        clone.write_at(&pattern(3, 100), 2 * bs + 50).unwrap();
+        clone.write_at(&pattern(4, bs as usize), 3 * bs).unwrap();
+        clone.discard(4 * bs, bs).unwrap();
+        clone.write_at(&pattern(5, 10), 100 * bs).unwrap();
+        clone.power_cut(cdir.path(), &flushed);
+
+        let clone = ThinImage::open(cdir.path()).unwrap();
+        let got = read_vec(&clone, 0, 32 * bs as usize);
+        let block = |b: u64| &got[(b * bs) as usize..((b + 1) * bs) as usize];
+        let base_block = |b: u64| &v1[(b * bs) as usize..((b + 1) * bs) as usize];
+        let mut b0 = base_block(0).to_vec();
+        b0[50..150].copy_from_slice(&pattern(2, 100));
+        assert_eq!(block(0), &b0[..]);
+        assert!(block(1).iter().all(|&b| b == 0), "flushed discard undone");
+        let mut b2 = base_block(2).to_vec();
+        b2[50..150].copy_from_slice(&pattern(3, 100));
+        assert!(block(2) == base_block(2) || block(2) == &b2[..]);
+        assert!(block(3) == base_block(3) || block(3) == &pattern(4, bs as usize)[..]);
+        assert!(block(4) == base_block(4) || block(4).iter().all(|&b| b == 0));
+        for b in 5..32 {
+            assert_eq!(block(b), base_block(b), "block {b}");
+        }
+        // A kill -9 keeps everything.
+        clone.write_at(&pattern(6, 100), 2 * bs + 50).unwrap();
+        clone.discard(4 * bs, bs).unwrap();
+        clone.crash();
+        let clone = ThinImage::open(cdir.path()).unwrap();
+        let mut b2 = base_block(2).to_vec();
+        b2[50..150].copy_from_slice(&pattern(6, 100));
+        assert_eq!(read_vec(&clone, 2 * bs, bs as usize), b2);
+        assert!(read_vec(&clone, 4 * bs, bs as usize)
+            .iter()
+            .all(|&b| b == 0));
+        assert_eq!(read_vec(&clone, 0, bs as usize), b0);
+    }
+
+    #[test]
+    fn snapshots_and_clones_of_a_clone() {
+        let bs = 4096u64;
+        let (bdir, base) = new_image(MIB, bs as u32);
+        base.write_at(&pattern(1, 8 * bs as usize), 0).unwrap();
+        base.snapshot("s").unwrap();
+        let (cdir, clone) = new_clone(bdir.path(), "s");
+        clone.write_at(&pattern(2, bs as usize), bs).unwrap();
+        clone.discard(2 * bs, bs).unwrap();
+        let mut at_t = pattern(1, 8 * bs as usize);
+        at_t[bs as usize..2 * bs as usize].copy_from_slice(&pattern(2, bs as usize));
+        at_t[2 * bs as usize..3 * bs as usize].fill(0);
+        clone.snapshot("t").unwrap();
+        assert_eq!(clone.usage().shared_blocks, 1);
+        // The snapshot of a clone reads through to the clone's base too.
+        assert_eq!(view_vec(&clone, "t", 0, at_t.len()), at_t);
+        // The clone moves on; a clone of its snapshot does not.
+        clone.write_at(&pattern(3, 3 * bs as usize), 0).unwrap();
+        let (c2dir, clone2) = new_clone(cdir.path(), "t");
+        assert_eq!(read_vec(&clone2, 0, at_t.len()), at_t);
+        clone2.write_at(&pattern(4, 10), 5 * bs).unwrap();
+        let mut c2 = at_t.clone();
+        c2[5 * bs as usize..][..10].copy_from_slice(&pattern(4, 10));
+        assert_eq!(read_vec(&clone2, 0, c2.len()), c2);
+        // The middle clone cannot go while its snapshot is a base.
+        drop(clone);
+        assert!(matches!(
+            ThinImage::destroy_clone(cdir.path()),
+            Err(EngineError::SnapshotPinned { .. })
+        ));
+        // Restore of a clone to its snapshot.
+        ThinImage::restore(cdir.path(), "t").unwrap();
+        let clone = ThinImage::open(cdir.path()).unwrap();
+        assert_eq!(read_vec(&clone, 0, at_t.len()), at_t);
+        drop((clone, clone2));
+        let clone2 = ThinImage::open(c2dir.path()).unwrap();
+        assert_eq!(read_vec(&clone2, 0, c2.len()), c2);
+        drop(clone2);
+        ThinImage::destroy_clone(c2dir.path()).unwrap();
+        ThinImage::destroy_clone(cdir.path()).unwrap();
+        base.delete_snapshot("s").unwrap();
     }
 }
