@@ -1106,6 +1106,7 @@ mod tests {
     use crate::engine::pattern::pattern;
     use crate::engine::BlockEngine;
     use std::ops::Range;
+    use std::sync::atomic::AtomicU64;
 
     fn view_vec(img: &ThinImage, name: &str, offset: u64, len: usize) -> Vec<u8> {
         let view = img.snapshot_view(name).unwrap();
@@ -1724,5 +1725,206 @@ mod tests {
         ThinImage::destroy_clone(c2dir.path()).unwrap();
         ThinImage::destroy_clone(cdir.path()).unwrap();
         base.delete_snapshot("s").unwrap();
+    }
+
+    /// A change one thread made to its region.
+    #[derive(Clone, Copy)]
+    enum Op {
+        Write {
+            off: u64,
+            len: usize,
+            seed: u64,
+        },
+        Discard {
+            off: u64,
+            len: usize,
+        },
+        /// A read (checked against the model) or a flush.
+        Other,
+    }
+
+    impl Op {
+        fn apply(self, model: &mut [u8]) {
+            match self {
+                Op::Write { off, len, seed } => {
+                    model[off as usize..][..len].copy_from_slice(&pattern(seed, len))
+                }
+                Op::Discard { off, len } => model[off as usize..][..len].fill(0),
+                Op::Other => {}
+            }
+        }
+    }
+
+    /// Random IO on region `t`; op `i` is counted in `started[t]` before
+    /// it begins and in `finished[t]` once it returned. Returns the ops.
+    #[allow(clippy::too_many_arguments)]
+    fn logged_thread(
+        img: &ThinImage,
+        t: usize,
+        region: u64,
+        seed: u64,
+        ops: u64,
+        max_len: u64,
+        started: &AtomicU64,
+        finished: &AtomicU64,
+    ) -> Vec<Op> {
+        let base = t as u64 * region;
+        let mut model = vec![0u8; region as usize];
+        let mut rng = crate::engine::pattern::Rng(seed);
+        let mut log = Vec::with_capacity(ops as usize);
+        for i in 0..ops {
+            let off = rng.below(region);
+            let len = rng.below(max_len.min(region - off) + 1) as usize;
+            let op = match rng.below(12) {
+                0..=6 => Op::Write {
+                    off,
+                    len,
+                    seed: (t as u64) << 32 | i,
+                },
+                7 | 8 => Op::Discard { off, len },
+                _ => Op::Other,
+            };
+            started.store(i + 1, Ordering::SeqCst);
+            match op {
+                Op::Write { off, len, seed } => {
+                    img.write_at(&pattern(seed, len), base + off).unwrap()
+                }
+                Op::Discard { off, len } => img.discard(base + off, len as u64).unwrap(),
+                Op::Other if i % 2 == 0 => img.flush().unwrap(),
+                Op::Other => {
+                    let mut buf = vec![0u8; len];
+                    img.read_at(&mut buf, base + off).unwrap();
+                    assert_eq!(buf, &model[off as usize..][..len], "thread {t} op {i}");
+                }
+            }
+            finished.store(i + 1, Ordering::SeqCst);
+            op.apply(&mut model);
+            log.push(op);
+        }
+        log
+    }
+
+    /// Whether `got` is the region after ops `..k`, or, when op `k` is a
+    /// discard in flight (it unmaps and zeroes piece by piece), in between.
+    fn matches_after(model: &[u8], next: Option<Op>, got: &[u8]) -> bool {
+        if got == model {
+            return true;
+        }
+        let Some(Op::Discard { off, len }) = next else {
+            return false;
+        };
+        let (a, b) = (off as usize, off as usize + len);
+        got[..a] == model[..a]
+            && got[b..] == model[b..]
+            && got[a..b]
+                .iter()
+                .zip(&model[a..b])
+                .all(|(&g, &m)| g == m || g == 0)
+    }
+
+    #[test]
+    fn snapshots_under_concurrent_io_hold_the_model_at_their_instant() {
+        const THREADS: usize = 3;
+        const OPS: u64 = 1200;
+        const SNAPS: u64 = 9;
+        let bs = 4096u64;
+        let region = 48 * bs + 777; // regions straddle blocks
+        let size = (THREADS as u64 * region).div_ceil(4096) * 4096;
+        let (dir, img) = new_image(size, bs as u32);
+        let img = Arc::new(img);
+        let started: Arc<Vec<AtomicU64>> =
+            Arc::new((0..THREADS).map(|_| AtomicU64::new(0)).collect());
+        let finished: Arc<Vec<AtomicU64>> =
+            Arc::new((0..THREADS).map(|_| AtomicU64::new(0)).collect());
+        let handles: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let (img, started, finished) = (img.clone(), started.clone(), finished.clone());
+                std::thread::spawn(move || {
+                    logged_thread(
+                        &img,
+                        t,
+                        region,
+                        t as u64 + 71,
+                        OPS,
+                        3 * bs,
+                        &started[t],
+                        &finished[t],
+                    )
+                })
+            })
+            .collect();
+        // (name, per thread: ops surely in it, ops possibly in it)
+        let mut taken: Vec<(String, Vec<u64>, Vec<u64>)> = Vec::new();
+        for k in 0..SNAPS {
+            // Spread the snapshots over the run of thread 0.
+            while finished[0].load(Ordering::SeqCst) < (k + 1) * OPS / (SNAPS + 1) {
+                std::thread::yield_now();
+            }
+            let lo: Vec<u64> = finished.iter().map(|f| f.load(Ordering::SeqCst)).collect();
+            let name = format!("s{k}");
+            img.snapshot(&name).unwrap();
+            let hi: Vec<u64> = started.iter().map(|s| s.load(Ordering::SeqCst)).collect();
+            taken.push((name, lo, hi));
+            // Deletes race with the IO too.
+            if k % 3 == 2 {
+                let (gone, _, _) = taken.remove(taken.len() - 2);
+                img.delete_snapshot(&gone).unwrap();
+            }
+        }
+        let logs: Vec<Vec<Op>> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        let img = Arc::into_inner(img).unwrap();
+
+        let contents = |img: &ThinImage| -> Vec<Vec<u8>> {
+            taken
+                .iter()
+                .map(|(name, _, _)| view_vec(img, name, 0, size as usize))
+                .collect()
+        };
+        let before = contents(&img);
+        for (t, log) in logs.iter().enumerate() {
+            let mut model = vec![0u8; region as usize];
+            let mut matched = vec![false; taken.len()];
+            for k in 0..=OPS {
+                for (s, (name, lo, hi)) in taken.iter().enumerate() {
+                    if matched[s] || !(lo[t]..=hi[t]).contains(&k) {
+                        continue;
+                    }
+                    let got = &before[s][(t as u64 * region) as usize..][..region as usize];
+                    matched[s] = matches_after(&model, log.get(k as usize).copied(), got);
+                    let _ = name;
+                }
+                if let Some(op) = log.get(k as usize) {
+                    op.apply(&mut model);
+                }
+            }
+            for (s, ok) in matched.iter().enumerate() {
+                let (name, lo, hi) = &taken[s];
+                assert!(
+                    ok,
+                    "snapshot {name}, thread {t}: no state in ops {}..={}",
+                    lo[t], hi[t]
+                );
+            }
+            assert_eq!(
+                read_vec(&img, t as u64 * region, region as usize),
+                model,
+                "head of thread {t}"
+            );
+        }
+        assert_eq!(img.usage().snapshots, taken.len() as u64);
+        // Durable, and the same after a crash.
+        img.crash();
+        let img = ThinImage::open(dir.path()).unwrap();
+        assert!(contents(&img) == before);
+        // Deleting them all returns every block they alone held.
+        for (name, _, _) in &taken {
+            img.delete_snapshot(name).unwrap();
+        }
+        let usage = img.usage();
+        assert_eq!((usage.shared_blocks, usage.snapshot_blocks), (0, 0));
+        img.flush().unwrap();
+        drop(img);
+        let img = ThinImage::open(dir.path()).unwrap();
+        assert_eq!(img.usage().snapshot_blocks, 0);
     }
 }
