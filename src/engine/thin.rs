@@ -2,22 +2,33 @@
 //!
 //! # On-disk layout
 //!
-//! An image is a directory with three files, and sometimes a marker:
+//! An image is a directory with three files, and sometimes more:
 //!
 //! - `header`: the superblock (4 KiB: magic, format version, size, block size,
 //!   incompatible feature bits, CRC-32C; see `header.rs`). Written once, last,
 //!   at create; an image directory without a valid header is an unfinished
 //!   create (or not an image) and [`ThinImage::open`] refuses it. The open
 //!   image holds an exclusive `flock` on it, so two processes never serve
-//!   the same image.
+//!   the same image. A clone's header has the `FEATURE_CLONE` bit.
 //! - `map`: one little-endian u64 per logical block, in 4 KiB pages (see
 //!   `map.rs`): 0 = unmapped, else physical block index + 1 in bits 0..48;
-//!   bits 48..64 are flags, zero in version 1. Fixed length, sparse.
+//!   bits 48..64 are flags: only `ZERO` (bit 48, no physical block: reads
+//!   zeros, no fall-through), in clones only. Fixed length, sparse.
 //! - `data`: physical blocks of `block_size` bytes, back to back. It grows
 //!   as blocks are first allocated; space of discarded blocks is returned
 //!   with `fallocate(PUNCH_HOLE)`. Reads past its end read zeros.
 //! - `passthrough` (a marker, usually absent): present while the data file
 //!   is handed to the kernel (see *Passthrough*).
+//! - `snaps/<name>.map` (see *Snapshots*): each a frozen copy of `map` at
+//!   the instant the snapshot was taken, same format, written once; its
+//!   modification time is when. The set of snapshots is this listing
+//!   (names `[A-Za-z0-9][A-Za-z0-9_.-]*`, at most 128 bytes). Temp files
+//!   `snaps/.<name>.map.tmp` are snapshots a crash interrupted: open
+//!   removes them.
+//! - `snaps/<name>.pins/<clone dir name>.pin`: the absolute path of a clone
+//!   whose base is that snapshot (see *Clones*).
+//! - `base` (clones only): small JSON naming the base image directory
+//!   (canonical) and snapshot: `{"version":1,"dir":"…","snapshot":"…"}`.
 //!
 //! A logical block gets a physical block on its first write of non-zero
 //! bytes (an all-zero write into an unmapped block is dropped: it already
@@ -63,9 +74,10 @@
 //!    zero block (1.), so it reads as the zeros the block held before.
 //! 4. A map entry is 8 aligned bytes inside a 4 KiB page write, so a torn
 //!    page write leaves each entry old or new, both safe by 2. and 3.
-//! 5. On open the allocator marks every referenced block used (a block
-//!    referenced twice, or an entry with unknown flags, is corruption), so it
-//!    never hands out a block the map references.
+//! 5. On open the allocator marks every block the head map or a snapshot
+//!    map references used (a block referenced twice within one map, or an
+//!    entry with unknown flags, is corruption), so it never hands out a
+//!    block any map references.
 //! 6. *Revival*: a deferred block `j` freed from logical `j` (an identity
 //!    mapping; the allocator records which deferred blocks were) may be
 //!    mapped again by logical `j`, and by no other block, before the flush
@@ -98,6 +110,54 @@
 //!    data: by 1. and 2. the entry then points at a block reading zeros,
 //!    which is an absent write.
 //!
+//! 9. *One home per physical block*: every map that references physical
+//!    block `p` (the head, any snapshot) references it from the same
+//!    logical block, its home. Blocks enter a map only by allocation (a
+//!    block no map references) or by copying a whole map (taking a
+//!    snapshot, restoring one), which keeps indices. So "the head still
+//!    holds `p`" is `head[home] == p`, and the `shared` bit of `p` (set
+//!    when some snapshot references `p`) is read and cleared only under
+//!    the stripe of its home, which every IO on the home holds. Open
+//!    checks each snapshot entry whose block the head maps too.
+//! 10. *Copy-on-write*: a block a snapshot references is never written,
+//!     punched or freed while that snapshot exists. The first write to a
+//!     logical block mapped to a shared block (or, in a clone, to a block
+//!     still read from the base) takes the write side of the stripes of
+//!     its IO, writes the *whole* block to a new one (the bytes outside
+//!     the write copied from the old; new blocks are placed above the
+//!     identity homes, at index ≥ the device's block count, unless the
+//!     logical block's own index is free), syncs the data file, and only
+//!     then maps it (write-through, 8.). So every map a crash can leave
+//!     reads the old block or the complete new one: never zeros around a
+//!     partial write, which 3. would allow for a fresh block but not here.
+//!     A discard of a shared block unmaps it and neither punches nor frees.
+//! 11. *Snapshot lifetime*: taking one excludes all IO, flushes (the data
+//!     of every block the copy references is durable before the copy is),
+//!     writes the copy to a temp file, fsyncs, renames, sets the `shared`
+//!     bits, fsyncs the directory, and lets IO go on. Deleting one locks
+//!     its file (12.), checks pins and views, unlinks it and fsyncs the
+//!     directory; then, under the stripes of their homes, clears the
+//!     `shared` bit of every block no remaining snapshot references; of
+//!     those, the blocks the head does not hold are punched and freed
+//!     (deferred, 2.) only after a flush: the head may have remapped their
+//!     home in memory only, and an older head map found after a crash must
+//!     not point at a punched block. A crash after the unlink leaves
+//!     blocks no map references, which open's scrub punches (1.).
+//! 12. *A clone's base is frozen*: a clone reads its base's `data` and
+//!     snapshot map without the base's lock. That is safe because nothing
+//!     changes what it reads while the pin holds: the base never writes,
+//!     punches or frees a block a snapshot references (10.), never rewrites
+//!     a snapshot file, refuses passthrough while it has snapshots, cuts
+//!     its data file only above every referenced block (1.), and never
+//!     deletes a pinned snapshot. A pin is live while the clone's directory
+//!     has a header and a `base` file naming that snapshot; pins of clones
+//!     gone or destroyed are pruned by the delete. The race between pinning
+//!     and deleting is closed by `flock` on the snapshot's map file: delete
+//!     holds it exclusive from the pin check to the unlink, create_clone
+//!     holds it shared from the pin to the clone's header (and checks the
+//!     file is still linked). A clone whose pin is missing pins again when
+//!     opened.
+//!
 //! After a machine crash an image holds every write completed before the last
 //! successful `flush`; later writes are each present or absent (a write in
 //! progress may be torn), later discards may be undone. A failed sync
@@ -126,6 +186,60 @@
 //! marker: the kernel may still write through its file, and the next open
 //! adopts.
 //!
+//! # Snapshots
+//!
+//! [`ThinImage::snapshot`] costs metadata only, on any filesystem: no data
+//! is copied, the map copy costs what the map holds (its written pages),
+//! and IO waits only for the flush and that copy. Every write that
+//! completed before the call is in the snapshot and none that started
+//! after (a discard in flight may be partly in: it unmaps window by
+//! window). The image and its snapshots share unchanged blocks, without
+//! per-block reference counts: in memory a `shared` bitmap over physical
+//! blocks (the union of the snapshot maps' references), rebuilt by open
+//! with the allocator's bitmap (the union of all maps). Writes to shared
+//! blocks copy them (10.); [`ThinImage::delete_snapshot`] frees the blocks
+//! only it held (11.). [`ThinImage::usage`] reports the head's blocks
+//! split into exclusive and shared, and the blocks only snapshots hold;
+//! [`ThinImage::snapshots`] lists each snapshot with what deleting it
+//! would free; [`ThinImage::snapshot_view`] reads one (a view pins it
+//! against deletion while it lives).
+//!
+//! Snapshots and passthrough exclude each other: a snapshot is refused in
+//! passthrough (the kernel writes the data file in place, which would
+//! change it) and passthrough is refused while a snapshot exists. An image
+//! whose blocks were copied stays non-identity after its snapshots are
+//! gone (the copies sit above the identity homes) until those blocks are
+//! discarded; passthrough then waits for that.
+//!
+//! [`ThinImage::restore`] makes a *closed* image's map a copy of a
+//! snapshot's (temp file, fsync, rename over `map`, fsync of the
+//! directory): a crash leaves the old map or the new one. It works on a
+//! closed image because restoring an open one would mean resetting every
+//! in-memory structure (map, allocator, sharing, counters) under an IO
+//! exclusion, which is what open already does; the volume is not attached
+//! while it is restored anyway. Blocks only the old map held are freed by
+//! the next open (they are free blocks holding data: 1.).
+//!
+//! # Clones
+//!
+//! A clone ([`ThinImage::create_clone`]) is an image of its own (own
+//! header with `FEATURE_CLONE`, map, data, snapshots) whose base is a
+//! snapshot of another image, which it pins (12.). A block unmapped in the
+//! clone reads through to the base's block; a write copies the base block
+//! into the clone first (10.; as identity placement in the clone's own
+//! data file when free); a discard of a block the base has data for maps
+//! it to `ZERO`, which reads zeros without falling through. A base may be
+//! a clone itself (a clone of a snapshot of a clone), up to 16 levels: a
+//! lookup walks the levels, stopping at the first mapping or `ZERO`. A
+//! clone is never identity, so never in passthrough.
+//! [`ThinImage::destroy_clone`] detaches a closed clone (removes its `base`
+//! file, then its pin) so its base snapshot can be deleted; the caller then
+//! removes its directory. It is refused while a snapshot of the clone is
+//! the base of another live clone; [`ThinImage::clones_of`] tells whether
+//! an image's directory may be removed. An encrypted image's clone needs
+//! the base's `crypt` file copied (same key, same ciphertext: XTS tweaks
+//! are logical offsets, which a copy keeps).
+//!
 //! # Concurrency
 //!
 //! IO is positional (`pread`/`pwrite`) and takes no global lock. An IO
@@ -150,7 +264,12 @@
 //! the allocator's mutex (held across the unmapped blocks of a run, dropped
 //! before any system call), so racing first writers of a block agree on its
 //! placement. A fresh block is never written with padding, so concurrent
-//! partial writes to it both land.
+//! partial writes to it both land. A write that must copy a block (10.)
+//! finds so under the read side of its stripes, drops them and redoes the
+//! write under the write side, so copies of one block never race.
+//! [`ThinImage::snapshot`] takes the write side of every stripe; a
+//! snapshot's delete, the write side of a window of stripes at a time.
+//! Snapshot operations of one image are serialized by a mutex.
 
 mod snap;
 

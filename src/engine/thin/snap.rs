@@ -402,6 +402,20 @@ impl Level {
             }
             other => other?,
         };
+        // Its image checks it at open; a clone reads it without that
+        // image's lock, so check what it relies on here too.
+        let mut bad = None;
+        map.for_each_mapped(|block, entry| {
+            if bad.is_none() && !entry.is_valid(true) {
+                bad = Some(format!(
+                    "map entry {:#x} of block {block} is invalid",
+                    entry.raw()
+                ));
+            }
+        });
+        if let Some(reason) = bad {
+            return Err(EngineError::Corrupt { path, reason });
+        }
         Ok(Level {
             data,
             data_path,
@@ -1006,6 +1020,12 @@ impl ThinImage {
                 "a clone needs a directory of its own, not its base's".into(),
             ));
         }
+        if dir.join(HEADER_FILE).exists() {
+            return Err(EngineError::InvalidParams(format!(
+                "{} holds an image already: a clone needs a new directory",
+                dir.display()
+            )));
+        }
         let base_header = read_header(&base)?;
         let path = snap_path(&base, snapshot);
         let missing = || EngineError::NoSuchSnapshot {
@@ -1024,6 +1044,8 @@ impl ThinImage {
         if file.metadata().map_err(io_error("stat", &path))?.nlink() == 0 {
             return Err(missing()); // deleted while we waited
         }
+        let pin = pin_path(&base, snapshot, &clone);
+        let pinned_before = pin.exists();
         pin_snapshot(&base, snapshot, &clone)?;
         let header = Header {
             size: base_header.size,
@@ -1036,7 +1058,9 @@ impl ThinImage {
             snapshot: snapshot.into(),
         };
         if let Err(e) = Self::write_new_image(dir, &header, || record.store(dir)) {
-            let _ = std::fs::remove_file(pin_path(&base, snapshot, &clone));
+            if !pinned_before {
+                let _ = std::fs::remove_file(&pin);
+            }
             return Err(e);
         }
         drop(file);
@@ -1591,6 +1615,11 @@ mod tests {
         base.snapshot("s").unwrap();
         let (cdir, clone) = new_clone(bdir.path(), "s");
         let cpath = cdir.path().canonicalize().unwrap();
+        // Again in the same directory: refused, the pin stays.
+        assert!(matches!(
+            ThinImage::create_clone(cdir.path(), bdir.path(), "s"),
+            Err(EngineError::InvalidParams(_))
+        ));
         match base.delete_snapshot("s") {
             Err(EngineError::SnapshotPinned { clone: c, name, .. }) => {
                 assert_eq!((c, name.as_str()), (cpath.clone(), "s"));
