@@ -42,13 +42,16 @@
 //! Logical block `j` gets physical block `j` when that block is free (the
 //! data file of a fresh image is then exactly a sparse raw image of the
 //! device: byte `x` of the device is byte `x` of `data`), and otherwise a
-//! block chosen by next fit (images written by earlier builds, which placed
+//! block chosen by next fit at or above the device's block count, off the
+//! homes of other logical blocks (physical `j` is held by a snapshot, or
+//! by another logical block in an image of an earlier build, which placed
 //! blocks densely). When physical `j` is deferred (invariant 2) because `j`
 //! itself was discarded and the flush has not released it yet, a new write
 //! of `j` *revives* it rather than break identity: see invariant 6. A count
 //! of mapped blocks whose physical block differs from their own index makes
-//! [`ThinImage::is_identity`] O(1). An image that is identity stays so: the
-//! fallback needs physical `j` to be held by another logical block.
+//! [`ThinImage::is_identity`] O(1). An image that is identity stays so
+//! while it has no snapshot: the fallback needs physical `j` to be held by
+//! another logical block.
 //!
 //! # Invariants and crash consistency
 //!
@@ -1158,7 +1161,10 @@ impl ThinImage {
         } else if alloc.revive(block) {
             (block, true) // invariant 6
         } else {
-            (alloc.alloc().ok_or(EngineError::NoSpace)?, false)
+            // Its home is held (by a snapshot, or by another logical block
+            // in an image of an earlier build): stay off the other homes.
+            let phys = alloc.alloc_above(self.nblocks);
+            (phys.ok_or(EngineError::NoSpace)?, false)
         };
         if let Err(won) = self.map.try_replace(block, current, Entry::mapped(phys)) {
             // Unreachable: first mappings are made under the allocator lock.

@@ -134,9 +134,9 @@ pub(super) struct SharedBits {
 impl SharedBits {
     /// Room for bits `0..limit`.
     pub fn new(limit: u64) -> SharedBits {
-        // At least 32 Ki bits a page, and at most about 4096 pages.
+        // At least 32 Ki bits a page, and at most about 64 Ki pages.
         let mut shift = 15;
-        while limit >> shift > 4096 {
+        while limit >> shift > 1 << 16 {
             shift += 1;
         }
         let npages = limit.div_ceil(1 << shift) as usize;
@@ -1231,6 +1231,13 @@ mod tests {
         // Copies are placed above the identity homes.
         assert_eq!(img.map.get(0).phys(), Some(0));
         assert!(img.map.get(1).phys().unwrap() >= size / bs);
+        // Block 3's home is held by the snapshot: a new write to it goes
+        // above the homes too, not to an unmapped block's home.
+        img.write_at(&[1; 10], 3 * bs).unwrap();
+        new[3 * bs as usize..][..10].fill(1);
+        assert!(img.map.get(3).phys().unwrap() >= size / bs);
+        img.discard(3 * bs, bs).unwrap();
+        new[3 * bs as usize..][..10].fill(0);
         // A second write to a copied block goes in place.
         let phys = img.map.get(1).phys();
         img.write_at(&pattern(5, 10), bs).unwrap();
