@@ -1859,12 +1859,62 @@ mod tests {
     }
 
     #[test]
+    fn concurrent_partial_writes_to_a_shared_block_all_land() {
+        const THREADS: usize = 4;
+        const BLOCKS: u64 = 32;
+        let bs = 16 * KIB;
+        let (_dir, img) = new_image(BLOCKS * bs, bs as u32);
+        let old = pattern(99, (BLOCKS * bs) as usize);
+        img.write_at(&old, 0).unwrap();
+        img.snapshot("s").unwrap();
+        let img = Arc::new(img);
+        let barrier = Arc::new(std::sync::Barrier::new(THREADS));
+        let quarter = (bs / 8) as usize; // writes cover half of each block
+        let handles: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let (img, barrier) = (img.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    for block in 0..BLOCKS {
+                        barrier.wait();
+                        let data = pattern(block * 10 + t as u64, quarter);
+                        img.write_at(&data, block * bs + (2 * t * quarter) as u64)
+                            .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+        for block in 0..BLOCKS {
+            let got = read_vec(&img, block * bs, bs as usize);
+            let mut want = old[(block * bs) as usize..((block + 1) * bs) as usize].to_vec();
+            for t in 0..THREADS {
+                want[2 * t * quarter..][..quarter]
+                    .copy_from_slice(&pattern(block * 10 + t as u64, quarter));
+            }
+            assert!(got == want, "block {block}");
+        }
+        assert_eq!(view_vec(&img, "s", 0, old.len()), old);
+        let usage = img.usage();
+        assert_eq!(
+            (usage.exclusive_blocks, usage.snapshot_blocks),
+            (BLOCKS, BLOCKS)
+        );
+    }
+
+    #[test]
     fn snapshots_under_concurrent_io_hold_the_model_at_their_instant() {
+        for bs in [4096u64, 16 * KIB] {
+            snapshots_under_concurrent_io(bs);
+        }
+    }
+
+    fn snapshots_under_concurrent_io(bs: u64) {
         const THREADS: usize = 3;
         const OPS: u64 = 1200;
         const SNAPS: u64 = 9;
-        let bs = 4096u64;
-        let region = 48 * bs + 777; // regions straddle blocks
+        let region = (192 * KIB / bs) * bs + 777; // regions straddle blocks
         let size = (THREADS as u64 * region).div_ceil(4096) * 4096;
         let (dir, img) = new_image(size, bs as u32);
         let img = Arc::new(img);
@@ -1882,7 +1932,7 @@ mod tests {
                         region,
                         t as u64 + 71,
                         OPS,
-                        3 * bs,
+                        12 * KIB,
                         &started[t],
                         &finished[t],
                     )
