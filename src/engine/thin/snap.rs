@@ -460,16 +460,17 @@ impl BaseChain {
                     record.dir.display()
                 )));
             }
-            let level = Level::open(&record.dir, &record.snapshot, header.nblocks())
-                .map_err(|e| bad(format!("its base snapshot: {e}")))?;
             if levels.is_empty() {
                 let clone = canonical(dir)?;
                 let pin = pin_path(&record.dir, &record.snapshot, &clone);
                 if !pin.exists() {
                     tracing::warn!(pin = %pin.display(), "the pin of this clone was missing: pinning again");
+                    let _held = lock_snapshot_shared(&record.dir, &record.snapshot)?;
                     pin_snapshot(&record.dir, &record.snapshot, &clone)?;
                 }
             }
+            let level = Level::open(&record.dir, &record.snapshot, header.nblocks())
+                .map_err(|e| bad(format!("its base snapshot: {e}")))?;
             levels.push(Arc::new(level));
             if base.features & FEATURE_CLONE == 0 {
                 break;
@@ -556,6 +557,27 @@ fn pin_snapshot(base: &Path, name: &str, clone: &Path) -> Result<(), EngineError
     let mut text = clone.as_os_str().as_encoded_bytes().to_vec();
     text.push(b'\n');
     write_durably(&pins, &format!("{file_name}.tmp"), &file_name, &text)
+}
+
+/// Lock snapshot `name` of `base` against deletion (a shared `flock` on
+/// its map file, which a delete takes exclusive), checking it still exists.
+fn lock_snapshot_shared(base: &Path, name: &str) -> Result<Flock<File>, EngineError> {
+    let path = snap_path(base, name);
+    let missing = || EngineError::NoSuchSnapshot {
+        dir: base.to_path_buf(),
+        name: name.into(),
+    };
+    let file = match File::open(&path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(missing()),
+        Err(e) => return Err(io_error("open", &path)(e)),
+    };
+    let file = Flock::lock(file, FlockArg::LockShared)
+        .map_err(|(_, errno)| io_error("lock", &path)(errno.into()))?;
+    if file.metadata().map_err(io_error("stat", &path))?.nlink() == 0 {
+        return Err(missing()); // deleted while we waited
+    }
+    Ok(file)
 }
 
 /// The clone directory a pin file names; `None` if there is no pin.
@@ -1027,23 +1049,9 @@ impl ThinImage {
             )));
         }
         let base_header = read_header(&base)?;
-        let path = snap_path(&base, snapshot);
-        let missing = || EngineError::NoSuchSnapshot {
-            dir: base.clone(),
-            name: snapshot.into(),
-        };
-        let file = match File::open(&path) {
-            Ok(file) => file,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(missing()),
-            Err(e) => return Err(io_error("open", &path)(e)),
-        };
         // Invariant 12: held until the clone is complete, so a delete of
         // the snapshot waits and then sees the pin.
-        let file = Flock::lock(file, FlockArg::LockShared)
-            .map_err(|(_, errno)| io_error("lock", &path)(errno.into()))?;
-        if file.metadata().map_err(io_error("stat", &path))?.nlink() == 0 {
-            return Err(missing()); // deleted while we waited
-        }
+        let held = lock_snapshot_shared(&base, snapshot)?;
         let pin = pin_path(&base, snapshot, &clone);
         let pinned_before = pin.exists();
         pin_snapshot(&base, snapshot, &clone)?;
@@ -1063,7 +1071,7 @@ impl ThinImage {
             }
             return Err(e);
         }
-        drop(file);
+        drop(held);
         Self::open(dir)
     }
 
@@ -1657,6 +1665,21 @@ mod tests {
             ThinImage::create_clone(other.path(), bdir.path(), "s"),
             Err(EngineError::NoSuchSnapshot { .. })
         ));
+    }
+
+    #[test]
+    fn a_clone_whose_pin_is_lost_pins_again_when_opened() {
+        let (bdir, base) = new_image(MIB, 4096);
+        base.snapshot("s").unwrap();
+        let (cdir, clone) = new_clone(bdir.path(), "s");
+        drop(clone);
+        std::fs::remove_dir_all(pins_dir(bdir.path(), "s")).unwrap();
+        let clone = ThinImage::open(cdir.path()).unwrap();
+        assert!(matches!(
+            base.delete_snapshot("s"),
+            Err(EngineError::SnapshotPinned { .. })
+        ));
+        drop(clone);
     }
 
     #[test]
