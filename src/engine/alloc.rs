@@ -85,6 +85,13 @@ struct Inner {
     own: Bits,
     /// Blocks at or above this are never handed out.
     limit: u64,
+    /// Where [`AllocGuard::alloc_above`] searches from (its `min`, kept).
+    hi_base: u64,
+    /// Where its next search starts (a word index).
+    hi_cursor: usize,
+    /// A block at or above `hi_base` may be clear below `next`: false
+    /// after a search found none, until one is cleared.
+    hi_hint: bool,
 }
 
 impl PhysAlloc {
@@ -108,6 +115,9 @@ impl PhysAlloc {
                 taken: Bits::default(),
                 own: Bits::default(),
                 limit,
+                hi_base: u64::MAX,
+                hi_cursor: 0,
+                hi_hint: true,
             }),
         }
     }
@@ -271,6 +281,37 @@ impl AllocGuard<'_> {
         Some(block)
     }
 
+    /// Hand out a free block at or above `min` (next fit there, then the
+    /// high-water mark, then `min` itself), or `None` when the address
+    /// space is exhausted. Copy-on-write takes its blocks here: below
+    /// `min` (the device's block count) lie the identity homes of logical
+    /// blocks (the snapshot's copy already holds this block's own).
+    /// Callers pass the same `min` every time.
+    pub fn alloc_above(&mut self, min: u64) -> Option<u64> {
+        let inner = &mut *self.0;
+        if inner.hi_base != min {
+            inner.hi_base = min;
+            inner.hi_cursor = (min / 64) as usize;
+            inner.hi_hint = true;
+        }
+        if inner.next > min && inner.hi_hint {
+            if let Some(block) = inner.take_clear_bit_above(min) {
+                return Some(block);
+            }
+            inner.hi_hint = false;
+        }
+        if inner.next >= inner.limit {
+            return None;
+        }
+        if inner.next >= min {
+            let block = inner.next;
+            inner.next += 1;
+            inner.set(block);
+            return Some(block);
+        }
+        self.claim(min).then_some(min)
+    }
+
     /// See [`PhysAlloc::give_back`].
     pub fn give_back(&mut self, block: u64) {
         self.0.clear(block);
@@ -313,6 +354,10 @@ impl Inner {
             if w < self.cursor {
                 self.cursor = w;
             }
+            if block >= self.hi_base {
+                self.hi_hint = true;
+                self.hi_cursor = self.hi_cursor.min(w);
+            }
         }
     }
 
@@ -347,6 +392,34 @@ impl Inner {
             self.used[w] |= 1 << (block % 64);
             self.free -= 1;
             self.cursor = w;
+            return Some(block);
+        }
+        None
+    }
+}
+
+impl Inner {
+    /// The first clear bit in `[min, next)` at or after the high cursor,
+    /// wrapping once.
+    fn take_clear_bit_above(&mut self, min: u64) -> Option<u64> {
+        let words = self.next.div_ceil(64) as usize;
+        let first = (min / 64) as usize;
+        let start = self.hi_cursor.clamp(first, words);
+        for w in (start..words).chain(first..start) {
+            let mut word = self.used[w];
+            if w == first {
+                word |= (1u64 << (min % 64)) - 1; // below min: not ours
+            }
+            if word == u64::MAX {
+                continue;
+            }
+            let block = w as u64 * 64 + u64::from((!word).trailing_zeros());
+            if block >= self.next {
+                continue;
+            }
+            self.used[w] |= 1 << (block % 64);
+            self.free -= 1;
+            self.hi_cursor = w;
             return Some(block);
         }
         None
@@ -408,6 +481,29 @@ mod tests {
         assert!(a.lock().claim(50));
         assert_eq!(a.free_runs(0, 102), vec![(1, 49), (51, 49), (101, 1)]);
         assert!(a.is_used(100) && a.is_used(50) && !a.is_used(49));
+    }
+
+    #[test]
+    fn alloc_above_leaves_the_identity_homes_alone() {
+        let a = PhysAlloc::new(Vec::new(), 0, 1000);
+        assert!(a.lock().claim(3));
+        // The high-water mark is below min: min itself, then onwards.
+        assert_eq!(a.lock().alloc_above(100), Some(100));
+        assert_eq!(a.lock().alloc_above(100), Some(101));
+        assert_eq!(a.lock().alloc_above(100), Some(102));
+        // A released block at or above min is found again; blocks below
+        // min never are.
+        a.defer_free([101]);
+        a.release(a.take_pending());
+        assert_eq!(a.lock().alloc_above(100), Some(101));
+        assert_eq!(a.lock().alloc_above(100), Some(103));
+        assert!(!a.is_used(0) && !a.is_used(50));
+        // Plain allocation still fills the holes below.
+        assert_eq!(a.alloc(), Some(0));
+        // The limit holds.
+        let b = PhysAlloc::new(Vec::new(), 0, 10);
+        assert_eq!(b.lock().alloc_above(9), Some(9));
+        assert_eq!(b.lock().alloc_above(9), None);
     }
 
     #[test]

@@ -31,8 +31,9 @@
 //!  "key_check":"<64 hex digits>"}
 //! ```
 //!
-//! None of it is secret. A snapshot or clone of the image keeps the same
-//! file (same key, same ciphertext blocks).
+//! None of it is secret. A snapshot of the image lives in its directory,
+//! under the same file; a clone is a directory of its own and needs a copy
+//! of it ([`CryptParams::store`]): same key, same ciphertext blocks.
 //!
 //! # Data
 //!
@@ -654,6 +655,37 @@ mod tests {
         check(&engine);
         assert_eq!(engine.params().iterations, ITERS);
         assert_eq!(engine.size(), 64 * MIB);
+    }
+
+    #[test]
+    fn snapshots_and_clones_of_an_encrypted_image_share_ciphertext() {
+        // 32 KiB blocks: a 4 KiB write copies the block's other units
+        // (ciphertext, tweaked by their logical offset, which a copy keeps).
+        let (dir, engine) = new_crypt(4 * MIB, 32 << 10);
+        let v1 = pattern(1, 256 << 10);
+        engine.write_at(&v1, 0).unwrap();
+        engine.image().snapshot("s").unwrap();
+        engine.write_at(&pattern(2, 4096), 8192).unwrap();
+        // A clone: its own directory, the base's crypt file copied.
+        let cdir = tempfile::tempdir().unwrap();
+        let clone = ThinImage::create_clone(cdir.path(), dir.path(), "s").unwrap();
+        CryptParams::load(dir.path())
+            .unwrap()
+            .store(cdir.path())
+            .unwrap();
+        let clone = CryptEngine::open(Arc::new(clone), cdir.path(), &secret()).unwrap();
+        assert_eq!(read_vec(&clone, 0, v1.len()), v1);
+        clone.write_at(&pattern(3, 4096), 40 << 10).unwrap();
+        clone.discard(64 << 10, 4096).unwrap();
+        let mut cv = v1.clone();
+        cv[40 << 10..][..4096].copy_from_slice(&pattern(3, 4096));
+        cv[64 << 10..][..4096].fill(0);
+        assert_eq!(read_vec(&clone, 0, cv.len()), cv);
+        let mut bv = v1.clone();
+        bv[8192..][..4096].copy_from_slice(&pattern(2, 4096));
+        assert_eq!(read_vec(&engine, 0, bv.len()), bv);
+        let clone = reopen(cdir.path(), clone, &secret());
+        assert_eq!(read_vec(&clone, 0, cv.len()), cv);
     }
 
     #[test]

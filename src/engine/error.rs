@@ -30,6 +30,38 @@ pub enum EngineError {
     WrongKey { path: PathBuf },
     #[error("encryption parameters {path}: {reason}")]
     BadCryptParams { path: PathBuf, reason: String },
+    #[error(
+        "snapshot name {name:?} is invalid: use 1 to 128 characters from \
+         A-Z a-z 0-9 _ . - starting with a letter or a digit"
+    )]
+    BadSnapshotName { name: String },
+    #[error("snapshot {name:?} of {dir} already exists: choose another name, or delete it first")]
+    SnapshotExists { dir: PathBuf, name: String },
+    #[error("image {dir} has no snapshot {name:?}: list its snapshots for the names it has")]
+    NoSuchSnapshot { dir: PathBuf, name: String },
+    #[error(
+        "snapshot {name:?} of {dir} is the base of the clone {clone}: \
+         destroy that clone first (ThinImage::destroy_clone)"
+    )]
+    SnapshotPinned {
+        dir: PathBuf,
+        name: String,
+        clone: PathBuf,
+    },
+    #[error("snapshot {name:?} of {dir} is being read: drop its view first")]
+    SnapshotBusy { dir: PathBuf, name: String },
+    #[error(
+        "image {dir} is in passthrough: the kernel writes its data file in \
+         place, which would change a snapshot; end passthrough first"
+    )]
+    InPassthrough { dir: PathBuf },
+    #[error(
+        "image {dir} has snapshots (or is a clone): passthrough would let the \
+         kernel overwrite blocks they share; delete its snapshots first"
+    )]
+    Shared { dir: PathBuf },
+    #[error("clone {dir}: {reason}")]
+    BadClone { dir: PathBuf, reason: String },
 }
 
 impl EngineError {
@@ -43,6 +75,14 @@ impl EngineError {
             EngineError::Corrupt { .. } | EngineError::BadCryptParams { .. } => libc::EIO,
             EngineError::WrongKey { .. } => libc::EKEYREJECTED,
             EngineError::NoSpace => libc::ENOSPC,
+            EngineError::BadSnapshotName { .. } => libc::EINVAL,
+            EngineError::SnapshotExists { .. } => libc::EEXIST,
+            EngineError::NoSuchSnapshot { .. } => libc::ENOENT,
+            EngineError::SnapshotPinned { .. }
+            | EngineError::SnapshotBusy { .. }
+            | EngineError::InPassthrough { .. }
+            | EngineError::Shared { .. } => libc::EBUSY,
+            EngineError::BadClone { .. } => libc::EIO,
         }
     }
 }

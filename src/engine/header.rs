@@ -9,7 +9,7 @@
 //! | 12 | 4 | block size in bytes |
 //! | 16 | 8 | device size in bytes |
 //! | 24 | 8 | number of logical blocks (redundant, checked) |
-//! | 32 | 8 | incompatible feature bits (none in version 1; an opener refuses unknown bits) |
+//! | 32 | 8 | incompatible feature bits (an opener refuses unknown bits): bit 0 = [`FEATURE_CLONE`] |
 //! | 40 | 20 | reserved, zero |
 //! | 60 | 4 | CRC-32C of bytes 0..60 |
 //!
@@ -20,8 +20,14 @@ const MAGIC: [u8; 8] = *b"DNNGTHIN";
 const VERSION: u32 = 1;
 const CRC_OFFSET: usize = 60;
 
-/// Incompatible feature bits this build understands (none yet).
-const KNOWN_FEATURES: u64 = 0;
+/// The image is a clone: blocks it never wrote read through to its base
+/// (a snapshot of another image, named by the clone's `base` file). A
+/// build that does not know clones must not open one as a plain image,
+/// whose unwritten blocks read zeros.
+pub(crate) const FEATURE_CLONE: u64 = 1;
+
+/// Incompatible feature bits this build understands.
+const KNOWN_FEATURES: u64 = FEATURE_CLONE;
 
 /// The decoded superblock.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -161,5 +167,12 @@ mod tests {
             assert!(Header::decode(&bad).is_err(), "flip at {at} accepted");
         }
         assert!(Header::decode(&buf[..100]).is_err());
+        let clone = Header {
+            features: FEATURE_CLONE,
+            ..h
+        };
+        assert_eq!(Header::decode(&clone.encode()), Ok(clone));
+        let unknown = Header { features: 2, ..h };
+        assert!(Header::decode(&unknown.encode()).is_err());
     }
 }

@@ -8,8 +8,11 @@
 //! allocated on its first mapping, so memory also follows what was written.
 //!
 //! An entry is an [`Entry`]: bits 0..48 hold the physical block index plus
-//! one (0 = unmapped), bits 48..64 are flags, all zero in format version 1
-//! (snapshots will use them, e.g. for a "shared, copy before write" bit).
+//! one (0 = unmapped), bits 48..64 are flags. One flag is defined:
+//! [`Entry::ZERO`] (bit 48, with physical bits 0) means "reads zeros": in a
+//! clone it hides the base's data where the clone discarded it (see
+//! thin.rs, *Clones*). Any other flag is unknown, and an opener refuses it
+//! (so do builds older than clones, which know no flag at all).
 //!
 //! The map knows nothing of data or allocation: it offers lock-free lookups,
 //! a compare-and-swap for first mapping, a swap for unmapping, and tracks
@@ -68,6 +71,26 @@ impl Entry {
     /// The flag bits (48..64), shifted down.
     pub fn flags(self) -> u64 {
         self.0 >> Self::PHYS_BITS
+    }
+
+    /// "Reads zeros, no fall-through to a clone's base": no physical block.
+    pub const ZERO: Entry = Entry(Self::FLAG_ZERO << Self::PHYS_BITS);
+    /// The flag of [`Entry::ZERO`], as [`Entry::flags`] shows it.
+    pub const FLAG_ZERO: u64 = 1;
+
+    /// Whether this is [`Entry::ZERO`].
+    pub fn is_zero(self) -> bool {
+        self == Self::ZERO
+    }
+
+    /// Whether the entry is well formed: unmapped, mapped without flags,
+    /// or (when `zero_ok`) exactly [`Entry::ZERO`].
+    pub fn is_valid(self, zero_ok: bool) -> bool {
+        match self.flags() {
+            0 => true,
+            Self::FLAG_ZERO => zero_ok && self.is_zero(),
+            _ => false,
+        }
     }
 }
 
@@ -152,6 +175,7 @@ impl BlockMap {
     }
 
     /// Whether the page holding `block` has ever been mapped into (in memory).
+    #[cfg(test)]
     pub fn page_present(&self, block: u64) -> bool {
         self.pages[(block >> PAGE_SHIFT) as usize].get().is_some()
     }
@@ -178,22 +202,81 @@ impl BlockMap {
         }
     }
 
-    /// Unmap `block`, returning what it was mapped to. The caller must
+    /// Replace the entry `old` of `block` by `new`. Exactly one of several
+    /// racing callers succeeds; the others get the entry that won.
+    pub fn try_replace(&self, block: u64, old: Entry, new: Entry) -> Result<(), Entry> {
+        let slot = self.slot_or_init(block);
+        match slot.compare_exchange(old.0, new.0, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => {
+                if old != new {
+                    self.mark_dirty(block);
+                }
+                Ok(())
+            }
+            Err(current) => Err(Entry(current)),
+        }
+    }
+
+    /// Set the entry of `block`, returning what it was. The caller must
     /// exclude IO on the block while doing this (the engine's stripe lock).
-    pub fn unmap(&self, block: u64) -> Entry {
-        let Some(slot) = self.slot(block) else {
-            return Entry::UNMAPPED;
+    pub fn swap(&self, block: u64, entry: Entry) -> Entry {
+        let slot = match (entry, self.slot(block)) {
+            (_, Some(slot)) => slot,
+            (Entry::UNMAPPED, None) => return Entry::UNMAPPED,
+            (_, None) => self.slot_or_init(block),
         };
-        let old = Entry(slot.swap(0, Ordering::AcqRel));
-        if old != Entry::UNMAPPED {
+        let old = Entry(slot.swap(entry.0, Ordering::AcqRel));
+        if old != entry {
             self.mark_dirty(block);
         }
         old
     }
 
+    /// Unmap `block`, returning what it was mapped to. The caller must
+    /// exclude IO on the block while doing this (the engine's stripe lock).
+    #[cfg(test)]
+    pub fn unmap(&self, block: u64) -> Entry {
+        self.swap(block, Entry::UNMAPPED)
+    }
+
+    /// Write every page holding an entry to `file` (positional writes, no
+    /// sync): a copy of the whole map into a new sparse file of
+    /// [`BlockMap::file_len`], costing what the map holds. The caller
+    /// excludes changes to the map while it copies.
+    pub fn write_all_pages(&self, file: &File) -> io::Result<()> {
+        let mut buf = [0u8; MAP_PAGE_BYTES];
+        for (page, entries) in self.pages.iter().enumerate() {
+            let Some(entries) = entries.get() else {
+                continue;
+            };
+            if entries.iter().all(|e| e.load(Ordering::Acquire) == 0) {
+                continue; // mapped once, all unmapped since: leave a hole
+            }
+            self.write_page(file, page, &mut buf)?;
+        }
+        Ok(())
+    }
+
     fn mark_dirty(&self, block: u64) {
         let page = block >> PAGE_SHIFT;
         self.dirty[(page / 64) as usize].fetch_or(1 << (page % 64), Ordering::AcqRel);
+    }
+
+    /// The first block in `[block, end)` whose entry is not unmapped,
+    /// skipping pages never mapped into.
+    pub fn next_entry(&self, mut block: u64, end: u64) -> Option<u64> {
+        let end = end.min(self.nblocks);
+        while block < end {
+            let Some(page) = self.pages[(block >> PAGE_SHIFT) as usize].get() else {
+                block = ((block >> PAGE_SHIFT) + 1) << PAGE_SHIFT;
+                continue;
+            };
+            if page[(block & PAGE_MASK) as usize].load(Ordering::Acquire) != 0 {
+                return Some(block);
+            }
+            block += 1;
+        }
+        None
     }
 
     /// Call `f(block, entry)` for every mapped entry, in block order.
@@ -338,6 +421,13 @@ mod tests {
         let flagged = Entry::from_raw(Entry::mapped(7).raw() | (3 << 48));
         assert_eq!(flagged.phys(), Some(7));
         assert_eq!(flagged.flags(), 3);
+        assert!(!flagged.is_valid(true));
+        assert_eq!(Entry::ZERO.phys(), None);
+        assert_eq!(Entry::ZERO.flags(), Entry::FLAG_ZERO);
+        assert!(Entry::ZERO.is_valid(true) && !Entry::ZERO.is_valid(false));
+        // ZERO with a physical block is malformed.
+        assert!(!Entry::from_raw(Entry::ZERO.raw() | 5).is_valid(true));
+        assert!(Entry::mapped(3).is_valid(false) && Entry::UNMAPPED.is_valid(false));
     }
 
     #[test]

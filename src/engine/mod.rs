@@ -21,7 +21,7 @@ mod thin;
 
 pub use crypt::{CryptEngine, CryptParams, Secret};
 pub use error::EngineError;
-pub use thin::{ThinImage, ThinParams, ThinUsage};
+pub use thin::{SnapshotInfo, SnapshotView, ThinImage, ThinParams, ThinUsage};
 
 /// The interface every export uses. All methods take `&self`: an engine is
 /// shared by many IO threads and does its own fine-grained locking.

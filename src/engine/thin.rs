@@ -2,22 +2,33 @@
 //!
 //! # On-disk layout
 //!
-//! An image is a directory with three files, and sometimes a marker:
+//! An image is a directory with three files, and sometimes more:
 //!
 //! - `header`: the superblock (4 KiB: magic, format version, size, block size,
 //!   incompatible feature bits, CRC-32C; see `header.rs`). Written once, last,
 //!   at create; an image directory without a valid header is an unfinished
 //!   create (or not an image) and [`ThinImage::open`] refuses it. The open
 //!   image holds an exclusive `flock` on it, so two processes never serve
-//!   the same image.
+//!   the same image. A clone's header has the `FEATURE_CLONE` bit.
 //! - `map`: one little-endian u64 per logical block, in 4 KiB pages (see
 //!   `map.rs`): 0 = unmapped, else physical block index + 1 in bits 0..48;
-//!   bits 48..64 are flags, zero in version 1. Fixed length, sparse.
+//!   bits 48..64 are flags: only `ZERO` (bit 48, no physical block: reads
+//!   zeros, no fall-through), in clones only. Fixed length, sparse.
 //! - `data`: physical blocks of `block_size` bytes, back to back. It grows
 //!   as blocks are first allocated; space of discarded blocks is returned
 //!   with `fallocate(PUNCH_HOLE)`. Reads past its end read zeros.
 //! - `passthrough` (a marker, usually absent): present while the data file
 //!   is handed to the kernel (see *Passthrough*).
+//! - `snaps/<name>.map` (see *Snapshots*): each a frozen copy of `map` at
+//!   the instant the snapshot was taken, same format, written once; its
+//!   modification time is when. The set of snapshots is this listing
+//!   (names `[A-Za-z0-9][A-Za-z0-9_.-]*`, at most 128 bytes). Temp files
+//!   `snaps/.<name>.map.tmp` are snapshots a crash interrupted: open
+//!   removes them.
+//! - `snaps/<name>.pins/<clone dir name>.pin`: the absolute path of a clone
+//!   whose base is that snapshot (see *Clones*).
+//! - `base` (clones only): small JSON naming the base image directory
+//!   (canonical) and snapshot: `{"version":1,"dir":"…","snapshot":"…"}`.
 //!
 //! A logical block gets a physical block on its first write of non-zero
 //! bytes (an all-zero write into an unmapped block is dropped: it already
@@ -31,13 +42,16 @@
 //! Logical block `j` gets physical block `j` when that block is free (the
 //! data file of a fresh image is then exactly a sparse raw image of the
 //! device: byte `x` of the device is byte `x` of `data`), and otherwise a
-//! block chosen by next fit (images written by earlier builds, which placed
+//! block chosen by next fit at or above the device's block count, off the
+//! homes of other logical blocks (physical `j` is held by a snapshot, or
+//! by another logical block in an image of an earlier build, which placed
 //! blocks densely). When physical `j` is deferred (invariant 2) because `j`
 //! itself was discarded and the flush has not released it yet, a new write
 //! of `j` *revives* it rather than break identity: see invariant 6. A count
 //! of mapped blocks whose physical block differs from their own index makes
-//! [`ThinImage::is_identity`] O(1). An image that is identity stays so: the
-//! fallback needs physical `j` to be held by another logical block.
+//! [`ThinImage::is_identity`] O(1). An image that is identity stays so
+//! while it has no snapshot: the fallback needs physical `j` to be held by
+//! another logical block.
 //!
 //! # Invariants and crash consistency
 //!
@@ -63,9 +77,10 @@
 //!    zero block (1.), so it reads as the zeros the block held before.
 //! 4. A map entry is 8 aligned bytes inside a 4 KiB page write, so a torn
 //!    page write leaves each entry old or new, both safe by 2. and 3.
-//! 5. On open the allocator marks every referenced block used (a block
-//!    referenced twice, or an entry with unknown flags, is corruption), so it
-//!    never hands out a block the map references.
+//! 5. On open the allocator marks every block the head map or a snapshot
+//!    map references used (a block referenced twice within one map, or an
+//!    entry with unknown flags, is corruption), so it never hands out a
+//!    block any map references.
 //! 6. *Revival*: a deferred block `j` freed from logical `j` (an identity
 //!    mapping; the allocator records which deferred blocks were) may be
 //!    mapped again by logical `j`, and by no other block, before the flush
@@ -98,6 +113,54 @@
 //!    data: by 1. and 2. the entry then points at a block reading zeros,
 //!    which is an absent write.
 //!
+//! 9. *One home per physical block*: every map that references physical
+//!    block `p` (the head, any snapshot) references it from the same
+//!    logical block, its home. Blocks enter a map only by allocation (a
+//!    block no map references) or by copying a whole map (taking a
+//!    snapshot, restoring one), which keeps indices. So "the head still
+//!    holds `p`" is `head[home] == p`, and the `shared` bit of `p` (set
+//!    when some snapshot references `p`) is read and cleared only under
+//!    the stripe of its home, which every IO on the home holds. Open
+//!    checks each snapshot entry whose block the head maps too.
+//! 10. *Copy-on-write*: a block a snapshot references is never written,
+//!     punched or freed while that snapshot exists. The first write to a
+//!     logical block mapped to a shared block (or, in a clone, to a block
+//!     still read from the base) takes the write side of the stripes of
+//!     its IO, writes the *whole* block to a new one (the bytes outside
+//!     the write copied from the old; new blocks are placed above the
+//!     identity homes, at index ≥ the device's block count, unless the
+//!     logical block's own index is free), syncs the data file, and only
+//!     then maps it (write-through, 8.). So every map a crash can leave
+//!     reads the old block or the complete new one: never zeros around a
+//!     partial write, which 3. would allow for a fresh block but not here.
+//!     A discard of a shared block unmaps it and neither punches nor frees.
+//! 11. *Snapshot lifetime*: taking one excludes all IO, flushes (the data
+//!     of every block the copy references is durable before the copy is),
+//!     writes the copy to a temp file, fsyncs, renames, sets the `shared`
+//!     bits, fsyncs the directory, and lets IO go on. Deleting one locks
+//!     its file (12.), checks pins and views, unlinks it and fsyncs the
+//!     directory; then, under the stripes of their homes, clears the
+//!     `shared` bit of every block no remaining snapshot references; of
+//!     those, the blocks the head does not hold are punched and freed
+//!     (deferred, 2.) only after a flush: the head may have remapped their
+//!     home in memory only, and an older head map found after a crash must
+//!     not point at a punched block. A crash after the unlink leaves
+//!     blocks no map references, which open's scrub punches (1.).
+//! 12. *A clone's base is frozen*: a clone reads its base's `data` and
+//!     snapshot map without the base's lock. That is safe because nothing
+//!     changes what it reads while the pin holds: the base never writes,
+//!     punches or frees a block a snapshot references (10.), never rewrites
+//!     a snapshot file, refuses passthrough while it has snapshots, cuts
+//!     its data file only above every referenced block (1.), and never
+//!     deletes a pinned snapshot. A pin is live while the clone's directory
+//!     has a header and a `base` file naming that snapshot; pins of clones
+//!     gone or destroyed are pruned by the delete. The race between pinning
+//!     and deleting is closed by `flock` on the snapshot's map file: delete
+//!     holds it exclusive from the pin check to the unlink, create_clone
+//!     holds it shared from the pin to the clone's header (and checks the
+//!     file is still linked). A clone whose pin is missing pins again when
+//!     opened.
+//!
 //! After a machine crash an image holds every write completed before the last
 //! successful `flush`; later writes are each present or absent (a write in
 //! progress may be torn), later discards may be undone. A failed sync
@@ -126,6 +189,60 @@
 //! marker: the kernel may still write through its file, and the next open
 //! adopts.
 //!
+//! # Snapshots
+//!
+//! [`ThinImage::snapshot`] costs metadata only, on any filesystem: no data
+//! is copied, the map copy costs what the map holds (its written pages),
+//! and IO waits only for the flush and that copy. Every write that
+//! completed before the call is in the snapshot and none that started
+//! after (a discard in flight may be partly in: it unmaps window by
+//! window). The image and its snapshots share unchanged blocks, without
+//! per-block reference counts: in memory a `shared` bitmap over physical
+//! blocks (the union of the snapshot maps' references), rebuilt by open
+//! with the allocator's bitmap (the union of all maps). Writes to shared
+//! blocks copy them (10.); [`ThinImage::delete_snapshot`] frees the blocks
+//! only it held (11.). [`ThinImage::usage`] reports the head's blocks
+//! split into exclusive and shared, and the blocks only snapshots hold;
+//! [`ThinImage::snapshots`] lists each snapshot with what deleting it
+//! would free; [`ThinImage::snapshot_view`] reads one (a view pins it
+//! against deletion while it lives).
+//!
+//! Snapshots and passthrough exclude each other: a snapshot is refused in
+//! passthrough (the kernel writes the data file in place, which would
+//! change it) and passthrough is refused while a snapshot exists. An image
+//! whose blocks were copied stays non-identity after its snapshots are
+//! gone (the copies sit above the identity homes) until those blocks are
+//! discarded; passthrough then waits for that.
+//!
+//! [`ThinImage::restore`] makes a *closed* image's map a copy of a
+//! snapshot's (temp file, fsync, rename over `map`, fsync of the
+//! directory): a crash leaves the old map or the new one. It works on a
+//! closed image because restoring an open one would mean resetting every
+//! in-memory structure (map, allocator, sharing, counters) under an IO
+//! exclusion, which is what open already does; the volume is not attached
+//! while it is restored anyway. Blocks only the old map held are freed by
+//! the next open (they are free blocks holding data: 1.).
+//!
+//! # Clones
+//!
+//! A clone ([`ThinImage::create_clone`]) is an image of its own (own
+//! header with `FEATURE_CLONE`, map, data, snapshots) whose base is a
+//! snapshot of another image, which it pins (12.). A block unmapped in the
+//! clone reads through to the base's block; a write copies the base block
+//! into the clone first (10.; as identity placement in the clone's own
+//! data file when free); a discard of a block the base has data for maps
+//! it to `ZERO`, which reads zeros without falling through. A base may be
+//! a clone itself (a clone of a snapshot of a clone), up to 16 levels: a
+//! lookup walks the levels, stopping at the first mapping or `ZERO`. A
+//! clone is never identity, so never in passthrough.
+//! [`ThinImage::destroy_clone`] detaches a closed clone (removes its `base`
+//! file, then its pin) so its base snapshot can be deleted; the caller then
+//! removes its directory. It is refused while a snapshot of the clone is
+//! the base of another live clone; [`ThinImage::clones_of`] tells whether
+//! an image's directory may be removed. An encrypted image's clone needs
+//! the base's `crypt` file copied (same key, same ciphertext: XTS tweaks
+//! are logical offsets, which a copy keeps).
+//!
 //! # Concurrency
 //!
 //! IO is positional (`pread`/`pwrite`) and takes no global lock. An IO
@@ -150,16 +267,27 @@
 //! the allocator's mutex (held across the unmapped blocks of a run, dropped
 //! before any system call), so racing first writers of a block agree on its
 //! placement. A fresh block is never written with padding, so concurrent
-//! partial writes to it both land.
+//! partial writes to it both land. A write that must copy a block (10.)
+//! finds so under the read side of its stripes, drops them and redoes the
+//! write under the write side, so copies of one block never race.
+//! [`ThinImage::snapshot`] takes the write side of every stripe; a
+//! snapshot's delete, the write side of a window of stripes at a time.
+//! Snapshot operations of one image are serialized by a mutex.
+
+mod snap;
+
+pub use snap::{SnapshotInfo, SnapshotView};
 
 use super::alloc::{AllocGuard, PhysAlloc};
 use super::extents::data_extents;
-use super::header::{Header, HEADER_BYTES};
+use super::header::{Header, FEATURE_CLONE, HEADER_BYTES};
 use super::map::{BlockMap, Entry};
 use super::{BlockEngine, EngineError};
 use nix::errno::Errno;
 use nix::fcntl::{fallocate, FallocateFlags, Flock, FlockArg};
 use parking_lot::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use snap::{BaseChain, SharedBits};
+use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::ops::Range;
@@ -181,6 +309,9 @@ const MAX_SIZE: u64 = 64 << 40;
 const STRIPES: usize = 256;
 /// Largest run of blocks a discard unmaps under one set of stripe locks.
 const UNMAP_WINDOW_BYTES: u64 = 16 << 20;
+/// Physical blocks an image may address per logical block (see
+/// [`ThinImage::phys_limit`]).
+const PHYS_PER_LOGICAL: u64 = 64;
 
 /// Parameters of a new image.
 #[derive(Debug, Clone, Copy)]
@@ -228,6 +359,17 @@ pub struct ThinUsage {
     pub allocated_blocks: u64,
     /// `allocated_blocks * block_size`.
     pub allocated_bytes: u64,
+    /// Of `allocated_blocks`, those whose physical block no snapshot
+    /// holds: what overwriting or discarding the whole device would free.
+    pub exclusive_blocks: u64,
+    /// Of `allocated_blocks`, those whose physical block a snapshot holds
+    /// too (the first write to one copies it).
+    pub shared_blocks: u64,
+    /// Physical blocks held by snapshots only (overwritten or discarded in
+    /// the volume since): the space the snapshots cost.
+    pub snapshot_blocks: u64,
+    /// Snapshots of the image.
+    pub snapshots: u64,
 }
 
 /// One stripe of the block locks, alone on its cache line.
@@ -277,6 +419,20 @@ pub struct ThinImage {
     poisoned: AtomicBool,
     flush_lock: Mutex<()>,
     flush_on_drop: bool,
+    /// Physical blocks some snapshot references (see *Snapshots*).
+    shared: SharedBits,
+    /// Set bits of `shared`.
+    shared_count: AtomicU64,
+    /// Head-mapped blocks whose physical block is shared.
+    head_shared: AtomicU64,
+    /// Snapshot files of the image.
+    snapshot_count: AtomicU64,
+    /// The base a clone reads through to, nearest first (see *Clones*).
+    base: Option<BaseChain>,
+    /// Serializes taking, deleting and listing snapshots.
+    snap_lock: Mutex<()>,
+    /// Open [`SnapshotView`]s, by snapshot name.
+    views: Mutex<HashMap<String, usize>>,
     #[cfg(test)]
     counters: IoCounters,
     /// Held for the image's lifetime; dropping it unlocks.
@@ -329,8 +485,19 @@ fn stripe_order(first: u64, last: u64) -> std::iter::Chain<Range<usize>, Range<u
 
 /// A pending run of a read: `buf` from `file` in the data file, or zeros.
 struct ReadRun {
-    file: Option<u64>,
+    /// (source, offset): source 0 is the image's data file, `k` the
+    /// data file of base level `k - 1` (clones).
+    file: Option<(usize, u64)>,
     buf: Range<usize>,
+}
+
+/// A block copied by a write (copy-on-write or a clone's copy-up): written
+/// to `new`, not yet mapped.
+struct Copied {
+    block: u64,
+    old: Entry,
+    new: u64,
+    revived: bool,
 }
 impl ThinImage {
     /// Create a new, empty image in the existing directory `dir` and open it.
@@ -342,6 +509,17 @@ impl ThinImage {
             block_size: params.block_size,
             features: 0,
         };
+        Self::write_new_image(dir, &header, || Ok(()))?;
+        Self::open(dir)
+    }
+
+    /// Write the files of a new, empty image in `dir`, synced, the header
+    /// last; `before_header` runs just before it (a clone's `base` file).
+    fn write_new_image(
+        dir: &Path,
+        header: &Header,
+        before_header: impl FnOnce() -> Result<(), EngineError>,
+    ) -> Result<(), EngineError> {
         let new_file = |name: &str| {
             let path = dir.join(name);
             File::options()
@@ -358,6 +536,7 @@ impl ThinImage {
             .map_err(io_error("truncate", &map_path))?;
         data.sync_all().map_err(io_error("fsync", &data_path))?;
         map.sync_all().map_err(io_error("fsync", &map_path))?;
+        before_header()?;
         // The header goes last: its presence means the image is complete.
         let (hdr, hdr_path) = new_file(HEADER_FILE)?;
         hdr.write_all_at(&header.encode(), 0)
@@ -367,7 +546,7 @@ impl ThinImage {
             .and_then(|d| d.sync_all())
             .map_err(io_error("fsync", dir))?;
         drop((data, map, hdr));
-        Self::open(dir)
+        Ok(())
     }
 
     /// Open the image in `dir`, after a clean stop or a crash. Rebuilds the
@@ -426,46 +605,17 @@ impl ThinImage {
         let (data, data_path) = open_rw(DATA_FILE)?;
         let (map_file, map_path) = open_rw(MAP_FILE)?;
         let nblocks = header.nblocks();
+        let limit = Self::phys_limit(nblocks);
         let map = BlockMap::load(&map_file, &map_path, nblocks)?;
-
-        // Rebuild the used-block bitmap; check every entry.
-        let mut used: Vec<u64> = Vec::new();
-        let mut next = 0u64;
-        let mut allocated = 0u64;
-        let mut non_identity = 0u64;
-        let mut bad: Option<String> = None;
-        map.for_each_mapped(|block, entry| {
-            if bad.is_some() {
-                return;
-            }
-            let phys = match entry.phys() {
-                Some(p) if entry.flags() == 0 && p < Self::phys_limit(nblocks) => p,
-                _ => {
-                    bad = Some(format!(
-                        "map entry {:#x} of block {block} is invalid",
-                        entry.raw()
-                    ));
-                    return;
-                }
-            };
-            let w = (phys / 64) as usize;
-            if w >= used.len() {
-                used.resize(w + 1, 0);
-            }
-            if used[w] & (1 << (phys % 64)) != 0 {
-                bad = Some(format!(
-                    "physical block {phys} is mapped twice (again by block {block})"
-                ));
-                return;
-            }
-            used[w] |= 1 << (phys % 64);
-            next = next.max(phys + 1);
-            allocated += 1;
-            non_identity += u64::from(phys != block);
-        });
-        if let Some(reason) = bad {
-            return Err(corrupt(&map_path, reason));
-        }
+        let clone = header.features & FEATURE_CLONE != 0;
+        let base = if clone {
+            Some(BaseChain::open(dir, &header)?)
+        } else {
+            None
+        };
+        // Invariant 5 and 9: every block the head or a snapshot references
+        // is used; blocks some snapshot references are shared.
+        let refs = snap::Refs::build(dir, &map, &map_path, nblocks, limit, clone)?;
 
         let image = ThinImage {
             size: header.size,
@@ -478,10 +628,10 @@ impl ThinImage {
             map_file,
             map_path,
             map,
-            alloc: PhysAlloc::new(used, next, Self::phys_limit(nblocks)),
+            alloc: PhysAlloc::new(refs.used, refs.next, limit),
             stripes: (0..STRIPES).map(|_| Stripe::default()).collect(),
-            allocated: AtomicU64::new(allocated),
-            non_identity: AtomicU64::new(non_identity),
+            allocated: AtomicU64::new(refs.allocated),
+            non_identity: AtomicU64::new(refs.non_identity),
             passthrough: AtomicBool::new(false),
             identity_placement: true,
             data_dirty: AtomicBool::new(false),
@@ -490,6 +640,13 @@ impl ThinImage {
             poisoned: AtomicBool::new(false),
             flush_lock: Mutex::new(()),
             flush_on_drop: true,
+            shared: SharedBits::from_words(limit, &refs.shared),
+            shared_count: AtomicU64::new(refs.shared_count),
+            head_shared: AtomicU64::new(refs.head_shared),
+            snapshot_count: AtomicU64::new(refs.snapshots),
+            base,
+            snap_lock: Mutex::new(()),
+            views: Mutex::new(HashMap::new()),
             #[cfg(test)]
             counters: IoCounters::default(),
             _lock: lock,
@@ -518,10 +675,14 @@ impl ThinImage {
         Ok(image)
     }
 
-    /// Physical blocks an image may use: every logical block, plus as many
-    /// again for blocks freed but not yet reusable (deferred frees).
+    /// Physical blocks an image may use: every logical block, as many
+    /// again for blocks freed but not yet reusable (deferred frees), and
+    /// room for what snapshots hold (each at most one device's worth). A
+    /// fixed bound, so that no entry valid once turns invalid when
+    /// snapshots go; it caps what a damaged entry can make open allocate
+    /// (bitmaps of one bit per block: 8 bytes per logical block).
     fn phys_limit(nblocks: u64) -> u64 {
-        (nblocks * 2).min(Entry::MAX_PHYS + 1)
+        (nblocks * PHYS_PER_LOGICAL).min(Entry::MAX_PHYS + 1)
     }
 
     /// Invariant 1 after a crash: cut the data file at the high-water mark
@@ -586,11 +747,24 @@ impl ThinImage {
                 ),
             }
         }
+        // Racing IO may move a block between the counters: clamp.
+        let shared_blocks = self
+            .head_shared
+            .load(Ordering::Relaxed)
+            .min(allocated_blocks);
+        let snapshot_blocks = self
+            .shared_count
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.head_shared.load(Ordering::Relaxed));
         ThinUsage {
             size: self.size,
             block_size: self.block_size,
             allocated_blocks,
             allocated_bytes: allocated_blocks * u64::from(self.block_size),
+            exclusive_blocks: allocated_blocks - shared_blocks,
+            shared_blocks,
+            snapshot_blocks,
+            snapshots: self.snapshot_count.load(Ordering::Relaxed),
         }
     }
 
@@ -600,9 +774,15 @@ impl ThinImage {
     }
 
     /// Whether every mapped block is at its own index in the data file
-    /// (the data file is then a sparse raw image of the device).
+    /// (the data file is then a sparse raw image of the device). Never
+    /// for a clone: its unwritten blocks read through to its base.
     pub fn is_identity(&self) -> bool {
-        self.non_identity.load(Ordering::Acquire) == 0
+        self.non_identity.load(Ordering::Acquire) == 0 && self.base.is_none()
+    }
+
+    /// Whether this image is a clone (see *Clones*).
+    pub fn is_clone(&self) -> bool {
+        self.base.is_some()
     }
 
     /// Whether the data file is handed out (see the module doc).
@@ -614,7 +794,9 @@ impl ThinImage {
     /// (else `Ok(None)`): durably mark the image as in passthrough and
     /// switch the engine's own IO to the data file at device offsets. The
     /// returned file is a duplicate of the engine's, open read-write. Call
-    /// again while in passthrough: another duplicate.
+    /// again while in passthrough: another duplicate. Refused
+    /// ([`EngineError::Shared`]) while the image has snapshots: the kernel
+    /// would overwrite the blocks they share in place.
     pub fn begin_passthrough(&self) -> Result<Option<File>, EngineError> {
         self.with_all_write_locks(|| {
             let dup = || {
@@ -624,6 +806,13 @@ impl ThinImage {
             };
             if self.passthrough.load(Ordering::Acquire) {
                 return dup().map(Some);
+            }
+            if self.snapshot_count.load(Ordering::Acquire) > 0
+                || self.shared_count.load(Ordering::Acquire) > 0
+            {
+                return Err(EngineError::Shared {
+                    dir: self.dir.clone(),
+                });
             }
             if !self.is_identity() {
                 return Ok(None);
@@ -833,9 +1022,38 @@ impl ThinImage {
         Ok(())
     }
 
+    /// Fill `buf` from source `src` (see [`ReadRun`]) at `offset`.
+    fn read_source(&self, src: usize, buf: &mut [u8], offset: u64) -> Result<(), EngineError> {
+        match (src, &self.base) {
+            (0, _) => self.read_data(buf, offset),
+            (k, Some(base)) => {
+                #[cfg(test)]
+                self.counters.preads.fetch_add(1, Ordering::Relaxed);
+                base.read(k - 1, buf, offset)
+            }
+            (_, None) => unreachable!("a base source in an image without a base"),
+        }
+    }
+
+    /// Where logical `block` reads from: (source, physical block), or
+    /// `None` for zeros. A clone's unmapped block reads through to its base.
+    #[inline]
+    fn locate(&self, block: u64) -> Option<(usize, u64)> {
+        let entry = self.map.get(block);
+        match entry.phys() {
+            Some(phys) => Some((0, phys)),
+            None if entry == Entry::UNMAPPED => self
+                .base
+                .as_ref()?
+                .lookup(block)
+                .map(|(level, phys)| (level + 1, phys)),
+            None => None, // Entry::ZERO
+        }
+    }
+
     fn finish_read(&self, buf: &mut [u8], run: ReadRun) -> Result<(), EngineError> {
         match run.file {
-            Some(at) => self.read_data(&mut buf[run.buf], at),
+            Some((src, at)) => self.read_source(src, &mut buf[run.buf], at),
             None => {
                 #[cfg(test)]
                 self.counters.zero_fills.fetch_add(1, Ordering::Relaxed);
@@ -851,14 +1069,14 @@ impl ThinImage {
         let mut run: Option<ReadRun> = None;
         self.split(offset, buf.len(), |block, in_block, range| {
             let file = self
-                .map
-                .get(block)
-                .phys()
-                .map(|phys| self.phys_offset(phys, in_block));
+                .locate(block)
+                .map(|(src, phys)| (src, self.phys_offset(phys, in_block)));
             if let Some(run) = &mut run {
                 let joins = match (run.file, file) {
                     (None, None) => true,
-                    (Some(at), Some(file)) => at + run.buf.len() as u64 == file,
+                    (Some((src, at)), Some((to, file))) => {
+                        src == to && at + run.buf.len() as u64 == file
+                    }
                     _ => false,
                 };
                 if joins {
@@ -931,7 +1149,9 @@ impl ThinImage {
     /// Give unmapped `block` a physical block and publish the mapping,
     /// under the allocator's lock (so no other first write interleaves).
     fn map_block(&self, alloc: &mut AllocGuard<'_>, block: u64) -> Result<u64, EngineError> {
-        if let Some(phys) = self.map.get(block).phys() {
+        // Unmapped, or Entry::ZERO (a clone's discarded block).
+        let current = self.map.get(block);
+        if let Some(phys) = current.phys() {
             return Ok(phys); // another writer mapped it meanwhile
         }
         let (phys, revived) = if !self.identity_placement {
@@ -941,9 +1161,12 @@ impl ThinImage {
         } else if alloc.revive(block) {
             (block, true) // invariant 6
         } else {
-            (alloc.alloc().ok_or(EngineError::NoSpace)?, false)
+            // Its home is held (by a snapshot, or by another logical block
+            // in an image of an earlier build): stay off the other homes.
+            let phys = alloc.alloc_above(self.nblocks);
+            (phys.ok_or(EngineError::NoSpace)?, false)
         };
-        if let Err(won) = self.map.try_map(block, Entry::mapped(phys)) {
+        if let Err(won) = self.map.try_replace(block, current, Entry::mapped(phys)) {
             // Unreachable: first mappings are made under the allocator lock.
             if revived {
                 alloc.defer_own(phys);
@@ -963,6 +1186,150 @@ impl ThinImage {
             .write_through(&self.map_file, block, block + 1)
             .map_err(io_error("write", &self.map_path))?;
         Ok(phys)
+    }
+
+    /// Whether any block may need copying before a write: the image has
+    /// shared blocks or is a clone. Cheap; under the read side of a stripe
+    /// it cannot turn true (taking a snapshot excludes all IO).
+    #[inline]
+    fn may_copy(&self) -> bool {
+        self.base.is_some() || self.shared_count.load(Ordering::Acquire) > 0
+    }
+
+    /// What a write to logical `block` must copy first, if anything: its
+    /// own physical block when a snapshot shares it (copy-on-write), or
+    /// its base's block when it is a clone's block not written yet
+    /// (copy-up). As (source, physical block, current entry).
+    fn copy_source(&self, block: u64) -> Option<(usize, u64, Entry)> {
+        let entry = self.map.get(block);
+        match entry.phys() {
+            Some(phys) => self.shared.get(phys).then_some((0, phys, entry)),
+            None if entry == Entry::UNMAPPED => {
+                let (level, phys) = self.base.as_ref()?.lookup(block)?;
+                Some((level + 1, phys, entry))
+            }
+            None => None,
+        }
+    }
+
+    fn needs_copy(&self, first: u64, last: u64) -> bool {
+        (first..=last).any(|block| self.copy_source(block).is_some())
+    }
+
+    /// A block for the copy of logical `block`: its own index when free
+    /// (a clone's copy-up, mostly), else one above the identity homes.
+    /// Returns (block, revived).
+    fn copy_alloc(&self, block: u64) -> Result<(u64, bool), EngineError> {
+        let mut alloc = self.alloc.lock();
+        if self.identity_placement {
+            if alloc.claim(block) {
+                return Ok((block, false));
+            }
+            if alloc.revive(block) {
+                return Ok((block, true)); // invariant 6
+            }
+        }
+        let phys = alloc
+            .alloc_above(self.nblocks)
+            .ok_or(EngineError::NoSpace)?;
+        Ok((phys, false))
+    }
+
+    /// [`BlockEngine::write_at`] when some block must be copied first,
+    /// under the write side of the stripes (invariant 10): each such block
+    /// is written whole to a new block (the bytes outside the write copied
+    /// from its source), the data file is synced, and only then is the new
+    /// block mapped. Other blocks are written as usual.
+    fn write_copying(&self, buf: &[u8], offset: u64, wrote: &mut bool) -> Result<(), EngineError> {
+        if self.passthrough.load(Ordering::Acquire) {
+            *wrote = true;
+            return self.write_data(buf, offset);
+        }
+        let bs = self.block_size as usize;
+        let mut scratch: Vec<u8> = Vec::new();
+        let mut copied: Vec<Copied> = Vec::new();
+        let result = self.split(offset, buf.len(), |block, in_block, range| {
+            let Some((src, from, old)) = self.copy_source(block) else {
+                let at = (block << self.shift) + in_block as u64;
+                return self.write_mapped(&buf[range], at, wrote);
+            };
+            scratch.resize(bs, 0);
+            if range.len() < bs {
+                self.read_source(src, &mut scratch, from << self.shift)?;
+            }
+            scratch[in_block..in_block + range.len()].copy_from_slice(&buf[range]);
+            let (new, revived) = self.copy_alloc(block)?;
+            copied.push(Copied {
+                block,
+                old,
+                new,
+                revived,
+            });
+            *wrote = true;
+            self.write_data(&scratch, new << self.shift)
+        });
+        let result = result.and_then(|()| {
+            if copied.is_empty() {
+                return Ok(());
+            }
+            self.data.sync_data().map_err(|e| {
+                self.poisoned.store(true, Ordering::Release);
+                io_error("fdatasync", &self.data_path)(e)
+            })
+        });
+        if let Err(e) = result {
+            self.abandon_copies(copied);
+            return Err(e);
+        }
+        // Publish them all, even after an error: each is in memory already.
+        let mut result = Ok(());
+        for c in copied {
+            result = result.and(self.publish_copy(c));
+        }
+        result
+    }
+
+    /// Map a copied block in place of what its logical block had.
+    fn publish_copy(&self, c: Copied) -> Result<(), EngineError> {
+        let old = self.map.swap(c.block, Entry::mapped(c.new));
+        debug_assert_eq!(old, c.old, "block {} changed under its write lock", c.block);
+        match old.phys() {
+            Some(phys) => {
+                // Stays used: a snapshot holds it.
+                self.head_shared.fetch_sub(1, Ordering::Relaxed);
+                if phys != c.block {
+                    self.non_identity.fetch_sub(1, Ordering::Relaxed);
+                }
+            }
+            None => {
+                self.allocated.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        if c.new != c.block {
+            self.non_identity.fetch_add(1, Ordering::Relaxed);
+        }
+        self.map
+            .write_through(&self.map_file, c.block, c.block + 1)
+            .map_err(io_error("write", &self.map_path))
+    }
+
+    /// Undo the allocations of copies that will not be mapped: punch what
+    /// they may hold (invariant 1), then free them. A block that cannot be
+    /// punched stays used (the next open frees it).
+    fn abandon_copies(&self, copied: Vec<Copied>) {
+        for c in copied {
+            if let Err(e) = self.zero_phys(c.new << self.shift, u64::from(self.block_size)) {
+                tracing::warn!(data = %self.data_path.display(), error = %e,
+                    block = c.new, "could not punch an abandoned copy; it stays used");
+                continue;
+            }
+            let mut alloc = self.alloc.lock();
+            if c.revived {
+                alloc.defer_own(c.new);
+            } else {
+                alloc.give_back(c.new);
+            }
+        }
     }
 
     /// Zero a range of the data file: punch a hole, or write zeros where
@@ -999,33 +1366,50 @@ impl ThinImage {
     }
 
     /// Zero part of a block in place (a discard that does not cover it).
+    /// A block shared with a snapshot, or a clone's block still in its
+    /// base, is not changed in place: zeros are written (and copied).
     fn zero_in_block(&self, block: u64, in_block: usize, len: usize) -> Result<(), EngineError> {
-        let _io = self.stripe(block).read();
-        if self.passthrough.load(Ordering::Acquire) {
-            // The data file may hold data the map does not know of.
-            return self.zero_phys(self.phys_offset(block, in_block), len as u64);
+        {
+            let _io = self.stripe(block).read();
+            if self.passthrough.load(Ordering::Acquire) {
+                // The data file may hold data the map does not know of.
+                return self.zero_phys(self.phys_offset(block, in_block), len as u64);
+            }
+            if self.copy_source(block).is_none() {
+                if let Some(phys) = self.map.get(block).phys() {
+                    self.zero_phys(self.phys_offset(phys, in_block), len as u64)?;
+                }
+                return Ok(());
+            }
         }
-        if let Some(phys) = self.map.get(block).phys() {
-            self.zero_phys(self.phys_offset(phys, in_block), len as u64)?;
-        }
-        Ok(())
+        let zeros = vec![0u8; len];
+        self.write_at(&zeros, (block << self.shift) + in_block as u64)
     }
 
-    /// The first block in `[block, end)` with a mapping, skipping map pages
-    /// never mapped into.
-    fn next_mapped(&self, mut block: u64, end: u64) -> Option<u64> {
-        let page = super::map::ENTRIES_PER_PAGE as u64;
-        while block < end {
-            if !self.map.page_present(block) {
-                block = (block / page + 1) * page;
-                continue;
-            }
-            if self.map.get(block) != Entry::UNMAPPED {
-                return Some(block);
-            }
-            block += 1;
+    /// What a discarded logical block becomes: unmapped, or in a clone
+    /// whose base has data there, [`Entry::ZERO`] (so it reads zeros, not
+    /// the base).
+    fn discarded_entry(&self, block: u64) -> Entry {
+        match &self.base {
+            Some(base) if base.lookup(block).is_some() => Entry::ZERO,
+            _ => Entry::UNMAPPED,
         }
-        None
+    }
+
+    /// The first block in `[block, end)` with an entry, in the head or (a
+    /// clone) in its base, skipping map pages never mapped into.
+    fn next_mapped(&self, block: u64, end: u64) -> Option<u64> {
+        let head = self.map.next_entry(block, end);
+        match &self.base {
+            Some(base) => {
+                let end = head.map_or(end, |h| h + 1);
+                match base.next_entry(block, end) {
+                    Some(b) => Some(head.map_or(b, |h| h.min(b))),
+                    None => head,
+                }
+            }
+            None => head,
+        }
     }
 
     /// Unmap the whole blocks `[first, end)`, punch their space (unless
@@ -1058,13 +1442,22 @@ impl ThinImage {
             Ok(())
         };
         for block in first..end {
-            let Some(phys) = self.map.unmap(block).phys() else {
+            let entry = self.discarded_entry(block);
+            let Some(phys) = self.map.swap(block, entry).phys() else {
                 continue;
             };
             self.allocated.fetch_sub(1, Ordering::Relaxed);
             let own = phys == block;
             if !own {
                 self.non_identity.fetch_sub(1, Ordering::Relaxed);
+            }
+            if self.shared.get(phys) {
+                // A snapshot holds it: neither punched nor freed (invariant 10).
+                self.head_shared.fetch_sub(1, Ordering::Relaxed);
+                if let Some(done) = run.take() {
+                    finish(done)?;
+                }
+                continue;
             }
             run = match run {
                 Some((s, n, o)) if s + n == phys && o == own => Some((s, n + 1, o)),
@@ -1190,14 +1583,25 @@ impl BlockEngine for ThinImage {
         }
         let (first, last) = self.span(offset, buf.len() as u64);
         let mut wrote = false;
-        let result = self.with_read_locks(first, last, || {
+        // Ok(true): a block must be copied first (invariant 10), which
+        // takes the write side of the stripes; nothing was written.
+        let copy = self.with_read_locks(first, last, || {
             if self.passthrough.load(Ordering::Acquire) {
                 wrote = true;
-                self.write_data(buf, offset)
+                self.write_data(buf, offset).map(|()| false)
+            } else if self.may_copy() && self.needs_copy(first, last) {
+                Ok(true)
             } else {
-                self.write_mapped(buf, offset, &mut wrote)
+                self.write_mapped(buf, offset, &mut wrote).map(|()| false)
             }
         });
+        let result = match copy {
+            Ok(true) => {
+                self.with_write_locks(first, last, || self.write_copying(buf, offset, &mut wrote))
+            }
+            Ok(false) => Ok(()),
+            Err(e) => Err(e),
+        };
         if wrote {
             // After the pwrites: a flush that sees this covers them.
             self.data_dirty.fetch_or(true, Ordering::AcqRel);
@@ -1315,23 +1719,23 @@ mod tests {
     use std::os::unix::fs::MetadataExt;
     use std::sync::{Arc, Barrier};
 
-    const KIB: u64 = 1 << 10;
-    const MIB: u64 = 1 << 20;
-    const GIB: u64 = 1 << 30;
+    pub(super) const KIB: u64 = 1 << 10;
+    pub(super) const MIB: u64 = 1 << 20;
+    pub(super) const GIB: u64 = 1 << 30;
 
-    fn new_image(size: u64, block_size: u32) -> (tempfile::TempDir, ThinImage) {
+    pub(super) fn new_image(size: u64, block_size: u32) -> (tempfile::TempDir, ThinImage) {
         let dir = tempfile::tempdir().unwrap();
         let img = ThinImage::create(dir.path(), ThinParams { size, block_size }).unwrap();
         (dir, img)
     }
 
-    fn read_vec(img: &ThinImage, offset: u64, len: usize) -> Vec<u8> {
+    pub(super) fn read_vec(img: &ThinImage, offset: u64, len: usize) -> Vec<u8> {
         let mut buf = vec![0xAA; len];
         img.read_at(&mut buf, offset).unwrap();
         buf
     }
 
-    fn map_bytes(dir: &Path) -> Vec<u8> {
+    pub(super) fn map_bytes(dir: &Path) -> Vec<u8> {
         std::fs::read(dir.join(MAP_FILE)).unwrap()
     }
 
@@ -1339,17 +1743,17 @@ mod tests {
         /// A machine crash after the data reached the disk but the map
         /// pages written through since the last flush did not: kill -9,
         /// then the map file as that flush left it (`flushed`).
-        fn power_cut(self, dir: &Path, flushed: &[u8]) {
+        pub(super) fn power_cut(self, dir: &Path, flushed: &[u8]) {
             self.crash();
             std::fs::write(dir.join(MAP_FILE), flushed).unwrap();
         }
     }
 
-    fn data_len(dir: &Path) -> u64 {
+    pub(super) fn data_len(dir: &Path) -> u64 {
         std::fs::metadata(dir.join(DATA_FILE)).unwrap().len()
     }
 
-    fn data_disk_bytes(dir: &Path) -> u64 {
+    pub(super) fn data_disk_bytes(dir: &Path) -> u64 {
         std::fs::metadata(dir.join(DATA_FILE)).unwrap().blocks() * 512
     }
 
@@ -1944,7 +2348,7 @@ mod tests {
         }
     }
 
-    fn data_file_bytes(dir: &Path, offset: u64, len: usize) -> Vec<u8> {
+    pub(super) fn data_file_bytes(dir: &Path, offset: u64, len: usize) -> Vec<u8> {
         let file = File::open(dir.join(DATA_FILE)).unwrap();
         let mut buf = vec![0xAA; len];
         let n = read_full(&file, &mut buf, offset).unwrap();
@@ -1952,7 +2356,7 @@ mod tests {
         buf
     }
 
-    fn marker_exists(dir: &Path) -> bool {
+    pub(super) fn marker_exists(dir: &Path) -> bool {
         dir.join(PASSTHROUGH_FILE).exists()
     }
 
