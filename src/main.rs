@@ -2,7 +2,7 @@
 //! anyhow lives here only.
 
 use clap::{Parser, Subcommand};
-use dunnage::cli::{self, VolumeCmd};
+use dunnage::cli::{self, SnapshotCmd, VolumeCmd};
 use dunnage::serve::{self, ServeArgs};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -31,6 +31,9 @@ enum Cmd {
     /// Manage volumes.
     #[command(subcommand)]
     Volume(VolumeCmd),
+    /// Manage a volume's snapshots.
+    #[command(subcommand)]
+    Snapshot(SnapshotCmd),
     /// Attach a volume as a block device on this host; prints the device path.
     Attach { name: String },
     /// Detach a volume attached with `dunnage attach`.
@@ -57,6 +60,7 @@ fn main() -> ExitCode {
     let res = match cli.cmd {
         Cmd::Serve(args) => serve::run(args, cli.run_dir),
         Cmd::Volume(cmd) => cli::volume(&cli.run_dir, cmd),
+        Cmd::Snapshot(cmd) => cli::snapshot(&cli.run_dir, cmd),
         Cmd::Attach { name } => cli::attach(&cli.run_dir, name),
         Cmd::Detach { name } => cli::detach(&cli.run_dir, name),
         Cmd::DebugEngineWriter { dir } => cli::debug::engine_writer(&dir),

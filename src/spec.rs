@@ -34,6 +34,7 @@ pub const SUPPORTED_OPTIONS: &[&str] = &[
     "io_priority",
     "group",
     "fg",
+    "parent",
 ];
 
 /// The option carrying a volume's own passphrase. It is taken out of the
@@ -47,7 +48,6 @@ const NOT_YET: &[&str] = &[
     "replicas",
     "nodes",
     "hosts",
-    "parent",
     "snap_interval",
     "snap_schedule",
     "shared",
@@ -121,6 +121,9 @@ pub struct VolumeSpec {
     pub group: Option<String>,
     #[serde(default)]
     pub fg: bool,
+    /// Made as a writable clone of this volume (its name at the time).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
 }
 
 impl Default for VolumeSpec {
@@ -136,6 +139,7 @@ impl Default for VolumeSpec {
             io_priority: Default::default(),
             group: None,
             fg: false,
+            parent: None,
         }
     }
 }
@@ -272,7 +276,7 @@ fn is_default_value(option: &str, value: &str) -> bool {
         "repl" | "replicas" => v == "1",
         "snap_interval" => v == "0",
         "shared" => matches!(v.as_str(), "false" | "no" | "off" | "0"),
-        "nodes" | "hosts" | "snap_schedule" | "parent" => v.is_empty(),
+        "nodes" | "hosts" | "snap_schedule" => v.is_empty(),
         _ => false,
     }
 }
@@ -376,6 +380,11 @@ pub fn parse_options(
                 }
             }
             "fg" => spec.fg = parse_bool("fg", value)?,
+            "parent" => {
+                let p = value.trim();
+                validate_name(p)?;
+                spec.parent = Some(p.to_string());
+            }
             // Taken out by `take_secret` before parsing; never stored.
             SECRET_OPTION => {}
             "label" | "labels" => spec.labels = parse_labels(value)?,
@@ -552,7 +561,7 @@ mod tests {
             (&[("repl", "7")], "1, 2 or 3"),
             (&[("repl", "2")], "not supported yet"),
             (&[("secure", "perhaps")], "true or false"),
-            (&[("parent", "src")], "not supported yet"),
+            (&[("parent", "a/b")], "invalid volume name"),
             (&[("io_priority", "urgent")], "high, medium or low"),
             (&[("group", "a b")], "group name"),
             (&[("shared", "true")], "not supported yet"),

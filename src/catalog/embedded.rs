@@ -163,6 +163,7 @@ mod tests {
             spec: VolumeSpec::default(),
             options: BTreeMap::new(),
             formatted: false,
+            clone_of: None,
         }
     }
 

@@ -29,6 +29,15 @@ pub struct VolumeRecord {
     pub options: BTreeMap<String, String>,
     /// mkfs has completed on this volume.
     pub formatted: bool,
+    /// A clone: the volume (by id) and its snapshot it was made from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clone_of: Option<CloneOf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CloneOf {
+    pub volume_id: String,
+    pub snapshot: String,
 }
 
 #[derive(Debug, thiserror::Error)]

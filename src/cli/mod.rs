@@ -4,9 +4,10 @@
 pub mod debug;
 
 use crate::control::client::Client;
-use crate::control::{CreateArgs, NameArgs};
+use crate::control::{CreateArgs, NameArgs, SnapshotArgs};
 use crate::registry::VolumeInfo;
 use crate::spec::human_bytes;
+use crate::volume::snapshots::SnapshotEntry;
 use anyhow::{bail, Result};
 use clap::Subcommand;
 use comfy_table::{presets::NOTHING, Table};
@@ -49,6 +50,9 @@ pub enum VolumeCmd {
         #[arg(long)]
         key_file: Option<PathBuf>,
     },
+    /// Put a volume back as it was at one of its snapshots (not while it is
+    /// mounted or attached). Its later writes are lost; the snapshot stays.
+    Restore { name: String, snapshot: String },
     /// Change a volume's sticky flag or labels.
     Update {
         name: String,
@@ -67,6 +71,76 @@ fn parse_opts(opts: &[String]) -> Result<BTreeMap<String, String>> {
         out.insert(k.to_string(), v.to_string());
     }
     Ok(out)
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCmd {
+    /// Take a snapshot (metadata only, no data copied). It holds every write
+    /// completed before it and none after, also while the volume is in use.
+    Create {
+        volume: String,
+        /// Snapshot name [default: snap-<UTC time>].
+        name: Option<String>,
+        /// Print the snapshot as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List a volume's snapshots as a table.
+    Ls {
+        volume: String,
+        /// Print JSON instead.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a snapshot, freeing the space only it holds.
+    Rm { volume: String, name: String },
+}
+
+pub fn snapshot(run_dir: &Path, cmd: SnapshotCmd) -> Result<()> {
+    let client = Client::new(run_dir);
+    match cmd {
+        SnapshotCmd::Create { volume, name, json } => {
+            let s: SnapshotEntry =
+                client.post("/v1/snapshot/create", &SnapshotArgs { volume, name })?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                println!("{}", s.name);
+            }
+        }
+        SnapshotCmd::Ls { volume, json } => {
+            let list: Vec<SnapshotEntry> =
+                client.post("/v1/snapshot/list", &SnapshotArgs { volume, name: None })?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                let mut t = Table::new();
+                t.load_preset(NOTHING);
+                t.set_header(["NAME", "CREATED", "EXCLUSIVE", "REFERENCED", "CLONES"]);
+                for s in &list {
+                    t.add_row([
+                        s.name.clone(),
+                        s.created_at.format("%Y-%m-%d %H:%M:%S UTC").to_string(),
+                        human_bytes(s.exclusive_bytes),
+                        human_bytes(s.referenced_bytes),
+                        s.clones.len().to_string(),
+                    ]);
+                }
+                println!("{t}");
+            }
+        }
+        SnapshotCmd::Rm { volume, name } => {
+            let () = client.post(
+                "/v1/snapshot/remove",
+                &SnapshotArgs {
+                    volume,
+                    name: Some(name.clone()),
+                },
+            )?;
+            println!("{name}");
+        }
+    }
+    Ok(())
 }
 
 fn table(vols: &[VolumeInfo]) -> String {
@@ -160,6 +234,14 @@ pub fn volume(run_dir: &Path, cmd: VolumeCmd) -> Result<()> {
                 secret: key,
             };
             let () = client.post("/v1/volume/unlock", &args)?;
+            println!("{name}");
+        }
+        VolumeCmd::Restore { name, snapshot } => {
+            let args = SnapshotArgs {
+                volume: name.clone(),
+                name: Some(snapshot),
+            };
+            let () = client.post("/v1/volume/restore", &args)?;
             println!("{name}");
         }
         VolumeCmd::Update { name, opts } => {

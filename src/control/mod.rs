@@ -4,7 +4,7 @@
 
 pub mod client;
 
-use crate::registry::{self, Registry, RegistryError};
+use crate::registry::{self, snapshots as snap, Registry, RegistryError};
 use actix::Addr;
 use actix_web::{web, HttpResponse};
 use serde::{Deserialize, Serialize};
@@ -95,9 +95,95 @@ async fn update(reg: Reg, body: web::Bytes) -> HttpResponse {
 }
 
 async fn inspect(reg: Reg, body: web::Bytes) -> HttpResponse {
-    match args::<NameArgs>(&body) {
-        Ok(a) => reply(reg.send(registry::Get { name: a.name }).await),
+    let a = match args::<NameArgs>(&body) {
+        Ok(a) => a,
+        Err(e) => return fail(400, e),
+    };
+    let mut info = match reg
+        .send(registry::Get {
+            name: a.name.clone(),
+        })
+        .await
+    {
+        Ok(Ok(v)) => v,
+        other => return reply(other),
+    };
+    // Space comes from the volume's image, through its actor.
+    match reg.send(snap::QuerySpace { volume: a.name }).await {
+        Ok(Ok(space)) => info.space = Some(space),
+        other => return reply(other.map(|r| r.map(|_| ()))),
+    }
+    HttpResponse::Ok().json(info)
+}
+
+/// `{"volume": ..., "name": ...}` of the snapshot endpoints.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SnapshotArgs {
+    pub volume: String,
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+fn snapshot_name(a: &SnapshotArgs) -> Result<String, Box<HttpResponse>> {
+    a.name.clone().ok_or_else(|| {
+        Box::new(fail(
+            400,
+            "malformed request: \"name\" (the snapshot) is missing",
+        ))
+    })
+}
+
+async fn snapshot_create(reg: Reg, body: web::Bytes) -> HttpResponse {
+    match args::<SnapshotArgs>(&body) {
+        Ok(a) => reply(
+            reg.send(snap::TakeSnapshot {
+                volume: a.volume,
+                name: a.name,
+            })
+            .await,
+        ),
         Err(e) => fail(400, e),
+    }
+}
+
+async fn snapshot_list(reg: Reg, body: web::Bytes) -> HttpResponse {
+    match args::<SnapshotArgs>(&body) {
+        Ok(a) => reply(reg.send(snap::ListSnapshots { volume: a.volume }).await),
+        Err(e) => fail(400, e),
+    }
+}
+
+async fn snapshot_remove(reg: Reg, body: web::Bytes) -> HttpResponse {
+    let a = match args::<SnapshotArgs>(&body) {
+        Ok(a) => a,
+        Err(e) => return fail(400, e),
+    };
+    match snapshot_name(&a) {
+        Ok(name) => reply(
+            reg.send(snap::DeleteSnapshot {
+                volume: a.volume,
+                name,
+            })
+            .await,
+        ),
+        Err(r) => *r,
+    }
+}
+
+async fn restore(reg: Reg, body: web::Bytes) -> HttpResponse {
+    let a = match args::<SnapshotArgs>(&body) {
+        Ok(a) => a,
+        Err(e) => return fail(400, e),
+    };
+    match snapshot_name(&a) {
+        Ok(snapshot) => reply(
+            reg.send(snap::Restore {
+                volume: a.volume,
+                snapshot,
+            })
+            .await,
+        ),
+        Err(r) => *r,
     }
 }
 
@@ -158,5 +244,9 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/v1/volume/attach", web::post().to(attach))
         .route("/v1/volume/detach", web::post().to(detach))
         .route("/v1/volume/unlock", web::post().to(unlock))
+        .route("/v1/volume/restore", web::post().to(restore))
+        .route("/v1/snapshot/create", web::post().to(snapshot_create))
+        .route("/v1/snapshot/list", web::post().to(snapshot_list))
+        .route("/v1/snapshot/remove", web::post().to(snapshot_remove))
         .default_service(web::to(|| async { fail(404, "no such control endpoint") }));
 }

@@ -6,7 +6,11 @@
 //! forwarded to the volume's actor and awaited there, so a slow mkfs on one
 //! volume never holds up Get or another volume's Mount.
 
+mod clone;
+pub mod snapshots;
 mod view;
+
+use clone::Created;
 
 pub use view::VolumeInfo;
 
@@ -57,7 +61,11 @@ impl RegistryError {
                 volume::VolumeErrorKind::InUse(_)
                 | volume::VolumeErrorKind::Sticky(_)
                 | volume::VolumeErrorKind::DeviceBusy { .. }
-                | volume::VolumeErrorKind::NoFilesystem(_) => 409,
+                | volume::VolumeErrorKind::NoFilesystem(_)
+                | volume::VolumeErrorKind::HasClones(_)
+                | volume::VolumeErrorKind::RestoreInUse(_)
+                | volume::VolumeErrorKind::Passthrough(_)
+                | volume::VolumeErrorKind::Locked(_) => 409,
                 volume::VolumeErrorKind::Removed => 404,
                 _ => 500,
             },
@@ -127,7 +135,9 @@ impl Registry {
         VolumeInfo::new(record, rt, allocated, &self.node.name)
     }
 
-    fn create(&mut self, name: &str, opts: &BTreeMap<String, String>) -> Reply<VolumeInfo> {
+    /// A new volume's record, or the existing volume (Create is idempotent),
+    /// or the clone to make.
+    fn create(&mut self, name: &str, opts: &BTreeMap<String, String>) -> Reply<Created> {
         if self.stopping {
             return Err(RegistryError::ShuttingDown);
         }
@@ -138,6 +148,12 @@ impl Registry {
         let own_key = spec::take_secret(&mut opts)?;
         // Validate even when the volume exists, so a typo is not silently accepted.
         let spec = spec::parse_options(&opts, shorthand)?;
+        if let Some(parent) = spec.parent.clone() {
+            if let Some(existing) = self.node.catalog.get(base) {
+                return Ok(Created::Done(self.info(existing)));
+            }
+            return self.clone_spec(base, spec, opts, own_key.is_some(), &parent);
+        }
         let key = match (spec.secure, own_key) {
             (false, Some(_)) => {
                 return Err(SpecError::Value {
@@ -165,7 +181,7 @@ impl Registry {
             },
         };
         if let Some(existing) = self.node.catalog.get(base) {
-            return Ok(self.info(existing));
+            return Ok(Created::Done(self.info(existing)));
         }
         let record = VolumeRecord {
             name: base.to_string(),
@@ -174,6 +190,7 @@ impl Registry {
             spec,
             options: opts,
             formatted: false,
+            clone_of: None,
         };
         let dir = self.node.volume_dir(&record.id);
         let made = std::fs::create_dir_all(&dir)
@@ -217,7 +234,7 @@ impl Registry {
             self.node.keys.insert(&record.id, k);
         }
         tracing::info!(volume = %record.name, id = %record.id, size = record.spec.size, fs = %record.spec.fs, encrypted = record.spec.secure, "created");
-        Ok(self.info(record))
+        Ok(Created::Done(self.info(record)))
     }
 
     fn update(&mut self, name: &str, opts: &BTreeMap<String, String>) -> Reply<VolumeInfo> {
@@ -395,9 +412,13 @@ impl Handler<Unlock> for Registry {
 pub struct Shutdown;
 
 impl Handler<Create> for Registry {
-    type Result = Reply<VolumeInfo>;
+    type Result = ResponseActFuture<Self, Reply<VolumeInfo>>;
     fn handle(&mut self, msg: Create, _: &mut Context<Self>) -> Self::Result {
-        self.create(&msg.name, &msg.opts)
+        match self.create(&msg.name, &msg.opts) {
+            Err(e) => Box::pin(fut::ready(Err(e))),
+            Ok(Created::Done(info)) => Box::pin(fut::ready(Ok(info))),
+            Ok(Created::Clone { record, source }) => self.make_clone(record, source),
+        }
     }
 }
 
@@ -452,14 +473,33 @@ impl Handler<Remove> for Registry {
             .and_then(|r| Ok((self.actor(&r)?, r.id)));
         match res {
             Err(e) => Box::pin(fut::ready(Err(e))),
-            Ok((addr, id)) => Box::pin(forward(addr, volume::Remove).into_actor(self).map(
-                move |res, act, _| {
-                    if res.is_ok() {
-                        act.actors.remove(&id);
-                    }
-                    res
-                },
-            )),
+            Ok((addr, id)) => {
+                let clone_of = self.lookup(&msg.name).ok().and_then(|r| r.clone_of);
+                Box::pin(
+                    forward(addr, volume::Remove)
+                        .into_actor(self)
+                        .map(move |res, act, _| {
+                            if res.is_ok() {
+                                act.actors.remove(&id);
+                                // The clone's base snapshot is nobody's now.
+                                if let Some(c) = clone_of {
+                                    let parent = act
+                                        .node
+                                        .catalog
+                                        .list()
+                                        .into_iter()
+                                        .find(|r| r.id == c.volume_id);
+                                    if let Some(Ok(addr)) = parent.map(|p| act.actor(&p)) {
+                                        addr.do_send(volume::snapshots::DeleteSnapshot {
+                                            name: c.snapshot,
+                                        });
+                                    }
+                                }
+                            }
+                            res
+                        }),
+                )
+            }
         }
     }
 }

@@ -39,6 +39,9 @@ pub struct VolumeInfo {
     pub io_path: Option<String>,
     /// Bytes the volume's files take on the backing filesystem.
     pub allocated_bytes: u64,
+    /// Used and shared space with snapshots (`volume inspect` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub space: Option<crate::volume::snapshots::Space>,
 }
 
 impl VolumeInfo {
@@ -71,6 +74,7 @@ impl VolumeInfo {
             mounts: rt.mounts,
             io_path: rt.io_path.map(str::to_string),
             allocated_bytes,
+            space: None,
         }
     }
 

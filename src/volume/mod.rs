@@ -8,6 +8,7 @@
 
 pub mod handover;
 pub mod mounting;
+pub mod snapshots;
 pub mod usage;
 
 use crate::catalog::{CatalogError, VolumeRecord};
@@ -80,6 +81,12 @@ pub enum VolumeErrorKind {
     Locked(String),
     #[error("it is not encrypted: there is nothing to unlock")]
     NotEncrypted,
+    #[error("it is attached with FUSE passthrough, so the kernel writes its data file directly and a snapshot could not be consistent; detach it (stop its containers or `dunnage detach {0}`) and try again, or run dunnage serve with --fuse-passthrough off")]
+    Passthrough(String),
+    #[error("it has clones ({0}) that share its data: remove them first")]
+    HasClones(String),
+    #[error("it is in use; a restore replaces its contents: stop its containers or `dunnage detach {0}` first")]
+    RestoreInUse(String),
     #[error("engine: {0}")]
     Engine(#[from] EngineError),
     #[error("export: {0}")]
@@ -475,6 +482,24 @@ impl Handler<Remove> for VolumeActor {
         if record.spec.sticky {
             return Err(self.err(VolumeErrorKind::Sticky(self.name.clone())));
         }
+        let dir = self.node.volume_dir(&self.id);
+        let clones = ThinImage::clones_of(&dir).map_err(|e| self.err(e))?;
+        if !clones.is_empty() {
+            // Clones read the blocks they share from this volume's data.
+            let ids: Vec<String> = clones
+                .iter()
+                .filter_map(|(_, d)| d.file_name().map(|n| n.to_string_lossy().into_owned()))
+                .collect();
+            let names: Vec<String> = self
+                .node
+                .catalog
+                .list()
+                .into_iter()
+                .filter(|r| ids.contains(&r.id))
+                .map(|r| r.name)
+                .collect();
+            return Err(self.err(VolumeErrorKind::HasClones(names.join(", "))));
+        }
         // Catalog first: once it is gone the volume is gone, and a crash
         // before the data is deleted leaves an orphan that the next start removes.
         self.node
@@ -484,7 +509,12 @@ impl Handler<Remove> for VolumeActor {
         self.removed = true;
         self.node.keys.forget(&self.id);
         self.runtime.write().remove(&self.id);
-        let dir = self.node.volume_dir(&self.id);
+        if record.clone_of.is_some() {
+            // Unpin the parent's snapshot (the registry then deletes it).
+            if let Err(e) = ThinImage::destroy_clone(&dir) {
+                tracing::warn!(volume = %self.name, error = %e, "could not unpin the parent's snapshot");
+            }
+        }
         if let Err(e) = std::fs::remove_dir_all(&dir) {
             tracing::warn!(volume = %self.name, dir = %dir.display(), error = %e, "could not delete the data; it will be removed at the next start");
         }

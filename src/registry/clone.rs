@@ -1,0 +1,177 @@
+//! Writable clones (`parent=SRC`): a snapshot of SRC taken through SRC's
+//! actor (crash-consistent even while SRC is mounted and written), then a
+//! new image whose base is that snapshot. The clone shares every block it
+//! has not written with SRC; SRC cannot be removed while clones use it.
+
+use super::{Registry, RegistryError, Reply, VolumeInfo};
+use crate::catalog::{new_volume_id, CloneOf, VolumeRecord};
+use crate::engine::{CryptParams, EngineError, ThinImage};
+use crate::spec::{SpecError, VolumeSpec};
+use crate::volume::snapshots::TakeSnapshot;
+use actix::prelude::*;
+use std::collections::BTreeMap;
+
+/// What a Create leads to.
+pub enum Created {
+    Done(VolumeInfo),
+    /// A clone to make: its record (id chosen) and its parent's.
+    Clone {
+        record: VolumeRecord,
+        source: VolumeRecord,
+    },
+}
+
+/// The snapshot of the parent that a clone is based on.
+pub fn base_snapshot(clone_id: &str) -> String {
+    format!("clone-{clone_id}")
+}
+
+impl Registry {
+    /// Check a clone request: the parent exists, and nothing asked of the
+    /// clone contradicts it (same size, block size, fs and encryption).
+    pub(super) fn clone_spec(
+        &self,
+        name: &str,
+        asked: VolumeSpec,
+        opts: BTreeMap<String, String>,
+        own_key: bool,
+        parent: &str,
+    ) -> Reply<Created> {
+        let source = self
+            .node
+            .catalog
+            .get(parent)
+            .ok_or_else(|| SpecError::Value {
+                option: "parent".into(),
+                value: parent.into(),
+                reason: "no such volume to clone".into(),
+            })?;
+        let conflict = |option: &str, reason: String| -> Reply<Created> {
+            Err(SpecError::Value {
+                option: option.into(),
+                value: opts.get(option).cloned().unwrap_or_default(),
+                reason,
+            }
+            .into())
+        };
+        let has = |k: &str| opts.keys().any(|o| o.eq_ignore_ascii_case(k));
+        if has("size") && asked.size != source.spec.size {
+            return conflict(
+                "size",
+                format!("a clone has its parent's size ({} bytes)", source.spec.size),
+            );
+        }
+        for k in ["fs", "fsopts", "block_size", "secure"] {
+            if has(k) {
+                return conflict(k, format!("a clone takes {k} from its parent {parent}"));
+            }
+        }
+        if own_key {
+            return conflict(
+                crate::spec::SECRET_OPTION,
+                format!("a clone of an encrypted volume uses its parent's key ({parent})"),
+            );
+        }
+        let spec = VolumeSpec {
+            size: source.spec.size,
+            fs: source.spec.fs,
+            fsopts: source.spec.fsopts.clone(),
+            block_size_kib: source.spec.block_size_kib,
+            secure: source.spec.secure,
+            ..asked
+        };
+        let id = new_volume_id();
+        let record = VolumeRecord {
+            name: name.to_string(),
+            clone_of: Some(CloneOf {
+                volume_id: source.id.clone(),
+                snapshot: base_snapshot(&id),
+            }),
+            id,
+            created_at: chrono::Utc::now(),
+            spec,
+            options: opts,
+            formatted: source.formatted,
+        };
+        Ok(Created::Clone { record, source })
+    }
+
+    /// Snapshot the parent through its actor, then make the clone.
+    pub(super) fn make_clone(
+        &mut self,
+        record: VolumeRecord,
+        source: VolumeRecord,
+    ) -> ResponseActFuture<Self, Reply<VolumeInfo>> {
+        let addr = match self.actor(&source) {
+            Ok(a) => a,
+            Err(e) => return Box::pin(fut::ready(Err(e))),
+        };
+        let snap = record.clone_of.as_ref().expect("a clone").snapshot.clone();
+        let taking = addr.send(TakeSnapshot {
+            name: Some(snap.clone()),
+        });
+        Box::pin(taking.into_actor(self).map(move |res, act, _| {
+            match res {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(RegistryError::Volume(e)),
+                Err(_) => return Err(RegistryError::ShuttingDown),
+            }
+            match act.finish_clone(&record, &source, &snap) {
+                Ok(info) => Ok(info),
+                Err(e) => {
+                    // Nothing else uses that snapshot yet: give its space back.
+                    addr.do_send(crate::volume::snapshots::DeleteSnapshot { name: snap });
+                    Err(e)
+                }
+            }
+        }))
+    }
+
+    fn finish_clone(
+        &mut self,
+        record: &VolumeRecord,
+        source: &VolumeRecord,
+        snap: &str,
+    ) -> Reply<VolumeInfo> {
+        let dir = self.node.volume_dir(&record.id);
+        let base = self.node.volume_dir(&source.id);
+        let made = std::fs::create_dir_all(&dir)
+            .map_err(|e| EngineError::Io {
+                op: "create directory",
+                path: dir.clone(),
+                source: e,
+            })
+            .and_then(|_| ThinImage::create_clone(&dir, &base, snap).map(drop))
+            .and_then(|_| match record.spec.secure {
+                // Same key, same parameters: the shared blocks are ciphertext.
+                true => CryptParams::load(&base)?.store(&dir),
+                false => Ok(()),
+            });
+        let fail = |source: EngineError| RegistryError::Create {
+            volume: record.name.clone(),
+            node: self.node.name.clone(),
+            source,
+        };
+        if let Err(e) = made {
+            let _ = ThinImage::destroy_clone(&dir);
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(fail(e));
+        }
+        if let Err(source_err) = self.node.catalog.insert(record.clone()) {
+            let _ = ThinImage::destroy_clone(&dir);
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(RegistryError::Catalog {
+                volume: record.name.clone(),
+                node: self.node.name.clone(),
+                source: source_err,
+            });
+        }
+        if record.spec.secure {
+            if let Some(k) = self.node.keys.get(&source.id) {
+                self.node.keys.insert(&record.id, k);
+            }
+        }
+        tracing::info!(volume = %record.name, id = %record.id, parent = %source.name, snapshot = snap, "cloned");
+        Ok(self.info(record.clone()))
+    }
+}

@@ -1,0 +1,83 @@
+//! Snapshot requests: forwarded to the volume's actor, which owns its
+//! image. Clones (`parent=`) are in `clone.rs`.
+
+use super::{forward, Registry, Reply};
+use crate::volume::snapshots::{self as vs, SnapshotEntry, Space};
+use actix::prelude::*;
+
+/// `dunnage snapshot create VOL [NAME]`.
+#[derive(Message)]
+#[rtype(result = "Reply<SnapshotEntry>")]
+pub struct TakeSnapshot {
+    pub volume: String,
+    pub name: Option<String>,
+}
+
+#[derive(Message)]
+#[rtype(result = "Reply<Vec<SnapshotEntry>>")]
+pub struct ListSnapshots {
+    pub volume: String,
+}
+
+#[derive(Message)]
+#[rtype(result = "Reply<()>")]
+pub struct DeleteSnapshot {
+    pub volume: String,
+    pub name: String,
+}
+
+#[derive(Message)]
+#[rtype(result = "Reply<()>")]
+pub struct Restore {
+    pub volume: String,
+    pub snapshot: String,
+}
+
+/// Space used and shared (answered by the volume's actor).
+#[derive(Message)]
+#[rtype(result = "Reply<Space>")]
+pub struct QuerySpace {
+    pub volume: String,
+}
+
+macro_rules! to_actor {
+    ($msg:ty, $reply:ty, |$m:ident| $volume:expr, $inner:expr) => {
+        impl Handler<$msg> for Registry {
+            type Result = ResponseFuture<Reply<$reply>>;
+            fn handle(&mut self, $m: $msg, _: &mut Context<Self>) -> Self::Result {
+                match self.lookup($volume).and_then(|r| self.actor(&r)) {
+                    Ok(addr) => forward(addr, $inner),
+                    Err(e) => Box::pin(async move { Err(e) }),
+                }
+            }
+        }
+    };
+}
+
+to_actor!(
+    TakeSnapshot,
+    SnapshotEntry,
+    |m| &m.volume,
+    vs::TakeSnapshot { name: m.name }
+);
+to_actor!(
+    ListSnapshots,
+    Vec<SnapshotEntry>,
+    |m| &m.volume,
+    vs::ListSnapshots
+);
+to_actor!(
+    DeleteSnapshot,
+    (),
+    |m| &m.volume,
+    vs::DeleteSnapshot { name: m.name }
+);
+to_actor!(
+    Restore,
+    (),
+    |m| &m.volume,
+    vs::Restore {
+        snapshot: m.snapshot
+    }
+);
+to_actor!(QuerySpace, Space, |m| &m.volume, vs::QuerySpace);
