@@ -35,6 +35,8 @@ pub const SUPPORTED_OPTIONS: &[&str] = &[
     "group",
     "fg",
     "parent",
+    "snap_interval",
+    "snap_schedule",
 ];
 
 /// The option carrying a volume's own passphrase. It is taken out of the
@@ -48,8 +50,6 @@ const NOT_YET: &[&str] = &[
     "replicas",
     "nodes",
     "hosts",
-    "snap_interval",
-    "snap_schedule",
     "shared",
 ];
 
@@ -106,6 +106,10 @@ pub struct VolumeSpec {
     /// Extra mkfs arguments, split on whitespace.
     pub fsopts: Vec<String>,
     pub block_size_kib: u32,
+    /// Scheduled snapshots (`snap_interval`, `snap_schedule`); `None` = off.
+    /// Defaulted so catalogs written before it existed still load.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snap: Option<crate::schedule::SnapPolicy>,
     pub sticky: bool,
     pub labels: BTreeMap<String, String>,
     /// Encrypted (AES-256-XTS); the key is never part of the spec.
@@ -133,6 +137,7 @@ impl Default for VolumeSpec {
             fs: FsType::Ext4,
             fsopts: Vec::new(),
             block_size_kib: DEFAULT_BLOCK_SIZE_KIB,
+            snap: None,
             sticky: false,
             labels: BTreeMap::new(),
             secure: false,
@@ -274,9 +279,8 @@ fn is_default_value(option: &str, value: &str) -> bool {
     let v = value.trim().to_ascii_lowercase();
     match option {
         "repl" | "replicas" => v == "1",
-        "snap_interval" => v == "0",
         "shared" => matches!(v.as_str(), "false" | "no" | "off" | "0"),
-        "nodes" | "hosts" | "snap_schedule" => v.is_empty(),
+        "nodes" | "hosts" => v.is_empty(),
         _ => false,
     }
 }
@@ -302,6 +306,30 @@ pub fn take_secret(
         });
     }
     Ok(Some(crate::engine::Secret::new(value)))
+}
+
+/// Errors are reported against the option at fault, with its value.
+fn snap_policy(
+    opts: &BTreeMap<String, String>,
+) -> Result<Option<crate::schedule::SnapPolicy>, SpecError> {
+    let get = |name: &str| {
+        opts.iter()
+            .find(|(k, _)| k.trim().eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    };
+    let (interval, schedule) = (get("snap_interval"), get("snap_schedule"));
+    crate::schedule::SnapPolicy::from_options(interval, schedule).map_err(|e| {
+        let value = if e.option() == "snap_interval" {
+            interval
+        } else {
+            schedule
+        };
+        SpecError::Value {
+            option: e.option().to_string(),
+            value: value.unwrap_or_default().chars().take(64).collect(),
+            reason: e.to_string(),
+        }
+    })
 }
 
 /// Build a spec from Docker's `Opts` (plus the size from a `name@size` shorthand).
@@ -356,6 +384,9 @@ pub fn parse_options(
                 spec.block_size_kib = kib;
             }
             "sticky" => spec.sticky = parse_bool("sticky", value)?,
+            // The two options make one policy, built from the whole map
+            // whichever of them this is (same result if both are given).
+            "snap_interval" | "snap_schedule" => spec.snap = snap_policy(opts)?,
             "secure" => spec.secure = parse_bool("secure", value)?,
             "io_priority" | "priority_io" => {
                 spec.io_priority =
@@ -607,6 +638,54 @@ mod tests {
             .to_string()
             .contains("empty"));
         assert!(take_secret(&mut opts(&[("size", "1G")])).unwrap().is_none());
+    }
+
+    #[test]
+    fn snapshot_schedules() {
+        let spec = parse_options(
+            &opts(&[
+                ("snap_interval", "30"),
+                ("Snap_Schedule", "weekly=sun@2:00;daily=12:00,4"),
+            ]),
+            None,
+        )
+        .unwrap();
+        let snap = spec.snap.as_ref().expect("a policy");
+        assert_eq!(
+            snap.to_string(),
+            "periodic=30,5;daily=12:00,4;weekly=sunday@02:00,5"
+        );
+        // Persisted in the catalog as the canonical string, read back equal.
+        let json = serde_json::to_value(&spec).unwrap();
+        assert_eq!(json["snap"], snap.to_string());
+        assert_eq!(serde_json::from_value::<VolumeSpec>(json).unwrap(), spec);
+        // "Off" values mean no policy, and a catalog from before has none.
+        for off in [&[("snap_interval", "0")][..], &[("snap_schedule", "")][..]] {
+            assert_eq!(parse_options(&opts(off), None).unwrap().snap, None);
+        }
+        let old = r#"{"size":1073741824,"fs":"ext4","fsopts":[],"block_size_kib":32,"sticky":false,"labels":{}}"#;
+        let old: VolumeSpec = serde_json::from_str(old).unwrap();
+        assert_eq!(old, VolumeSpec::default());
+        // And a spec without a policy is written as before.
+        let json = serde_json::to_value(VolumeSpec::default()).unwrap();
+        assert!(json.get("snap").is_none(), "{json}");
+        // Refusals name the option and teach the syntax.
+        for (o, want) in [
+            (("snap_interval", "5m"), "option snap_interval"),
+            (("snap_schedule", "daily=25:00"), "option snap_schedule"),
+            (("snap_schedule", "daily=25:00"), "HH:MM"),
+            (("snap_schedule", "hourly=5"), "example: periodic=60,10"),
+        ] {
+            let err = parse_options(&opts(&[o]), None).unwrap_err().to_string();
+            assert!(err.contains(want), "{o:?}: {err}");
+        }
+        let err = parse_options(
+            &opts(&[("snap_interval", "5"), ("snap_schedule", "periodic=10")]),
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("only one"), "{err}");
     }
 
     #[test]

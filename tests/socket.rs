@@ -421,9 +421,6 @@ fn bad_input_is_refused_and_changes_nothing() {
         ("replicas", "3", "repl"),
         ("nodes", "n1;n2", "nodes"),
         ("hosts", "n1,n2", "hosts"),
-        ("parent", "good", "parent"),
-        ("snap_interval", "5", "snap_interval"),
-        ("snap_schedule", "periodic=60,10", "snap_schedule"),
         ("shared", "true", "shared"),
     ] {
         let err = d.err(
@@ -444,6 +441,7 @@ fn bad_input_is_refused_and_changes_nothing() {
         ("priority_io", "1", "high, medium or low"),
         ("group", "a/b", "group name"),
         ("fg", "maybe", "true or false"),
+        ("parent", "ghost", "no such volume"),
     ] {
         let err = d.err(
             "/VolumeDriver.Create",
@@ -452,6 +450,28 @@ fn bad_input_is_refused_and_changes_nothing() {
         assert!(
             err.contains(needle) && !err.contains("s3cret"),
             "{k}={v}: expected an error saying {needle:?}: {err:?}"
+        );
+    }
+
+    // Snapshot schedules are built and validated: a malformed one is refused,
+    // naming the option and teaching the syntax (valid ones are created below).
+    for (k, v, needle) in [
+        ("snap_schedule", "daily=25:00", "HH:MM"),
+        ("snap_schedule", "hourly=5", "periodic=MINUTES[,KEEP]"),
+        (
+            "snap_schedule",
+            "periodic=60;periodic=30",
+            "two periodic rules",
+        ),
+        ("snap_interval", "5m", "0 for off"),
+    ] {
+        let err = d.err(
+            "/VolumeDriver.Create",
+            &json!({"Name": "badsnap", "Opts": {k: v}}),
+        );
+        assert!(
+            err.contains(k) && err.contains(needle),
+            "{k}={v}: expected a refusal naming {k} and {needle:?}: {err:?}"
         );
     }
 
@@ -477,9 +497,21 @@ fn bad_input_is_refused_and_changes_nothing() {
     // The boundary cases that are valid work.
     d.create(&max, &[("size", "64M")]);
     d.create("ok_name.with-chars_9", &[("size", "64M")]);
+    d.create(
+        "snapsched",
+        &[
+            ("size", "64M"),
+            ("snap_interval", "60"),
+            (
+                "snap_schedule",
+                "daily=12:00,4;weekly=sunday@12:00,2;monthly=15@12:00",
+            ),
+        ],
+    );
     assert!(d.list_names().contains(&max));
     d.remove(&max);
     d.remove("ok_name.with-chars_9");
+    d.remove("snapsched");
     assert_no_leftovers(&d, "end of bad input test");
 }
 

@@ -47,6 +47,16 @@ pub enum ScheduleError {
     PeriodicTwice { interval: String },
 }
 
+impl ScheduleError {
+    /// The volume option at fault, for callers that report per option.
+    pub fn option(&self) -> &'static str {
+        match self {
+            ScheduleError::Interval { .. } => "snap_interval",
+            _ => "snap_schedule",
+        }
+    }
+}
+
 /// User input echoed in an error, cut short: options come from the wire.
 pub(crate) fn clip(s: &str) -> String {
     const MAX: usize = 64;
