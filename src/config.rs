@@ -17,12 +17,21 @@ pub struct Node {
     pub exporter: Exporter,
     /// Encryption keys (memory only).
     pub keys: crate::keys::KeyRing,
+    /// The snapshot scheduler, once started (see `schedule::actor`).
+    pub scheduler: std::sync::OnceLock<actix::Recipient<crate::schedule::actor::ScheduleEvent>>,
     /// Shares engine IO between `io_priority` classes.
     pub arbiter: std::sync::Arc<crate::engine::priority::IoArbiter>,
     pub catalog: Arc<dyn Catalog>,
 }
 
 impl Node {
+    /// Tell the snapshot scheduler (if it runs yet).
+    pub fn schedule(&self, ev: crate::schedule::actor::ScheduleEvent) {
+        if let Some(s) = self.scheduler.get() {
+            s.do_send(ev);
+        }
+    }
+
     /// Volume data lives under its id, so a volume re-created under the same
     /// name never meets the old one's files.
     pub fn volume_dir(&self, id: &str) -> PathBuf {

@@ -53,6 +53,36 @@ pub enum Passthrough {
     Off,
 }
 
+/// Start the snapshot scheduler and tell it every policy and attach.
+async fn start_scheduler(node: &Arc<Node>, registry: &actix::Addr<Registry>) {
+    use crate::schedule::actor::{ScheduleEvent, SnapScheduler, SnapshotOps};
+    let ops = SnapshotOps {
+        take: registry.clone().recipient(),
+        delete: registry.clone().recipient(),
+        list: registry.clone().recipient(),
+    };
+    let clock = Arc::new(crate::schedule::SystemClock);
+    let sched = SnapScheduler::new(chrono::Local, clock, ops).start();
+    let _ = node.scheduler.set(sched.recipient());
+    for r in node.catalog.list() {
+        if r.spec.snap.is_some() {
+            node.schedule(ScheduleEvent::Policy {
+                volume: r.name.clone(),
+                policy: r.spec.snap.clone(),
+            });
+        }
+    }
+    // Volumes taken back after a restart are attached already.
+    if let Ok(Ok(list)) = registry.send(registry::List).await {
+        for v in list.into_iter().filter(|v| v.state != "detached") {
+            node.schedule(ScheduleEvent::Attached {
+                volume: v.name,
+                attached: true,
+            });
+        }
+    }
+}
+
 /// Refuse to replace a socket another live daemon answers on; remove a stale one.
 fn claim_socket(path: &Path) -> Result<()> {
     if path.exists() {
@@ -241,6 +271,7 @@ pub fn run(args: ServeArgs, run_dir: PathBuf) -> Result<()> {
         exporter,
         keys,
         arbiter: crate::engine::priority::IoArbiter::new(),
+        scheduler: std::sync::OnceLock::new(),
         catalog,
     });
     let resumable = triage(&node);
@@ -260,6 +291,7 @@ pub fn run(args: ServeArgs, run_dir: PathBuf) -> Result<()> {
     let system = actix::System::new();
     let result = system.block_on(async move {
         let registry = Registry::new(node.clone(), resumable).start();
+        start_scheduler(&node, &registry).await;
         let reg = registry.clone();
         let plugin_srv = HttpServer::new(move || {
             App::new()

@@ -45,13 +45,7 @@ pub const SECRET_OPTION: &str = "secret_key";
 
 /// Options of the design that parse but are not built yet. Values that mean
 /// "off" or "the default" are accepted, anything else is refused, never ignored.
-const NOT_YET: &[&str] = &[
-    "repl",
-    "replicas",
-    "nodes",
-    "hosts",
-    "shared",
-];
+const NOT_YET: &[&str] = &["repl", "replicas", "nodes", "hosts", "shared"];
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SpecError {

@@ -275,3 +275,33 @@ impl Drop for Guard {
         }
     }
 }
+
+#[test]
+fn a_volume_with_a_schedule_stays_on_the_engine_path() {
+    // Scheduled snapshots are taken while the volume is in use, which the
+    // kernel's passthrough writes would make inconsistent.
+    let d = Daemon::start(Opts::default());
+    d.create(
+        "sched",
+        &[("size", "64M"), ("snap_schedule", "periodic=60,2")],
+    );
+    d.create("plain", &[("size", "64M")]);
+    let (a, b) = (mount_id("sched"), mount_id("plain"));
+    d.mount("sched", &a);
+    d.mount("plain", &b);
+    assert_eq!(d.inspect("sched")["io_path"], "engine");
+    assert_eq!(d.inspect("plain")["io_path"], "passthrough");
+    // And a snapshot of it while mounted works; the plain one is refused
+    // with what to do.
+    d.cli_ok(&["snapshot", "create", "sched", "manual"]);
+    let err = d.cli_err(&["snapshot", "create", "plain", "manual"]);
+    assert!(
+        err.contains("passthrough") && err.contains("plain"),
+        "{err}"
+    );
+    d.unmount("sched", &a);
+    d.unmount("plain", &b);
+    d.cli_ok(&["snapshot", "rm", "sched", "manual"]);
+    d.remove("sched");
+    d.remove("plain");
+}

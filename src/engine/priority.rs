@@ -134,14 +134,23 @@ pub struct PriorityEngine {
     inner: Arc<dyn BlockEngine>,
     arbiter: Arc<IoArbiter>,
     class: IoPriority,
+    passthrough: bool,
 }
 
 impl PriorityEngine {
-    pub fn new(inner: Arc<dyn BlockEngine>, arbiter: Arc<IoArbiter>, class: IoPriority) -> Self {
+    /// `passthrough`: whether the volume may hand its IO to the kernel at
+    /// all (not when scheduled snapshots need every write to pass here).
+    pub fn new(
+        inner: Arc<dyn BlockEngine>,
+        arbiter: Arc<IoArbiter>,
+        class: IoPriority,
+        passthrough: bool,
+    ) -> Self {
         PriorityEngine {
             inner,
             arbiter,
             class,
+            passthrough,
         }
     }
 }
@@ -169,7 +178,8 @@ impl BlockEngine for PriorityEngine {
     /// the engine path where they apply.
     fn begin_passthrough(&self) -> Option<std::fs::File> {
         match self.class {
-            IoPriority::Medium => self.inner.begin_passthrough(),
+            IoPriority::Medium if self.passthrough => self.inner.begin_passthrough(),
+            IoPriority::Medium => None,
             IoPriority::High | IoPriority::Low => None,
         }
     }

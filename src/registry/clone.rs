@@ -171,6 +171,7 @@ impl Registry {
                 self.node.keys.insert(&record.id, k);
             }
         }
+        self.announce_policy(record);
         tracing::info!(volume = %record.name, id = %record.id, parent = %source.name, snapshot = snap, "cloned");
         Ok(self.info(record.clone()))
     }

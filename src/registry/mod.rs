@@ -233,8 +233,20 @@ impl Registry {
         if let Some((k, true)) = key {
             self.node.keys.insert(&record.id, k);
         }
+        self.announce_policy(&record);
         tracing::info!(volume = %record.name, id = %record.id, size = record.spec.size, fs = %record.spec.fs, encrypted = record.spec.secure, "created");
         Ok(Created::Done(self.info(record)))
+    }
+
+    /// A new volume's snapshot schedule goes to the scheduler.
+    pub(crate) fn announce_policy(&self, record: &VolumeRecord) {
+        if record.spec.snap.is_some() {
+            self.node
+                .schedule(crate::schedule::actor::ScheduleEvent::Policy {
+                    volume: record.name.clone(),
+                    policy: record.spec.snap.clone(),
+                });
+        }
     }
 
     fn update(&mut self, name: &str, opts: &BTreeMap<String, String>) -> Reply<VolumeInfo> {
@@ -474,6 +486,7 @@ impl Handler<Remove> for Registry {
         match res {
             Err(e) => Box::pin(fut::ready(Err(e))),
             Ok((addr, id)) => {
+                let name = msg.name.clone();
                 let clone_of = self.lookup(&msg.name).ok().and_then(|r| r.clone_of);
                 Box::pin(
                     forward(addr, volume::Remove)
@@ -481,6 +494,11 @@ impl Handler<Remove> for Registry {
                         .map(move |res, act, _| {
                             if res.is_ok() {
                                 act.actors.remove(&id);
+                                act.node
+                                    .schedule(crate::schedule::actor::ScheduleEvent::Policy {
+                                        volume: name.clone(),
+                                        policy: None,
+                                    });
                                 // The clone's base snapshot is nobody's now.
                                 if let Some(c) = clone_of {
                                     let parent = act

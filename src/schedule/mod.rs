@@ -6,6 +6,7 @@
 //! passes `now` (from a [`Clock`]), carries out the returned [`Action`]s and
 //! reports back, so every rule is unit-tested with a [`FakeClock`].
 
+pub mod actor;
 mod clock;
 mod error;
 mod policy;

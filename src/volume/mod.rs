@@ -111,6 +111,8 @@ pub struct VolumeActor {
     attached: Option<Attached>,
     runtime: RuntimeTable,
     removed: bool,
+    /// Attached as last told to the snapshot scheduler.
+    told_attached: bool,
 }
 
 impl VolumeActor {
@@ -123,6 +125,7 @@ impl VolumeActor {
             attached: None,
             runtime,
             removed: false,
+            told_attached: false,
         }
     }
 
@@ -141,7 +144,16 @@ impl VolumeActor {
         }
     }
 
-    fn publish(&self) {
+    fn publish(&mut self) {
+        let attached = self.attached.is_some();
+        if attached != self.told_attached {
+            self.told_attached = attached;
+            self.node
+                .schedule(crate::schedule::actor::ScheduleEvent::Attached {
+                    volume: self.name.clone(),
+                    attached,
+                });
+        }
         match &self.attached {
             Some(a) => {
                 let rec = handover::AttachRecord {
@@ -187,6 +199,9 @@ impl VolumeActor {
             base,
             self.node.arbiter.clone(),
             spec.io_priority,
+            // Scheduled snapshots are taken while the volume is in use:
+            // every write must pass through the engine for them.
+            spec.snap.is_none(),
         )))
     }
 
