@@ -6,7 +6,7 @@
 mod common;
 
 use common::{
-    docker, docker_ok, require_docker, unique, write_durably, Daemon, Opts, BIN, TEST_IMAGE,
+    docker_ok, require_docker, unique, write_durably, Daemon, DockerGuard, Opts, BIN, TEST_IMAGE,
 };
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -181,7 +181,7 @@ fn node_key_through_dockerd() {
         "size=64M",
         &vol,
     ]);
-    let guard = VolumeGuard(vol.clone());
+    let guard = DockerGuard::volumes(&[&vol]);
     let marker = String::from_utf8(MARKER.to_vec()).unwrap();
     let script = format!("for i in $(seq 1 2000); do echo {marker}; done > /data/m; sync");
     let c1 = unique("enc-w");
@@ -224,13 +224,5 @@ fn node_key_through_dockerd() {
         "docker volume inspect shows the key: {shown}"
     );
     docker_ok(&["volume", "rm", &vol]);
-    std::mem::forget(guard);
-}
-
-struct VolumeGuard(String);
-
-impl Drop for VolumeGuard {
-    fn drop(&mut self) {
-        let _ = docker(&["volume", "rm", "-f", &self.0]);
-    }
+    guard.done();
 }

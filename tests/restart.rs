@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{docker, docker_ok, require_docker, unique, Daemon, Opts, TEST_IMAGE};
+use common::{docker_ok, require_docker, unique, Daemon, DockerGuard, Opts, TEST_IMAGE};
 use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -193,7 +193,10 @@ fn container_keeps_running_across_kill9() {
         "-c",
         script,
     ]);
-    let guard = ContainerGuard(cname.clone(), vol.clone());
+    let guard = DockerGuard {
+        containers: vec![cname.clone()],
+        volumes: vec![vol.clone()],
+    };
     let counter = d.mountpoint(&vol).join("n");
     let before = wait_counter(&counter, 20, &d);
 
@@ -241,19 +244,9 @@ fn container_keeps_running_across_kill9() {
         );
     }
     docker_ok(&["volume", "rm", &vol]);
-    std::mem::forget(guard);
+    guard.done();
     assert_clean(&d, "after the container and the volume are gone");
     d.sigterm_and_wait();
     let l = d.leftovers_stopped();
     assert!(l.is_empty(), "leftovers after SIGTERM: {l:?}");
-}
-
-/// Removes the container and volume if the test fails half way.
-struct ContainerGuard(String, String);
-
-impl Drop for ContainerGuard {
-    fn drop(&mut self) {
-        let _ = docker(&["rm", "-f", &self.0]);
-        let _ = docker(&["volume", "rm", "-f", &self.1]);
-    }
 }

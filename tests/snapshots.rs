@@ -6,7 +6,7 @@
 mod common;
 
 use common::{
-    docker, docker_ok, mount_id, pattern, require_docker, unique, write_durably, Daemon, Opts,
+    docker_ok, mount_id, pattern, require_docker, unique, write_durably, Daemon, DockerGuard, Opts,
     TEST_IMAGE,
 };
 use serde_json::{json, Value};
@@ -210,7 +210,7 @@ fn clone_through_dockerd() {
     });
     let src = unique("dsrc");
     let cln = unique("dcln");
-    let guard = Guard(vec![cln.clone(), src.clone()]);
+    let guard = DockerGuard::volumes(&[&cln, &src]);
     docker_ok(&["volume", "create", "-d", &d.name, "-o", "size=64M", &src]);
     let c1 = unique("c");
     docker_ok(&[
@@ -262,18 +262,7 @@ fn clone_through_dockerd() {
     assert_eq!(out.trim(), "before");
     docker_ok(&["volume", "rm", &cln]);
     docker_ok(&["volume", "rm", &src]);
-    // dockerd asked about a volume it no longer knows probes every plugin.
-    std::mem::forget(guard);
-}
-
-struct Guard(Vec<String>);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        for v in &self.0 {
-            let _ = docker(&["volume", "rm", "-f", v]);
-        }
-    }
+    guard.done();
 }
 
 #[test]

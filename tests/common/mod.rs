@@ -1279,6 +1279,38 @@ pub fn docker(args: &[&str]) -> CliOut {
     }
 }
 
+/// Removes the containers and volumes a test made if it fails half way.
+/// Call [`DockerGuard::done`] once the test removed them itself: dockerd
+/// asked about a volume it no longer knows probes every plugin it ever saw.
+pub struct DockerGuard {
+    pub containers: Vec<String>,
+    pub volumes: Vec<String>,
+}
+
+impl DockerGuard {
+    pub fn volumes(volumes: &[&str]) -> DockerGuard {
+        DockerGuard {
+            containers: Vec::new(),
+            volumes: volumes.iter().map(|v| v.to_string()).collect(),
+        }
+    }
+
+    pub fn done(self) {
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for DockerGuard {
+    fn drop(&mut self) {
+        for c in &self.containers {
+            let _ = docker(&["rm", "-f", c]);
+        }
+        for v in &self.volumes {
+            let _ = docker(&["volume", "rm", "-f", v]);
+        }
+    }
+}
+
 /// Runs docker and asserts success; returns stdout.
 pub fn docker_ok(args: &[&str]) -> String {
     let out = docker(args);
