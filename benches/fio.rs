@@ -9,14 +9,18 @@
 //! - **dunnage-engine**: the same from a second daemon with
 //!   `--fuse-passthrough off`: every IO through dunnage's FUSE threads and
 //!   engine, the path that snapshots, encryption and replication need;
+//! - **dunnage-secure**: an encrypted volume (`secure=true` with its own
+//!   `secret_key`, made up for the run and never printed) from a further
+//!   daemon with the default `--fuse-passthrough auto`: encryption keeps it
+//!   on the engine path;
 //! - **dunnage-ublk**, where the kernel has ublk (`/dev/ublk-control`): the
 //!   same from a third daemon with `--export ublk`, every IO through
 //!   dunnage's ublk queue threads and engine. Elsewhere the results say why
 //!   there is no such row.
 //!
-//! Each device is written through once, then every profile of fixtures/fio/ runs
-//! on the targets in turn (limit, peer, dunnage, dunnage-engine[, dunnage-ublk],
-//! limit, ...) for each round; a figure is the median of the rounds. Besides fio's figures,
+//! Each device is written through once, then every profile of fixtures/fio/
+//! runs on the targets in turn (limit, peer, dunnage, dunnage-engine,
+//! dunnage-secure[, dunnage-ublk], limit, ...) for each round; a figure is the median of the rounds. Besides fio's figures,
 //! each job records the CPU its target's server used, and each dunnage target
 //! what the daemon says about passthrough. The same run times the control plane
 //! (plugin Create/Mount/Unmount/Remove, `docker run` with a dunnage volume vs a
@@ -276,6 +280,7 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
     for f in [
         "dunnage.log",
         "dunnage-engine.log",
+        "dunnage-features.log",
         "dunnage-ublk.log",
         "dunnage-docker.log",
         "qemu-storage-daemon.log",
@@ -412,6 +417,20 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
         &out.join("dunnage-engine.log"),
         td,
     )?;
+    // The encrypted volume: a daemon of its own with the default flags, so
+    // that what keeps it off passthrough is encryption, not a flag, and the
+    // memory figures of the other daemons keep their meaning.
+    pg.step("starting a dunnage serve for dunnage-secure".into());
+    let df = targets::Dunnage::start(
+        &bin,
+        &format!("{name}-features"),
+        &root.join("features"),
+        &root.join("plugins"),
+        "fuse",
+        Kind::DunnageSecure.fuse_passthrough(),
+        &out.join("dunnage-features.log"),
+        td,
+    )?;
     // Where the kernel has ublk, a third daemon with --export ublk; it
     // goes with the devices too.
     let du = if ublk {
@@ -434,6 +453,7 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
         daemon_idle_kib: rss_kib(d.pid()),
         engine_daemon_idle_kib: rss_kib(de.pid()),
         ublk_daemon_idle_kib: du.as_ref().and_then(|du| rss_kib(du.pid())),
+        features_daemon_idle_kib: rss_kib(df.pid()),
         ..Default::default()
     };
     pg.done(1);
@@ -451,13 +471,14 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
     let (peer, qsd_pid) = targets::peer(&root, o.size, &out.join("qemu-storage-daemon.log"), td)?;
     let dun = targets::dunnage(&d, Kind::Dunnage, o.size, td)?;
     let dun_engine = targets::dunnage(&de, Kind::DunnageEngine, o.size, td)?;
+    let (dun_secure, secret) = targets::dunnage_secure(&df, o.size, td)?;
     let dun_ublk = match &du {
         Some(du) => Some(targets::dunnage(du, Kind::DunnageUblk, o.size, td)?),
         None => None,
     };
     nap(Duration::from_millis(500));
     memory.daemon_attached_kib = rss_kib(d.pid());
-    let mut all: Vec<&Target> = vec![&limit, &peer, &dun, &dun_engine];
+    let mut all: Vec<&Target> = vec![&limit, &peer, &dun, &dun_engine, &dun_secure];
     all.extend(dun_ublk.as_ref());
     debug_assert!(all.iter().map(|t| t.kind).eq(kinds.iter().copied()));
     let mut problems = Vec::new();
@@ -469,6 +490,13 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
                 t.dev.display(),
                 t.info.size_bytes,
                 o.size
+            ));
+        }
+        if t.kind.engine_path() && t.io_path.as_ref().and_then(|p| p.passthrough) == Some(true) {
+            problems.push(format!(
+                "{} device {}: the daemon says passthrough serves it, not the engine",
+                t.kind.name(),
+                t.dev.display()
             ));
         }
         if t.info.direct_io == Some(false) {
@@ -611,6 +639,7 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
     memory.daemon_after_io_kib = rss_kib(d.pid());
     memory.engine_daemon_after_io_kib = rss_kib(de.pid());
     memory.ublk_daemon_after_io_kib = du.as_ref().and_then(|du| rss_kib(du.pid()));
+    memory.features_daemon_after_io_kib = rss_kib(df.pid());
     memory.qemu_storage_daemon_after_io_kib = rss_kib(qsd_pid);
     let delta = |a: Option<u64>, b: Option<u64>| Some(a? as i64 - b? as i64);
     memory.extra_attached_kib = delta(memory.daemon_attached_kib, memory.daemon_idle_kib);
@@ -621,6 +650,10 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
     );
     memory.ublk_extra_after_io_kib =
         delta(memory.ublk_daemon_after_io_kib, memory.ublk_daemon_idle_kib);
+    memory.features_extra_after_io_kib = delta(
+        memory.features_daemon_after_io_kib,
+        memory.features_daemon_idle_kib,
+    );
     let cpu_median = |k: Kind| {
         job::median(
             samples
@@ -766,7 +799,20 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
             }
         }
     }
-    let results = Results {
+    // dunnage-secure's passphrase went to its daemon in a request body only;
+    // check that no log of the run holds it.
+    let mut leaks = Vec::new();
+    if let Ok(dir) = std::fs::read_dir(&out) {
+        for e in dir.flatten() {
+            let p = e.path();
+            if p.extension().is_some_and(|x| x == "log")
+                && std::fs::read(&p).is_ok_and(|b| secret.found_in(&b))
+            {
+                leaks.push(p.display().to_string());
+            }
+        }
+    }
+    let mut results = Results {
         mode: if o.quick { "quick" } else { "full" }.into(),
         machine,
         backing,
@@ -786,9 +832,34 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
         notes,
         problems,
     };
-    report::write_json(&results, &out.join("results.json"))?;
-    std::fs::write(out.join("results.md"), report::markdown(&results))
-        .context("write results.md")?;
+    if secret.found_in(report::json_text(&results)?.as_bytes())
+        || secret.found_in(report::markdown(&results).as_bytes())
+    {
+        leaks.push("the results (blotted out there as [secret])".into());
+    }
+    if leaks.is_empty() {
+        results.notes.push(format!(
+            "{}'s passphrase was made up for this run and given to its daemon in the body of a request on the control socket, on no command line; it is in none of the run's logs ({}) nor in the results",
+            Kind::DunnageSecure.name(),
+            out.display()
+        ));
+    } else {
+        results.problems.push(format!(
+            "{}'s passphrase appears in: {}",
+            Kind::DunnageSecure.name(),
+            leaks.join(", ")
+        ));
+    }
+    std::fs::write(
+        out.join("results.json"),
+        secret.redact(&report::json_text(&results)?),
+    )
+    .context("write results.json")?;
+    std::fs::write(
+        out.join("results.md"),
+        secret.redact(&report::markdown(&results)),
+    )
+    .context("write results.md")?;
     let chart = out.join("chart.png");
     let chart_note = match report::chart(&results, &chart) {
         Ok(()) => chart.display().to_string(),
@@ -801,12 +872,12 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
         println!("note: {n}");
     }
     for l in report::io_path_lines(&results) {
-        println!("io path: {l}");
+        println!("io path: {}", secret.redact(&l));
     }
     println!("{}", report::main_table(&results, false));
     println!("{}", report::side_table(&results, false));
     for p in &results.problems {
-        println!("problem: {p}");
+        println!("problem: {}", secret.redact(p));
     }
     println!(
         "results: {}, {}; chart: {chart_note}; logs: {}",

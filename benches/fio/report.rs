@@ -98,6 +98,12 @@ pub struct Ratios {
     pub dunnage_ublk_dunnage: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dunnage_ublk_dunnage_engine: Option<f64>,
+    /// The encrypted volume (dunnage-secure) ÷ the limit, the peer,
+    /// dunnage, and dunnage-engine (the same path without encryption).
+    pub dunnage_secure_limit: Option<f64>,
+    pub dunnage_secure_peer: Option<f64>,
+    pub dunnage_secure_dunnage: Option<f64>,
+    pub dunnage_secure_dunnage_engine: Option<f64>,
     /// For the latency profile: p99 write latency of dunnage ÷ that of the limit.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub p99_dunnage_limit: Option<f64>,
@@ -105,6 +111,8 @@ pub struct Ratios {
     pub p99_dunnage_engine_limit: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub p99_dunnage_ublk_limit: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub p99_dunnage_secure_limit: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -139,6 +147,10 @@ pub struct Memory {
     pub ublk_daemon_after_io_kib: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ublk_extra_after_io_kib: Option<i64>,
+    /// The daemon of dunnage-secure (default flags).
+    pub features_daemon_idle_kib: Option<u64>,
+    pub features_daemon_after_io_kib: Option<u64>,
+    pub features_extra_after_io_kib: Option<i64>,
     pub qemu_storage_daemon_after_io_kib: Option<u64>,
 }
 
@@ -196,9 +208,14 @@ pub fn ratios(results: &BTreeMap<&'static str, PerTarget>, latency: bool) -> Rat
         dunnage_ublk_peer: r(Kind::DunnageUblk, Kind::Peer),
         dunnage_ublk_dunnage: r(Kind::DunnageUblk, Kind::Dunnage),
         dunnage_ublk_dunnage_engine: r(Kind::DunnageUblk, Kind::DunnageEngine),
+        dunnage_secure_limit: r(Kind::DunnageSecure, Kind::Limit),
+        dunnage_secure_peer: r(Kind::DunnageSecure, Kind::Peer),
+        dunnage_secure_dunnage: r(Kind::DunnageSecure, Kind::Dunnage),
+        dunnage_secure_dunnage_engine: r(Kind::DunnageSecure, Kind::DunnageEngine),
         p99_dunnage_limit: p99_ratio(Kind::Dunnage),
         p99_dunnage_engine_limit: p99_ratio(Kind::DunnageEngine),
         p99_dunnage_ublk_limit: p99_ratio(Kind::DunnageUblk),
+        p99_dunnage_secure_limit: p99_ratio(Kind::DunnageSecure),
     }
 }
 
@@ -243,8 +260,10 @@ fn fmt_delta_kib(kib: i64) -> String {
 
 /// The main table: a row per profile and target, in run order, with IOPS,
 /// MiB/s, the p99 write latency of the latency profile, the CPU its server
-/// used, and its IOPS ratio to the limit, to the peer and (for dunnage-engine
-/// and dunnage-ublk) to dunnage with passthrough allowed.
+/// used, and its IOPS ratio to the limit, to the peer, (for the dunnage
+/// targets on the engine path) to dunnage with passthrough allowed, and (for
+/// dunnage-secure and dunnage-ublk) to dunnage-engine, the same engine path
+/// on FUSE without encryption.
 pub fn main_table(r: &Results, markdown: bool) -> Table {
     let mut t = Table::new();
     t.load_preset(if markdown {
@@ -265,6 +284,7 @@ pub fn main_table(r: &Results, markdown: bool) -> Table {
         "÷ limit",
         "÷ peer",
         "÷ dunnage",
+        "÷ dunnage-engine",
     ]);
     let dash = || "—".to_string();
     let kinds = r.kinds();
@@ -305,11 +325,12 @@ pub fn main_table(r: &Results, markdown: bool) -> Table {
                     .unwrap_or_else(|| "n/a".into()),
                 (_, None) => dash(),
             });
-            for base in [Kind::Limit, Kind::Peer, Kind::Dunnage] {
+            for base in [Kind::Limit, Kind::Peer, Kind::Dunnage, Kind::DunnageEngine] {
                 let shown = match base {
                     Kind::Limit => k != Kind::Limit,
                     Kind::Peer => k.is_dunnage(),
-                    _ => matches!(k, Kind::DunnageEngine | Kind::DunnageUblk),
+                    Kind::Dunnage => k.is_dunnage() && k != Kind::Dunnage,
+                    _ => matches!(k, Kind::DunnageSecure | Kind::DunnageUblk),
                 };
                 row.push(if shown {
                     fmt_ratio(p.ratio(k, base))
@@ -458,6 +479,18 @@ pub fn side_table(r: &Results, markdown: bool) -> Table {
         ]);
     }
     t.add_row(vec![
+        "daemon of dunnage-secure RSS, idle".to_string(),
+        m.features_daemon_idle_kib
+            .map(fmt_mib_kib)
+            .unwrap_or_else(na),
+    ]);
+    t.add_row(vec![
+        "daemon of dunnage-secure RSS, extra after the IO run".to_string(),
+        m.features_extra_after_io_kib
+            .map(fmt_delta_kib)
+            .unwrap_or_else(na),
+    ]);
+    t.add_row(vec![
         "qemu-storage-daemon RSS after the IO run".to_string(),
         m.qemu_storage_daemon_after_io_kib
             .map(fmt_mib_kib)
@@ -522,9 +555,9 @@ pub fn markdown(r: &Results) -> String {
     s
 }
 
-pub fn write_json(r: &Results, path: &Path) -> Result<()> {
-    let text = serde_json::to_string_pretty(r)?;
-    std::fs::write(path, text + "\n").with_context(|| format!("write {}", path.display()))
+/// results.json's text.
+pub fn json_text(r: &Results) -> Result<String> {
+    Ok(serde_json::to_string_pretty(r).context("results as JSON")? + "\n")
 }
 
 const FONT_DIR: &str = "/usr/share/fonts/truetype/dejavu";
@@ -576,6 +609,7 @@ pub fn chart(r: &Results, path: &Path) -> Result<()> {
         Kind::Peer => RGBColor(230, 145, 56),
         Kind::Dunnage => RGBColor(31, 119, 180),
         Kind::DunnageEngine => RGBColor(44, 160, 44),
+        Kind::DunnageSecure => RGBColor(214, 39, 40),
         Kind::DunnageUblk => RGBColor(148, 103, 189),
     };
 

@@ -3,16 +3,18 @@
 //! volume attached with `dunnage attach` from two FUSE daemons: one with
 //! FUSE passthrough allowed (dunnage), one with it off (dunnage-engine), so
 //! that every IO of the latter goes through dunnage's FUSE threads and
-//! engine; and where the kernel has ublk, from a third daemon with
-//! `--export ublk` (dunnage-ublk).
+//! engine; an encrypted volume (dunnage-secure) from a further FUSE daemon
+//! with the default flags; and where the kernel has ublk, from a daemon with `--export ublk`
+//! (dunnage-ublk).
 
 use crate::control::plugin_post;
 use crate::host::{self, DeviceInfo};
 use crate::proc::{check_stop, nap, run_ok, Server, Teardown};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
-use serde_json::Value;
+use serde_json::{json, Value};
 use std::cell::RefCell;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::rc::Rc;
@@ -269,6 +271,22 @@ pub fn peer(root: &Path, size: u64, log: &Path, td: &mut Teardown) -> Result<(Ta
 
 /// (c) a raw dunnage volume of `size` bytes from daemon `d`, attached on this host.
 pub fn dunnage(d: &Dunnage, kind: Kind, size: u64, td: &mut Teardown) -> Result<Target> {
+    let vol = volume_of(d, kind)?;
+    d.cli(&[
+        "volume",
+        "create",
+        vol,
+        "-o",
+        &size_opt(size),
+        "-o",
+        "fs=none",
+    ])?;
+    push_rm(d, vol, td);
+    attach(d, kind, vol, td)
+}
+
+/// The volume name of a dunnage target, which daemon `d` can serve.
+fn volume_of(d: &Dunnage, kind: Kind) -> Result<&'static str> {
     if kind.export() != Some(d.export.as_str()) {
         bail!(
             "{} needs a daemon with --export {}, not {}",
@@ -277,29 +295,50 @@ pub fn dunnage(d: &Dunnage, kind: Kind, size: u64, td: &mut Teardown) -> Result<
             d.export
         );
     }
-    let vol = "benchvol";
-    let size_opt = format!("size={}M", size >> 20);
-    d.cli(&["volume", "create", vol, "-o", &size_opt, "-o", "fs=none"])?;
+    kind.volume()
+        .with_context(|| format!("{} is not a dunnage volume", kind.name()))
+}
+
+fn size_opt(size: u64) -> String {
+    format!("size={}M", size >> 20)
+}
+
+/// A CLI of daemon `d` for teardown steps, which outlive it.
+fn teardown_cli(d: &Dunnage) -> impl Fn(&[&str]) -> Result<()> + Clone + 'static {
     let (bin, run_dir) = (d.bin.clone(), d.run_dir.clone());
-    let cli = move |args: &[&str]| {
+    move |args: &[&str]| {
         run_ok(
             Command::new(&bin).arg("--run-dir").arg(&run_dir).args(args),
             Duration::from_secs(120),
         )
         .map(drop)
-    };
-    let rm = cli.clone();
+    }
+}
+
+fn push_rm(d: &Dunnage, vol: &'static str, td: &mut Teardown) {
+    let rm = teardown_cli(d);
     td.push(format!("dunnage volume rm {vol} ({})", d.name), move || {
         rm(&["volume", "rm", vol])
     });
-    let log_from = std::fs::metadata(&d.log).map(|m| m.len()).unwrap_or(0);
+}
+
+/// `dunnage attach VOL`: the device it prints.
+fn attach_dev(d: &Dunnage, vol: &str) -> Result<PathBuf> {
     let out = d.cli(&["attach", vol])?;
     let dev = PathBuf::from(out.trim());
     if !dev.starts_with("/dev/") {
         bail!("dunnage attach printed {out:?}, not a device path");
     }
+    Ok(dev)
+}
+
+/// Attaches `vol` of daemon `d` for the whole run (teardown detaches it).
+fn attach(d: &Dunnage, kind: Kind, vol: &'static str, td: &mut Teardown) -> Result<Target> {
+    let log_from = std::fs::metadata(&d.log).map(|m| m.len()).unwrap_or(0);
+    let dev = attach_dev(d, vol)?;
+    let detach = teardown_cli(d);
     td.push(format!("dunnage detach {vol} ({})", d.name), move || {
-        cli(&["detach", vol])
+        detach(&["detach", vol])
     });
     let info = host::device_info(&dev)?;
     // Passthrough (FUSE only) is decided when the loop device opens the
@@ -315,6 +354,83 @@ pub fn dunnage(d: &Dunnage, kind: Kind, size: u64, td: &mut Teardown) -> Result<
         server_pid: Some(d.pid()),
         io_path,
     })
+}
+
+/// A passphrase made up for one run, for the encrypted volume. It goes to
+/// the daemon in the body of a request on its control socket, never on a
+/// command line (`ps`, the logs, error messages show those), and is not
+/// `Display`: nothing prints it by mistake.
+pub struct Secret(String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(hidden)")
+    }
+}
+
+impl Secret {
+    /// 32 random bytes from the kernel, as hex.
+    pub fn random() -> Result<Secret> {
+        use std::io::Read;
+        let mut b = [0u8; 32];
+        std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| f.read_exact(&mut b))
+            .context("read /dev/urandom")?;
+        Ok(Secret(b.iter().map(|x| format!("{x:02x}")).collect()))
+    }
+
+    /// Whether `text` holds the passphrase.
+    pub fn found_in(&self, text: &[u8]) -> bool {
+        text.windows(self.0.len()).any(|w| w == self.0.as_bytes())
+    }
+
+    /// `text` with the passphrase, should it be there, blotted out.
+    pub fn redact(&self, text: &str) -> String {
+        text.replace(&self.0, "[secret]")
+    }
+}
+
+/// (d) an encrypted volume (`secure=true` with its own `secret_key`, a
+/// passphrase made up now) from daemon `d`, attached on this host. Created
+/// over the control socket, as `dunnage volume create` does, so that the
+/// passphrase is on no command line.
+pub fn dunnage_secure(d: &Dunnage, size: u64, td: &mut Teardown) -> Result<(Target, Secret)> {
+    let kind = Kind::DunnageSecure;
+    let vol = volume_of(d, kind)?;
+    let secret = Secret::random()?;
+    let mut opts = BTreeMap::new();
+    opts.insert("size", format!("{}M", size >> 20));
+    opts.insert("fs", "none".to_string());
+    opts.insert("secure", "true".to_string());
+    opts.insert("secret_key", secret.0.clone());
+    let body = json!({ "name": vol, "opts": opts }).to_string();
+    let sock = d.run_dir.join("control.sock");
+    match plugin_post(&sock, "/v1/volume/create", &body) {
+        Ok((200, _)) => {}
+        Ok((status, v)) => bail!(
+            "create the encrypted volume {vol} on {}: HTTP {status}: {}",
+            sock.display(),
+            secret.redact(
+                &v["error"]
+                    .as_str()
+                    .map_or_else(|| v.to_string(), str::to_string)
+            )
+        ),
+        Err(e) => bail!(
+            "create the encrypted volume {vol} on {}: {}",
+            sock.display(),
+            secret.redact(&format!("{e:#}"))
+        ),
+    }
+    push_rm(d, vol, td);
+    let out = d.cli(&["volume", "inspect", vol])?;
+    let v: Value = serde_json::from_str(&out)
+        .with_context(|| format!("`dunnage volume inspect {vol}` is not JSON"))?;
+    if v["encrypted"] != Value::Bool(true) {
+        bail!("`dunnage volume inspect {vol}` does not say the volume is encrypted");
+    }
+    let t = attach(d, kind, vol, td)?;
+    Ok((t, secret))
 }
 
 /// Reads whether passthrough serves `vol`: a `passthrough` field of `volume
