@@ -13,14 +13,18 @@
 //!   `secret_key`, made up for the run and never printed) from a further
 //!   daemon with the default `--fuse-passthrough auto`: encryption keeps it
 //!   on the engine path;
+//! - **dunnage-10snaps**: a volume with 10 snapshots from that same daemon:
+//!   prefilled, then 10 × (snapshot, overwrite of the next tenth), so that
+//!   the measured writes hit blocks shared with a snapshot (copy-on-write);
 //! - **dunnage-ublk**, where the kernel has ublk (`/dev/ublk-control`): the
 //!   same from a third daemon with `--export ublk`, every IO through
 //!   dunnage's ublk queue threads and engine. Elsewhere the results say why
 //!   there is no such row.
 //!
-//! Each device is written through once, then every profile of fixtures/fio/
-//! runs on the targets in turn (limit, peer, dunnage, dunnage-engine,
-//! dunnage-secure[, dunnage-ublk], limit, ...) for each round; a figure is the median of the rounds. Besides fio's figures,
+//! Each device is written through once (dunnage-10snaps by its setup), then
+//! every profile of fixtures/fio/ runs on the targets in turn (limit, peer,
+//! dunnage, dunnage-engine, dunnage-secure, dunnage-10snaps[, dunnage-ublk],
+//! limit, ...) for each round; a figure is the median of the rounds. Besides fio's figures,
 //! each job records the CPU its target's server used, and each dunnage target
 //! what the daemon says about passthrough. The same run times the control plane
 //! (plugin Create/Mount/Unmount/Remove, `docker run` with a dunnage volume vs a
@@ -315,12 +319,13 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
     let ublk = Path::new(UBLK_CONTROL).exists();
     let kinds = Kind::selected(ublk);
     let n_targets = kinds.len() as u64;
-    let need = n_targets * o.size + (1 << 30);
+    let devices: u64 = kinds.iter().map(|k| k.space_in_devices()).sum();
+    let need = devices * o.size + (1 << 30);
     if tmpfs {
         let avail = host::mem_available_bytes().unwrap_or(u64::MAX);
         if need + (2 << 30) > avail {
             bail!(
-                "a tmpfs for {n_targets} devices of {} MiB needs about {} MiB of memory, {} MiB available; use --size or --dir",
+                "a tmpfs for {n_targets} devices of {} MiB (with room for the snapshots' copies) needs about {} MiB of memory, {} MiB available; use --size or --dir",
                 o.size >> 20,
                 need >> 20,
                 avail >> 20
@@ -373,8 +378,10 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
     } else {
         0
     };
+    // dunnage-10snaps' setup writes it twice (prefill and the tenths), in
+    // place of its write-through.
     let total = 6
-        + n_targets * precond
+        + (n_targets + 1) * precond
         + (o.rounds * PROFILES.len()) as u64 * n_targets * per_job
         + PLUGIN_CYCLES as u64
         + docker_work;
@@ -417,10 +424,11 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
         &out.join("dunnage-engine.log"),
         td,
     )?;
-    // The encrypted volume: a daemon of its own with the default flags, so
-    // that what keeps it off passthrough is encryption, not a flag, and the
-    // memory figures of the other daemons keep their meaning.
-    pg.step("starting a dunnage serve for dunnage-secure".into());
+    // The encrypted volume and the one with snapshots: a daemon of their
+    // own with the default flags, so that what keeps them off passthrough
+    // is encryption and snapshots, not a flag, and the memory figures of
+    // the other daemons keep their meaning.
+    pg.step("starting a dunnage serve for dunnage-secure and dunnage-10snaps".into());
     let df = targets::Dunnage::start(
         &bin,
         &format!("{name}-features"),
@@ -472,13 +480,37 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
     let dun = targets::dunnage(&d, Kind::Dunnage, o.size, td)?;
     let dun_engine = targets::dunnage(&de, Kind::DunnageEngine, o.size, td)?;
     let (dun_secure, secret) = targets::dunnage_secure(&df, o.size, td)?;
+    pg.step(format!(
+        "setting up dunnage-10snaps: prefill, then {} × (snapshot, overwrite a tenth)",
+        targets::SNAPSHOTS
+    ));
+    let (dun_snaps, mut snap_setup) = targets::dunnage_snaps(&df, o.size, td)?;
+    pg.note(format!(
+        "  setup        {:<14} {:>7.0} MiB/s prefill, {} snapshots, overwrites {} MiB/s (median), {:.1} s{}",
+        Kind::DunnageSnaps.name(),
+        snap_setup.prefill_mib_s,
+        snap_setup.snapshots.len(),
+        snap_setup
+            .overwrite_mib_s_median
+            .map_or_else(|| "n/a".to_string(), |v| format!("{v:.0}")),
+        snap_setup.setup_s,
+        snap_setup
+            .space_at_start
+            .map(|s| format!(
+                ", {} of {} MiB shared with snapshots",
+                s.shared_bytes >> 20,
+                s.used_bytes >> 20
+            ))
+            .unwrap_or_default()
+    ));
+    pg.done(2 * precond);
     let dun_ublk = match &du {
         Some(du) => Some(targets::dunnage(du, Kind::DunnageUblk, o.size, td)?),
         None => None,
     };
     nap(Duration::from_millis(500));
     memory.daemon_attached_kib = rss_kib(d.pid());
-    let mut all: Vec<&Target> = vec![&limit, &peer, &dun, &dun_engine, &dun_secure];
+    let mut all: Vec<&Target> = vec![&limit, &peer, &dun, &dun_engine, &dun_secure, &dun_snaps];
     all.extend(dun_ublk.as_ref());
     debug_assert!(all.iter().map(|t| t.kind).eq(kinds.iter().copied()));
     let mut problems = Vec::new();
@@ -538,6 +570,13 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
     let mut broken: BTreeMap<&'static str, String> = BTreeMap::new();
     for &t in &all {
         check_stop()?;
+        if t.kind.written_by_setup() {
+            pg.note(format!(
+                "  precondition {:<14} skipped: its setup wrote it (a write-through would copy every shared block)",
+                t.kind.name()
+            ));
+            continue;
+        }
         pg.step(format!(
             "writing {} through once ({})",
             t.kind.name(),
@@ -641,6 +680,15 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
     memory.ublk_daemon_after_io_kib = du.as_ref().and_then(|du| rss_kib(du.pid()));
     memory.features_daemon_after_io_kib = rss_kib(df.pid());
     memory.qemu_storage_daemon_after_io_kib = rss_kib(qsd_pid);
+    if let Some(vol) = Kind::DunnageSnaps.volume() {
+        match targets::space(&df, vol) {
+            Ok(s) => snap_setup.space_after_io = Some(s),
+            Err(e) => problems.push(format!(
+                "{}: space after the IO run: {e:#}",
+                Kind::DunnageSnaps.name()
+            )),
+        }
+    }
     let delta = |a: Option<u64>, b: Option<u64>| Some(a? as i64 - b? as i64);
     memory.extra_attached_kib = delta(memory.daemon_attached_kib, memory.daemon_idle_kib);
     memory.extra_after_io_kib = delta(memory.daemon_after_io_kib, memory.daemon_idle_kib);
@@ -676,6 +724,7 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
                     p.cpu_says_daemon_did_io = cpu.map(|c| c >= targets::DAEMON_DID_IO_CORES);
                     p
                 }),
+                snapshots: (t.kind == Kind::DunnageSnaps).then(|| snap_setup.clone()),
             }
         })
         .collect();
@@ -873,6 +922,9 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
     }
     for l in report::io_path_lines(&results) {
         println!("io path: {}", secret.redact(&l));
+    }
+    for l in report::snapshot_lines(&results) {
+        println!("snapshots: {l}");
     }
     println!("{}", report::main_table(&results, false));
     println!("{}", report::side_table(&results, false));

@@ -3,7 +3,7 @@
 use crate::control::{DockerTiming, PluginTiming};
 use crate::host::{DeviceInfo, Machine};
 use crate::job::{Sample, PROFILES};
-use crate::targets::{IoPath, Kind};
+use crate::targets::{IoPath, Kind, SnapSetup};
 use anyhow::{Context, Result};
 use comfy_table::{presets, CellAlignment, ContentArrangement, Table};
 use serde::Serialize;
@@ -59,6 +59,10 @@ pub struct TargetInfo {
     /// passthrough served the volume, as far as the daemon says.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub io_path: Option<IoPath>,
+    /// For dunnage-10snaps: how its snapshots were made, and how much of
+    /// the volume they shared before and after the profiles.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snapshots: Option<SnapSetup>,
 }
 
 #[derive(Debug, Serialize, Default)]
@@ -104,6 +108,11 @@ pub struct Ratios {
     pub dunnage_secure_peer: Option<f64>,
     pub dunnage_secure_dunnage: Option<f64>,
     pub dunnage_secure_dunnage_engine: Option<f64>,
+    /// The volume with 10 snapshots (dunnage-10snaps) ÷ the same four.
+    pub dunnage_10snaps_limit: Option<f64>,
+    pub dunnage_10snaps_peer: Option<f64>,
+    pub dunnage_10snaps_dunnage: Option<f64>,
+    pub dunnage_10snaps_dunnage_engine: Option<f64>,
     /// For the latency profile: p99 write latency of dunnage ÷ that of the limit.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub p99_dunnage_limit: Option<f64>,
@@ -113,6 +122,8 @@ pub struct Ratios {
     pub p99_dunnage_ublk_limit: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub p99_dunnage_secure_limit: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub p99_dunnage_10snaps_limit: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -147,7 +158,7 @@ pub struct Memory {
     pub ublk_daemon_after_io_kib: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ublk_extra_after_io_kib: Option<i64>,
-    /// The daemon of dunnage-secure (default flags).
+    /// The daemon of dunnage-secure and dunnage-10snaps (default flags).
     pub features_daemon_idle_kib: Option<u64>,
     pub features_daemon_after_io_kib: Option<u64>,
     pub features_extra_after_io_kib: Option<i64>,
@@ -212,10 +223,15 @@ pub fn ratios(results: &BTreeMap<&'static str, PerTarget>, latency: bool) -> Rat
         dunnage_secure_peer: r(Kind::DunnageSecure, Kind::Peer),
         dunnage_secure_dunnage: r(Kind::DunnageSecure, Kind::Dunnage),
         dunnage_secure_dunnage_engine: r(Kind::DunnageSecure, Kind::DunnageEngine),
+        dunnage_10snaps_limit: r(Kind::DunnageSnaps, Kind::Limit),
+        dunnage_10snaps_peer: r(Kind::DunnageSnaps, Kind::Peer),
+        dunnage_10snaps_dunnage: r(Kind::DunnageSnaps, Kind::Dunnage),
+        dunnage_10snaps_dunnage_engine: r(Kind::DunnageSnaps, Kind::DunnageEngine),
         p99_dunnage_limit: p99_ratio(Kind::Dunnage),
         p99_dunnage_engine_limit: p99_ratio(Kind::DunnageEngine),
         p99_dunnage_ublk_limit: p99_ratio(Kind::DunnageUblk),
         p99_dunnage_secure_limit: p99_ratio(Kind::DunnageSecure),
+        p99_dunnage_10snaps_limit: p99_ratio(Kind::DunnageSnaps),
     }
 }
 
@@ -262,8 +278,8 @@ fn fmt_delta_kib(kib: i64) -> String {
 /// MiB/s, the p99 write latency of the latency profile, the CPU its server
 /// used, and its IOPS ratio to the limit, to the peer, (for the dunnage
 /// targets on the engine path) to dunnage with passthrough allowed, and (for
-/// dunnage-secure and dunnage-ublk) to dunnage-engine, the same engine path
-/// on FUSE without encryption.
+/// dunnage-secure, dunnage-10snaps and dunnage-ublk) to dunnage-engine, the
+/// same engine path on FUSE without encryption or snapshots.
 pub fn main_table(r: &Results, markdown: bool) -> Table {
     let mut t = Table::new();
     t.load_preset(if markdown {
@@ -330,7 +346,10 @@ pub fn main_table(r: &Results, markdown: bool) -> Table {
                     Kind::Limit => k != Kind::Limit,
                     Kind::Peer => k.is_dunnage(),
                     Kind::Dunnage => k.is_dunnage() && k != Kind::Dunnage,
-                    _ => matches!(k, Kind::DunnageSecure | Kind::DunnageUblk),
+                    _ => matches!(
+                        k,
+                        Kind::DunnageSecure | Kind::DunnageSnaps | Kind::DunnageUblk
+                    ),
                 };
                 row.push(if shown {
                     fmt_ratio(p.ratio(k, base))
@@ -377,6 +396,55 @@ pub fn io_path_lines(r: &Results) -> Vec<String> {
                         "straight to the data file"
                     }
                 ));
+            }
+            Some(line)
+        })
+        .collect()
+}
+
+/// For dunnage-10snaps: how its snapshots were made and what they shared.
+pub fn snapshot_lines(r: &Results) -> Vec<String> {
+    let mib = |b: u64| format!("{:.0} MiB", b as f64 / f64::from(1 << 20));
+    let pct = |a: u64, b: u64| {
+        if b > 0 {
+            format!(" ({:.0}%)", a as f64 * 100.0 / b as f64)
+        } else {
+            String::new()
+        }
+    };
+    r.targets
+        .iter()
+        .filter_map(|t| {
+            let s = t.snapshots.as_ref()?;
+            let mut line = format!(
+                "{}: {}; snapshots {}; prefill {:.0} MiB/s, overwrites {} MiB/s (median), setup {:.1} s",
+                t.name,
+                s.scheme,
+                s.snapshots.join(", "),
+                s.prefill_mib_s,
+                s.overwrite_mib_s_median
+                    .map_or_else(|| "n/a".to_string(), |v| format!("{v:.0}")),
+                s.setup_s
+            );
+            match (s.space_at_start, s.space_after_io) {
+                (Some(a), b) => {
+                    line.push_str(&format!(
+                        "; when the profiles started {} of the {} the volume used were shared with snapshots{}, the snapshots alone held {}",
+                        mib(a.shared_bytes),
+                        mib(a.used_bytes),
+                        pct(a.shared_bytes, a.used_bytes),
+                        mib(a.snapshot_bytes)
+                    ));
+                    if let Some(b) = b {
+                        line.push_str(&format!(
+                            "; after them {} were shared{}: the measured writes copied {} of shared blocks (a shared block is copied by the first write to it only, so copy-on-write weighs most on the first write profiles of the first round)",
+                            mib(b.shared_bytes),
+                            pct(b.shared_bytes, b.used_bytes),
+                            mib(a.shared_bytes.saturating_sub(b.shared_bytes))
+                        ));
+                    }
+                }
+                (None, _) => line.push_str("; `volume inspect` did not report its space"),
             }
             Some(line)
         })
@@ -479,13 +547,13 @@ pub fn side_table(r: &Results, markdown: bool) -> Table {
         ]);
     }
     t.add_row(vec![
-        "daemon of dunnage-secure RSS, idle".to_string(),
+        "daemon of dunnage-secure and dunnage-10snaps RSS, idle".to_string(),
         m.features_daemon_idle_kib
             .map(fmt_mib_kib)
             .unwrap_or_else(na),
     ]);
     t.add_row(vec![
-        "daemon of dunnage-secure RSS, extra after the IO run".to_string(),
+        "daemon of dunnage-secure and dunnage-10snaps RSS, extra after the IO run".to_string(),
         m.features_extra_after_io_kib
             .map(fmt_delta_kib)
             .unwrap_or_else(na),
@@ -538,6 +606,14 @@ pub fn markdown(r: &Results) -> String {
     if !io.is_empty() {
         s.push_str("IO path:\n\n");
         for l in io {
+            s.push_str(&format!("- {l}\n"));
+        }
+        s.push('\n');
+    }
+    let snaps = snapshot_lines(r);
+    if !snaps.is_empty() {
+        s.push_str("Snapshots:\n\n");
+        for l in snaps {
             s.push_str(&format!("- {l}\n"));
         }
         s.push('\n');
@@ -610,6 +686,7 @@ pub fn chart(r: &Results, path: &Path) -> Result<()> {
         Kind::Dunnage => RGBColor(31, 119, 180),
         Kind::DunnageEngine => RGBColor(44, 160, 44),
         Kind::DunnageSecure => RGBColor(214, 39, 40),
+        Kind::DunnageSnaps => RGBColor(140, 86, 75),
         Kind::DunnageUblk => RGBColor(148, 103, 189),
     };
 

@@ -3,15 +3,17 @@
 //! volume attached with `dunnage attach` from two FUSE daemons: one with
 //! FUSE passthrough allowed (dunnage), one with it off (dunnage-engine), so
 //! that every IO of the latter goes through dunnage's FUSE threads and
-//! engine; an encrypted volume (dunnage-secure) from a further FUSE daemon
-//! with the default flags; and where the kernel has ublk, from a daemon with `--export ublk`
+//! engine; an encrypted volume (dunnage-secure) and a volume with 10
+//! snapshots (dunnage-10snaps) from a further FUSE daemon with the default
+//! flags; and where the kernel has ublk, from a daemon with `--export ublk`
 //! (dunnage-ublk).
 
 use crate::control::plugin_post;
 use crate::host::{self, DeviceInfo};
+use crate::job;
 use crate::proc::{check_stop, nap, run_ok, Server, Teardown};
 use anyhow::{bail, Context, Result};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -22,7 +24,7 @@ use std::time::{Duration, Instant};
 
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
-pub use crate::kind::Kind;
+pub use crate::kind::{tenth, Kind, SNAPSHOTS};
 
 pub struct Target {
     pub kind: Kind,
@@ -431,6 +433,112 @@ pub fn dunnage_secure(d: &Dunnage, size: u64, td: &mut Teardown) -> Result<(Targ
     }
     let t = attach(d, kind, vol, td)?;
     Ok((t, secret))
+}
+
+/// Space of a volume and its snapshots, from `dunnage volume inspect`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct Space {
+    pub used_bytes: u64,
+    pub shared_bytes: u64,
+    pub snapshot_bytes: u64,
+    pub snapshots: u64,
+}
+
+/// Reads the `space` of `dunnage volume inspect VOL`.
+pub fn space(d: &Dunnage, vol: &str) -> Result<Space> {
+    let out = d.cli(&["volume", "inspect", vol])?;
+    let v: Value = serde_json::from_str(&out)
+        .with_context(|| format!("`dunnage volume inspect {vol}` is not JSON"))?;
+    serde_json::from_value(v["space"].clone())
+        .with_context(|| format!("`dunnage volume inspect {vol}` has no usable space field"))
+}
+
+/// How the dunnage-10snaps volume was set up, for the results.
+#[derive(Debug, Clone, Serialize)]
+pub struct SnapSetup {
+    pub scheme: String,
+    pub snapshots: Vec<String>,
+    /// The sequential write over the whole volume, before any snapshot.
+    pub prefill_mib_s: f64,
+    /// Each tenth's overwrite, (offset, length) in bytes, after the
+    /// snapshot of the same index.
+    pub overwrites: Vec<(u64, u64)>,
+    /// The overwrites' median bandwidth: the first writes to shared blocks.
+    pub overwrite_mib_s_median: Option<f64>,
+    pub setup_s: f64,
+    /// `volume inspect`'s space when the profiles start, and after them.
+    pub space_at_start: Option<Space>,
+    pub space_after_io: Option<Space>,
+}
+
+/// (e) a volume with `SNAPSHOTS` snapshots from daemon `d`, attached on
+/// this host: prefilled over its whole size by one sequential fio write,
+/// then `SNAPSHOTS` × (`dunnage snapshot create`, a sequential overwrite of
+/// the next tenth). The daemon refuses a snapshot while the kernel writes
+/// the data file (passthrough, which a fresh volume gets when the daemon
+/// allows it), so the prefill has an attach of its own, and the first
+/// snapshot is taken detached; from then on the volume has snapshots and
+/// is served by the engine, and the rest happens in the attach that stays.
+pub fn dunnage_snaps(d: &Dunnage, size: u64, td: &mut Teardown) -> Result<(Target, SnapSetup)> {
+    let kind = Kind::DunnageSnaps;
+    let vol = volume_of(d, kind)?;
+    let t0 = Instant::now();
+    d.cli(&[
+        "volume",
+        "create",
+        vol,
+        "-o",
+        &size_opt(size),
+        "-o",
+        "fs=none",
+    ])?;
+    push_rm(d, vol, td);
+    let fill_timeout = Duration::from_secs(120 + (size >> 20) / 20);
+    let dev = attach_dev(d, vol)?;
+    let prefill = job::run_fio(
+        &job::job_file("precondition"),
+        &job::Params {
+            dev: &dev,
+            size,
+            runtime: 0,
+            ramp: 0,
+        },
+        fill_timeout,
+    );
+    let detached = d.cli(&["detach", vol]);
+    let prefill = prefill.context("prefill")?;
+    detached?;
+    let names: Vec<String> = (1..=SNAPSHOTS).map(|i| format!("snap{i:02}")).collect();
+    let mut overwrites = Vec::new();
+    let mut mib_s = Vec::new();
+    let snapshot = |name: &str| d.cli(&["snapshot", "create", vol, name]).map(drop);
+    snapshot(&names[0])?;
+    let target = attach(d, kind, vol, td)?;
+    for (i, name) in names.iter().enumerate() {
+        check_stop()?;
+        if i > 0 {
+            snapshot(name)?;
+        }
+        let (offset, len) = tenth(size, i);
+        let s = job::write_range(&target.dev, offset, len, fill_timeout)
+            .with_context(|| format!("overwrite of tenth {} after {name}", i + 1))?;
+        overwrites.push((offset, len));
+        mib_s.push(s.mib_s);
+    }
+    let setup = SnapSetup {
+        scheme: format!(
+            "prefill: one sequential fio write over the whole volume (1 MiB, QD8); then {SNAPSHOTS} × (`dunnage snapshot create`, a sequential 1 MiB QD8 overwrite of the next tenth), so that snapshot k holds the data of the overwrites before it and the volume starts the profiles sharing all but its last tenth with {}",
+            names.last().map_or("", String::as_str)
+        ),
+        snapshots: names,
+        prefill_mib_s: prefill.mib_s,
+        overwrites,
+        overwrite_mib_s_median: job::median(mib_s),
+        setup_s: t0.elapsed().as_secs_f64(),
+        space_at_start: space(d, vol).ok(),
+        space_after_io: None,
+    };
+    Ok((target, setup))
 }
 
 /// Reads whether passthrough serves `vol`: a `passthrough` field of `volume
