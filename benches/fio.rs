@@ -14,8 +14,9 @@
 //!   daemon with the default `--fuse-passthrough auto`: encryption keeps it
 //!   on the engine path;
 //! - **dunnage-10snaps**: a volume with 10 snapshots from that same daemon:
-//!   prefilled, then 10 × (snapshot, overwrite of the next tenth), so that
-//!   the measured writes hit blocks shared with a snapshot (copy-on-write);
+//!   prefilled, then 10 × (snapshot, overwrite of the next tenth); before
+//!   each of its jobs the newest snapshot is taken again, so that the
+//!   measured writes hit blocks shared with it (copy-on-write);
 //! - **dunnage-ublk**, where the kernel has ublk (`/dev/ublk-control`): the
 //!   same from a third daemon with `--export ublk`, every IO through
 //!   dunnage's ublk queue threads and engine. Elsewhere the results say why
@@ -510,6 +511,7 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
     };
     nap(Duration::from_millis(500));
     memory.daemon_attached_kib = rss_kib(d.pid());
+    memory.features_daemon_attached_kib = rss_kib(df.pid());
     let mut all: Vec<&Target> = vec![&limit, &peer, &dun, &dun_engine, &dun_secure, &dun_snaps];
     all.extend(dun_ublk.as_ref());
     debug_assert!(all.iter().map(|t| t.kind).eq(kinds.iter().copied()));
@@ -629,12 +631,43 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
                     runtime: o.runtime,
                     ramp: o.ramp,
                 };
+                let shared0 = if t.kind == Kind::DunnageSnaps {
+                    match targets::retake_newest(&df, &snap_setup) {
+                        Ok(b) => Some(b),
+                        Err(e) => {
+                            check_stop()?;
+                            let msg =
+                                format!("round {round}: taking the newest snapshot again: {e:#}");
+                            pg.note(format!(
+                                "  r{round} {:<21} {:<14} FAILED: {msg}",
+                                p.title,
+                                t.kind.name()
+                            ));
+                            entry.errors.push(msg);
+                            pg.done(per_job);
+                            continue;
+                        }
+                    }
+                } else {
+                    None
+                };
                 let timeout = Duration::from_secs(o.runtime + o.ramp + 120);
                 let cpu0 = t.server_pid.and_then(cpu_seconds);
                 let t0 = Instant::now();
                 let res = job::run_fio(&job::job_file(p.id), &params, timeout);
                 let wall = t0.elapsed().as_secs_f64();
                 let cpu1 = t.server_pid.and_then(cpu_seconds);
+                if let Some(at_start) = shared0 {
+                    snap_setup.jobs.push(targets::SnapJob {
+                        profile: p.id,
+                        round,
+                        shared_bytes_at_start: at_start,
+                        shared_bytes_at_end: Kind::DunnageSnaps
+                            .volume()
+                            .and_then(|v| targets::space(&df, v).ok())
+                            .map(|s| s.shared_bytes),
+                    });
+                }
                 match res {
                     Ok(mut s) => {
                         s.server_cpu_cores = match (cpu0, cpu1) {
@@ -698,6 +731,10 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
     );
     memory.ublk_extra_after_io_kib =
         delta(memory.ublk_daemon_after_io_kib, memory.ublk_daemon_idle_kib);
+    memory.features_extra_attached_kib = delta(
+        memory.features_daemon_attached_kib,
+        memory.features_daemon_idle_kib,
+    );
     memory.features_extra_after_io_kib = delta(
         memory.features_daemon_after_io_kib,
         memory.features_daemon_idle_kib,

@@ -72,7 +72,7 @@ impl Kind {
                 "encrypted dunnage volume (fs=none, `secure=true` with its own `secret_key`, AES-256-XTS per 4 KiB; FUSE export), `dunnage attach`, from a daemon of its own (shared with dunnage-10snaps) with the default `--fuse-passthrough auto`: encryption keeps the volume off passthrough, so every IO goes through dunnage's FUSE threads, engine and cipher"
             }
             Kind::DunnageSnaps => {
-                "dunnage volume with 10 snapshots (fs=none, FUSE export), `dunnage attach`, from the daemon of dunnage-secure (`--fuse-passthrough auto`): prefilled over its whole size by one sequential fio write (1 MiB, QD8), then 10 × (`dunnage snapshot create`, a sequential 1 MiB overwrite of the next tenth of the device), so each snapshot holds different data and the profiles start with nine tenths of the volume shared with the newest snapshot; the first write to each shared 32 KiB block copies it (copy-on-write). This setup is its write-through: it is not written through again before the profiles. Snapshots keep it off passthrough: every IO through dunnage's FUSE threads and engine"
+                "dunnage volume with 10 snapshots (fs=none, FUSE export), `dunnage attach`, from the daemon of dunnage-secure (`--fuse-passthrough auto`): prefilled over its whole size by one sequential fio write (1 MiB, QD8), then 10 × (`dunnage snapshot create`, a sequential 1 MiB overwrite of the next tenth of the device), so each snapshot holds different data. Before each job the newest snapshot (snap10) is deleted and taken again, so every job starts with 10 snapshots and the whole volume shared with snap10: the first write to each shared 32 KiB block in a job copies it (copy-on-write). The setup is its write-through: it is not written through again before the profiles. Snapshots keep it off passthrough: every IO through dunnage's FUSE threads and engine"
             }
             Kind::DunnageUblk => {
                 "dunnage volume (fs=none, ublk export: /dev/ublkbN), `dunnage attach`, third daemon with `--export ublk`: every IO through dunnage's ublk queue threads and engine"
@@ -139,12 +139,13 @@ impl Kind {
     }
 
     /// The backing space it may take, in device sizes: the volume with
-    /// snapshots holds its prefill, the tenths overwritten after each
-    /// snapshot, and the copies its measured writes make of the shared
-    /// blocks (up to nine tenths).
+    /// snapshots holds its prefill and the tenths overwritten after each
+    /// snapshot (snap01 to snap09 keep up to 1.9 devices of it), the data of
+    /// snap10, taken again before each job (up to one device), and the
+    /// volume's own blocks once a job has copied them (one device).
     pub fn space_in_devices(self) -> u64 {
         match self {
-            Kind::DunnageSnaps => 3,
+            Kind::DunnageSnaps => 4,
             _ => 1,
         }
     }

@@ -3,7 +3,7 @@
 use crate::control::{DockerTiming, PluginTiming};
 use crate::host::{DeviceInfo, Machine};
 use crate::job::{Sample, PROFILES};
-use crate::targets::{IoPath, Kind, SnapSetup};
+use crate::targets::{IoPath, Kind, SnapJob, SnapSetup};
 use anyhow::{Context, Result};
 use comfy_table::{presets, CellAlignment, ContentArrangement, Table};
 use serde::Serialize;
@@ -160,6 +160,9 @@ pub struct Memory {
     pub ublk_extra_after_io_kib: Option<i64>,
     /// The daemon of dunnage-secure and dunnage-10snaps (default flags).
     pub features_daemon_idle_kib: Option<u64>,
+    /// With both volumes attached and dunnage-10snaps set up.
+    pub features_daemon_attached_kib: Option<u64>,
+    pub features_extra_attached_kib: Option<i64>,
     pub features_daemon_after_io_kib: Option<u64>,
     pub features_extra_after_io_kib: Option<i64>,
     pub qemu_storage_daemon_after_io_kib: Option<u64>,
@@ -426,25 +429,49 @@ pub fn snapshot_lines(r: &Results) -> Vec<String> {
                     .map_or_else(|| "n/a".to_string(), |v| format!("{v:.0}")),
                 s.setup_s
             );
-            match (s.space_at_start, s.space_after_io) {
-                (Some(a), b) => {
-                    line.push_str(&format!(
-                        "; when the profiles started {} of the {} the volume used were shared with snapshots{}, the snapshots alone held {}",
-                        mib(a.shared_bytes),
-                        mib(a.used_bytes),
-                        pct(a.shared_bytes, a.used_bytes),
-                        mib(a.snapshot_bytes)
-                    ));
-                    if let Some(b) = b {
-                        line.push_str(&format!(
-                            "; after them {} were shared{}: the measured writes copied {} of shared blocks (a shared block is copied by the first write to it only, so copy-on-write weighs most on the first write profiles of the first round)",
-                            mib(b.shared_bytes),
-                            pct(b.shared_bytes, b.used_bytes),
-                            mib(a.shared_bytes.saturating_sub(b.shared_bytes))
-                        ));
-                    }
-                }
-                (None, _) => line.push_str("; `volume inspect` did not report its space"),
+            if let Some(a) = s.space_at_start {
+                line.push_str(&format!(
+                    "; after the setup {} of the {} the volume used were shared with snapshots{}, the snapshots alone held {}",
+                    mib(a.shared_bytes),
+                    mib(a.used_bytes),
+                    pct(a.shared_bytes, a.used_bytes),
+                    mib(a.snapshot_bytes)
+                ));
+            }
+            // What each profile's jobs copied: shared at the start − at the end.
+            let copied: Vec<String> = PROFILES
+                .iter()
+                .filter_map(|p| {
+                    let jobs: Vec<&SnapJob> = s.jobs.iter().filter(|j| j.profile == p.id).collect();
+                    let start = crate::job::median(
+                        jobs.iter().map(|j| j.shared_bytes_at_start as f64).collect(),
+                    )?;
+                    let done = crate::job::median(
+                        jobs.iter()
+                            .filter_map(|j| {
+                                Some(j.shared_bytes_at_start.saturating_sub(j.shared_bytes_at_end?) as f64)
+                            })
+                            .collect(),
+                    )?;
+                    Some(format!(
+                        "{} {} of {}",
+                        p.title,
+                        mib(done as u64),
+                        mib(start as u64)
+                    ))
+                })
+                .collect();
+            if !copied.is_empty() {
+                line.push_str(&format!(
+                    "; shared blocks copied by a job (median over rounds), of those shared when it began: {}",
+                    copied.join(", ")
+                ));
+            }
+            if let Some(b) = s.space_after_io {
+                line.push_str(&format!(
+                    "; after the profiles the snapshots held {} alone",
+                    mib(b.snapshot_bytes)
+                ));
             }
             Some(line)
         })
@@ -550,6 +577,13 @@ pub fn side_table(r: &Results, markdown: bool) -> Table {
         "daemon of dunnage-secure and dunnage-10snaps RSS, idle".to_string(),
         m.features_daemon_idle_kib
             .map(fmt_mib_kib)
+            .unwrap_or_else(na),
+    ]);
+    t.add_row(vec![
+        "daemon of dunnage-secure and dunnage-10snaps RSS, extra with both volumes set up"
+            .to_string(),
+        m.features_extra_attached_kib
+            .map(fmt_delta_kib)
             .unwrap_or_else(na),
     ]);
     t.add_row(vec![

@@ -466,9 +466,34 @@ pub struct SnapSetup {
     /// The overwrites' median bandwidth: the first writes to shared blocks.
     pub overwrite_mib_s_median: Option<f64>,
     pub setup_s: f64,
-    /// `volume inspect`'s space when the profiles start, and after them.
+    /// `volume inspect`'s space when the setup is done, and after the
+    /// profiles.
     pub space_at_start: Option<Space>,
     pub space_after_io: Option<Space>,
+    /// Per job: what the volume shared with its snapshots when the job
+    /// began (after snap10 was taken again) and when it ended.
+    pub jobs: Vec<SnapJob>,
+}
+
+/// Shared bytes around one job on dunnage-10snaps.
+#[derive(Debug, Clone, Serialize)]
+pub struct SnapJob {
+    pub profile: &'static str,
+    pub round: usize,
+    pub shared_bytes_at_start: u64,
+    pub shared_bytes_at_end: Option<u64>,
+}
+
+/// Before a job on dunnage-10snaps: deletes its newest snapshot and takes
+/// it again, so that the job starts with the whole volume shared and its
+/// writes copy (earlier jobs' writes have copied the blocks they touched).
+/// The snapshots stay 10, the space bounded. Returns the bytes shared now.
+pub fn retake_newest(d: &Dunnage, setup: &SnapSetup) -> Result<u64> {
+    let vol = volume_of(d, Kind::DunnageSnaps)?;
+    let name = setup.snapshots.last().context("no snapshots")?;
+    d.cli(&["snapshot", "rm", vol, name])?;
+    d.cli(&["snapshot", "create", vol, name])?;
+    Ok(space(d, vol)?.shared_bytes)
 }
 
 /// (e) a volume with `SNAPSHOTS` snapshots from daemon `d`, attached on
@@ -527,7 +552,7 @@ pub fn dunnage_snaps(d: &Dunnage, size: u64, td: &mut Teardown) -> Result<(Targe
     }
     let setup = SnapSetup {
         scheme: format!(
-            "prefill: one sequential fio write over the whole volume (1 MiB, QD8); then {SNAPSHOTS} × (`dunnage snapshot create`, a sequential 1 MiB QD8 overwrite of the next tenth), so that snapshot k holds the data of the overwrites before it and the volume starts the profiles sharing all but its last tenth with {}",
+            "prefill: one sequential fio write over the whole volume (1 MiB, QD8); then {SNAPSHOTS} × (`dunnage snapshot create`, a sequential 1 MiB QD8 overwrite of the next tenth), so that snapshot k holds the data of the overwrites before it; before each job {} is deleted and taken again, so each job starts with the whole volume shared with it",
             names.last().map_or("", String::as_str)
         ),
         snapshots: names,
@@ -537,6 +562,7 @@ pub fn dunnage_snaps(d: &Dunnage, size: u64, td: &mut Teardown) -> Result<(Targe
         setup_s: t0.elapsed().as_secs_f64(),
         space_at_start: space(d, vol).ok(),
         space_after_io: None,
+        jobs: Vec::new(),
     };
     Ok((target, setup))
 }
