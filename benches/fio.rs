@@ -9,13 +9,22 @@
 //! - **dunnage-engine**: the same from a second daemon with
 //!   `--fuse-passthrough off`: every IO through dunnage's FUSE threads and
 //!   engine, the path that snapshots, encryption and replication need;
+//! - **dunnage-secure**: an encrypted volume (`secure=true` with its own
+//!   `secret_key`, made up for the run and never printed) from a further
+//!   daemon with the default `--fuse-passthrough auto`: encryption keeps it
+//!   on the engine path;
+//! - **dunnage-10snaps**: a volume with 10 snapshots from that same daemon:
+//!   prefilled, then 10 × (snapshot, overwrite of the next tenth); before
+//!   each of its jobs the newest snapshot is taken again, so that the
+//!   measured writes hit blocks shared with it (copy-on-write);
 //! - **dunnage-ublk**, where the kernel has ublk (`/dev/ublk-control`): the
 //!   same from a third daemon with `--export ublk`, every IO through
 //!   dunnage's ublk queue threads and engine. Elsewhere the results say why
 //!   there is no such row.
 //!
-//! Each device is written through once, then every profile of fixtures/fio/ runs
-//! on the targets in turn (limit, peer, dunnage, dunnage-engine[, dunnage-ublk],
+//! Each device is written through once (dunnage-10snaps by its setup), then
+//! every profile of fixtures/fio/ runs on the targets in turn (limit, peer,
+//! dunnage, dunnage-engine, dunnage-secure, dunnage-10snaps[, dunnage-ublk],
 //! limit, ...) for each round; a figure is the median of the rounds. Besides fio's figures,
 //! each job records the CPU its target's server used, and each dunnage target
 //! what the daemon says about passthrough. The same run times the control plane
@@ -60,8 +69,8 @@ use targets::{Kind, Target};
 const USAGE: &str = "\
 usage: cargo bench --bench fio -- [quick] [options]     (or: just bench [quick] [options])
 
-  quick             one round of 5 s jobs on 512 MiB devices (about 3 minutes)
-                    (default: 3 rounds of 15 s jobs on 2 GiB devices, about 25 minutes)
+  quick             one round of 5 s jobs on 512 MiB devices (about 6 minutes)
+                    (default: 3 rounds of 15 s jobs on 2 GiB devices, about 35 minutes)
   --dir PATH        put the backing files on the filesystem holding PATH
                     (default: a tmpfs that the bench mounts under /tmp)
   --rounds N        rounds per profile (the figure is the median)
@@ -276,6 +285,7 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
     for f in [
         "dunnage.log",
         "dunnage-engine.log",
+        "dunnage-features.log",
         "dunnage-ublk.log",
         "dunnage-docker.log",
         "qemu-storage-daemon.log",
@@ -310,12 +320,13 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
     let ublk = Path::new(UBLK_CONTROL).exists();
     let kinds = Kind::selected(ublk);
     let n_targets = kinds.len() as u64;
-    let need = n_targets * o.size + (1 << 30);
+    let devices: u64 = kinds.iter().map(|k| k.space_in_devices()).sum();
+    let need = devices * o.size + (1 << 30);
     if tmpfs {
         let avail = host::mem_available_bytes().unwrap_or(u64::MAX);
         if need + (2 << 30) > avail {
             bail!(
-                "a tmpfs for {n_targets} devices of {} MiB needs about {} MiB of memory, {} MiB available; use --size or --dir",
+                "a tmpfs for {n_targets} devices of {} MiB (with room for the snapshots' copies) needs about {} MiB of memory, {} MiB available; use --size or --dir",
                 o.size >> 20,
                 need >> 20,
                 avail >> 20
@@ -368,8 +379,10 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
     } else {
         0
     };
+    // dunnage-10snaps' setup writes it twice (prefill and the tenths), in
+    // place of its write-through.
     let total = 6
-        + n_targets * precond
+        + (n_targets + 1) * precond
         + (o.rounds * PROFILES.len()) as u64 * n_targets * per_job
         + PLUGIN_CYCLES as u64
         + docker_work;
@@ -412,6 +425,21 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
         &out.join("dunnage-engine.log"),
         td,
     )?;
+    // The encrypted volume and the one with snapshots: a daemon of their
+    // own with the default flags, so that what keeps them off passthrough
+    // is encryption and snapshots, not a flag, and the memory figures of
+    // the other daemons keep their meaning.
+    pg.step("starting a dunnage serve for dunnage-secure and dunnage-10snaps".into());
+    let df = targets::Dunnage::start(
+        &bin,
+        &format!("{name}-features"),
+        &root.join("features"),
+        &root.join("plugins"),
+        "fuse",
+        Kind::DunnageSecure.fuse_passthrough(),
+        &out.join("dunnage-features.log"),
+        td,
+    )?;
     // Where the kernel has ublk, a third daemon with --export ublk; it
     // goes with the devices too.
     let du = if ublk {
@@ -434,6 +462,7 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
         daemon_idle_kib: rss_kib(d.pid()),
         engine_daemon_idle_kib: rss_kib(de.pid()),
         ublk_daemon_idle_kib: du.as_ref().and_then(|du| rss_kib(du.pid())),
+        features_daemon_idle_kib: rss_kib(df.pid()),
         ..Default::default()
     };
     pg.done(1);
@@ -451,13 +480,39 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
     let (peer, qsd_pid) = targets::peer(&root, o.size, &out.join("qemu-storage-daemon.log"), td)?;
     let dun = targets::dunnage(&d, Kind::Dunnage, o.size, td)?;
     let dun_engine = targets::dunnage(&de, Kind::DunnageEngine, o.size, td)?;
+    let (dun_secure, secret) = targets::dunnage_secure(&df, o.size, td)?;
+    pg.step(format!(
+        "setting up dunnage-10snaps: prefill, then {} × (snapshot, overwrite a tenth)",
+        targets::SNAPSHOTS
+    ));
+    let (dun_snaps, mut snap_setup) = targets::dunnage_snaps(&df, o.size, td)?;
+    pg.note(format!(
+        "  setup        {:<14} {:>7.0} MiB/s prefill, {} snapshots, overwrites {} MiB/s (median), {:.1} s{}",
+        Kind::DunnageSnaps.name(),
+        snap_setup.prefill_mib_s,
+        snap_setup.snapshots.len(),
+        snap_setup
+            .overwrite_mib_s_median
+            .map_or_else(|| "n/a".to_string(), |v| format!("{v:.0}")),
+        snap_setup.setup_s,
+        snap_setup
+            .space_at_start
+            .map(|s| format!(
+                ", {} of {} MiB shared with snapshots",
+                s.shared_bytes >> 20,
+                s.used_bytes >> 20
+            ))
+            .unwrap_or_default()
+    ));
+    pg.done(2 * precond);
     let dun_ublk = match &du {
         Some(du) => Some(targets::dunnage(du, Kind::DunnageUblk, o.size, td)?),
         None => None,
     };
     nap(Duration::from_millis(500));
     memory.daemon_attached_kib = rss_kib(d.pid());
-    let mut all: Vec<&Target> = vec![&limit, &peer, &dun, &dun_engine];
+    memory.features_daemon_attached_kib = rss_kib(df.pid());
+    let mut all: Vec<&Target> = vec![&limit, &peer, &dun, &dun_engine, &dun_secure, &dun_snaps];
     all.extend(dun_ublk.as_ref());
     debug_assert!(all.iter().map(|t| t.kind).eq(kinds.iter().copied()));
     let mut problems = Vec::new();
@@ -469,6 +524,13 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
                 t.dev.display(),
                 t.info.size_bytes,
                 o.size
+            ));
+        }
+        if t.kind.engine_path() && t.io_path.as_ref().and_then(|p| p.passthrough) == Some(true) {
+            problems.push(format!(
+                "{} device {}: the daemon says passthrough serves it, not the engine",
+                t.kind.name(),
+                t.dev.display()
             ));
         }
         if t.info.direct_io == Some(false) {
@@ -510,6 +572,13 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
     let mut broken: BTreeMap<&'static str, String> = BTreeMap::new();
     for &t in &all {
         check_stop()?;
+        if t.kind.written_by_setup() {
+            pg.note(format!(
+                "  precondition {:<14} skipped: its setup wrote it (a write-through would copy every shared block)",
+                t.kind.name()
+            ));
+            continue;
+        }
         pg.step(format!(
             "writing {} through once ({})",
             t.kind.name(),
@@ -562,12 +631,43 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
                     runtime: o.runtime,
                     ramp: o.ramp,
                 };
+                let shared0 = if t.kind == Kind::DunnageSnaps {
+                    match targets::retake_newest(&df, &snap_setup) {
+                        Ok(b) => Some(b),
+                        Err(e) => {
+                            check_stop()?;
+                            let msg =
+                                format!("round {round}: taking the newest snapshot again: {e:#}");
+                            pg.note(format!(
+                                "  r{round} {:<21} {:<14} FAILED: {msg}",
+                                p.title,
+                                t.kind.name()
+                            ));
+                            entry.errors.push(msg);
+                            pg.done(per_job);
+                            continue;
+                        }
+                    }
+                } else {
+                    None
+                };
                 let timeout = Duration::from_secs(o.runtime + o.ramp + 120);
                 let cpu0 = t.server_pid.and_then(cpu_seconds);
                 let t0 = Instant::now();
                 let res = job::run_fio(&job::job_file(p.id), &params, timeout);
                 let wall = t0.elapsed().as_secs_f64();
                 let cpu1 = t.server_pid.and_then(cpu_seconds);
+                if let Some(at_start) = shared0 {
+                    snap_setup.jobs.push(targets::SnapJob {
+                        profile: p.id,
+                        round,
+                        shared_bytes_at_start: at_start,
+                        shared_bytes_at_end: Kind::DunnageSnaps
+                            .volume()
+                            .and_then(|v| targets::space(&df, v).ok())
+                            .map(|s| s.shared_bytes),
+                    });
+                }
                 match res {
                     Ok(mut s) => {
                         s.server_cpu_cores = match (cpu0, cpu1) {
@@ -611,7 +711,17 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
     memory.daemon_after_io_kib = rss_kib(d.pid());
     memory.engine_daemon_after_io_kib = rss_kib(de.pid());
     memory.ublk_daemon_after_io_kib = du.as_ref().and_then(|du| rss_kib(du.pid()));
+    memory.features_daemon_after_io_kib = rss_kib(df.pid());
     memory.qemu_storage_daemon_after_io_kib = rss_kib(qsd_pid);
+    if let Some(vol) = Kind::DunnageSnaps.volume() {
+        match targets::space(&df, vol) {
+            Ok(s) => snap_setup.space_after_io = Some(s),
+            Err(e) => problems.push(format!(
+                "{}: space after the IO run: {e:#}",
+                Kind::DunnageSnaps.name()
+            )),
+        }
+    }
     let delta = |a: Option<u64>, b: Option<u64>| Some(a? as i64 - b? as i64);
     memory.extra_attached_kib = delta(memory.daemon_attached_kib, memory.daemon_idle_kib);
     memory.extra_after_io_kib = delta(memory.daemon_after_io_kib, memory.daemon_idle_kib);
@@ -621,6 +731,14 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
     );
     memory.ublk_extra_after_io_kib =
         delta(memory.ublk_daemon_after_io_kib, memory.ublk_daemon_idle_kib);
+    memory.features_extra_attached_kib = delta(
+        memory.features_daemon_attached_kib,
+        memory.features_daemon_idle_kib,
+    );
+    memory.features_extra_after_io_kib = delta(
+        memory.features_daemon_after_io_kib,
+        memory.features_daemon_idle_kib,
+    );
     let cpu_median = |k: Kind| {
         job::median(
             samples
@@ -643,6 +761,7 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
                     p.cpu_says_daemon_did_io = cpu.map(|c| c >= targets::DAEMON_DID_IO_CORES);
                     p
                 }),
+                snapshots: (t.kind == Kind::DunnageSnaps).then(|| snap_setup.clone()),
             }
         })
         .collect();
@@ -766,7 +885,20 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
             }
         }
     }
-    let results = Results {
+    // dunnage-secure's passphrase went to its daemon in a request body only;
+    // check that no log of the run holds it.
+    let mut leaks = Vec::new();
+    if let Ok(dir) = std::fs::read_dir(&out) {
+        for e in dir.flatten() {
+            let p = e.path();
+            if p.extension().is_some_and(|x| x == "log")
+                && std::fs::read(&p).is_ok_and(|b| secret.found_in(&b))
+            {
+                leaks.push(p.display().to_string());
+            }
+        }
+    }
+    let mut results = Results {
         mode: if o.quick { "quick" } else { "full" }.into(),
         machine,
         backing,
@@ -786,9 +918,34 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
         notes,
         problems,
     };
-    report::write_json(&results, &out.join("results.json"))?;
-    std::fs::write(out.join("results.md"), report::markdown(&results))
-        .context("write results.md")?;
+    if secret.found_in(report::json_text(&results)?.as_bytes())
+        || secret.found_in(report::markdown(&results).as_bytes())
+    {
+        leaks.push("the results (blotted out there as [secret])".into());
+    }
+    if leaks.is_empty() {
+        results.notes.push(format!(
+            "{}'s passphrase was made up for this run and given to its daemon in the body of a request on the control socket, on no command line; it is in none of the run's logs ({}) nor in the results",
+            Kind::DunnageSecure.name(),
+            out.display()
+        ));
+    } else {
+        results.problems.push(format!(
+            "{}'s passphrase appears in: {}",
+            Kind::DunnageSecure.name(),
+            leaks.join(", ")
+        ));
+    }
+    std::fs::write(
+        out.join("results.json"),
+        secret.redact(&report::json_text(&results)?),
+    )
+    .context("write results.json")?;
+    std::fs::write(
+        out.join("results.md"),
+        secret.redact(&report::markdown(&results)),
+    )
+    .context("write results.md")?;
     let chart = out.join("chart.png");
     let chart_note = match report::chart(&results, &chart) {
         Ok(()) => chart.display().to_string(),
@@ -801,12 +958,15 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
         println!("note: {n}");
     }
     for l in report::io_path_lines(&results) {
-        println!("io path: {l}");
+        println!("io path: {}", secret.redact(&l));
+    }
+    for l in report::snapshot_lines(&results) {
+        println!("snapshots: {l}");
     }
     println!("{}", report::main_table(&results, false));
     println!("{}", report::side_table(&results, false));
     for p in &results.problems {
-        println!("problem: {p}");
+        println!("problem: {}", secret.redact(p));
     }
     println!(
         "results: {}, {}; chart: {chart_note}; logs: {}",

@@ -108,6 +108,37 @@ pub fn run_fio(job: &Path, p: &Params, timeout: Duration) -> Result<Sample> {
     parse(&out.stdout).with_context(|| format!("fio {} on {}", job.display(), p.dev.display()))
 }
 
+/// Writes `len` bytes of a device from `offset` on, sequentially, as the
+/// precondition job does (1 MiB, QD8, libaio, direct), with the job on
+/// fio's command line.
+pub fn write_range(dev: &Path, offset: u64, len: u64, timeout: Duration) -> Result<Sample> {
+    let out = run(
+        Command::new("fio")
+            .arg("--output-format=json")
+            .arg("--name=overwrite")
+            .arg(format!("--filename={}", dev.display()))
+            .args([
+                "--ioengine=libaio",
+                "--direct=1",
+                "--rw=write",
+                "--bs=1M",
+                "--iodepth=8",
+            ])
+            .arg(format!("--offset={offset}"))
+            .arg(format!("--size={len}")),
+        timeout,
+    )?;
+    if !out.status.success() {
+        bail!(
+            "fio write of {len} bytes at {offset} on {} failed ({}): {}",
+            dev.display(),
+            out.status,
+            out.tail()
+        );
+    }
+    parse(&out.stdout).with_context(|| format!("fio write at {offset} on {}", dev.display()))
+}
+
 /// Reads fio's JSON (which may follow notices on stdout).
 pub fn parse(stdout: &str) -> Result<Sample> {
     let start = stdout.find('{').context("no JSON in fio's output")?;

@@ -8,21 +8,29 @@ pub enum Kind {
     Peer,
     Dunnage,
     DunnageEngine,
+    DunnageSecure,
+    DunnageSnaps,
     DunnageUblk,
 }
 
+/// The snapshots of the dunnage-10snaps volume.
+pub const SNAPSHOTS: usize = 10;
+
 impl Kind {
     /// Every target, in the order the jobs run, per profile per round.
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 7] = [
         Kind::Limit,
         Kind::Peer,
         Kind::Dunnage,
         Kind::DunnageEngine,
+        Kind::DunnageSecure,
+        Kind::DunnageSnaps,
         Kind::DunnageUblk,
     ];
 
     /// The targets of a run, in run order: all of them where the kernel
-    /// has ublk (`/dev/ublk-control`), all but dunnage-ublk elsewhere.
+    /// has ublk (`/dev/ublk-control`), all but dunnage-ublk elsewhere
+    /// (dunnage-secure and dunnage-10snaps run on every host).
     pub fn selected(ublk: bool) -> Vec<Kind> {
         Kind::ALL
             .into_iter()
@@ -42,6 +50,8 @@ impl Kind {
             Kind::Peer => "peer",
             Kind::Dunnage => "dunnage",
             Kind::DunnageEngine => "dunnage-engine",
+            Kind::DunnageSecure => "dunnage-secure",
+            Kind::DunnageSnaps => "dunnage-10snaps",
             Kind::DunnageUblk => "dunnage-ublk",
         }
     }
@@ -58,6 +68,12 @@ impl Kind {
             Kind::DunnageEngine => {
                 "dunnage volume (fs=none, FUSE export), `dunnage attach`, second daemon with `--fuse-passthrough off`: every IO through dunnage's FUSE threads and engine"
             }
+            Kind::DunnageSecure => {
+                "encrypted dunnage volume (fs=none, `secure=true` with its own `secret_key`, AES-256-XTS per 4 KiB; FUSE export), `dunnage attach`, from a daemon of its own (shared with dunnage-10snaps) with the default `--fuse-passthrough auto`: encryption keeps the volume off passthrough, so every IO goes through dunnage's FUSE threads, engine and cipher"
+            }
+            Kind::DunnageSnaps => {
+                "dunnage volume with 10 snapshots (fs=none, FUSE export), `dunnage attach`, from the daemon of dunnage-secure (`--fuse-passthrough auto`): prefilled over its whole size by one sequential fio write (1 MiB, QD8), then 10 × (`dunnage snapshot create`, a sequential 1 MiB overwrite of the next tenth of the device), so each snapshot holds different data. Before each job the newest snapshot (snap10) is deleted and taken again, so every job starts with 10 snapshots and the whole volume shared with snap10: the first write to each shared 32 KiB block in a job copies it (copy-on-write). The setup is its write-through: it is not written through again before the profiles. Snapshots keep it off passthrough: every IO through dunnage's FUSE threads and engine"
+            }
             Kind::DunnageUblk => {
                 "dunnage volume (fs=none, ublk export: /dev/ublkbN), `dunnage attach`, third daemon with `--export ublk`: every IO through dunnage's ublk queue threads and engine"
             }
@@ -68,14 +84,20 @@ impl Kind {
     pub fn is_dunnage(self) -> bool {
         matches!(
             self,
-            Kind::Dunnage | Kind::DunnageEngine | Kind::DunnageUblk
+            Kind::Dunnage
+                | Kind::DunnageEngine
+                | Kind::DunnageSecure
+                | Kind::DunnageSnaps
+                | Kind::DunnageUblk
         )
     }
 
     /// The `--export` of the daemon serving this target.
     pub fn export(self) -> Option<&'static str> {
         match self {
-            Kind::Dunnage | Kind::DunnageEngine => Some("fuse"),
+            Kind::Dunnage | Kind::DunnageEngine | Kind::DunnageSecure | Kind::DunnageSnaps => {
+                Some("fuse")
+            }
             Kind::DunnageUblk => Some("ublk"),
             Kind::Limit | Kind::Peer => None,
         }
@@ -84,11 +106,66 @@ impl Kind {
     /// The `--fuse-passthrough` value of the daemon serving this target.
     pub fn fuse_passthrough(self) -> Option<&'static str> {
         match self {
-            Kind::Dunnage => Some("auto"),
+            Kind::Dunnage | Kind::DunnageSecure | Kind::DunnageSnaps => Some("auto"),
             Kind::DunnageEngine => Some("off"),
             Kind::Limit | Kind::Peer | Kind::DunnageUblk => None,
         }
     }
+
+    /// Whether every IO of this target must go through dunnage's engine
+    /// (the daemon's flag, encryption or snapshots rule passthrough out).
+    pub fn engine_path(self) -> bool {
+        matches!(
+            self,
+            Kind::DunnageEngine | Kind::DunnageSecure | Kind::DunnageSnaps | Kind::DunnageUblk
+        )
+    }
+
+    /// The dunnage volume's name in its daemon (two targets share a daemon).
+    pub fn volume(self) -> Option<&'static str> {
+        match self {
+            Kind::Dunnage | Kind::DunnageEngine | Kind::DunnageUblk => Some("benchvol"),
+            Kind::DunnageSecure => Some("benchvol-secure"),
+            Kind::DunnageSnaps => Some("benchvol-10snaps"),
+            Kind::Limit | Kind::Peer => None,
+        }
+    }
+
+    /// Whether its setup writes the whole device already, in place of the
+    /// write-through that every other target gets before the profiles (a
+    /// second one would copy every shared block before any measurement).
+    pub fn written_by_setup(self) -> bool {
+        self == Kind::DunnageSnaps
+    }
+
+    /// The backing space it may take, in device sizes: the volume with
+    /// snapshots holds its prefill and the tenths overwritten after each
+    /// snapshot (snap01 to snap09 keep up to 1.9 devices of it), the data of
+    /// snap10, taken again before each job (up to one device), and the
+    /// volume's own blocks once a job has copied them (one device).
+    pub fn space_in_devices(self) -> u64 {
+        match self {
+            Kind::DunnageSnaps => 4,
+            _ => 1,
+        }
+    }
+}
+
+/// The `i`-th (0-based) of the ten parts of a device of `size` bytes that
+/// the dunnage-10snaps setup overwrites, as (offset, length): 1 MiB
+/// aligned, next to each other, the last one up to the end.
+pub fn tenth(size: u64, i: usize) -> (u64, u64) {
+    const MIB: u64 = 1 << 20;
+    let n = SNAPSHOTS as u64;
+    let i = i as u64;
+    let at = |j: u64| {
+        if j >= n {
+            size
+        } else {
+            (size * j / n) / MIB * MIB
+        }
+    };
+    (at(i), at(i + 1) - at(i))
 }
 
 #[cfg(test)]
@@ -100,13 +177,38 @@ mod tests {
         use super::Kind;
         assert_eq!(
             Kind::selected(false),
-            [Kind::Limit, Kind::Peer, Kind::Dunnage, Kind::DunnageEngine]
+            [
+                Kind::Limit,
+                Kind::Peer,
+                Kind::Dunnage,
+                Kind::DunnageEngine,
+                Kind::DunnageSecure,
+                Kind::DunnageSnaps
+            ]
         );
         assert_eq!(Kind::selected(true), Kind::ALL);
         assert_eq!(
             Kind::order(&Kind::selected(true)),
-            "per profile per round: limit, peer, dunnage, dunnage-engine, dunnage-ublk"
+            "per profile per round: limit, peer, dunnage, dunnage-engine, dunnage-secure, dunnage-10snaps, dunnage-ublk"
         );
+    }
+
+    #[test]
+    fn secure_and_snapshot_rows_on_every_host() {
+        use super::Kind;
+        for ublk in [false, true] {
+            let kinds = Kind::selected(ublk);
+            for k in [Kind::DunnageSecure, Kind::DunnageSnaps] {
+                assert_eq!(kinds.iter().filter(|&&x| x == k).count(), 1, "{k:?}");
+                // Right after the engine row they are measured against.
+                let at = |k: Kind| kinds.iter().position(|&x| x == k).unwrap();
+                assert!(at(k) > at(Kind::DunnageEngine), "{k:?}");
+            }
+        }
+        assert_eq!(Kind::DunnageSecure.name(), "dunnage-secure");
+        assert_eq!(Kind::DunnageSnaps.name(), "dunnage-10snaps");
+        assert!(Kind::DunnageSnaps.describe().contains("10 snapshots"));
+        assert!(Kind::DunnageSecure.describe().contains("secure=true"));
     }
 
     #[test]
@@ -114,14 +216,53 @@ mod tests {
         use super::Kind;
         for k in Kind::ALL {
             assert_eq!(k.is_dunnage(), k.export().is_some(), "{k:?}");
+            assert_eq!(k.is_dunnage(), k.volume().is_some(), "{k:?}");
+            assert!(!k.engine_path() || k.is_dunnage(), "{k:?}");
         }
         assert_eq!(Kind::DunnageUblk.export(), Some("ublk"));
         assert_eq!(Kind::DunnageUblk.fuse_passthrough(), None);
         assert_eq!(Kind::Dunnage.export(), Some("fuse"));
         assert_eq!(Kind::DunnageEngine.fuse_passthrough(), Some("off"));
+        // The features rule passthrough out, not the daemon's flag.
+        for k in [Kind::DunnageSecure, Kind::DunnageSnaps] {
+            assert_eq!(k.export(), Some("fuse"));
+            assert_eq!(k.fuse_passthrough(), Some("auto"));
+            assert!(k.engine_path());
+        }
+        assert!(!Kind::Dunnage.engine_path());
+        // The two share a daemon, so their volumes need names of their own.
+        assert_ne!(Kind::DunnageSecure.volume(), Kind::DunnageSnaps.volume());
         let mut names: Vec<&str> = Kind::ALL.iter().map(|k| k.name()).collect();
         names.sort_unstable();
         names.dedup();
         assert_eq!(names.len(), Kind::ALL.len());
+    }
+
+    #[test]
+    fn only_the_snapshot_volume_skips_the_write_through() {
+        use super::Kind;
+        for k in Kind::ALL {
+            assert_eq!(k.written_by_setup(), k == Kind::DunnageSnaps, "{k:?}");
+            assert_eq!(k.space_in_devices() > 1, k == Kind::DunnageSnaps, "{k:?}");
+        }
+    }
+
+    #[test]
+    fn the_tenths_tile_the_device() {
+        use super::{tenth, SNAPSHOTS};
+        for size in [64u64 << 20, 512 << 20, 2 << 30, (1 << 30) + (3 << 20)] {
+            let mut end = 0;
+            for i in 0..SNAPSHOTS {
+                let (off, len) = tenth(size, i);
+                assert_eq!(off, end, "size {size} part {i}");
+                assert_eq!(off % (1 << 20), 0);
+                assert!(
+                    len >= size / SNAPSHOTS as u64 - (1 << 20),
+                    "size {size} part {i}"
+                );
+                end = off + len;
+            }
+            assert_eq!(end, size);
+        }
     }
 }

@@ -3,7 +3,7 @@
 use crate::control::{DockerTiming, PluginTiming};
 use crate::host::{DeviceInfo, Machine};
 use crate::job::{Sample, PROFILES};
-use crate::targets::{IoPath, Kind};
+use crate::targets::{IoPath, Kind, SnapJob, SnapSetup};
 use anyhow::{Context, Result};
 use comfy_table::{presets, CellAlignment, ContentArrangement, Table};
 use serde::Serialize;
@@ -59,6 +59,10 @@ pub struct TargetInfo {
     /// passthrough served the volume, as far as the daemon says.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub io_path: Option<IoPath>,
+    /// For dunnage-10snaps: how its snapshots were made, and how much of
+    /// the volume they shared before and after the profiles.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snapshots: Option<SnapSetup>,
 }
 
 #[derive(Debug, Serialize, Default)]
@@ -98,6 +102,17 @@ pub struct Ratios {
     pub dunnage_ublk_dunnage: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dunnage_ublk_dunnage_engine: Option<f64>,
+    /// The encrypted volume (dunnage-secure) ÷ the limit, the peer,
+    /// dunnage, and dunnage-engine (the same path without encryption).
+    pub dunnage_secure_limit: Option<f64>,
+    pub dunnage_secure_peer: Option<f64>,
+    pub dunnage_secure_dunnage: Option<f64>,
+    pub dunnage_secure_dunnage_engine: Option<f64>,
+    /// The volume with 10 snapshots (dunnage-10snaps) ÷ the same four.
+    pub dunnage_10snaps_limit: Option<f64>,
+    pub dunnage_10snaps_peer: Option<f64>,
+    pub dunnage_10snaps_dunnage: Option<f64>,
+    pub dunnage_10snaps_dunnage_engine: Option<f64>,
     /// For the latency profile: p99 write latency of dunnage ÷ that of the limit.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub p99_dunnage_limit: Option<f64>,
@@ -105,6 +120,10 @@ pub struct Ratios {
     pub p99_dunnage_engine_limit: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub p99_dunnage_ublk_limit: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub p99_dunnage_secure_limit: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub p99_dunnage_10snaps_limit: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -139,6 +158,13 @@ pub struct Memory {
     pub ublk_daemon_after_io_kib: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ublk_extra_after_io_kib: Option<i64>,
+    /// The daemon of dunnage-secure and dunnage-10snaps (default flags).
+    pub features_daemon_idle_kib: Option<u64>,
+    /// With both volumes attached and dunnage-10snaps set up.
+    pub features_daemon_attached_kib: Option<u64>,
+    pub features_extra_attached_kib: Option<i64>,
+    pub features_daemon_after_io_kib: Option<u64>,
+    pub features_extra_after_io_kib: Option<i64>,
     pub qemu_storage_daemon_after_io_kib: Option<u64>,
 }
 
@@ -196,9 +222,19 @@ pub fn ratios(results: &BTreeMap<&'static str, PerTarget>, latency: bool) -> Rat
         dunnage_ublk_peer: r(Kind::DunnageUblk, Kind::Peer),
         dunnage_ublk_dunnage: r(Kind::DunnageUblk, Kind::Dunnage),
         dunnage_ublk_dunnage_engine: r(Kind::DunnageUblk, Kind::DunnageEngine),
+        dunnage_secure_limit: r(Kind::DunnageSecure, Kind::Limit),
+        dunnage_secure_peer: r(Kind::DunnageSecure, Kind::Peer),
+        dunnage_secure_dunnage: r(Kind::DunnageSecure, Kind::Dunnage),
+        dunnage_secure_dunnage_engine: r(Kind::DunnageSecure, Kind::DunnageEngine),
+        dunnage_10snaps_limit: r(Kind::DunnageSnaps, Kind::Limit),
+        dunnage_10snaps_peer: r(Kind::DunnageSnaps, Kind::Peer),
+        dunnage_10snaps_dunnage: r(Kind::DunnageSnaps, Kind::Dunnage),
+        dunnage_10snaps_dunnage_engine: r(Kind::DunnageSnaps, Kind::DunnageEngine),
         p99_dunnage_limit: p99_ratio(Kind::Dunnage),
         p99_dunnage_engine_limit: p99_ratio(Kind::DunnageEngine),
         p99_dunnage_ublk_limit: p99_ratio(Kind::DunnageUblk),
+        p99_dunnage_secure_limit: p99_ratio(Kind::DunnageSecure),
+        p99_dunnage_10snaps_limit: p99_ratio(Kind::DunnageSnaps),
     }
 }
 
@@ -243,8 +279,10 @@ fn fmt_delta_kib(kib: i64) -> String {
 
 /// The main table: a row per profile and target, in run order, with IOPS,
 /// MiB/s, the p99 write latency of the latency profile, the CPU its server
-/// used, and its IOPS ratio to the limit, to the peer and (for dunnage-engine
-/// and dunnage-ublk) to dunnage with passthrough allowed.
+/// used, and its IOPS ratio to the limit, to the peer, (for the dunnage
+/// targets on the engine path) to dunnage with passthrough allowed, and (for
+/// dunnage-secure, dunnage-10snaps and dunnage-ublk) to dunnage-engine, the
+/// same engine path on FUSE without encryption or snapshots.
 pub fn main_table(r: &Results, markdown: bool) -> Table {
     let mut t = Table::new();
     t.load_preset(if markdown {
@@ -265,6 +303,7 @@ pub fn main_table(r: &Results, markdown: bool) -> Table {
         "÷ limit",
         "÷ peer",
         "÷ dunnage",
+        "÷ dunnage-engine",
     ]);
     let dash = || "—".to_string();
     let kinds = r.kinds();
@@ -305,11 +344,15 @@ pub fn main_table(r: &Results, markdown: bool) -> Table {
                     .unwrap_or_else(|| "n/a".into()),
                 (_, None) => dash(),
             });
-            for base in [Kind::Limit, Kind::Peer, Kind::Dunnage] {
+            for base in [Kind::Limit, Kind::Peer, Kind::Dunnage, Kind::DunnageEngine] {
                 let shown = match base {
                     Kind::Limit => k != Kind::Limit,
                     Kind::Peer => k.is_dunnage(),
-                    _ => matches!(k, Kind::DunnageEngine | Kind::DunnageUblk),
+                    Kind::Dunnage => k.is_dunnage() && k != Kind::Dunnage,
+                    _ => matches!(
+                        k,
+                        Kind::DunnageSecure | Kind::DunnageSnaps | Kind::DunnageUblk
+                    ),
                 };
                 row.push(if shown {
                     fmt_ratio(p.ratio(k, base))
@@ -355,6 +398,79 @@ pub fn io_path_lines(r: &Results) -> Vec<String> {
                     } else {
                         "straight to the data file"
                     }
+                ));
+            }
+            Some(line)
+        })
+        .collect()
+}
+
+/// For dunnage-10snaps: how its snapshots were made and what they shared.
+pub fn snapshot_lines(r: &Results) -> Vec<String> {
+    let mib = |b: u64| format!("{:.0} MiB", b as f64 / f64::from(1 << 20));
+    let pct = |a: u64, b: u64| {
+        if b > 0 {
+            format!(" ({:.0}%)", a as f64 * 100.0 / b as f64)
+        } else {
+            String::new()
+        }
+    };
+    r.targets
+        .iter()
+        .filter_map(|t| {
+            let s = t.snapshots.as_ref()?;
+            let mut line = format!(
+                "{}: {}; snapshots {}; prefill {:.0} MiB/s, overwrites {} MiB/s (median), setup {:.1} s",
+                t.name,
+                s.scheme,
+                s.snapshots.join(", "),
+                s.prefill_mib_s,
+                s.overwrite_mib_s_median
+                    .map_or_else(|| "n/a".to_string(), |v| format!("{v:.0}")),
+                s.setup_s
+            );
+            if let Some(a) = s.space_at_start {
+                line.push_str(&format!(
+                    "; after the setup {} of the {} the volume used were shared with snapshots{}, the snapshots alone held {}",
+                    mib(a.shared_bytes),
+                    mib(a.used_bytes),
+                    pct(a.shared_bytes, a.used_bytes),
+                    mib(a.snapshot_bytes)
+                ));
+            }
+            // What each profile's jobs copied: shared at the start − at the end.
+            let copied: Vec<String> = PROFILES
+                .iter()
+                .filter_map(|p| {
+                    let jobs: Vec<&SnapJob> = s.jobs.iter().filter(|j| j.profile == p.id).collect();
+                    let start = crate::job::median(
+                        jobs.iter().map(|j| j.shared_bytes_at_start as f64).collect(),
+                    )?;
+                    let done = crate::job::median(
+                        jobs.iter()
+                            .filter_map(|j| {
+                                Some(j.shared_bytes_at_start.saturating_sub(j.shared_bytes_at_end?) as f64)
+                            })
+                            .collect(),
+                    )?;
+                    Some(format!(
+                        "{} {} of {}",
+                        p.title,
+                        mib(done as u64),
+                        mib(start as u64)
+                    ))
+                })
+                .collect();
+            if !copied.is_empty() {
+                line.push_str(&format!(
+                    "; shared blocks copied by a job (median over rounds), of those shared when it began: {}",
+                    copied.join(", ")
+                ));
+            }
+            if let Some(b) = s.space_after_io {
+                line.push_str(&format!(
+                    "; after the profiles the snapshots held {} alone",
+                    mib(b.snapshot_bytes)
                 ));
             }
             Some(line)
@@ -458,6 +574,25 @@ pub fn side_table(r: &Results, markdown: bool) -> Table {
         ]);
     }
     t.add_row(vec![
+        "daemon of dunnage-secure and dunnage-10snaps RSS, idle".to_string(),
+        m.features_daemon_idle_kib
+            .map(fmt_mib_kib)
+            .unwrap_or_else(na),
+    ]);
+    t.add_row(vec![
+        "daemon of dunnage-secure and dunnage-10snaps RSS, extra with both volumes set up"
+            .to_string(),
+        m.features_extra_attached_kib
+            .map(fmt_delta_kib)
+            .unwrap_or_else(na),
+    ]);
+    t.add_row(vec![
+        "daemon of dunnage-secure and dunnage-10snaps RSS, extra after the IO run".to_string(),
+        m.features_extra_after_io_kib
+            .map(fmt_delta_kib)
+            .unwrap_or_else(na),
+    ]);
+    t.add_row(vec![
         "qemu-storage-daemon RSS after the IO run".to_string(),
         m.qemu_storage_daemon_after_io_kib
             .map(fmt_mib_kib)
@@ -509,6 +644,14 @@ pub fn markdown(r: &Results) -> String {
         }
         s.push('\n');
     }
+    let snaps = snapshot_lines(r);
+    if !snaps.is_empty() {
+        s.push_str("Snapshots:\n\n");
+        for l in snaps {
+            s.push_str(&format!("- {l}\n"));
+        }
+        s.push('\n');
+    }
     s.push_str(&main_table(r, true).to_string());
     s.push_str("\n\n");
     s.push_str(&side_table(r, true).to_string());
@@ -522,9 +665,9 @@ pub fn markdown(r: &Results) -> String {
     s
 }
 
-pub fn write_json(r: &Results, path: &Path) -> Result<()> {
-    let text = serde_json::to_string_pretty(r)?;
-    std::fs::write(path, text + "\n").with_context(|| format!("write {}", path.display()))
+/// results.json's text.
+pub fn json_text(r: &Results) -> Result<String> {
+    Ok(serde_json::to_string_pretty(r).context("results as JSON")? + "\n")
 }
 
 const FONT_DIR: &str = "/usr/share/fonts/truetype/dejavu";
@@ -576,6 +719,8 @@ pub fn chart(r: &Results, path: &Path) -> Result<()> {
         Kind::Peer => RGBColor(230, 145, 56),
         Kind::Dunnage => RGBColor(31, 119, 180),
         Kind::DunnageEngine => RGBColor(44, 160, 44),
+        Kind::DunnageSecure => RGBColor(214, 39, 40),
+        Kind::DunnageSnaps => RGBColor(140, 86, 75),
         Kind::DunnageUblk => RGBColor(148, 103, 189),
     };
 

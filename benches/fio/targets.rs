@@ -3,16 +3,20 @@
 //! volume attached with `dunnage attach` from two FUSE daemons: one with
 //! FUSE passthrough allowed (dunnage), one with it off (dunnage-engine), so
 //! that every IO of the latter goes through dunnage's FUSE threads and
-//! engine; and where the kernel has ublk, from a third daemon with
-//! `--export ublk` (dunnage-ublk).
+//! engine; an encrypted volume (dunnage-secure) and a volume with 10
+//! snapshots (dunnage-10snaps) from a further FUSE daemon with the default
+//! flags; and where the kernel has ublk, from a daemon with `--export ublk`
+//! (dunnage-ublk).
 
 use crate::control::plugin_post;
 use crate::host::{self, DeviceInfo};
+use crate::job;
 use crate::proc::{check_stop, nap, run_ok, Server, Teardown};
 use anyhow::{bail, Context, Result};
-use serde::Serialize;
-use serde_json::Value;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
 use std::cell::RefCell;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::rc::Rc;
@@ -20,7 +24,7 @@ use std::time::{Duration, Instant};
 
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
-pub use crate::kind::Kind;
+pub use crate::kind::{tenth, Kind, SNAPSHOTS};
 
 pub struct Target {
     pub kind: Kind,
@@ -269,6 +273,22 @@ pub fn peer(root: &Path, size: u64, log: &Path, td: &mut Teardown) -> Result<(Ta
 
 /// (c) a raw dunnage volume of `size` bytes from daemon `d`, attached on this host.
 pub fn dunnage(d: &Dunnage, kind: Kind, size: u64, td: &mut Teardown) -> Result<Target> {
+    let vol = volume_of(d, kind)?;
+    d.cli(&[
+        "volume",
+        "create",
+        vol,
+        "-o",
+        &size_opt(size),
+        "-o",
+        "fs=none",
+    ])?;
+    push_rm(d, vol, td);
+    attach(d, kind, vol, td)
+}
+
+/// The volume name of a dunnage target, which daemon `d` can serve.
+fn volume_of(d: &Dunnage, kind: Kind) -> Result<&'static str> {
     if kind.export() != Some(d.export.as_str()) {
         bail!(
             "{} needs a daemon with --export {}, not {}",
@@ -277,29 +297,50 @@ pub fn dunnage(d: &Dunnage, kind: Kind, size: u64, td: &mut Teardown) -> Result<
             d.export
         );
     }
-    let vol = "benchvol";
-    let size_opt = format!("size={}M", size >> 20);
-    d.cli(&["volume", "create", vol, "-o", &size_opt, "-o", "fs=none"])?;
+    kind.volume()
+        .with_context(|| format!("{} is not a dunnage volume", kind.name()))
+}
+
+fn size_opt(size: u64) -> String {
+    format!("size={}M", size >> 20)
+}
+
+/// A CLI of daemon `d` for teardown steps, which outlive it.
+fn teardown_cli(d: &Dunnage) -> impl Fn(&[&str]) -> Result<()> + Clone + 'static {
     let (bin, run_dir) = (d.bin.clone(), d.run_dir.clone());
-    let cli = move |args: &[&str]| {
+    move |args: &[&str]| {
         run_ok(
             Command::new(&bin).arg("--run-dir").arg(&run_dir).args(args),
             Duration::from_secs(120),
         )
         .map(drop)
-    };
-    let rm = cli.clone();
+    }
+}
+
+fn push_rm(d: &Dunnage, vol: &'static str, td: &mut Teardown) {
+    let rm = teardown_cli(d);
     td.push(format!("dunnage volume rm {vol} ({})", d.name), move || {
         rm(&["volume", "rm", vol])
     });
-    let log_from = std::fs::metadata(&d.log).map(|m| m.len()).unwrap_or(0);
+}
+
+/// `dunnage attach VOL`: the device it prints.
+fn attach_dev(d: &Dunnage, vol: &str) -> Result<PathBuf> {
     let out = d.cli(&["attach", vol])?;
     let dev = PathBuf::from(out.trim());
     if !dev.starts_with("/dev/") {
         bail!("dunnage attach printed {out:?}, not a device path");
     }
+    Ok(dev)
+}
+
+/// Attaches `vol` of daemon `d` for the whole run (teardown detaches it).
+fn attach(d: &Dunnage, kind: Kind, vol: &'static str, td: &mut Teardown) -> Result<Target> {
+    let log_from = std::fs::metadata(&d.log).map(|m| m.len()).unwrap_or(0);
+    let dev = attach_dev(d, vol)?;
+    let detach = teardown_cli(d);
     td.push(format!("dunnage detach {vol} ({})", d.name), move || {
-        cli(&["detach", vol])
+        detach(&["detach", vol])
     });
     let info = host::device_info(&dev)?;
     // Passthrough (FUSE only) is decided when the loop device opens the
@@ -315,6 +356,215 @@ pub fn dunnage(d: &Dunnage, kind: Kind, size: u64, td: &mut Teardown) -> Result<
         server_pid: Some(d.pid()),
         io_path,
     })
+}
+
+/// A passphrase made up for one run, for the encrypted volume. It goes to
+/// the daemon in the body of a request on its control socket, never on a
+/// command line (`ps`, the logs, error messages show those), and is not
+/// `Display`: nothing prints it by mistake.
+pub struct Secret(String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(hidden)")
+    }
+}
+
+impl Secret {
+    /// 32 random bytes from the kernel, as hex.
+    pub fn random() -> Result<Secret> {
+        use std::io::Read;
+        let mut b = [0u8; 32];
+        std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| f.read_exact(&mut b))
+            .context("read /dev/urandom")?;
+        Ok(Secret(b.iter().map(|x| format!("{x:02x}")).collect()))
+    }
+
+    /// Whether `text` holds the passphrase.
+    pub fn found_in(&self, text: &[u8]) -> bool {
+        text.windows(self.0.len()).any(|w| w == self.0.as_bytes())
+    }
+
+    /// `text` with the passphrase, should it be there, blotted out.
+    pub fn redact(&self, text: &str) -> String {
+        text.replace(&self.0, "[secret]")
+    }
+}
+
+/// (d) an encrypted volume (`secure=true` with its own `secret_key`, a
+/// passphrase made up now) from daemon `d`, attached on this host. Created
+/// over the control socket, as `dunnage volume create` does, so that the
+/// passphrase is on no command line.
+pub fn dunnage_secure(d: &Dunnage, size: u64, td: &mut Teardown) -> Result<(Target, Secret)> {
+    let kind = Kind::DunnageSecure;
+    let vol = volume_of(d, kind)?;
+    let secret = Secret::random()?;
+    let mut opts = BTreeMap::new();
+    opts.insert("size", format!("{}M", size >> 20));
+    opts.insert("fs", "none".to_string());
+    opts.insert("secure", "true".to_string());
+    opts.insert("secret_key", secret.0.clone());
+    let body = json!({ "name": vol, "opts": opts }).to_string();
+    let sock = d.run_dir.join("control.sock");
+    match plugin_post(&sock, "/v1/volume/create", &body) {
+        Ok((200, _)) => {}
+        Ok((status, v)) => bail!(
+            "create the encrypted volume {vol} on {}: HTTP {status}: {}",
+            sock.display(),
+            secret.redact(
+                &v["error"]
+                    .as_str()
+                    .map_or_else(|| v.to_string(), str::to_string)
+            )
+        ),
+        Err(e) => bail!(
+            "create the encrypted volume {vol} on {}: {}",
+            sock.display(),
+            secret.redact(&format!("{e:#}"))
+        ),
+    }
+    push_rm(d, vol, td);
+    let out = d.cli(&["volume", "inspect", vol])?;
+    let v: Value = serde_json::from_str(&out)
+        .with_context(|| format!("`dunnage volume inspect {vol}` is not JSON"))?;
+    if v["encrypted"] != Value::Bool(true) {
+        bail!("`dunnage volume inspect {vol}` does not say the volume is encrypted");
+    }
+    let t = attach(d, kind, vol, td)?;
+    Ok((t, secret))
+}
+
+/// Space of a volume and its snapshots, from `dunnage volume inspect`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct Space {
+    pub used_bytes: u64,
+    pub shared_bytes: u64,
+    pub snapshot_bytes: u64,
+    pub snapshots: u64,
+}
+
+/// Reads the `space` of `dunnage volume inspect VOL`.
+pub fn space(d: &Dunnage, vol: &str) -> Result<Space> {
+    let out = d.cli(&["volume", "inspect", vol])?;
+    let v: Value = serde_json::from_str(&out)
+        .with_context(|| format!("`dunnage volume inspect {vol}` is not JSON"))?;
+    serde_json::from_value(v["space"].clone())
+        .with_context(|| format!("`dunnage volume inspect {vol}` has no usable space field"))
+}
+
+/// How the dunnage-10snaps volume was set up, for the results.
+#[derive(Debug, Clone, Serialize)]
+pub struct SnapSetup {
+    pub scheme: String,
+    pub snapshots: Vec<String>,
+    /// The sequential write over the whole volume, before any snapshot.
+    pub prefill_mib_s: f64,
+    /// Each tenth's overwrite, (offset, length) in bytes, after the
+    /// snapshot of the same index.
+    pub overwrites: Vec<(u64, u64)>,
+    /// The overwrites' median bandwidth: the first writes to shared blocks.
+    pub overwrite_mib_s_median: Option<f64>,
+    pub setup_s: f64,
+    /// `volume inspect`'s space when the setup is done, and after the
+    /// profiles.
+    pub space_at_start: Option<Space>,
+    pub space_after_io: Option<Space>,
+    /// Per job: what the volume shared with its snapshots when the job
+    /// began (after snap10 was taken again) and when it ended.
+    pub jobs: Vec<SnapJob>,
+}
+
+/// Shared bytes around one job on dunnage-10snaps.
+#[derive(Debug, Clone, Serialize)]
+pub struct SnapJob {
+    pub profile: &'static str,
+    pub round: usize,
+    pub shared_bytes_at_start: u64,
+    pub shared_bytes_at_end: Option<u64>,
+}
+
+/// Before a job on dunnage-10snaps: deletes its newest snapshot and takes
+/// it again, so that the job starts with the whole volume shared and its
+/// writes copy (earlier jobs' writes have copied the blocks they touched).
+/// The snapshots stay 10, the space bounded. Returns the bytes shared now.
+pub fn retake_newest(d: &Dunnage, setup: &SnapSetup) -> Result<u64> {
+    let vol = volume_of(d, Kind::DunnageSnaps)?;
+    let name = setup.snapshots.last().context("no snapshots")?;
+    d.cli(&["snapshot", "rm", vol, name])?;
+    d.cli(&["snapshot", "create", vol, name])?;
+    Ok(space(d, vol)?.shared_bytes)
+}
+
+/// (e) a volume with `SNAPSHOTS` snapshots from daemon `d`, attached on
+/// this host: prefilled over its whole size by one sequential fio write,
+/// then `SNAPSHOTS` × (`dunnage snapshot create`, a sequential overwrite of
+/// the next tenth). The daemon refuses a snapshot while the kernel writes
+/// the data file (passthrough, which a fresh volume gets when the daemon
+/// allows it), so the prefill has an attach of its own, and the first
+/// snapshot is taken detached; from then on the volume has snapshots and
+/// is served by the engine, and the rest happens in the attach that stays.
+pub fn dunnage_snaps(d: &Dunnage, size: u64, td: &mut Teardown) -> Result<(Target, SnapSetup)> {
+    let kind = Kind::DunnageSnaps;
+    let vol = volume_of(d, kind)?;
+    let t0 = Instant::now();
+    d.cli(&[
+        "volume",
+        "create",
+        vol,
+        "-o",
+        &size_opt(size),
+        "-o",
+        "fs=none",
+    ])?;
+    push_rm(d, vol, td);
+    let fill_timeout = Duration::from_secs(120 + (size >> 20) / 20);
+    let dev = attach_dev(d, vol)?;
+    let prefill = job::run_fio(
+        &job::job_file("precondition"),
+        &job::Params {
+            dev: &dev,
+            size,
+            runtime: 0,
+            ramp: 0,
+        },
+        fill_timeout,
+    );
+    let detached = d.cli(&["detach", vol]);
+    let prefill = prefill.context("prefill")?;
+    detached?;
+    let names: Vec<String> = (1..=SNAPSHOTS).map(|i| format!("snap{i:02}")).collect();
+    let mut overwrites = Vec::new();
+    let mut mib_s = Vec::new();
+    let snapshot = |name: &str| d.cli(&["snapshot", "create", vol, name]).map(drop);
+    snapshot(&names[0])?;
+    let target = attach(d, kind, vol, td)?;
+    for (i, name) in names.iter().enumerate() {
+        check_stop()?;
+        if i > 0 {
+            snapshot(name)?;
+        }
+        let (offset, len) = tenth(size, i);
+        let s = job::write_range(&target.dev, offset, len, fill_timeout)
+            .with_context(|| format!("overwrite of tenth {} after {name}", i + 1))?;
+        overwrites.push((offset, len));
+        mib_s.push(s.mib_s);
+    }
+    let setup = SnapSetup {
+        scheme: format!(
+            "prefill: one sequential fio write over the whole volume (1 MiB, QD8); then {SNAPSHOTS} × (`dunnage snapshot create`, a sequential 1 MiB QD8 overwrite of the next tenth), so that snapshot k holds the data of the overwrites before it; before each job {} is deleted and taken again, so each job starts with the whole volume shared with it",
+            names.last().map_or("", String::as_str)
+        ),
+        snapshots: names,
+        prefill_mib_s: prefill.mib_s,
+        overwrites,
+        overwrite_mib_s_median: job::median(mib_s),
+        setup_s: t0.elapsed().as_secs_f64(),
+        space_at_start: space(d, vol).ok(),
+        space_after_io: None,
+        jobs: Vec::new(),
+    };
+    Ok((target, setup))
 }
 
 /// Reads whether passthrough serves `vol`: a `passthrough` field of `volume
