@@ -1669,6 +1669,14 @@ impl BlockEngine for ThinImage {
                 );
                 None
             }
+            Err(EngineError::Shared { .. }) => {
+                // Expected with snapshots or for a clone, not a fault.
+                tracing::info!(
+                    data = %self.data_path.display(),
+                    "image shares blocks with snapshots: no passthrough"
+                );
+                None
+            }
             Err(e) => {
                 tracing::error!(data = %self.data_path.display(), error = %e, "passthrough refused");
                 None
