@@ -14,6 +14,9 @@ PACKAGES=(
     qemu-utils     # qemu-storage-daemon (the benchmark peer)
     util-linux     # losetup, mount, umount, findmnt
     iproute2       # ip (network namespaces in cluster tests)
+    nftables       # nft: packet drops in cluster fault tests
+    etcd-server    # etcd 3.4: the cluster's catalog, membership and attach leases
+    protobuf-compiler # protoc, run by etcd-client's build script
     kmod           # modprobe (fuse, loop)
     libclang-dev   # bindgen, run by libublk-rs-sys when building the ublk export
     fonts-dejavu-core # DejaVuSans.ttf: labels the chart of `just bench`

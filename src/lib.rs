@@ -9,6 +9,7 @@
 
 pub mod catalog;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod engine;
@@ -16,6 +17,7 @@ pub mod export;
 pub mod keys;
 pub mod plugin;
 pub mod registry;
+pub mod replication;
 pub mod schedule;
 pub mod serve;
 pub mod spec;

@@ -164,6 +164,7 @@ mod tests {
             options: BTreeMap::new(),
             formatted: false,
             clone_of: None,
+            replicas: Vec::new(),
         }
     }
 

@@ -32,6 +32,10 @@ pub struct VolumeRecord {
     /// A clone: the volume (by id) and its snapshot it was made from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clone_of: Option<CloneOf>,
+    /// Nodes holding a replica (cluster mode; empty on a single node, where
+    /// the only copy is local).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replicas: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -92,6 +92,7 @@ impl Registry {
             spec,
             options: opts,
             formatted: source.formatted,
+            replicas: Vec::new(),
         };
         Ok(Created::Clone { record, source })
     }

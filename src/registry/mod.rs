@@ -191,6 +191,7 @@ impl Registry {
             options: opts,
             formatted: false,
             clone_of: None,
+            replicas: Vec::new(),
         };
         let dir = self.node.volume_dir(&record.id);
         let made = std::fs::create_dir_all(&dir)
