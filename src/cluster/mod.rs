@@ -1,3 +1,976 @@
 //! The cluster's control plane, kept in etcd: the catalog, node membership
 //! (lease-backed keys) and attach ownership (a lease-backed key whose
 //! revision is the volume's generation). A single node needs none of it.
+//!
+//! Keys, all under `/dunnage/`:
+//! - `volumes/<name>`: the [`VolumeRecord`](crate::catalog::VolumeRecord), JSON;
+//! - `nodes/<name>`: a live member (under its lease), `known/<name>`: every
+//!   node that ever joined (no lease), so a down node still shows as down;
+//! - `attach/<volume id>`: `{node, volume}` under the holder's lease; its
+//!   mod revision is the attach generation;
+//! - `replicas/<volume id>/<node>`: that replica's state.
+//!
+//! The rest of the daemon is synchronous, so is this API. etcd-client is
+//! async: every call runs as a task on a runtime owned by the [`Cluster`]
+//! and the caller waits on a plain channel, which works from any thread,
+//! including one inside another tokio runtime (actix), where `block_on`
+//! would panic.
+
+mod catalog;
+pub mod placement;
+
+pub use catalog::EtcdCatalog;
+pub use placement::{place, PlacementRequest};
+
+use crate::replication::{Generation, ReplicaState, StateStore, StateStoreError};
+use chrono::{DateTime, Utc};
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, KeyValue, LeaseKeeper,
+    LeaseKeepAliveStream, PutOptions, Txn, TxnOp, TxnOpResponse, TxnResponse,
+};
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tracing::{debug, info, warn};
+
+const PREFIX: &str = "/dunnage/";
+/// Longest wait for one etcd request.
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often a waiting `acquire_attach` looks again.
+const ATTACH_POLL: Duration = Duration::from_millis(250);
+
+fn volume_key(name: &str) -> String {
+    format!("{PREFIX}volumes/{name}")
+}
+fn volumes_prefix() -> String {
+    format!("{PREFIX}volumes/")
+}
+fn node_key(node: &str) -> String {
+    format!("{PREFIX}nodes/{node}")
+}
+fn known_key(node: &str) -> String {
+    format!("{PREFIX}known/{node}")
+}
+fn attach_key(volume_id: &str) -> String {
+    format!("{PREFIX}attach/{volume_id}")
+}
+/// With the trailing slash, so that one id is never a prefix of another's keys.
+fn replicas_prefix(volume_id: &str) -> String {
+    format!("{PREFIX}replicas/{volume_id}/")
+}
+
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// This node's name, unique in the cluster.
+    pub node: String,
+    /// Where this node's peers reach it (replication).
+    pub listen: SocketAddr,
+    /// etcd client URLs (`http://host:2379`).
+    pub etcd: Vec<String>,
+    /// Lease time to live, in whole seconds (rounded up): a node cut off
+    /// from etcd for this long loses its membership and attaches.
+    pub lease_ttl: Duration,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Member {
+    pub name: String,
+    pub addr: SocketAddr,
+    /// Its lease-backed key is present: the node is alive.
+    pub up: bool,
+    pub started_at: DateTime<Utc>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("cannot reach etcd at {endpoints}: {reason}; check that etcd is running and that the cluster's etcd URLs point at it")]
+    Unreachable { endpoints: String, reason: String },
+    #[error("volume {volume} is attached on node {node}; detach it there first (stop the containers using it), or, if {node} is down, retry once its etcd lease has expired")]
+    HeldBy { volume: String, node: String },
+    #[error("fenced: volume {volume} is no longer attached with generation {generation} (another node has taken it over); this node must stop writing to it")]
+    Fenced { volume: String, generation: Generation },
+    #[error("another live node is registered in etcd as {node} with a different address; give each node its own name, or stop the other daemon first")]
+    NameTaken { node: String },
+    #[error("cannot place the replicas: {0}")]
+    Placement(String),
+    #[error("node {node} has lost its etcd lease (cut off from etcd for longer than the lease TTL); it registers again as soon as etcd answers; retry then")]
+    LeaseLost { node: String },
+    #[error("etcd key {key} holds damaged data ({reason}); fix or delete it with etcdctl")]
+    Corrupt { key: String, reason: String },
+    #[error("invalid cluster setting: {0}")]
+    Config(String),
+    #[error("etcd refused the request: {0}")]
+    Etcd(String),
+}
+
+/// A member key's value (both `nodes/` and `known/`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct MemberRecord {
+    name: String,
+    addr: SocketAddr,
+    started_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct AttachRecord {
+    node: String,
+    volume: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct ReplicaRecord {
+    state: ReplicaState,
+    /// The attach generation that recorded it (0: set at create time).
+    #[serde(default)]
+    generation: Generation,
+}
+
+/// This node's lease as the keepalive task sees it.
+struct Lease {
+    id: i64,
+    /// When the newest acknowledged keepalive was *sent*: the server renewed
+    /// the lease after that, so `last_ok + ttl` never overestimates its life.
+    last_ok: Instant,
+    lost: bool,
+}
+
+type Callback = Arc<dyn Fn() + Send + Sync>;
+
+/// What the runtime's tasks share with the synchronous side.
+struct Shared {
+    node: String,
+    addr: SocketAddr,
+    endpoints: String,
+    ttl: Duration,
+    started_at: DateTime<Utc>,
+    client: Client,
+    lease: Mutex<Lease>,
+    callbacks: Mutex<Vec<Callback>>,
+    /// Test hook: keepalives (and re-registration) stop, as if cut off.
+    paused: AtomicBool,
+    stopped: AtomicBool,
+    wake: tokio::sync::Notify,
+}
+
+/// Shuts the runtime down without waiting: dropping a runtime blocks, which
+/// panics inside another runtime's thread (an actix thread).
+struct RuntimeGuard(Option<tokio::runtime::Runtime>);
+
+impl Drop for RuntimeGuard {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// This node's handle on the cluster. Every method blocks for at most a few
+/// seconds (one etcd request, or `wait` in [`Cluster::acquire_attach`]).
+pub struct Cluster {
+    shared: Arc<Shared>,
+    handle: tokio::runtime::Handle,
+    _runtime: RuntimeGuard,
+}
+
+/// Run `fut` on the cluster runtime and wait for it on this thread.
+fn block_on<T, Fut>(
+    handle: &tokio::runtime::Handle,
+    endpoints: &str,
+    fut: Fut,
+) -> Result<T, ClusterError>
+where
+    T: Send + 'static,
+    Fut: Future<Output = Result<T, ClusterError>> + Send + 'static,
+{
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    let endpoints = endpoints.to_string();
+    handle.spawn(async move {
+        let r = match tokio::time::timeout(CALL_TIMEOUT, fut).await {
+            Ok(r) => r,
+            Err(_) => Err(ClusterError::Unreachable {
+                endpoints,
+                reason: format!("no answer within {} s", CALL_TIMEOUT.as_secs()),
+            }),
+        };
+        let _ = tx.send(r);
+    });
+    rx.recv()
+        .unwrap_or_else(|_| Err(ClusterError::Etcd("the cluster runtime has stopped".into())))
+}
+
+fn is_unreachable(e: &etcd_client::Error) -> bool {
+    use etcd_client::Error as E;
+    match e {
+        E::TransportError(_) | E::IoError(_) => true,
+        // Unknown (2) is what a broken connection often surfaces as;
+        // Cancelled (1), DeadlineExceeded (4), Unavailable (14).
+        E::GRpcStatus(s) => matches!(i32::from(s.code()), 1 | 2 | 4 | 14),
+        _ => false,
+    }
+}
+
+fn parse<T: for<'de> Deserialize<'de>>(kv: &KeyValue) -> Result<T, ClusterError> {
+    serde_json::from_slice(kv.value()).map_err(|e| ClusterError::Corrupt {
+        key: String::from_utf8_lossy(kv.key()).into_owned(),
+        reason: e.to_string(),
+    })
+}
+
+fn to_json<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("plain records serialise")
+}
+
+/// The revision a successful txn's writes got.
+fn txn_revision(resp: &TxnResponse) -> Generation {
+    resp.header().map_or(0, |h| h.revision()) as Generation
+}
+
+/// The key-values of the txn's `index`-th operation, a get.
+fn txn_kvs(resp: &TxnResponse, index: usize) -> Vec<KeyValue> {
+    match resp.op_responses().into_iter().nth(index) {
+        Some(TxnOpResponse::Get(mut g)) => g.take_kvs(),
+        _ => Vec::new(),
+    }
+}
+
+fn key_tail<'a>(kv: &'a KeyValue, prefix: &str) -> Option<&'a str> {
+    kv.key_str().ok()?.strip_prefix(prefix)
+}
+
+enum AttachTry {
+    Got(Generation),
+    /// Held by `node`; `up` when that holder's lease is the one alive now.
+    Busy {
+        node: String,
+        up: bool,
+    },
+    /// Changed under us; look again.
+    Again,
+}
+
+impl Shared {
+    fn error(&self, e: etcd_client::Error) -> ClusterError {
+        if is_unreachable(&e) {
+            ClusterError::Unreachable {
+                endpoints: self.endpoints.clone(),
+                reason: e.to_string(),
+            }
+        } else {
+            ClusterError::Etcd(e.to_string())
+        }
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<KeyValue>, ClusterError> {
+        let mut kv = self.client.kv_client();
+        let mut resp = kv.get(key, None).await.map_err(|e| self.error(e))?;
+        Ok(resp.take_kvs().into_iter().next())
+    }
+
+    async fn get_prefix(&self, prefix: &str) -> Result<Vec<KeyValue>, ClusterError> {
+        let mut kv = self.client.kv_client();
+        let mut resp = kv
+            .get(prefix, Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(|e| self.error(e))?;
+        Ok(resp.take_kvs())
+    }
+
+    async fn txn(&self, txn: Txn) -> Result<TxnResponse, ClusterError> {
+        let mut kv = self.client.kv_client();
+        kv.txn(txn).await.map_err(|e| self.error(e))
+    }
+
+    fn member_record(&self) -> MemberRecord {
+        MemberRecord {
+            name: self.node.clone(),
+            addr: self.addr,
+            started_at: self.started_at,
+        }
+    }
+
+    /// Grant a fresh lease and put this node's member keys under it.
+    async fn register(&self) -> Result<i64, ClusterError> {
+        let mut leases = self.client.lease_client();
+        let ttl = self.ttl.as_secs() as i64;
+        let id = leases
+            .grant(ttl, None)
+            .await
+            .map_err(|e| self.error(e))?
+            .id();
+        let claimed = self.claim_name(id).await;
+        if claimed.is_err() {
+            let _ = leases.revoke(id).await;
+        }
+        claimed.map(|()| id)
+    }
+
+    async fn claim_name(&self, lease: i64) -> Result<(), ClusterError> {
+        let key = node_key(&self.node);
+        let value = to_json(&self.member_record());
+        for _ in 0..10 {
+            // A live key with another address is another daemon; with this
+            // address it is an earlier run of this node (whose lease has
+            // not expired yet), which this one replaces.
+            let guard = match self.get(&key).await? {
+                Some(kv) => {
+                    let other: MemberRecord = parse(&kv)?;
+                    if other.addr != self.addr {
+                        return Err(ClusterError::NameTaken {
+                            node: self.node.clone(),
+                        });
+                    }
+                    Compare::mod_revision(key.as_str(), CompareOp::Equal, kv.mod_revision())
+                }
+                None => Compare::create_revision(key.as_str(), CompareOp::Equal, 0),
+            };
+            let txn = Txn::new().when([guard]).and_then([
+                TxnOp::put(
+                    key.as_str(),
+                    value.clone(),
+                    Some(PutOptions::new().with_lease(lease)),
+                ),
+                TxnOp::put(known_key(&self.node), value.clone(), None),
+            ]);
+            if self.txn(txn).await?.succeeded() {
+                return Ok(());
+            }
+        }
+        Err(ClusterError::Etcd(format!(
+            "the member key of node {} kept changing while this node registered; is another daemon starting with the same name?",
+            self.node
+        )))
+    }
+
+    /// One keepalive round trip. `Ok(false)`: etcd says the lease is gone.
+    async fn keep_once(
+        &self,
+        id: i64,
+        slot: &mut Option<(i64, LeaseKeeper, LeaseKeepAliveStream)>,
+    ) -> Result<bool, etcd_client::Error> {
+        if let Some((sid, keeper, stream)) = slot.as_mut() {
+            if *sid == id {
+                keeper.keep_alive().await?;
+                return match stream.message().await? {
+                    Some(resp) => Ok(resp.ttl() > 0),
+                    None => Err(etcd_client::Error::LeaseKeepAliveError(
+                        "the keepalive stream closed".into(),
+                    )),
+                };
+            }
+        }
+        // Opening the stream sends the first keepalive and waits for its answer.
+        match self.client.lease_client().keep_alive(id).await {
+            Ok((keeper, stream)) => {
+                *slot = Some((id, keeper, stream));
+                Ok(true)
+            }
+            Err(etcd_client::Error::LeaseKeepAliveError(m)) if m.contains("not found") => {
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Mark the lease lost (once) and tell the callbacks, off the runtime's
+    /// workers: a callback may block, or call back into the cluster.
+    fn lose(&self, why: &str) {
+        {
+            let mut lease = self.lease.lock();
+            if lease.lost || self.stopped.load(Ordering::SeqCst) {
+                return;
+            }
+            lease.lost = true;
+        }
+        warn!(node = %self.node, "etcd lease lost: {why}; this node must stop writing to its attached volumes");
+        let callbacks = self.callbacks.lock().clone();
+        tokio::task::spawn_blocking(move || {
+            for cb in callbacks {
+                cb();
+            }
+        });
+    }
+
+    fn check_expiry(&self) {
+        let expired = self.lease.lock().last_ok.elapsed() >= self.ttl;
+        if expired {
+            self.lose("no keepalive acknowledged within the lease TTL");
+        }
+    }
+
+    async fn try_attach(
+        &self,
+        volume_id: &str,
+        volume: &str,
+        lease: i64,
+    ) -> Result<AttachTry, ClusterError> {
+        let key = attach_key(volume_id);
+        let value = to_json(&AttachRecord {
+            node: self.node.clone(),
+            volume: volume.to_string(),
+        });
+        let put = || {
+            TxnOp::put(
+                key.as_str(),
+                value.clone(),
+                Some(PutOptions::new().with_lease(lease)),
+            )
+        };
+        // Take it if free, else read the holder: one round trip.
+        let resp = self
+            .txn(
+                Txn::new()
+                    .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
+                    .and_then([put()])
+                    .or_else([TxnOp::get(key.as_str(), None)]),
+            )
+            .await?;
+        if resp.succeeded() {
+            return Ok(AttachTry::Got(txn_revision(&resp)));
+        }
+        let Some(kv) = txn_kvs(&resp, 0).into_iter().next() else {
+            return Ok(AttachTry::Again);
+        };
+        let holder: AttachRecord = parse(&kv)?;
+        if holder.node == self.node {
+            if kv.lease() == lease {
+                return Ok(AttachTry::Got(kv.mod_revision() as Generation));
+            }
+            // An earlier run of this node attached it: take it over under
+            // the current lease, as a new generation that fences the old.
+            let resp = self
+                .txn(
+                    Txn::new()
+                        .when([Compare::mod_revision(
+                            key.as_str(),
+                            CompareOp::Equal,
+                            kv.mod_revision(),
+                        )])
+                        .and_then([put()]),
+                )
+                .await?;
+            return Ok(if resp.succeeded() {
+                AttachTry::Got(txn_revision(&resp))
+            } else {
+                AttachTry::Again
+            });
+        }
+        // The holder is alive if its member key is under the very lease that
+        // holds the attach key; if it restarted, its old lease is dying.
+        let member = self.get(&node_key(&holder.node)).await?;
+        let up = member.is_some_and(|m| m.lease() == kv.lease());
+        Ok(AttachTry::Busy {
+            node: holder.node,
+            up,
+        })
+    }
+}
+
+/// Keep the lease alive; when it is lost, tell the callbacks and register
+/// again with a fresh lease until etcd answers.
+async fn keepalive(shared: Arc<Shared>) {
+    let period = (shared.ttl / 3).max(Duration::from_millis(200));
+    let mut stream = None;
+    let mut failures = 0u32;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(period) => {}
+            _ = shared.wake.notified() => {}
+        }
+        if shared.stopped.load(Ordering::SeqCst) {
+            return;
+        }
+        if shared.paused.load(Ordering::SeqCst) {
+            stream = None;
+            shared.check_expiry();
+            continue;
+        }
+        let (id, lost) = {
+            let lease = shared.lease.lock();
+            (lease.id, lease.lost)
+        };
+        if lost {
+            stream = None;
+            let sent = Instant::now();
+            match tokio::time::timeout(CALL_TIMEOUT, shared.register()).await {
+                Ok(Ok(new)) => {
+                    *shared.lease.lock() = Lease {
+                        id: new,
+                        last_ok: sent,
+                        lost: false,
+                    };
+                    info!(node = %shared.node, "registered again in etcd with a new lease");
+                    failures = 0;
+                    // The old lease may outlive our count of it: end it now.
+                    let mut leases = shared.client.lease_client();
+                    let _ = tokio::time::timeout(CALL_TIMEOUT, leases.revoke(id)).await;
+                }
+                Ok(Err(e)) => {
+                    failures += 1;
+                    if failures == 1 || failures % 20 == 0 {
+                        warn!(node = %shared.node, "cannot register in etcd again (attempt {failures}): {e}");
+                    }
+                }
+                Err(_) => failures += 1,
+            }
+            continue;
+        }
+        let sent = Instant::now();
+        match tokio::time::timeout(period, shared.keep_once(id, &mut stream)).await {
+            Ok(Ok(true)) => {
+                let mut lease = shared.lease.lock();
+                if lease.id == id && !lease.lost {
+                    lease.last_ok = sent;
+                }
+            }
+            Ok(Ok(false)) => shared.lose("etcd reports the lease expired"),
+            Ok(Err(e)) => {
+                debug!(node = %shared.node, "lease keepalive failed: {e}");
+                stream = None;
+            }
+            Err(_) => stream = None,
+        }
+        shared.check_expiry();
+    }
+}
+
+impl Cluster {
+    /// Connect to etcd, grant this node's lease, register the member key,
+    /// start keepalive. Fails (NameTaken) if a live member with this name
+    /// but a different addr exists.
+    pub fn connect(cfg: ClusterConfig) -> Result<Arc<Cluster>, ClusterError> {
+        crate::spec::validate_name(&cfg.node)
+            .map_err(|e| ClusterError::Config(format!("node name: {e}")))?;
+        if cfg.etcd.is_empty() {
+            return Err(ClusterError::Config(
+                "no etcd endpoints given; name at least one etcd client URL".into(),
+            ));
+        }
+        let ttl = Duration::from_secs(cfg.lease_ttl.as_secs_f64().ceil().max(1.0) as u64);
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("dunnage-etcd")
+            .enable_all()
+            .build()
+            .map_err(|e| ClusterError::Etcd(format!("cannot start the etcd client runtime: {e}")))?;
+        let runtime = RuntimeGuard(Some(runtime));
+        let handle = runtime.0.as_ref().expect("just built").handle().clone();
+        let endpoints = cfg.etcd.join(",");
+
+        let urls = cfg.etcd.clone();
+        let eps = endpoints.clone();
+        let client = block_on(&handle, &endpoints, async move {
+            let opts = ConnectOptions::new()
+                .with_connect_timeout(CALL_TIMEOUT)
+                .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
+                .with_keep_alive_while_idle(true)
+                .with_require_leader(true);
+            Client::connect(urls, Some(opts))
+                .await
+                .map_err(|e| ClusterError::Unreachable {
+                    endpoints: eps,
+                    reason: e.to_string(),
+                })
+        })?;
+
+        let shared = Arc::new(Shared {
+            node: cfg.node,
+            addr: cfg.listen,
+            endpoints,
+            ttl,
+            started_at: Utc::now(),
+            client,
+            lease: Mutex::new(Lease {
+                id: 0,
+                last_ok: Instant::now(),
+                lost: true,
+            }),
+            callbacks: Mutex::new(Vec::new()),
+            paused: AtomicBool::new(false),
+            stopped: AtomicBool::new(false),
+            wake: tokio::sync::Notify::new(),
+        });
+        let cluster = Cluster {
+            shared,
+            handle,
+            _runtime: runtime,
+        };
+        let sent = Instant::now();
+        let id = cluster.run(|s| async move { s.register().await })?;
+        *cluster.shared.lease.lock() = Lease {
+            id,
+            last_ok: sent,
+            lost: false,
+        };
+        cluster.handle.spawn(keepalive(cluster.shared.clone()));
+        info!(
+            node = %cluster.shared.node,
+            etcd = %cluster.shared.endpoints,
+            lease_ttl_s = ttl.as_secs(),
+            "joined the cluster"
+        );
+        Ok(Arc::new(cluster))
+    }
+
+    fn run<T, F, Fut>(&self, f: F) -> Result<T, ClusterError>
+    where
+        T: Send + 'static,
+        F: FnOnce(Arc<Shared>) -> Fut,
+        Fut: Future<Output = Result<T, ClusterError>> + Send + 'static,
+    {
+        block_on(
+            &self.handle,
+            &self.shared.endpoints,
+            f(self.shared.clone()),
+        )
+    }
+
+    pub fn node(&self) -> &str {
+        &self.shared.node
+    }
+
+    /// The catalog in etcd.
+    pub fn catalog(self: &Arc<Self>) -> Arc<dyn crate::catalog::Catalog> {
+        Arc::new(EtcdCatalog::new(self.clone()))
+    }
+
+    /// Every node that ever joined; `up` when its lease-backed key is present.
+    pub fn members(&self) -> Result<Vec<Member>, ClusterError> {
+        let (known, live) = self.run(|s| async move {
+            // One txn: both ranges from the same revision.
+            let resp = s
+                .txn(Txn::new().and_then([
+                    TxnOp::get(
+                        format!("{PREFIX}known/"),
+                        Some(GetOptions::new().with_prefix()),
+                    ),
+                    TxnOp::get(
+                        format!("{PREFIX}nodes/"),
+                        Some(GetOptions::new().with_prefix()),
+                    ),
+                ]))
+                .await?;
+            Ok((txn_kvs(&resp, 0), txn_kvs(&resp, 1)))
+        })?;
+        let mut members: BTreeMap<String, Member> = BTreeMap::new();
+        for (kvs, up) in [(known, false), (live, true)] {
+            for kv in kvs {
+                let r: MemberRecord = parse(&kv)?;
+                members.insert(
+                    r.name.clone(),
+                    Member {
+                        name: r.name,
+                        addr: r.addr,
+                        up,
+                        started_at: r.started_at,
+                    },
+                );
+            }
+        }
+        Ok(members.into_values().collect())
+    }
+
+    /// The address of `node` if it is up.
+    pub fn member_addr(&self, node: &str) -> Result<Option<SocketAddr>, ClusterError> {
+        let key = node_key(node);
+        let kv = self.run(|s| async move { s.get(&key).await })?;
+        kv.map(|kv| parse::<MemberRecord>(&kv).map(|r| r.addr))
+            .transpose()
+    }
+
+    /// False once keepalives have failed for longer than the TTL: this
+    /// node's attach keys are then gone (or about to be).
+    pub fn lease_alive(&self) -> bool {
+        if self.shared.stopped.load(Ordering::SeqCst) {
+            return false;
+        }
+        let lease = self.shared.lease.lock();
+        !lease.lost && lease.last_ok.elapsed() < self.shared.ttl
+    }
+
+    /// `f` is called, on a cluster thread, each time the lease is lost; the
+    /// node must then stop writing. It registers again by itself.
+    pub fn on_lease_lost(&self, f: Box<dyn Fn() + Send + Sync>) {
+        self.shared.callbacks.lock().push(Arc::from(f));
+    }
+
+    fn live_lease(&self) -> Result<i64, ClusterError> {
+        if !self.lease_alive() {
+            return Err(ClusterError::LeaseLost {
+                node: self.shared.node.clone(),
+            });
+        }
+        Ok(self.shared.lease.lock().id)
+    }
+
+    /// Take attach ownership of a volume. If another node holds it and that
+    /// node's member key is gone, wait up to `wait` for its (lease-backed)
+    /// attach key to expire, then take it. Err(HeldBy) naming the holder
+    /// otherwise. Re-acquire by the same node returns the current generation
+    /// (a new one if an earlier run of this node held it).
+    pub fn acquire_attach(
+        &self,
+        volume_id: &str,
+        volume: &str,
+        wait: Duration,
+    ) -> Result<Generation, ClusterError> {
+        let deadline = Instant::now() + wait;
+        loop {
+            let lease = self.live_lease()?;
+            let (vid, vol) = (volume_id.to_string(), volume.to_string());
+            let got = self.run(move |s| async move { s.try_attach(&vid, &vol, lease).await })?;
+            match got {
+                AttachTry::Got(generation) => {
+                    debug!(volume, generation, "attach acquired");
+                    return Ok(generation);
+                }
+                AttachTry::Again => continue,
+                AttachTry::Busy { node, up } => {
+                    let now = Instant::now();
+                    if up || now >= deadline {
+                        return Err(ClusterError::HeldBy {
+                            volume: volume.to_string(),
+                            node,
+                        });
+                    }
+                    std::thread::sleep(ATTACH_POLL.min(deadline - now));
+                }
+            }
+        }
+    }
+
+    /// Give up attach ownership, if `generation` still holds it. Releasing a
+    /// volume nobody holds is fine; one held at another generation is Fenced.
+    pub fn release_attach(
+        &self,
+        volume_id: &str,
+        generation: Generation,
+    ) -> Result<(), ClusterError> {
+        let key = attach_key(volume_id);
+        let resp = self.run(move |s| async move {
+            s.txn(
+                Txn::new()
+                    .when([Compare::mod_revision(
+                        key.as_str(),
+                        CompareOp::Equal,
+                        generation as i64,
+                    )])
+                    .and_then([TxnOp::delete(key.as_str(), None)])
+                    .or_else([TxnOp::get(key.as_str(), None)]),
+            )
+            .await
+        })?;
+        if resp.succeeded() || txn_kvs(&resp, 0).is_empty() {
+            return Ok(());
+        }
+        Err(ClusterError::Fenced {
+            volume: volume_id.to_string(),
+            generation,
+        })
+    }
+
+    /// Who holds the volume, at which generation.
+    pub fn attach_holder(
+        &self,
+        volume_id: &str,
+    ) -> Result<Option<(String, Generation)>, ClusterError> {
+        let key = attach_key(volume_id);
+        let kv = self.run(|s| async move { s.get(&key).await })?;
+        kv.map(|kv| {
+            parse::<AttachRecord>(&kv).map(|r| (r.node, kv.mod_revision() as Generation))
+        })
+        .transpose()
+    }
+
+    /// The stored replica states, by node. A node without a stored state is
+    /// absent (nothing is assumed about it).
+    pub fn replica_states(
+        &self,
+        volume_id: &str,
+    ) -> Result<BTreeMap<String, ReplicaState>, ClusterError> {
+        let prefix = replicas_prefix(volume_id);
+        let p = prefix.clone();
+        let kvs = self.run(|s| async move { s.get_prefix(&p).await })?;
+        let mut out = BTreeMap::new();
+        for kv in kvs {
+            if let Some(node) = key_tail(&kv, &prefix) {
+                let r: ReplicaRecord = parse(&kv)?;
+                out.insert(node.to_string(), r.state);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Record `node`'s replica state, only while the volume's attach key is
+    /// still at `generation` (Err(Fenced) otherwise), in one etcd txn.
+    pub fn set_replica_state(
+        &self,
+        volume_id: &str,
+        generation: Generation,
+        node: &str,
+        state: ReplicaState,
+    ) -> Result<(), ClusterError> {
+        let fenced = || ClusterError::Fenced {
+            volume: volume_id.to_string(),
+            generation,
+        };
+        // A missing key compares as revision 0: never a valid guard.
+        if generation == 0 {
+            return Err(fenced());
+        }
+        let guard = attach_key(volume_id);
+        let key = format!("{}{node}", replicas_prefix(volume_id));
+        let value = to_json(&ReplicaRecord { state, generation });
+        let ok = self.run(move |s| async move {
+            let resp = s
+                .txn(
+                    Txn::new()
+                        .when([Compare::mod_revision(
+                            guard,
+                            CompareOp::Equal,
+                            generation as i64,
+                        )])
+                        .and_then([TxnOp::put(key, value, None)]),
+                )
+                .await?;
+            Ok(resp.succeeded())
+        })?;
+        if ok {
+            Ok(())
+        } else {
+            Err(fenced())
+        }
+    }
+
+    /// Unguarded initial states at create time (all InSync for a new, empty volume).
+    pub fn init_replica_states(&self, volume_id: &str, nodes: &[String]) -> Result<(), ClusterError> {
+        let ops: Vec<TxnOp> = nodes
+            .iter()
+            .map(|n| {
+                TxnOp::put(
+                    format!("{}{n}", replicas_prefix(volume_id)),
+                    to_json(&ReplicaRecord {
+                        state: ReplicaState::InSync,
+                        generation: 0,
+                    }),
+                    None,
+                )
+            })
+            .collect();
+        self.run(|s| async move { s.txn(Txn::new().and_then(ops)).await })?;
+        Ok(())
+    }
+
+    /// Delete the volume's replica states (at volume remove).
+    pub fn forget_volume(&self, volume_id: &str) -> Result<(), ClusterError> {
+        let prefix = replicas_prefix(volume_id);
+        self.run(|s| async move {
+            let mut kv = s.client.kv_client();
+            kv.delete(prefix, Some(DeleteOptions::new().with_prefix()))
+                .await
+                .map_err(|e| s.error(e))
+        })?;
+        Ok(())
+    }
+
+    /// A [`StateStore`] bound to one volume and generation, for the data path.
+    pub fn state_store(
+        self: &Arc<Self>,
+        volume_id: &str,
+        volume: &str,
+        generation: Generation,
+    ) -> Arc<dyn StateStore> {
+        Arc::new(EtcdStateStore {
+            cluster: self.clone(),
+            volume_id: volume_id.to_string(),
+            volume: volume.to_string(),
+            generation,
+        })
+    }
+
+    /// Place a new volume's replicas on the live members, away from the
+    /// replicas of the catalog's volumes as [`place`] ranks them.
+    pub fn place_replicas(&self, req: &PlacementRequest) -> Result<Vec<String>, ClusterError> {
+        let up: Vec<String> = self
+            .members()?
+            .into_iter()
+            .filter(|m| m.up)
+            .map(|m| m.name)
+            .collect();
+        let vols = self.run(|s| async move { s.get_prefix(&volumes_prefix()).await })?;
+        let mut existing = Vec::with_capacity(vols.len());
+        for kv in vols {
+            let r: crate::catalog::VolumeRecord = parse(&kv)?;
+            existing.push((r.spec.group, r.replicas));
+        }
+        place(req, &up, &existing).map_err(ClusterError::Placement)
+    }
+
+    /// Leave the cluster: revoke the lease, so the member and attach keys go
+    /// at once. Calls after this fail or read only.
+    pub fn shutdown(&self) {
+        if self.shared.stopped.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        self.shared.wake.notify_one();
+        let id = self.shared.lease.lock().id;
+        let revoked = self.run(move |s| async move {
+            let mut leases = s.client.lease_client();
+            leases.revoke(id).await.map_err(|e| s.error(e))
+        });
+        match revoked {
+            Ok(_) => info!(node = %self.shared.node, "left the cluster"),
+            Err(e) => warn!(node = %self.shared.node, "cannot revoke the lease ({e}); the member and attach keys expire with its TTL"),
+        }
+    }
+
+    /// Test hook: stop sending keepalives (and registering again), as a node
+    /// cut off from etcd would. Loss is still detected and reported.
+    #[doc(hidden)]
+    pub fn stop_keepalive(&self) {
+        self.shared.paused.store(true, Ordering::SeqCst);
+    }
+
+    /// Test hook: undo [`Cluster::stop_keepalive`].
+    #[doc(hidden)]
+    pub fn resume_keepalive(&self) {
+        self.shared.paused.store(false, Ordering::SeqCst);
+        self.shared.wake.notify_one();
+    }
+}
+
+impl Drop for Cluster {
+    /// Without [`Cluster::shutdown`] the lease is left to expire, as after a crash.
+    fn drop(&mut self) {
+        self.shared.stopped.store(true, Ordering::SeqCst);
+        self.shared.wake.notify_one();
+    }
+}
+
+/// Replica state changes of one attach generation.
+struct EtcdStateStore {
+    cluster: Arc<Cluster>,
+    volume_id: String,
+    volume: String,
+    generation: Generation,
+}
+
+impl StateStore for EtcdStateStore {
+    fn set_state(&self, node: &str, state: ReplicaState) -> Result<(), StateStoreError> {
+        match self
+            .cluster
+            .set_replica_state(&self.volume_id, self.generation, node, state)
+        {
+            Ok(()) => Ok(()),
+            Err(ClusterError::Fenced { generation, .. }) => Err(StateStoreError::Fenced {
+                volume: self.volume.clone(),
+                generation,
+            }),
+            Err(e) => Err(StateStoreError::Unavailable(e.to_string())),
+        }
+    }
+}

@@ -1,0 +1,426 @@
+//! The cluster control plane against a real etcd (Debian's etcd-server,
+//! `/usr/bin/etcd`), started on loopback with free ports and a temporary
+//! data dir for each test, and killed at the end (also on panic).
+
+use dunnage::catalog::{new_volume_id, CatalogError, VolumeRecord};
+use dunnage::cluster::{Cluster, ClusterConfig, ClusterError};
+use dunnage::replication::{ReplicaState, StateStoreError};
+use dunnage::spec::VolumeSpec;
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Generous: the machine is shared, and these only bound waits that end
+/// much sooner when things work.
+const EVENTUALLY: Duration = Duration::from_secs(60);
+const TTL: Duration = Duration::from_secs(2);
+
+/// A one-member etcd; killed on drop.
+struct Etcd {
+    child: Child,
+    dir: tempfile::TempDir,
+    client_addr: SocketAddr,
+}
+
+impl Etcd {
+    fn start() -> Etcd {
+        let dir = tempfile::tempdir().unwrap();
+        // Both listeners at once, so that the two ports differ.
+        let (l1, l2) = (
+            TcpListener::bind("127.0.0.1:0").unwrap(),
+            TcpListener::bind("127.0.0.1:0").unwrap(),
+        );
+        let client_addr = l1.local_addr().unwrap();
+        let peer = format!("http://{}", l2.local_addr().unwrap());
+        drop((l1, l2));
+        let client = format!("http://{client_addr}");
+        let log = File::create(dir.path().join("etcd.log")).unwrap();
+        let child = Command::new("/usr/bin/etcd")
+            .arg("--name=test")
+            .arg(format!("--data-dir={}", dir.path().join("data").display()))
+            .arg(format!("--listen-client-urls={client}"))
+            .arg(format!("--advertise-client-urls={client}"))
+            .arg(format!("--listen-peer-urls={peer}"))
+            .arg(format!("--initial-advertise-peer-urls={peer}"))
+            .arg(format!("--initial-cluster=test={peer}"))
+            .arg("--initial-cluster-state=new")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start /usr/bin/etcd (Debian package etcd-server)");
+        let mut etcd = Etcd {
+            child,
+            dir,
+            client_addr,
+        };
+        etcd.wait_healthy();
+        etcd
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.client_addr)
+    }
+
+    /// Until `/health` says true: etcd listens before it has elected itself.
+    fn wait_healthy(&mut self) {
+        let deadline = Instant::now() + EVENTUALLY;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("etcd exited ({status}):\n{}", self.log());
+            }
+            if self.health() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "etcd not healthy:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn health(&self) -> bool {
+        let Ok(mut s) = TcpStream::connect_timeout(&self.client_addr, Duration::from_secs(1)) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+        let req = format!(
+            "GET /health HTTP/1.0\r\nHost: {}\r\n\r\n",
+            self.client_addr
+        );
+        if s.write_all(req.as_bytes()).is_err() {
+            return false;
+        }
+        let mut resp = String::new();
+        let _ = s.read_to_string(&mut resp);
+        resp.contains(r#""health":"true""#)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("etcd.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(30).collect();
+            eprintln!("--- etcd log (last lines) ---");
+            for l in tail.into_iter().rev() {
+                eprintln!("{l}");
+            }
+        }
+    }
+}
+
+fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+fn config(etcd: &Etcd, name: &str, port: u16, ttl: Duration) -> ClusterConfig {
+    ClusterConfig {
+        node: name.into(),
+        listen: addr(port),
+        etcd: vec![etcd.url()],
+        lease_ttl: ttl,
+    }
+}
+
+fn node(etcd: &Etcd, name: &str, port: u16) -> Arc<Cluster> {
+    match Cluster::connect(config(etcd, name, port, TTL)) {
+        Ok(c) => c,
+        Err(e) => panic!("node {name} cannot join: {e}"),
+    }
+}
+
+fn eventually(what: &str, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + EVENTUALLY;
+    while !ok() {
+        assert!(Instant::now() < deadline, "not within {EVENTUALLY:?}: {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn record(name: &str) -> VolumeRecord {
+    VolumeRecord {
+        name: name.into(),
+        id: new_volume_id(),
+        created_at: chrono::Utc::now(),
+        spec: VolumeSpec::default(),
+        options: BTreeMap::new(),
+        formatted: false,
+        clone_of: None,
+        replicas: vec!["a".into(), "b".into()],
+    }
+}
+
+fn is_up(c: &Cluster, name: &str) -> Option<bool> {
+    c.members()
+        .unwrap()
+        .into_iter()
+        .find(|m| m.name == name)
+        .map(|m| m.up)
+}
+
+#[test]
+fn members_and_catalog_are_shared() {
+    let etcd = Etcd::start();
+    let a = node(&etcd, "a", 7001);
+    let b = node(&etcd, "b", 7002);
+    for c in [&a, &b] {
+        let m = c.members().unwrap();
+        let names: Vec<(&str, bool)> = m.iter().map(|m| (m.name.as_str(), m.up)).collect();
+        assert_eq!(names, [("a", true), ("b", true)]);
+        assert_eq!(m[0].addr, addr(7001));
+        assert_eq!(m[1].addr, addr(7002));
+    }
+    assert_eq!(b.member_addr("a").unwrap(), Some(addr(7001)));
+    assert_eq!(b.member_addr("zed").unwrap(), None);
+    assert_eq!(a.node(), "a");
+
+    // The name is taken by a live node at another address.
+    match Cluster::connect(config(&etcd, "a", 7009, TTL)) {
+        Err(ClusterError::NameTaken { node }) => assert_eq!(node, "a"),
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!("a second node a was let in"),
+    }
+    assert_eq!(b.member_addr("a").unwrap(), Some(addr(7001)));
+
+    let (ca, cb) = (a.catalog(), b.catalog());
+    let r = record("vol1");
+    ca.insert(r.clone()).unwrap();
+    assert_eq!(cb.get("vol1"), Some(r.clone()));
+    assert_eq!(cb.list(), vec![r.clone()]);
+    assert!(matches!(
+        cb.insert(record("vol1")),
+        Err(CatalogError::Exists(n)) if n == "vol1"
+    ));
+    assert_eq!(ca.get("vol1").unwrap().id, r.id);
+
+    assert!(matches!(
+        cb.modify("vol1", "not-the-id", &mut |r| r.formatted = true),
+        Err(CatalogError::NotFound(_))
+    ));
+    assert!(!ca.get("vol1").unwrap().formatted);
+    let changed = cb.modify("vol1", &r.id, &mut |r| r.formatted = true).unwrap();
+    assert!(changed.formatted);
+    assert_eq!(ca.get("vol1"), Some(changed));
+    assert!(matches!(
+        cb.modify("nope", &r.id, &mut |r| r.formatted = true),
+        Err(CatalogError::NotFound(_))
+    ));
+
+    assert!(matches!(
+        cb.remove("vol1", "not-the-id"),
+        Err(CatalogError::NotFound(_))
+    ));
+    assert!(ca.get("vol1").is_some());
+    ca.remove("vol1", &r.id).unwrap();
+    assert_eq!(cb.get("vol1"), None);
+    assert!(cb.list().is_empty());
+    assert!(matches!(
+        ca.remove("vol1", &r.id),
+        Err(CatalogError::NotFound(_))
+    ));
+
+    // Usable from inside another tokio runtime (actix's), where a
+    // `block_on` would panic, and dropped there too.
+    actix_rt::System::new().block_on(async {
+        let c = node(&etcd, "c", 7003);
+        assert_eq!(is_up(&c, "a"), Some(true));
+        c.shutdown();
+        drop(c);
+    });
+    assert_eq!(is_up(&a, "c"), Some(false));
+
+    // Leaving revokes the lease: b shows as down at once, and stays known.
+    b.shutdown();
+    assert!(!b.lease_alive());
+    assert_eq!(is_up(&a, "b"), Some(false));
+    assert_eq!(a.member_addr("b").unwrap(), None);
+    assert!(a.lease_alive());
+}
+
+#[test]
+fn attach_ownership_and_fencing() {
+    let etcd = Etcd::start();
+    let a = node(&etcd, "a", 7001);
+    let b = node(&etcd, "b", 7002);
+    let vid = new_volume_id();
+
+    let g1 = a.acquire_attach(&vid, "v", Duration::ZERO).unwrap();
+    assert_eq!(a.acquire_attach(&vid, "v", Duration::ZERO).unwrap(), g1);
+    assert_eq!(b.attach_holder(&vid).unwrap(), Some(("a".into(), g1)));
+    match b.acquire_attach(&vid, "v", Duration::from_secs(1)) {
+        Err(e @ ClusterError::HeldBy { .. }) => {
+            assert!(e.to_string().contains("attached on node a"), "{e}");
+            let ClusterError::HeldBy { volume, node } = e else {
+                unreachable!()
+            };
+            assert_eq!((volume.as_str(), node.as_str()), ("v", "a"));
+        }
+        other => panic!("b took a held volume: {other:?}"),
+    }
+
+    let nodes = vec!["a".to_string(), "b".to_string()];
+    a.init_replica_states(&vid, &nodes).unwrap();
+    let all_in_sync: BTreeMap<String, ReplicaState> = nodes
+        .iter()
+        .map(|n| (n.clone(), ReplicaState::InSync))
+        .collect();
+    assert_eq!(b.replica_states(&vid).unwrap(), all_in_sync);
+    a.set_replica_state(&vid, g1, "b", ReplicaState::Outdated)
+        .unwrap();
+    assert_eq!(
+        b.replica_states(&vid).unwrap()["b"],
+        ReplicaState::Outdated
+    );
+    let store = a.state_store(&vid, "v", g1);
+
+    a.release_attach(&vid, g1).unwrap();
+    assert_eq!(b.attach_holder(&vid).unwrap(), None);
+    let g2 = b.acquire_attach(&vid, "v", Duration::ZERO).unwrap();
+    assert!(g2 > g1, "{g2} after {g1}");
+
+    // The old generation is fenced, directly and through its StateStore.
+    match a.set_replica_state(&vid, g1, "b", ReplicaState::InSync) {
+        Err(ClusterError::Fenced { generation, .. }) => assert_eq!(generation, g1),
+        other => panic!("stale generation wrote: {other:?}"),
+    }
+    match store.set_state("b", ReplicaState::InSync) {
+        Err(StateStoreError::Fenced { volume, generation }) => {
+            assert_eq!((volume.as_str(), generation), ("v", g1))
+        }
+        other => panic!("stale store wrote: {other:?}"),
+    }
+    assert_eq!(
+        a.replica_states(&vid).unwrap()["b"],
+        ReplicaState::Outdated
+    );
+    // Nor can it release the new holder's attach.
+    assert!(matches!(
+        a.release_attach(&vid, g1),
+        Err(ClusterError::Fenced { .. })
+    ));
+    assert_eq!(a.attach_holder(&vid).unwrap(), Some(("b".into(), g2)));
+    // Generation 0 (a missing key's revision) never passes the guard.
+    assert!(matches!(
+        b.set_replica_state(&vid, 0, "b", ReplicaState::InSync),
+        Err(ClusterError::Fenced { .. })
+    ));
+
+    b.set_replica_state(&vid, g2, "b", ReplicaState::Resyncing)
+        .unwrap();
+    b.state_store(&vid, "v", g2)
+        .set_state("a", ReplicaState::Outdated)
+        .unwrap();
+    let states = a.replica_states(&vid).unwrap();
+    assert_eq!(states["a"], ReplicaState::Outdated);
+    assert_eq!(states["b"], ReplicaState::Resyncing);
+
+    // Another volume's states are its own, even with an id that extends this one.
+    let other = format!("{vid}0");
+    a.init_replica_states(&other, &nodes).unwrap();
+    b.forget_volume(&vid).unwrap();
+    assert!(a.replica_states(&vid).unwrap().is_empty());
+    assert_eq!(a.replica_states(&other).unwrap(), all_in_sync);
+
+    b.release_attach(&vid, g2).unwrap();
+    b.release_attach(&vid, g2).unwrap();
+    assert_eq!(a.attach_holder(&vid).unwrap(), None);
+}
+
+#[test]
+fn a_node_cut_off_loses_its_attach_and_registers_again() {
+    let etcd = Etcd::start();
+    let a = node(&etcd, "a", 7001);
+    let b = node(&etcd, "b", 7002);
+    let lost = Arc::new(AtomicUsize::new(0));
+    let l = lost.clone();
+    a.on_lease_lost(Box::new(move || {
+        l.fetch_add(1, Ordering::SeqCst);
+    }));
+    let vid = new_volume_id();
+    let g1 = a.acquire_attach(&vid, "v", Duration::ZERO).unwrap();
+    assert!(a.lease_alive());
+
+    a.stop_keepalive();
+    eventually("a counts its lease as lost", || !a.lease_alive());
+    eventually("a's lease-lost callback runs", || {
+        lost.load(Ordering::SeqCst) == 1
+    });
+    assert!(matches!(
+        a.acquire_attach(&new_volume_id(), "w", Duration::ZERO),
+        Err(ClusterError::LeaseLost { .. })
+    ));
+    eventually("b sees a down", || is_up(&b, "a") == Some(false));
+
+    let g2 = b.acquire_attach(&vid, "v", EVENTUALLY).unwrap();
+    assert!(g2 > g1, "{g2} after {g1}");
+    assert!(matches!(
+        a.set_replica_state(&vid, g1, "a", ReplicaState::InSync),
+        Err(ClusterError::Fenced { .. })
+    ));
+
+    // Back in touch: a registers again with a new lease, by itself.
+    a.resume_keepalive();
+    eventually("a registers again", || {
+        a.lease_alive() && is_up(&b, "a") == Some(true)
+    });
+    assert_eq!(lost.load(Ordering::SeqCst), 1);
+    assert_eq!(b.member_addr("a").unwrap(), Some(addr(7001)));
+    match a.acquire_attach(&vid, "v", Duration::ZERO) {
+        Err(ClusterError::HeldBy { node, .. }) => assert_eq!(node, "b"),
+        other => panic!("a took b's volume: {other:?}"),
+    }
+    let w = new_volume_id();
+    let g3 = a.acquire_attach(&w, "w", Duration::ZERO).unwrap();
+    assert!(g3 > g2);
+}
+
+#[test]
+fn a_restarted_node_takes_its_attach_back_and_a_dead_lease_is_waited_for() {
+    let etcd = Etcd::start();
+    let b = node(&etcd, "b", 7002);
+    let a1 = node(&etcd, "a", 7001);
+    let (v1, v2) = (new_volume_id(), new_volume_id());
+    let g1 = a1.acquire_attach(&v1, "v1", Duration::ZERO).unwrap();
+    let h1 = a1.acquire_attach(&v2, "v2", Duration::ZERO).unwrap();
+
+    // As if it crashed: dropped without revoking its lease.
+    drop(a1);
+    let a2 = node(&etcd, "a", 7001);
+    assert_eq!(is_up(&b, "a"), Some(true));
+
+    // The new run of a takes v1 back under its own lease, as a new generation.
+    let g2 = a2.acquire_attach(&v1, "v1", Duration::ZERO).unwrap();
+    assert!(g2 > g1, "{g2} after {g1}");
+    assert_eq!(b.attach_holder(&v1).unwrap(), Some(("a".into(), g2)));
+    assert_eq!(a2.acquire_attach(&v1, "v1", Duration::ZERO).unwrap(), g2);
+    match b.acquire_attach(&v1, "v1", Duration::from_secs(1)) {
+        Err(ClusterError::HeldBy { node, .. }) => assert_eq!(node, "a"),
+        other => panic!("b took a live attach: {other:?}"),
+    }
+
+    // v2 is still held under the dead run's lease: b waits for it to expire.
+    let h2 = b.acquire_attach(&v2, "v2", EVENTUALLY).unwrap();
+    assert!(h2 > h1, "{h2} after {h1}");
+    assert_eq!(a2.attach_holder(&v2).unwrap(), Some(("b".into(), h2)));
+    // v1 outlived the dead lease: the takeover moved it to a2's lease.
+    assert_eq!(b.attach_holder(&v1).unwrap(), Some(("a".into(), g2)));
+
+    // A clean leave frees v1 at once.
+    a2.shutdown();
+    let g3 = b.acquire_attach(&v1, "v1", Duration::ZERO).unwrap();
+    assert!(g3 > g2);
+}
