@@ -5,8 +5,31 @@
 //! on an actor mailbox.
 //!
 //! Types shared with [`crate::cluster`], which keeps replica states in etcd.
+//!
+//! - [`wire`]: the link protocol (length-prefixed frames over TCP).
+//! - [`LocalReplicas`] / [`LocalReplica`]: the images this node holds, each
+//!   with the highest attach generation it has seen (fencing).
+//! - [`ReplicaServer`]: serves this node's replicas to the attached node.
+//! - [`Mirror`]: the attached node's [`crate::engine::BlockEngine`] that
+//!   fans every write out to the replicas, tracks what an unreachable
+//!   replica misses and resyncs it when it is back.
 
+mod link;
+mod local;
+mod mirror;
+mod ranges;
+mod server;
+pub mod state;
+pub mod wire;
+
+pub use local::{check_volume_id, LocalReplica, LocalReplicas};
+pub use mirror::{Mirror, MirrorConfig, PeerSpec};
+pub use server::ReplicaServer;
+pub use state::{ReplicaStatus, ResyncProgress};
+
+use crate::engine::EngineError;
 use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
 
 /// The attach generation of a volume: the etcd revision of its attach key.
 /// Every replica refuses IO from a generation older than the newest it has
@@ -52,4 +75,73 @@ pub enum StateStoreError {
     /// The store cannot be reached; the state change did not happen.
     #[error("cannot record replica state: {0}")]
     Unavailable(String),
+}
+
+/// Errors of replication.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicationError {
+    /// A newer attach generation has been seen: this session may not do IO.
+    #[error(
+        "fenced: the replica of volume {volume} has seen generation {current}, \
+         this session has {generation} (another node attached the volume)"
+    )]
+    Fenced {
+        volume: String,
+        generation: Generation,
+        current: Generation,
+    },
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is damaged: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
+    #[error("replica link to {node} ({addr}): {source}")]
+    Link {
+        node: String,
+        addr: std::net::SocketAddr,
+        #[source]
+        source: wire::WireError,
+    },
+    /// The peer answered with an error frame.
+    #[error("replica {node} refused ({code}): {message}")]
+    Refused {
+        node: String,
+        code: wire::ErrorCode,
+        message: String,
+    },
+    #[error(
+        "volume id {0:?} is invalid: use 1 to 128 characters from A-Z a-z 0-9 _ . - \
+         starting with a letter or a digit"
+    )]
+    InvalidVolumeId(String),
+    #[error(
+        "replica of volume {volume_id} has size {have_size} and block size \
+         {have_block_size}, but {want_size} and {want_block_size} were asked for"
+    )]
+    ParamsMismatch {
+        volume_id: String,
+        have_size: u64,
+        have_block_size: u32,
+        want_size: u64,
+        want_block_size: u32,
+    },
+    #[error("replica of volume {0} is in use (attached, or linked from the attached node)")]
+    Busy(String),
+    #[error("this node holds no replica of volume {0}")]
+    NotFound(String),
+    #[error(
+        "volume {volume} has no in-sync replica that can be reached ({detail}): \
+         bring a node holding an in-sync replica back"
+    )]
+    NoInSyncReplica { volume: String, detail: String },
+    #[error(transparent)]
+    State(#[from] StateStoreError),
+    #[error("invalid replication config: {0}")]
+    Config(String),
 }

@@ -1,0 +1,524 @@
+//! The replicas this node holds: one open [`ThinImage`] per volume id,
+//! shared by the replica server (links from the attached node) and by a
+//! mirror attached here. Every open in cluster mode goes through
+//! [`LocalReplicas`], so one image is never opened twice (its `flock`
+//! would refuse the second open anyway).
+//!
+//! Each replica keeps the highest attach generation it has seen in
+//! `<dir>/generation`, synced before the new generation takes effect: IO
+//! of an older generation is refused from then on (fencing).
+
+use super::{Generation, ReplicationError};
+use crate::engine::{BlockEngine, ThinImage, ThinParams};
+use parking_lot::{Condvar, Mutex, RwLock, RwLockReadGuard};
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Weak};
+
+const GENERATION_FILE: &str = "generation";
+const HEADER_FILE: &str = "header";
+
+/// Check a volume id that names a directory: `[A-Za-z0-9][A-Za-z0-9_.-]*`,
+/// at most 128 bytes (ids come over the network).
+pub fn check_volume_id(id: &str) -> Result<(), ReplicationError> {
+    let ok = !id.is_empty()
+        && id.len() <= 128
+        && id.as_bytes()[0].is_ascii_alphanumeric()
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(ReplicationError::InvalidVolumeId(id.to_string()))
+    }
+}
+
+fn io_err<'a>(
+    op: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> ReplicationError + 'a {
+    move |source| ReplicationError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Set when the replica (and so its image) has been dropped.
+#[derive(Default)]
+struct Closed {
+    done: Mutex<bool>,
+    cv: Condvar,
+}
+
+/// Declared after the image in [`LocalReplica`]: fields drop in order, so
+/// when this signals, the image is closed and its lock released.
+struct CloseSignal(Arc<Closed>);
+
+impl Drop for CloseSignal {
+    fn drop(&mut self) {
+        *self.0.done.lock() = true;
+        self.0.cv.notify_all();
+    }
+}
+
+/// One replica held by this node: its image and its generation.
+pub struct LocalReplica {
+    volume_id: String,
+    dir: PathBuf,
+    /// The highest generation seen. IO holds the read side while it runs,
+    /// so once a newer generation is stored no older IO is in flight.
+    generation: RwLock<Generation>,
+    image: ThinImage,
+    _closed: CloseSignal,
+}
+
+impl std::fmt::Debug for LocalReplica {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalReplica")
+            .field("volume_id", &self.volume_id)
+            .field("dir", &self.dir)
+            .field("generation", &*self.generation.read())
+            .finish()
+    }
+}
+
+impl LocalReplica {
+    pub fn volume_id(&self) -> &str {
+        &self.volume_id
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn size(&self) -> u64 {
+        self.image.size()
+    }
+
+    pub fn params(&self) -> ThinParams {
+        ThinParams {
+            size: self.image.size(),
+            block_size: self.image.block_size(),
+        }
+    }
+
+    /// The highest generation this replica has seen.
+    pub fn generation(&self) -> Generation {
+        *self.generation.read()
+    }
+
+    /// Take the replica for `generation`: refused if a newer one was seen;
+    /// a newer one is stored (synced) and fences every older session.
+    pub fn advance(&self, generation: Generation) -> Result<(), ReplicationError> {
+        self.admit(generation).map(drop)
+    }
+
+    /// Check `generation` for one IO; the guard keeps it current until the
+    /// IO is done.
+    fn admit(
+        &self,
+        generation: Generation,
+    ) -> Result<RwLockReadGuard<'_, Generation>, ReplicationError> {
+        loop {
+            let current = self.generation.read();
+            if generation == *current {
+                return Ok(current);
+            }
+            if generation < *current {
+                return Err(ReplicationError::Fenced {
+                    volume: self.volume_id.clone(),
+                    generation,
+                    current: *current,
+                });
+            }
+            drop(current);
+            let mut current = self.generation.write();
+            if generation > *current {
+                write_generation(&self.dir, generation)?;
+                tracing::info!(
+                    volume_id = %self.volume_id,
+                    from = *current,
+                    to = generation,
+                    "replica generation advanced: older sessions are fenced"
+                );
+                *current = generation;
+            }
+        }
+    }
+
+    pub fn read_at(
+        &self,
+        generation: Generation,
+        buf: &mut [u8],
+        offset: u64,
+    ) -> Result<(), ReplicationError> {
+        let _g = self.admit(generation)?;
+        Ok(self.image.read_at(buf, offset)?)
+    }
+
+    pub fn write_at(
+        &self,
+        generation: Generation,
+        buf: &[u8],
+        offset: u64,
+    ) -> Result<(), ReplicationError> {
+        let _g = self.admit(generation)?;
+        Ok(self.image.write_at(buf, offset)?)
+    }
+
+    pub fn discard(
+        &self,
+        generation: Generation,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), ReplicationError> {
+        let _g = self.admit(generation)?;
+        Ok(self.image.discard(offset, len)?)
+    }
+
+    pub fn flush(&self, generation: Generation) -> Result<(), ReplicationError> {
+        let _g = self.admit(generation)?;
+        Ok(self.image.flush()?)
+    }
+
+    /// sha256 of the whole device, hex.
+    pub fn checksum(&self) -> Result<String, ReplicationError> {
+        const CHUNK: u64 = 1 << 20;
+        let mut hash = Sha256::new();
+        let mut buf = vec![0u8; CHUNK as usize];
+        let size = self.image.size();
+        let mut off = 0;
+        while off < size {
+            let n = CHUNK.min(size - off) as usize;
+            self.image.read_at(&mut buf[..n], off)?;
+            hash.update(&buf[..n]);
+            off += n as u64;
+        }
+        Ok(hash
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect())
+    }
+}
+
+fn read_generation(dir: &Path) -> Result<Generation, ReplicationError> {
+    let path = dir.join(GENERATION_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(s) => s.trim().parse().map_err(|_| ReplicationError::Corrupt {
+            path,
+            reason: format!("not a generation number: {:?}", s.trim()),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(io_err("read", &path)(e)),
+    }
+}
+
+/// Replace `<dir>/generation` atomically and durably.
+fn write_generation(dir: &Path, generation: Generation) -> Result<(), ReplicationError> {
+    let tmp = dir.join(".generation.tmp");
+    let path = dir.join(GENERATION_FILE);
+    let mut f = std::fs::File::create(&tmp).map_err(io_err("create", &tmp))?;
+    writeln!(f, "{generation}").map_err(io_err("write", &tmp))?;
+    f.sync_all().map_err(io_err("fsync", &tmp))?;
+    std::fs::rename(&tmp, &path).map_err(io_err("rename", &path))?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err("fsync", dir))
+}
+
+struct Slot {
+    replica: Weak<LocalReplica>,
+    closed: Arc<Closed>,
+}
+
+impl Slot {
+    /// Wait until a replica no one holds any more has closed its image.
+    fn wait_closed(&self) {
+        let mut done = self.closed.done.lock();
+        while !*done {
+            self.closed.cv.wait(&mut done);
+        }
+    }
+}
+
+/// The replicas of this node, by volume id. A replica stays open while
+/// anyone holds it (a mirror, a link from the attached node) and closes
+/// (flushing) when the last holder lets go.
+pub struct LocalReplicas {
+    volumes_dir: PathBuf,
+    open: Mutex<HashMap<String, Slot>>,
+}
+
+impl LocalReplicas {
+    /// Images live in `<volumes_dir>/<volume_id>/`.
+    pub fn new(volumes_dir: PathBuf) -> Arc<LocalReplicas> {
+        Arc::new(LocalReplicas {
+            volumes_dir,
+            open: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn volumes_dir(&self) -> &Path {
+        &self.volumes_dir
+    }
+
+    /// The directory of a volume's replica.
+    pub fn dir(&self, volume_id: &str) -> Result<PathBuf, ReplicationError> {
+        check_volume_id(volume_id)?;
+        Ok(self.volumes_dir.join(volume_id))
+    }
+
+    /// The replica of `volume_id`, opened if needed; created (empty, with
+    /// `params`) if absent. An existing replica must have `params`.
+    pub fn open(
+        &self,
+        volume_id: &str,
+        params: ThinParams,
+    ) -> Result<Arc<LocalReplica>, ReplicationError> {
+        self.open_inner(volume_id, Some(params))
+    }
+
+    /// Like [`LocalReplicas::open`], but never creates.
+    fn open_inner(
+        &self,
+        volume_id: &str,
+        params: Option<ThinParams>,
+    ) -> Result<Arc<LocalReplica>, ReplicationError> {
+        let dir = self.dir(volume_id)?;
+        let mut open = self.open.lock();
+        if let Some(slot) = open.get(volume_id) {
+            if let Some(r) = slot.replica.upgrade() {
+                drop(open);
+                if let Some(p) = params {
+                    check_params(&r, p)?;
+                }
+                return Ok(r);
+            }
+            // The last holder is dropping it: let its image close first.
+            slot.wait_closed();
+            open.remove(volume_id);
+        }
+        let image = if dir.join(HEADER_FILE).exists() {
+            ThinImage::open(&dir)?
+        } else if let Some(p) = params {
+            std::fs::create_dir_all(&dir).map_err(io_err("create", &dir))?;
+            ThinImage::create(&dir, p)?
+        } else {
+            return Err(ReplicationError::NotFound(volume_id.to_string()));
+        };
+        let closed = Arc::new(Closed::default());
+        let replica = Arc::new(LocalReplica {
+            volume_id: volume_id.to_string(),
+            generation: RwLock::new(read_generation(&dir)?),
+            dir,
+            image,
+            _closed: CloseSignal(closed.clone()),
+        });
+        if let Some(p) = params {
+            check_params(&replica, p)?;
+        }
+        open.insert(
+            volume_id.to_string(),
+            Slot {
+                replica: Arc::downgrade(&replica),
+                closed,
+            },
+        );
+        Ok(replica)
+    }
+
+    /// The replica of `volume_id` if it is open.
+    pub fn get(&self, volume_id: &str) -> Option<Arc<LocalReplica>> {
+        self.open.lock().get(volume_id)?.replica.upgrade()
+    }
+
+    /// Flush the replica if it is open. It closes when its last holder
+    /// lets go (immediately if no one else holds it).
+    pub fn close(&self, volume_id: &str) {
+        let replica = {
+            let mut open = self.open.lock();
+            let Some(slot) = open.get(volume_id) else {
+                return;
+            };
+            match slot.replica.upgrade() {
+                Some(r) => r,
+                None => {
+                    slot.wait_closed();
+                    open.remove(volume_id);
+                    return;
+                }
+            }
+        };
+        if let Err(e) = replica.image.flush() {
+            tracing::warn!(volume_id, error = %e, "flush on close failed");
+        }
+    }
+
+    /// Close the replica and delete its directory. Refused while anyone
+    /// holds it.
+    pub fn remove(&self, volume_id: &str) -> Result<(), ReplicationError> {
+        let dir = self.dir(volume_id)?;
+        let mut open = self.open.lock();
+        if let Some(slot) = open.get(volume_id) {
+            if slot.replica.strong_count() > 0 {
+                return Err(ReplicationError::Busy(volume_id.to_string()));
+            }
+            slot.wait_closed();
+            open.remove(volume_id);
+        }
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io_err("remove", &dir)(e)),
+        }
+        std::fs::File::open(&self.volumes_dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err("fsync", &self.volumes_dir))
+    }
+
+    /// sha256 (hex) of the whole device of an existing replica, read
+    /// through its image.
+    pub fn checksum(
+        &self,
+        volume_id: &str,
+        params: ThinParams,
+    ) -> Result<String, ReplicationError> {
+        let replica = self.open_inner(volume_id, None)?;
+        check_params(&replica, params)?;
+        replica.checksum()
+    }
+}
+
+fn check_params(r: &LocalReplica, want: ThinParams) -> Result<(), ReplicationError> {
+    let have = r.params();
+    if have.size != want.size || have.block_size != want.block_size {
+        return Err(ReplicationError::ParamsMismatch {
+            volume_id: r.volume_id.clone(),
+            have_size: have.size,
+            have_block_size: have.block_size,
+            want_size: want.size,
+            want_block_size: want.block_size,
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const P: ThinParams = ThinParams {
+        size: 1 << 20,
+        block_size: 4096,
+    };
+
+    #[test]
+    fn volume_ids_are_checked() {
+        for ok in ["abc", "0123456789abcdef", "a.b-c_d"] {
+            check_volume_id(ok).unwrap();
+        }
+        let long = "a".repeat(129);
+        for bad in ["", ".", "..", "../x", "a/b", "-a", "a\0b", long.as_str()] {
+            assert!(check_volume_id(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn one_image_per_volume_and_reopen_after_close() {
+        let dir = tempfile::tempdir().unwrap();
+        let reps = LocalReplicas::new(dir.path().to_path_buf());
+        let a = reps.open("v1", P).unwrap();
+        let b = reps.open("v1", P).unwrap();
+        assert!(Arc::ptr_eq(&a, &b));
+        assert!(Arc::ptr_eq(&reps.get("v1").unwrap(), &a));
+        a.write_at(0, &[7; 4096], 0).unwrap();
+        // Another size is refused for an existing replica.
+        let other = ThinParams { size: 2 << 20, ..P };
+        assert!(matches!(
+            reps.open("v1", other),
+            Err(ReplicationError::ParamsMismatch { .. })
+        ));
+        assert!(matches!(
+            reps.remove("v1"),
+            Err(ReplicationError::Busy(_))
+        ));
+        drop((a, b));
+        assert!(reps.get("v1").is_none());
+        reps.close("v1");
+        // Reopened from disk, with the data.
+        let c = reps.open("v1", P).unwrap();
+        let mut buf = [0u8; 4096];
+        c.read_at(0, &mut buf, 0).unwrap();
+        assert_eq!(buf, [7; 4096]);
+        drop(c);
+        reps.remove("v1").unwrap();
+        assert!(!dir.path().join("v1").exists());
+        assert!(matches!(
+            reps.checksum("v1", P),
+            Err(ReplicationError::NotFound(_))
+        ));
+        assert!(matches!(
+            reps.open("../x", P),
+            Err(ReplicationError::InvalidVolumeId(_))
+        ));
+    }
+
+    #[test]
+    fn generation_fences_older_io_and_persists() {
+        let dir = tempfile::tempdir().unwrap();
+        let reps = LocalReplicas::new(dir.path().to_path_buf());
+        let r = reps.open("v", P).unwrap();
+        assert_eq!(r.generation(), 0);
+        r.write_at(5, &[1; 4096], 0).unwrap();
+        assert_eq!(r.generation(), 5);
+        let err = r.write_at(4, &[2; 4096], 0).unwrap_err();
+        assert!(matches!(
+            err,
+            ReplicationError::Fenced {
+                generation: 4,
+                current: 5,
+                ..
+            }
+        ));
+        assert!(r.flush(4).is_err());
+        assert!(r.discard(4, 0, 4096).is_err());
+        assert!(r.read_at(4, &mut [0; 512], 0).is_err());
+        r.advance(9).unwrap();
+        assert!(r.write_at(5, &[2; 4096], 0).is_err());
+        assert!(r.advance(8).is_err());
+        r.flush(9).unwrap();
+        drop(r);
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("v/generation"))
+                .unwrap()
+                .trim(),
+            "9"
+        );
+        let r = reps.open("v", P).unwrap();
+        assert_eq!(r.generation(), 9);
+        let mut buf = [0u8; 4096];
+        r.read_at(9, &mut buf, 0).unwrap();
+        assert_eq!(buf, [1; 4096], "the fenced write changed nothing");
+    }
+
+    #[test]
+    fn checksum_covers_the_whole_device() {
+        let dir = tempfile::tempdir().unwrap();
+        let reps = LocalReplicas::new(dir.path().to_path_buf());
+        let r = reps.open("v", P).unwrap();
+        let empty = reps.checksum("v", P).unwrap();
+        assert_eq!(empty.len(), 64);
+        // sha256 of 1 MiB of zeros.
+        assert_eq!(
+            empty,
+            "30e14955ebf1352266dc2ff8067e68104607e750abb9d3b36582b8af909fcb58"
+        );
+        r.write_at(1, &[1], P.size - 1).unwrap();
+        assert_ne!(reps.checksum("v", P).unwrap(), empty);
+    }
+}

@@ -1,0 +1,1122 @@
+//! The attached node's engine for a replicated volume: every write goes to
+//! the local replica (if any) and to every peer in parallel, and is
+//! acknowledged only when every in-sync replica holds it (DRBD's protocol
+//! C). A peer that fails is recorded Outdated in the state store *before*
+//! anything more is acknowledged, and what it misses is tracked in a dirty
+//! map; a background thread per replica reconnects it and copies the dirty
+//! units over (resync) under range locks, then records it in sync again.
+//!
+//! Fencing: every request carries the attach generation; a replica that
+//! has seen a newer one refuses, and the mirror then refuses all IO. So does
+//! a state store that cannot record a failure: no acknowledgement leaves
+//! without every in-sync replica holding the write or a recorded Outdated.
+
+use super::link::{self, CallError, Link, Reply};
+use super::local::{check_volume_id, LocalReplica};
+use super::ranges::RangeLocks;
+use super::state::{unit_span, ReplicaStatus, Route, Track, UNIT};
+use super::wire::{self, ErrorCode, Hello, Request};
+use super::{Generation, ReplicaState, ReplicationError, StateStore};
+use crate::engine::{BlockEngine, EngineError, ThinParams};
+use crossbeam_channel::{Receiver, Sender};
+use parking_lot::{Condvar, Mutex};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Longest pause between reconnect attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
+const MIN_BACKOFF: Duration = Duration::from_millis(50);
+/// Largest run of dirty units one resync request copies (1 MiB).
+const MAX_RUN_UNITS: u64 = 256;
+/// Largest read sent to a peer in one request.
+const MAX_READ: usize = 4 << 20;
+
+/// A peer holding a replica of the volume.
+#[derive(Debug, Clone)]
+pub struct PeerSpec {
+    pub node: String,
+    pub addr: SocketAddr,
+    /// Its state as the cluster recorded it.
+    pub state: ReplicaState,
+}
+
+/// What [`Mirror::open`] needs.
+pub struct MirrorConfig {
+    pub volume_id: String,
+    /// The volume's name (for messages).
+    pub volume: String,
+    /// This node.
+    pub node: String,
+    pub generation: Generation,
+    pub params: ThinParams,
+    /// This node's replica, from [`super::LocalReplicas::open`]; `None`
+    /// for a diskless attach.
+    pub local: Option<Arc<LocalReplica>>,
+    /// The local replica's recorded state (ignored without one).
+    pub local_state: ReplicaState,
+    pub peers: Vec<PeerSpec>,
+    pub states: Arc<dyn StateStore>,
+    /// How long a peer may take to answer one request (and to connect).
+    pub io_timeout: Duration,
+}
+
+enum Endpoint {
+    Local(Arc<LocalReplica>),
+    Remote(SocketAddr),
+}
+
+struct Cell {
+    track: Track,
+    link: Option<Arc<Link>>,
+    /// Writes and flushes routed to this replica and not yet settled.
+    inflight: u64,
+}
+
+struct Replica {
+    node: String,
+    endpoint: Endpoint,
+    cell: Mutex<Cell>,
+    /// Signalled when `inflight` drops to 0.
+    settled: Condvar,
+    /// Serializes records of this replica's state in the store.
+    transition: Mutex<()>,
+    wake_tx: Sender<()>,
+    wake_rx: Receiver<()>,
+}
+
+impl Replica {
+    fn is_local(&self) -> bool {
+        matches!(self.endpoint, Endpoint::Local(_))
+    }
+
+    /// Wake its background thread.
+    fn wake(&self) {
+        let _ = self.wake_tx.try_send(());
+    }
+
+    /// Sleep up to `d`, or until woken.
+    fn sleep(&self, d: Duration) {
+        let _ = self.wake_rx.recv_timeout(d);
+    }
+}
+
+struct Inner {
+    volume_id: String,
+    volume: String,
+    generation: Generation,
+    size: u64,
+    io_timeout: Duration,
+    hello: Hello,
+    /// The local replica (if any) first.
+    replicas: Vec<Replica>,
+    states: Arc<dyn StateStore>,
+    ranges: RangeLocks,
+    fenced: AtomicBool,
+    closed: AtomicBool,
+}
+
+/// Why a background step stopped.
+enum Stop {
+    /// The mirror is fenced or closed: nothing more to do.
+    Done,
+    /// Try again after a pause.
+    Retry(String),
+}
+
+/// A replicated volume's engine. See the module doc.
+pub struct Mirror {
+    inner: Arc<Inner>,
+    workers: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Mirror {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mirror")
+            .field("volume", &self.inner.volume)
+            .field("generation", &self.inner.generation)
+            .finish()
+    }
+}
+
+/// Settles the replicas a write or flush was routed to, however it ends.
+struct Inflight<'a> {
+    inner: &'a Inner,
+    replicas: Vec<usize>,
+}
+
+impl Drop for Inflight<'_> {
+    fn drop(&mut self) {
+        for &i in &self.replicas {
+            let r = &self.inner.replicas[i];
+            let mut cell = r.cell.lock();
+            cell.inflight -= 1;
+            if cell.inflight == 0 {
+                r.settled.notify_all();
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum WriteOp<'a> {
+    Write(&'a [u8]),
+    Discard(u64),
+}
+
+impl WriteOp<'_> {
+    fn len(&self) -> u64 {
+        match self {
+            WriteOp::Write(b) => b.len() as u64,
+            WriteOp::Discard(n) => *n,
+        }
+    }
+}
+
+fn is_zero(buf: &[u8]) -> bool {
+    buf.iter().all(|&b| b == 0)
+}
+
+impl Mirror {
+    /// Connect to the peers and start serving. A peer that cannot be
+    /// reached is recorded Outdated and retried in the background. Refused
+    /// if no in-sync replica (local, or a peer reached) exists, or if a
+    /// replica has seen a newer generation.
+    pub fn open(cfg: MirrorConfig) -> Result<Arc<Mirror>, ReplicationError> {
+        check_volume_id(&cfg.volume_id)?;
+        let size = cfg.params.size;
+        if size == 0 || size % UNIT != 0 {
+            return Err(ReplicationError::Config(format!(
+                "size {size} is not a non-zero multiple of {UNIT}"
+            )));
+        }
+        if cfg.io_timeout.is_zero() {
+            return Err(ReplicationError::Config("io_timeout must not be 0".into()));
+        }
+        if cfg.local.is_none() && cfg.peers.is_empty() {
+            return Err(ReplicationError::Config(
+                "a mirror needs a local replica or at least one peer".into(),
+            ));
+        }
+        for (i, p) in cfg.peers.iter().enumerate() {
+            if p.node == cfg.node || cfg.peers[..i].iter().any(|q| q.node == p.node) {
+                return Err(ReplicationError::Config(format!(
+                    "peer {} is this node or listed twice",
+                    p.node
+                )));
+            }
+        }
+        if let Some(local) = &cfg.local {
+            let have = local.params();
+            if local.volume_id() != cfg.volume_id
+                || have.size != size
+                || have.block_size != cfg.params.block_size
+            {
+                return Err(ReplicationError::Config(format!(
+                    "the local replica ({} of {} bytes) is not volume {} of {size} bytes",
+                    local.volume_id(),
+                    have.size,
+                    cfg.volume_id
+                )));
+            }
+            local.advance(cfg.generation)?;
+        }
+        let hello = Hello::new(&cfg.volume_id, cfg.generation, &cfg.node, cfg.params);
+
+        // Reach every peer at once.
+        let links: Vec<Result<Link, ReplicationError>> = std::thread::scope(|s| {
+            let handles: Vec<_> = cfg
+                .peers
+                .iter()
+                .map(|p| {
+                    let hello = &hello;
+                    s.spawn(move || Link::connect(&p.node, p.addr, hello, cfg.io_timeout))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("connect thread panicked"))
+                .collect()
+        });
+
+        let mut replicas = Vec::new();
+        let mut in_sync = Vec::new();
+        if let Some(local) = &cfg.local {
+            if cfg.local_state == ReplicaState::InSync {
+                in_sync.push(cfg.node.clone());
+            }
+            replicas.push(new_replica(
+                &cfg.node,
+                Endpoint::Local(local.clone()),
+                Track::new(cfg.local_state, size, false),
+                None,
+            ));
+        }
+        let mut unreachable = Vec::new();
+        for (p, link) in cfg.peers.iter().zip(links) {
+            let mut track = Track::new(p.state, size, true);
+            let link = match link {
+                Ok(l) => {
+                    track.connect();
+                    if p.state == ReplicaState::InSync {
+                        in_sync.push(p.node.clone());
+                    }
+                    Some(Arc::new(l))
+                }
+                Err(ReplicationError::Refused {
+                    node,
+                    code: ErrorCode::Fenced,
+                    message,
+                }) => {
+                    return Err(ReplicationError::Refused {
+                        node,
+                        code: ErrorCode::Fenced,
+                        message,
+                    })
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        volume = %cfg.volume,
+                        peer = %p.node,
+                        error = %e,
+                        "replica unreachable at attach"
+                    );
+                    unreachable.push(format!("{}: {e}", p.node));
+                    None
+                }
+            };
+            replicas.push(new_replica(&p.node, Endpoint::Remote(p.addr), track, link));
+        }
+        if in_sync.is_empty() {
+            let detail = if unreachable.is_empty() {
+                "every replica is outdated".to_string()
+            } else {
+                unreachable.join("; ")
+            };
+            return Err(ReplicationError::NoInSyncReplica {
+                volume: cfg.volume,
+                detail,
+            });
+        }
+        // Unreachable peers miss every write from now on: record it first.
+        for r in &replicas {
+            let mut cell = r.cell.lock();
+            if cell.track.needs_outdated_record() {
+                cfg.states.set_state(&r.node, ReplicaState::Outdated)?;
+                cell.track.recorded(ReplicaState::Outdated);
+            }
+        }
+
+        let inner = Arc::new(Inner {
+            volume_id: cfg.volume_id,
+            volume: cfg.volume,
+            generation: cfg.generation,
+            size,
+            io_timeout: cfg.io_timeout,
+            hello,
+            replicas,
+            states: cfg.states,
+            ranges: RangeLocks::new(),
+            fenced: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+        });
+        let mut workers = Vec::new();
+        for i in 0..inner.replicas.len() {
+            let inner2 = inner.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("repl-{}", inner.replicas[i].node))
+                .spawn(move || inner2.background(i));
+            match spawned {
+                Ok(t) => workers.push(t),
+                Err(e) => {
+                    inner.closed.store(true, Ordering::SeqCst);
+                    for r in &inner.replicas {
+                        r.wake();
+                    }
+                    for t in workers {
+                        let _ = t.join();
+                    }
+                    return Err(ReplicationError::Io {
+                        op: "spawn a replica thread for",
+                        path: PathBuf::from(&inner.volume),
+                        source: e,
+                    });
+                }
+            }
+        }
+        tracing::info!(
+            volume = %inner.volume,
+            generation = inner.generation,
+            in_sync = ?in_sync,
+            "replicated volume open"
+        );
+        Ok(Arc::new(Mirror {
+            inner,
+            workers: Mutex::new(workers),
+        }))
+    }
+
+    /// Every replica: state, link, resync progress.
+    pub fn status(&self) -> Vec<ReplicaStatus> {
+        self.inner
+            .replicas
+            .iter()
+            .map(|r| {
+                let cell = r.cell.lock();
+                ReplicaStatus {
+                    node: r.node.clone(),
+                    local: r.is_local(),
+                    state: cell.track.state(),
+                    connected: cell.track.connected(),
+                    resync: cell.track.progress(),
+                    resync_sent_bytes: cell.track.sent_bytes(),
+                }
+            })
+            .collect()
+    }
+
+    /// Refuse every further IO (this node lost its claim on the volume).
+    pub fn fence(&self) {
+        self.inner.fence("fenced by the caller");
+    }
+
+    pub fn is_fenced(&self) -> bool {
+        self.inner.fenced.load(Ordering::SeqCst)
+    }
+
+    /// Stop the background threads and close the links. IO fails after.
+    /// Call it after the export stopped and flushed. Idempotent.
+    pub fn close(&self) {
+        self.inner.closed.store(true, Ordering::SeqCst);
+        for r in &self.inner.replicas {
+            r.wake();
+            r.settled.notify_all();
+        }
+        let workers = std::mem::take(&mut *self.workers.lock());
+        for t in workers {
+            let _ = t.join();
+        }
+        for r in &self.inner.replicas {
+            let link = r.cell.lock().link.take();
+            if let Some(l) = link {
+                l.close();
+            }
+        }
+    }
+}
+
+impl Drop for Mirror {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+fn new_replica(node: &str, endpoint: Endpoint, track: Track, link: Option<Arc<Link>>) -> Replica {
+    let (wake_tx, wake_rx) = crossbeam_channel::bounded(1);
+    Replica {
+        node: node.to_string(),
+        endpoint,
+        cell: Mutex::new(Cell {
+            track,
+            link,
+            inflight: 0,
+        }),
+        settled: Condvar::new(),
+        transition: Mutex::new(()),
+        wake_tx,
+        wake_rx,
+    }
+}
+
+impl Inner {
+    fn is_fenced(&self) -> bool {
+        self.fenced.load(Ordering::SeqCst)
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+
+    fn fence(&self, why: &str) {
+        if !self.fenced.swap(true, Ordering::SeqCst) {
+            tracing::warn!(
+                volume = %self.volume,
+                generation = self.generation,
+                why,
+                "replicated volume fenced: refusing all IO"
+            );
+        }
+        for r in &self.replicas {
+            r.wake();
+        }
+    }
+
+    fn error(&self, msg: impl Into<String>) -> EngineError {
+        EngineError::Io {
+            op: "replicated volume",
+            path: PathBuf::from(&self.volume),
+            source: std::io::Error::other(msg.into()),
+        }
+    }
+
+    fn fenced_error(&self) -> EngineError {
+        self.error(format!(
+            "fenced: generation {} no longer owns volume {} ({}); no IO is accepted",
+            self.generation, self.volume, self.volume_id
+        ))
+    }
+
+    fn check_open(&self) -> Result<(), EngineError> {
+        if self.is_fenced() {
+            return Err(self.fenced_error());
+        }
+        if self.is_closed() {
+            return Err(self.error("closed"));
+        }
+        Ok(())
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<(), EngineError> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.size => Ok(()),
+            _ => Err(EngineError::OutOfRange {
+                offset,
+                len,
+                size: self.size,
+            }),
+        }
+    }
+
+    fn local(&self, i: usize) -> Option<&Arc<LocalReplica>> {
+        match &self.replicas[i].endpoint {
+            Endpoint::Local(l) => Some(l),
+            Endpoint::Remote(_) => None,
+        }
+    }
+
+    /// A local replica's error: fencing fences the mirror.
+    fn local_error(&self, e: ReplicationError) -> EngineError {
+        match e {
+            ReplicationError::Fenced { .. } => {
+                self.fence(&e.to_string());
+                self.fenced_error()
+            }
+            ReplicationError::Engine(e) => e,
+            e => self.error(e.to_string()),
+        }
+    }
+
+    /// Replica `i` failed (its link of `epoch` if given, else it is known
+    /// gone): `mark` what it missed, drop the link, and record it Outdated
+    /// unless it is already. Fails (and fences the mirror) if the record
+    /// cannot be made: then nothing may be acknowledged.
+    fn replica_failed(
+        &self,
+        i: usize,
+        epoch: Option<u64>,
+        mark: impl FnOnce(&mut Track),
+    ) -> Result<(), EngineError> {
+        let r = &self.replicas[i];
+        let _t = r.transition.lock();
+        let (need, dropped) = {
+            let mut cell = r.cell.lock();
+            mark(&mut cell.track);
+            let dropped = match epoch {
+                Some(e) if cell.track.lost(e) => cell.link.take(),
+                _ => None,
+            };
+            (cell.track.needs_outdated_record(), dropped)
+        };
+        if let Some(link) = dropped {
+            tracing::warn!(volume = %self.volume, peer = %r.node, "replica dropped");
+            link.kill();
+        }
+        r.wake();
+        if self.is_fenced() {
+            return Err(self.fenced_error());
+        }
+        if need {
+            if let Err(e) = self.states.set_state(&r.node, ReplicaState::Outdated) {
+                self.fence(&format!("cannot record replica {} outdated: {e}", r.node));
+                return Err(self.fenced_error());
+            }
+            r.cell.lock().track.recorded(ReplicaState::Outdated);
+            tracing::warn!(volume = %self.volume, peer = %r.node, "replica recorded outdated");
+        }
+        Ok(())
+    }
+
+    /// A write or discard: to every replica that takes writes, in parallel.
+    fn replicate(&self, offset: u64, op: WriteOp<'_>) -> Result<(), EngineError> {
+        let len = op.len();
+        self.check_open()?;
+        self.check_range(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let (s, e) = unit_span(offset, len);
+        let _range = self.ranges.lock(s, e);
+        self.check_open()?;
+        let deadline = Instant::now() + self.io_timeout;
+
+        let mut inflight = Inflight {
+            inner: self,
+            replicas: Vec::new(),
+        };
+        let mut local: Option<(usize, bool)> = None;
+        let mut remote = Vec::new();
+        let mut record = Vec::new();
+        for (i, r) in self.replicas.iter().enumerate() {
+            let mut cell = r.cell.lock();
+            let in_sync = cell.track.state() == ReplicaState::InSync;
+            match cell.track.route(offset, len) {
+                Route::Send { epoch } => {
+                    cell.inflight += 1;
+                    inflight.replicas.push(i);
+                    if r.is_local() {
+                        local = Some((i, in_sync));
+                    } else {
+                        let link = cell.link.clone();
+                        drop(cell);
+                        let rx = link.and_then(|l| {
+                            l.submit_with(|id| match op {
+                                WriteOp::Write(buf) => wire::encode_write(id, offset, buf),
+                                WriteOp::Discard(n) => wire::Frame::Request {
+                                    id,
+                                    req: Request::Discard { offset, len: n },
+                                }
+                                .encode(),
+                            })
+                            .ok()
+                        });
+                        remote.push((i, epoch, in_sync, rx));
+                    }
+                }
+                Route::Skip => {}
+                Route::Record => record.push(i),
+            }
+        }
+
+        let mut held_in_sync = 0;
+        let mut fenced = None;
+        let mut local_err = None;
+        if let Some((i, in_sync)) = local {
+            let l = self.local(i).expect("local replica");
+            let res = match op {
+                WriteOp::Write(buf) => l.write_at(self.generation, buf, offset),
+                WriteOp::Discard(n) => l.discard(self.generation, offset, n),
+            };
+            match res {
+                Ok(()) => held_in_sync += usize::from(in_sync),
+                Err(e @ ReplicationError::Fenced { .. }) => fenced = Some(e.to_string()),
+                Err(e) => local_err = Some(e),
+            }
+        }
+        let mut failed = Vec::new();
+        for (i, epoch, in_sync, rx) in remote {
+            let res = match rx {
+                Some(rx) => link::wait(&rx, deadline),
+                None => Err(CallError::Down),
+            };
+            match res {
+                Ok(Reply::Ok) => {
+                    self.replicas[i].cell.lock().track.acked(epoch, offset, len);
+                    held_in_sync += usize::from(in_sync);
+                }
+                Err(e) if e.is_fenced() => {
+                    fenced = Some(format!("replica {}: {e}", self.replicas[i].node))
+                }
+                other => {
+                    let why = match other {
+                        Err(e) => e.to_string(),
+                        Ok(_) => "unexpected reply".into(),
+                    };
+                    tracing::warn!(
+                        volume = %self.volume,
+                        peer = %self.replicas[i].node,
+                        error = %why,
+                        "write to replica failed"
+                    );
+                    failed.push((i, epoch));
+                }
+            }
+        }
+        if let Some(why) = fenced {
+            self.fence(&why);
+            return Err(self.fenced_error());
+        }
+        for (i, epoch) in failed {
+            self.replica_failed(i, Some(epoch), |t| t.mark_dirty(offset, len))?;
+        }
+        for i in record {
+            self.replica_failed(i, None, |_| {})?;
+        }
+        if let Some(e) = local_err {
+            return Err(self.local_error(e));
+        }
+        if held_in_sync == 0 {
+            return Err(self.error("no in-sync replica holds the write"));
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<(), EngineError> {
+        self.check_open()?;
+        let deadline = Instant::now() + self.io_timeout;
+        let mut inflight = Inflight {
+            inner: self,
+            replicas: Vec::new(),
+        };
+        let mut local = None;
+        let mut remote = Vec::new();
+        for (i, r) in self.replicas.iter().enumerate() {
+            let mut cell = r.cell.lock();
+            if !cell.track.receives_writes() {
+                continue;
+            }
+            let in_sync = cell.track.state() == ReplicaState::InSync;
+            cell.inflight += 1;
+            inflight.replicas.push(i);
+            if r.is_local() {
+                local = Some((i, in_sync));
+                continue;
+            }
+            let epoch = cell.track.epoch();
+            let taken = cell.track.take_unflushed();
+            let link = cell.link.clone();
+            drop(cell);
+            let rx = link.and_then(|l| l.submit(Request::Flush).ok());
+            remote.push((i, epoch, in_sync, taken, rx));
+        }
+        let mut held_in_sync = 0;
+        let mut fenced = None;
+        let mut local_err = None;
+        if let Some((i, in_sync)) = local {
+            match self.local(i).expect("local").flush(self.generation) {
+                Ok(()) => held_in_sync += usize::from(in_sync),
+                Err(e @ ReplicationError::Fenced { .. }) => fenced = Some(e.to_string()),
+                Err(e) => local_err = Some(e),
+            }
+        }
+        let mut failed = Vec::new();
+        for (i, epoch, in_sync, taken, rx) in remote {
+            let res = match rx {
+                Some(rx) => link::wait(&rx, deadline),
+                None => Err(CallError::Down),
+            };
+            match res {
+                Ok(Reply::Ok) => held_in_sync += usize::from(in_sync),
+                Err(e) if e.is_fenced() => {
+                    fenced = Some(format!("replica {}: {e}", self.replicas[i].node))
+                }
+                _ => failed.push((i, epoch, taken)),
+            }
+        }
+        if let Some(why) = fenced {
+            self.fence(&why);
+            return Err(self.fenced_error());
+        }
+        for (i, epoch, taken) in failed {
+            tracing::warn!(volume = %self.volume, peer = %self.replicas[i].node, "flush of replica failed");
+            self.replica_failed(i, Some(epoch), |t| {
+                if let Some(taken) = &taken {
+                    t.flush_failed(taken);
+                }
+            })?;
+        }
+        if let Some(e) = local_err {
+            return Err(self.local_error(e));
+        }
+        if held_in_sync == 0 {
+            return Err(self.error("no in-sync replica completed the flush"));
+        }
+        Ok(())
+    }
+
+    fn read(&self, buf: &mut [u8], offset: u64) -> Result<(), EngineError> {
+        self.check_open()?;
+        self.check_range(offset, buf.len() as u64)?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        match self.read_from_in_sync(None, buf, offset) {
+            Ok(()) => Ok(()),
+            Err(ReadError::Engine(e)) => Err(e),
+            Err(ReadError::NoSource(why)) => Err(self.error(why)),
+        }
+    }
+
+    /// Read from an in-sync replica other than `exclude`: the local one if
+    /// it is, else a peer (failing peers are dropped and the next tried).
+    fn read_from_in_sync(
+        &self,
+        exclude: Option<usize>,
+        buf: &mut [u8],
+        offset: u64,
+    ) -> Result<(), ReadError> {
+        for (i, r) in self.replicas.iter().enumerate() {
+            if Some(i) == exclude {
+                continue;
+            }
+            let (epoch, link) = {
+                let cell = r.cell.lock();
+                if !cell.track.readable() {
+                    continue;
+                }
+                (cell.track.epoch(), cell.link.clone())
+            };
+            if let Endpoint::Local(l) = &r.endpoint {
+                return l
+                    .read_at(self.generation, buf, offset)
+                    .map_err(|e| ReadError::Engine(self.local_error(e)));
+            }
+            let Some(link) = link else { continue };
+            match self.read_remote(&link, buf, offset) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.is_fenced() => {
+                    self.fence(&format!("replica {}: {e}", r.node));
+                    return Err(ReadError::Engine(self.fenced_error()));
+                }
+                Err(e) => {
+                    tracing::warn!(volume = %self.volume, peer = %r.node, error = %e, "read from replica failed");
+                    self.replica_failed(i, Some(epoch), |_| {})
+                        .map_err(ReadError::Engine)?;
+                }
+            }
+        }
+        Err(ReadError::NoSource(
+            "no in-sync replica can be read".to_string(),
+        ))
+    }
+
+    fn read_remote(&self, link: &Link, buf: &mut [u8], offset: u64) -> Result<(), CallError> {
+        let deadline = Instant::now() + self.io_timeout;
+        let mut done = 0;
+        while done < buf.len() {
+            let n = (buf.len() - done).min(MAX_READ);
+            let req = Request::Read {
+                offset: offset + done as u64,
+                len: n as u32,
+            };
+            match link.call(req, deadline)? {
+                Reply::Data(d) if d.len() == n => buf[done..done + n].copy_from_slice(&d),
+                _ => return Err(CallError::Unexpected),
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// The background thread of replica `i`: reconnect it when it drops,
+    /// resync it when it is behind.
+    fn background(&self, i: usize) {
+        let r = &self.replicas[i];
+        let mut backoff = MIN_BACKOFF;
+        loop {
+            if self.is_closed() {
+                return;
+            }
+            if self.is_fenced() {
+                r.sleep(MAX_BACKOFF);
+                continue;
+            }
+            let (connected, state) = {
+                let cell = r.cell.lock();
+                (cell.track.connected(), cell.track.state())
+            };
+            if connected && state == ReplicaState::InSync {
+                r.sleep(MAX_BACKOFF);
+                continue;
+            }
+            let step = if connected {
+                self.resync(i)
+            } else {
+                self.reconnect(i)
+            };
+            match step {
+                Ok(()) => backoff = MIN_BACKOFF,
+                Err(Stop::Done) => {}
+                Err(Stop::Retry(why)) => {
+                    tracing::debug!(volume = %self.volume, peer = %r.node, why, "replica not back yet");
+                    r.sleep(backoff);
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+    }
+
+    fn reconnect(&self, i: usize) -> Result<(), Stop> {
+        let r = &self.replicas[i];
+        let Endpoint::Remote(addr) = r.endpoint else {
+            return Ok(());
+        };
+        let link = match Link::connect(&r.node, addr, &self.hello, self.io_timeout) {
+            Ok(l) => Arc::new(l),
+            Err(ReplicationError::Refused {
+                code: ErrorCode::Fenced,
+                message,
+                ..
+            }) => {
+                self.fence(&format!("replica {}: {message}", r.node));
+                return Err(Stop::Done);
+            }
+            Err(e) => return Err(Stop::Retry(e.to_string())),
+        };
+        let mut cell = r.cell.lock();
+        if self.is_closed() {
+            drop(cell);
+            link.close();
+            return Err(Stop::Done);
+        }
+        cell.link = Some(link);
+        cell.track.connect();
+        tracing::info!(volume = %self.volume, peer = %r.node, "replica reconnected");
+        Ok(())
+    }
+
+    /// Bring connected replica `i` up to date, then record it in sync.
+    fn resync(&self, i: usize) -> Result<(), Stop> {
+        let r = &self.replicas[i];
+        // Writes routed over an older link settle first: a late ack or
+        // failure of one marks its range dirty, which must happen before
+        // the map is walked.
+        let epoch = {
+            let mut cell = r.cell.lock();
+            while cell.inflight > 0 && !self.is_closed() {
+                r.settled.wait_for(&mut cell, Duration::from_millis(100));
+            }
+            if !cell.track.connected() {
+                return Err(Stop::Retry("dropped".into()));
+            }
+            cell.track.epoch()
+        };
+        self.stop_check()?;
+        if r.cell.lock().track.state() == ReplicaState::Outdated {
+            let _t = r.transition.lock();
+            if !r.cell.lock().track.connected() {
+                return Err(Stop::Retry("dropped".into()));
+            }
+            self.record(r, ReplicaState::Resyncing)?;
+            let mut cell = r.cell.lock();
+            cell.track.recorded(ReplicaState::Resyncing);
+            tracing::info!(
+                volume = %self.volume,
+                peer = %r.node,
+                dirty_bytes = cell.track.dirty().bytes(),
+                "replica resyncing"
+            );
+        }
+
+        let mut cursor = 0;
+        let mut buf = Vec::new();
+        loop {
+            self.stop_check()?;
+            let (run, link) = {
+                let cell = r.cell.lock();
+                if !cell.track.connected() || cell.track.epoch() != epoch {
+                    return Err(Stop::Retry("dropped".into()));
+                }
+                match cell.track.dirty().next_run(cursor, MAX_RUN_UNITS) {
+                    Some(run) => (run, cell.link.clone()),
+                    None => break,
+                }
+            };
+            let _range = self.ranges.lock(run.0, run.1);
+            // No write to the run is in flight now: take it.
+            let run = {
+                let mut cell = r.cell.lock();
+                if !cell.track.connected() || cell.track.epoch() != epoch {
+                    return Err(Stop::Retry("dropped".into()));
+                }
+                match cell.track.take_run(run.0, run.1 - run.0) {
+                    // Still the same start (nothing clears bits but us).
+                    Some(taken) if taken.0 == run.0 => taken,
+                    Some(other) => {
+                        cell.track.run_failed(other);
+                        continue;
+                    }
+                    None => break,
+                }
+            };
+            let offset = run.0 * UNIT;
+            let len = ((run.1 - run.0) * UNIT).min(self.size - offset) as usize;
+            buf.resize(len, 0);
+            if let Err(e) = self.read_from_in_sync(Some(i), &mut buf, offset) {
+                r.cell.lock().track.run_failed(run);
+                return Err(match e {
+                    ReadError::Engine(e) if self.is_fenced() => {
+                        tracing::debug!(error = %e, "resync source fenced");
+                        Stop::Done
+                    }
+                    ReadError::Engine(e) => Stop::Retry(e.to_string()),
+                    ReadError::NoSource(why) => Stop::Retry(why),
+                });
+            }
+            let zero = is_zero(&buf);
+            let sent = self.copy_to(i, link.as_deref(), &buf, offset, zero);
+            match sent {
+                Ok(()) => {
+                    let mut cell = r.cell.lock();
+                    cell.track.run_copied(len as u64, if zero { 0 } else { len as u64 });
+                    cell.track.acked(epoch, offset, len as u64);
+                }
+                Err(e) => {
+                    if e.is_fenced() {
+                        r.cell.lock().track.run_failed(run);
+                        self.fence(&format!("replica {}: {e}", r.node));
+                        return Err(Stop::Done);
+                    }
+                    tracing::warn!(volume = %self.volume, peer = %r.node, error = %e, "resync write failed");
+                    return Err(
+                        match self.replica_failed(i, Some(epoch), |t| t.run_failed(run)) {
+                            Ok(()) => Stop::Retry(e.to_string()),
+                            Err(_) => Stop::Done,
+                        },
+                    );
+                }
+            }
+            cursor = run.1;
+        }
+
+        // Everything copied: make it durable, then record it.
+        let (taken, link) = {
+            let mut cell = r.cell.lock();
+            (cell.track.take_unflushed(), cell.link.clone())
+        };
+        let flushed = match &r.endpoint {
+            Endpoint::Local(l) => l.flush(self.generation).map_err(|e| CallError::Refused {
+                code: match e {
+                    ReplicationError::Fenced { .. } => ErrorCode::Fenced,
+                    _ => ErrorCode::Io,
+                },
+                message: e.to_string(),
+            }),
+            Endpoint::Remote(_) => match &link {
+                Some(l) => l
+                    .call(Request::Flush, Instant::now() + self.io_timeout)
+                    .map(drop),
+                None => Err(CallError::Down),
+            },
+        };
+        if let Err(e) = flushed {
+            if e.is_fenced() {
+                self.fence(&format!("replica {}: {e}", r.node));
+                return Err(Stop::Done);
+            }
+            return Err(
+                match self.replica_failed(i, Some(epoch), |t| {
+                    if let Some(taken) = &taken {
+                        t.flush_failed(taken);
+                    }
+                }) {
+                    Ok(()) => Stop::Retry(e.to_string()),
+                    Err(_) => Stop::Done,
+                },
+            );
+        }
+        let _t = r.transition.lock();
+        if !r.cell.lock().track.may_finish(epoch) {
+            return Ok(());
+        }
+        self.record(r, ReplicaState::InSync)?;
+        let mut cell = r.cell.lock();
+        cell.track.recorded(ReplicaState::InSync);
+        tracing::info!(
+            volume = %self.volume,
+            peer = %r.node,
+            sent_bytes = cell.track.sent_bytes(),
+            "replica in sync"
+        );
+        Ok(())
+    }
+
+    fn stop_check(&self) -> Result<(), Stop> {
+        if self.is_closed() || self.is_fenced() {
+            Err(Stop::Done)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Record `state` for replica `r` (the caller holds its transition lock).
+    fn record(&self, r: &Replica, state: ReplicaState) -> Result<(), Stop> {
+        match self.states.set_state(&r.node, state) {
+            Ok(()) => Ok(()),
+            Err(e @ super::StateStoreError::Fenced { .. }) => {
+                self.fence(&e.to_string());
+                Err(Stop::Done)
+            }
+            Err(e) => Err(Stop::Retry(format!("cannot record {state}: {e}"))),
+        }
+    }
+
+    /// Write a resync run to replica `i` (zeros as a discard).
+    fn copy_to(
+        &self,
+        i: usize,
+        link: Option<&Link>,
+        buf: &[u8],
+        offset: u64,
+        zero: bool,
+    ) -> Result<(), CallError> {
+        if let Some(l) = self.local(i) {
+            let res = if zero {
+                l.discard(self.generation, offset, buf.len() as u64)
+            } else {
+                l.write_at(self.generation, buf, offset)
+            };
+            return res.map_err(|e| CallError::Refused {
+                code: match e {
+                    ReplicationError::Fenced { .. } => ErrorCode::Fenced,
+                    _ => ErrorCode::Io,
+                },
+                message: e.to_string(),
+            });
+        }
+        let link = link.ok_or(CallError::Down)?;
+        let deadline = Instant::now() + self.io_timeout;
+        let rx = if zero {
+            link.submit(Request::Discard {
+                offset,
+                len: buf.len() as u64,
+            })
+        } else {
+            link.submit_with(|id| wire::encode_write(id, offset, buf))
+        }
+        .map_err(|_| CallError::Down)?;
+        match link::wait(&rx, deadline)? {
+            Reply::Ok => Ok(()),
+            _ => Err(CallError::Unexpected),
+        }
+    }
+}
+
+enum ReadError {
+    Engine(EngineError),
+    NoSource(String),
+}
+
+impl BlockEngine for Mirror {
+    fn size(&self) -> u64 {
+        self.inner.size
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), EngineError> {
+        self.inner.read(buf, offset)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), EngineError> {
+        self.inner.replicate(offset, WriteOp::Write(buf))
+    }
+
+    fn flush(&self) -> Result<(), EngineError> {
+        self.inner.flush()
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<(), EngineError> {
+        self.inner.replicate(offset, WriteOp::Discard(len))
+    }
+}

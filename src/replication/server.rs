@@ -1,0 +1,319 @@
+//! The replica server: serves this node's replicas to the attached node.
+//! A thread per connection reads requests and hands them to a few worker
+//! threads, so requests of one link run in parallel and are answered out of
+//! order. A write is answered once the image has it (in the page cache,
+//! which survives kill -9 of this process); a flush once the image flushed.
+
+use super::local::LocalReplicas;
+use super::wire::{self, ErrorCode, Frame, Hello, Request, WireError, MAX_IO, PROTOCOL_VERSION};
+use super::{LocalReplica, ReplicationError};
+use crate::engine::EngineError;
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::io::{BufReader, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// How long a new connection may take to say Hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Requests of one link served at once.
+const WORKERS_PER_LINK: usize = 4;
+/// Requests read ahead of the workers (then TCP pushes back).
+const QUEUE: usize = 64;
+
+struct Inner {
+    node: String,
+    replicas: Arc<LocalReplicas>,
+    stop: AtomicBool,
+    next_conn: AtomicU64,
+    /// Live connections, to cut them at shutdown.
+    conns: Mutex<HashMap<u64, TcpStream>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+pub struct ReplicaServer {
+    addr: SocketAddr,
+    inner: Arc<Inner>,
+    accept: Option<JoinHandle<()>>,
+}
+
+impl ReplicaServer {
+    /// Listen on `listen` (port 0 picks one) as node `node`.
+    pub fn start(
+        listen: SocketAddr,
+        node: String,
+        replicas: Arc<LocalReplicas>,
+    ) -> Result<ReplicaServer, ReplicationError> {
+        let io_err = |op| {
+            move |source| ReplicationError::Io {
+                op,
+                path: listen.to_string().into(),
+                source,
+            }
+        };
+        let listener = TcpListener::bind(listen).map_err(io_err("listen on"))?;
+        let addr = listener.local_addr().map_err(io_err("listen on"))?;
+        let inner = Arc::new(Inner {
+            node,
+            replicas,
+            stop: AtomicBool::new(false),
+            next_conn: AtomicU64::new(0),
+            conns: Mutex::new(HashMap::new()),
+            threads: Mutex::new(Vec::new()),
+        });
+        let accept = {
+            let inner = inner.clone();
+            std::thread::Builder::new()
+                .name("repl-accept".into())
+                .spawn(move || accept_loop(&inner, listener))
+                .map_err(io_err("spawn the acceptor for"))?
+        };
+        tracing::info!(%addr, node = %inner.node, "replica server listening");
+        Ok(ReplicaServer {
+            addr,
+            inner,
+            accept: Some(accept),
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stop accepting, cut every link and wait for their threads: when this
+    /// returns, the server holds no replica any more.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        let Some(accept) = self.accept.take() else {
+            return;
+        };
+        self.inner.stop.store(true, Ordering::SeqCst);
+        // Wake the acceptor with a connection of our own.
+        let mut wake = self.addr;
+        if wake.ip().is_unspecified() {
+            wake.set_ip(match wake.ip() {
+                IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+                IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+            });
+        }
+        let _ = TcpStream::connect_timeout(&wake, Duration::from_secs(5));
+        let _ = accept.join();
+        for s in self.inner.conns.lock().values() {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+        let threads = std::mem::take(&mut *self.inner.threads.lock());
+        for t in threads {
+            let _ = t.join();
+        }
+        tracing::info!(addr = %self.addr, node = %self.inner.node, "replica server stopped");
+    }
+}
+
+impl Drop for ReplicaServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn accept_loop(inner: &Arc<Inner>, listener: TcpListener) {
+    for conn in listener.incoming() {
+        if inner.stop.load(Ordering::SeqCst) {
+            break;
+        }
+        let stream = match conn {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+        };
+        let Ok(clone) = stream.try_clone() else {
+            continue;
+        };
+        let id = inner.next_conn.fetch_add(1, Ordering::Relaxed);
+        inner.conns.lock().insert(id, clone);
+        let peer = stream.peer_addr().ok();
+        let spawned = {
+            let inner = inner.clone();
+            std::thread::Builder::new()
+                .name("repl-conn".into())
+                .spawn(move || {
+                    serve_conn(&inner, stream, peer);
+                    inner.conns.lock().remove(&id);
+                })
+        };
+        let mut threads = inner.threads.lock();
+        threads.retain(|t| !t.is_finished());
+        match spawned {
+            Ok(t) => threads.push(t),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot start a replica link thread");
+                inner.conns.lock().remove(&id);
+            }
+        }
+    }
+}
+
+fn send(stream: &TcpStream, frame: &Frame) -> Result<(), WireError> {
+    let mut s = stream;
+    wire::write_frame(&mut s, frame)
+}
+
+fn refuse_hello(stream: &TcpStream, code: ErrorCode, message: String) {
+    tracing::warn!(peer = ?stream.peer_addr().ok(), %code, message, "replica link refused");
+    let _ = send(
+        stream,
+        &Frame::Error {
+            id: 0,
+            code,
+            message,
+        },
+    );
+}
+
+fn code_of(e: &ReplicationError) -> ErrorCode {
+    match e {
+        ReplicationError::Fenced { .. } => ErrorCode::Fenced,
+        ReplicationError::InvalidVolumeId(_) | ReplicationError::ParamsMismatch { .. } => {
+            ErrorCode::Invalid
+        }
+        ReplicationError::Engine(
+            EngineError::OutOfRange { .. }
+            | EngineError::InvalidParams(_)
+            | EngineError::Misaligned { .. },
+        ) => ErrorCode::Invalid,
+        _ => ErrorCode::Io,
+    }
+}
+
+fn serve_conn(inner: &Inner, stream: TcpStream, peer: Option<SocketAddr>) {
+    if inner.stop.load(Ordering::SeqCst) {
+        return;
+    }
+    let _ = stream.set_nodelay(true);
+    let _ = stream.set_read_timeout(Some(HELLO_TIMEOUT));
+    let hello: Hello = match wire::read_frame(&mut &stream) {
+        Ok(Some(Frame::Hello(h))) => h,
+        Ok(None) => return,
+        Ok(Some(other)) => {
+            return refuse_hello(
+                &stream,
+                ErrorCode::Protocol,
+                format!("the first frame must be a Hello, got {other:?}"),
+            )
+        }
+        Err(e @ WireError::Version { .. }) => {
+            return refuse_hello(&stream, ErrorCode::Version, e.to_string())
+        }
+        Err(e) => return refuse_hello(&stream, ErrorCode::Protocol, e.to_string()),
+    };
+    let replica = match inner
+        .replicas
+        .open(&hello.volume_id, hello.params())
+        .and_then(|r| r.advance(hello.generation).map(|()| r))
+    {
+        Ok(r) => r,
+        Err(e) => return refuse_hello(&stream, code_of(&e), e.to_string()),
+    };
+    if send(
+        &stream,
+        &Frame::HelloOk {
+            version: PROTOCOL_VERSION,
+            node: inner.node.clone(),
+        },
+    )
+    .is_err()
+    {
+        return;
+    }
+    let _ = stream.set_read_timeout(None);
+    tracing::info!(
+        ?peer,
+        from = %hello.from,
+        volume_id = %hello.volume_id,
+        generation = hello.generation,
+        "replica link up"
+    );
+    serve_requests(&replica, hello.generation, &stream);
+    tracing::info!(?peer, from = %hello.from, volume_id = %hello.volume_id, "replica link down");
+}
+
+fn serve_requests(replica: &LocalReplica, generation: u64, stream: &TcpStream) {
+    let out = Mutex::new(stream);
+    let (tx, rx) = crossbeam_channel::bounded::<(u64, Request)>(QUEUE);
+    std::thread::scope(|scope| {
+        for _ in 0..WORKERS_PER_LINK {
+            let rx = rx.clone();
+            let out = &out;
+            scope.spawn(move || {
+                for (id, req) in rx {
+                    let reply = execute(replica, generation, id, req);
+                    let bytes = reply.encode();
+                    let mut s = out.lock();
+                    if s.write_all(&bytes).is_err() {
+                        let _ = s.shutdown(Shutdown::Both);
+                    }
+                }
+            });
+        }
+        drop(rx);
+        let mut r = BufReader::with_capacity(256 << 10, stream);
+        loop {
+            match wire::read_frame(&mut r) {
+                Ok(Some(Frame::Request { id, req })) => {
+                    if tx.send((id, req)).is_err() {
+                        break;
+                    }
+                }
+                Ok(None) => break,
+                Ok(Some(other)) => {
+                    tracing::warn!(frame = ?other, "unexpected frame on a replica link");
+                    break;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "replica link read failed");
+                    break;
+                }
+            }
+        }
+        drop(tx);
+    });
+    let _ = stream.shutdown(Shutdown::Both);
+}
+
+fn execute(replica: &LocalReplica, generation: u64, id: u64, req: Request) -> Frame {
+    let result = match req {
+        Request::Read { offset, len } => {
+            if len as usize > MAX_IO {
+                return Frame::Error {
+                    id,
+                    code: ErrorCode::Invalid,
+                    message: format!("read of {len} bytes exceeds the limit of {MAX_IO}"),
+                };
+            }
+            let mut buf = vec![0u8; len as usize];
+            replica
+                .read_at(generation, &mut buf, offset)
+                .map(|()| Frame::Data { id, data: buf })
+        }
+        Request::Write { offset, data } => replica
+            .write_at(generation, &data, offset)
+            .map(|()| Frame::Ok { id }),
+        Request::Discard { offset, len } => replica
+            .discard(generation, offset, len)
+            .map(|()| Frame::Ok { id }),
+        Request::Flush => replica.flush(generation).map(|()| Frame::Ok { id }),
+    };
+    result.unwrap_or_else(|e| Frame::Error {
+        id,
+        code: code_of(&e),
+        message: e.to_string(),
+    })
+}
