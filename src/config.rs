@@ -22,6 +22,90 @@ pub struct Node {
     /// Shares engine IO between `io_priority` classes.
     pub arbiter: std::sync::Arc<crate::engine::priority::IoArbiter>,
     pub catalog: Arc<dyn Catalog>,
+    /// Cluster mode (`serve --etcd`): membership, attach leases, replicas.
+    pub cluster: Option<Arc<ClusterNode>>,
+}
+
+/// What a node in a cluster holds beyond a single node's state.
+pub struct ClusterNode {
+    pub cluster: Arc<crate::cluster::Cluster>,
+    /// This node's replicas: every image open in cluster mode goes through here.
+    pub replicas: Arc<crate::replication::LocalReplicas>,
+    pub lease_ttl: std::time::Duration,
+    /// How long a replica may stay silent before it leaves the in-sync set.
+    pub replica_timeout: std::time::Duration,
+    /// Mirrors of the volumes attached here, fenced at once if the lease is lost.
+    mirrors: parking_lot::Mutex<
+        std::collections::HashMap<String, std::sync::Weak<crate::replication::Mirror>>,
+    >,
+    server: parking_lot::Mutex<Option<crate::replication::ReplicaServer>>,
+}
+
+impl ClusterNode {
+    pub fn new(
+        cluster: Arc<crate::cluster::Cluster>,
+        replicas: Arc<crate::replication::LocalReplicas>,
+        server: crate::replication::ReplicaServer,
+        lease_ttl: std::time::Duration,
+        replica_timeout: std::time::Duration,
+    ) -> Arc<Self> {
+        let node = Arc::new(ClusterNode {
+            cluster,
+            replicas,
+            lease_ttl,
+            replica_timeout,
+            mirrors: Default::default(),
+            server: parking_lot::Mutex::new(Some(server)),
+        });
+        // A node whose lease is gone may have been replaced by another
+        // attach already: it must not write again.
+        let weak = Arc::downgrade(&node);
+        node.cluster.on_lease_lost(Box::new(move || {
+            if let Some(n) = weak.upgrade() {
+                n.fence_all();
+            }
+        }));
+        node
+    }
+
+    pub fn track(&self, volume_id: &str, mirror: &Arc<crate::replication::Mirror>) {
+        self.mirrors
+            .lock()
+            .insert(volume_id.to_string(), Arc::downgrade(mirror));
+    }
+
+    pub fn untrack(&self, volume_id: &str) {
+        self.mirrors.lock().remove(volume_id);
+    }
+
+    /// The mirror of a volume attached here.
+    pub fn mirror(&self, volume_id: &str) -> Option<Arc<crate::replication::Mirror>> {
+        self.mirrors.lock().get(volume_id).and_then(|w| w.upgrade())
+    }
+
+    pub fn fence_all(&self) {
+        let mirrors: Vec<_> = self
+            .mirrors
+            .lock()
+            .values()
+            .filter_map(|w| w.upgrade())
+            .collect();
+        for m in mirrors {
+            m.fence();
+        }
+        tracing::error!(
+            node = %self.cluster.node(),
+            "this node lost its cluster lease: every volume attached here is fenced (IO fails) until it is detached and attached again"
+        );
+    }
+
+    /// Stop serving replica traffic and leave the cluster.
+    pub fn shutdown(&self) {
+        if let Some(s) = self.server.lock().take() {
+            s.shutdown();
+        }
+        self.cluster.shutdown();
+    }
 }
 
 impl Node {

@@ -2,6 +2,7 @@
 //! anyhow lives here only.
 
 use clap::{Parser, Subcommand};
+use dunnage::cli::cluster::{NodeCmd, ReplicaCmd};
 use dunnage::cli::{self, SnapshotCmd, VolumeCmd};
 use dunnage::serve::{self, ServeArgs};
 use std::path::PathBuf;
@@ -34,6 +35,12 @@ enum Cmd {
     /// Manage a volume's snapshots.
     #[command(subcommand)]
     Snapshot(SnapshotCmd),
+    /// The cluster's nodes.
+    #[command(subcommand)]
+    Node(NodeCmd),
+    /// This node's replicas.
+    #[command(subcommand)]
+    Replica(ReplicaCmd),
     /// Attach a volume as a block device on this host; prints the device path.
     Attach { name: String },
     /// Detach a volume attached with `dunnage attach`.
@@ -61,6 +68,8 @@ fn main() -> ExitCode {
         Cmd::Serve(args) => serve::run(args, cli.run_dir),
         Cmd::Volume(cmd) => cli::volume(&cli.run_dir, cmd),
         Cmd::Snapshot(cmd) => cli::snapshot(&cli.run_dir, cmd),
+        Cmd::Node(cmd) => cli::cluster::node(&cli.run_dir, cmd),
+        Cmd::Replica(cmd) => cli::cluster::replica(&cli.run_dir, cmd),
         Cmd::Attach { name } => cli::attach(&cli.run_dir, name),
         Cmd::Detach { name } => cli::detach(&cli.run_dir, name),
         Cmd::DebugEngineWriter { dir } => cli::debug::engine_writer(&dir),

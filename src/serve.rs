@@ -35,9 +35,10 @@ pub struct ServeArgs {
     /// else a FUSE-served image on a loop device.
     #[arg(long, value_enum, default_value = "auto")]
     pub export: ExportKind,
-    /// FUSE export: let the kernel read and write a volume's data file
-    /// directly (FUSE passthrough) while the volume's layout allows it;
-    /// `off` serves every IO through dunnage's own engine path.
+    /// FUSE export: `auto` lets the kernel read and write the data file of
+    /// volumes created with `passthrough=true` directly (FUSE passthrough)
+    /// while their layout allows it; `off` serves every IO of every volume
+    /// through dunnage's own engine path.
     #[arg(long, value_enum, default_value = "auto")]
     pub fuse_passthrough: Passthrough,
     /// File holding the node-wide encryption key: `secure=true` volumes
@@ -45,6 +46,59 @@ pub struct ServeArgs {
     /// themselves after a restart. Read once at start; keep it mode 600.
     #[arg(long)]
     pub secret_file: Option<PathBuf>,
+    /// Cluster mode: this node's name among the cluster's members
+    /// [default: the host name]. Errors name it.
+    #[arg(long)]
+    pub node: Option<String>,
+    /// Cluster mode: IP:PORT where this node serves replica traffic to the
+    /// other nodes (they find it in etcd).
+    #[arg(long, requires = "etcd")]
+    pub listen: Option<std::net::SocketAddr>,
+    /// Cluster mode: etcd endpoints, comma separated
+    /// (`http://10.0.0.1:2379,http://10.0.0.2:2379`). The catalog, node
+    /// membership and attach ownership then live in etcd.
+    #[arg(long, value_delimiter = ',', requires = "listen")]
+    pub etcd: Vec<String>,
+    /// Cluster mode: seconds this node's lease outlives its last keepalive.
+    /// A node cut off for longer loses its attaches (and is fenced); a
+    /// killed node's volumes can be attached elsewhere after this long.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(2..=300))]
+    pub lease_ttl: u64,
+    /// Cluster mode: seconds a replica may leave a write unanswered before
+    /// it leaves the in-sync set (writes then go on without it; it is
+    /// resynced when it returns).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=120))]
+    pub replica_timeout: u64,
+}
+
+/// Join the cluster: serve replica traffic, then register in etcd.
+fn join_cluster(args: &ServeArgs, node: &str) -> Result<Arc<crate::config::ClusterNode>> {
+    use crate::cluster::{Cluster, ClusterConfig};
+    use crate::replication::{LocalReplicas, ReplicaServer};
+    let listen = args.listen.context("--listen is required with --etcd")?;
+    let replicas = LocalReplicas::new(args.data_dir.join("volumes"));
+    let server = ReplicaServer::start(listen, node.to_string(), replicas.clone())
+        .with_context(|| format!("serve replica traffic on {listen}"))?;
+    let lease_ttl = std::time::Duration::from_secs(args.lease_ttl);
+    let cluster = match Cluster::connect(ClusterConfig {
+        node: node.to_string(),
+        listen: server.local_addr(),
+        etcd: args.etcd.clone(),
+        lease_ttl,
+    }) {
+        Ok(c) => c,
+        Err(e) => {
+            server.shutdown();
+            return Err(e).context("join the cluster");
+        }
+    };
+    Ok(crate::config::ClusterNode::new(
+        cluster,
+        replicas,
+        server,
+        lease_ttl,
+        std::time::Duration::from_secs(args.replica_timeout),
+    ))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -224,8 +278,16 @@ fn cleanup(node: &Node, keep: &[AttachRecord]) {
             let _ = std::fs::remove_dir(e.path());
         }
     }
-    for dir in registry::remove_orphans(node) {
-        tracing::warn!(dir = %dir.display(), "removed data of a volume that is not in the catalog");
+    match &node.cluster {
+        // Replicas of removed volumes go only when etcd says so.
+        Some(c) => {
+            registry::cluster::sweep_replicas(c);
+        }
+        None => {
+            for dir in registry::remove_orphans(node) {
+                tracing::warn!(dir = %dir.display(), "removed data of a volume that is not in the catalog");
+            }
+        }
     }
 }
 
@@ -259,12 +321,28 @@ pub fn run(args: ServeArgs, run_dir: PathBuf) -> Result<()> {
     claim_socket(&plugin_sock)?;
     claim_socket(&control_sock)?;
     let export = export::resolve(args.export)?;
-    let catalog: Arc<dyn Catalog> = Arc::new(EmbeddedCatalog::open(&args.data_dir)?);
+    let node_name = match &args.node {
+        Some(n) => {
+            crate::spec::validate_name(n).context("--node")?;
+            n.clone()
+        }
+        None => host_name(),
+    };
+    let cluster = if args.etcd.is_empty() {
+        None
+    } else {
+        Some(join_cluster(&args, &node_name)?)
+    };
+    let catalog: Arc<dyn Catalog> = match &cluster {
+        Some(c) => c.cluster.catalog(),
+        None => Arc::new(EmbeddedCatalog::open(&args.data_dir)?),
+    };
     let keys = crate::keys::KeyRing::new(args.secret_file.as_deref())?;
     // Last before serving: nothing below fails before the keeper is told bye.
     let exporter = Exporter::new(export, args.fuse_passthrough == Passthrough::Auto, &run_dir)?;
+    let scope = if cluster.is_some() { "global" } else { "local" };
     let node = Arc::new(Node {
-        name: host_name(),
+        name: node_name,
         data_dir: args.data_dir.clone(),
         run_dir: run_dir.clone(),
         mount_dir: mount_dir.clone(),
@@ -273,6 +351,7 @@ pub fn run(args: ServeArgs, run_dir: PathBuf) -> Result<()> {
         arbiter: crate::engine::priority::IoArbiter::new(),
         scheduler: std::sync::OnceLock::new(),
         catalog,
+        cluster,
     });
     let resumable = triage(&node);
     cleanup(&node, &resumable);
@@ -296,7 +375,7 @@ pub fn run(args: ServeArgs, run_dir: PathBuf) -> Result<()> {
         let plugin_srv = HttpServer::new(move || {
             App::new()
                 .app_data(web::Data::new(reg.clone()))
-                .app_data(web::Data::new(Scope("local")))
+                .app_data(web::Data::new(Scope(scope)))
                 .configure(plugin::configure)
         })
         .workers(1)
@@ -345,6 +424,9 @@ pub fn run(args: ServeArgs, run_dir: PathBuf) -> Result<()> {
     });
     // Also when serving failed to start: the keeper may go if it holds nothing.
     exporter_node.exporter.shutdown();
+    if let Some(c) = &exporter_node.cluster {
+        c.shutdown();
+    }
     result?;
     tracing::info!("stopped; nothing left mounted or attached");
     Ok(())

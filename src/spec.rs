@@ -37,6 +37,11 @@ pub const SUPPORTED_OPTIONS: &[&str] = &[
     "parent",
     "snap_interval",
     "snap_schedule",
+    "passthrough",
+    "repl",
+    "replicas",
+    "nodes",
+    "hosts",
 ];
 
 /// The option carrying a volume's own passphrase. It is taken out of the
@@ -45,7 +50,7 @@ pub const SECRET_OPTION: &str = "secret_key";
 
 /// Options of the design that parse but are not built yet. Values that mean
 /// "off" or "the default" are accepted, anything else is refused, never ignored.
-const NOT_YET: &[&str] = &["repl", "replicas", "nodes", "hosts", "shared"];
+const NOT_YET: &[&str] = &["shared"];
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SpecError {
@@ -122,6 +127,21 @@ pub struct VolumeSpec {
     /// Made as a writable clone of this volume (its name at the time).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<String>,
+    /// Let the kernel read and write the data file directly (FUSE
+    /// passthrough): loop-device speed, but the volume can't be snapshotted
+    /// or cloned while it is attached. Off unless asked for.
+    #[serde(default)]
+    pub passthrough: bool,
+    /// Copies of the data, on distinct nodes (cluster mode only beyond 1).
+    #[serde(default = "one")]
+    pub repl: u8,
+    /// Nodes wanted for the replicas (`nodes`/`hosts`); the rest are picked.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<String>,
+}
+
+fn one() -> u8 {
+    1
 }
 
 impl Default for VolumeSpec {
@@ -139,6 +159,9 @@ impl Default for VolumeSpec {
             group: None,
             fg: false,
             parent: None,
+            passthrough: false,
+            repl: 1,
+            nodes: Vec::new(),
         }
     }
 }
@@ -272,9 +295,7 @@ fn parse_labels(value: &str) -> Result<BTreeMap<String, String>, SpecError> {
 fn is_default_value(option: &str, value: &str) -> bool {
     let v = value.trim().to_ascii_lowercase();
     match option {
-        "repl" | "replicas" => v == "1",
         "shared" => matches!(v.as_str(), "false" | "no" | "off" | "0"),
-        "nodes" | "hosts" => v.is_empty(),
         _ => false,
     }
 }
@@ -422,10 +443,10 @@ pub fn parse_options(
                         reason: "copies of the data must be 1, 2 or 3".into(),
                     });
                 }
-                if n != 1 {
-                    return Err(not_yet(&key_l, value));
-                }
+                spec.repl = n as u8;
             }
+            "nodes" | "hosts" => spec.nodes = parse_nodes(&key_l, value)?,
+            "passthrough" => spec.passthrough = parse_bool("passthrough", value)?,
             k if NOT_YET.contains(&k) => {
                 if !is_default_value(k, value) {
                     return Err(not_yet(k, value));
@@ -449,6 +470,20 @@ pub fn parse_options(
             reason: "xfs needs at least 300 MiB; use a larger size or fs=ext4".into(),
         });
     }
+    if spec.passthrough {
+        check_passthrough(&spec)?;
+    }
+    if spec.nodes.len() > spec.repl as usize {
+        return Err(SpecError::Value {
+            option: "nodes".into(),
+            value: spec.nodes.join(","),
+            reason: format!(
+                "{} nodes named for repl={} copies; name at most repl nodes",
+                spec.nodes.len(),
+                spec.repl
+            ),
+        });
+    }
     if spec.fs == FsType::None && !spec.fsopts.is_empty() {
         return Err(SpecError::Value {
             option: "fsopts".into(),
@@ -457,6 +492,60 @@ pub fn parse_options(
         });
     }
     Ok(spec)
+}
+
+/// `nodes=a;b` or `a,b`: distinct node names.
+fn parse_nodes(option: &str, value: &str) -> Result<Vec<String>, SpecError> {
+    let mut nodes: Vec<String> = Vec::new();
+    for n in value
+        .split([';', ','])
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+    {
+        let bad = |reason: String| SpecError::Value {
+            option: option.to_string(),
+            value: value.chars().take(64).collect(),
+            reason,
+        };
+        validate_name(n).map_err(|_| {
+            bad(format!(
+                "{n:?} is not a node name (letters, digits, '_', '.', '-')"
+            ))
+        })?;
+        if nodes.iter().any(|m| m == n) {
+            return Err(bad(format!(
+                "{n} is named twice; replicas live on distinct nodes"
+            )));
+        }
+        nodes.push(n.to_string());
+    }
+    Ok(nodes)
+}
+
+/// Passthrough hands the volume's IO to the kernel, which bypasses every
+/// feature that needs to see the writes.
+pub fn check_passthrough(spec: &VolumeSpec) -> Result<(), SpecError> {
+    let clash = if spec.secure {
+        Some("secure=true (the kernel would write plaintext)")
+    } else if spec.snap.is_some() {
+        Some("scheduled snapshots (they are taken while the volume is in use)")
+    } else if spec.io_priority != crate::engine::priority::IoPriority::Medium {
+        Some("an io_priority other than medium (the kernel's IO is not shared out)")
+    } else if spec.repl > 1 {
+        Some("repl above 1 (every write must reach the replicas)")
+    } else if spec.parent.is_some() {
+        Some("parent= (a clone shares blocks with its source)")
+    } else {
+        None
+    };
+    match clash {
+        Some(what) => Err(SpecError::Value {
+            option: "passthrough".into(),
+            value: "true".into(),
+            reason: format!("it cannot be combined with {what}; drop one of the two"),
+        }),
+        None => Ok(()),
+    }
 }
 
 fn not_yet(option: &str, value: &str) -> SpecError {
@@ -584,7 +673,22 @@ mod tests {
         let cases: &[(&[(&str, &str)], &str)] = &[
             (&[("fs", "ntfs")], "ext4, xfs and none"),
             (&[("repl", "7")], "1, 2 or 3"),
-            (&[("repl", "2")], "not supported yet"),
+            (&[("repl", "2"), ("nodes", "a;b;c")], "at most repl"),
+            (&[("repl", "2"), ("nodes", "a,a")], "named twice"),
+            (&[("nodes", "a/b")], "not a node name"),
+            (
+                &[("passthrough", "true"), ("secure", "true")],
+                "secure=true",
+            ),
+            (&[("passthrough", "true"), ("repl", "2")], "repl above 1"),
+            (
+                &[("passthrough", "true"), ("io_priority", "high")],
+                "io_priority",
+            ),
+            (
+                &[("passthrough", "true"), ("snap_interval", "5")],
+                "scheduled",
+            ),
             (&[("secure", "perhaps")], "true or false"),
             (&[("parent", "a/b")], "invalid volume name"),
             (&[("io_priority", "urgent")], "high, medium or low"),
@@ -603,6 +707,25 @@ mod tests {
             let err = parse_options(&opts(o), None).unwrap_err().to_string();
             assert!(err.contains(want), "{o:?}: {err}");
         }
+    }
+
+    #[test]
+    fn replication_and_passthrough_options() {
+        let spec = parse_options(&opts(&[("repl", "3"), ("hosts", " n1; n2 ")]), None).unwrap();
+        assert_eq!(
+            (spec.repl, spec.nodes.clone()),
+            (3, vec!["n1".into(), "n2".into()])
+        );
+        assert!(!spec.passthrough);
+        let spec = parse_options(&opts(&[("passthrough", "yes")]), None).unwrap();
+        assert!(spec.passthrough && spec.repl == 1);
+        // Catalogs written before these options existed still load.
+        let old: VolumeSpec = serde_json::from_value(serde_json::json!({
+            "size": 1u64 << 30, "fs": "ext4", "fsopts": [], "block_size_kib": 32,
+            "sticky": false, "labels": {}
+        }))
+        .unwrap();
+        assert_eq!((old.repl, old.passthrough), (1, false));
     }
 
     #[test]

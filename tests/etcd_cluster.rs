@@ -87,14 +87,12 @@ impl Etcd {
     }
 
     fn health(&self) -> bool {
-        let Ok(mut s) = TcpStream::connect_timeout(&self.client_addr, Duration::from_secs(1)) else {
+        let Ok(mut s) = TcpStream::connect_timeout(&self.client_addr, Duration::from_secs(1))
+        else {
             return false;
         };
         let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-        let req = format!(
-            "GET /health HTTP/1.0\r\nHost: {}\r\n\r\n",
-            self.client_addr
-        );
+        let req = format!("GET /health HTTP/1.0\r\nHost: {}\r\n\r\n", self.client_addr);
         if s.write_all(req.as_bytes()).is_err() {
             return false;
         }
@@ -146,7 +144,10 @@ fn node(etcd: &Etcd, name: &str, port: u16) -> Arc<Cluster> {
 fn eventually(what: &str, mut ok: impl FnMut() -> bool) {
     let deadline = Instant::now() + EVENTUALLY;
     while !ok() {
-        assert!(Instant::now() < deadline, "not within {EVENTUALLY:?}: {what}");
+        assert!(
+            Instant::now() < deadline,
+            "not within {EVENTUALLY:?}: {what}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -212,7 +213,9 @@ fn members_and_catalog_are_shared() {
         Err(CatalogError::NotFound(_))
     ));
     assert!(!ca.get("vol1").unwrap().formatted);
-    let changed = cb.modify("vol1", &r.id, &mut |r| r.formatted = true).unwrap();
+    let changed = cb
+        .modify("vol1", &r.id, &mut |r| r.formatted = true)
+        .unwrap();
     assert!(changed.formatted);
     assert_eq!(ca.get("vol1"), Some(changed));
     assert!(matches!(
@@ -281,10 +284,7 @@ fn attach_ownership_and_fencing() {
     assert_eq!(b.replica_states(&vid).unwrap(), all_in_sync);
     a.set_replica_state(&vid, g1, "b", ReplicaState::Outdated)
         .unwrap();
-    assert_eq!(
-        b.replica_states(&vid).unwrap()["b"],
-        ReplicaState::Outdated
-    );
+    assert_eq!(b.replica_states(&vid).unwrap()["b"], ReplicaState::Outdated);
     let store = a.state_store(&vid, "v", g1);
 
     a.release_attach(&vid, g1).unwrap();
@@ -303,10 +303,7 @@ fn attach_ownership_and_fencing() {
         }
         other => panic!("stale store wrote: {other:?}"),
     }
-    assert_eq!(
-        a.replica_states(&vid).unwrap()["b"],
-        ReplicaState::Outdated
-    );
+    assert_eq!(a.replica_states(&vid).unwrap()["b"], ReplicaState::Outdated);
     // Nor can it release the new holder's attach.
     assert!(matches!(
         a.release_attach(&vid, g1),

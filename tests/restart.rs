@@ -69,8 +69,17 @@ fn wait_child(child: Child, what: &str, timeout: Duration) -> (bool, String) {
 
 fn fio_survives_kill9(opts: Opts) {
     common::require_tools(&["fio"]);
+    let opts_passthrough_off = opts.passthrough == "off";
     let mut d = Daemon::start(opts);
-    d.create("crashy", &[("size", "64M"), ("fs", "none")]);
+    let pt = if opts_passthrough_off {
+        "false"
+    } else {
+        "true"
+    };
+    d.create(
+        "crashy",
+        &[("size", "64M"), ("fs", "none"), ("passthrough", pt)],
+    );
     let dev = d.cli_ok(&["attach", "crashy"]).trim().to_string();
     let io_path = d.inspect("crashy")["io_path"]
         .as_str()

@@ -552,7 +552,8 @@ fn thin_allocation_engine_path() {
 }
 
 fn thin(opts: Opts) {
-    // This kernel has FUSE passthrough: a fresh volume must get it unless it is turned off.
+    // This kernel has FUSE passthrough: a volume that asks for it gets it
+    // unless the daemon turns it off.
     let want_path = if opts.passthrough == "off" {
         "engine"
     } else {
@@ -560,7 +561,7 @@ fn thin(opts: Opts) {
     };
     let d = Daemon::start(opts);
     let base = d.data_allocated();
-    d.create("thin", &[("size", "10G")]);
+    d.create("thin", &[("size", "10G"), ("passthrough", "true")]);
     let id = mount_id("thin");
     let mp = d.mount("thin", &id);
     assert_eq!(

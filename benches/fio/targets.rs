@@ -274,6 +274,8 @@ pub fn peer(root: &Path, size: u64, log: &Path, td: &mut Teardown) -> Result<(Ta
 /// (c) a raw dunnage volume of `size` bytes from daemon `d`, attached on this host.
 pub fn dunnage(d: &Dunnage, kind: Kind, size: u64, td: &mut Teardown) -> Result<Target> {
     let vol = volume_of(d, kind)?;
+    // Passthrough is a volume's choice; the engine-path daemon
+    // (--fuse-passthrough off) overrides it.
     d.cli(&[
         "volume",
         "create",
@@ -282,6 +284,8 @@ pub fn dunnage(d: &Dunnage, kind: Kind, size: u64, td: &mut Teardown) -> Result<
         &size_opt(size),
         "-o",
         "fs=none",
+        "-o",
+        "passthrough=true",
     ])?;
     push_rm(d, vol, td);
     attach(d, kind, vol, td)

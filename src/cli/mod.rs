@@ -1,6 +1,7 @@
 //! The operator's CLI: `dunnage volume ...`, `attach`, `detach`. Tables for
 //! people, `--json` for scripts; errors go to stderr with a non-zero exit.
 
+pub mod cluster;
 pub mod debug;
 
 use crate::control::client::Client;
@@ -20,7 +21,8 @@ pub enum VolumeCmd {
     Create {
         /// Volume name: letters, digits, '_', '.', '-'; `name@size` sets the size.
         name: String,
-        /// Option as key=value, repeatable: size, fs, fsopts, block_size, sticky, label.
+        /// Option as key=value, repeatable: size, fs, fsopts, block_size,
+        /// sticky, label, repl, nodes, ... (README: volume options).
         #[arg(short = 'o', long = "opt", value_name = "KEY=VALUE")]
         opts: Vec<String>,
         /// Print the new volume as JSON.
@@ -53,10 +55,18 @@ pub enum VolumeCmd {
     /// Put a volume back as it was at one of its snapshots (not while it is
     /// mounted or attached). Its later writes are lost; the snapshot stays.
     Restore { name: String, snapshot: String },
-    /// Change a volume's sticky flag or labels.
+    /// Wait until every replica of a volume is in sync, showing the
+    /// resync's progress (cluster mode; ask the node where it is attached).
+    Resync {
+        name: String,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 3600)]
+        timeout: u64,
+    },
+    /// Change a volume's sticky flag, labels or passthrough.
     Update {
         name: String,
-        /// `sticky=true|false` or `label=k=v,k2=v2`.
+        /// `sticky=true|false`, `label=k=v,k2=v2` or `passthrough=true|false`.
         #[arg(short = 'o', long = "opt", value_name = "KEY=VALUE", required = true)]
         opts: Vec<String>,
     },
@@ -244,6 +254,7 @@ pub fn volume(run_dir: &Path, cmd: VolumeCmd) -> Result<()> {
             let () = client.post("/v1/volume/restore", &args)?;
             println!("{name}");
         }
+        VolumeCmd::Resync { name, timeout } => cluster::resync(run_dir, name, timeout)?,
         VolumeCmd::Update { name, opts } => {
             let args = CreateArgs {
                 name,

@@ -109,8 +109,20 @@ async fn inspect(reg: Reg, body: web::Bytes) -> HttpResponse {
         other => return reply(other),
     };
     // Space comes from the volume's image, through its actor.
-    match reg.send(snap::QuerySpace { volume: a.name }).await {
-        Ok(Ok(space)) => info.space = Some(space),
+    match reg
+        .send(snap::QuerySpace {
+            volume: a.name.clone(),
+        })
+        .await
+    {
+        Ok(Ok(space)) => info.space = space,
+        other => return reply(other.map(|r| r.map(|_| ()))),
+    }
+    match reg
+        .send(registry::cluster::QueryCluster { volume: a.name })
+        .await
+    {
+        Ok(Ok(c)) => info.cluster = c,
         other => return reply(other.map(|r| r.map(|_| ()))),
     }
     HttpResponse::Ok().json(info)
@@ -234,6 +246,20 @@ async fn node(info: web::Data<NodeInfo>) -> HttpResponse {
     HttpResponse::Ok().json(info.get_ref())
 }
 
+async fn node_list(reg: Reg) -> HttpResponse {
+    reply(reg.send(registry::cluster::ListNodes).await)
+}
+
+async fn replica_checksum(reg: Reg, body: web::Bytes) -> HttpResponse {
+    match args::<NameArgs>(&body) {
+        Ok(a) => reply(
+            reg.send(registry::cluster::ReplicaChecksum { volume: a.name })
+                .await,
+        ),
+        Err(e) => fail(400, e),
+    }
+}
+
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/v1/node", web::get().to(node))
         .route("/v1/volume/list", web::post().to(list))
@@ -248,5 +274,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/v1/snapshot/create", web::post().to(snapshot_create))
         .route("/v1/snapshot/list", web::post().to(snapshot_list))
         .route("/v1/snapshot/remove", web::post().to(snapshot_remove))
+        .route("/v1/node/list", web::post().to(node_list))
+        .route("/v1/replica/checksum", web::post().to(replica_checksum))
         .default_service(web::to(|| async { fail(404, "no such control endpoint") }));
 }

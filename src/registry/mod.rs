@@ -7,6 +7,7 @@
 //! volume never holds up Get or another volume's Mount.
 
 mod clone;
+pub mod cluster;
 pub mod snapshots;
 mod view;
 
@@ -49,6 +50,15 @@ pub enum RegistryError {
     },
     #[error("the daemon is shutting down")]
     ShuttingDown,
+    #[error("volume {volume} on node {node}: {source}")]
+    Cluster {
+        volume: String,
+        node: String,
+        #[source]
+        source: crate::cluster::ClusterError,
+    },
+    #[error("{0}: this daemon runs alone (no --etcd); start it with --node, --listen and --etcd to form a cluster")]
+    NotClustered(&'static str),
 }
 
 impl RegistryError {
@@ -66,9 +76,23 @@ impl RegistryError {
                 | volume::VolumeErrorKind::RestoreInUse(_)
                 | volume::VolumeErrorKind::Passthrough(_)
                 | volume::VolumeErrorKind::Locked(_) => 409,
+                volume::VolumeErrorKind::Cluster(ref c)
+                    if matches!(**c, crate::cluster::ClusterError::HeldBy { .. }) =>
+                {
+                    409
+                }
+                volume::VolumeErrorKind::NotInCluster(_)
+                | volume::VolumeErrorKind::NotClustered(_)
+                | volume::VolumeErrorKind::NoLocalReplica(_) => 400,
                 volume::VolumeErrorKind::Removed => 404,
                 _ => 500,
             },
+            RegistryError::Cluster { source, .. } => match source {
+                crate::cluster::ClusterError::HeldBy { .. } => 409,
+                crate::cluster::ClusterError::Placement(_) => 409,
+                _ => 503,
+            },
+            RegistryError::NotClustered(_) => 400,
             RegistryError::ShuttingDown => 503,
             _ => 500,
         }
@@ -148,6 +172,25 @@ impl Registry {
         let own_key = spec::take_secret(&mut opts)?;
         // Validate even when the volume exists, so a typo is not silently accepted.
         let spec = spec::parse_options(&opts, shorthand)?;
+        if let Some(c) = self.node.cluster.clone() {
+            if own_key.is_some() {
+                return Err(SpecError::Value {
+                    option: spec::SECRET_OPTION.into(),
+                    value: "(hidden)".into(),
+                    reason: "encryption is not available for volumes in a cluster yet".into(),
+                }
+                .into());
+            }
+            return self.create_in_cluster(&c, base, spec, opts);
+        }
+        if spec.repl > 1 {
+            return Err(SpecError::Value {
+                option: "repl".into(),
+                value: spec.repl.to_string(),
+                reason: "copies on other nodes need a cluster: start dunnage serve with --node, --listen and --etcd (README: \"A three-node cluster\")".into(),
+            }
+            .into());
+        }
         if let Some(parent) = spec.parent.clone() {
             if let Some(existing) = self.node.catalog.get(base) {
                 return Ok(Created::Done(self.info(existing)));
@@ -254,8 +297,21 @@ impl Registry {
         let record = self.lookup(name)?;
         let mut sticky = None;
         let mut labels = None;
+        let mut passthrough = None;
         for (k, v) in opts {
             match k.as_str() {
+                // Takes effect at the next attach.
+                "passthrough" => {
+                    let one: BTreeMap<String, String> = [(k.clone(), v.clone())].into();
+                    let on = spec::parse_options(&one, None)?.passthrough;
+                    if on {
+                        spec::check_passthrough(&spec::VolumeSpec {
+                            passthrough: true,
+                            ..record.spec.clone()
+                        })?;
+                    }
+                    passthrough = Some(on);
+                }
                 "sticky" | "label" | "labels" => {
                     let one: BTreeMap<String, String> = [(k.clone(), v.clone())].into();
                     let parsed = spec::parse_options(&one, None)?;
@@ -269,7 +325,7 @@ impl Registry {
                     return Err(SpecError::Value {
                         option: k.clone(),
                         value: v.clone(),
-                        reason: "only sticky and label can change after create".into(),
+                        reason: "only sticky, label and passthrough can change after create".into(),
                     }
                     .into())
                 }
@@ -284,6 +340,9 @@ impl Registry {
                 }
                 if let Some(l) = &labels {
                     r.spec.labels = l.clone();
+                }
+                if let Some(p) = passthrough {
+                    r.spec.passthrough = p;
                 }
             })
             .map_err(|source| RegistryError::Catalog {
@@ -300,7 +359,12 @@ impl Actor for Registry {
 
     /// Volumes the last run left attached are taken back first: each
     /// actor's mailbox starts with its Resume, before any Docker request.
-    fn started(&mut self, _: &mut Context<Self>) {
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        if let Some(c) = self.node.cluster.clone() {
+            ctx.run_interval(std::time::Duration::from_secs(30), move |_, _| {
+                cluster::sweep_replicas(&c);
+            });
+        }
         for rec in std::mem::take(&mut self.resume) {
             let Some(record) = self.node.catalog.get(&rec.volume) else {
                 continue;

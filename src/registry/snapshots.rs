@@ -35,7 +35,7 @@ pub struct Restore {
 
 /// Space used and shared (answered by the volume's actor).
 #[derive(Message)]
-#[rtype(result = "Reply<Space>")]
+#[rtype(result = "Reply<Option<Space>>")]
 pub struct QuerySpace {
     pub volume: String,
 }
@@ -80,4 +80,4 @@ to_actor!(
         snapshot: m.snapshot
     }
 );
-to_actor!(QuerySpace, Space, |m| &m.volume, vs::QuerySpace);
+to_actor!(QuerySpace, Option<Space>, |m| &m.volume, vs::QuerySpace);

@@ -42,6 +42,10 @@ pub struct VolumeInfo {
     /// Used and shared space with snapshots (`volume inspect` only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub space: Option<crate::volume::snapshots::Space>,
+    /// Replica placement and states, attach holder (cluster mode,
+    /// `volume inspect` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<crate::volume::replicated::ClusterView>,
 }
 
 impl VolumeInfo {
@@ -75,6 +79,7 @@ impl VolumeInfo {
             io_path: rt.io_path.map(str::to_string),
             allocated_bytes,
             space: None,
+            cluster: None,
         }
     }
 

@@ -34,7 +34,10 @@ pub enum CallError {
     Down,
     Timeout,
     /// The peer refused: fenced, or its engine failed.
-    Refused { code: ErrorCode, message: String },
+    Refused {
+        code: ErrorCode,
+        message: String,
+    },
     /// A reply of the wrong kind.
     Unexpected,
 }
@@ -135,7 +138,10 @@ impl Link {
         let mut s = &stream;
         wire::write_frame(&mut s, &Frame::Hello(hello.clone())).map_err(link_err)?;
         match wire::read_frame(&mut s).map_err(link_err)? {
-            Some(Frame::HelloOk { version, node: peer }) => {
+            Some(Frame::HelloOk {
+                version,
+                node: peer,
+            }) => {
                 if version != PROTOCOL_VERSION {
                     return Err(link_err(WireError::Version { theirs: version }));
                 }

@@ -960,7 +960,8 @@ impl Inner {
             match sent {
                 Ok(()) => {
                     let mut cell = r.cell.lock();
-                    cell.track.run_copied(len as u64, if zero { 0 } else { len as u64 });
+                    cell.track
+                        .run_copied(len as u64, if zero { 0 } else { len as u64 });
                     cell.track.acked(epoch, offset, len as u64);
                 }
                 Err(e) => {

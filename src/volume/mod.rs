@@ -8,6 +8,7 @@
 
 pub mod handover;
 pub mod mounting;
+pub mod replicated;
 pub mod snapshots;
 pub mod usage;
 
@@ -81,7 +82,7 @@ pub enum VolumeErrorKind {
     Locked(String),
     #[error("it is not encrypted: there is nothing to unlock")]
     NotEncrypted,
-    #[error("it is attached with FUSE passthrough, so the kernel writes its data file directly and a snapshot could not be consistent; detach it (stop its containers or `dunnage detach {0}`) and try again, or run dunnage serve with --fuse-passthrough off")]
+    #[error("it was created with passthrough=true and is attached, so the kernel writes its data file directly and a snapshot could not be consistent; detach it (stop its containers or `dunnage detach {0}`) and try again, or turn passthrough off for its next attach: dunnage volume update {0} -o passthrough=false")]
     Passthrough(String),
     #[error("it has clones ({0}) that share its data: remove them first")]
     HasClones(String),
@@ -93,10 +94,54 @@ pub enum VolumeErrorKind {
     Export(#[from] ExportError),
     #[error("catalog: {0}")]
     Catalog(#[from] CatalogError),
+    // Boxed: they are large, and every reply carries this type.
+    #[error("cluster: {0}")]
+    Cluster(Box<crate::cluster::ClusterError>),
+    #[error("replication: {0}")]
+    Replication(Box<crate::replication::ReplicationError>),
+    #[error("{0} is not available for volumes in a cluster yet")]
+    NotInCluster(&'static str),
+    #[error("{0} needs a cluster: start dunnage serve with --node, --listen and --etcd")]
+    NotClustered(&'static str),
+    #[error("this node holds no replica of it (its replicas are on {0})")]
+    NoLocalReplica(String),
+}
+
+/// What an attached volume's IO lands on.
+enum Backing {
+    /// A single node's image.
+    Image(Arc<ThinImage>),
+    /// Replicas on this and other nodes (cluster mode), under an attach
+    /// generation this node holds.
+    Mirror {
+        mirror: Arc<crate::replication::Mirror>,
+        generation: crate::replication::Generation,
+    },
+}
+
+impl Backing {
+    fn flush(&self) -> Result<(), EngineError> {
+        match self {
+            Backing::Image(i) => i.flush(),
+            Backing::Mirror { mirror, .. } => mirror.flush(),
+        }
+    }
+}
+
+impl From<crate::cluster::ClusterError> for VolumeErrorKind {
+    fn from(e: crate::cluster::ClusterError) -> Self {
+        VolumeErrorKind::Cluster(Box::new(e))
+    }
+}
+
+impl From<crate::replication::ReplicationError> for VolumeErrorKind {
+    fn from(e: crate::replication::ReplicationError) -> Self {
+        VolumeErrorKind::Replication(Box::new(e))
+    }
 }
 
 struct Attached {
-    engine: Arc<ThinImage>,
+    engine: Backing,
     export: Export,
     /// Where the filesystem is mounted, when mounted for Docker.
     fs_mount: Option<PathBuf>,
@@ -187,21 +232,25 @@ impl VolumeActor {
         self.runtime.write().insert(self.id.clone(), rt);
     }
 
-    /// What exports serve: the image, or the encryption layer over it
-    /// (which checks the key before any IO).
+    /// What exports serve: the image (or the replicas' mirror), or the
+    /// encryption layer over it (which checks the key before any IO).
     fn served(
         &self,
-        image: &Arc<ThinImage>,
+        backing: &Backing,
         spec: &VolumeSpec,
     ) -> Result<Arc<dyn BlockEngine>, VolumeErrorKind> {
-        let base = self.decrypted(image, spec.secure)?;
+        let base = match backing {
+            Backing::Image(image) => self.decrypted(image, spec.secure)?,
+            Backing::Mirror { mirror, .. } => mirror.clone(),
+        };
         Ok(Arc::new(PriorityEngine::new(
             base,
             self.node.arbiter.clone(),
             spec.io_priority,
-            // Scheduled snapshots are taken while the volume is in use:
-            // every write must pass through the engine for them.
-            spec.snap.is_none(),
+            // Only on request: a volume in passthrough can't be snapshotted
+            // or cloned while attached (the kernel writes its data file).
+            // Scheduled snapshots are taken while the volume is in use.
+            spec.passthrough && spec.snap.is_none(),
         )))
     }
 
@@ -227,18 +276,51 @@ impl VolumeActor {
         }
     }
 
+    /// The image here, or (cluster mode) the attach lease and a mirror
+    /// over the volume's replicas.
+    fn open_backing(&self, resuming: bool) -> Result<Backing, VolumeErrorKind> {
+        match &self.node.cluster {
+            Some(c) => {
+                let (mirror, generation) =
+                    replicated::open_mirror(c, &self.record().map_err(|e| e.kind)?)?;
+                Ok(Backing::Mirror { mirror, generation })
+            }
+            None if resuming => Ok(Backing::Image(Arc::new(ThinImage::open_resuming(
+                &self.node.volume_dir(&self.id),
+            )?))),
+            None => Ok(Backing::Image(Arc::new(ThinImage::open(
+                &self.node.volume_dir(&self.id),
+            )?))),
+        }
+    }
+
+    /// Close the mirror and give the attach lease back.
+    fn close_backing(&self, backing: Backing) {
+        if let (Backing::Mirror { mirror, generation }, Some(c)) = (backing, &self.node.cluster) {
+            replicated::close_mirror(c, &self.id, &self.name, &mirror, generation);
+        }
+    }
+
     fn bring_up(&mut self, spec: &VolumeSpec) -> Result<(), VolumeErrorKind> {
         if self.attached.is_some() {
             return Ok(());
         }
-        let engine = Arc::new(ThinImage::open(&self.node.volume_dir(&self.id))?);
-        let served = self.served(&engine, spec)?;
-        let export = self.node.exporter.start(
-            &self.id,
-            &self.name,
-            served,
-            &self.node.fuse_dir(&self.name),
-        )?;
+        let engine = self.open_backing(false)?;
+        let started = self.served(&engine, spec).and_then(|served| {
+            Ok(self.node.exporter.start(
+                &self.id,
+                &self.name,
+                served,
+                &self.node.fuse_dir(&self.name),
+            )?)
+        });
+        let export = match started {
+            Ok(e) => e,
+            Err(e) => {
+                self.close_backing(engine);
+                return Err(e);
+            }
+        };
         tracing::info!(volume = %self.name, device = %export.device().display(), "attached");
         self.attached = Some(Attached {
             engine,
@@ -255,14 +337,22 @@ impl VolumeActor {
     fn resume(&mut self, rec: handover::AttachRecord) -> Result<(), VolumeErrorKind> {
         // The engine stays in passthrough if it was: the kernel kept writing
         // the data file directly while no daemon ran.
-        let engine = Arc::new(ThinImage::open_resuming(&self.node.volume_dir(&self.id))?);
-        let inherited = engine.is_passthrough();
+        let engine = self.open_backing(true)?;
+        let inherited = matches!(&engine, Backing::Image(i) if i.is_passthrough());
         let spec = self.record().map(|r| r.spec).unwrap_or_default();
-        let served = self.served(&engine, &spec)?;
-        let export =
-            self.node
+        let resumed = self.served(&engine, &spec).and_then(|served| {
+            Ok(self
+                .node
                 .exporter
-                .resume(&self.id, &self.name, served, &rec.export, inherited)?;
+                .resume(&self.id, &self.name, served, &rec.export, inherited)?)
+        });
+        let export = match resumed {
+            Ok(e) => e,
+            Err(e) => {
+                self.close_backing(engine);
+                return Err(e);
+            }
+        };
         tracing::info!(volume = %self.name, device = %export.device().display(), mounts = rec.usage.total_mounts(), "taken back after a daemon restart");
         self.attached = Some(Attached {
             engine,
@@ -290,8 +380,11 @@ impl VolumeActor {
         }
         let device = a.export.device().display().to_string();
         let engine = a.engine;
-        a.export.stop()?;
-        engine.flush()?;
+        let stopped = a.export.stop();
+        let flushed = engine.flush();
+        self.close_backing(engine);
+        stopped?;
+        flushed?;
         tracing::info!(volume = %self.name, device, "detached");
         Ok(())
     }
@@ -496,6 +589,14 @@ impl Handler<Remove> for VolumeActor {
             .map_err(|e| self.err(e))?;
         if record.spec.sticky {
             return Err(self.err(VolumeErrorKind::Sticky(self.name.clone())));
+        }
+        if let Some(c) = self.node.cluster.clone() {
+            replicated::remove(&c, &record).map_err(|e| self.err(e))?;
+            self.removed = true;
+            self.runtime.write().remove(&self.id);
+            tracing::info!(volume = %self.name, "removed");
+            ctx.stop();
+            return Ok(());
         }
         let dir = self.node.volume_dir(&self.id);
         let clones = ThinImage::clones_of(&dir).map_err(|e| self.err(e))?;

@@ -59,8 +59,14 @@ impl VolumeActor {
         f: impl FnOnce(&ThinImage) -> Result<T, EngineError>,
     ) -> Result<T, VolumeError> {
         self.record()?;
-        let res = match &self.attached {
-            Some(a) => f(&a.engine),
+        if self.node.cluster.is_some() {
+            return Err(self.err(VolumeErrorKind::NotInCluster("snapshots")));
+        }
+        let res = match self.attached.as_ref().map(|a| &a.engine) {
+            Some(super::Backing::Image(image)) => f(image),
+            Some(super::Backing::Mirror { .. }) => {
+                return Err(self.err(VolumeErrorKind::NotInCluster("snapshots")))
+            }
             None => ThinImage::open(&self.node.volume_dir(&self.id)).and_then(|img| f(&img)),
         };
         res.map_err(|e| self.err(snapshot_error(e, &self.name)))
@@ -164,12 +170,16 @@ impl Handler<Restore> for VolumeActor {
 
 /// Space used and shared, for `volume inspect`.
 #[derive(Message)]
-#[rtype(result = "Result<Space, VolumeError>")]
+#[rtype(result = "Result<Option<Space>, VolumeError>")]
 pub struct QuerySpace;
 
 impl Handler<QuerySpace> for VolumeActor {
-    type Result = Result<Space, VolumeError>;
+    type Result = Result<Option<Space>, VolumeError>;
     fn handle(&mut self, _: QuerySpace, _: &mut SyncContext<Self>) -> Self::Result {
+        // A cluster volume's space is on its replicas' nodes.
+        if self.node.cluster.is_some() {
+            return Ok(None);
+        }
         self.with_image(|img| {
             let u = img.usage();
             let bs = u64::from(u.block_size);
@@ -180,5 +190,6 @@ impl Handler<QuerySpace> for VolumeActor {
                 snapshots: u.snapshots,
             })
         })
+        .map(Some)
     }
 }

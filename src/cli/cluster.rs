@@ -1,0 +1,133 @@
+//! The cluster side of the CLI: `node ls`, `volume resync` (a progress bar
+//! until every replica is in sync) and `replica checksum`.
+
+use crate::cluster::Member;
+use crate::control::client::Client;
+use crate::control::NameArgs;
+use crate::registry::VolumeInfo;
+use crate::replication::ReplicaState;
+use anyhow::{bail, Result};
+use clap::Subcommand;
+use comfy_table::{presets::NOTHING, Table};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Subcommand)]
+pub enum NodeCmd {
+    /// List the cluster's nodes and whether they are up (their etcd lease
+    /// is alive).
+    Ls {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ReplicaCmd {
+    /// Print the sha256 of this node's replica of a volume (compare nodes
+    /// after a resync; run while the volume is detached or idle).
+    Checksum { volume: String },
+}
+
+pub fn node(run_dir: &Path, cmd: NodeCmd) -> Result<()> {
+    let NodeCmd::Ls { json } = cmd;
+    let members: Vec<Member> = Client::new(run_dir).post("/v1/node/list", &())?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&members)?);
+        return Ok(());
+    }
+    let mut t = Table::new();
+    t.load_preset(NOTHING);
+    t.set_header(["NODE", "ADDRESS", "STATE", "SINCE"]);
+    for m in &members {
+        t.add_row([
+            m.name.clone(),
+            m.addr.to_string(),
+            if m.up { "up" } else { "down" }.to_string(),
+            m.started_at.format("%Y-%m-%d %H:%M:%S UTC").to_string(),
+        ]);
+    }
+    println!("{t}");
+    Ok(())
+}
+
+pub fn replica(run_dir: &Path, cmd: ReplicaCmd) -> Result<()> {
+    let ReplicaCmd::Checksum { volume } = cmd;
+    let sum: String =
+        Client::new(run_dir).post("/v1/replica/checksum", &NameArgs { name: volume })?;
+    println!("{sum}");
+    Ok(())
+}
+
+/// Bytes left to resync over all replicas, and the total, from inspect.
+fn resync_left(v: &VolumeInfo) -> Result<(u64, u64, usize)> {
+    let Some(c) = &v.cluster else {
+        bail!(
+            "volume {} is not in a cluster: it has no replicas to resync",
+            v.name
+        );
+    };
+    let mut done = 0;
+    let mut total = 0;
+    let mut behind = 0;
+    for r in &c.replicas {
+        if r.state != ReplicaState::InSync {
+            behind += 1;
+        }
+        if let Some(p) = &r.resync {
+            done += p.done_bytes;
+            total += p.total_bytes;
+        }
+    }
+    Ok((done, total, behind))
+}
+
+/// Wait until every replica of `name` is in sync, with a progress bar.
+pub fn resync(run_dir: &Path, name: String, timeout: u64) -> Result<()> {
+    let client = Client::new(run_dir);
+    let deadline = Instant::now() + Duration::from_secs(timeout);
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:40}] {bytes}/{total_bytes} ({bytes_per_sec}, {eta})",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    bar.set_message(format!("resync {name}"));
+    loop {
+        let v: VolumeInfo = client.post("/v1/volume/inspect", &NameArgs { name: name.clone() })?;
+        let (done, total, behind) = resync_left(&v)?;
+        if behind == 0 {
+            bar.finish_with_message(format!("{name}: every replica in sync"));
+            return Ok(());
+        }
+        let on = v.cluster.as_ref().and_then(|c| c.attached_on.clone());
+        if on.as_deref() != Some(v.node.as_str()) {
+            bar.abandon();
+            bail!(
+                "volume {name} is not attached on node {} (attached on: {}); resync runs on the attached node: ask there",
+                v.node,
+                on.unwrap_or_else(|| "none".into())
+            );
+        }
+        bar.set_length(total);
+        bar.set_position(done);
+        if Instant::now() >= deadline {
+            bar.abandon();
+            let states: Vec<String> = v
+                .cluster
+                .iter()
+                .flat_map(|c| c.replicas.iter())
+                .map(|r| format!("{}={}", r.node, r.state))
+                .collect();
+            bail!(
+                "volume {name} on node {}: replicas not in sync after {timeout} s ({}); a replica that is down resyncs when its node is back",
+                v.node,
+                states.join(", ")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

@@ -1,0 +1,192 @@
+//! The registry's side of a cluster: placing a new volume's replicas,
+//! inspect's cluster view, node listing, and dropping replicas of volumes
+//! the catalog no longer has.
+
+use super::{clone::Created, forward, Registry, RegistryError, Reply};
+use crate::catalog::{new_volume_id, VolumeRecord};
+use crate::cluster::placement::{place, PlacementRequest};
+use crate::cluster::{ClusterError, Member};
+use crate::config::ClusterNode;
+use crate::spec::{SpecError, VolumeSpec};
+use crate::volume::replicated::{self as vr, ClusterView};
+use actix::prelude::*;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+impl Registry {
+    fn cluster_err(&self, volume: &str, e: ClusterError) -> RegistryError {
+        RegistryError::Cluster {
+            volume: volume.to_string(),
+            node: self.node.name.clone(),
+            source: e,
+        }
+    }
+
+    /// A new volume in the cluster: replicas placed on live members, all
+    /// in sync (an empty volume reads zeros everywhere), record in etcd.
+    /// Images are made by the replica nodes when the volume is first attached.
+    pub(super) fn create_in_cluster(
+        &mut self,
+        c: &Arc<ClusterNode>,
+        name: &str,
+        spec: VolumeSpec,
+        opts: BTreeMap<String, String>,
+    ) -> Reply<Created> {
+        let unsupported = if spec.parent.is_some() {
+            Some("parent")
+        } else if spec.secure {
+            Some("secure")
+        } else if spec.snap.is_some() {
+            Some("snap_interval/snap_schedule")
+        } else {
+            None
+        };
+        if let Some(option) = unsupported {
+            return Err(SpecError::Value {
+                option: option.into(),
+                value: opts
+                    .iter()
+                    .find(|(k, _)| option.contains(k.as_str()))
+                    .map(|(_, v)| v.clone())
+                    .unwrap_or_default(),
+                reason: "not available for volumes in a cluster yet (snapshots, clones and encryption are single-node features for now)".into(),
+            }
+            .into());
+        }
+        if let Some(existing) = self.node.catalog.get(name) {
+            return Ok(Created::Done(self.info(existing)));
+        }
+        let members = c.cluster.members().map_err(|e| self.cluster_err(name, e))?;
+        let up: Vec<String> = members
+            .iter()
+            .filter(|m| m.up)
+            .map(|m| m.name.clone())
+            .collect();
+        let existing: Vec<(Option<String>, Vec<String>)> = self
+            .node
+            .catalog
+            .list()
+            .into_iter()
+            .map(|r| (r.spec.group, r.replicas))
+            .collect();
+        let req = PlacementRequest {
+            repl: spec.repl as usize,
+            nodes: &spec.nodes,
+            group: spec.group.as_deref(),
+            fg: spec.fg,
+        };
+        let replicas = place(&req, &up, &existing)
+            .map_err(|e| self.cluster_err(name, ClusterError::Placement(e)))?;
+        let record = VolumeRecord {
+            name: name.to_string(),
+            id: new_volume_id(),
+            created_at: chrono::Utc::now(),
+            spec,
+            options: opts,
+            formatted: false,
+            clone_of: None,
+            replicas,
+        };
+        c.cluster
+            .init_replica_states(&record.id, &record.replicas)
+            .map_err(|e| self.cluster_err(name, e))?;
+        if let Err(source) = self.node.catalog.insert(record.clone()) {
+            let _ = c.cluster.forget_volume(&record.id);
+            if let Some(existing) = self.node.catalog.get(name) {
+                // Created meanwhile on another node: Create is idempotent.
+                return Ok(Created::Done(self.info(existing)));
+            }
+            return Err(RegistryError::Catalog {
+                volume: name.to_string(),
+                node: self.node.name.clone(),
+                source,
+            });
+        }
+        tracing::info!(volume = %record.name, id = %record.id, size = record.spec.size, replicas = ?record.replicas, "created in the cluster");
+        Ok(Created::Done(self.info(record)))
+    }
+}
+
+/// Delete local replicas of volumes the cluster's catalog no longer has
+/// (removed on another node). Only when the catalog answered: an
+/// unreachable etcd must never look like an empty catalog.
+pub fn sweep_replicas(c: &ClusterNode) -> Vec<String> {
+    let ids = match c.cluster.volume_ids() {
+        Ok(ids) => ids,
+        Err(e) => {
+            tracing::debug!(error = %e, "replica sweep skipped: the catalog did not answer");
+            return Vec::new();
+        }
+    };
+    let mut dropped = Vec::new();
+    let Ok(dirs) = std::fs::read_dir(c.replicas.volumes_dir()) else {
+        return Vec::new();
+    };
+    let local = dirs
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|id| crate::replication::check_volume_id(id).is_ok());
+    for id in local {
+        if !ids.contains(&id) {
+            match c.replicas.remove(&id) {
+                Ok(()) => dropped.push(id),
+                Err(e) => {
+                    tracing::warn!(volume_id = %id, error = %e, "cannot drop the replica of a removed volume")
+                }
+            }
+        }
+    }
+    if !dropped.is_empty() {
+        tracing::info!(?dropped, "dropped replicas of removed volumes");
+    }
+    dropped
+}
+
+/// `volume inspect`'s cluster part (answered by the volume's actor).
+#[derive(Message)]
+#[rtype(result = "Reply<Option<ClusterView>>")]
+pub struct QueryCluster {
+    pub volume: String,
+}
+
+impl Handler<QueryCluster> for Registry {
+    type Result = ResponseFuture<Reply<Option<ClusterView>>>;
+    fn handle(&mut self, m: QueryCluster, _: &mut Context<Self>) -> Self::Result {
+        match self.lookup(&m.volume).and_then(|r| self.actor(&r)) {
+            Ok(addr) => forward(addr, vr::QueryCluster),
+            Err(e) => Box::pin(async move { Err(e) }),
+        }
+    }
+}
+
+/// `dunnage replica checksum VOL`.
+#[derive(Message)]
+#[rtype(result = "Reply<String>")]
+pub struct ReplicaChecksum {
+    pub volume: String,
+}
+
+impl Handler<ReplicaChecksum> for Registry {
+    type Result = ResponseFuture<Reply<String>>;
+    fn handle(&mut self, m: ReplicaChecksum, _: &mut Context<Self>) -> Self::Result {
+        match self.lookup(&m.volume).and_then(|r| self.actor(&r)) {
+            Ok(addr) => forward(addr, vr::Checksum),
+            Err(e) => Box::pin(async move { Err(e) }),
+        }
+    }
+}
+
+/// `dunnage node ls`: the cluster's members, or this node alone.
+#[derive(Message)]
+#[rtype(result = "Reply<Vec<Member>>")]
+pub struct ListNodes;
+
+impl Handler<ListNodes> for Registry {
+    type Result = Reply<Vec<Member>>;
+    fn handle(&mut self, _: ListNodes, _: &mut Context<Self>) -> Self::Result {
+        match &self.node.cluster {
+            Some(c) => c.cluster.members().map_err(|e| self.cluster_err("-", e)),
+            None => Err(RegistryError::NotClustered("node ls")),
+        }
+    }
+}
