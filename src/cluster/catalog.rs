@@ -64,7 +64,10 @@ fn failed(name: &str, e: ClusterError) -> CatalogError {
 impl Catalog for EtcdCatalog {
     fn list(&self) -> Vec<VolumeRecord> {
         let prefix = volumes_prefix();
-        match self.cluster.run(|s| async move { s.get_prefix(&prefix).await }) {
+        match self
+            .cluster
+            .run(|s| async move { s.get_prefix(&prefix).await })
+        {
             Ok(kvs) => {
                 let mut all = BTreeMap::new();
                 for kv in kvs {
@@ -108,7 +111,10 @@ impl Catalog for EtcdCatalog {
         let key = volume_key(&name);
         let put = TxnOp::put(key.as_str(), to_json(&record), None);
         let created = self
-            .swap(Compare::create_revision(key.as_str(), CompareOp::Equal, 0), put)
+            .swap(
+                Compare::create_revision(key.as_str(), CompareOp::Equal, 0),
+                put,
+            )
             .map_err(|e| failed(&name, e))?;
         if !created {
             return Err(CatalogError::Exists(name));

@@ -25,8 +25,8 @@ pub use placement::{place, PlacementRequest};
 use crate::replication::{Generation, ReplicaState, StateStore, StateStoreError};
 use chrono::{DateTime, Utc};
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, KeyValue, LeaseKeeper,
-    LeaseKeepAliveStream, PutOptions, Txn, TxnOp, TxnOpResponse, TxnResponse,
+    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, KeyValue,
+    LeaseKeepAliveStream, LeaseKeeper, PutOptions, Txn, TxnOp, TxnOpResponse, TxnResponse,
 };
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
@@ -93,7 +93,10 @@ pub enum ClusterError {
     #[error("volume {volume} is attached on node {node}; detach it there first (stop the containers using it), or, if {node} is down, retry once its etcd lease has expired")]
     HeldBy { volume: String, node: String },
     #[error("fenced: volume {volume} is no longer attached with generation {generation} (another node has taken it over); this node must stop writing to it")]
-    Fenced { volume: String, generation: Generation },
+    Fenced {
+        volume: String,
+        generation: Generation,
+    },
     #[error("another live node is registered in etcd as {node} with a different address; give each node its own name, or stop the other daemon first")]
     NameTaken { node: String },
     #[error("cannot place the replicas: {0}")]
@@ -369,9 +372,7 @@ impl Shared {
                 *slot = Some((id, keeper, stream));
                 Ok(true)
             }
-            Err(etcd_client::Error::LeaseKeepAliveError(m)) if m.contains("not found") => {
-                Ok(false)
-            }
+            Err(etcd_client::Error::LeaseKeepAliveError(m)) if m.contains("not found") => Ok(false),
             Err(e) => Err(e),
         }
     }
@@ -556,7 +557,9 @@ impl Cluster {
             .thread_name("dunnage-etcd")
             .enable_all()
             .build()
-            .map_err(|e| ClusterError::Etcd(format!("cannot start the etcd client runtime: {e}")))?;
+            .map_err(|e| {
+                ClusterError::Etcd(format!("cannot start the etcd client runtime: {e}"))
+            })?;
         let runtime = RuntimeGuard(Some(runtime));
         let handle = runtime.0.as_ref().expect("just built").handle().clone();
         let endpoints = cfg.etcd.join(",");
@@ -566,8 +569,10 @@ impl Cluster {
         let client = block_on(&handle, &endpoints, async move {
             let opts = ConnectOptions::new()
                 .with_connect_timeout(CALL_TIMEOUT)
-                .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
-                .with_keep_alive_while_idle(true)
+                // HTTP/2 pings find a dead connection so that it is made
+                // again; etcd refuses pings more often than every 5 s, and
+                // any without an open stream (the lease's is always open).
+                .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
                 .with_require_leader(true);
             Client::connect(urls, Some(opts))
                 .await
@@ -622,11 +627,7 @@ impl Cluster {
         F: FnOnce(Arc<Shared>) -> Fut,
         Fut: Future<Output = Result<T, ClusterError>> + Send + 'static,
     {
-        block_on(
-            &self.handle,
-            &self.shared.endpoints,
-            f(self.shared.clone()),
-        )
+        block_on(&self.handle, &self.shared.endpoints, f(self.shared.clone()))
     }
 
     pub fn node(&self) -> &str {
@@ -719,6 +720,7 @@ impl Cluster {
         wait: Duration,
     ) -> Result<Generation, ClusterError> {
         let deadline = Instant::now() + wait;
+        let mut races = 0;
         loop {
             let lease = self.live_lease()?;
             let (vid, vol) = (volume_id.to_string(), volume.to_string());
@@ -728,7 +730,14 @@ impl Cluster {
                     debug!(volume, generation, "attach acquired");
                     return Ok(generation);
                 }
-                AttachTry::Again => continue,
+                AttachTry::Again => {
+                    races += 1;
+                    if races == 20 {
+                        return Err(ClusterError::Etcd(format!(
+                            "the attach key of volume {volume} kept changing while this node took it; retry"
+                        )));
+                    }
+                }
                 AttachTry::Busy { node, up } => {
                     let now = Instant::now();
                     if up || now >= deadline {
@@ -780,10 +789,8 @@ impl Cluster {
     ) -> Result<Option<(String, Generation)>, ClusterError> {
         let key = attach_key(volume_id);
         let kv = self.run(|s| async move { s.get(&key).await })?;
-        kv.map(|kv| {
-            parse::<AttachRecord>(&kv).map(|r| (r.node, kv.mod_revision() as Generation))
-        })
-        .transpose()
+        kv.map(|kv| parse::<AttachRecord>(&kv).map(|r| (r.node, kv.mod_revision() as Generation)))
+            .transpose()
     }
 
     /// The stored replica states, by node. A node without a stored state is
@@ -847,7 +854,11 @@ impl Cluster {
     }
 
     /// Unguarded initial states at create time (all InSync for a new, empty volume).
-    pub fn init_replica_states(&self, volume_id: &str, nodes: &[String]) -> Result<(), ClusterError> {
+    pub fn init_replica_states(
+        &self,
+        volume_id: &str,
+        nodes: &[String],
+    ) -> Result<(), ClusterError> {
         let ops: Vec<TxnOp> = nodes
             .iter()
             .map(|n| {
@@ -924,7 +935,9 @@ impl Cluster {
         });
         match revoked {
             Ok(_) => info!(node = %self.shared.node, "left the cluster"),
-            Err(e) => warn!(node = %self.shared.node, "cannot revoke the lease ({e}); the member and attach keys expire with its TTL"),
+            Err(e) => {
+                warn!(node = %self.shared.node, "cannot revoke the lease ({e}); the member and attach keys expire with its TTL")
+            }
         }
     }
 

@@ -37,7 +37,9 @@ pub fn place(
     let mut named = BTreeSet::new();
     for n in req.nodes {
         if !named.insert(n.as_str()) {
-            return Err(format!("node {n} is named twice in nodes=; name each node once"));
+            return Err(format!(
+                "node {n} is named twice in nodes=; name each node once"
+            ));
         }
     }
     if req.nodes.len() > req.repl {
@@ -93,7 +95,11 @@ pub fn place(
     }
 
     let mut chosen: Vec<String> = req.nodes.to_vec();
-    let mut rest: Vec<&str> = live.iter().copied().filter(|n| !named.contains(n)).collect();
+    let mut rest: Vec<&str> = live
+        .iter()
+        .copied()
+        .filter(|n| !named.contains(n))
+        .collect();
     rest.sort_by_key(|n| (taken.contains(n), load.get(n).copied().unwrap_or(0), *n));
     for n in rest {
         if chosen.len() == req.repl {
@@ -105,7 +111,11 @@ pub fn place(
         chosen.push(n.to_string());
     }
     if chosen.len() < req.repl {
-        let free: Vec<&str> = live.iter().copied().filter(|n| !taken.contains(n)).collect();
+        let free: Vec<&str> = live
+            .iter()
+            .copied()
+            .filter(|n| !taken.contains(n))
+            .collect();
         return Err(format!(
             "fg=true keeps the replicas of group {group} apart: repl={} needs {} live nodes without a replica of another volume of the group, but only {} {} ({}); nodes already holding one: {}; add nodes, lower repl or drop fg",
             req.repl,
@@ -156,7 +166,10 @@ mod tests {
         // Loads: a=2, b=1, c=1, d=0.
         assert_eq!(place(&req(1, &[]), &up, &existing).unwrap(), ["d"]);
         assert_eq!(place(&req(2, &[]), &up, &existing).unwrap(), ["d", "b"]);
-        assert_eq!(place(&req(3, &[]), &up, &existing).unwrap(), ["d", "b", "c"]);
+        assert_eq!(
+            place(&req(3, &[]), &up, &existing).unwrap(),
+            ["d", "b", "c"]
+        );
         assert_eq!(
             place(&req(4, &[]), &up, &existing).unwrap(),
             ["d", "b", "c", "a"]
@@ -187,7 +200,10 @@ mod tests {
         let up = names(&["a", "b", "c"]);
         let existing = vec![vol(None, &["c"]), vol(None, &["c", "b"])];
         let hint = names(&["c", "b"]);
-        assert_eq!(place(&req(3, &hint), &up, &existing).unwrap(), ["c", "b", "a"]);
+        assert_eq!(
+            place(&req(3, &hint), &up, &existing).unwrap(),
+            ["c", "b", "a"]
+        );
         assert_eq!(place(&req(2, &hint), &up, &existing).unwrap(), ["c", "b"]);
         let hint = names(&["c"]);
         assert_eq!(place(&req(2, &hint), &up, &existing).unwrap(), ["c", "a"]);
