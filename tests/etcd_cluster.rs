@@ -7,7 +7,6 @@ use dunnage::cluster::{Cluster, ClusterConfig, ClusterError};
 use dunnage::replication::{ReplicaState, StateStoreError};
 use dunnage::spec::VolumeSpec;
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
@@ -22,9 +21,10 @@ const TTL: Duration = Duration::from_secs(2);
 
 /// A one-member etcd; killed on drop.
 struct Etcd {
-    child: Child,
+    child: Option<Child>,
     dir: tempfile::TempDir,
     client_addr: SocketAddr,
+    peer: String,
 }
 
 impl Etcd {
@@ -38,11 +38,31 @@ impl Etcd {
         let client_addr = l1.local_addr().unwrap();
         let peer = format!("http://{}", l2.local_addr().unwrap());
         drop((l1, l2));
-        let client = format!("http://{client_addr}");
-        let log = File::create(dir.path().join("etcd.log")).unwrap();
+        let mut etcd = Etcd {
+            child: None,
+            dir,
+            client_addr,
+            peer,
+        };
+        etcd.run();
+        etcd
+    }
+
+    /// Start (again, on the same ports and data) and wait until it serves.
+    fn run(&mut self) {
+        let client = self.url();
+        let peer = &self.peer;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("etcd.log"))
+            .unwrap();
         let child = Command::new("/usr/bin/etcd")
             .arg("--name=test")
-            .arg(format!("--data-dir={}", dir.path().join("data").display()))
+            .arg(format!(
+                "--data-dir={}",
+                self.dir.path().join("data").display()
+            ))
             .arg(format!("--listen-client-urls={client}"))
             .arg(format!("--advertise-client-urls={client}"))
             .arg(format!("--listen-peer-urls={peer}"))
@@ -54,13 +74,15 @@ impl Etcd {
             .stderr(log)
             .spawn()
             .expect("start /usr/bin/etcd (Debian package etcd-server)");
-        let mut etcd = Etcd {
-            child,
-            dir,
-            client_addr,
-        };
-        etcd.wait_healthy();
-        etcd
+        self.child = Some(child);
+        self.wait_healthy();
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 
     fn url(&self) -> String {
@@ -71,7 +93,8 @@ impl Etcd {
     fn wait_healthy(&mut self) {
         let deadline = Instant::now() + EVENTUALLY;
         loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
+            let child = self.child.as_mut().expect("etcd started");
+            if let Some(status) = child.try_wait().unwrap() {
                 panic!("etcd exited ({status}):\n{}", self.log());
             }
             if self.health() {
@@ -108,8 +131,7 @@ impl Etcd {
 
 impl Drop for Etcd {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.stop();
         if std::thread::panicking() {
             let log = self.log();
             let tail: Vec<&str> = log.lines().rev().take(30).collect();
@@ -420,4 +442,64 @@ fn a_restarted_node_takes_its_attach_back_and_a_dead_lease_is_waited_for() {
     a2.shutdown();
     let g3 = b.acquire_attach(&v1, "v1", Duration::ZERO).unwrap();
     assert!(g3 > g2);
+}
+
+#[test]
+fn an_etcd_outage_loses_the_lease_and_the_node_registers_again() {
+    let mut etcd = Etcd::start();
+    let a = node(&etcd, "a", 7001);
+    let lost = Arc::new(AtomicUsize::new(0));
+    let l = lost.clone();
+    a.on_lease_lost(Box::new(move || {
+        l.fetch_add(1, Ordering::SeqCst);
+    }));
+    let catalog = a.catalog();
+    let r = record("vol1");
+    catalog.insert(r.clone()).unwrap();
+    let vid = new_volume_id();
+    let g1 = a.acquire_attach(&vid, "v", Duration::ZERO).unwrap();
+
+    etcd.stop();
+    eventually("a counts its lease as lost", || {
+        !a.lease_alive() && lost.load(Ordering::SeqCst) == 1
+    });
+    match a.members() {
+        Err(e @ ClusterError::Unreachable { .. }) => {
+            assert!(e.to_string().contains(&etcd.url()), "{e}")
+        }
+        other => panic!("members without etcd: {other:?}"),
+    }
+    match Cluster::connect(config(&etcd, "b", 7002, TTL)) {
+        Err(ClusterError::Unreachable { .. }) => {}
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!("joined without etcd"),
+    }
+    // Reads answer as last read (Docker must not lose the volume); writes
+    // fail and say why.
+    assert_eq!(catalog.get("vol1"), Some(r.clone()));
+    assert_eq!(catalog.list(), vec![r.clone()]);
+    match catalog.insert(record("vol2")) {
+        Err(e @ CatalogError::Io { .. }) => {
+            assert!(e.to_string().contains("cannot reach etcd"), "{e}")
+        }
+        other => panic!("insert without etcd: {other:?}"),
+    }
+
+    etcd.run();
+    eventually("a registers again", || {
+        a.lease_alive() && is_up(&a, "a") == Some(true)
+    });
+    assert_eq!(lost.load(Ordering::SeqCst), 1);
+    // The old lease, and the attach under it, end with the new registration.
+    eventually("a's old attach is gone", || {
+        a.attach_holder(&vid).unwrap().is_none()
+    });
+    assert!(matches!(
+        a.set_replica_state(&vid, g1, "a", ReplicaState::InSync),
+        Err(ClusterError::Fenced { .. })
+    ));
+    let g2 = a.acquire_attach(&vid, "v", Duration::ZERO).unwrap();
+    assert!(g2 > g1, "{g2} after {g1}");
+    assert_eq!(catalog.get("vol2"), None);
+    assert_eq!(catalog.get("vol1"), Some(r));
 }

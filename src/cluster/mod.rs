@@ -569,8 +569,10 @@ impl Cluster {
         let client = block_on(&handle, &endpoints, async move {
             let opts = ConnectOptions::new()
                 .with_connect_timeout(CALL_TIMEOUT)
-                .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
-                .with_keep_alive_while_idle(true)
+                // HTTP/2 pings find a dead connection so that it is made
+                // again; etcd refuses pings more often than every 5 s, and
+                // any without an open stream (the lease's is always open).
+                .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
                 .with_require_leader(true);
             Client::connect(urls, Some(opts))
                 .await
@@ -731,6 +733,7 @@ impl Cluster {
         wait: Duration,
     ) -> Result<Generation, ClusterError> {
         let deadline = Instant::now() + wait;
+        let mut races = 0;
         loop {
             let lease = self.live_lease()?;
             let (vid, vol) = (volume_id.to_string(), volume.to_string());
@@ -740,7 +743,14 @@ impl Cluster {
                     debug!(volume, generation, "attach acquired");
                     return Ok(generation);
                 }
-                AttachTry::Again => continue,
+                AttachTry::Again => {
+                    races += 1;
+                    if races == 20 {
+                        return Err(ClusterError::Etcd(format!(
+                            "the attach key of volume {volume} kept changing while this node took it; retry"
+                        )));
+                    }
+                }
                 AttachTry::Busy { node, up } => {
                     let now = Instant::now();
                     if up || now >= deadline {
