@@ -448,7 +448,14 @@ fn cli_errors() {
     let err = d.cli_err(&["volume", "create", "x", "-o", "secure=true"]);
     assert!(err.contains("needs a key"), "{err:?}");
     let err = d.cli_err(&["volume", "create", "x", "-o", "repl=2"]);
+    assert!(
+        err.contains("need a cluster") && err.contains("--etcd"),
+        "{err:?}"
+    );
+    let err = d.cli_err(&["volume", "create", "x", "-o", "shared=true"]);
     assert!(err.contains("not supported yet"), "{err:?}");
+    let err = d.cli_err(&["node", "ls"]);
+    assert!(err.contains("runs alone"), "{err:?}");
     let err = d.cli_err(&["volume", "create", "x", "-o", "colour=blue"]);
     assert!(err.contains("colour") && err.contains("size"), "{err:?}");
     assert_eq!(
