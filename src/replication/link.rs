@@ -34,7 +34,10 @@ pub enum CallError {
     Down,
     Timeout,
     /// The peer refused: fenced, or its engine failed.
-    Refused { code: ErrorCode, message: String },
+    Refused {
+        code: ErrorCode,
+        message: String,
+    },
     /// A reply of the wrong kind.
     Unexpected,
 }
@@ -115,11 +118,14 @@ impl Link {
     /// Connect to `node` at `addr` and say Hello. Fails with
     /// [`ReplicationError::Fenced`]-like refusals as
     /// [`ReplicationError::Refused`] (code [`ErrorCode::Fenced`]).
+    /// `timeout` bounds connecting and every send; `handshake` the wait
+    /// for the Hello's answer.
     pub fn connect(
         node: &str,
         addr: SocketAddr,
         hello: &Hello,
         timeout: Duration,
+        handshake: Duration,
     ) -> Result<Link, ReplicationError> {
         let link_err = |source: WireError| ReplicationError::Link {
             node: node.to_string(),
@@ -129,13 +135,16 @@ impl Link {
         let io_err = |e: std::io::Error| link_err(WireError::Io(e));
         let stream = TcpStream::connect_timeout(&addr, timeout).map_err(io_err)?;
         stream.set_nodelay(true).map_err(io_err)?;
-        stream.set_read_timeout(Some(timeout)).map_err(io_err)?;
+        stream.set_read_timeout(Some(handshake)).map_err(io_err)?;
         // A peer that stops reading must not stall the writer forever.
         stream.set_write_timeout(Some(timeout)).map_err(io_err)?;
         let mut s = &stream;
         wire::write_frame(&mut s, &Frame::Hello(hello.clone())).map_err(link_err)?;
         match wire::read_frame(&mut s).map_err(link_err)? {
-            Some(Frame::HelloOk { version, node: peer }) => {
+            Some(Frame::HelloOk {
+                version,
+                node: peer,
+            }) => {
                 if version != PROTOCOL_VERSION {
                     return Err(link_err(WireError::Version { theirs: version }));
                 }

@@ -198,11 +198,7 @@ impl LocalReplica {
             hash.update(&buf[..n]);
             off += n as u64;
         }
-        Ok(hash
-            .finalize()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect())
+        Ok(hash.finalize().iter().map(|b| format!("{b:02x}")).collect())
     }
 }
 
@@ -443,10 +439,7 @@ mod tests {
             reps.open("v1", other),
             Err(ReplicationError::ParamsMismatch { .. })
         ));
-        assert!(matches!(
-            reps.remove("v1"),
-            Err(ReplicationError::Busy(_))
-        ));
+        assert!(matches!(reps.remove("v1"), Err(ReplicationError::Busy(_))));
         drop((a, b));
         assert!(reps.get("v1").is_none());
         reps.close("v1");

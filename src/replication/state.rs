@@ -51,7 +51,11 @@ fn set_bits(words: &mut [u64; WORDS], lo: u64, hi: u64) -> u64 {
         let w = (b / 64) as usize;
         let bit = b % 64;
         let n = (64 - bit).min(hi - b);
-        let mask = if n == 64 { !0 } else { ((1u64 << n) - 1) << bit };
+        let mask = if n == 64 {
+            !0
+        } else {
+            ((1u64 << n) - 1) << bit
+        };
         added += u64::from((!words[w] & mask).count_ones());
         words[w] |= mask;
         b += n;
@@ -67,7 +71,11 @@ fn clear_bits(words: &mut [u64; WORDS], lo: u64, hi: u64) -> u64 {
         let w = (b / 64) as usize;
         let bit = b % 64;
         let n = (64 - bit).min(hi - b);
-        let mask = if n == 64 { !0 } else { ((1u64 << n) - 1) << bit };
+        let mask = if n == 64 {
+            !0
+        } else {
+            ((1u64 << n) - 1) << bit
+        };
         removed += u64::from((words[w] & mask).count_ones());
         words[w] &= !mask;
         b += n;
@@ -261,11 +269,7 @@ impl DirtyMap {
                             let run = u64::from((bits >> b).trailing_ones());
                             let u = base + w as u64 * 64 + b;
                             self.mark(u, u + run);
-                            bits &= if b + run >= 64 {
-                                0
-                            } else {
-                                !0u64 << (b + run)
-                            };
+                            bits &= if b + run >= 64 { 0 } else { !0u64 << (b + run) };
                         }
                     }
                 }
@@ -648,7 +652,9 @@ mod tests {
         assert!(t.lost(e));
         assert!(!t.lost(e), "a second failure of the same link is not new");
         assert_eq!(
-            (0..16).filter(|&u| t.dirty().contains(u)).collect::<Vec<_>>(),
+            (0..16)
+                .filter(|&u| t.dirty().contains(u))
+                .collect::<Vec<_>>(),
             vec![0, 1, 12]
         );
         assert!(t.needs_outdated_record());

@@ -123,10 +123,19 @@ impl std::fmt::Display for ErrorCode {
 /// A request after the Hello. Its generation is the session's (the Hello's).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
-    Read { offset: u64, len: u32 },
-    Write { offset: u64, data: Vec<u8> },
+    Read {
+        offset: u64,
+        len: u32,
+    },
+    Write {
+        offset: u64,
+        data: Vec<u8>,
+    },
     /// Discard `len` bytes: they read as zeros afterwards.
-    Discard { offset: u64, len: u64 },
+    Discard {
+        offset: u64,
+        len: u64,
+    },
     /// Make every write acknowledged before it durable.
     Flush,
 }
