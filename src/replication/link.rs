@@ -118,11 +118,14 @@ impl Link {
     /// Connect to `node` at `addr` and say Hello. Fails with
     /// [`ReplicationError::Fenced`]-like refusals as
     /// [`ReplicationError::Refused`] (code [`ErrorCode::Fenced`]).
+    /// `timeout` bounds connecting and every send; `handshake` the wait
+    /// for the Hello's answer.
     pub fn connect(
         node: &str,
         addr: SocketAddr,
         hello: &Hello,
         timeout: Duration,
+        handshake: Duration,
     ) -> Result<Link, ReplicationError> {
         let link_err = |source: WireError| ReplicationError::Link {
             node: node.to_string(),
@@ -132,7 +135,7 @@ impl Link {
         let io_err = |e: std::io::Error| link_err(WireError::Io(e));
         let stream = TcpStream::connect_timeout(&addr, timeout).map_err(io_err)?;
         stream.set_nodelay(true).map_err(io_err)?;
-        stream.set_read_timeout(Some(timeout)).map_err(io_err)?;
+        stream.set_read_timeout(Some(handshake)).map_err(io_err)?;
         // A peer that stops reading must not stall the writer forever.
         stream.set_write_timeout(Some(timeout)).map_err(io_err)?;
         let mut s = &stream;

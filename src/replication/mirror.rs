@@ -34,6 +34,8 @@ const MIN_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_RUN_UNITS: u64 = 256;
 /// Largest read sent to a peer in one request.
 const MAX_READ: usize = 4 << 20;
+/// Largest write replicated as one request (larger ones are split).
+const MAX_WRITE: usize = 8 << 20;
 
 /// A peer holding a replica of the volume.
 #[derive(Debug, Clone)]
@@ -176,8 +178,18 @@ impl WriteOp<'_> {
     }
 }
 
+/// How long a peer may take to answer a Hello: it may have to open a big
+/// image first (rebuilding its free-block set), which an IO timeout does
+/// not allow for.
+fn handshake_timeout(io_timeout: Duration) -> Duration {
+    io_timeout.max(Duration::from_secs(30))
+}
+
 fn is_zero(buf: &[u8]) -> bool {
-    buf.iter().all(|&b| b == 0)
+    // Word-wise: the resync scans whole runs.
+    let mut chunks = buf.chunks_exact(8);
+    chunks.all(|c| u64::from_ne_bytes(c.try_into().unwrap()) == 0)
+        && chunks.remainder().iter().all(|&b| b == 0)
 }
 
 impl Mirror {
@@ -225,6 +237,7 @@ impl Mirror {
             local.advance(cfg.generation)?;
         }
         let hello = Hello::new(&cfg.volume_id, cfg.generation, &cfg.node, cfg.params);
+        let handshake = handshake_timeout(cfg.io_timeout);
 
         // Reach every peer at once.
         let links: Vec<Result<Link, ReplicationError>> = std::thread::scope(|s| {
@@ -233,7 +246,9 @@ impl Mirror {
                 .iter()
                 .map(|p| {
                     let hello = &hello;
-                    s.spawn(move || Link::connect(&p.node, p.addr, hello, cfg.io_timeout))
+                    s.spawn(move || {
+                        Link::connect(&p.node, p.addr, hello, cfg.io_timeout, handshake)
+                    })
                 })
                 .collect();
             handles
@@ -534,9 +549,12 @@ impl Inner {
             tracing::warn!(volume = %self.volume, peer = %r.node, "replica dropped");
             link.kill();
         }
-        r.wake();
         if self.is_fenced() {
             return Err(self.fenced_error());
+        }
+        if self.is_closed() {
+            // Links are cut at close: not a failure of the replica.
+            return Err(self.error("closed"));
         }
         if need {
             if let Err(e) = self.states.set_state(&r.node, ReplicaState::Outdated) {
@@ -546,6 +564,8 @@ impl Inner {
             r.cell.lock().track.recorded(ReplicaState::Outdated);
             tracing::warn!(volume = %self.volume, peer = %r.node, "replica recorded outdated");
         }
+        // Its thread reconnects it.
+        r.wake();
         Ok(())
     }
 
@@ -815,6 +835,8 @@ impl Inner {
     fn background(&self, i: usize) {
         let r = &self.replicas[i];
         let mut backoff = MIN_BACKOFF;
+        // Say it once per outage, not once per attempt.
+        let mut warned = false;
         loop {
             if self.is_closed() {
                 return;
@@ -837,10 +859,18 @@ impl Inner {
                 self.reconnect(i)
             };
             match step {
-                Ok(()) => backoff = MIN_BACKOFF,
+                Ok(()) => {
+                    backoff = MIN_BACKOFF;
+                    warned = false;
+                }
                 Err(Stop::Done) => {}
                 Err(Stop::Retry(why)) => {
-                    tracing::debug!(volume = %self.volume, peer = %r.node, why, "replica not back yet");
+                    if warned {
+                        tracing::debug!(volume = %self.volume, peer = %r.node, why, "replica not back yet");
+                    } else {
+                        tracing::warn!(volume = %self.volume, peer = %r.node, why, "replica not back yet; retrying");
+                        warned = true;
+                    }
                     r.sleep(backoff);
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
@@ -853,7 +883,13 @@ impl Inner {
         let Endpoint::Remote(addr) = r.endpoint else {
             return Ok(());
         };
-        let link = match Link::connect(&r.node, addr, &self.hello, self.io_timeout) {
+        let link = match Link::connect(
+            &r.node,
+            addr,
+            &self.hello,
+            self.io_timeout,
+            handshake_timeout(self.io_timeout),
+        ) {
             Ok(l) => Arc::new(l),
             Err(ReplicationError::Refused {
                 code: ErrorCode::Fenced,
@@ -955,13 +991,11 @@ impl Inner {
                     ReadError::NoSource(why) => Stop::Retry(why),
                 });
             }
-            let zero = is_zero(&buf);
-            let sent = self.copy_to(i, link.as_deref(), &buf, offset, zero);
+            let sent = self.copy_to(i, link.as_deref(), &buf, offset);
             match sent {
-                Ok(()) => {
+                Ok(data_bytes) => {
                     let mut cell = r.cell.lock();
-                    cell.track
-                        .run_copied(len as u64, if zero { 0 } else { len as u64 });
+                    cell.track.run_copied(len as u64, data_bytes);
                     cell.track.acked(epoch, offset, len as u64);
                 }
                 Err(e) => {
@@ -1054,45 +1088,78 @@ impl Inner {
         }
     }
 
-    /// Write a resync run to replica `i` (zeros as a discard).
+    /// Write a resync run to replica `i`: its all-zero units as discards,
+    /// the rest as data (requests pipelined). Returns the bytes of data sent.
     fn copy_to(
         &self,
         i: usize,
         link: Option<&Link>,
         buf: &[u8],
         offset: u64,
-        zero: bool,
-    ) -> Result<(), CallError> {
+    ) -> Result<u64, CallError> {
+        let segments = zero_segments(buf);
+        let data_bytes = segments
+            .iter()
+            .filter(|s| !s.2)
+            .map(|s| s.1.len() as u64)
+            .sum();
         if let Some(l) = self.local(i) {
-            let res = if zero {
-                l.discard(self.generation, offset, buf.len() as u64)
-            } else {
-                l.write_at(self.generation, buf, offset)
-            };
-            return res.map_err(|e| CallError::Refused {
-                code: match e {
-                    ReplicationError::Fenced { .. } => ErrorCode::Fenced,
-                    _ => ErrorCode::Io,
-                },
-                message: e.to_string(),
-            });
+            for (at, range, zero) in segments {
+                let off = offset + at;
+                let res = if zero {
+                    l.discard(self.generation, off, range.len() as u64)
+                } else {
+                    l.write_at(self.generation, &buf[range], off)
+                };
+                res.map_err(|e| CallError::Refused {
+                    code: match e {
+                        ReplicationError::Fenced { .. } => ErrorCode::Fenced,
+                        _ => ErrorCode::Io,
+                    },
+                    message: e.to_string(),
+                })?;
+            }
+            return Ok(data_bytes);
         }
         let link = link.ok_or(CallError::Down)?;
         let deadline = Instant::now() + self.io_timeout;
-        let rx = if zero {
-            link.submit(Request::Discard {
-                offset,
-                len: buf.len() as u64,
-            })
-        } else {
-            link.submit_with(|id| wire::encode_write(id, offset, buf))
+        let mut pending = Vec::new();
+        for (at, range, zero) in segments {
+            let off = offset + at;
+            let rx = if zero {
+                link.submit(Request::Discard {
+                    offset: off,
+                    len: range.len() as u64,
+                })
+            } else {
+                link.submit_with(|id| wire::encode_write(id, off, &buf[range]))
+            }
+            .map_err(|_| CallError::Down)?;
+            pending.push(rx);
         }
-        .map_err(|_| CallError::Down)?;
-        match link::wait(&rx, deadline)? {
-            Reply::Ok => Ok(()),
-            _ => Err(CallError::Unexpected),
+        for rx in pending {
+            match link::wait(&rx, deadline)? {
+                Reply::Ok => {}
+                _ => return Err(CallError::Unexpected),
+            }
+        }
+        Ok(data_bytes)
+    }
+}
+
+/// Split `buf` into runs of whole units that are all zeros or not:
+/// (offset in `buf`, range of `buf`, all zeros).
+fn zero_segments(buf: &[u8]) -> Vec<(u64, std::ops::Range<usize>, bool)> {
+    let mut out: Vec<(u64, std::ops::Range<usize>, bool)> = Vec::new();
+    for (k, unit) in buf.chunks(UNIT as usize).enumerate() {
+        let start = k * UNIT as usize;
+        let zero = is_zero(unit);
+        match out.last_mut() {
+            Some(last) if last.2 == zero => last.1.end = start + unit.len(),
+            _ => out.push((start as u64, start..start + unit.len(), zero)),
         }
     }
+    out
 }
 
 enum ReadError {
@@ -1110,7 +1177,15 @@ impl BlockEngine for Mirror {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), EngineError> {
-        self.inner.replicate(offset, WriteOp::Write(buf))
+        if buf.len() <= MAX_WRITE {
+            return self.inner.replicate(offset, WriteOp::Write(buf));
+        }
+        self.inner.check_range(offset, buf.len() as u64)?;
+        for (k, chunk) in buf.chunks(MAX_WRITE).enumerate() {
+            let at = offset + (k * MAX_WRITE) as u64;
+            self.inner.replicate(at, WriteOp::Write(chunk))?;
+        }
+        Ok(())
     }
 
     fn flush(&self) -> Result<(), EngineError> {
@@ -1119,5 +1194,30 @@ impl BlockEngine for Mirror {
 
     fn discard(&self, offset: u64, len: u64) -> Result<(), EngineError> {
         self.inner.replicate(offset, WriteOp::Discard(len))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_split_into_zero_and_data_segments() {
+        let u = UNIT as usize;
+        let mut buf = vec![0u8; 5 * u + 100];
+        buf[u + 7] = 1;
+        buf[2 * u] = 1;
+        buf[5 * u + 99] = 1;
+        assert_eq!(
+            zero_segments(&buf),
+            vec![
+                (0, 0..u, true),
+                (u as u64, u..3 * u, false),
+                (3 * u as u64, 3 * u..5 * u, true),
+                (5 * u as u64, 5 * u..5 * u + 100, false),
+            ]
+        );
+        assert_eq!(zero_segments(&[]), vec![]);
+        assert!(is_zero(&[0; 13]) && !is_zero(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]));
     }
 }

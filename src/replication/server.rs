@@ -19,6 +19,9 @@ use std::time::Duration;
 
 /// How long a new connection may take to say Hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// A client that stops reading answers is gone (its node died or the
+/// network is cut): the link is dropped rather than block a worker.
+const SEND_TIMEOUT: Duration = Duration::from_secs(60);
 /// Requests of one link served at once.
 const WORKERS_PER_LINK: usize = 4;
 /// Requests read ahead of the workers (then TCP pushes back).
@@ -234,6 +237,7 @@ fn serve_conn(inner: &Inner, stream: TcpStream, peer: Option<SocketAddr>) {
         return;
     }
     let _ = stream.set_read_timeout(None);
+    let _ = stream.set_write_timeout(Some(SEND_TIMEOUT));
     tracing::info!(
         ?peer,
         from = %hello.from,

@@ -1,0 +1,735 @@
+//! Synchronous replication end to end: real replica servers on 127.0.0.1,
+//! real thin images in temporary directories, a mirror writing through
+//! them. The state store is an in-memory fake that records every call and
+//! can be told to fail (the etcd one is tested with the cluster).
+
+use dunnage::engine::pattern::pattern;
+use dunnage::engine::{BlockEngine, ThinParams};
+use dunnage::replication::wire::{self, ErrorCode, Frame, Hello};
+use dunnage::replication::{
+    Generation, LocalReplica, LocalReplicas, Mirror, MirrorConfig, PeerSpec, ReplicaServer,
+    ReplicaState, ReplicaStatus, ReplicationError, StateStore, StateStoreError,
+};
+use parking_lot::Mutex;
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const MIB: u64 = 1 << 20;
+const BLOCK: u64 = 4096;
+const VOL: &str = "0123456789abcdef0123456789abcdef";
+const PARAMS: ThinParams = ThinParams {
+    size: 64 * MIB,
+    block_size: 32 << 10,
+};
+const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Guards against a hang only: every wait ends as soon as its condition holds.
+const WAIT_LIMIT: Duration = Duration::from_secs(120);
+
+/// A node: its replica directory, its replicas, its server.
+struct Node {
+    // Fields drop in order: the server stops before its directory goes.
+    server: Option<ReplicaServer>,
+    replicas: Arc<LocalReplicas>,
+    dir: tempfile::TempDir,
+    name: String,
+    addr: SocketAddr,
+}
+
+impl Node {
+    fn new(name: &str) -> Node {
+        let dir = tempfile::tempdir().unwrap();
+        let replicas = LocalReplicas::new(dir.path().to_path_buf());
+        let server = ReplicaServer::start(
+            "127.0.0.1:0".parse().unwrap(),
+            name.to_string(),
+            replicas.clone(),
+        )
+        .unwrap();
+        let addr = server.local_addr();
+        Node {
+            name: name.to_string(),
+            dir,
+            replicas,
+            server: Some(server),
+            addr,
+        }
+    }
+
+    /// Stop the server: every link to it drops.
+    fn stop(&mut self) {
+        self.server.take().unwrap().shutdown();
+    }
+
+    /// A new server process, as it were: new replicas over the same
+    /// directory, on the same port.
+    fn restart(&mut self) {
+        assert!(self.server.is_none());
+        self.replicas = LocalReplicas::new(self.dir.path().to_path_buf());
+        self.server = Some(
+            ReplicaServer::start(self.addr, self.name.clone(), self.replicas.clone()).unwrap(),
+        );
+    }
+
+    fn peer(&self, state: ReplicaState) -> PeerSpec {
+        PeerSpec {
+            node: self.name.clone(),
+            addr: self.addr,
+            state,
+        }
+    }
+
+    fn local(&self) -> Arc<LocalReplica> {
+        self.replicas.open(VOL, PARAMS).unwrap()
+    }
+
+    fn checksum(&self) -> String {
+        self.replicas.checksum(VOL, PARAMS).unwrap()
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Fail {
+    Fenced,
+    Unavailable,
+}
+
+/// The state store: records every call, fails on demand.
+#[derive(Default)]
+struct FakeStates {
+    calls: Mutex<Vec<(String, ReplicaState, bool)>>,
+    fail: Mutex<Option<Fail>>,
+}
+
+impl FakeStates {
+    fn new() -> Arc<FakeStates> {
+        Arc::new(FakeStates::default())
+    }
+
+    /// Successful records, in order.
+    fn recorded(&self) -> Vec<(String, ReplicaState)> {
+        self.calls
+            .lock()
+            .iter()
+            .filter(|c| c.2)
+            .map(|c| (c.0.clone(), c.1))
+            .collect()
+    }
+
+    fn recorded_for(&self, node: &str) -> Vec<ReplicaState> {
+        self.recorded()
+            .into_iter()
+            .filter(|c| c.0 == node)
+            .map(|c| c.1)
+            .collect()
+    }
+}
+
+impl StateStore for FakeStates {
+    fn set_state(&self, node: &str, state: ReplicaState) -> Result<(), StateStoreError> {
+        let fail = *self.fail.lock();
+        self.calls
+            .lock()
+            .push((node.to_string(), state, fail.is_none()));
+        match fail {
+            None => Ok(()),
+            Some(Fail::Fenced) => Err(StateStoreError::Fenced {
+                volume: "vol".into(),
+                generation: 0,
+            }),
+            Some(Fail::Unavailable) => Err(StateStoreError::Unavailable("etcd is down".into())),
+        }
+    }
+}
+
+fn config(
+    node: &str,
+    generation: Generation,
+    local: Option<Arc<LocalReplica>>,
+    local_state: ReplicaState,
+    peers: Vec<PeerSpec>,
+    states: Arc<FakeStates>,
+) -> MirrorConfig {
+    MirrorConfig {
+        volume_id: VOL.into(),
+        volume: "vol".into(),
+        node: node.into(),
+        generation,
+        params: PARAMS,
+        local,
+        local_state,
+        peers,
+        states,
+        io_timeout: IO_TIMEOUT,
+    }
+}
+
+fn status_of(m: &Mirror, node: &str) -> ReplicaStatus {
+    m.status().into_iter().find(|s| s.node == node).unwrap()
+}
+
+fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < WAIT_LIMIT, "gave up waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn wait_in_sync(m: &Mirror, node: &str) {
+    wait_until(&format!("{node} in sync"), || {
+        let s = status_of(m, node);
+        s.state == ReplicaState::InSync && s.connected
+    });
+}
+
+fn read_vec(e: &dyn BlockEngine, offset: u64, len: usize) -> Vec<u8> {
+    let mut buf = vec![0xAA; len];
+    e.read_at(&mut buf, offset).unwrap();
+    buf
+}
+
+/// Write distinct 4 KiB blocks `blocks` (block k holds pattern(seed + k)).
+fn write_blocks(e: &dyn BlockEngine, seed: u64, blocks: impl Iterator<Item = u64>) -> u64 {
+    let mut n = 0;
+    for k in blocks {
+        e.write_at(&pattern(seed + k, BLOCK as usize), k * BLOCK)
+            .unwrap();
+        n += 1;
+    }
+    n
+}
+
+#[test]
+fn writes_land_identically_on_every_replica() {
+    for n_peers in [1, 2] {
+        let nodes: Vec<Node> = ["a", "b", "c"][..=n_peers]
+            .iter()
+            .map(|n| Node::new(n))
+            .collect();
+        let states = FakeStates::new();
+        let m = Mirror::open(config(
+            "a",
+            1,
+            Some(nodes[0].local()),
+            ReplicaState::InSync,
+            nodes[1..]
+                .iter()
+                .map(|n| n.peer(ReplicaState::InSync))
+                .collect(),
+            states.clone(),
+        ))
+        .unwrap();
+
+        // Four writers at once, unaligned and multi-block writes, discards.
+        std::thread::scope(|s| {
+            for t in 0..4u64 {
+                let m = &m;
+                s.spawn(move || {
+                    for k in 0..200u64 {
+                        let off = (t * 4000 + k * 17) * 997 % (PARAMS.size - 70_000);
+                        let len = 1 + (k * 7919 + t) % 65_536;
+                        m.write_at(&pattern(t * 1000 + k, len as usize), off)
+                            .unwrap();
+                        if k % 50 == 49 {
+                            m.discard(off / 2, 12_345).unwrap();
+                            m.flush().unwrap();
+                        }
+                    }
+                });
+            }
+        });
+        m.write_at(&pattern(99, 8192), PARAMS.size - 8192).unwrap();
+        m.flush().unwrap();
+
+        let sums: Vec<String> = nodes.iter().map(Node::checksum).collect();
+        assert!(
+            sums.iter().all(|s| *s == sums[0]),
+            "{n_peers} peers: {sums:?}"
+        );
+        let empty = tempfile::tempdir().unwrap();
+        let zeros = LocalReplicas::new(empty.path().to_path_buf())
+            .open(VOL, PARAMS)
+            .unwrap()
+            .checksum()
+            .unwrap();
+        assert_ne!(sums[0], zeros, "something was written");
+        assert_eq!(read_vec(&*m, PARAMS.size - 8192, 8192), pattern(99, 8192));
+        for s in m.status() {
+            assert_eq!(s.state, ReplicaState::InSync, "{s:?}");
+            assert!(s.connected, "{s:?}");
+            assert_eq!(s.resync_sent_bytes, 0);
+        }
+        assert!(states.calls.lock().is_empty(), "nothing changed state");
+        m.close();
+        assert!(m.write_at(&[1; 512], 0).is_err(), "closed");
+    }
+}
+
+#[test]
+fn peer_down_mid_writes_is_outdated_then_resynced() {
+    let mut nodes: Vec<Node> = ["a", "b", "c"].iter().map(|n| Node::new(n)).collect();
+    let states = FakeStates::new();
+    let m = Mirror::open(config(
+        "a",
+        1,
+        Some(nodes[0].local()),
+        ReplicaState::InSync,
+        vec![
+            nodes[1].peer(ReplicaState::InSync),
+            nodes[2].peer(ReplicaState::InSync),
+        ],
+        states.clone(),
+    ))
+    .unwrap();
+
+    let written = AtomicU64::new(0);
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let writer = s.spawn(|| {
+            let mut k = 0u64;
+            let blocks = PARAMS.size / BLOCK;
+            while !stop.load(Ordering::SeqCst) {
+                // Distinct blocks, wrapping over the device.
+                let block = (k * 7) % blocks;
+                m.write_at(&pattern(k, BLOCK as usize), block * BLOCK)
+                    .expect("writes go on while a peer is down");
+                if k % 64 == 63 {
+                    m.flush().expect("flush goes on while a peer is down");
+                }
+                k += 1;
+                written.store(k, Ordering::SeqCst);
+            }
+        });
+        let at = |n: u64| {
+            wait_until(&format!("{n} writes"), || {
+                written.load(Ordering::SeqCst) >= n
+            })
+        };
+        at(200);
+        nodes[1].stop();
+        wait_until("b outdated", || {
+            status_of(&m, "b").state == ReplicaState::Outdated
+        });
+        let down_at = written.load(Ordering::SeqCst);
+        at(down_at + 300);
+        assert_eq!(status_of(&m, "b").state, ReplicaState::Outdated);
+        assert!(!status_of(&m, "b").connected);
+        nodes[1].restart();
+        wait_in_sync(&m, "b");
+        let back_at = written.load(Ordering::SeqCst);
+        at(back_at + 100);
+        stop.store(true, Ordering::SeqCst);
+        writer.join().unwrap();
+    });
+    m.flush().unwrap();
+
+    let sums: Vec<String> = nodes.iter().map(Node::checksum).collect();
+    assert_eq!(sums[0], sums[1], "b resynced");
+    assert_eq!(sums[0], sums[2]);
+    assert_eq!(
+        states.recorded_for("b"),
+        vec![
+            ReplicaState::Outdated,
+            ReplicaState::Resyncing,
+            ReplicaState::InSync
+        ]
+    );
+    assert!(states.recorded_for("c").is_empty());
+    let b = status_of(&m, "b");
+    assert!(b.resync_sent_bytes > 0);
+    assert!(b.resync.is_none());
+    assert_eq!(status_of(&m, "c").resync_sent_bytes, 0);
+}
+
+#[test]
+fn resync_sends_only_what_the_peer_missed() {
+    let mut nodes: Vec<Node> = ["a", "b"].iter().map(|n| Node::new(n)).collect();
+    let states = FakeStates::new();
+    let m = Mirror::open(config(
+        "a",
+        1,
+        Some(nodes[0].local()),
+        ReplicaState::InSync,
+        vec![nodes[1].peer(ReplicaState::InSync)],
+        states.clone(),
+    ))
+    .unwrap();
+    // Data before the outage, flushed.
+    write_blocks(&*m, 0, 0..2048);
+    m.flush().unwrap();
+
+    nodes[1].stop();
+    // While b is down: distinct blocks, some runs of adjacent ones, some
+    // scattered, some over the data written before.
+    let mut down = 0;
+    down += write_blocks(&*m, 10_000, 100..164);
+    down += write_blocks(&*m, 20_000, (3000..9000).step_by(37));
+    down += write_blocks(&*m, 30_000, 9001..9003);
+    m.discard(5000 * BLOCK, BLOCK).unwrap();
+    down += 1;
+    let down_bytes = down * BLOCK;
+    assert_eq!(status_of(&m, "b").state, ReplicaState::Outdated);
+    assert!(!status_of(&m, "b").connected);
+    // Everything missed is in the dirty map.
+    let progress_total = down_bytes;
+
+    nodes[1].restart();
+    wait_in_sync(&m, "b");
+    let b = status_of(&m, "b");
+    assert!(
+        b.resync_sent_bytes * 10 <= down_bytes * 11,
+        "sent {} for {} written while down",
+        b.resync_sent_bytes,
+        down_bytes
+    );
+    // Every missed block that holds data was sent (the discard's is zeros).
+    assert!(
+        b.resync_sent_bytes >= progress_total - BLOCK,
+        "sent {} of {}",
+        b.resync_sent_bytes,
+        progress_total
+    );
+    assert_eq!(nodes[0].checksum(), nodes[1].checksum());
+    assert_eq!(
+        states.recorded_for("b"),
+        vec![
+            ReplicaState::Outdated,
+            ReplicaState::Resyncing,
+            ReplicaState::InSync
+        ]
+    );
+    // Back in sync, writes reach it directly again.
+    write_blocks(&*m, 40_000, 12_000..12_010);
+    m.flush().unwrap();
+    assert_eq!(nodes[0].checksum(), nodes[1].checksum());
+    assert_eq!(status_of(&m, "b").resync_sent_bytes, b.resync_sent_bytes);
+}
+
+#[test]
+fn a_newer_generation_fences_the_old_mirror() {
+    let nodes: Vec<Node> = ["a", "b"].iter().map(|n| Node::new(n)).collect();
+    let old_states = FakeStates::new();
+    let old = Mirror::open(config(
+        "a",
+        5,
+        Some(nodes[0].local()),
+        ReplicaState::InSync,
+        vec![nodes[1].peer(ReplicaState::InSync)],
+        old_states.clone(),
+    ))
+    .unwrap();
+    old.write_at(&pattern(1, 4096), 0).unwrap();
+    old.flush().unwrap();
+
+    // b takes the volume over with generation 6, a becomes its peer.
+    let new_states = FakeStates::new();
+    let new = Mirror::open(config(
+        "b",
+        6,
+        Some(nodes[1].local()),
+        ReplicaState::InSync,
+        vec![nodes[0].peer(ReplicaState::InSync)],
+        new_states.clone(),
+    ))
+    .unwrap();
+    assert_eq!(nodes[0].local().generation(), 6);
+    assert_eq!(nodes[1].local().generation(), 6);
+
+    let err = old.write_at(&pattern(2, 4096), 0).unwrap_err();
+    assert!(err.to_string().contains("fenced"), "{err}");
+    assert!(old.is_fenced());
+    // And it stays fenced: writes, flushes and reads are refused.
+    assert!(old.write_at(&pattern(3, 4096), 8192).is_err());
+    assert!(old.discard(0, 4096).is_err());
+    assert!(old.flush().is_err());
+    assert!(old.read_at(&mut [0; 4096], 0).is_err());
+    // Fencing is not a replica failure: nothing was recorded.
+    assert!(old_states.calls.lock().is_empty());
+
+    // The refused writes changed nothing; the new owner works.
+    assert_eq!(read_vec(&*new, 0, 4096), pattern(1, 4096));
+    assert_eq!(read_vec(&*new, 8192, 4096), vec![0; 4096]);
+    new.write_at(&pattern(4, 4096), 4096).unwrap();
+    new.flush().unwrap();
+    assert_eq!(nodes[0].checksum(), nodes[1].checksum());
+    assert!(new_states.calls.lock().is_empty());
+    for s in new.status() {
+        assert_eq!(s.state, ReplicaState::InSync);
+    }
+
+    // An older generation cannot open any more either.
+    let err = Mirror::open(config(
+        "a",
+        5,
+        None,
+        ReplicaState::InSync,
+        vec![nodes[1].peer(ReplicaState::InSync)],
+        FakeStates::new(),
+    ))
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ReplicationError::Refused {
+                code: ErrorCode::Fenced,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    old.close();
+    new.close();
+}
+
+#[test]
+fn diskless_mirror_reads_and_writes_through_peers() {
+    let mut nodes: Vec<Node> = ["b", "c"].iter().map(|n| Node::new(n)).collect();
+    let states = FakeStates::new();
+    let m = Mirror::open(config(
+        "d",
+        1,
+        None,
+        ReplicaState::InSync,
+        vec![
+            nodes[0].peer(ReplicaState::InSync),
+            nodes[1].peer(ReplicaState::InSync),
+        ],
+        states.clone(),
+    ))
+    .unwrap();
+    assert_eq!(m.size(), PARAMS.size);
+    write_blocks(&*m, 0, 0..300);
+    // Larger than one replicated write (8 MiB) and one peer read (4 MiB).
+    let big = pattern(7, 9 * MIB as usize + 5);
+    m.write_at(&big, 10 * MIB + 3).unwrap();
+    m.flush().unwrap();
+    assert_eq!(read_vec(&*m, 10 * MIB + 3, big.len()), big);
+    assert_eq!(read_vec(&*m, 299 * BLOCK, 4096), pattern(299, 4096));
+    assert_eq!(nodes[0].checksum(), nodes[1].checksum());
+    assert!(m.status().iter().all(|s| !s.local));
+
+    // One peer goes: reads and writes go on through the other.
+    nodes[0].stop();
+    write_blocks(&*m, 500, 1000..1010);
+    assert_eq!(read_vec(&*m, 1005 * BLOCK, 4096), pattern(1505, 4096));
+    assert_eq!(read_vec(&*m, 10 * MIB + 3, big.len()), big);
+    assert_eq!(states.recorded_for("b"), vec![ReplicaState::Outdated]);
+    nodes[0].restart();
+    wait_in_sync(&m, "b");
+    m.flush().unwrap();
+    assert_eq!(nodes[0].checksum(), nodes[1].checksum());
+    assert_eq!(status_of(&m, "b").resync_sent_bytes, 10 * BLOCK);
+
+    // Both gone: IO fails, nothing is acknowledged.
+    nodes[0].stop();
+    nodes[1].stop();
+    assert!(m.write_at(&[1; 4096], 0).is_err());
+    assert!(m.read_at(&mut [0; 4096], 0).is_err());
+    m.close();
+}
+
+#[test]
+fn outdated_replicas_get_a_full_resync() {
+    let nodes: Vec<Node> = ["a", "b", "c"].iter().map(|n| Node::new(n)).collect();
+    // a holds data; b and c hold stale garbage.
+    {
+        let a = nodes[0].local();
+        for k in 0..100u64 {
+            a.write_at(1, &pattern(k, 4096), k * 3 * BLOCK).unwrap();
+        }
+        a.flush(1).unwrap();
+        for n in &nodes[1..] {
+            let r = n.local();
+            r.write_at(1, &pattern(777, 64 << 10), 40 * MIB).unwrap();
+            r.flush(1).unwrap();
+        }
+    }
+    let data_bytes = 100 * BLOCK;
+
+    // Diskless, a in sync, b outdated: b is resynced from a, peer to peer.
+    let states = FakeStates::new();
+    let m = Mirror::open(config(
+        "d",
+        2,
+        None,
+        ReplicaState::InSync,
+        vec![
+            nodes[0].peer(ReplicaState::InSync),
+            nodes[1].peer(ReplicaState::Outdated),
+        ],
+        states.clone(),
+    ))
+    .unwrap();
+    // Writes go on meanwhile.
+    m.write_at(&pattern(5000, 4096), 50 * MIB).unwrap();
+    wait_in_sync(&m, "b");
+    m.flush().unwrap();
+    assert_eq!(nodes[0].checksum(), nodes[1].checksum());
+    let sent = status_of(&m, "b").resync_sent_bytes;
+    // Zero ranges go as discards: only the data is sent (plus at most the
+    // block written during the resync).
+    assert!(
+        (data_bytes..=data_bytes + BLOCK).contains(&sent),
+        "sent {sent}"
+    );
+    assert_eq!(
+        states.recorded_for("b"),
+        vec![ReplicaState::Resyncing, ReplicaState::InSync]
+    );
+    m.close();
+    drop(m);
+
+    // c attaches with its own replica outdated: resynced from the peers.
+    let states = FakeStates::new();
+    let m = Mirror::open(config(
+        "c",
+        3,
+        Some(nodes[2].local()),
+        ReplicaState::Outdated,
+        vec![
+            nodes[0].peer(ReplicaState::InSync),
+            nodes[1].peer(ReplicaState::InSync),
+        ],
+        states.clone(),
+    ))
+    .unwrap();
+    // Reads come from an in-sync peer meanwhile.
+    assert_eq!(read_vec(&*m, 3 * BLOCK, 4096), pattern(1, 4096));
+    wait_in_sync(&m, "c");
+    assert_eq!(nodes[0].checksum(), nodes[2].checksum());
+    let c = status_of(&m, "c");
+    assert!(c.local);
+    assert_eq!(c.resync_sent_bytes, data_bytes + BLOCK);
+    assert_eq!(
+        states.recorded_for("c"),
+        vec![ReplicaState::Resyncing, ReplicaState::InSync]
+    );
+    m.close();
+
+    // Nothing in sync that can be reached: refused.
+    let err = Mirror::open(config(
+        "c",
+        4,
+        Some(nodes[2].local()),
+        ReplicaState::Outdated,
+        vec![nodes[1].peer(ReplicaState::Outdated)],
+        FakeStates::new(),
+    ))
+    .unwrap_err();
+    assert!(
+        matches!(err, ReplicationError::NoInSyncReplica { .. }),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_state_store_that_cannot_record_fails_the_write() {
+    for fail in [Fail::Fenced, Fail::Unavailable] {
+        let mut nodes: Vec<Node> = ["a", "b"].iter().map(|n| Node::new(n)).collect();
+        let states = FakeStates::new();
+        let m = Mirror::open(config(
+            "a",
+            1,
+            Some(nodes[0].local()),
+            ReplicaState::InSync,
+            vec![nodes[1].peer(ReplicaState::InSync)],
+            states.clone(),
+        ))
+        .unwrap();
+        m.write_at(&pattern(1, 4096), 0).unwrap();
+        m.flush().unwrap();
+
+        *states.fail.lock() = Some(fail);
+        nodes[1].stop();
+        let err = m.write_at(&pattern(2, 4096), 4096).unwrap_err();
+        assert!(err.to_string().contains("fenced"), "{fail:?}: {err}");
+        assert!(m.is_fenced());
+        // The failed record was attempted, and is the only call.
+        assert_eq!(
+            *states.calls.lock(),
+            vec![("b".to_string(), ReplicaState::Outdated, false)]
+        );
+        // Nothing more is acknowledged, even once the store is back.
+        *states.fail.lock() = None;
+        assert!(m.write_at(&pattern(3, 4096), 8192).is_err());
+        assert!(m.flush().is_err());
+        assert!(m.discard(0, 4096).is_err());
+        assert!(m.read_at(&mut [0; 4096], 0).is_err());
+        m.close();
+        assert!(states.recorded().is_empty(), "{fail:?}");
+    }
+}
+
+#[test]
+fn another_protocol_version_is_refused() {
+    let node = Node::new("b");
+    let mut s = TcpStream::connect(node.addr).unwrap();
+    let mut hello = Hello::new(VOL, 1, "a", PARAMS);
+    hello.version = wire::PROTOCOL_VERSION + 1;
+    wire::write_frame(&mut s, &Frame::Hello(hello)).unwrap();
+    match wire::read_frame(&mut s).unwrap() {
+        Some(Frame::Error { code, message, .. }) => {
+            assert_eq!(code, ErrorCode::Version);
+            assert!(
+                message.contains(&format!("version {}", wire::PROTOCOL_VERSION + 1)),
+                "{message}"
+            );
+        }
+        other => panic!("expected a version error, got {other:?}"),
+    }
+    // The connection is closed, and no replica was made.
+    assert!(wire::read_frame(&mut s).unwrap().is_none());
+    assert!(!node.dir.path().join(VOL).exists());
+
+    // A current Hello is accepted and creates the replica.
+    let mut s = TcpStream::connect(node.addr).unwrap();
+    wire::write_frame(&mut s, &Frame::Hello(Hello::new(VOL, 1, "a", PARAMS))).unwrap();
+    match wire::read_frame(&mut s).unwrap() {
+        Some(Frame::HelloOk { version, node: n }) => {
+            assert_eq!(version, wire::PROTOCOL_VERSION);
+            assert_eq!(n, "b");
+        }
+        other => panic!("expected HelloOk, got {other:?}"),
+    }
+    assert!(node.dir.path().join(VOL).join("header").exists());
+    // Requests are answered by id, errors included.
+    wire::write_frame(
+        &mut s,
+        &Frame::Request {
+            id: 42,
+            req: wire::Request::Read {
+                offset: PARAMS.size,
+                len: 4096,
+            },
+        },
+    )
+    .unwrap();
+    match wire::read_frame(&mut s).unwrap() {
+        Some(Frame::Error { id, code, .. }) => {
+            assert_eq!(id, 42);
+            assert_eq!(code, ErrorCode::Invalid);
+        }
+        other => panic!("expected an out-of-range error, got {other:?}"),
+    }
+    // Bad volume ids and garbage are refused.
+    let mut s = TcpStream::connect(node.addr).unwrap();
+    wire::write_frame(&mut s, &Frame::Hello(Hello::new("../etc", 1, "a", PARAMS))).unwrap();
+    assert!(matches!(
+        wire::read_frame(&mut s).unwrap(),
+        Some(Frame::Error {
+            code: ErrorCode::Invalid,
+            ..
+        })
+    ));
+    let mut s = TcpStream::connect(node.addr).unwrap();
+    std::io::Write::write_all(&mut s, b"\x00\x00\x00\x05GET /").unwrap();
+    assert!(matches!(
+        wire::read_frame(&mut s).unwrap(),
+        Some(Frame::Error {
+            code: ErrorCode::Protocol,
+            ..
+        })
+    ));
+}
