@@ -7,6 +7,9 @@
 
 #![allow(dead_code)]
 
+pub mod cluster;
+pub mod netns;
+
 use std::collections::BTreeSet;
 use std::fs;
 use std::io::{Read, Write};
@@ -128,6 +131,9 @@ pub struct Opts {
     pub passthrough: &'static str,
     /// More `serve` flags (e.g. `--secret-file`).
     pub extra_args: Vec<String>,
+    /// Run the daemon in this network namespace (`/run/netns/NS`, via `nsenter --net`;
+    /// only the network namespace: mounts and devices stay shared with the test).
+    pub netns: Option<String>,
 }
 
 impl Default for Opts {
@@ -139,6 +145,7 @@ impl Default for Opts {
             name: None,
             passthrough: "auto",
             extra_args: Vec::new(),
+            netns: None,
         }
     }
 }
@@ -165,6 +172,7 @@ pub struct Daemon {
     export: String,
     passthrough: &'static str,
     extra_args: Vec<String>,
+    netns: Option<String>,
     pub log_path: PathBuf,
     child: Option<Child>,
     // Last, so it is dropped after the daemon is stopped.
@@ -205,6 +213,7 @@ impl Daemon {
             export: opts.export,
             passthrough: opts.passthrough,
             extra_args: opts.extra_args,
+            netns: opts.netns,
             log_path: root.join("daemon.log"),
             child: None,
             tmp,
@@ -271,9 +280,16 @@ impl Daemon {
     pub fn spawn(&mut self) {
         assert!(self.child.is_none(), "daemon already running");
         let mut log = self.log_file();
-        let _ = writeln!(log, "===== spawn {} {:?}", BIN, self.serve_args());
+        let _ = writeln!(
+            log,
+            "===== spawn {} {:?} (netns {:?})",
+            BIN,
+            self.serve_args(),
+            self.netns
+        );
         let stderr = log.try_clone().expect("dup log");
-        let child = Command::new(BIN)
+        // nsenter execs the daemon, so the child's pid stays the daemon's.
+        let child = netns::command_in(self.netns.as_deref(), BIN)
             .args(self.serve_args())
             .env("RUST_BACKTRACE", "1")
             .env_remove("DUNNAGE_RUN_DIR")

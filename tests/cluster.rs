@@ -1,0 +1,731 @@
+//! Replication across nodes with etcd, under faults: a replica killed under
+//! fio, the attached node cut off mid-write (fencing), any one of three nodes
+//! lost, a resync that sends only what changed, membership and placement.
+//!
+//! Every scenario runs twice: on a private veth network, each daemon in a
+//! network namespace of its own with etcd in a hub namespace (a cut-off pulls
+//! the cable), and on loopback (a cut-off stops the daemon: see
+//! tests/common/cluster.rs). `cluster_net_smoke` checks the network harness
+//! itself: reachability, both kinds of cut, and a clean teardown.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::cluster::{
+    block_data, verify_blocks, write_blocks, BlockDev, Cluster, Mode, BLOCK, CONVERGE, LEASE_TTL,
+};
+use common::netns::{self, Etcd, Net, CUT_TABLE};
+use common::{pattern, Daemon, Opts, MIB};
+use serde_json::Value;
+
+/// Generous: resync of at most 256 MiB over a loaded 2-core machine.
+const RESYNC_TIMEOUT_SECS: u64 = 180;
+
+macro_rules! both_modes {
+    ($scenario:ident, $veth:ident, $loopback:ident) => {
+        #[test]
+        fn $veth() {
+            $scenario(Mode::Veth);
+        }
+        #[test]
+        fn $loopback() {
+            $scenario(Mode::Loopback);
+        }
+    };
+}
+
+both_modes!(
+    fio_survives_replica_kill9,
+    fio_survives_replica_kill9_veth,
+    fio_survives_replica_kill9_loopback
+);
+both_modes!(
+    cut_off_primary_is_fenced,
+    cut_off_primary_is_fenced_veth,
+    cut_off_primary_is_fenced_loopback
+);
+both_modes!(
+    repl3_survives_any_one_node,
+    repl3_survives_any_one_node_veth,
+    repl3_survives_any_one_node_loopback
+);
+both_modes!(
+    resync_sends_only_dirty_blocks,
+    resync_sends_only_dirty_blocks_veth,
+    resync_sends_only_dirty_blocks_loopback
+);
+both_modes!(
+    membership_and_placement,
+    membership_and_placement_veth,
+    membership_and_placement_loopback
+);
+
+// ---------------------------------------------------------------------------------------
+// Shared checks
+// ---------------------------------------------------------------------------------------
+
+/// Waits until `volume inspect` on node `on` shows every replica in-sync.
+fn wait_all_in_sync(c: &Cluster, on: usize, vol: &str) {
+    c.wait_for(&format!("every replica of {vol} in-sync"), || {
+        let info = c.cluster_info(on, vol);
+        info["replicas"]
+            .as_array()
+            .map(|rs| rs.iter().all(|r| r["state"] == "in-sync"))
+            .unwrap_or(false)
+    });
+}
+
+/// Asserts that every replica of `vol` (as the attached node `on` sees it) is in-sync.
+fn assert_all_in_sync(c: &Cluster, on: usize, vol: &str, context: &str) {
+    let info = c.cluster_info(on, vol);
+    let states: Vec<(String, String)> = info["replicas"]
+        .as_array()
+        .expect("replicas")
+        .iter()
+        .map(|r| {
+            (
+                r["node"].as_str().unwrap_or("?").to_string(),
+                r["state"].as_str().unwrap_or("?").to_string(),
+            )
+        })
+        .collect();
+    assert!(
+        states.iter().all(|(_, s)| s == "in-sync"),
+        "{context}: replicas of {vol} not all in-sync after `volume resync`: {states:?}\n{info}"
+    );
+}
+
+/// Checksums of every node's replica of `vol` (which must be detached): all equal.
+fn assert_checksums_equal(c: &Cluster, nodes: &[usize], vol: &str) -> String {
+    let sums: Vec<(String, String)> = nodes
+        .iter()
+        .map(|&i| (c.name(i).to_string(), c.checksum_on(i, vol)))
+        .collect();
+    let first = sums[0].1.clone();
+    assert!(
+        sums.iter().all(|(_, s)| *s == first),
+        "replicas of {vol} differ after resync: {sums:?}"
+    );
+    first
+}
+
+// ---------------------------------------------------------------------------------------
+// a. fio with verification while a replica is killed and restarted
+// ---------------------------------------------------------------------------------------
+
+/// fio writing 4 KiB blocks at random with crc32c checksums, then reading
+/// every one back. Rate-limited so that it is certainly still writing while
+/// the replica is down and when it comes back.
+fn fio(device: &str) -> Command {
+    let mut cmd = Command::new("fio");
+    cmd.args([
+        "--name=cluster",
+        &format!("--filename={device}"),
+        "--rw=randwrite",
+        "--bs=4k",
+        "--size=64M",
+        "--ioengine=libaio",
+        "--iodepth=16",
+        "--direct=1",
+        "--verify=crc32c",
+        "--verify_fatal=1",
+        "--randrepeat=1",
+        "--verify_state_save=0",
+        "--rate_iops=2000",
+        "--output-format=normal",
+    ])
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    cmd
+}
+
+fn wait_fio(child: Child, c: &Cluster) -> (bool, String) {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let mut child = child;
+    while child.try_wait().expect("wait fio").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("fio output");
+            panic!(
+                "fio hung for 5 minutes: IO did not resume after the replica came back\n{}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                c.logs()
+            );
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    let out = child.wait_with_output().expect("fio output");
+    let text = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+fn fio_survives_replica_kill9(mode: Mode) {
+    common::require_tools(&["fio"]);
+    let mut c = Cluster::start(mode, 2);
+    let vol = "fio";
+    c.create(0, vol, 2, "256M", &[]);
+    let empty = c.checksum_on(0, vol);
+    let dev = c.attach_on(0, vol);
+
+    let mut child = fio(&dev).spawn().expect("run fio");
+    thread::sleep(Duration::from_millis(1500));
+    assert!(
+        child.try_wait().expect("wait").is_none(),
+        "fio ended before the replica was killed: the test would prove nothing"
+    );
+    c.kill9(1);
+    // Long enough for the primary to give up on the replica and go on alone.
+    thread::sleep(Duration::from_secs(common::cluster::REPLICA_TIMEOUT + 1));
+    assert!(
+        child.try_wait().expect("wait").is_none(),
+        "fio ended while the replica was dead (its IO failed, or it never was in flight)"
+    );
+    c.start_again(1);
+    let (ok, out) = wait_fio(child, &c);
+    assert!(
+        ok && !out.contains("verify:") && !out.contains("bad magic"),
+        "fio on a repl=2 volume failed across a replica's kill -9 and restart:\n{out}\n{}",
+        c.logs()
+    );
+
+    c.resync_on(0, vol, RESYNC_TIMEOUT_SECS);
+    assert_all_in_sync(&c, 0, vol, "after fio");
+    c.detach_on(0, vol);
+    let sum = assert_checksums_equal(&c, &[0, 1], vol);
+    assert_ne!(
+        sum, empty,
+        "the replicas' checksum is the empty volume's: fio's writes are not in it"
+    );
+    c.remove(0, vol);
+    c.shutdown();
+}
+
+// ---------------------------------------------------------------------------------------
+// b. the attached node cut off mid-write: acknowledged writes survive, it is fenced
+// ---------------------------------------------------------------------------------------
+
+/// Records the writer may write: 64 MiB, far more than it gets to.
+const MAX_RECORDS: u64 = 16384;
+/// Acknowledged records to wait for before the cut.
+const RECORDS_BEFORE_CUT: usize = 64;
+
+struct WriterEnd {
+    dev: BlockDev,
+    /// Records whose write was attempted (0..attempted).
+    attempted: u64,
+    error: Option<std::io::Error>,
+}
+
+fn cut_off_primary_is_fenced(mode: Mode) {
+    let mut c = Cluster::start(mode, 2);
+    let vol = "fence";
+    c.create(0, vol, 2, "256M", &[]);
+    let dev1 = c.attach_on(0, vol);
+
+    // Record k at block k, each one written and fdatasync'ed before the next;
+    // `acked` holds exactly those whose write and fdatasync returned success.
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked: Arc<Mutex<Vec<u64>>> = Arc::new(Mutex::new(Vec::new()));
+    let writer = {
+        let (stop, acked) = (stop.clone(), acked.clone());
+        let dev = BlockDev::open(&dev1);
+        thread::spawn(move || {
+            let mut end = WriterEnd {
+                dev,
+                attempted: 0,
+                error: None,
+            };
+            for k in 0..MAX_RECORDS {
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                end.attempted = k + 1;
+                let r = end
+                    .dev
+                    .write_block(k, &block_data(k, 1))
+                    .and_then(|()| end.dev.sync());
+                match r {
+                    Ok(()) => acked.lock().unwrap().push(k),
+                    Err(e) => {
+                        end.error = Some(e);
+                        break;
+                    }
+                }
+            }
+            end
+        })
+    };
+    c.wait_for("the writer's first records", || {
+        acked.lock().unwrap().len() >= RECORDS_BEFORE_CUT || writer.is_finished()
+    });
+    assert!(
+        !writer.is_finished(),
+        "the writer stopped before the cut: {} records acknowledged",
+        acked.lock().unwrap().len()
+    );
+
+    c.cut_off(0);
+    thread::sleep(Duration::from_secs(LEASE_TTL + 1));
+    let dev2 = c.attach_taking_over(1, vol, 0);
+    let info = c.cluster_info(1, vol);
+    assert_eq!(
+        info["attached_on"], "n2",
+        "inspect on n2 after taking over: {info}"
+    );
+
+    stop.store(true, Ordering::SeqCst);
+    c.heal(0);
+    // Whatever the writer had in flight must now end: acknowledged only if
+    // it is on n2, failed otherwise. A writer stuck for good is a failure.
+    let deadline = Instant::now() + CONVERGE;
+    while !writer.is_finished() {
+        assert!(
+            Instant::now() < deadline,
+            "the writer on the fenced node n1 is still blocked {CONVERGE:?} after the heal\n{}",
+            c.logs()
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    let end = writer.join().expect("writer thread");
+    let acked = acked.lock().unwrap().clone();
+    assert!(
+        acked.len() >= RECORDS_BEFORE_CUT,
+        "only {} records acknowledged",
+        acked.len()
+    );
+    assert!(
+        end.attempted < MAX_RECORDS,
+        "the writer wrote all its records: n1 acknowledged writes while cut off"
+    );
+
+    // Every acknowledged record is on n2, intact. The one in flight at the
+    // cut is either entirely there or not at all; nothing past it exists.
+    let d2 = BlockDev::open(&dev2);
+    verify_blocks(&d2, acked.iter().copied(), 1);
+    let zero = vec![0u8; BLOCK];
+    for k in (0..end.attempted).filter(|k| !acked.contains(k)) {
+        let got = d2.read_block(k).expect("read on n2");
+        assert!(
+            got == zero || got == block_data(k, 1),
+            "record {k} (unacknowledged) is torn on n2: {:?}",
+            &got[..24]
+        );
+    }
+    assert_eq!(
+        d2.read_block(end.attempted).expect("read on n2"),
+        zero,
+        "a block the writer never wrote is not empty on n2"
+    );
+
+    // n1, healed, is fenced: writing through its old device fails with EIO
+    // and changes nothing on n2 (neither an acknowledged record nor a fresh block).
+    let fresh = end.attempted + 100;
+    for (k, what) in [(0, "an acknowledged record"), (fresh, "a fresh block")] {
+        let r = end
+            .dev
+            .write_block(k, &block_data(k, 666))
+            .and_then(|()| end.dev.sync());
+        match r {
+            Err(e) if e.raw_os_error() == Some(libc::EIO) => {}
+            other => panic!(
+                "write+fdatasync of {what} (block {k}) on the fenced n1's device {}: {other:?}, expected EIO\n{}",
+                end.dev.path,
+                c.logs()
+            ),
+        }
+    }
+    verify_blocks(&d2, acked.iter().copied(), 1);
+    assert_eq!(
+        d2.read_block(fresh).expect("read on n2"),
+        zero,
+        "the fenced n1's write reached n2"
+    );
+    if let Some(e) = &end.error {
+        eprintln!("writer on n1 ended with: {e}");
+    }
+
+    drop(end);
+    drop(d2);
+    c.detach_on(1, vol);
+    // n1 may or may not still count its lost attach; the leak check at
+    // shutdown says whether its device is gone.
+    let _ = c.cli(0, &["detach", vol]);
+    c.remove(1, vol);
+    c.shutdown();
+}
+
+// ---------------------------------------------------------------------------------------
+// c. repl=3 survives the loss of any one node
+// ---------------------------------------------------------------------------------------
+
+/// Blocks written per round.
+const ROUND_BLOCKS: u64 = 64;
+
+fn repl3_survives_any_one_node(mode: Mode) {
+    let mut c = Cluster::start(mode, 3);
+    let vol = "three";
+    c.create(0, vol, 3, "256M", &[]);
+    let placement = c.placement(0, vol);
+    assert_eq!(placement, ["n1", "n2", "n3"], "repl=3 on 3 nodes");
+    let mut attached = 0;
+    let mut dev = c.attach_on(0, vol);
+    // Round r writes blocks r*ROUND_BLOCKS.. with seed r, spread over the volume.
+    let round_blocks = |r: u64| (0..ROUND_BLOCKS).map(move |b| r * 7919 + b * 97);
+    write_blocks(&BlockDev::open(&dev), round_blocks(0), 0);
+
+    // Replicas first (no re-attach), then the attached node itself.
+    for (round, k) in [(1u64, 1usize), (2, 2), (3, 0)] {
+        c.kill9(k);
+        if k == attached {
+            let next = (k + 1) % 3;
+            dev = c.attach_taking_over(next, vol, k);
+            attached = next;
+        }
+        let d = BlockDev::open(&dev);
+        for r in 0..round {
+            verify_blocks(&d, round_blocks(r), r);
+        }
+        write_blocks(&d, round_blocks(round), round);
+        verify_blocks(&d, round_blocks(round), round);
+        drop(d);
+
+        c.start_again(k);
+        if k == 0 {
+            // n1 died holding the attach; it may still count it after the restart.
+            let _ = c.cli(k, &["detach", vol]);
+        }
+        c.resync_on(attached, vol, RESYNC_TIMEOUT_SECS);
+        assert_all_in_sync(&c, attached, vol, &format!("after {} came back", c.name(k)));
+    }
+
+    let d = BlockDev::open(&dev);
+    for r in 0..4 {
+        verify_blocks(&d, round_blocks(r), r);
+    }
+    drop(d);
+    c.detach_on(attached, vol);
+    assert_checksums_equal(&c, &[0, 1, 2], vol);
+    c.remove(attached, vol);
+    c.shutdown();
+}
+
+// ---------------------------------------------------------------------------------------
+// d. a resync sends only the blocks written while the replica was away
+// ---------------------------------------------------------------------------------------
+
+fn resync_sends_only_dirty_blocks(mode: Mode) {
+    let mut c = Cluster::start(mode, 2);
+    let vol = "dirty";
+    c.create(0, vol, 2, "256M", &[]);
+    let dev = c.attach_on(0, vol);
+    let d = BlockDev::open(&dev);
+
+    // 32 MiB written while both replicas are in sync: a resync must not resend it.
+    for m in 0..32u64 {
+        d.write_at((96 + m) * MIB, &pattern(MIB as usize, 1000 + m))
+            .expect("baseline write");
+    }
+    d.sync().expect("fdatasync");
+    wait_all_in_sync(&c, 0, vol);
+
+    c.kill9(1);
+    // D: 2 MiB at 16 MiB and 2 MiB at 200 MiB, written as distinct 4 KiB
+    // blocks, on both sides of the baseline data.
+    let blocks: Vec<u64> = (0..512u64)
+        .map(|b| 16 * MIB / BLOCK as u64 + b)
+        .chain((0..512u64).map(|b| 200 * MIB / BLOCK as u64 + b))
+        .collect();
+    let dirty = (blocks.len() * BLOCK) as u64;
+    write_blocks(&d, blocks.iter().copied(), 7);
+    c.start_again(1);
+    c.resync_on(0, vol, RESYNC_TIMEOUT_SECS);
+    assert_all_in_sync(&c, 0, vol, "after the dirty resync");
+
+    let n2 = c.replica_info(0, vol, "n2");
+    let sent = n2["resync_sent_bytes"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no resync_sent_bytes for n2: {n2}"));
+    assert!(
+        sent > 0 && sent * 10 <= dirty * 11,
+        "resync to n2 sent {sent} bytes for {dirty} bytes written while it was down \
+         (32 MiB more were in sync): expected 0 < sent <= 1.1 x {dirty}\n{n2}"
+    );
+
+    verify_blocks(&d, blocks.iter().copied(), 7);
+    drop(d);
+    c.detach_on(0, vol);
+    assert_checksums_equal(&c, &[0, 1], vol);
+    c.remove(0, vol);
+    c.shutdown();
+}
+
+// ---------------------------------------------------------------------------------------
+// e. node ls and volume inspect
+// ---------------------------------------------------------------------------------------
+
+fn membership_and_placement(mode: Mode) {
+    let mut c = Cluster::start(mode, 3);
+    let names: BTreeSet<String> = (0..3).map(|i| c.name(i).to_string()).collect();
+    for i in 0..3 {
+        let ls = c.node_ls(i);
+        let listed: BTreeSet<String> = ls
+            .iter()
+            .map(|e| e["name"].as_str().unwrap_or("").to_string())
+            .collect();
+        assert_eq!(listed, names, "node ls on {}: {ls:?}", c.name(i));
+        for e in &ls {
+            let j = c.index_of(e["name"].as_str().expect("name"));
+            assert_eq!(
+                e["addr"].as_str(),
+                Some(c.addr(j).to_string().as_str()),
+                "node ls on {}: address of {}: {e}",
+                c.name(i),
+                c.name(j)
+            );
+            assert_eq!(e["up"], true, "node ls on {}: {e}", c.name(i));
+        }
+    }
+
+    let vol = "placed";
+    c.create(2, vol, 2, "256M", &[]);
+    let placement = c.placement(0, vol);
+    assert_eq!(placement.len(), 2, "repl=2 has two replicas: {placement:?}");
+    assert_ne!(placement[0], placement[1], "replicas on distinct nodes");
+    assert!(placement.iter().all(|p| names.contains(p)), "{placement:?}");
+    for i in 1..3 {
+        assert_eq!(
+            c.placement(i, vol),
+            placement,
+            "placement as {} sees it",
+            c.name(i)
+        );
+    }
+    let holder = c.index_of(&placement[0]);
+    let other = c.index_of(&placement[1]);
+    let third = (0..3).find(|i| *i != holder && *i != other).unwrap();
+
+    let info = c.cluster_info(holder, vol);
+    assert_eq!(info["attached_on"], Value::Null, "before attach: {info}");
+    let _dev = c.attach_on(holder, vol);
+    wait_all_in_sync(&c, holder, vol);
+    let info = c.cluster_info(holder, vol);
+    assert_eq!(info["attached_on"], c.name(holder), "{info}");
+    let generation = info["generation"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no generation while attached: {info}"));
+    for r in info["replicas"].as_array().expect("replicas") {
+        let local = r["node"] == c.name(holder);
+        assert_eq!(r["local"], local, "replica entry: {r}");
+        if !local {
+            assert_eq!(r["connected"], true, "peer replica not connected: {r}");
+        }
+        assert_eq!(r["state"], "in-sync", "{r}");
+    }
+    for i in [other, third] {
+        let info = c.cluster_info(i, vol);
+        assert_eq!(
+            info["attached_on"],
+            c.name(holder),
+            "as {} sees it: {info}",
+            c.name(i)
+        );
+        for r in info["replicas"].as_array().expect("replicas") {
+            assert!(
+                r["node"].is_string() && r["state"].is_string(),
+                "as {} sees it: {r}",
+                c.name(i)
+            );
+        }
+    }
+    let err = c.cli_err(other, &["attach", vol]);
+    assert!(
+        err.contains(c.name(holder)),
+        "attach on {} while attached on {}: the error does not name the holder: {err}",
+        c.name(other),
+        c.name(holder)
+    );
+
+    // A node killed is listed as down once its lease is gone; the rest stay up.
+    c.kill9(third);
+    c.wait_node_up(holder, third, false);
+    for i in [holder, other] {
+        let e = c.node_entry(holder, i).expect("listed");
+        assert_eq!(e["up"], true, "{e}");
+    }
+    c.start_again(third);
+    c.wait_node_up(holder, third, true);
+
+    // A new attach elsewhere has a newer generation.
+    c.detach_on(holder, vol);
+    let info = c.cluster_info(third, vol);
+    assert_eq!(info["attached_on"], Value::Null, "after detach: {info}");
+    let _dev = c.attach_on(other, vol);
+    let info = c.cluster_info(other, vol);
+    assert_eq!(info["attached_on"], c.name(other), "{info}");
+    let newer = info["generation"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no generation while attached: {info}"));
+    assert!(
+        newer > generation,
+        "attach on {} has generation {newer}, not newer than {generation}",
+        c.name(other)
+    );
+    c.detach_on(other, vol);
+    c.remove(0, vol);
+    c.shutdown();
+}
+
+// ---------------------------------------------------------------------------------------
+// The network harness itself
+// ---------------------------------------------------------------------------------------
+
+/// Polls `cond` for up to 20 s.
+fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn root_links() -> BTreeSet<String> {
+    common::sh("ip", &["-o", "link", "show"])
+        .lines()
+        .filter_map(|l| l.split(':').nth(1))
+        .map(|n| n.trim().split('@').next().unwrap_or("").to_string())
+        .collect()
+}
+
+#[test]
+fn cluster_net_smoke() {
+    let links_before = root_links();
+    let tables_before = common::sh("nft", &["list", "tables"]);
+    let mut net = Net::new(2);
+    let etcd = Etcd::start(net.hub_ip(), Some(net.hub_ns()));
+    let namespaces = net.namespaces();
+    let inodes: Vec<u64> = namespaces
+        .iter()
+        .map(|ns| netns::ns_inode(&netns::ns_path(ns)).expect("namespace file"))
+        .collect();
+    assert_eq!(namespaces.len(), 3);
+
+    // Every node reaches etcd; each kind of cut stops exactly that node.
+    for i in 0..2 {
+        assert!(
+            etcd.healthy_from(Some(net.node_ns(i))),
+            "etcd not reachable from node {i}\n{}",
+            etcd.log_tail()
+        );
+    }
+    let etcd_addr = etcd.client_addr;
+    let reach = |net: &Net, i: usize| {
+        netns::tcp_reachable(net.node_ns(i), etcd_addr, Duration::from_secs(1))
+    };
+    net.link_down(0);
+    assert!(net.is_cut(0));
+    assert!(!reach(&net, 0), "node 0 reaches etcd with its link down");
+    assert!(
+        !etcd.healthy_from(Some(net.node_ns(0))),
+        "etcdctl on node 0 healthy with its link down"
+    );
+    assert!(
+        reach(&net, 1),
+        "node 1 lost etcd when node 0's link went down"
+    );
+    net.link_up(0);
+    eventually("node 0 back after link up", || reach(&net, 0));
+    assert!(etcd.healthy_from(Some(net.node_ns(0))));
+
+    net.drop_all(1);
+    assert!(net.is_cut(1));
+    assert_eq!(net.nft_tables(1), [format!("inet {CUT_TABLE}")]);
+    assert!(!reach(&net, 1), "node 1 reaches etcd through drop_all");
+    assert!(
+        !etcd.healthy_from(Some(net.node_ns(1))),
+        "etcdctl on node 1 healthy through drop_all"
+    );
+    assert!(reach(&net, 0), "node 0 lost etcd when node 1 was dropped");
+    // Loopback inside the dropped namespace still works.
+    let lo_ok = netns::in_ns(net.node_ns(1), || {
+        let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind on lo");
+        let addr: SocketAddr = l.local_addr().expect("addr");
+        std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok()
+    });
+    assert!(lo_ok, "drop_all also dropped loopback traffic");
+    net.undrop(1);
+    assert!(net.nft_tables(1).is_empty(), "{:?}", net.nft_tables(1));
+    eventually("node 1 back after undrop", || reach(&net, 1));
+    assert!(etcd.healthy_from(Some(net.node_ns(1))));
+
+    // A daemon started with `Opts::netns` lives in that namespace (nsenter
+    // execs: the child's pid is the daemon's) while its mounts and devices
+    // stay visible here; the O_DIRECT helpers round-trip through its device.
+    let d = Daemon::start(Opts {
+        netns: Some(net.node_ns(0).to_string()),
+        ..Opts::default()
+    });
+    let link = std::fs::read_link(format!("/proc/{}/ns/net", d.pid())).expect("ns link");
+    assert_eq!(link.to_string_lossy(), format!("net:[{}]", inodes[1]));
+    let exe = std::fs::read_link(format!("/proc/{}/exe", d.pid())).expect("exe link");
+    assert!(exe.ends_with("dunnage"), "the child is {exe:?}");
+    d.cli_ok(&[
+        "volume", "create", "smoke", "-o", "size=64M", "-o", "fs=none",
+    ]);
+    let dev = BlockDev::open(d.cli_ok(&["attach", "smoke"]).trim());
+    write_blocks(&dev, (0..32).map(|b| b * 13), 5);
+    verify_blocks(&dev, (0..32).map(|b| b * 13), 5);
+    assert_eq!(dev.read_block(1).expect("read"), vec![0u8; BLOCK]);
+    drop(dev);
+    d.cli_ok(&["detach", "smoke"]);
+    d.cli_ok(&["volume", "rm", "smoke"]);
+    let mut d = d;
+    d.sigterm_and_wait();
+    let l = d.leftovers_stopped();
+    assert!(l.is_empty(), "leftovers: {l:?}");
+    drop(d);
+
+    // Teardown leaves nothing: cut again so that the drop must undo it.
+    net.link_down(0);
+    net.drop_all(1);
+    let etcd_pid = etcd.pid().expect("etcd pid");
+    drop(etcd);
+    assert!(
+        !std::path::Path::new(&format!("/proc/{etcd_pid}")).exists(),
+        "etcd still running after its drop"
+    );
+    drop(net);
+    let left: Vec<String> = netns::netns_names()
+        .into_iter()
+        .filter(|n| namespaces.contains(n))
+        .collect();
+    assert!(left.is_empty(), "namespaces left: {left:?}");
+    for ino in inodes {
+        let pids = netns::pids_in_netns(ino);
+        assert!(
+            pids.is_empty(),
+            "processes still in a test namespace: {pids:?}"
+        );
+    }
+    assert_eq!(
+        root_links(),
+        links_before,
+        "links in the root namespace changed"
+    );
+    assert_eq!(
+        common::sh("nft", &["list", "tables"]),
+        tables_before,
+        "nft tables in the root namespace changed"
+    );
+}
