@@ -106,6 +106,12 @@ impl LocalReplica {
         }
     }
 
+    /// The image itself, for what is not IO (usage, snapshots). IO through
+    /// it bypasses the generation check: use the methods of this type.
+    pub fn image(&self) -> &ThinImage {
+        &self.image
+    }
+
     /// The highest generation this replica has seen.
     pub fn generation(&self) -> Generation {
         *self.generation.read()
