@@ -236,8 +236,14 @@ impl Handler<Checksum> for VolumeActor {
         if !record.replicas.iter().any(|n| n == c.cluster.node()) {
             return Err(self.err(VolumeErrorKind::NoLocalReplica(record.replicas.join(", "))));
         }
-        c.replicas
-            .checksum(&self.id, params(&record))
-            .map_err(|e| self.err(e))
+        // A replica never attached yet is made here (empty, as it reads).
+        let sum = c
+            .replicas
+            .open(&self.id, params(&record))
+            .and_then(|r| r.checksum());
+        if self.attached.is_none() {
+            c.replicas.close(&self.id);
+        }
+        sum.map_err(|e| self.err(e))
     }
 }
