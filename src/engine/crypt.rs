@@ -256,35 +256,67 @@ fn key_check_mac(keys: &DerivedKeys) -> Hmac<Sha256> {
     mac
 }
 
-/// XTS-AES-256 from 64 bytes of key: data key, then tweak key (IEEE 1619's
-/// Key1 || Key2).
-fn xts_cipher(key: &[u8]) -> Xts128<Aes256> {
-    let data = Aes256::new_from_slice(&key[..32]).expect("32-byte AES-256 key");
-    let tweak = Aes256::new_from_slice(&key[32..64]).expect("32-byte AES-256 key");
-    Xts128::new(data, tweak)
-}
+/// XTS-AES-256 (IEEE 1619) over whole data units. Public for the benches;
+/// the engine's keys never leave this module.
+pub struct XtsAes256(Xts128<Aes256>);
 
-/// Encrypt `buf` in place, unit by unit; unit `first`'s tweak is `first`
-/// little-endian (`plain64`). `unit` is a parameter only for the 512-byte
-/// IEEE 1619 vectors.
-fn encrypt_units(xts: &Xts128<Aes256>, buf: &mut [u8], unit: usize, first: u64) {
-    xts.encrypt_area(buf, unit, u128::from(first), get_tweak_default);
+impl XtsAes256 {
+    /// From 64 bytes of key: data key, then tweak key (IEEE 1619's
+    /// Key1 || Key2).
+    pub fn new(key: &[u8; 64]) -> XtsAes256 {
+        let data = Aes256::new_from_slice(&key[..32]).expect("32-byte AES-256 key");
+        let tweak = Aes256::new_from_slice(&key[32..64]).expect("32-byte AES-256 key");
+        XtsAes256(Xts128::new(data, tweak))
+    }
+
+    /// Encrypt `buf` (whole [`UNIT`]s) in place; the first unit's tweak is
+    /// `first` little-endian (`plain64`), the next ones count up from it.
+    pub fn encrypt(&self, buf: &mut [u8], first: u64) {
+        self.encrypt_sized(buf, UNIT as usize, first);
+    }
+
+    /// Undo [`XtsAes256::encrypt`].
+    pub fn decrypt(&self, buf: &mut [u8], first: u64) {
+        self.decrypt_sized(buf, UNIT as usize, first);
+    }
+
+    /// With data units of `unit` bytes: the 512-byte IEEE 1619 vectors.
+    fn encrypt_sized(&self, buf: &mut [u8], unit: usize, first: u64) {
+        assert_eq!(buf.len() % unit, 0, "whole data units only");
+        self.0
+            .encrypt_area(buf, unit, u128::from(first), get_tweak_default);
+    }
+
+    fn decrypt_sized(&self, buf: &mut [u8], unit: usize, first: u64) {
+        assert_eq!(buf.len() % unit, 0, "whole data units only");
+        self.0
+            .decrypt_area(buf, unit, u128::from(first), get_tweak_default);
+    }
 }
 
 /// Decrypt `buf` in place, unit by unit, leaving all-zero units as they are
-/// (the zero rule of the module doc).
-fn decrypt_units(xts: &Xts128<Aes256>, buf: &mut [u8], unit: usize, first: u64) {
-    for (i, chunk) in buf.chunks_exact_mut(unit).enumerate() {
-        if !is_zero(chunk) {
-            xts.decrypt_sector(chunk, get_tweak_default(u128::from(first + i as u64)));
+/// (the zero rule of the module doc); a run of nonzero units at once.
+fn decrypt_units(xts: &XtsAes256, buf: &mut [u8], unit: usize, first: u64) {
+    let units = buf.len() / unit;
+    let mut i = 0;
+    while i < units {
+        if is_zero(&buf[i * unit..][..unit]) {
+            i += 1;
+            continue;
         }
+        let start = i;
+        while i < units && !is_zero(&buf[i * unit..][..unit]) {
+            i += 1;
+        }
+        let run = &mut buf[start * unit..i * unit];
+        xts.decrypt_sized(run, unit, first + start as u64);
     }
 }
 
 /// An encrypted view of a [`ThinImage`]. See the module doc.
 pub struct CryptEngine {
     inner: Arc<ThinImage>,
-    xts: Xts128<Aes256>,
+    xts: XtsAes256,
     params: CryptParams,
 }
 
@@ -369,7 +401,7 @@ impl CryptEngine {
         params.store(dir)?;
         Ok(CryptEngine {
             inner: image,
-            xts: xts_cipher(&keys[..64]),
+            xts: XtsAes256::new(keys[..64].try_into().expect("64 bytes of XTS keys")),
             params,
         })
     }
@@ -385,7 +417,7 @@ impl CryptEngine {
         let (params, keys) = unlock(dir, secret)?;
         Ok(CryptEngine {
             inner: image,
-            xts: xts_cipher(&keys[..64]),
+            xts: XtsAes256::new(keys[..64].try_into().expect("64 bytes of XTS keys")),
             params,
         })
     }
@@ -452,7 +484,7 @@ impl BlockEngine for CryptEngine {
             for chunk in buf.chunks(WRITE_CHUNK) {
                 scratch.clear();
                 scratch.extend_from_slice(chunk);
-                encrypt_units(&self.xts, scratch, UNIT as usize, at / UNIT);
+                self.xts.encrypt(scratch, at / UNIT);
                 self.inner.write_at(scratch, at)?;
                 at += chunk.len() as u64;
             }
@@ -615,12 +647,12 @@ mod tests {
              1ad77f16f541dfd269d50d6a5f14fb0aab1cbb4c1550be97f7ab4066193c4caa
              773dad38014bd2092fa755c824bb5e54c4f36ffda9fcea70b9c6e693e148c151",
         );
-        let xts = xts_cipher(&key);
+        let xts = XtsAes256::new(key[..].try_into().unwrap());
         // Two units: the vector's is the second, so its tweak (0xff) comes
         // from the first unit's index plus one, as for a multi-unit IO.
         let mut buf = vec![0x5a; 512];
         buf.extend_from_slice(&plaintext);
-        encrypt_units(&xts, &mut buf, 512, 0xfe);
+        xts.encrypt_sized(&mut buf, 512, 0xfe);
         assert_eq!(hex(&buf[512..]), hex(&ciphertext));
         decrypt_units(&xts, &mut buf, 512, 0xfe);
         assert_eq!(buf[512..], plaintext[..]);

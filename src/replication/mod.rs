@@ -48,7 +48,10 @@ pub trait StateStore: Send + Sync {
 pub enum StateStoreError {
     /// The attach generation is no longer current: another node attached.
     #[error("fenced: volume {volume} is now attached with a newer generation than {generation}")]
-    Fenced { volume: String, generation: Generation },
+    Fenced {
+        volume: String,
+        generation: Generation,
+    },
     /// The store cannot be reached; the state change did not happen.
     #[error("cannot record replica state: {0}")]
     Unavailable(String),
