@@ -264,7 +264,8 @@ fn cleanup(node: &Node, keep: &[AttachRecord]) {
     if let Some(k) = node.exporter.keeper() {
         let kept: std::collections::BTreeSet<&str> = keep.iter().map(|r| r.id.as_str()).collect();
         for key in k.keys().unwrap_or_default() {
-            if !kept.contains(key.as_str()) {
+            // Volume keys are the KeyRing's (restored before this).
+            if !kept.contains(key.as_str()) && !crate::keys::is_key_name(&key) {
                 let _ = k.release(&key);
             }
         }
@@ -340,6 +341,8 @@ pub fn run(args: ServeArgs, run_dir: PathBuf) -> Result<()> {
     let keys = crate::keys::KeyRing::new(args.secret_file.as_deref())?;
     // Last before serving: nothing below fails before the keeper is told bye.
     let exporter = Exporter::new(export, args.fuse_passthrough == Passthrough::Auto, &run_dir)?;
+    // FUSE: the keeper holds own keys across a kill -9 (none with ublk).
+    let keys = keys.kept_by(exporter.keeper().cloned());
     let scope = if cluster.is_some() { "global" } else { "local" };
     let node = Arc::new(Node {
         name: node_name,
@@ -353,6 +356,21 @@ pub fn run(args: ServeArgs, run_dir: PathBuf) -> Result<()> {
         catalog,
         cluster,
     });
+    // Own keys a killed daemon left with the keeper, before anything
+    // encrypted is taken back.
+    let restored = node.keys.restore(
+        node.catalog
+            .list()
+            .iter()
+            .filter(|r| r.spec.secure)
+            .map(|r| r.id.as_str()),
+    );
+    if restored > 0 {
+        tracing::info!(
+            keys = restored,
+            "took back volume keys the FUSE keeper held for the last run"
+        );
+    }
     let resumable = triage(&node);
     cleanup(&node, &resumable);
 
@@ -422,7 +440,16 @@ pub fn run(args: ServeArgs, run_dir: PathBuf) -> Result<()> {
         let _ = std::fs::remove_file(&control_sock);
         anyhow::Ok(())
     });
-    // Also when serving failed to start: the keeper may go if it holds nothing.
+    // Also when serving failed to start: the keeper may go if it holds
+    // nothing, keys included (a clean restart locks volumes with their own
+    // key until `dunnage volume unlock`).
+    let released = exporter_node.keys.release_all();
+    if released > 0 {
+        tracing::info!(
+            keys = released,
+            "released volume keys: volumes with their own key are locked until unlocked again"
+        );
+    }
     exporter_node.exporter.shutdown();
     if let Some(c) = &exporter_node.cluster {
         c.shutdown();

@@ -116,7 +116,9 @@ impl Secret {
         Secret(Zeroizing::new(bytes.into()))
     }
 
-    fn bytes(&self) -> &[u8] {
+    /// The passphrase: for the key derivation, and for the memfd the FUSE
+    /// keeper holds (`keys.rs`).
+    pub(crate) fn bytes(&self) -> &[u8] {
         &self.0
     }
 }
