@@ -201,7 +201,10 @@ impl KeyRing {
                 continue;
             };
             if !wanted.contains(id) {
-                tracing::info!(volume_id = id, "releasing the held key of a volume that is gone");
+                tracing::info!(
+                    volume_id = id,
+                    "releasing the held key of a volume that is gone"
+                );
                 let _ = k.release(&name);
                 continue;
             }

@@ -436,20 +436,22 @@ pub fn run(args: ServeArgs, run_dir: PathBuf) -> Result<()> {
         ph.stop(true).await;
         ch.stop(true).await;
         registry.send(registry::Shutdown).await.ok();
+        // Orderly: the keeper lets go of the keys too, so that it can exit
+        // and a volume with its own key is locked after this restart until
+        // `dunnage volume unlock`. (A start that failed keeps them: the
+        // volumes a killed daemon left are still to be taken back.)
+        let released = node.keys.release_all();
+        if released > 0 {
+            tracing::info!(
+                keys = released,
+                "released volume keys: volumes with their own key stay locked until unlocked again"
+            );
+        }
         let _ = std::fs::remove_file(&plugin_sock);
         let _ = std::fs::remove_file(&control_sock);
         anyhow::Ok(())
     });
-    // Also when serving failed to start: the keeper may go if it holds
-    // nothing, keys included (a clean restart locks volumes with their own
-    // key until `dunnage volume unlock`).
-    let released = exporter_node.keys.release_all();
-    if released > 0 {
-        tracing::info!(
-            keys = released,
-            "released volume keys: volumes with their own key are locked until unlocked again"
-        );
-    }
+    // Also when serving failed to start: the keeper may go if it holds nothing.
     exporter_node.exporter.shutdown();
     if let Some(c) = &exporter_node.cluster {
         c.shutdown();

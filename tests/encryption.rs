@@ -1,7 +1,9 @@
 //! Encrypted volumes (`secure=true`) through the plugin socket, the CLI and
 //! dockerd: no plaintext and no key anywhere on disk or in what the daemon
-//! shows, a wrong key refused before any IO, locked after a restart until
-//! `dunnage volume unlock`, and the node-wide key of `--secret-file`.
+//! shows, a wrong key refused before any IO, locked after an orderly
+//! restart (SIGTERM) until `dunnage volume unlock`, still in use across a
+//! kill -9 (the FUSE keeper held the key), and the node-wide key of
+//! `--secret-file`.
 
 mod common;
 
@@ -136,6 +138,117 @@ fn encrypted_volume_leaves_no_plaintext_or_key_and_locks_after_restart() {
     let hits = containing(&[d.log_path.parent().unwrap()], key.as_bytes());
     assert!(hits.is_empty(), "the key reached the log: {hits:?}");
     d.remove("sec");
+}
+
+/// Reads `path` with O_DIRECT (`dd iflag=direct`): through the device and
+/// so through the daemon's engine, not from the page cache.
+fn read_direct(path: &Path) -> Vec<u8> {
+    let out = Command::new("dd")
+        .arg(format!("if={}", path.display()))
+        .args(["iflag=direct", "bs=1M", "status=none"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "dd {}: {}",
+        path.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// Nothing of `needles` in the data dir, the run dir or the daemon log.
+fn assert_nowhere(d: &Daemon, needles: &[(&str, &[u8])], when: &str) {
+    let dirs = [
+        d.data_dir.as_path(),
+        d.run_dir.as_path(),
+        d.log_path.parent().unwrap(),
+    ];
+    for (what, needle) in needles {
+        let hits = containing(&dirs, needle);
+        assert!(hits.is_empty(), "{when}: {what} on disk in {hits:?}");
+    }
+}
+
+#[test]
+fn own_key_volume_stays_mounted_across_kill9_and_locks_after_sigterm() {
+    let mut d = Daemon::start(Opts::default());
+    let key = format!("passphrase-{}", unique("k"));
+    d.create(
+        "crashsec",
+        &[("size", "64M"), ("secure", "true"), ("secret_key", &key)],
+    );
+    let a = common::mount_id("crashsec-a");
+    let mp = d.mount("crashsec", &a);
+    write_durably(&mp.join("blob"), &marker_blob());
+
+    // A crash: the FUSE keeper held the key, so the new daemon takes the
+    // volume back without `volume unlock` and serves it.
+    d.kill9();
+    d.start_again();
+    // Volumes are taken back just after the socket answers.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let v = d.inspect("crashsec");
+        if v["state"] == "mounted" {
+            break;
+        }
+        assert!(
+            !d.log().contains("cannot take") && std::time::Instant::now() < deadline,
+            "not taken back: {v}\n{}",
+            d.log_tail()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(d.is_mounted("crashsec"), "the filesystem went away");
+    assert!(
+        read_direct(&mp.join("blob")) == marker_blob(),
+        "the marker does not read back through the new daemon\n{}",
+        d.log_tail()
+    );
+    let after = MARKER.repeat(1000);
+    write_durably(&mp.join("after"), &after);
+    assert!(
+        read_direct(&mp.join("after")) == after,
+        "a new write is lost"
+    );
+    d.unmount("crashsec", &a);
+    let l = d.volume_leftovers("crashsec");
+    assert!(l.is_empty(), "leftovers after unmount: {l:?}");
+    assert_nowhere(
+        &d,
+        &[("plaintext", MARKER), ("the key", key.as_bytes())],
+        "after kill -9",
+    );
+
+    // An orderly restart lets the key go, also one taken back after a crash.
+    d.restart();
+    let b = common::mount_id("crashsec-b");
+    let err = d.err(
+        "/VolumeDriver.Mount",
+        &serde_json::json!({"Name": "crashsec", "ID": b}),
+    );
+    assert!(err.contains("volume unlock crashsec"), "not locked: {err}");
+    let (ok, err) = unlock(&d, "crashsec", &key);
+    assert!(ok, "right key refused: {err}");
+    let mp = d.mount("crashsec", &b);
+    assert!(std::fs::read(mp.join("blob")).unwrap() == marker_blob());
+    assert!(std::fs::read(mp.join("after")).unwrap() == after);
+    d.unmount("crashsec", &b);
+    d.remove("crashsec");
+    assert_nowhere(
+        &d,
+        &[("plaintext", MARKER), ("the key", key.as_bytes())],
+        "after remove",
+    );
+    // No key keeps the keeper alive after an orderly stop.
+    d.sigterm_and_wait();
+    let l = d.leftovers_stopped();
+    assert!(
+        l.is_empty(),
+        "leftovers after SIGTERM: {l:?}\n{}",
+        d.log_tail()
+    );
 }
 
 #[test]
