@@ -7,7 +7,10 @@
 //! otherwise for any block ([`AllocGuard::alloc`]): the lowest clear bit at
 //! or after a roving cursor (next fit), or, when no bit is clear, the
 //! high-water mark. Claiming a block at or above the high-water mark moves
-//! the mark past it; the blocks skipped become free.
+//! the mark past it; the blocks skipped become free. Copies (copy-on-write)
+//! take blocks above the identity homes ([`AllocGuard::alloc_above`]), the
+//! copies of consecutive blocks of one write a run of them when one is free
+//! ([`AllocGuard::alloc_run_above`]), so that they stay one system call.
 //!
 //! A block freed by a discard is *deferred*: it stays set until the flush
 //! that makes its unmapping durable releases it ([`PhysAlloc::take_pending`]
