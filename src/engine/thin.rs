@@ -1359,7 +1359,7 @@ impl ThinImage {
                     (0..in_block, 0..0)
                 }
                 (false, true) => {
-                    self.read_source(src, &mut s.old[bs + end..], from + end as u64)?;
+                    self.read_source(src, &mut s.old[bs + end..2 * bs], from + end as u64)?;
                     (0..0, bs + end..2 * bs)
                 }
                 // Inside one block: one read of it all.
