@@ -450,13 +450,13 @@ impl Inner {
 
     /// The first run of `want` clear bits in `[min, next)` at or after the
     /// high cursor, wrapping once (a run across the wrap is not seen);
-    /// sets them and returns the first.
+    /// sets them and returns the first. A few word operations per word.
     fn take_clear_run_above(&mut self, min: u64, want: u64) -> Option<u64> {
         let words = self.next.div_ceil(64) as usize;
         let first = (min / 64) as usize;
         let start = self.hi_cursor.clamp(first, words);
         for (from, to) in [(start, words), (first, start)] {
-            // The clear bits in a row before the one looked at.
+            // The clear bits in a row up to the word looked at.
             let (mut run_start, mut run) = (0u64, 0u64);
             for w in from..to {
                 let base = w as u64 * 64;
@@ -467,34 +467,39 @@ impl Inner {
                 if base + 64 > self.next {
                     word |= u64::MAX << (self.next - base); // not handed out yet
                 }
-                if word == u64::MAX {
-                    run = 0;
-                    continue;
+                let free = !word;
+                // The run so far goes on with the clear bits at the bottom.
+                let low = u64::from(free.trailing_ones());
+                if run == 0 {
+                    run_start = base;
                 }
-                if word == 0 && run + 64 < want {
-                    if run == 0 {
-                        run_start = base;
+                let found = if run + low >= want {
+                    Some(run_start)
+                } else if want <= 64 {
+                    // Bit i of `inside` is set when bits i..i + want are clear.
+                    let (mut inside, mut len) = (free, 1);
+                    while len < want {
+                        let shift = len.min(want - len);
+                        inside &= inside >> shift;
+                        len += shift;
                     }
+                    (inside != 0).then(|| base + u64::from(inside.trailing_zeros()))
+                } else {
+                    None
+                };
+                if let Some(block) = found {
+                    for b in block..block + want {
+                        self.used[(b / 64) as usize] |= 1 << (b % 64);
+                    }
+                    self.free -= want;
+                    self.hi_cursor = w;
+                    return Some(block);
+                }
+                if low == 64 {
                     run += 64;
-                    continue;
-                }
-                for bit in 0..64 {
-                    if word & (1 << bit) != 0 {
-                        run = 0;
-                        continue;
-                    }
-                    if run == 0 {
-                        run_start = base + bit;
-                    }
-                    run += 1;
-                    if run == want {
-                        for block in run_start..run_start + want {
-                            self.used[(block / 64) as usize] |= 1 << (block % 64);
-                        }
-                        self.free -= want;
-                        self.hi_cursor = w;
-                        return Some(run_start);
-                    }
+                } else {
+                    run = u64::from(free.leading_ones());
+                    run_start = base + 64 - run;
                 }
             }
         }
@@ -645,6 +650,34 @@ mod tests {
         let c = PhysAlloc::new(vec![0, 0], 128, 1000);
         assert_eq!(c.lock().alloc_run_above(60, 10), Some((60, 10)));
         assert!(!c.is_used(59));
+    }
+
+    #[test]
+    fn alloc_run_above_takes_the_first_free_run_of_a_random_bitmap() {
+        let mut rng = crate::engine::pattern::Rng(5);
+        for _ in 0..2000 {
+            let next = 1 + rng.below(700);
+            let density = rng.below(100);
+            let mut used = vec![0u64; next.div_ceil(64) as usize];
+            for b in 0..next {
+                if rng.below(100) < density {
+                    used[(b / 64) as usize] |= 1 << (b % 64);
+                }
+            }
+            let (min, want) = (rng.below(next + 10), 1 + rng.below(150));
+            let clear = |b: u64| used[(b / 64) as usize] & (1 << (b % 64)) == 0;
+            let expect = (min..next.saturating_sub(want - 1))
+                .find(|&s| (s..s + want).all(clear))
+                .unwrap_or(next.max(min));
+            let a = PhysAlloc::new(used.clone(), next, 10_000);
+            let got = a.lock().alloc_run_above(min, want);
+            assert_eq!(
+                got,
+                Some((expect, want)),
+                "next {next} min {min} want {want}"
+            );
+            assert!((expect..expect + want).all(|b| a.is_used(b)));
+        }
     }
 
     #[test]
