@@ -211,6 +211,100 @@ fn crypt_engine_io(c: &mut Criterion) {
     group.finish();
 }
 
+/// A 64 MiB image, written whole, with one snapshot (`s`) sharing every
+/// block: the next write to each block copies it (copy-on-write).
+fn shared_image() -> (tempfile::TempDir, ThinImage) {
+    let (dir, img) = image(64 << 20);
+    img.write_at(&filled(64 << 20), 0).expect("fill");
+    img.snapshot("s").expect("snapshot");
+    (dir, img)
+}
+
+/// Share every block again (untimed): the copies made since become the
+/// snapshot's, the blocks only the old snapshot held are freed.
+fn reshare(img: &ThinImage) {
+    img.delete_snapshot("s").expect("delete snapshot");
+    img.snapshot("s").expect("snapshot");
+}
+
+/// Timed writes made by `write(img, i)` for `i` in a batch of `per_lap`,
+/// each into a block still shared; the blocks are shared again between
+/// batches, untimed.
+fn cow_laps(
+    img: &ThinImage,
+    iters: u64,
+    per_lap: u64,
+    mut write: impl FnMut(&ThinImage, u64),
+) -> Duration {
+    let mut elapsed = Duration::ZERO;
+    let mut done = 0;
+    while done < iters {
+        let n = (iters - done).min(per_lap);
+        let start = Instant::now();
+        for i in 0..n {
+            write(img, i);
+        }
+        elapsed += start.elapsed();
+        reshare(img);
+        done += n;
+    }
+    elapsed
+}
+
+/// 4 KiB writes, each into a different shared 32 KiB block (in a scattered
+/// order, at a varying 4 KiB slot): the copy-on-write path of a random
+/// small write. `TMPDIR=/dev/shm` measures it on tmpfs, as `just bench` does.
+fn cow_write_4k(c: &mut Criterion) {
+    let (_dir, img) = shared_image();
+    let blocks = img.size() / u64::from(BS);
+    let data = filled(4096);
+    c.bench_function("cow_write_4k_shared_block", |b| {
+        b.iter_custom(|iters| {
+            cow_laps(&img, iters, blocks, |img, i| {
+                // 1021 is prime, so i -> block visits every block once a lap.
+                let block = (i * 1021) % blocks;
+                let at = block * u64::from(BS) + (i % 8) * 4096;
+                img.write_at(black_box(&data), at).expect("write");
+            })
+        })
+    });
+}
+
+/// 32 KiB writes, each overwriting a whole shared block: nothing of the
+/// old block is needed.
+fn cow_write_full_block(c: &mut Criterion) {
+    let (_dir, img) = shared_image();
+    let blocks = img.size() / u64::from(BS);
+    let data = filled(BS as usize);
+    c.bench_function("cow_write_32k_whole_shared_block", |b| {
+        b.iter_custom(|iters| {
+            cow_laps(&img, iters, blocks, |img, i| {
+                let block = (i * 1021) % blocks;
+                img.write_at(black_box(&data), block * u64::from(BS))
+                    .expect("write");
+            })
+        })
+    });
+}
+
+/// 1 MiB sequential writes over shared blocks: every block of each
+/// request is copied (overwritten whole).
+fn cow_write_1m_sequential(c: &mut Criterion) {
+    const MIB: u64 = 1 << 20;
+    let (_dir, img) = shared_image();
+    let data = filled(MIB as usize);
+    let mut group = c.benchmark_group("sequential");
+    group.throughput(Throughput::Bytes(MIB));
+    group.bench_function("cow_write_1m_shared", |b| {
+        b.iter_custom(|iters| {
+            cow_laps(&img, iters, 64, |img, i| {
+                img.write_at(black_box(&data), i * MIB).expect("write");
+            })
+        })
+    });
+    group.finish();
+}
+
 fn config() -> Criterion {
     Criterion::default()
         .sample_size(10)
@@ -224,4 +318,9 @@ criterion_group! {
     targets = read_allocated_4k, first_write_allocation, unaligned_64k_split,
         sequential_1m_write, sequential_1m_read, xts_cipher, crypt_engine_io
 }
-criterion_main!(benches);
+criterion_group! {
+    name = cow;
+    config = config();
+    targets = cow_write_4k, cow_write_full_block, cow_write_1m_sequential
+}
+criterion_main!(benches, cow);

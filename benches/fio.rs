@@ -17,6 +17,12 @@
 //!   prefilled, then 10 × (snapshot, overwrite of the next tenth); before
 //!   each of its jobs the newest snapshot is taken again, so that the
 //!   measured writes hit blocks shared with it (copy-on-write);
+//! - **dunnage-repl2**, **dunnage-repl3**: replicated volumes (`repl=2`,
+//!   `repl=3`) attached on n1 of a three-node cluster: each daemon in a
+//!   network namespace of its own on a private veth bridge, with its own etcd
+//!   (tests/common/netns.rs); every write is acknowledged once every replica
+//!   holds it. Compare them with dunnage-engine, the same engine path with one
+//!   copy;
 //! - **dunnage-ublk**, where the kernel has ublk (`/dev/ublk-control`): the
 //!   same from a third daemon with `--export ublk`, every IO through
 //!   dunnage's ublk queue threads and engine. Elsewhere the results say why
@@ -24,8 +30,8 @@
 //!
 //! Each device is written through once (dunnage-10snaps by its setup), then
 //! every profile of fixtures/fio/ runs on the targets in turn (limit, peer,
-//! dunnage, dunnage-engine, dunnage-secure, dunnage-10snaps[, dunnage-ublk],
-//! limit, ...) for each round; a figure is the median of the rounds. Besides fio's figures,
+//! dunnage, dunnage-engine, dunnage-secure, dunnage-10snaps, dunnage-repl2,
+//! dunnage-repl3[, dunnage-ublk], limit, ...) for each round; a figure is the median of the rounds. Besides fio's figures,
 //! each job records the CPU its target's server used, and each dunnage target
 //! what the daemon says about passthrough. The same run times the control plane
 //! (plugin Create/Mount/Unmount/Remove, `docker run` with a dunnage volume vs a
@@ -48,6 +54,8 @@ mod host;
 mod job;
 #[path = "fio/kind.rs"]
 mod kind;
+#[path = "../tests/common/netns.rs"]
+mod netns;
 #[path = "fio/proc.rs"]
 mod proc;
 #[path = "fio/report.rs"]
@@ -260,6 +268,11 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
         "mount",
         "umount",
         "findmnt",
+        // The replicated rows' cluster: namespaces, veths, etcd.
+        "ip",
+        "nsenter",
+        "etcd",
+        "etcdctl",
     ] {
         if host::which(tool).is_none() {
             missing.push(tool);
@@ -287,6 +300,9 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
         "dunnage-engine.log",
         "dunnage-features.log",
         "dunnage-ublk.log",
+        "dunnage-n1.log",
+        "dunnage-n2.log",
+        "dunnage-n3.log",
         "dunnage-docker.log",
         "qemu-storage-daemon.log",
     ] {
@@ -505,6 +521,20 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
             .unwrap_or_default()
     ));
     pg.done(2 * precond);
+    pg.step(format!(
+        "starting a {}-node cluster on a veth network with its own etcd",
+        targets::CLUSTER_NODES
+    ));
+    let cluster = targets::cluster(
+        &bin,
+        &name,
+        &root.join("cluster"),
+        &root.join("plugins"),
+        &out,
+        td,
+    )?;
+    let dun_repl2 = targets::dunnage_repl(&cluster, Kind::DunnageRepl2, o.size, td)?;
+    let dun_repl3 = targets::dunnage_repl(&cluster, Kind::DunnageRepl3, o.size, td)?;
     let dun_ublk = match &du {
         Some(du) => Some(targets::dunnage(du, Kind::DunnageUblk, o.size, td)?),
         None => None,
@@ -512,7 +542,16 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
     nap(Duration::from_millis(500));
     memory.daemon_attached_kib = rss_kib(d.pid());
     memory.features_daemon_attached_kib = rss_kib(df.pid());
-    let mut all: Vec<&Target> = vec![&limit, &peer, &dun, &dun_engine, &dun_secure, &dun_snaps];
+    let mut all: Vec<&Target> = vec![
+        &limit,
+        &peer,
+        &dun,
+        &dun_engine,
+        &dun_secure,
+        &dun_snaps,
+        &dun_repl2,
+        &dun_repl3,
+    ];
     all.extend(dun_ublk.as_ref());
     debug_assert!(all.iter().map(|t| t.kind).eq(kinds.iter().copied()));
     let mut problems = Vec::new();
@@ -823,6 +862,12 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
                 .to_string(),
         );
     }
+    notes.push(format!(
+        "{} and {} keep every replica on this host (each node's data directory on the same backing filesystem) and replicate over veth pairs, so they measure dunnage's replication path (a round trip to each replica per write), not a network; compare them with {}, the same engine path with one copy",
+        Kind::DunnageRepl2.name(),
+        Kind::DunnageRepl3.name(),
+        Kind::DunnageEngine.name()
+    ));
     if !tmpfs {
         notes.push(
             "on a real filesystem the peer (cache.direct=off) and dunnage (buffered image files) go through the host's page cache while the limit does direct IO to the disk, so their reads and writes may beat the limit; use the default tmpfs to compare the IO paths"

@@ -293,6 +293,7 @@ fn cleanup(node: &Node, keep: &[AttachRecord]) {
 }
 
 pub fn run(args: ServeArgs, run_dir: PathBuf) -> Result<()> {
+    crate::sys::malloc::pin_mmap_threshold();
     crate::spec::validate_name(&args.name).context("--name")?;
     let mount_dir = args
         .mount_dir

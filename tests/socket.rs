@@ -414,22 +414,22 @@ fn bad_input_is_refused_and_changes_nothing() {
         );
     }
 
-    // Options that exist in the design but are not built yet: never silently ignored.
-    // (option, value, what the error must name: the option or its canonical alias)
-    for (k, v, needle) in [
-        ("repl", "2", "repl"),
-        ("replicas", "3", "repl"),
-        ("nodes", "n1;n2", "nodes"),
-        ("hosts", "n1,n2", "hosts"),
-        ("shared", "true", "shared"),
+    // Options this node can't honour: never silently ignored.
+    // (option, value, what the error must name, what it must say)
+    for (k, v, needle, says) in [
+        ("repl", "2", "repl", "need a cluster"),
+        ("replicas", "3", "repl", "need a cluster"),
+        ("nodes", "n1", "nodes", "need a cluster"),
+        ("hosts", "n1,n2", "nodes", "at most repl"),
+        ("shared", "true", "shared", "not supported yet"),
     ] {
         let err = d.err(
             "/VolumeDriver.Create",
             &json!({"Name": "notyet", "Opts": {k: v}}),
         );
         assert!(
-            err.contains("not supported yet") && err.contains(needle),
-            "{k}={v}: expected a 'not supported yet' error naming {needle}: {err:?}"
+            err.contains(says) && err.contains(needle),
+            "{k}={v}: expected an error naming {needle} that says {says:?}: {err:?}"
         );
     }
 

@@ -10,6 +10,8 @@ pub enum Kind {
     DunnageEngine,
     DunnageSecure,
     DunnageSnaps,
+    DunnageRepl2,
+    DunnageRepl3,
     DunnageUblk,
 }
 
@@ -18,19 +20,22 @@ pub const SNAPSHOTS: usize = 10;
 
 impl Kind {
     /// Every target, in the order the jobs run, per profile per round.
-    pub const ALL: [Kind; 7] = [
+    pub const ALL: [Kind; 9] = [
         Kind::Limit,
         Kind::Peer,
         Kind::Dunnage,
         Kind::DunnageEngine,
         Kind::DunnageSecure,
         Kind::DunnageSnaps,
+        Kind::DunnageRepl2,
+        Kind::DunnageRepl3,
         Kind::DunnageUblk,
     ];
 
     /// The targets of a run, in run order: all of them where the kernel
     /// has ublk (`/dev/ublk-control`), all but dunnage-ublk elsewhere
-    /// (dunnage-secure and dunnage-10snaps run on every host).
+    /// (dunnage-secure, dunnage-10snaps and the replicated rows run on
+    /// every host).
     pub fn selected(ublk: bool) -> Vec<Kind> {
         Kind::ALL
             .into_iter()
@@ -52,6 +57,8 @@ impl Kind {
             Kind::DunnageEngine => "dunnage-engine",
             Kind::DunnageSecure => "dunnage-secure",
             Kind::DunnageSnaps => "dunnage-10snaps",
+            Kind::DunnageRepl2 => "dunnage-repl2",
+            Kind::DunnageRepl3 => "dunnage-repl3",
             Kind::DunnageUblk => "dunnage-ublk",
         }
     }
@@ -74,6 +81,12 @@ impl Kind {
             Kind::DunnageSnaps => {
                 "dunnage volume with 10 snapshots (fs=none, FUSE export), `dunnage attach`, from the daemon of dunnage-secure (`--fuse-passthrough auto`): prefilled over its whole size by one sequential fio write (1 MiB, QD8), then 10 × (`dunnage snapshot create`, a sequential 1 MiB overwrite of the next tenth of the device), so each snapshot holds different data. Before each job the newest snapshot (snap10) is deleted and taken again, so every job starts with 10 snapshots and the whole volume shared with snap10: the first write to each shared 32 KiB block in a job copies it (copy-on-write). The setup is its write-through: it is not written through again before the profiles. Snapshots keep it off passthrough: every IO through dunnage's FUSE threads and engine"
             }
+            Kind::DunnageRepl2 => {
+                "replicated dunnage volume (fs=none, FUSE export, `repl=2`, `nodes=n1,n2`), `dunnage attach` on n1, from a three-node cluster: each daemon in a network namespace of its own on a veth pair into a bridge, etcd in the bridge's namespace, default flags (lease TTL 10 s, replica timeout 5 s). Every write goes through n1's engine and is acknowledged once n2 holds it too (over TCP on the veth network); replication keeps the volume off passthrough. Server CPU is n1's daemon only"
+            }
+            Kind::DunnageRepl3 => {
+                "replicated dunnage volume (fs=none, FUSE export, `repl=3`, `nodes=n1,n2,n3`), `dunnage attach` on n1, from the cluster of dunnage-repl2: every write is acknowledged once n2 and n3 hold it too. Server CPU is n1's daemon only"
+            }
             Kind::DunnageUblk => {
                 "dunnage volume (fs=none, ublk export: /dev/ublkbN), `dunnage attach`, third daemon with `--export ublk`: every IO through dunnage's ublk queue threads and engine"
             }
@@ -88,16 +101,30 @@ impl Kind {
                 | Kind::DunnageEngine
                 | Kind::DunnageSecure
                 | Kind::DunnageSnaps
+                | Kind::DunnageRepl2
+                | Kind::DunnageRepl3
                 | Kind::DunnageUblk
         )
+    }
+
+    /// Copies of the data: 2 and 3 for the replicated rows, 1 elsewhere.
+    pub fn replicas(self) -> u32 {
+        match self {
+            Kind::DunnageRepl2 => 2,
+            Kind::DunnageRepl3 => 3,
+            _ => 1,
+        }
     }
 
     /// The `--export` of the daemon serving this target.
     pub fn export(self) -> Option<&'static str> {
         match self {
-            Kind::Dunnage | Kind::DunnageEngine | Kind::DunnageSecure | Kind::DunnageSnaps => {
-                Some("fuse")
-            }
+            Kind::Dunnage
+            | Kind::DunnageEngine
+            | Kind::DunnageSecure
+            | Kind::DunnageSnaps
+            | Kind::DunnageRepl2
+            | Kind::DunnageRepl3 => Some("fuse"),
             Kind::DunnageUblk => Some("ublk"),
             Kind::Limit | Kind::Peer => None,
         }
@@ -106,18 +133,28 @@ impl Kind {
     /// The `--fuse-passthrough` value of the daemon serving this target.
     pub fn fuse_passthrough(self) -> Option<&'static str> {
         match self {
-            Kind::Dunnage | Kind::DunnageSecure | Kind::DunnageSnaps => Some("auto"),
+            Kind::Dunnage
+            | Kind::DunnageSecure
+            | Kind::DunnageSnaps
+            | Kind::DunnageRepl2
+            | Kind::DunnageRepl3 => Some("auto"),
             Kind::DunnageEngine => Some("off"),
             Kind::Limit | Kind::Peer | Kind::DunnageUblk => None,
         }
     }
 
     /// Whether every IO of this target must go through dunnage's engine
-    /// (the daemon's flag, encryption or snapshots rule passthrough out).
+    /// (the daemon's flag, encryption, snapshots or replication rule
+    /// passthrough out).
     pub fn engine_path(self) -> bool {
         matches!(
             self,
-            Kind::DunnageEngine | Kind::DunnageSecure | Kind::DunnageSnaps | Kind::DunnageUblk
+            Kind::DunnageEngine
+                | Kind::DunnageSecure
+                | Kind::DunnageSnaps
+                | Kind::DunnageRepl2
+                | Kind::DunnageRepl3
+                | Kind::DunnageUblk
         )
     }
 
@@ -127,6 +164,8 @@ impl Kind {
             Kind::Dunnage | Kind::DunnageEngine | Kind::DunnageUblk => Some("benchvol"),
             Kind::DunnageSecure => Some("benchvol-secure"),
             Kind::DunnageSnaps => Some("benchvol-10snaps"),
+            Kind::DunnageRepl2 => Some("benchvol-repl2"),
+            Kind::DunnageRepl3 => Some("benchvol-repl3"),
             Kind::Limit | Kind::Peer => None,
         }
     }
@@ -142,11 +181,12 @@ impl Kind {
     /// snapshots holds its prefill and the tenths overwritten after each
     /// snapshot (snap01 to snap09 keep up to 1.9 devices of it), the data of
     /// snap10, taken again before each job (up to one device), and the
-    /// volume's own blocks once a job has copied them (one device).
+    /// volume's own blocks once a job has copied them (one device). A
+    /// replicated volume holds a device per replica (all on this host).
     pub fn space_in_devices(self) -> u64 {
         match self {
             Kind::DunnageSnaps => 4,
-            _ => 1,
+            k => u64::from(k.replicas()),
         }
     }
 }
@@ -183,13 +223,15 @@ mod tests {
                 Kind::Dunnage,
                 Kind::DunnageEngine,
                 Kind::DunnageSecure,
-                Kind::DunnageSnaps
+                Kind::DunnageSnaps,
+                Kind::DunnageRepl2,
+                Kind::DunnageRepl3
             ]
         );
         assert_eq!(Kind::selected(true), Kind::ALL);
         assert_eq!(
             Kind::order(&Kind::selected(true)),
-            "per profile per round: limit, peer, dunnage, dunnage-engine, dunnage-secure, dunnage-10snaps, dunnage-ublk"
+            "per profile per round: limit, peer, dunnage, dunnage-engine, dunnage-secure, dunnage-10snaps, dunnage-repl2, dunnage-repl3, dunnage-ublk"
         );
     }
 
@@ -198,7 +240,12 @@ mod tests {
         use super::Kind;
         for ublk in [false, true] {
             let kinds = Kind::selected(ublk);
-            for k in [Kind::DunnageSecure, Kind::DunnageSnaps] {
+            for k in [
+                Kind::DunnageSecure,
+                Kind::DunnageSnaps,
+                Kind::DunnageRepl2,
+                Kind::DunnageRepl3,
+            ] {
                 assert_eq!(kinds.iter().filter(|&&x| x == k).count(), 1, "{k:?}");
                 // Right after the engine row they are measured against.
                 let at = |k: Kind| kinds.iter().position(|&x| x == k).unwrap();
@@ -224,7 +271,12 @@ mod tests {
         assert_eq!(Kind::Dunnage.export(), Some("fuse"));
         assert_eq!(Kind::DunnageEngine.fuse_passthrough(), Some("off"));
         // The features rule passthrough out, not the daemon's flag.
-        for k in [Kind::DunnageSecure, Kind::DunnageSnaps] {
+        for k in [
+            Kind::DunnageSecure,
+            Kind::DunnageSnaps,
+            Kind::DunnageRepl2,
+            Kind::DunnageRepl3,
+        ] {
             assert_eq!(k.export(), Some("fuse"));
             assert_eq!(k.fuse_passthrough(), Some("auto"));
             assert!(k.engine_path());
@@ -243,8 +295,30 @@ mod tests {
         use super::Kind;
         for k in Kind::ALL {
             assert_eq!(k.written_by_setup(), k == Kind::DunnageSnaps, "{k:?}");
-            assert_eq!(k.space_in_devices() > 1, k == Kind::DunnageSnaps, "{k:?}");
         }
+    }
+
+    #[test]
+    fn replicated_rows_hold_a_device_per_replica() {
+        use super::Kind;
+        for k in Kind::ALL {
+            let expected = match k {
+                Kind::DunnageSnaps => 4,
+                Kind::DunnageRepl2 => 2,
+                Kind::DunnageRepl3 => 3,
+                _ => 1,
+            };
+            assert_eq!(k.space_in_devices(), expected, "{k:?}");
+            assert_eq!(
+                k.replicas() > 1,
+                matches!(k, Kind::DunnageRepl2 | Kind::DunnageRepl3),
+                "{k:?}"
+            );
+        }
+        assert_eq!(Kind::DunnageRepl2.name(), "dunnage-repl2");
+        assert_eq!(Kind::DunnageRepl3.name(), "dunnage-repl3");
+        assert_ne!(Kind::DunnageRepl2.volume(), Kind::DunnageRepl3.volume());
+        assert!(Kind::DunnageRepl3.describe().contains("repl=3"));
     }
 
     #[test]

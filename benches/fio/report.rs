@@ -113,6 +113,12 @@ pub struct Ratios {
     pub dunnage_10snaps_peer: Option<f64>,
     pub dunnage_10snaps_dunnage: Option<f64>,
     pub dunnage_10snaps_dunnage_engine: Option<f64>,
+    /// The replicated volumes ÷ the limit, and ÷ dunnage-engine: the same
+    /// engine path with one copy, i.e. what replication costs.
+    pub dunnage_repl2_limit: Option<f64>,
+    pub dunnage_repl2_dunnage_engine: Option<f64>,
+    pub dunnage_repl3_limit: Option<f64>,
+    pub dunnage_repl3_dunnage_engine: Option<f64>,
     /// For the latency profile: p99 write latency of dunnage ÷ that of the limit.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub p99_dunnage_limit: Option<f64>,
@@ -124,6 +130,15 @@ pub struct Ratios {
     pub p99_dunnage_secure_limit: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub p99_dunnage_10snaps_limit: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub p99_dunnage_repl2_limit: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub p99_dunnage_repl3_limit: Option<f64>,
+    /// p99 write latency of a replicated volume ÷ that of dunnage-engine.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub p99_dunnage_repl2_dunnage_engine: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub p99_dunnage_repl3_dunnage_engine: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -204,13 +219,14 @@ pub fn ratios(results: &BTreeMap<&'static str, PerTarget>, latency: bool) -> Rat
     let m = |k: Kind| results.get(k.name()).and_then(|t| t.median);
     let r = |a: Kind, b: Kind| iops_ratio(results, a, b);
     let p99 = |k: Kind| m(k).and_then(|s| s.write_p99_us).filter(|v| *v > 0.0);
-    let p99_ratio = |a: Kind| {
+    let p99_over = |a: Kind, b: Kind| {
         if latency {
-            Some(p99(a)? / p99(Kind::Limit)?)
+            Some(p99(a)? / p99(b)?)
         } else {
             None
         }
     };
+    let p99_ratio = |a: Kind| p99_over(a, Kind::Limit);
     Ratios {
         dunnage_limit: r(Kind::Dunnage, Kind::Limit),
         dunnage_peer: r(Kind::Dunnage, Kind::Peer),
@@ -230,11 +246,19 @@ pub fn ratios(results: &BTreeMap<&'static str, PerTarget>, latency: bool) -> Rat
         dunnage_10snaps_peer: r(Kind::DunnageSnaps, Kind::Peer),
         dunnage_10snaps_dunnage: r(Kind::DunnageSnaps, Kind::Dunnage),
         dunnage_10snaps_dunnage_engine: r(Kind::DunnageSnaps, Kind::DunnageEngine),
+        dunnage_repl2_limit: r(Kind::DunnageRepl2, Kind::Limit),
+        dunnage_repl2_dunnage_engine: r(Kind::DunnageRepl2, Kind::DunnageEngine),
+        dunnage_repl3_limit: r(Kind::DunnageRepl3, Kind::Limit),
+        dunnage_repl3_dunnage_engine: r(Kind::DunnageRepl3, Kind::DunnageEngine),
         p99_dunnage_limit: p99_ratio(Kind::Dunnage),
         p99_dunnage_engine_limit: p99_ratio(Kind::DunnageEngine),
         p99_dunnage_ublk_limit: p99_ratio(Kind::DunnageUblk),
         p99_dunnage_secure_limit: p99_ratio(Kind::DunnageSecure),
         p99_dunnage_10snaps_limit: p99_ratio(Kind::DunnageSnaps),
+        p99_dunnage_repl2_limit: p99_ratio(Kind::DunnageRepl2),
+        p99_dunnage_repl3_limit: p99_ratio(Kind::DunnageRepl3),
+        p99_dunnage_repl2_dunnage_engine: p99_over(Kind::DunnageRepl2, Kind::DunnageEngine),
+        p99_dunnage_repl3_dunnage_engine: p99_over(Kind::DunnageRepl3, Kind::DunnageEngine),
     }
 }
 
@@ -281,8 +305,9 @@ fn fmt_delta_kib(kib: i64) -> String {
 /// MiB/s, the p99 write latency of the latency profile, the CPU its server
 /// used, and its IOPS ratio to the limit, to the peer, (for the dunnage
 /// targets on the engine path) to dunnage with passthrough allowed, and (for
-/// dunnage-secure, dunnage-10snaps and dunnage-ublk) to dunnage-engine, the
-/// same engine path on FUSE without encryption or snapshots.
+/// dunnage-secure, dunnage-10snaps, the replicated rows and dunnage-ublk) to
+/// dunnage-engine, the same engine path on FUSE without encryption,
+/// snapshots or replicas.
 pub fn main_table(r: &Results, markdown: bool) -> Table {
     let mut t = Table::new();
     t.load_preset(if markdown {
@@ -351,7 +376,11 @@ pub fn main_table(r: &Results, markdown: bool) -> Table {
                     Kind::Dunnage => k.is_dunnage() && k != Kind::Dunnage,
                     _ => matches!(
                         k,
-                        Kind::DunnageSecure | Kind::DunnageSnaps | Kind::DunnageUblk
+                        Kind::DunnageSecure
+                            | Kind::DunnageSnaps
+                            | Kind::DunnageRepl2
+                            | Kind::DunnageRepl3
+                            | Kind::DunnageUblk
                     ),
                 };
                 row.push(if shown {
@@ -721,6 +750,8 @@ pub fn chart(r: &Results, path: &Path) -> Result<()> {
         Kind::DunnageEngine => RGBColor(44, 160, 44),
         Kind::DunnageSecure => RGBColor(214, 39, 40),
         Kind::DunnageSnaps => RGBColor(140, 86, 75),
+        Kind::DunnageRepl2 => RGBColor(23, 190, 207),
+        Kind::DunnageRepl3 => RGBColor(188, 189, 34),
         Kind::DunnageUblk => RGBColor(148, 103, 189),
     };
 

@@ -5,12 +5,14 @@
 //! that every IO of the latter goes through dunnage's FUSE threads and
 //! engine; an encrypted volume (dunnage-secure) and a volume with 10
 //! snapshots (dunnage-10snaps) from a further FUSE daemon with the default
-//! flags; and where the kernel has ublk, from a daemon with `--export ublk`
-//! (dunnage-ublk).
+//! flags; replicated volumes (dunnage-repl2, dunnage-repl3) from a
+//! three-node cluster on a private veth network with its own etcd; and where
+//! the kernel has ublk, from a daemon with `--export ublk` (dunnage-ublk).
 
 use crate::control::plugin_post;
 use crate::host::{self, DeviceInfo};
 use crate::job;
+use crate::netns::{Etcd, Net};
 use crate::proc::{check_stop, nap, run_ok, Server, Teardown};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -70,6 +72,13 @@ pub struct Dunnage {
     pub server: Rc<RefCell<Server>>,
 }
 
+/// A cluster member's part of `dunnage serve`: the network namespace it
+/// runs in and its cluster flags.
+pub struct Member {
+    pub netns: String,
+    pub args: Vec<String>,
+}
+
 impl Dunnage {
     /// Starts `dunnage serve --export EXPORT` with data and run dirs under
     /// `root` (and `--fuse-passthrough` if given) and waits until its plugin
@@ -86,12 +95,41 @@ impl Dunnage {
         log: &Path,
         td: &mut Teardown,
     ) -> Result<Dunnage> {
+        Dunnage::start_member(
+            bin,
+            name,
+            root,
+            plugin_dir,
+            export,
+            fuse_passthrough,
+            log,
+            None,
+            td,
+        )
+    }
+
+    /// [`Dunnage::start`], as a cluster member if `member` is given: in its
+    /// network namespace (`nsenter --net`, which execs: the pid stays the
+    /// daemon's) with its cluster flags.
+    #[allow(clippy::too_many_arguments)]
+    pub fn start_member(
+        bin: &Path,
+        name: &str,
+        root: &Path,
+        plugin_dir: &Path,
+        export: &str,
+        fuse_passthrough: Option<&str>,
+        log: &Path,
+        member: Option<&Member>,
+        td: &mut Teardown,
+    ) -> Result<Dunnage> {
         let data_dir = root.join("data");
         let run_dir = root.join("run");
         for d in [&data_dir, &run_dir, &plugin_dir.to_path_buf()] {
             std::fs::create_dir_all(d).with_context(|| format!("create {}", d.display()))?;
         }
-        let mut cmd = Command::new(bin);
+        let mut cmd =
+            crate::netns::command_in(member.map(|m| m.netns.as_str()), &bin.to_string_lossy());
         cmd.arg("serve")
             .args(["--name", name])
             .arg("--plugin-dir")
@@ -106,6 +144,9 @@ impl Dunnage {
             .env("NO_COLOR", "1");
         if let Some(p) = fuse_passthrough {
             cmd.args(["--fuse-passthrough", p]);
+        }
+        if let Some(m) = member {
+            cmd.args(&m.args);
         }
         let server = Server::spawn(&format!("dunnage serve --name {name}"), &mut cmd, log)?;
         let server = Rc::new(RefCell::new(server));
@@ -288,6 +329,147 @@ pub fn dunnage(d: &Dunnage, kind: Kind, size: u64, td: &mut Teardown) -> Result<
         "passthrough=true",
     ])?;
     push_rm(d, vol, td);
+    attach(d, kind, vol, td)
+}
+
+/// Members of the bench cluster, for dunnage-repl2 and dunnage-repl3.
+pub const CLUSTER_NODES: usize = 3;
+
+/// Three `dunnage serve` in cluster mode, each in a network namespace of its
+/// own on a private bridge (tests/common/netns.rs), with an etcd in the
+/// bridge's namespace. Nothing touches the host's network.
+pub struct Cluster {
+    /// n1, n2, n3; volumes are attached on n1.
+    pub nodes: Vec<Dunnage>,
+}
+
+/// Runs `f`, turning a panic of the network harness (it asserts) into an error.
+fn harness<T>(what: &str, f: impl FnOnce() -> T) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|e| {
+        let msg = e
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default();
+        anyhow::anyhow!("{what}: {msg}")
+    })
+}
+
+/// Starts the cluster: the network, etcd, then the members, each with data
+/// and run dirs under `root/<node>`; waits until n1 sees every member up.
+/// Teardown stops the members, then etcd, then removes the network.
+pub fn cluster(
+    bin: &Path,
+    name: &str,
+    root: &Path,
+    plugin_dir: &Path,
+    logs: &Path,
+    td: &mut Teardown,
+) -> Result<Cluster> {
+    let net = harness("build the veth network", || Net::new(CLUSTER_NODES))?;
+    let (hub_ip, hub_ns) = (net.hub_ip(), net.hub_ns().to_string());
+    let members: Vec<(String, String)> = (0..CLUSTER_NODES)
+        .map(|i| {
+            (
+                net.node_ns(i).to_string(),
+                format!("{}:7400", net.node_ip(i)),
+            )
+        })
+        .collect();
+    td.push("remove the cluster's network namespaces", move || {
+        drop(net);
+        Ok(())
+    });
+    let etcd = harness("start etcd", || Etcd::start(hub_ip, Some(&hub_ns)))?;
+    let url = etcd.client_url.clone();
+    td.push("stop the cluster's etcd", move || {
+        drop(etcd);
+        Ok(())
+    });
+    let mut nodes = Vec::new();
+    for (i, (netns, listen)) in members.into_iter().enumerate() {
+        check_stop()?;
+        let node = format!("n{}", i + 1);
+        let member = Member {
+            netns,
+            args: vec![
+                "--node".into(),
+                node.clone(),
+                "--listen".into(),
+                listen,
+                "--etcd".into(),
+                url.clone(),
+            ],
+        };
+        nodes.push(Dunnage::start_member(
+            bin,
+            &format!("{name}-{node}"),
+            &root.join(&node),
+            plugin_dir,
+            "fuse",
+            Kind::DunnageRepl2.fuse_passthrough(),
+            &logs.join(format!("dunnage-{node}.log")),
+            Some(&member),
+            td,
+        )?);
+    }
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        check_stop()?;
+        let out = nodes[0].cli(&["node", "ls", "--json"])?;
+        let v: Value =
+            serde_json::from_str(&out).context("`dunnage node ls --json` is not JSON")?;
+        let up = v
+            .as_array()
+            .map(|a| a.iter().filter(|m| m["up"] == Value::Bool(true)).count())
+            .unwrap_or(0);
+        if up == CLUSTER_NODES {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the cluster's nodes are not all up after {START_TIMEOUT:?}: {out}");
+        }
+        nap(Duration::from_millis(200));
+    }
+    Ok(Cluster { nodes })
+}
+
+/// (f) a replicated volume of `size` bytes (`repl` and `nodes` from
+/// `kind`) created on the cluster and attached on n1.
+pub fn dunnage_repl(c: &Cluster, kind: Kind, size: u64, td: &mut Teardown) -> Result<Target> {
+    let d = &c.nodes[0];
+    let vol = volume_of(d, kind)?;
+    let n = kind.replicas();
+    let nodes: Vec<String> = (1..=n).map(|i| format!("n{i}")).collect();
+    d.cli(&[
+        "volume",
+        "create",
+        vol,
+        "-o",
+        &size_opt(size),
+        "-o",
+        "fs=none",
+        "-o",
+        &format!("repl={n}"),
+        "-o",
+        &format!("nodes={}", nodes.join(",")),
+    ])?;
+    push_rm(d, vol, td);
+    let out = d.cli(&["volume", "inspect", vol])?;
+    let v: Value = serde_json::from_str(&out)
+        .with_context(|| format!("`dunnage volume inspect {vol}` is not JSON"))?;
+    let mut placed: Vec<String> = v["cluster"]["replicas"]
+        .as_array()
+        .map(|rs| {
+            rs.iter()
+                .filter_map(|r| r["node"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    placed.sort();
+    if placed != nodes {
+        bail!("{vol}: replicas on {placed:?}, not {nodes:?}");
+    }
     attach(d, kind, vol, td)
 }
 

@@ -7,7 +7,10 @@
 //! otherwise for any block ([`AllocGuard::alloc`]): the lowest clear bit at
 //! or after a roving cursor (next fit), or, when no bit is clear, the
 //! high-water mark. Claiming a block at or above the high-water mark moves
-//! the mark past it; the blocks skipped become free.
+//! the mark past it; the blocks skipped become free. Copies (copy-on-write)
+//! take blocks above the identity homes ([`AllocGuard::alloc_above`]), the
+//! copies of consecutive blocks of one write a run of them when one is free
+//! ([`AllocGuard::alloc_run_above`]), so that they stay one system call.
 //!
 //! A block freed by a discard is *deferred*: it stays set until the flush
 //! that makes its unmapping durable releases it ([`PhysAlloc::take_pending`]
@@ -92,6 +95,10 @@ struct Inner {
     /// A block at or above `hi_base` may be clear below `next`: false
     /// after a search found none, until one is cleared.
     hi_hint: bool,
+    /// The shortest run [`AllocGuard::alloc_run_above`] searched for and
+    /// did not find, until a block at or above `hi_base` is cleared: a
+    /// longer one is not searched for either.
+    hi_run_missing: u64,
 }
 
 impl PhysAlloc {
@@ -118,6 +125,7 @@ impl PhysAlloc {
                 hi_base: u64::MAX,
                 hi_cursor: 0,
                 hi_hint: true,
+                hi_run_missing: u64::MAX,
             }),
         }
     }
@@ -289,11 +297,7 @@ impl AllocGuard<'_> {
     /// Callers pass the same `min` every time.
     pub fn alloc_above(&mut self, min: u64) -> Option<u64> {
         let inner = &mut *self.0;
-        if inner.hi_base != min {
-            inner.hi_base = min;
-            inner.hi_cursor = (min / 64) as usize;
-            inner.hi_hint = true;
-        }
+        inner.set_hi_base(min);
         if inner.next > min && inner.hi_hint {
             if let Some(block) = inner.take_clear_bit_above(min) {
                 return Some(block);
@@ -310,6 +314,40 @@ impl AllocGuard<'_> {
             return Some(block);
         }
         self.claim(min).then_some(min)
+    }
+
+    /// Hand out up to `want` free blocks in a row at or above `min`, for
+    /// the copies of consecutive logical blocks (one system call then
+    /// writes them all, and will again once they are mapped): a run of
+    /// `want` free blocks found by next fit from where the last search
+    /// stopped, else the run at the high-water mark (or at `min`, when
+    /// the mark is below it); when that passes the limit, one block as
+    /// [`AllocGuard::alloc_above`] gives it. Returns (first block, count),
+    /// or `None` when the address space is exhausted. Callers pass the
+    /// same `min` every time (the one of `alloc_above`).
+    pub fn alloc_run_above(&mut self, min: u64, want: u64) -> Option<(u64, u64)> {
+        if want <= 1 {
+            return self.alloc_above(min).map(|block| (block, 1));
+        }
+        let inner = &mut *self.0;
+        inner.set_hi_base(min);
+        if inner.next > min && inner.hi_hint && want < inner.hi_run_missing {
+            if let Some(first) = inner.take_clear_run_above(min, want) {
+                return Some((first, want));
+            }
+            inner.hi_run_missing = want;
+        }
+        let first = inner.next.max(min);
+        if first + want <= inner.limit {
+            // The blocks skipped below `min`, if any, become free.
+            inner.free += first - inner.next;
+            inner.next = first + want;
+            for block in first..first + want {
+                inner.set(block);
+            }
+            return Some((first, want));
+        }
+        self.alloc_above(min).map(|block| (block, 1))
     }
 
     /// See [`PhysAlloc::give_back`].
@@ -356,6 +394,7 @@ impl Inner {
             }
             if block >= self.hi_base {
                 self.hi_hint = true;
+                self.hi_run_missing = u64::MAX;
                 self.hi_cursor = self.hi_cursor.min(w);
             }
         }
@@ -399,6 +438,74 @@ impl Inner {
 }
 
 impl Inner {
+    /// Searches above `min` from now on (see [`AllocGuard::alloc_above`]).
+    fn set_hi_base(&mut self, min: u64) {
+        if self.hi_base != min {
+            self.hi_base = min;
+            self.hi_cursor = (min / 64) as usize;
+            self.hi_hint = true;
+            self.hi_run_missing = u64::MAX;
+        }
+    }
+
+    /// The first run of `want` clear bits in `[min, next)` at or after the
+    /// high cursor, wrapping once (a run across the wrap is not seen);
+    /// sets them and returns the first. A few word operations per word.
+    fn take_clear_run_above(&mut self, min: u64, want: u64) -> Option<u64> {
+        let words = self.next.div_ceil(64) as usize;
+        let first = (min / 64) as usize;
+        let start = self.hi_cursor.clamp(first, words);
+        for (from, to) in [(start, words), (first, start)] {
+            // The clear bits in a row up to the word looked at.
+            let (mut run_start, mut run) = (0u64, 0u64);
+            for w in from..to {
+                let base = w as u64 * 64;
+                let mut word = self.used[w];
+                if w == first {
+                    word |= (1u64 << (min % 64)) - 1; // below min: not ours
+                }
+                if base + 64 > self.next {
+                    word |= u64::MAX << (self.next - base); // not handed out yet
+                }
+                let free = !word;
+                // The run so far goes on with the clear bits at the bottom.
+                let low = u64::from(free.trailing_ones());
+                if run == 0 {
+                    run_start = base;
+                }
+                let found = if run + low >= want {
+                    Some(run_start)
+                } else if want <= 64 {
+                    // Bit i of `inside` is set when bits i..i + want are clear.
+                    let (mut inside, mut len) = (free, 1);
+                    while len < want {
+                        let shift = len.min(want - len);
+                        inside &= inside >> shift;
+                        len += shift;
+                    }
+                    (inside != 0).then(|| base + u64::from(inside.trailing_zeros()))
+                } else {
+                    None
+                };
+                if let Some(block) = found {
+                    for b in block..block + want {
+                        self.used[(b / 64) as usize] |= 1 << (b % 64);
+                    }
+                    self.free -= want;
+                    self.hi_cursor = w;
+                    return Some(block);
+                }
+                if low == 64 {
+                    run += 64;
+                } else {
+                    run = u64::from(free.leading_ones());
+                    run_start = base + 64 - run;
+                }
+            }
+        }
+        None
+    }
+
     /// The first clear bit in `[min, next)` at or after the high cursor,
     /// wrapping once.
     fn take_clear_bit_above(&mut self, min: u64) -> Option<u64> {
@@ -504,6 +611,73 @@ mod tests {
         let b = PhysAlloc::new(Vec::new(), 0, 10);
         assert_eq!(b.lock().alloc_above(9), Some(9));
         assert_eq!(b.lock().alloc_above(9), None);
+    }
+
+    #[test]
+    fn alloc_run_above_finds_a_run_or_takes_one_at_the_high_water_mark() {
+        let a = PhysAlloc::new(Vec::new(), 0, 1000);
+        // Below min: the run starts at min.
+        assert_eq!(a.lock().alloc_run_above(100, 4), Some((100, 4)));
+        assert_eq!(a.high_water(), 104);
+        assert!((100..104).all(|b| a.is_used(b)) && !a.is_used(99));
+        // At the high-water mark.
+        assert_eq!(a.lock().alloc_run_above(100, 200), Some((104, 200)));
+        // Free single blocks and a run of 70 (across words) above min.
+        a.defer_free([110, 120]);
+        a.defer_free(200..270);
+        a.release(a.take_pending());
+        // Too long for any hole: at the mark; the holes stay free.
+        assert_eq!(a.lock().alloc_run_above(100, 71), Some((304, 71)));
+        assert!(!a.is_used(110) && !a.is_used(200));
+        // A run of 70 fits the hole exactly; the single holes are skipped.
+        assert_eq!(a.lock().alloc_run_above(100, 70), Some((200, 70)));
+        assert!((200..270).all(|b| a.is_used(b)));
+        // Single blocks (want 1) take the holes.
+        assert_eq!(a.lock().alloc_run_above(100, 1), Some((110, 1)));
+        // A run of 2 finds no hole (known after one search): the mark.
+        assert_eq!(a.lock().alloc_run_above(100, 2), Some((375, 2)));
+        assert_eq!(a.lock().alloc_run_above(100, 3), Some((377, 3)));
+        // Freeing makes runs findable again.
+        a.defer_free(130..133);
+        a.release(a.take_pending());
+        assert_eq!(a.lock().alloc_run_above(100, 3), Some((130, 3)));
+        // Near the limit: what fits, else single blocks, else nothing.
+        let b = PhysAlloc::new(Vec::new(), 0, 10);
+        assert_eq!(b.lock().alloc_run_above(5, 4), Some((5, 4)));
+        assert_eq!(b.lock().alloc_run_above(5, 4), Some((9, 1)));
+        assert_eq!(b.lock().alloc_run_above(5, 4), None);
+        // Blocks below min are never part of a run.
+        let c = PhysAlloc::new(vec![0, 0], 128, 1000);
+        assert_eq!(c.lock().alloc_run_above(60, 10), Some((60, 10)));
+        assert!(!c.is_used(59));
+    }
+
+    #[test]
+    fn alloc_run_above_takes_the_first_free_run_of_a_random_bitmap() {
+        let mut rng = crate::engine::pattern::Rng(5);
+        for _ in 0..2000 {
+            let next = 1 + rng.below(700);
+            let density = rng.below(100);
+            let mut used = vec![0u64; next.div_ceil(64) as usize];
+            for b in 0..next {
+                if rng.below(100) < density {
+                    used[(b / 64) as usize] |= 1 << (b % 64);
+                }
+            }
+            let (min, want) = (rng.below(next + 10), 1 + rng.below(150));
+            let clear = |b: u64| used[(b / 64) as usize] & (1 << (b % 64)) == 0;
+            let expect = (min..next.saturating_sub(want - 1))
+                .find(|&s| (s..s + want).all(clear))
+                .unwrap_or(next.max(min));
+            let a = PhysAlloc::new(used.clone(), next, 10_000);
+            let got = a.lock().alloc_run_above(min, want);
+            assert_eq!(
+                got,
+                Some((expect, want)),
+                "next {next} min {min} want {want}"
+            );
+            assert!((expect..expect + want).all(|b| a.is_used(b)));
+        }
     }
 
     #[test]

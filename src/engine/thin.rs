@@ -133,6 +133,9 @@
 //!     then maps it (write-through, 8.). So every map a crash can leave
 //!     reads the old block or the complete new one: never zeros around a
 //!     partial write, which 3. would allow for a fresh block but not here.
+//!     The blocks one write copies are synced once, then mapped with one
+//!     write-through; consecutive ones get consecutive new blocks when a
+//!     run is free (one `pwritev` now, one `pwrite` for later IO).
 //!     A discard of a shared block unmaps it and neither punches nor frees.
 //! 11. *Snapshot lifetime*: taking one excludes all IO, flushes (the data
 //!     of every block the copy references is durable before the copy is),
@@ -269,7 +272,10 @@
 //! placement. A fresh block is never written with padding, so concurrent
 //! partial writes to it both land. A write that must copy a block (10.)
 //! finds so under the read side of its stripes, drops them and redoes the
-//! write under the write side, so copies of one block never race.
+//! write under the write side, so copies of one block never race. It reads
+//! only the old bytes it does not overwrite (none for a block written
+//! whole), into a per-thread buffer, and writes each run of new blocks
+//! with one `pwritev` of old bytes and the caller's buffer.
 //! [`ThinImage::snapshot`] takes the write side of every stripe; a
 //! snapshot's delete, the write side of a window of stripes at a time.
 //! Snapshot operations of one image are serialized by a mutex.
@@ -287,9 +293,10 @@ use nix::errno::Errno;
 use nix::fcntl::{fallocate, FallocateFlags, Flock, FlockArg};
 use parking_lot::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use snap::{BaseChain, SharedBits};
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::fs::File;
-use std::io;
+use std::io::{self, IoSlice};
 use std::ops::Range;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -498,6 +505,35 @@ struct Copied {
     old: Entry,
     new: u64,
     revived: bool,
+}
+
+/// Per-thread buffers of [`ThinImage::write_copying`]: once a thread made
+/// a copying write, the next ones allocate nothing on the heap.
+#[derive(Default)]
+struct CopyScratch {
+    /// The old bytes of partly written blocks: the first block's in
+    /// `[0, block_size)`, the last block's in `[block_size, 2 * block_size)`.
+    old: Vec<u8>,
+    copied: Vec<Copied>,
+}
+
+thread_local! {
+    static COPY_SCRATCH: RefCell<CopyScratch> = RefCell::default();
+}
+
+/// A pending write of [`ThinImage::write_copying`] to the data file at
+/// `at`: `old[head]`, `buf[body]`, `old[tail]`, back to back (one `pwritev`).
+struct CopyRun {
+    at: u64,
+    head: Range<usize>,
+    body: Range<usize>,
+    tail: Range<usize>,
+}
+
+impl CopyRun {
+    fn end(&self) -> u64 {
+        self.at + (self.head.len() + self.body.len() + self.tail.len()) as u64
+    }
 }
 impl ThinImage {
     /// Create a new, empty image in the existing directory `dir` and open it.
@@ -1216,12 +1252,28 @@ impl ThinImage {
         (first..=last).any(|block| self.copy_source(block).is_some())
     }
 
+    /// The number of blocks from `block` to `last` in a row that a write
+    /// must copy.
+    fn copies_from(&self, block: u64, last: u64) -> u64 {
+        (block..=last)
+            .take_while(|&b| self.copy_source(b).is_some())
+            .count() as u64
+    }
+
     /// A block for the copy of logical `block`: its own index when free
     /// (a clone's copy-up, mostly), else one above the identity homes.
-    /// Returns (block, revived).
-    fn copy_alloc(&self, block: u64) -> Result<(u64, bool), EngineError> {
-        let mut alloc = self.alloc.lock();
+    /// The copies of the next blocks of the same write (up to `last`) are
+    /// reserved with it in `reserved` (next block, count left) when a run
+    /// of free blocks is found, so that one `pwritev` writes them all now
+    /// and one `pwrite` again once they are mapped. Returns (block, revived).
+    fn copy_alloc(
+        &self,
+        block: u64,
+        last: u64,
+        reserved: &mut (u64, u64),
+    ) -> Result<(u64, bool), EngineError> {
         if self.identity_placement {
+            let mut alloc = self.alloc.lock();
             if alloc.claim(block) {
                 return Ok((block, false));
             }
@@ -1229,47 +1281,126 @@ impl ThinImage {
                 return Ok((block, true)); // invariant 6
             }
         }
-        let phys = alloc
-            .alloc_above(self.nblocks)
+        let (next, left) = reserved;
+        if *left > 0 {
+            *left -= 1;
+            *next += 1;
+            return Ok((*next - 1, false));
+        }
+        let want = self.copies_from(block, last).max(1);
+        let (first, count) = self
+            .alloc
+            .lock()
+            .alloc_run_above(self.nblocks, want)
             .ok_or(EngineError::NoSpace)?;
-        Ok((phys, false))
+        *reserved = (first + 1, count - 1);
+        Ok((first, false))
     }
 
     /// [`BlockEngine::write_at`] when some block must be copied first,
     /// under the write side of the stripes (invariant 10): each such block
-    /// is written whole to a new block (the bytes outside the write copied
-    /// from its source), the data file is synced, and only then is the new
-    /// block mapped. Other blocks are written as usual.
+    /// is written whole to a new block (the bytes outside the write read
+    /// from its source; a block written whole is not read), the data file
+    /// is synced, and only then are the new blocks mapped (one
+    /// write-through for them all). Other blocks are written as usual.
+    /// The copies of consecutive blocks go to consecutive new blocks when
+    /// a run is free: one `pwritev` for them, with the old bytes around.
     fn write_copying(&self, buf: &[u8], offset: u64, wrote: &mut bool) -> Result<(), EngineError> {
         if self.passthrough.load(Ordering::Acquire) {
             *wrote = true;
             return self.write_data(buf, offset);
         }
+        // Taken out for the call, so that a nested use (none today) would
+        // find an empty one rather than a borrowed one.
+        let mut scratch = COPY_SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
+        let result = self.copy_and_write(buf, offset, wrote, &mut scratch);
+        scratch.copied.clear();
+        COPY_SCRATCH.with(|s| *s.borrow_mut() = scratch);
+        result
+    }
+
+    fn copy_and_write(
+        &self,
+        buf: &[u8],
+        offset: u64,
+        wrote: &mut bool,
+        s: &mut CopyScratch,
+    ) -> Result<(), EngineError> {
         let bs = self.block_size as usize;
-        let mut scratch: Vec<u8> = Vec::new();
-        let mut copied: Vec<Copied> = Vec::new();
+        if s.old.len() < 2 * bs {
+            s.old.resize(2 * bs, 0);
+        }
+        let (_, last) = self.span(offset, buf.len() as u64);
+        let mut run: Option<CopyRun> = None;
+        let mut reserved = (0u64, 0u64);
         let result = self.split(offset, buf.len(), |block, in_block, range| {
             let Some((src, from, old)) = self.copy_source(block) else {
+                if let Some(done) = run.take() {
+                    self.write_run(buf, &s.old, &done)?;
+                }
                 let at = (block << self.shift) + in_block as u64;
                 return self.write_mapped(&buf[range], at, wrote);
             };
-            scratch.resize(bs, 0);
-            if range.len() < bs {
-                self.read_source(src, &mut scratch, from << self.shift)?;
-            }
-            scratch[in_block..in_block + range.len()].copy_from_slice(&buf[range]);
-            let (new, revived) = self.copy_alloc(block)?;
-            copied.push(Copied {
+            let (new, revived) = self.copy_alloc(block, last, &mut reserved)?;
+            s.copied.push(Copied {
                 block,
                 old,
                 new,
                 revived,
             });
             *wrote = true;
-            self.write_data(&scratch, new << self.shift)
+            // The old bytes around the write: only the first and the last
+            // block of a write can be partly written.
+            let (end, from) = (in_block + range.len(), from << self.shift);
+            let (head, tail) = match (in_block > 0, end < bs) {
+                (false, false) => (0..0, 0..0),
+                (true, false) => {
+                    self.read_source(src, &mut s.old[..in_block], from)?;
+                    (0..in_block, 0..0)
+                }
+                (false, true) => {
+                    self.read_source(src, &mut s.old[bs + end..2 * bs], from + end as u64)?;
+                    (0..0, bs + end..2 * bs)
+                }
+                // Inside one block: one read of it all.
+                (true, true) => {
+                    self.read_source(src, &mut s.old[..bs], from)?;
+                    (0..in_block, end..bs)
+                }
+            };
+            let at = new << self.shift;
+            if let Some(r) = &mut run {
+                if head.is_empty() && r.tail.is_empty() && r.end() == at {
+                    r.body.end = range.end;
+                    r.tail = tail;
+                    return Ok(());
+                }
+            }
+            let body = range;
+            match run.replace(CopyRun {
+                at,
+                head,
+                body,
+                tail,
+            }) {
+                Some(done) => self.write_run(buf, &s.old, &done),
+                None => Ok(()),
+            }
         });
+        let result = result.and_then(|()| match run.take() {
+            Some(done) => self.write_run(buf, &s.old, &done),
+            None => Ok(()),
+        });
+        let (next, left) = reserved;
+        if left > 0 {
+            // Reserved for copies not made (their blocks were claimed).
+            let mut alloc = self.alloc.lock();
+            for block in next..next + left {
+                alloc.give_back(block);
+            }
+        }
         let result = result.and_then(|()| {
-            if copied.is_empty() {
+            if s.copied.is_empty() {
                 return Ok(());
             }
             self.data.sync_data().map_err(|e| {
@@ -1278,19 +1409,63 @@ impl ThinImage {
             })
         });
         if let Err(e) = result {
-            self.abandon_copies(copied);
+            self.abandon_copies(&s.copied);
             return Err(e);
         }
-        // Publish them all, even after an error: each is in memory already.
-        let mut result = Ok(());
-        for c in copied {
-            result = result.and(self.publish_copy(c));
+        let (Some(first), Some(last)) = (s.copied.first(), s.copied.last()) else {
+            return Ok(());
+        };
+        for c in &s.copied {
+            self.publish_copy(c);
         }
-        result
+        // One write-through for them all: the entries of the blocks in
+        // between are current too (this write holds their stripes).
+        self.map
+            .write_through(&self.map_file, first.block, last.block + 1)
+            .map_err(io_error("write", &self.map_path))
     }
 
-    /// Map a copied block in place of what its logical block had.
-    fn publish_copy(&self, c: Copied) -> Result<(), EngineError> {
+    /// Write a [`CopyRun`] (one `pwritev`, more only after a short write).
+    fn write_run(&self, buf: &[u8], old: &[u8], run: &CopyRun) -> Result<(), EngineError> {
+        let mut parts = [
+            &old[run.head.clone()],
+            &buf[run.body.clone()],
+            &old[run.tail.clone()],
+        ];
+        let mut at = run.at;
+        loop {
+            let mut iov = [IoSlice::new(&[]); 3];
+            let mut n = 0;
+            for part in parts.iter().filter(|p| !p.is_empty()) {
+                iov[n] = IoSlice::new(part);
+                n += 1;
+            }
+            if n == 0 {
+                return Ok(());
+            }
+            #[cfg(test)]
+            self.counters.pwrites.fetch_add(1, Ordering::Relaxed);
+            let mut done = match nix::sys::uio::pwritev(&self.data, &iov[..n], at as i64) {
+                Ok(0) => {
+                    let zero = io::Error::from(io::ErrorKind::WriteZero);
+                    return Err(io_error("write", &self.data_path)(zero));
+                }
+                Ok(done) => done,
+                Err(Errno::EINTR) => continue,
+                Err(errno) => return Err(io_error("write", &self.data_path)(errno.into())),
+            };
+            at += done as u64;
+            for part in &mut parts {
+                let skip = done.min(part.len());
+                *part = &part[skip..];
+                done -= skip;
+            }
+        }
+    }
+
+    /// Map a copied block in place of what its logical block had (in
+    /// memory; the caller writes the entry through).
+    fn publish_copy(&self, c: &Copied) {
         let old = self.map.swap(c.block, Entry::mapped(c.new));
         debug_assert_eq!(old, c.old, "block {} changed under its write lock", c.block);
         match old.phys() {
@@ -1308,15 +1483,12 @@ impl ThinImage {
         if c.new != c.block {
             self.non_identity.fetch_add(1, Ordering::Relaxed);
         }
-        self.map
-            .write_through(&self.map_file, c.block, c.block + 1)
-            .map_err(io_error("write", &self.map_path))
     }
 
     /// Undo the allocations of copies that will not be mapped: punch what
     /// they may hold (invariant 1), then free them. A block that cannot be
     /// punched stays used (the next open frees it).
-    fn abandon_copies(&self, copied: Vec<Copied>) {
+    fn abandon_copies(&self, copied: &[Copied]) {
         for c in copied {
             if let Err(e) = self.zero_phys(c.new << self.shift, u64::from(self.block_size)) {
                 tracing::warn!(data = %self.data_path.display(), error = %e,
@@ -2369,7 +2541,7 @@ mod tests {
     }
 
     /// (preads, pwrites, zero fills) so far.
-    fn io_counts(img: &ThinImage) -> (u64, u64, u64) {
+    pub(super) fn io_counts(img: &ThinImage) -> (u64, u64, u64) {
         let c = &img.counters;
         (
             c.preads.load(Ordering::Relaxed),

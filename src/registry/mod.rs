@@ -183,10 +183,15 @@ impl Registry {
             }
             return self.create_in_cluster(&c, base, spec, opts);
         }
-        if spec.repl > 1 {
+        if spec.repl > 1 || !spec.nodes.is_empty() {
+            let (option, value) = if spec.repl > 1 {
+                ("repl", spec.repl.to_string())
+            } else {
+                ("nodes", spec.nodes.join(","))
+            };
             return Err(SpecError::Value {
-                option: "repl".into(),
-                value: spec.repl.to_string(),
+                option: option.into(),
+                value,
                 reason: "copies on other nodes need a cluster: start dunnage serve with --node, --listen and --etcd (README: \"A three-node cluster\")".into(),
             }
             .into());

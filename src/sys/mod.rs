@@ -6,4 +6,5 @@
 pub mod fd;
 pub mod fuse;
 pub mod loopdev;
+pub mod malloc;
 pub mod mount;

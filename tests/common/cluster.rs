@@ -695,3 +695,25 @@ pub fn verify_blocks(dev: &BlockDev, indexes: impl IntoIterator<Item = u64>, see
         }
     }
 }
+
+/// sha256 (lowercase hex) of a whole block device, read with O_DIRECT in 1 MiB chunks.
+pub fn device_sha256(path: &str) -> String {
+    use sha2::{Digest, Sha256};
+    use std::io::{Seek, SeekFrom};
+    const CHUNK: usize = 1 << 20;
+    let dev = BlockDev::open(path);
+    let size = (&dev.file)
+        .seek(SeekFrom::End(0))
+        .unwrap_or_else(|e| panic!("size of {path}: {e}"));
+    let mut hash = Sha256::new();
+    let mut off = 0;
+    while off < size {
+        let n = (CHUNK as u64).min(size - off) as usize;
+        let buf = dev
+            .read_at(off, n)
+            .unwrap_or_else(|e| panic!("read {path} at {off}: {e}"));
+        hash.update(&buf);
+        off += n as u64;
+    }
+    hash.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -27,6 +27,7 @@ use std::fs;
 use std::io::Read;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::MetadataExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -489,7 +490,10 @@ impl Etcd {
         ])
         .stdin(Stdio::null())
         .stdout(Stdio::from(log.try_clone().expect("dup log")))
-        .stderr(Stdio::from(log));
+        .stderr(Stdio::from(log))
+        // A group of its own: a Ctrl-C on the terminal (the fio bench) must
+        // not kill etcd before the daemons that use it have stopped.
+        .process_group(0);
         let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {ETCD}: {e}"));

@@ -1133,7 +1133,7 @@ impl ThinImage {
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::{map_bytes, new_image, read_vec, KIB, MIB};
+    use super::super::tests::{io_counts, map_bytes, new_image, read_vec, KIB, MIB};
     use super::*;
     use crate::engine::pattern::pattern;
     use crate::engine::BlockEngine;
@@ -1437,6 +1437,55 @@ mod tests {
         b2[50..150].copy_from_slice(&pattern(6, 100));
         assert_eq!(read_vec(&img, 2 * bs, bs as usize), b2);
         assert_eq!(view_vec(&img, "s", 0, 8 * bs as usize), old);
+    }
+
+    #[test]
+    fn copies_read_only_what_they_keep_and_write_runs_at_once() {
+        let bs = 32 * KIB;
+        let size = 8 * MIB;
+        let (dir, img) = new_image(size, bs as u32);
+        let old = pattern(1, size as usize);
+        img.write_at(&old, 0).unwrap();
+        img.snapshot("s").unwrap();
+        let mut model = old.clone();
+        let mut write = |img: &ThinImage, seed: u64, at: u64, len: usize| {
+            let data = pattern(seed, len);
+            model[at as usize..][..len].copy_from_slice(&data);
+            let before = io_counts(img);
+            img.write_at(&data, at).unwrap();
+            let after = io_counts(img);
+            (after.0 - before.0, after.1 - before.1)
+        };
+        // A block written whole: nothing read, one write.
+        assert_eq!(write(&img, 2, 3 * bs, bs as usize), (0, 1));
+        // 4 KiB inside a block: one read (the block), one write.
+        assert_eq!(write(&img, 3, 5 * bs + 8192, 4096), (1, 1));
+        // 1 MiB over 32 shared blocks: one write, to consecutive blocks.
+        assert_eq!(write(&img, 4, MIB, MIB as usize), (0, 1));
+        let first = img.map.get(MIB / bs).phys().unwrap();
+        assert!(first >= size / bs);
+        for b in 0..MIB / bs {
+            assert_eq!(img.map.get(MIB / bs + b).phys(), Some(first + b));
+        }
+        // Now mapped side by side: an overwrite is one write too.
+        assert_eq!(write(&img, 5, MIB, MIB as usize), (0, 1));
+        // Unaligned over shared blocks: the head's and the tail's old bytes
+        // read, one write.
+        assert_eq!(write(&img, 6, 3 * MIB + 1000, MIB as usize), (2, 1));
+        // Across copied, shared and copied blocks: the one between is
+        // copied, nothing read; the others are written in place.
+        assert_eq!(write(&img, 7, 4 * bs - 100, bs as usize + 200), (0, 3));
+        assert_eq!(read_vec(&img, 0, size as usize), model);
+        assert_eq!(view_vec(&img, "s", 0, size as usize), old);
+        // The copies are mapped durably: after a crash, and a reopen.
+        img.flush().unwrap();
+        img.crash();
+        let img = ThinImage::open(dir.path()).unwrap();
+        assert_eq!(read_vec(&img, 0, size as usize), model);
+        assert_eq!(view_vec(&img, "s", 0, size as usize), old);
+        let copied = 1 + 1 + 32 + 33 + 1;
+        assert_eq!(img.usage().shared_blocks, size / bs - copied);
+        assert_eq!(img.usage().snapshot_blocks, copied);
     }
 
     #[test]
