@@ -1,6 +1,7 @@
 //! The client side of a replica link: one TCP connection to a peer's
-//! [`super::ReplicaServer`], pipelined. A writer thread sends request
-//! frames, a reader thread hands each reply to whoever waits for its id.
+//! [`super::ReplicaServer`], pipelined. The submitting thread writes its
+//! request frame itself (no hand-off to a writer thread, no copy of the
+//! payload), a reader thread hands each reply to whoever waits for its id.
 //! The link is dead after any error; waiters get [`LinkDown`] and the
 //! mirror connects a new one.
 
@@ -9,7 +10,7 @@ use super::ReplicationError;
 use crossbeam_channel::{Receiver, Sender};
 use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::io::{BufReader, BufWriter, Write};
+use std::io::{BufReader, IoSlice, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -75,7 +76,8 @@ struct Pending {
 struct Shared {
     stream: TcpStream,
     pending: Mutex<Pending>,
-    out: Sender<Option<Vec<u8>>>,
+    /// Held while one frame is written: frames never interleave.
+    tx: Mutex<TcpStream>,
 }
 
 impl Shared {
@@ -93,8 +95,43 @@ impl Shared {
             let _ = w.send(Err(LinkDown));
         }
         let _ = self.stream.shutdown(Shutdown::Both);
-        let _ = self.out.send(None);
     }
+
+    /// Write one frame made of `parts`, in as few syscalls as the socket
+    /// allows. Any failure kills the link.
+    fn send(&self, parts: &[&[u8]]) -> Result<(), LinkDown> {
+        let res = {
+            let mut s = self.tx.lock();
+            write_parts(&mut *s, parts)
+        };
+        res.map_err(|_| {
+            self.die();
+            LinkDown
+        })
+    }
+}
+
+/// `write_all` of the concatenation of `parts`, vectored.
+fn write_parts(w: &mut impl Write, parts: &[&[u8]]) -> std::io::Result<()> {
+    let mut parts: Vec<&[u8]> = parts.iter().copied().filter(|p| !p.is_empty()).collect();
+    let mut first = 0;
+    while first < parts.len() {
+        let slices: Vec<IoSlice<'_>> = parts[first..].iter().map(|p| IoSlice::new(p)).collect();
+        let mut n = match w.write_vectored(&slices) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        while first < parts.len() && n >= parts[first].len() {
+            n -= parts[first].len();
+            first += 1;
+        }
+        if n > 0 {
+            parts[first] = &parts[first][n..];
+        }
+    }
+    Ok(())
 }
 
 pub struct Link {
@@ -178,29 +215,20 @@ impl Link {
         }
         stream.set_read_timeout(None).map_err(io_err)?;
 
-        let (out_tx, out_rx) = crossbeam_channel::unbounded();
         let shared = Arc::new(Shared {
             stream: stream.try_clone().map_err(io_err)?,
             pending: Mutex::new(Pending {
                 dead: false,
                 waiters: HashMap::new(),
             }),
-            out: out_tx,
+            tx: Mutex::new(stream.try_clone().map_err(io_err)?),
         });
         let reader = {
             let shared = shared.clone();
-            let stream = stream.try_clone().map_err(io_err)?;
             let node = node.to_string();
             std::thread::Builder::new()
                 .name(format!("repl-rx-{node}"))
                 .spawn(move || read_loop(&shared, stream, &node))
-                .map_err(io_err)?
-        };
-        let writer = {
-            let shared = shared.clone();
-            std::thread::Builder::new()
-                .name(format!("repl-tx-{node}"))
-                .spawn(move || write_loop(&shared, stream, out_rx))
                 .map_err(io_err)?
         };
         Ok(Link {
@@ -208,7 +236,7 @@ impl Link {
             addr,
             shared,
             next_id: AtomicU64::new(1),
-            threads: Mutex::new(vec![reader, writer]),
+            threads: Mutex::new(vec![reader]),
         })
     }
 
@@ -222,21 +250,34 @@ impl Link {
         &self,
         encode: impl FnOnce(u64) -> Vec<u8>,
     ) -> Result<Receiver<Result<Reply, LinkDown>>, LinkDown> {
+        let (id, rx) = self.expect_reply()?;
+        self.shared.send(&[&encode(id)])?;
+        Ok(rx)
+    }
+
+    /// Send a Write request of `data` at `offset`, straight from `data`.
+    pub fn submit_write(
+        &self,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<Receiver<Result<Reply, LinkDown>>, LinkDown> {
+        let (id, rx) = self.expect_reply()?;
+        let header = wire::write_header(id, offset, data.len());
+        self.shared.send(&[&header, data])?;
+        Ok(rx)
+    }
+
+    /// A new id and the receiver of its reply (registered before the
+    /// request is sent, as the reply may come at once).
+    fn expect_reply(&self) -> Result<(u64, Receiver<Result<Reply, LinkDown>>), LinkDown> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = crossbeam_channel::bounded(1);
-        {
-            let mut p = self.shared.pending.lock();
-            if p.dead {
-                return Err(LinkDown);
-            }
-            p.waiters.insert(id, tx);
-        }
-        let frame = encode(id);
-        if self.shared.out.send(Some(frame)).is_err() {
-            self.shared.die();
+        let mut p = self.shared.pending.lock();
+        if p.dead {
             return Err(LinkDown);
         }
-        Ok(rx)
+        p.waiters.insert(id, tx);
+        Ok((id, rx))
     }
 
     /// Send a request and wait for its reply until `deadline`.
@@ -310,26 +351,38 @@ fn read_loop(shared: &Shared, stream: TcpStream, node: &str) {
     shared.die();
 }
 
-fn write_loop(shared: &Shared, stream: TcpStream, rx: Receiver<Option<Vec<u8>>>) {
-    let mut w = BufWriter::with_capacity(256 << 10, stream);
-    'outer: while let Ok(Some(frame)) = rx.recv() {
-        if w.write_all(&frame).is_err() {
-            break;
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Takes at most `max` bytes per call, like a socket with a full buffer.
+    struct Trickle {
+        got: Vec<u8>,
+        max: usize,
+    }
+
+    impl Write for Trickle {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let n = buf.len().min(self.max);
+            self.got.extend_from_slice(&buf[..n]);
+            Ok(n)
         }
-        // Batch what is already queued into as few sends as possible.
-        while let Ok(next) = rx.try_recv() {
-            match next {
-                Some(frame) => {
-                    if w.write_all(&frame).is_err() {
-                        break 'outer;
-                    }
-                }
-                None => break 'outer,
-            }
-        }
-        if w.flush().is_err() {
-            break;
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
         }
     }
-    shared.die();
+
+    #[test]
+    fn write_parts_survives_partial_writes() {
+        let header = wire::write_header(7, 4096, 10);
+        let data: Vec<u8> = (0..10).collect();
+        for max in [1, 3, 20, 21, 22, 100] {
+            let mut w = Trickle {
+                got: Vec::new(),
+                max,
+            };
+            write_parts(&mut w, &[&header, &[], &data]).unwrap();
+            assert_eq!(w.got, wire::encode_write(7, 4096, &data), "max {max}");
+        }
+    }
 }

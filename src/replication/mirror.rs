@@ -15,7 +15,7 @@ use super::link::{self, CallError, Link, Reply};
 use super::local::{check_volume_id, LocalReplica};
 use super::ranges::RangeLocks;
 use super::state::{unit_span, ReplicaStatus, Route, Track, UNIT};
-use super::wire::{self, ErrorCode, Hello, Request};
+use super::wire::{ErrorCode, Hello, Request};
 use super::{Generation, ReplicaState, ReplicationError, StateStore};
 use crate::engine::{BlockEngine, EngineError, ThinParams};
 use crossbeam_channel::{Receiver, Sender};
@@ -602,14 +602,12 @@ impl Inner {
                         let link = cell.link.clone();
                         drop(cell);
                         let rx = link.and_then(|l| {
-                            l.submit_with(|id| match op {
-                                WriteOp::Write(buf) => wire::encode_write(id, offset, buf),
-                                WriteOp::Discard(n) => wire::Frame::Request {
-                                    id,
-                                    req: Request::Discard { offset, len: n },
+                            match op {
+                                WriteOp::Write(buf) => l.submit_write(offset, buf),
+                                WriteOp::Discard(n) => {
+                                    l.submit(Request::Discard { offset, len: n })
                                 }
-                                .encode(),
-                            })
+                            }
                             .ok()
                         });
                         remote.push((i, epoch, in_sync, rx));
@@ -1132,7 +1130,7 @@ impl Inner {
                     len: range.len() as u64,
                 })
             } else {
-                link.submit_with(|id| wire::encode_write(id, off, &buf[range]))
+                link.submit_write(off, &buf[range])
             }
             .map_err(|_| CallError::Down)?;
             pending.push(rx);

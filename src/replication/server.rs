@@ -1,7 +1,7 @@
 //! The replica server: serves this node's replicas to the attached node.
-//! A thread per connection reads requests and hands them to a few worker
-//! threads, so requests of one link run in parallel and are answered out of
-//! order. A write is answered once the image has it (in the page cache,
+//! A few worker threads per connection take turns reading requests and
+//! each runs the one it read, so requests of one link run in parallel and
+//! are answered out of order. A write is answered once the image has it (in the page cache,
 //! which survives kill -9 of this process); a flush once the image flushed.
 
 use super::local::LocalReplicas;
@@ -24,8 +24,6 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 const SEND_TIMEOUT: Duration = Duration::from_secs(60);
 /// Requests of one link served at once.
 const WORKERS_PER_LINK: usize = 4;
-/// Requests read ahead of the workers (then TCP pushes back).
-const QUEUE: usize = 64;
 
 struct Inner {
     node: String,
@@ -251,43 +249,43 @@ fn serve_conn(inner: &Inner, stream: TcpStream, peer: Option<SocketAddr>) {
 
 fn serve_requests(replica: &LocalReplica, generation: u64, stream: &TcpStream) {
     let out = Mutex::new(stream);
-    let (tx, rx) = crossbeam_channel::bounded::<(u64, Request)>(QUEUE);
+    // The workers take turns reading: the one that read a request runs it
+    // and answers it while another reads the next, so a request never
+    // waits for a hand-off to another thread.
+    let input = Mutex::new(BufReader::with_capacity(256 << 10, stream));
+    let done = AtomicBool::new(false);
     std::thread::scope(|scope| {
         for _ in 0..WORKERS_PER_LINK {
-            let rx = rx.clone();
-            let out = &out;
-            scope.spawn(move || {
-                for (id, req) in rx {
-                    let reply = execute(replica, generation, id, req);
-                    let bytes = reply.encode();
-                    let mut s = out.lock();
-                    if s.write_all(&bytes).is_err() {
-                        let _ = s.shutdown(Shutdown::Both);
+            let (out, input, done) = (&out, &input, &done);
+            scope.spawn(move || loop {
+                let (id, req) = {
+                    let mut r = input.lock();
+                    if done.load(Ordering::Relaxed) {
+                        return;
                     }
+                    match wire::read_frame(&mut *r) {
+                        Ok(Some(Frame::Request { id, req })) => (id, req),
+                        other => {
+                            match other {
+                                Ok(None) => {}
+                                Ok(Some(frame)) => {
+                                    tracing::warn!(?frame, "unexpected frame on a replica link")
+                                }
+                                Err(e) => tracing::debug!(error = %e, "replica link read failed"),
+                            }
+                            done.store(true, Ordering::Relaxed);
+                            return;
+                        }
+                    }
+                };
+                let reply = execute(replica, generation, id, req);
+                let bytes = reply.encode();
+                let mut s = out.lock();
+                if s.write_all(&bytes).is_err() {
+                    let _ = s.shutdown(Shutdown::Both);
                 }
             });
         }
-        drop(rx);
-        let mut r = BufReader::with_capacity(256 << 10, stream);
-        loop {
-            match wire::read_frame(&mut r) {
-                Ok(Some(Frame::Request { id, req })) => {
-                    if tx.send((id, req)).is_err() {
-                        break;
-                    }
-                }
-                Ok(None) => break,
-                Ok(Some(other)) => {
-                    tracing::warn!(frame = ?other, "unexpected frame on a replica link");
-                    break;
-                }
-                Err(e) => {
-                    tracing::debug!(error = %e, "replica link read failed");
-                    break;
-                }
-            }
-        }
-        drop(tx);
     });
     let _ = stream.shutdown(Shutdown::Both);
 }

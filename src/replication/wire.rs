@@ -327,11 +327,19 @@ impl Frame {
 /// same bytes as `Frame::Request { id, req: Request::Write { .. } }`).
 pub fn encode_write(id: u64, offset: u64, data: &[u8]) -> Vec<u8> {
     let mut b = Vec::with_capacity(4 + 1 + 8 + 8 + data.len());
-    b.extend_from_slice(&((1 + 8 + 8 + data.len()) as u32).to_be_bytes());
-    b.push(KIND_WRITE);
-    b.extend_from_slice(&id.to_be_bytes());
-    b.extend_from_slice(&offset.to_be_bytes());
+    b.extend_from_slice(&write_header(id, offset, data.len()));
     b.extend_from_slice(data);
+    b
+}
+
+/// The first bytes of a Write request frame carrying `len` bytes of data
+/// (which follow them on the wire).
+pub fn write_header(id: u64, offset: u64, len: usize) -> [u8; 21] {
+    let mut b = [0u8; 21];
+    b[..4].copy_from_slice(&((1 + 8 + 8 + len) as u32).to_be_bytes());
+    b[4] = KIND_WRITE;
+    b[5..13].copy_from_slice(&id.to_be_bytes());
+    b[13..21].copy_from_slice(&offset.to_be_bytes());
     b
 }
 
@@ -352,6 +360,34 @@ pub fn read_frame(r: &mut impl Read) -> Result<Option<Frame>, WireError> {
     let len = u32::from_be_bytes(len) as usize;
     if len > MAX_FRAME {
         return Err(WireError::TooLarge(len));
+    }
+    if len >= 9 {
+        // Read a payload straight into its own buffer, not into the body
+        // and then copied out of it.
+        let mut head = [0u8; 9 + 8];
+        r.read_exact(&mut head[..9])?;
+        let id = u64::from_be_bytes(head[1..9].try_into().unwrap());
+        match head[0] {
+            KIND_WRITE if len >= 17 => {
+                r.read_exact(&mut head[9..])?;
+                let offset = u64::from_be_bytes(head[9..].try_into().unwrap());
+                let mut data = vec![0u8; len - 17];
+                r.read_exact(&mut data)?;
+                let req = Request::Write { offset, data };
+                return Ok(Some(Frame::Request { id, req }));
+            }
+            KIND_DATA => {
+                let mut data = vec![0u8; len - 9];
+                r.read_exact(&mut data)?;
+                return Ok(Some(Frame::Data { id, data }));
+            }
+            _ => {
+                let mut body = vec![0u8; len];
+                body[..9].copy_from_slice(&head[..9]);
+                r.read_exact(&mut body[9..])?;
+                return Frame::decode(&body).map(Some);
+            }
+        }
     }
     let mut body = vec![0u8; len];
     r.read_exact(&mut body)?;
