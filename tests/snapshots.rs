@@ -173,7 +173,12 @@ fn clone_of_a_volume_mounted_under_fio_load() {
         fio.try_wait().unwrap().is_none(),
         "fio was not running when the clone was taken"
     );
-    let _ = fio.kill();
+    // SIGTERM, not SIGKILL: fio then stops its job process too (a killed
+    // fio leaves it behind, asleep).
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(fio.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
     let _ = fio.wait();
     d.unmount("busy", &id);
 
