@@ -10,7 +10,7 @@ use super::ReplicationError;
 use crossbeam_channel::{Receiver, Sender};
 use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::io::{BufReader, IoSlice, Write};
+use std::io::BufReader;
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -102,36 +102,13 @@ impl Shared {
     fn send(&self, parts: &[&[u8]]) -> Result<(), LinkDown> {
         let res = {
             let mut s = self.tx.lock();
-            write_parts(&mut *s, parts)
+            wire::write_parts(&mut *s, parts)
         };
         res.map_err(|_| {
             self.die();
             LinkDown
         })
     }
-}
-
-/// `write_all` of the concatenation of `parts`, vectored.
-fn write_parts(w: &mut impl Write, parts: &[&[u8]]) -> std::io::Result<()> {
-    let mut parts: Vec<&[u8]> = parts.iter().copied().filter(|p| !p.is_empty()).collect();
-    let mut first = 0;
-    while first < parts.len() {
-        let slices: Vec<IoSlice<'_>> = parts[first..].iter().map(|p| IoSlice::new(p)).collect();
-        let mut n = match w.write_vectored(&slices) {
-            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        while first < parts.len() && n >= parts[first].len() {
-            n -= parts[first].len();
-            first += 1;
-        }
-        if n > 0 {
-            parts[first] = &parts[first][n..];
-        }
-    }
-    Ok(())
 }
 
 pub struct Link {
@@ -349,40 +326,4 @@ fn read_loop(shared: &Shared, stream: TcpStream, node: &str) {
         }
     }
     shared.die();
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Takes at most `max` bytes per call, like a socket with a full buffer.
-    struct Trickle {
-        got: Vec<u8>,
-        max: usize,
-    }
-
-    impl Write for Trickle {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            let n = buf.len().min(self.max);
-            self.got.extend_from_slice(&buf[..n]);
-            Ok(n)
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    #[test]
-    fn write_parts_survives_partial_writes() {
-        let header = wire::write_header(7, 4096, 10);
-        let data: Vec<u8> = (0..10).collect();
-        for max in [1, 3, 20, 21, 22, 100] {
-            let mut w = Trickle {
-                got: Vec::new(),
-                max,
-            };
-            write_parts(&mut w, &[&header, &[], &data]).unwrap();
-            assert_eq!(w.got, wire::encode_write(7, 4096, &data), "max {max}");
-        }
-    }
 }

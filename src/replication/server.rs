@@ -257,32 +257,49 @@ fn serve_requests(replica: &LocalReplica, generation: u64, stream: &TcpStream) {
     std::thread::scope(|scope| {
         for _ in 0..WORKERS_PER_LINK {
             let (out, input, done) = (&out, &input, &done);
-            scope.spawn(move || loop {
-                let (id, req) = {
-                    let mut r = input.lock();
-                    if done.load(Ordering::Relaxed) {
-                        return;
-                    }
-                    match wire::read_frame(&mut *r) {
-                        Ok(Some(Frame::Request { id, req })) => (id, req),
-                        other => {
-                            match other {
-                                Ok(None) => {}
-                                Ok(Some(frame)) => {
-                                    tracing::warn!(?frame, "unexpected frame on a replica link")
-                                }
-                                Err(e) => tracing::debug!(error = %e, "replica link read failed"),
-                            }
-                            done.store(true, Ordering::Relaxed);
+            scope.spawn(move || {
+                // Each worker's payload buffer, handed back after each write.
+                let mut spare = Vec::new();
+                loop {
+                    let (id, req) = {
+                        let mut r = input.lock();
+                        if done.load(Ordering::Relaxed) {
                             return;
                         }
+                        match wire::read_frame_reusing(&mut *r, &mut spare) {
+                            Ok(Some(Frame::Request { id, req })) => (id, req),
+                            other => {
+                                match other {
+                                    Ok(None) => {}
+                                    Ok(Some(frame)) => {
+                                        tracing::warn!(?frame, "unexpected frame on a replica link")
+                                    }
+                                    Err(e) => {
+                                        tracing::debug!(error = %e, "replica link read failed")
+                                    }
+                                }
+                                done.store(true, Ordering::Relaxed);
+                                return;
+                            }
+                        }
+                    };
+                    let reply = execute(replica, generation, id, &req, &mut spare);
+                    if let Request::Write { data, .. } = req {
+                        spare = data;
                     }
-                };
-                let reply = execute(replica, generation, id, req);
-                let bytes = reply.encode();
-                let mut s = out.lock();
-                if s.write_all(&bytes).is_err() {
-                    let _ = s.shutdown(Shutdown::Both);
+                    let sent = match reply {
+                        Reply::Frame(f) => out.lock().write_all(&f.encode()),
+                        // A read's data leaves from its buffer, behind its header.
+                        Reply::Data(data) => {
+                            let header = wire::data_header(id, data.len());
+                            let res = wire::write_parts(&mut *out.lock(), &[&header, &data]);
+                            spare = data;
+                            res
+                        }
+                    };
+                    if sent.is_err() {
+                        let _ = out.lock().shutdown(Shutdown::Both);
+                    }
                 }
             });
         }
@@ -290,32 +307,52 @@ fn serve_requests(replica: &LocalReplica, generation: u64, stream: &TcpStream) {
     let _ = stream.shutdown(Shutdown::Both);
 }
 
-fn execute(replica: &LocalReplica, generation: u64, id: u64, req: Request) -> Frame {
-    let result = match req {
+enum Reply {
+    Frame(Frame),
+    /// A read's data (the reply is a Data frame).
+    Data(Vec<u8>),
+}
+
+fn execute(
+    replica: &LocalReplica,
+    generation: u64,
+    id: u64,
+    req: &Request,
+    spare: &mut Vec<u8>,
+) -> Reply {
+    let result = match *req {
         Request::Read { offset, len } => {
             if len as usize > MAX_IO {
-                return Frame::Error {
+                return Reply::Frame(Frame::Error {
                     id,
                     code: ErrorCode::Invalid,
                     message: format!("read of {len} bytes exceeds the limit of {MAX_IO}"),
-                };
+                });
             }
-            let mut buf = vec![0u8; len as usize];
-            replica
-                .read_at(generation, &mut buf, offset)
-                .map(|()| Frame::Data { id, data: buf })
+            let mut buf = std::mem::take(spare);
+            buf.resize(len as usize, 0);
+            return match replica.read_at(generation, &mut buf, offset) {
+                Ok(()) => Reply::Data(buf),
+                Err(e) => {
+                    *spare = buf;
+                    Reply::Frame(error_frame(id, &e))
+                }
+            };
         }
-        Request::Write { offset, data } => replica
-            .write_at(generation, &data, offset)
-            .map(|()| Frame::Ok { id }),
-        Request::Discard { offset, len } => replica
-            .discard(generation, offset, len)
-            .map(|()| Frame::Ok { id }),
-        Request::Flush => replica.flush(generation).map(|()| Frame::Ok { id }),
+        Request::Write { offset, ref data } => replica.write_at(generation, data, offset),
+        Request::Discard { offset, len } => replica.discard(generation, offset, len),
+        Request::Flush => replica.flush(generation),
     };
-    result.unwrap_or_else(|e| Frame::Error {
-        id,
-        code: code_of(&e),
-        message: e.to_string(),
+    Reply::Frame(match result {
+        Ok(()) => Frame::Ok { id },
+        Err(e) => error_frame(id, &e),
     })
+}
+
+fn error_frame(id: u64, e: &ReplicationError) -> Frame {
+    Frame::Error {
+        id,
+        code: code_of(e),
+        message: e.to_string(),
+    }
 }

@@ -14,7 +14,7 @@
 
 use super::Generation;
 use crate::engine::ThinParams;
-use std::io::{self, Read, Write};
+use std::io::{self, IoSlice, Read, Write};
 
 /// First bytes of every Hello.
 pub const MAGIC: [u8; 8] = *b"dunnrepl";
@@ -343,8 +343,29 @@ pub fn write_header(id: u64, offset: u64, len: usize) -> [u8; 21] {
     b
 }
 
+/// The first bytes of a Data reply frame carrying `len` bytes of data
+/// (which follow them on the wire).
+pub fn data_header(id: u64, len: usize) -> [u8; 13] {
+    let mut b = [0u8; 13];
+    b[..4].copy_from_slice(&((1 + 8 + len) as u32).to_be_bytes());
+    b[4] = KIND_DATA;
+    b[5..13].copy_from_slice(&id.to_be_bytes());
+    b
+}
+
 /// Read one frame. `Ok(None)` on a clean end of stream before a frame.
 pub fn read_frame(r: &mut impl Read) -> Result<Option<Frame>, WireError> {
+    read_frame_reusing(r, &mut Vec::new())
+}
+
+/// [`read_frame`], reading a Write's or a Data's payload into `spare`'s
+/// allocation (which the frame then owns): a server worker hands back each
+/// request's buffer, so a 1 MiB write costs no mmap and no page faults
+/// (glibc mmaps blocks that big, see sys/malloc.rs).
+pub fn read_frame_reusing(
+    r: &mut impl Read,
+    spare: &mut Vec<u8>,
+) -> Result<Option<Frame>, WireError> {
     let mut len = [0u8; 4];
     // A clean EOF is only one at a frame boundary.
     let mut got = 0;
@@ -371,14 +392,12 @@ pub fn read_frame(r: &mut impl Read) -> Result<Option<Frame>, WireError> {
             KIND_WRITE if len >= 17 => {
                 r.read_exact(&mut head[9..])?;
                 let offset = u64::from_be_bytes(head[9..].try_into().unwrap());
-                let mut data = vec![0u8; len - 17];
-                r.read_exact(&mut data)?;
+                let data = read_payload(r, len - 17, spare)?;
                 let req = Request::Write { offset, data };
                 return Ok(Some(Frame::Request { id, req }));
             }
             KIND_DATA => {
-                let mut data = vec![0u8; len - 9];
-                r.read_exact(&mut data)?;
+                let data = read_payload(r, len - 9, spare)?;
                 return Ok(Some(Frame::Data { id, data }));
             }
             _ => {
@@ -392,6 +411,44 @@ pub fn read_frame(r: &mut impl Read) -> Result<Option<Frame>, WireError> {
     let mut body = vec![0u8; len];
     r.read_exact(&mut body)?;
     Frame::decode(&body).map(Some)
+}
+
+/// Exactly `n` bytes from `r`, in `spare`'s allocation. Bytes it already
+/// holds are overwritten, not zeroed first: a run of same-sized writes
+/// zeroes nothing.
+fn read_payload(r: &mut impl Read, n: usize, spare: &mut Vec<u8>) -> io::Result<Vec<u8>> {
+    let mut data = std::mem::take(spare);
+    if data.len() < n {
+        data.resize(n, 0);
+    } else {
+        data.truncate(n);
+    }
+    r.read_exact(&mut data)?;
+    Ok(data)
+}
+
+/// `write_all` of the concatenation of `parts`, vectored: a frame's header
+/// and its payload leave in one syscall, without copying them together.
+pub fn write_parts(w: &mut impl Write, parts: &[&[u8]]) -> io::Result<()> {
+    let mut parts: Vec<&[u8]> = parts.iter().copied().filter(|p| !p.is_empty()).collect();
+    let mut first = 0;
+    while first < parts.len() {
+        let slices: Vec<IoSlice<'_>> = parts[first..].iter().map(|p| IoSlice::new(p)).collect();
+        let mut n = match w.write_vectored(&slices) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        while first < parts.len() && n >= parts[first].len() {
+            n -= parts[first].len();
+            first += 1;
+        }
+        if n > 0 {
+            parts[first] = &parts[first][n..];
+        }
+    }
+    Ok(())
 }
 
 /// Write one frame (already encoded).
@@ -622,5 +679,100 @@ mod tests {
         ));
         // Clean EOF at a frame boundary.
         assert!(read_frame(&mut &[][..]).unwrap().is_none());
+    }
+
+    /// Takes at most `max` bytes per call, like a socket with a full buffer.
+    struct Trickle {
+        got: Vec<u8>,
+        max: usize,
+    }
+
+    impl Write for Trickle {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            let n = buf.len().min(self.max);
+            self.got.extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn write_parts_survives_partial_writes() {
+        let header = write_header(7, 4096, 10);
+        let data: Vec<u8> = (0..10).collect();
+        for max in [1, 3, 20, 21, 22, 100] {
+            let mut w = Trickle {
+                got: Vec::new(),
+                max,
+            };
+            write_parts(&mut w, &[&header, &[], &data]).unwrap();
+            assert_eq!(w.got, encode_write(7, 4096, &data), "max {max}");
+        }
+    }
+
+    #[test]
+    fn a_data_header_and_its_payload_are_a_data_frame() {
+        let data: Vec<u8> = (0..=255).cycle().take(5000).collect();
+        let mut wire = data_header(9, data.len()).to_vec();
+        wire.extend_from_slice(&data);
+        assert_eq!(
+            wire,
+            Frame::Data {
+                id: 9,
+                data: data.clone()
+            }
+            .encode()
+        );
+    }
+
+    #[test]
+    fn payloads_are_read_into_the_spare_allocation() {
+        let big: Vec<u8> = (0..=255).cycle().take(1 << 20).collect();
+        let small = vec![7u8; 4096];
+        let mut stream = encode_write(1, 0, &big);
+        stream.extend(encode_write(2, 1 << 20, &small));
+        stream.extend(
+            Frame::Data {
+                id: 3,
+                data: small.clone(),
+            }
+            .encode(),
+        );
+        let mut r = &stream[..];
+        let mut spare = Vec::with_capacity(1 << 20);
+        let at = spare.as_ptr();
+        let mut expect = [(1u64, 0u64, &big), (2, 1 << 20, &small)].into_iter();
+        for _ in 0..2 {
+            let (id, offset, data) = expect.next().unwrap();
+            match read_frame_reusing(&mut r, &mut spare).unwrap().unwrap() {
+                Frame::Request {
+                    id: got_id,
+                    req: Request::Write { offset: o, data: d },
+                } => {
+                    assert_eq!((got_id, o), (id, offset));
+                    assert_eq!(&d, data);
+                    assert_eq!(d.as_ptr(), at, "the payload reused the spare buffer");
+                    spare = d;
+                }
+                other => panic!("expected a write, got {other:?}"),
+            }
+        }
+        match read_frame_reusing(&mut r, &mut spare).unwrap().unwrap() {
+            Frame::Data { id: 3, data } => {
+                assert_eq!(data, small);
+                assert_eq!(data.as_ptr(), at);
+            }
+            other => panic!("expected data, got {other:?}"),
+        }
+        assert!(read_frame_reusing(&mut r, &mut spare).unwrap().is_none());
+        // A payload cut short is an error, not a short write.
+        let cut = encode_write(4, 0, &small);
+        let mut spare = Vec::new();
+        assert!(matches!(
+            read_frame_reusing(&mut &cut[..cut.len() - 1], &mut spare),
+            Err(WireError::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof
+        ));
     }
 }
