@@ -57,6 +57,9 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.cmd, Cmd::Serve(_) | Cmd::FuseKeeper) {
+        dunnage::sys::signal::default_sigpipe();
+    }
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new("info,fuser=warn,actix_server=warn")
     });

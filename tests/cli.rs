@@ -227,6 +227,27 @@ fn size_spellings() {
     let v = d.inspect("bs");
     assert_eq!(v["block_size_kib"], 128, "{v}");
     assert_eq!(v["fs"], "none", "{v}");
+
+    // `dunnage volume ls | head`: the reader goes away early; the CLI ends
+    // as a Unix filter does (SIGPIPE), without a panic on stderr.
+    let (read_end, write_end) = nix::unistd::pipe().expect("pipe");
+    drop(read_end);
+    let out = std::process::Command::new(common::BIN)
+        .arg("--run-dir")
+        .arg(&d.run_dir)
+        .args(["volume", "ls"])
+        .stdout(write_end)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .expect("dunnage volume ls");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "stderr: {stderr}");
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&out.status),
+        Some(libc::SIGPIPE),
+        "{} stderr: {stderr}",
+        out.status
+    );
 }
 
 #[test]

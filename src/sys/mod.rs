@@ -8,3 +8,4 @@ pub mod fuse;
 pub mod loopdev;
 pub mod malloc;
 pub mod mount;
+pub mod signal;
