@@ -37,9 +37,18 @@
 //! (plugin Create/Mount/Unmount/Remove, `docker run` with a dunnage volume vs a
 //! `local` one) and the daemon's memory.
 //!
+//! `--only NAMES` (comma-separated target names, e.g.
+//! `--only dunnage-engine,dunnage-repl2`) runs just those targets, in the
+//! order above, and starts only what serves them (`--only dunnage-repl2`:
+//! the cluster, no other daemon, no qemu-storage-daemon). The control-plane
+//! timings and the memory figures of the daemon under test need dunnage's
+//! daemon: without dunnage among the targets they are skipped, and the
+//! results say so.
+//!
 //! ```text
-//! just bench [quick] [--dir PATH] [--rounds N] [--runtime SECS] [--size SIZE] [--no-docker]
+//! just bench [quick] [--dir PATH] [--rounds N] [--runtime SECS] [--size SIZE] [--no-docker] [--only NAMES]
 //! cargo bench --bench fio -- quick
+//! cargo bench --bench fio -- --only dunnage-engine,dunnage-repl2
 //! ```
 //!
 //! Needs root, fio, qemu-storage-daemon and the release binary
@@ -66,6 +75,7 @@ mod targets;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use job::{Params, PROFILES};
+use kind::{Server, UBLK_CONTROL};
 use proc::{check_stop, cpu_seconds, nap, rss_kib, Teardown};
 use report::{Outcome, PerTarget, ProfileResult, Results};
 use std::collections::BTreeMap;
@@ -85,13 +95,16 @@ usage: cargo bench --bench fio -- [quick] [options]     (or: just bench [quick] 
   --runtime SECS    seconds per fio job
   --size SIZE       device size, e.g. 512M, 4G
   --no-docker       skip the `docker run` timing
+  --only NAMES      run only these targets (comma-separated), starting only what
+                    serves them: limit, peer, dunnage, dunnage-engine,
+                    dunnage-secure, dunnage-10snaps, dunnage-repl2, dunnage-repl3,
+                    dunnage-ublk (where the kernel has ublk). Without dunnage the
+                    control-plane timings and its daemon's memory are skipped
   -h, --help        this text
 
 Writes target/bench/results.json, results.md and chart.png.";
 
 const PLUGIN_CYCLES: usize = 10;
-/// Its presence means the kernel has ublk, and the bench a dunnage-ublk row.
-const UBLK_CONTROL: &str = "/dev/ublk-control";
 const DOCKER_RUNS: usize = 5;
 
 struct Opts {
@@ -102,6 +115,8 @@ struct Opts {
     ramp: u64,
     size: u64,
     docker: bool,
+    /// `--only`: the targets to run, in run order; all of them without it.
+    only: Option<Vec<Kind>>,
 }
 
 fn parse_size(s: &str) -> Result<u64> {
@@ -131,8 +146,9 @@ impl Opts {
             ramp: 2,
             size: 2 << 30,
             docker: true,
+            only: None,
         };
-        let (mut rounds, mut runtime, mut size) = (None, None, None);
+        let (mut rounds, mut runtime, mut size, mut only) = (None, None, None, None);
         let mut it = args.iter();
         while let Some(a) = it.next() {
             let mut value = |name: &str| {
@@ -149,6 +165,14 @@ impl Opts {
                 "--runtime" => runtime = Some(value("--runtime")?.parse().context("--runtime")?),
                 "--size" => size = Some(parse_size(&value("--size")?)?),
                 "--no-docker" => o.docker = false,
+                "--only" => {
+                    let list = value("--only")?;
+                    // `--only` last: cargo's own `--bench` follows it.
+                    if list.starts_with('-') {
+                        bail!("--only needs a value (target names)\n\n{USAGE}");
+                    }
+                    only = Some(list);
+                }
                 "-h" | "--help" => {
                     println!("{USAGE}");
                     return Ok(None);
@@ -162,6 +186,10 @@ impl Opts {
         o.rounds = rounds.unwrap_or(o.rounds).max(1);
         o.runtime = runtime.unwrap_or(o.runtime).max(1);
         o.size = size.unwrap_or(o.size);
+        if let Some(list) = only {
+            let ublk = Path::new(UBLK_CONTROL).exists();
+            o.only = Some(Kind::parse_list(&list, ublk).map_err(anyhow::Error::msg)?);
+        }
         Ok(Some(o))
     }
 }
@@ -212,6 +240,12 @@ fn results_target(infos: &[report::TargetInfo], k: Kind) -> Option<&report::Targ
     infos.iter().find(|t| t.name == k.name())
 }
 
+/// The daemon started for target `k` (by construction, there is one).
+fn daemon_of(d: &Option<targets::Dunnage>, k: Kind) -> Result<&targets::Dunnage> {
+    d.as_ref()
+        .with_context(|| format!("no daemon started for {}", k.name()))
+}
+
 fn manifest_dir() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
@@ -260,20 +294,22 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("the fio bench needs root (loop devices, FUSE, mounts)");
     }
+    let ublk = Path::new(UBLK_CONTROL).exists();
+    let kinds = o.only.clone().unwrap_or_else(|| Kind::selected(ublk));
+    let needs = |s: Server| Kind::need(&kinds, s);
+    // The control-plane timings and the main memory figures use dunnage's
+    // daemon (--fuse-passthrough auto): there whenever --only is absent.
+    let control = needs(Server::Passthrough);
     let mut missing = Vec::new();
-    for tool in [
-        "fio",
-        "qemu-storage-daemon",
-        "losetup",
-        "mount",
-        "umount",
-        "findmnt",
+    let mut tools = vec!["fio", "losetup", "mount", "umount", "findmnt"];
+    if needs(Server::QemuStorageDaemon) {
+        tools.push("qemu-storage-daemon");
+    }
+    if needs(Server::Cluster) {
         // The replicated rows' cluster: namespaces, veths, etcd.
-        "ip",
-        "nsenter",
-        "etcd",
-        "etcdctl",
-    ] {
+        tools.extend(["ip", "nsenter", "etcd", "etcdctl"]);
+    }
+    for tool in tools {
         if host::which(tool).is_none() {
             missing.push(tool);
         }
@@ -333,8 +369,6 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
             Ok(())
         });
     }
-    let ublk = Path::new(UBLK_CONTROL).exists();
-    let kinds = Kind::selected(ublk);
     let n_targets = kinds.len() as u64;
     let devices: u64 = kinds.iter().map(|k| k.space_in_devices()).sum();
     let need = devices * o.size + (1 << 30);
@@ -378,10 +412,12 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
     let machine = host::Machine::probe();
     let mut versions = BTreeMap::new();
     versions.insert("fio".to_string(), host::version_of("fio"));
-    versions.insert(
-        "qemu-storage-daemon".to_string(),
-        host::version_of("qemu-storage-daemon"),
-    );
+    if needs(Server::QemuStorageDaemon) {
+        versions.insert(
+            "qemu-storage-daemon".to_string(),
+            host::version_of("qemu-storage-daemon"),
+        );
+    }
     versions.insert(
         "dunnage".to_string(),
         host::version_of(&bin.display().to_string()),
@@ -390,17 +426,15 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
     // Work, in expected seconds, for the progress bar.
     let per_job = o.runtime + o.ramp + 1;
     let precond = (o.size >> 20) / 400 + 2;
-    let docker_work = if o.docker {
+    let docker_work = if o.docker && control {
         10 + 2 * DOCKER_RUNS as u64
     } else {
         0
     };
-    // dunnage-10snaps' setup writes it twice (prefill and the tenths), in
-    // place of its write-through.
     let total = 6
-        + (n_targets + 1) * precond
+        + kinds.iter().map(|k| k.device_writes()).sum::<u64>() * precond
         + (o.rounds * PROFILES.len()) as u64 * n_targets * per_job
-        + PLUGIN_CYCLES as u64
+        + if control { PLUGIN_CYCLES as u64 } else { 0 }
         + docker_work;
     let pg = Progress::new(total);
     pg.note(format!(
@@ -412,53 +446,77 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
         o.size >> 20,
         backing.fs
     ));
+    if o.only.is_some() {
+        pg.note(format!(
+            "--only: {}{}",
+            Kind::order(&kinds),
+            if control {
+                ""
+            } else {
+                "; no dunnage, so no control-plane timings and no memory figures of its daemon"
+            }
+        ));
+    }
 
     // The daemon under test, with everything under the backing directory; it
-    // stays for the control-plane part.
-    pg.step("starting dunnage serve (--fuse-passthrough auto)".into());
+    // stays for the control-plane part. Each daemon starts only when a
+    // target of the run needs it (all of them without --only).
     let name = format!("bench-{pid}");
-    let d = targets::Dunnage::start(
-        &bin,
-        &name,
-        &root,
-        &root.join("plugins"),
-        "fuse",
-        Kind::Dunnage.fuse_passthrough(),
-        &out.join("dunnage.log"),
-        td,
-    )?;
+    let d = if control {
+        pg.step("starting dunnage serve (--fuse-passthrough auto)".into());
+        Some(targets::Dunnage::start(
+            &bin,
+            &name,
+            &root,
+            &root.join("plugins"),
+            "fuse",
+            Kind::Dunnage.fuse_passthrough(),
+            &out.join("dunnage.log"),
+            td,
+        )?)
+    } else {
+        None
+    };
     let data_plane = td.mark();
     // A second daemon with passthrough off, its own directories under the
     // backing directory; it goes with the devices.
-    pg.step("starting a second dunnage serve (--fuse-passthrough off)".into());
-    let de = targets::Dunnage::start(
-        &bin,
-        &format!("{name}-engine"),
-        &root.join("engine"),
-        &root.join("plugins"),
-        "fuse",
-        Kind::DunnageEngine.fuse_passthrough(),
-        &out.join("dunnage-engine.log"),
-        td,
-    )?;
+    let de = if needs(Server::Engine) {
+        pg.step("starting a second dunnage serve (--fuse-passthrough off)".into());
+        Some(targets::Dunnage::start(
+            &bin,
+            &format!("{name}-engine"),
+            &root.join("engine"),
+            &root.join("plugins"),
+            "fuse",
+            Kind::DunnageEngine.fuse_passthrough(),
+            &out.join("dunnage-engine.log"),
+            td,
+        )?)
+    } else {
+        None
+    };
     // The encrypted volume and the one with snapshots: a daemon of their
     // own with the default flags, so that what keeps them off passthrough
     // is encryption and snapshots, not a flag, and the memory figures of
     // the other daemons keep their meaning.
-    pg.step("starting a dunnage serve for dunnage-secure and dunnage-10snaps".into());
-    let df = targets::Dunnage::start(
-        &bin,
-        &format!("{name}-features"),
-        &root.join("features"),
-        &root.join("plugins"),
-        "fuse",
-        Kind::DunnageSecure.fuse_passthrough(),
-        &out.join("dunnage-features.log"),
-        td,
-    )?;
+    let df = if needs(Server::Features) {
+        pg.step("starting a dunnage serve for dunnage-secure and dunnage-10snaps".into());
+        Some(targets::Dunnage::start(
+            &bin,
+            &format!("{name}-features"),
+            &root.join("features"),
+            &root.join("plugins"),
+            "fuse",
+            Kind::DunnageSecure.fuse_passthrough(),
+            &out.join("dunnage-features.log"),
+            td,
+        )?)
+    } else {
+        None
+    };
     // Where the kernel has ublk, a third daemon with --export ublk; it
     // goes with the devices too.
-    let du = if ublk {
+    let du = if needs(Server::Ublk) {
         pg.step("starting a third dunnage serve (--export ublk)".into());
         Some(targets::Dunnage::start(
             &bin,
@@ -473,17 +531,18 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
     } else {
         None
     };
+    let rss = |d: &Option<targets::Dunnage>| d.as_ref().and_then(|d| rss_kib(d.pid()));
     nap(Duration::from_secs(1));
     let mut memory = report::Memory {
-        daemon_idle_kib: rss_kib(d.pid()),
-        engine_daemon_idle_kib: rss_kib(de.pid()),
-        ublk_daemon_idle_kib: du.as_ref().and_then(|du| rss_kib(du.pid())),
-        features_daemon_idle_kib: rss_kib(df.pid()),
+        daemon_idle_kib: rss(&d),
+        engine_daemon_idle_kib: rss(&de),
+        ublk_daemon_idle_kib: rss(&du),
+        features_daemon_idle_kib: rss(&df),
         ..Default::default()
     };
     pg.done(1);
 
-    // The devices.
+    // The devices, in run order.
     pg.step(format!(
         "setting up the {} devices",
         kinds
@@ -492,70 +551,82 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
     ));
-    let limit = targets::limit(&root, o.size, td)?;
-    let (peer, qsd_pid) = targets::peer(&root, o.size, &out.join("qemu-storage-daemon.log"), td)?;
-    let dun = targets::dunnage(&d, Kind::Dunnage, o.size, td)?;
-    let dun_engine = targets::dunnage(&de, Kind::DunnageEngine, o.size, td)?;
-    let (dun_secure, secret) = targets::dunnage_secure(&df, o.size, td)?;
-    pg.step(format!(
-        "setting up dunnage-10snaps: prefill, then {} × (snapshot, overwrite a tenth)",
-        targets::SNAPSHOTS
-    ));
-    let (dun_snaps, mut snap_setup) = targets::dunnage_snaps(&df, o.size, td)?;
-    pg.note(format!(
-        "  setup        {:<14} {:>7.0} MiB/s prefill, {} snapshots, overwrites {} MiB/s (median), {:.1} s{}",
-        Kind::DunnageSnaps.name(),
-        snap_setup.prefill_mib_s,
-        snap_setup.snapshots.len(),
-        snap_setup
-            .overwrite_mib_s_median
-            .map_or_else(|| "n/a".to_string(), |v| format!("{v:.0}")),
-        snap_setup.setup_s,
-        snap_setup
-            .space_at_start
-            .map(|s| format!(
-                ", {} of {} MiB shared with snapshots",
-                s.shared_bytes >> 20,
-                s.used_bytes >> 20
-            ))
-            .unwrap_or_default()
-    ));
-    pg.done(2 * precond);
-    pg.step(format!(
-        "starting a {}-node cluster on a veth network with its own etcd",
-        targets::CLUSTER_NODES
-    ));
-    let cluster = targets::cluster(
-        &bin,
-        &name,
-        &root.join("cluster"),
-        &root.join("plugins"),
-        &out,
-        td,
-    )?;
-    let dun_repl2 = targets::dunnage_repl(&cluster, Kind::DunnageRepl2, o.size, td)?;
-    let dun_repl3 = targets::dunnage_repl(&cluster, Kind::DunnageRepl3, o.size, td)?;
-    let dun_ublk = match &du {
-        Some(du) => Some(targets::dunnage(du, Kind::DunnageUblk, o.size, td)?),
-        None => None,
-    };
+    let mut all: Vec<Target> = Vec::new();
+    let mut qsd_pid = None;
+    let mut secret = None;
+    let mut snap_setup = None;
+    let mut cluster = None;
+    for &k in &kinds {
+        let t = match k {
+            Kind::Limit => targets::limit(&root, o.size, td)?,
+            Kind::Peer => {
+                let (t, pid) =
+                    targets::peer(&root, o.size, &out.join("qemu-storage-daemon.log"), td)?;
+                qsd_pid = Some(pid);
+                t
+            }
+            Kind::Dunnage => targets::dunnage(daemon_of(&d, k)?, k, o.size, td)?,
+            Kind::DunnageEngine => targets::dunnage(daemon_of(&de, k)?, k, o.size, td)?,
+            Kind::DunnageUblk => targets::dunnage(daemon_of(&du, k)?, k, o.size, td)?,
+            Kind::DunnageSecure => {
+                let (t, s) = targets::dunnage_secure(daemon_of(&df, k)?, o.size, td)?;
+                secret = Some(s);
+                t
+            }
+            Kind::DunnageSnaps => {
+                pg.step(format!(
+                    "setting up dunnage-10snaps: prefill, then {} × (snapshot, overwrite a tenth)",
+                    targets::SNAPSHOTS
+                ));
+                let (t, setup) = targets::dunnage_snaps(daemon_of(&df, k)?, o.size, td)?;
+                pg.note(format!(
+                    "  setup        {:<14} {:>7.0} MiB/s prefill, {} snapshots, overwrites {} MiB/s (median), {:.1} s{}",
+                    Kind::DunnageSnaps.name(),
+                    setup.prefill_mib_s,
+                    setup.snapshots.len(),
+                    setup
+                        .overwrite_mib_s_median
+                        .map_or_else(|| "n/a".to_string(), |v| format!("{v:.0}")),
+                    setup.setup_s,
+                    setup
+                        .space_at_start
+                        .map(|s| format!(
+                            ", {} of {} MiB shared with snapshots",
+                            s.shared_bytes >> 20,
+                            s.used_bytes >> 20
+                        ))
+                        .unwrap_or_default()
+                ));
+                pg.done(2 * precond);
+                snap_setup = Some(setup);
+                t
+            }
+            Kind::DunnageRepl2 | Kind::DunnageRepl3 => {
+                if cluster.is_none() {
+                    pg.step(format!(
+                        "starting a {}-node cluster on a veth network with its own etcd",
+                        targets::CLUSTER_NODES
+                    ));
+                    cluster = Some(targets::cluster(
+                        &bin,
+                        &name,
+                        &root.join("cluster"),
+                        &root.join("plugins"),
+                        &out,
+                        td,
+                    )?);
+                }
+                let c = cluster.as_ref().context("the cluster is not up")?;
+                targets::dunnage_repl(c, k, o.size, td)?
+            }
+        };
+        all.push(t);
+    }
     nap(Duration::from_millis(500));
-    memory.daemon_attached_kib = rss_kib(d.pid());
-    memory.features_daemon_attached_kib = rss_kib(df.pid());
-    let mut all: Vec<&Target> = vec![
-        &limit,
-        &peer,
-        &dun,
-        &dun_engine,
-        &dun_secure,
-        &dun_snaps,
-        &dun_repl2,
-        &dun_repl3,
-    ];
-    all.extend(dun_ublk.as_ref());
-    debug_assert!(all.iter().map(|t| t.kind).eq(kinds.iter().copied()));
+    memory.daemon_attached_kib = rss(&d);
+    memory.features_daemon_attached_kib = rss(&df);
     let mut problems = Vec::new();
-    for &t in &all {
+    for t in &all {
         if t.info.size_bytes != o.size {
             problems.push(format!(
                 "{} device {} has {} bytes, not {}",
@@ -590,7 +661,7 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
     ));
-    for &t in &all {
+    for t in &all {
         if let Some(p) = &t.io_path {
             pg.note(format!(
                 "io path: {} (--fuse-passthrough {}): passthrough {} ({})",
@@ -609,7 +680,7 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
 
     // Write every device through once.
     let mut broken: BTreeMap<&'static str, String> = BTreeMap::new();
-    for &t in &all {
+    for t in &all {
         check_stop()?;
         if t.kind.written_by_setup() {
             pg.note(format!(
@@ -650,7 +721,7 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
     let mut samples: BTreeMap<(&str, &str), PerTarget> = BTreeMap::new();
     for round in 1..=o.rounds {
         for p in &PROFILES {
-            for &t in &all {
+            for t in &all {
                 check_stop()?;
                 let entry = samples.entry((p.id, t.kind.name())).or_default();
                 if let Some(why) = broken.get(t.kind.name()) {
@@ -671,7 +742,11 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
                     ramp: o.ramp,
                 };
                 let shared0 = if t.kind == Kind::DunnageSnaps {
-                    match targets::retake_newest(&df, &snap_setup) {
+                    let retaken = daemon_of(&df, t.kind).and_then(|df| {
+                        let setup = snap_setup.as_ref().context("no snapshot setup")?;
+                        targets::retake_newest(df, setup)
+                    });
+                    match retaken {
                         Ok(b) => Some(b),
                         Err(e) => {
                             check_stop()?;
@@ -696,14 +771,16 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
                 let res = job::run_fio(&job::job_file(p.id), &params, timeout);
                 let wall = t0.elapsed().as_secs_f64();
                 let cpu1 = t.server_pid.and_then(cpu_seconds);
-                if let Some(at_start) = shared0 {
-                    snap_setup.jobs.push(targets::SnapJob {
+                if let (Some(at_start), Some(setup), Some(df)) =
+                    (shared0, snap_setup.as_mut(), df.as_ref())
+                {
+                    setup.jobs.push(targets::SnapJob {
                         profile: p.id,
                         round,
                         shared_bytes_at_start: at_start,
                         shared_bytes_at_end: Kind::DunnageSnaps
                             .volume()
-                            .and_then(|v| targets::space(&df, v).ok())
+                            .and_then(|v| targets::space(df, v).ok())
                             .map(|s| s.shared_bytes),
                     });
                 }
@@ -747,14 +824,18 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
             }
         }
     }
-    memory.daemon_after_io_kib = rss_kib(d.pid());
-    memory.engine_daemon_after_io_kib = rss_kib(de.pid());
-    memory.ublk_daemon_after_io_kib = du.as_ref().and_then(|du| rss_kib(du.pid()));
-    memory.features_daemon_after_io_kib = rss_kib(df.pid());
-    memory.qemu_storage_daemon_after_io_kib = rss_kib(qsd_pid);
-    if let Some(vol) = Kind::DunnageSnaps.volume() {
-        match targets::space(&df, vol) {
-            Ok(s) => snap_setup.space_after_io = Some(s),
+    memory.daemon_after_io_kib = rss(&d);
+    memory.engine_daemon_after_io_kib = rss(&de);
+    memory.ublk_daemon_after_io_kib = rss(&du);
+    memory.features_daemon_after_io_kib = rss(&df);
+    memory.qemu_storage_daemon_after_io_kib = qsd_pid.and_then(rss_kib);
+    if let (Some(vol), Some(setup), Some(df)) = (
+        Kind::DunnageSnaps.volume(),
+        snap_setup.as_mut(),
+        df.as_ref(),
+    ) {
+        match targets::space(df, vol) {
+            Ok(s) => setup.space_after_io = Some(s),
             Err(e) => problems.push(format!(
                 "{}: space after the IO run: {e:#}",
                 Kind::DunnageSnaps.name()
@@ -800,7 +881,7 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
                     p.cpu_says_daemon_did_io = cpu.map(|c| c >= targets::DAEMON_DID_IO_CORES);
                     p
                 }),
-                snapshots: (t.kind == Kind::DunnageSnaps).then(|| snap_setup.clone()),
+                snapshots: snap_setup.clone().filter(|_| t.kind == Kind::DunnageSnaps),
             }
         })
         .collect();
@@ -813,20 +894,31 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
     check_stop()?;
 
     // Control plane (1): plugin calls on the daemon's socket.
-    pg.step(format!(
-        "plugin Create/Mount/Unmount/Remove of a 1 GiB ext4 volume, {PLUGIN_CYCLES} times"
-    ));
-    let plugin = match control::plugin_cycles(&d.plugin_socket(), PLUGIN_CYCLES, |_| pg.done(1)) {
-        Ok(t) => Outcome::Measured(t),
-        Err(e) => {
-            check_stop()?;
-            pg.note(format!("plugin timing FAILED: {e:#}"));
-            Outcome::NotMeasured(format!("{e:#}"))
+    let skipped = || {
+        format!(
+            "skipped: --only without {} (these timings use its daemon)",
+            Kind::Dunnage.name()
+        )
+    };
+    let plugin = match &d {
+        Some(d) => {
+            pg.step(format!(
+                "plugin Create/Mount/Unmount/Remove of a 1 GiB ext4 volume, {PLUGIN_CYCLES} times"
+            ));
+            match control::plugin_cycles(&d.plugin_socket(), PLUGIN_CYCLES, |_| pg.done(1)) {
+                Ok(t) => Outcome::Measured(t),
+                Err(e) => {
+                    check_stop()?;
+                    pg.note(format!("plugin timing FAILED: {e:#}"));
+                    Outcome::NotMeasured(format!("{e:#}"))
+                }
+            }
         }
+        None => Outcome::NotMeasured(skipped()),
     };
 
     // Control plane (2): docker run with a dunnage volume vs a local one.
-    let docker_run = if o.docker {
+    let docker_run = if o.docker && control {
         let mut spent = 0;
         let res = control::docker_runs(
             &bin,
@@ -848,13 +940,42 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
                 Outcome::NotMeasured(why)
             }
         }
-    } else {
+    } else if !o.docker {
         Outcome::NotMeasured("--no-docker".into())
+    } else {
+        Outcome::NotMeasured(skipped())
     };
     pg.bar.finish_and_clear();
 
     // Results.
     let mut notes = Vec::new();
+    if o.only.is_some() {
+        let left_out: Vec<&str> = Kind::selected(ublk)
+            .into_iter()
+            .filter(|k| !kinds.contains(k))
+            .map(|k| k.name())
+            .collect();
+        notes.push(format!(
+            "--only: this run set up and measured only {}{}, and started only what serves them",
+            kinds
+                .iter()
+                .map(|k| k.name())
+                .collect::<Vec<_>>()
+                .join(", "),
+            if left_out.is_empty() {
+                String::new()
+            } else {
+                format!(" (not {})", left_out.join(", "))
+            }
+        ));
+        if !control {
+            notes.push(format!(
+                "the control-plane timings (plugin Create/Mount/Unmount/Remove, `docker run`) and the memory figures of {}'s daemon were skipped because of --only: they need that daemon, which only runs when {} is among the targets",
+                Kind::Dunnage.name(),
+                Kind::Dunnage.name()
+            ));
+        }
+    }
     if !ublk {
         // `just test-ublk` exercises ublk in an emulated VM; its timings are not performance.
         notes.push(
@@ -862,12 +983,14 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
                 .to_string(),
         );
     }
-    notes.push(format!(
-        "{} and {} keep every replica on this host (each node's data directory on the same backing filesystem) and replicate over veth pairs, so they measure dunnage's replication path (a round trip to each replica per write), not a network; compare them with {}, the same engine path with one copy",
+    if needs(Server::Cluster) {
+        notes.push(format!(
+            "{} and {} keep every replica on this host (each node's data directory on the same backing filesystem) and replicate over veth pairs, so they measure dunnage's replication path (a round trip to each replica per write), not a network; compare them with {}, the same engine path with one copy",
         Kind::DunnageRepl2.name(),
         Kind::DunnageRepl3.name(),
         Kind::DunnageEngine.name()
     ));
+    }
     if !tmpfs {
         notes.push(
             "on a real filesystem the peer (cache.direct=off) and dunnage (buffered image files) go through the host's page cache while the limit does direct IO to the disk, so their reads and writes may beat the limit; use the default tmpfs to compare the IO paths"
@@ -882,6 +1005,7 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
             .unwrap_or_else(|| "n/a".into())
     };
     let dun_path = dun_info.and_then(|t| t.io_path.as_ref());
+    // What the daemon said about passthrough, where there was a dunnage row.
     match (
         dun_path.and_then(|p| p.passthrough),
         dun_path.and_then(|p| p.cpu_says_daemon_did_io),
@@ -900,9 +1024,10 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
             cpu_of(Kind::Dunnage),
             cpu_of(Kind::DunnageEngine)
         )),
-        (None, None) => notes.push(
+        (None, None) if dun_info.is_some() => notes.push(
             "the daemon does not report whether passthrough served the dunnage volume, and its CPU was not measured".to_string(),
         ),
+        (None, None) => {}
     }
     let profiles: Vec<ProfileResult> = PROFILES
         .iter()
@@ -931,13 +1056,18 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
         }
     }
     // dunnage-secure's passphrase went to its daemon in a request body only;
-    // check that no log of the run holds it.
+    // check that no log of the run holds it (there is none without that row).
+    let found = |b: &[u8]| secret.as_ref().is_some_and(|s| s.found_in(b));
+    let redact = |text: &str| match &secret {
+        Some(s) => s.redact(text),
+        None => text.to_string(),
+    };
     let mut leaks = Vec::new();
     if let Ok(dir) = std::fs::read_dir(&out) {
         for e in dir.flatten() {
             let p = e.path();
             if p.extension().is_some_and(|x| x == "log")
-                && std::fs::read(&p).is_ok_and(|b| secret.found_in(&b))
+                && std::fs::read(&p).is_ok_and(|b| found(&b))
             {
                 leaks.push(p.display().to_string());
             }
@@ -963,38 +1093,41 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
         notes,
         problems,
     };
-    if secret.found_in(report::json_text(&results)?.as_bytes())
-        || secret.found_in(report::markdown(&results).as_bytes())
+    if found(report::json_text(&results)?.as_bytes())
+        || found(report::markdown(&results).as_bytes())
     {
         leaks.push("the results (blotted out there as [secret])".into());
     }
-    if leaks.is_empty() {
-        results.notes.push(format!(
-            "{}'s passphrase was made up for this run and given to its daemon in the body of a request on the control socket, on no command line; it is in none of the run's logs ({}) nor in the results",
-            Kind::DunnageSecure.name(),
-            out.display()
-        ));
-    } else {
-        results.problems.push(format!(
-            "{}'s passphrase appears in: {}",
-            Kind::DunnageSecure.name(),
-            leaks.join(", ")
-        ));
+    if secret.is_some() {
+        if leaks.is_empty() {
+            results.notes.push(format!(
+                "{}'s passphrase was made up for this run and given to its daemon in the body of a request on the control socket, on no command line; it is in none of the run's logs ({}) nor in the results",
+                Kind::DunnageSecure.name(),
+                out.display()
+            ));
+        } else {
+            results.problems.push(format!(
+                "{}'s passphrase appears in: {}",
+                Kind::DunnageSecure.name(),
+                leaks.join(", ")
+            ));
+        }
     }
     std::fs::write(
         out.join("results.json"),
-        secret.redact(&report::json_text(&results)?),
+        redact(&report::json_text(&results)?),
     )
     .context("write results.json")?;
-    std::fs::write(
-        out.join("results.md"),
-        secret.redact(&report::markdown(&results)),
-    )
-    .context("write results.md")?;
+    std::fs::write(out.join("results.md"), redact(&report::markdown(&results)))
+        .context("write results.md")?;
     let chart = out.join("chart.png");
     let chart_note = match report::chart(&results, &chart) {
         Ok(()) => chart.display().to_string(),
-        Err(e) => format!("not drawn: {e:#}"),
+        Err(e) => {
+            // Not a previous run's chart next to this run's results.
+            let _ = std::fs::remove_file(&chart);
+            format!("not drawn: {e:#}")
+        }
     };
 
     println!();
@@ -1003,7 +1136,7 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
         println!("note: {n}");
     }
     for l in report::io_path_lines(&results) {
-        println!("io path: {}", secret.redact(&l));
+        println!("io path: {}", redact(&l));
     }
     for l in report::snapshot_lines(&results) {
         println!("snapshots: {l}");
@@ -1011,7 +1144,7 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
     println!("{}", report::main_table(&results, false));
     println!("{}", report::side_table(&results, false));
     for p in &results.problems {
-        println!("problem: {}", secret.redact(p));
+        println!("problem: {}", redact(p));
     }
     println!(
         "results: {}, {}; chart: {chart_note}; logs: {}",

@@ -15,6 +15,29 @@ pub enum Kind {
     DunnageUblk,
 }
 
+/// What serves a target: the bench starts each of these once, and only for
+/// the targets of the run that need it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Server {
+    /// The kernel's loop driver alone (the limit).
+    Kernel,
+    QemuStorageDaemon,
+    /// `dunnage serve --fuse-passthrough auto`; the control-plane timings
+    /// and the main memory figures use it too.
+    Passthrough,
+    /// `dunnage serve --fuse-passthrough off`.
+    Engine,
+    /// The daemon of dunnage-secure and dunnage-10snaps (default flags).
+    Features,
+    /// The three-node cluster with its etcd.
+    Cluster,
+    /// `dunnage serve --export ublk`.
+    Ublk,
+}
+
+/// Its presence means the kernel has ublk, and the bench a dunnage-ublk row.
+pub const UBLK_CONTROL: &str = "/dev/ublk-control";
+
 /// The snapshots of the dunnage-10snaps volume.
 pub const SNAPSHOTS: usize = 10;
 
@@ -41,6 +64,41 @@ impl Kind {
             .into_iter()
             .filter(|k| ublk || *k != Kind::DunnageUblk)
             .collect()
+    }
+
+    /// The targets named by `--only`: a comma-separated list of
+    /// [`Kind::name`]s, in run order, each once. Refuses an unknown name
+    /// (listing the valid ones), an empty list, and dunnage-ublk where the
+    /// kernel has no ublk (`ublk` false).
+    pub fn parse_list(list: &str, ublk: bool) -> Result<Vec<Kind>, String> {
+        let valid = || {
+            Kind::ALL
+                .iter()
+                .map(|k| k.name())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let mut wanted = Vec::new();
+        // Empty items (a trailing comma) name nothing; an empty list is refused below.
+        for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            let k = Kind::ALL
+                .into_iter()
+                .find(|k| k.name() == name)
+                .ok_or_else(|| format!("--only: unknown target {name:?}; valid: {}", valid()))?;
+            if k == Kind::DunnageUblk && !ublk {
+                return Err(format!(
+                    "--only: {name} needs a kernel with ublk, and this host has none ({UBLK_CONTROL} is missing)"
+                ));
+            }
+            wanted.push(k);
+        }
+        if wanted.is_empty() {
+            return Err(format!("--only needs at least one target of: {}", valid()));
+        }
+        Ok(Kind::ALL
+            .into_iter()
+            .filter(|k| wanted.contains(k))
+            .collect())
     }
 
     /// The run order of `kinds` as words, for the results.
@@ -91,6 +149,24 @@ impl Kind {
                 "dunnage volume (fs=none, ublk export: /dev/ublkbN), `dunnage attach`, third daemon with `--export ublk`: every IO through dunnage's ublk queue threads and engine"
             }
         }
+    }
+
+    /// What serves this target.
+    pub fn server(self) -> Server {
+        match self {
+            Kind::Limit => Server::Kernel,
+            Kind::Peer => Server::QemuStorageDaemon,
+            Kind::Dunnage => Server::Passthrough,
+            Kind::DunnageEngine => Server::Engine,
+            Kind::DunnageSecure | Kind::DunnageSnaps => Server::Features,
+            Kind::DunnageRepl2 | Kind::DunnageRepl3 => Server::Cluster,
+            Kind::DunnageUblk => Server::Ublk,
+        }
+    }
+
+    /// Whether one of `kinds` needs `server`.
+    pub fn need(kinds: &[Kind], server: Server) -> bool {
+        kinds.iter().any(|k| k.server() == server)
     }
 
     /// Whether this is a dunnage volume (served by a `dunnage serve`).
@@ -175,6 +251,17 @@ impl Kind {
     /// second one would copy every shared block before any measurement).
     pub fn written_by_setup(self) -> bool {
         self == Kind::DunnageSnaps
+    }
+
+    /// The bench's setup work for it, in units of one write of the whole
+    /// device: dunnage-10snaps' setup writes it twice (prefill and the
+    /// tenths) in place of the write-through every other target gets.
+    pub fn device_writes(self) -> u64 {
+        if self.written_by_setup() {
+            2
+        } else {
+            1
+        }
     }
 
     /// The backing space it may take, in device sizes: the volume with

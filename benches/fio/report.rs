@@ -301,13 +301,31 @@ fn fmt_delta_kib(kib: i64) -> String {
     format!("{:+.1} MiB", kib as f64 / 1024.0)
 }
 
+/// Whether the main table shows the ratio of target `k` to target `base`.
+fn ratio_shown(k: Kind, base: Kind) -> bool {
+    match base {
+        Kind::Limit => k != Kind::Limit,
+        Kind::Peer => k.is_dunnage(),
+        Kind::Dunnage => k.is_dunnage() && k != Kind::Dunnage,
+        _ => matches!(
+            k,
+            Kind::DunnageSecure
+                | Kind::DunnageSnaps
+                | Kind::DunnageRepl2
+                | Kind::DunnageRepl3
+                | Kind::DunnageUblk
+        ),
+    }
+}
+
 /// The main table: a row per profile and target, in run order, with IOPS,
 /// MiB/s, the p99 write latency of the latency profile, the CPU its server
 /// used, and its IOPS ratio to the limit, to the peer, (for the dunnage
 /// targets on the engine path) to dunnage with passthrough allowed, and (for
 /// dunnage-secure, dunnage-10snaps, the replicated rows and dunnage-ublk) to
 /// dunnage-engine, the same engine path on FUSE without encryption,
-/// snapshots or replicas.
+/// snapshots or replicas. A ratio column whose base was not run (`--only`),
+/// or that no row of the run has, is left out.
 pub fn main_table(r: &Results, markdown: bool) -> Table {
     let mut t = Table::new();
     t.load_preset(if markdown {
@@ -318,20 +336,24 @@ pub fn main_table(r: &Results, markdown: bool) -> Table {
     if !markdown {
         t.set_content_arrangement(ContentArrangement::Disabled);
     }
-    t.set_header(vec![
+    let kinds = r.kinds();
+    let bases: Vec<Kind> = [Kind::Limit, Kind::Peer, Kind::Dunnage, Kind::DunnageEngine]
+        .into_iter()
+        .filter(|&b| kinds.contains(&b) && kinds.iter().any(|&k| ratio_shown(k, b)))
+        .collect();
+    let mut header: Vec<String> = [
         "profile",
         "target",
         "IOPS",
         "MiB/s",
         "write p99 µs",
         "server CPU (cores)",
-        "÷ limit",
-        "÷ peer",
-        "÷ dunnage",
-        "÷ dunnage-engine",
-    ]);
+    ]
+    .map(String::from)
+    .into();
+    header.extend(bases.iter().map(|b| format!("÷ {}", b.name())));
+    t.set_header(header);
     let dash = || "—".to_string();
-    let kinds = r.kinds();
     for p in &r.profiles {
         let latency = PROFILES.iter().any(|q| q.id == p.id && q.latency);
         for (i, &k) in kinds.iter().enumerate() {
@@ -369,21 +391,8 @@ pub fn main_table(r: &Results, markdown: bool) -> Table {
                     .unwrap_or_else(|| "n/a".into()),
                 (_, None) => dash(),
             });
-            for base in [Kind::Limit, Kind::Peer, Kind::Dunnage, Kind::DunnageEngine] {
-                let shown = match base {
-                    Kind::Limit => k != Kind::Limit,
-                    Kind::Peer => k.is_dunnage(),
-                    Kind::Dunnage => k.is_dunnage() && k != Kind::Dunnage,
-                    _ => matches!(
-                        k,
-                        Kind::DunnageSecure
-                            | Kind::DunnageSnaps
-                            | Kind::DunnageRepl2
-                            | Kind::DunnageRepl3
-                            | Kind::DunnageUblk
-                    ),
-                };
-                row.push(if shown {
+            for &base in &bases {
+                row.push(if ratio_shown(k, base) {
                     fmt_ratio(p.ratio(k, base))
                 } else {
                     String::new()
@@ -568,28 +577,35 @@ pub fn side_table(r: &Results, markdown: bool) -> Table {
     }
     let m = &r.memory;
     let na = || "n/a".to_string();
-    t.add_row(vec![
-        "daemon RSS, idle".to_string(),
-        m.daemon_idle_kib.map(fmt_mib_kib).unwrap_or_else(na),
-    ]);
-    t.add_row(vec![
-        "daemon RSS, extra with the bench volume attached".to_string(),
-        m.extra_attached_kib.map(fmt_delta_kib).unwrap_or_else(na),
-    ]);
-    t.add_row(vec![
-        "daemon RSS, extra after the IO run".to_string(),
-        m.extra_after_io_kib.map(fmt_delta_kib).unwrap_or_else(na),
-    ]);
-    t.add_row(vec![
-        "second daemon (--fuse-passthrough off) RSS, idle".to_string(),
-        m.engine_daemon_idle_kib.map(fmt_mib_kib).unwrap_or_else(na),
-    ]);
-    t.add_row(vec![
-        "second daemon (--fuse-passthrough off) RSS, extra after the IO run".to_string(),
-        m.engine_extra_after_io_kib
-            .map(fmt_delta_kib)
-            .unwrap_or_else(na),
-    ]);
+    // A daemon's rows only where it served a target of the run (`--only`).
+    let kinds = r.kinds();
+    let ran = |k: Kind| kinds.contains(&k);
+    if ran(Kind::Dunnage) {
+        t.add_row(vec![
+            "daemon RSS, idle".to_string(),
+            m.daemon_idle_kib.map(fmt_mib_kib).unwrap_or_else(na),
+        ]);
+        t.add_row(vec![
+            "daemon RSS, extra with the bench volume attached".to_string(),
+            m.extra_attached_kib.map(fmt_delta_kib).unwrap_or_else(na),
+        ]);
+        t.add_row(vec![
+            "daemon RSS, extra after the IO run".to_string(),
+            m.extra_after_io_kib.map(fmt_delta_kib).unwrap_or_else(na),
+        ]);
+    }
+    if ran(Kind::DunnageEngine) {
+        t.add_row(vec![
+            "second daemon (--fuse-passthrough off) RSS, idle".to_string(),
+            m.engine_daemon_idle_kib.map(fmt_mib_kib).unwrap_or_else(na),
+        ]);
+        t.add_row(vec![
+            "second daemon (--fuse-passthrough off) RSS, extra after the IO run".to_string(),
+            m.engine_extra_after_io_kib
+                .map(fmt_delta_kib)
+                .unwrap_or_else(na),
+        ]);
+    }
     if m.ublk_daemon_idle_kib.is_some() {
         t.add_row(vec![
             "third daemon (--export ublk) RSS, idle".to_string(),
@@ -602,31 +618,39 @@ pub fn side_table(r: &Results, markdown: bool) -> Table {
                 .unwrap_or_else(na),
         ]);
     }
-    t.add_row(vec![
-        "daemon of dunnage-secure and dunnage-10snaps RSS, idle".to_string(),
-        m.features_daemon_idle_kib
-            .map(fmt_mib_kib)
-            .unwrap_or_else(na),
-    ]);
-    t.add_row(vec![
-        "daemon of dunnage-secure and dunnage-10snaps RSS, extra with both volumes set up"
-            .to_string(),
-        m.features_extra_attached_kib
-            .map(fmt_delta_kib)
-            .unwrap_or_else(na),
-    ]);
-    t.add_row(vec![
-        "daemon of dunnage-secure and dunnage-10snaps RSS, extra after the IO run".to_string(),
-        m.features_extra_after_io_kib
-            .map(fmt_delta_kib)
-            .unwrap_or_else(na),
-    ]);
-    t.add_row(vec![
-        "qemu-storage-daemon RSS after the IO run".to_string(),
-        m.qemu_storage_daemon_after_io_kib
-            .map(fmt_mib_kib)
-            .unwrap_or_else(na),
-    ]);
+    if ran(Kind::DunnageSecure) || ran(Kind::DunnageSnaps) {
+        let set_up = match (ran(Kind::DunnageSecure), ran(Kind::DunnageSnaps)) {
+            (true, true) => "both volumes set up".to_string(),
+            (true, false) => format!("the {} volume set up", Kind::DunnageSecure.name()),
+            _ => format!("the {} volume set up", Kind::DunnageSnaps.name()),
+        };
+        t.add_row(vec![
+            "daemon of dunnage-secure and dunnage-10snaps RSS, idle".to_string(),
+            m.features_daemon_idle_kib
+                .map(fmt_mib_kib)
+                .unwrap_or_else(na),
+        ]);
+        t.add_row(vec![
+            format!("daemon of dunnage-secure and dunnage-10snaps RSS, extra with {set_up}"),
+            m.features_extra_attached_kib
+                .map(fmt_delta_kib)
+                .unwrap_or_else(na),
+        ]);
+        t.add_row(vec![
+            "daemon of dunnage-secure and dunnage-10snaps RSS, extra after the IO run".to_string(),
+            m.features_extra_after_io_kib
+                .map(fmt_delta_kib)
+                .unwrap_or_else(na),
+        ]);
+    }
+    if ran(Kind::Peer) {
+        t.add_row(vec![
+            "qemu-storage-daemon RSS after the IO run".to_string(),
+            m.qemu_storage_daemon_after_io_kib
+                .map(fmt_mib_kib)
+                .unwrap_or_else(na),
+        ]);
+    }
     t.column_mut(1)
         .expect("two columns")
         .set_cell_alignment(CellAlignment::Right);
@@ -732,6 +756,12 @@ pub fn chart(r: &Results, path: &Path) -> Result<()> {
 
     let n = r.profiles.len();
     let kinds = r.kinds();
+    if !kinds.contains(&Kind::Limit) {
+        anyhow::bail!(
+            "its bars are ratios to the {}, which this run left out (--only)",
+            Kind::Limit.name()
+        );
+    }
     let value = |p: &ProfileResult, k: Kind| match k {
         Kind::Limit => p.get(Kind::Limit).map(|_| 1.0),
         _ => p.ratio(k, Kind::Limit),
