@@ -1,20 +1,22 @@
 //! The client side of a replica link: one TCP connection to a peer's
 //! [`super::ReplicaServer`], pipelined. The submitting thread writes its
 //! request frame itself (no hand-off to a writer thread, no copy of the
-//! payload), a reader thread hands each reply to whoever waits for its id.
-//! The link is dead after any error; waiters get [`LinkDown`] and the
-//! mirror connects a new one.
+//! payload). Replies are read by the waiters themselves, one at a time
+//! (leader/followers): the one reading hands each other reply to its
+//! waiter, and when its own has come it passes the reading on to a waiter
+//! still waiting. A lone writer (QD1) reads its own reply: no thread
+//! between the socket and it. The link is dead after any error or a
+//! timeout; waiters get [`LinkDown`] and the mirror connects a new one.
 
 use super::wire::{self, ErrorCode, Frame, Hello, Request, WireError, PROTOCOL_VERSION};
 use super::ReplicationError;
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::io::BufReader;
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// A reply to one request.
@@ -66,22 +68,42 @@ impl std::fmt::Display for CallError {
     }
 }
 
-type Waiter = Sender<Result<Reply, LinkDown>>;
+/// How late a reading waiter may notice its deadline.
+const READ_SLACK: Duration = Duration::from_millis(50);
+
+/// What a waiter is told.
+enum Msg {
+    Reply(Result<Reply, LinkDown>),
+    /// Nobody reads the link: take over.
+    Lead,
+}
+
+type Waiter = Sender<Msg>;
 
 struct Pending {
     dead: bool,
     waiters: HashMap<u64, Waiter>,
 }
 
+/// The reading side of the link, held by the waiter that reads.
+struct Rx {
+    r: BufReader<TcpStream>,
+    /// The socket's read timeout as last set (a syscall to change).
+    timeout: Option<Duration>,
+}
+
 struct Shared {
+    node: String,
     stream: TcpStream,
     pending: Mutex<Pending>,
     /// Held while one frame is written: frames never interleave.
     tx: Mutex<TcpStream>,
+    rx: Mutex<Rx>,
+    next_id: AtomicU64,
 }
 
 impl Shared {
-    /// Mark the link dead, fail every waiter, stop both threads.
+    /// Mark the link dead, fail every waiter, cut the connection.
     fn die(&self) {
         let waiters = {
             let mut p = self.pending.lock();
@@ -92,9 +114,102 @@ impl Shared {
             std::mem::take(&mut p.waiters)
         };
         for (_, w) in waiters {
-            let _ = w.send(Err(LinkDown));
+            let _ = w.send(Msg::Reply(Err(LinkDown)));
         }
         let _ = self.stream.shutdown(Shutdown::Both);
+    }
+
+    /// Read replies, handing each to its waiter, until `mine` comes (its
+    /// reply is returned), `deadline` passes or the link dies.
+    fn read_until(&self, rx: &mut Rx, mine: u64, deadline: Instant) -> Result<Reply, CallError> {
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                // A frame may be half read: the link can't go on.
+                self.die();
+                return Err(CallError::Timeout);
+            }
+            // The socket's timeout (per read call) must not end a read
+            // before the deadline; it may end one up to READ_SLACK after
+            // it. Re-armed only outside that band: a syscall per request
+            // otherwise.
+            if !matches!(rx.timeout, Some(t) if t >= left && t <= left + 2 * READ_SLACK) {
+                if rx
+                    .r
+                    .get_ref()
+                    .set_read_timeout(Some(left + READ_SLACK))
+                    .is_err()
+                {
+                    self.die();
+                    return Err(CallError::Down);
+                }
+                rx.timeout = Some(left + READ_SLACK);
+            }
+            let (id, reply) = match wire::read_frame(&mut rx.r) {
+                Ok(Some(Frame::Ok { id })) => (id, Reply::Ok),
+                Ok(Some(Frame::Data { id, data })) => (id, Reply::Data(data)),
+                Ok(Some(Frame::Error { id, code, message })) => {
+                    (id, Reply::Error { code, message })
+                }
+                Ok(Some(other)) => {
+                    tracing::warn!(node = %self.node, frame = ?other, "unexpected frame from replica: dropping the link");
+                    self.die();
+                    return Err(CallError::Down);
+                }
+                Ok(None) => {
+                    self.die();
+                    return Err(CallError::Down);
+                }
+                Err(WireError::Io(e))
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    self.die();
+                    return Err(CallError::Timeout);
+                }
+                Err(e) => {
+                    if !self.pending.lock().dead {
+                        tracing::info!(node = %self.node, error = %e, "replica link lost");
+                    }
+                    self.die();
+                    return Err(CallError::Down);
+                }
+            };
+            if id == mine {
+                self.pending.lock().waiters.remove(&id);
+                return finish(Ok(reply));
+            }
+            let waiter = self.pending.lock().waiters.remove(&id);
+            match waiter {
+                Some(w) => {
+                    let _ = w.send(Msg::Reply(Ok(reply)));
+                }
+                // A waiter that gave up (its deadline passed) before its reply came.
+                None if id < self.next_id.load(Ordering::Relaxed) => {}
+                None => {
+                    tracing::warn!(node = %self.node, id, "reply to a request never sent: dropping the link");
+                    self.die();
+                    return Err(CallError::Down);
+                }
+            }
+        }
+    }
+
+    /// After a reader stepped down: if nobody reads and someone waits,
+    /// tell a waiter to read. Under the pending lock, so a waiter that
+    /// leaves ([`Ticket`]'s drop) either is not picked or finds the word.
+    fn hand_over(&self) {
+        let p = self.pending.lock();
+        if p.dead || p.waiters.is_empty() || self.rx.is_locked() {
+            return;
+        }
+        for w in p.waiters.values() {
+            if w.send(Msg::Lead).is_ok() {
+                return;
+            }
+        }
     }
 
     /// Write one frame made of `parts`, in as few syscalls as the socket
@@ -115,8 +230,6 @@ pub struct Link {
     node: String,
     addr: SocketAddr,
     shared: Arc<Shared>,
-    next_id: AtomicU64,
-    threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for Link {
@@ -193,74 +306,68 @@ impl Link {
         stream.set_read_timeout(None).map_err(io_err)?;
 
         let shared = Arc::new(Shared {
+            node: node.to_string(),
             stream: stream.try_clone().map_err(io_err)?,
             pending: Mutex::new(Pending {
                 dead: false,
                 waiters: HashMap::new(),
             }),
             tx: Mutex::new(stream.try_clone().map_err(io_err)?),
+            rx: Mutex::new(Rx {
+                r: BufReader::with_capacity(256 << 10, stream),
+                timeout: None,
+            }),
+            next_id: AtomicU64::new(1),
         });
-        let reader = {
-            let shared = shared.clone();
-            let node = node.to_string();
-            std::thread::Builder::new()
-                .name(format!("repl-rx-{node}"))
-                .spawn(move || read_loop(&shared, stream, &node))
-                .map_err(io_err)?
-        };
         Ok(Link {
             node: node.to_string(),
             addr,
             shared,
-            next_id: AtomicU64::new(1),
-            threads: Mutex::new(vec![reader]),
         })
     }
 
-    /// Send a request; the receiver gets its reply.
-    pub fn submit(&self, req: Request) -> Result<Receiver<Result<Reply, LinkDown>>, LinkDown> {
+    /// Send a request; the ticket waits for its reply.
+    pub fn submit(&self, req: Request) -> Result<Ticket, LinkDown> {
         self.submit_with(|id| Frame::Request { id, req }.encode())
     }
 
     /// Send a request encoded by `encode` for the id it is given.
-    pub fn submit_with(
-        &self,
-        encode: impl FnOnce(u64) -> Vec<u8>,
-    ) -> Result<Receiver<Result<Reply, LinkDown>>, LinkDown> {
-        let (id, rx) = self.expect_reply()?;
-        self.shared.send(&[&encode(id)])?;
-        Ok(rx)
+    pub fn submit_with(&self, encode: impl FnOnce(u64) -> Vec<u8>) -> Result<Ticket, LinkDown> {
+        let ticket = self.expect_reply()?;
+        self.shared.send(&[&encode(ticket.id)])?;
+        Ok(ticket)
     }
 
     /// Send a Write request of `data` at `offset`, straight from `data`.
-    pub fn submit_write(
-        &self,
-        offset: u64,
-        data: &[u8],
-    ) -> Result<Receiver<Result<Reply, LinkDown>>, LinkDown> {
-        let (id, rx) = self.expect_reply()?;
-        let header = wire::write_header(id, offset, data.len());
+    pub fn submit_write(&self, offset: u64, data: &[u8]) -> Result<Ticket, LinkDown> {
+        let ticket = self.expect_reply()?;
+        let header = wire::write_header(ticket.id, offset, data.len());
         self.shared.send(&[&header, data])?;
-        Ok(rx)
+        Ok(ticket)
     }
 
-    /// A new id and the receiver of its reply (registered before the
+    /// A new id and the ticket of its reply (registered before the
     /// request is sent, as the reply may come at once).
-    fn expect_reply(&self) -> Result<(u64, Receiver<Result<Reply, LinkDown>>), LinkDown> {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = crossbeam_channel::bounded(1);
+    fn expect_reply(&self) -> Result<Ticket, LinkDown> {
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = crossbeam_channel::unbounded();
         let mut p = self.shared.pending.lock();
         if p.dead {
             return Err(LinkDown);
         }
         p.waiters.insert(id, tx);
-        Ok((id, rx))
+        Ok(Ticket {
+            id,
+            rx,
+            shared: self.shared.clone(),
+        })
     }
 
     /// Send a request and wait for its reply until `deadline`.
     pub fn call(&self, req: Request, deadline: Instant) -> Result<Reply, CallError> {
-        let rx = self.submit(req).map_err(|LinkDown| CallError::Down)?;
-        wait(&rx, deadline)
+        self.submit(req)
+            .map_err(|LinkDown| CallError::Down)?
+            .wait(deadline)
     }
 
     /// Drop the connection; every waiter gets [`LinkDown`]. Idempotent.
@@ -268,13 +375,9 @@ impl Link {
         self.shared.die();
     }
 
-    /// Kill and wait for the link's threads.
+    /// Kill the link (its waiters return at once).
     pub fn close(&self) {
         self.kill();
-        let threads = std::mem::take(&mut *self.threads.lock());
-        for t in threads {
-            let _ = t.join();
-        }
     }
 }
 
@@ -284,46 +387,219 @@ impl Drop for Link {
     }
 }
 
-/// Wait for a submitted request's reply until `deadline`.
-pub fn wait(rx: &Receiver<Result<Reply, LinkDown>>, deadline: Instant) -> Result<Reply, CallError> {
-    match rx.recv_deadline(deadline) {
-        Ok(Ok(Reply::Error { code, message })) => Err(CallError::Refused { code, message }),
-        Ok(Ok(reply)) => Ok(reply),
-        Ok(Err(LinkDown)) => Err(CallError::Down),
-        Err(crossbeam_channel::RecvTimeoutError::Timeout) => Err(CallError::Timeout),
-        Err(crossbeam_channel::RecvTimeoutError::Disconnected) => Err(CallError::Down),
-    }
+/// A submitted request's claim on its reply.
+pub struct Ticket {
+    id: u64,
+    rx: Receiver<Msg>,
+    shared: Arc<Shared>,
 }
 
-fn read_loop(shared: &Shared, stream: TcpStream, node: &str) {
-    let mut r = BufReader::with_capacity(256 << 10, stream);
-    loop {
-        let (id, reply) = match wire::read_frame(&mut r) {
-            Ok(Some(Frame::Ok { id })) => (id, Reply::Ok),
-            Ok(Some(Frame::Data { id, data })) => (id, Reply::Data(data)),
-            Ok(Some(Frame::Error { id, code, message })) => (id, Reply::Error { code, message }),
-            Ok(Some(other)) => {
-                tracing::warn!(node, frame = ?other, "unexpected frame from replica: dropping the link");
-                break;
+impl Ticket {
+    /// Wait for the reply until `deadline`, reading the link when nobody
+    /// else does.
+    pub fn wait(self, deadline: Instant) -> Result<Reply, CallError> {
+        loop {
+            match self.rx.try_recv() {
+                Ok(Msg::Reply(r)) => return finish(r),
+                Ok(Msg::Lead) | Err(TryRecvError::Empty) => {}
+                Err(TryRecvError::Disconnected) => return Err(CallError::Down),
             }
-            Ok(None) => break,
-            Err(e) => {
-                if !shared.pending.lock().dead {
-                    tracing::info!(node, error = %e, "replica link lost");
+            if let Some(mut rx) = self.shared.rx.try_lock() {
+                // The reply may have been handed over before the lock came,
+                // behind words to read (only the reader hands replies over,
+                // so none comes now).
+                let mut got = None;
+                while let Ok(m) = self.rx.try_recv() {
+                    if let Msg::Reply(r) = m {
+                        got = Some(r);
+                    }
                 }
-                break;
+                if let Some(r) = got {
+                    drop(rx);
+                    self.shared.hand_over();
+                    return finish(r);
+                }
+                let res = self.shared.read_until(&mut rx, self.id, deadline);
+                drop(rx);
+                self.shared.hand_over();
+                return res;
             }
-        };
-        let waiter = shared.pending.lock().waiters.remove(&id);
-        match waiter {
-            Some(w) => {
-                let _ = w.send(Ok(reply));
-            }
-            None => {
-                tracing::warn!(node, id, "reply to an unknown request: dropping the link");
-                break;
+            match self.rx.recv_deadline(deadline) {
+                Ok(Msg::Reply(r)) => return finish(r),
+                Ok(Msg::Lead) => {}
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                    return Err(CallError::Timeout)
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                    return Err(CallError::Down)
+                }
             }
         }
     }
-    shared.die();
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        // Leave the waiters, then pass on a word to read that came for us
+        // (hand_over sends it under the pending lock, so none comes later).
+        self.shared.pending.lock().waiters.remove(&self.id);
+        let mut lead = false;
+        while let Ok(m) = self.rx.try_recv() {
+            lead |= matches!(m, Msg::Lead);
+        }
+        if lead {
+            self.shared.hand_over();
+        }
+    }
+}
+
+fn finish(r: Result<Reply, LinkDown>) -> Result<Reply, CallError> {
+    match r {
+        Ok(Reply::Error { code, message }) => Err(CallError::Refused { code, message }),
+        Ok(reply) => Ok(reply),
+        Err(LinkDown) => Err(CallError::Down),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::ThinParams;
+    use std::net::TcpListener;
+
+    /// A peer that says HelloOk as `node`, then reads `batch` requests at a
+    /// time and answers each batch in reverse order (a Data frame of the
+    /// request's id for reads, Ok otherwise); with `batch` 0 it never
+    /// answers.
+    fn peer(node: &'static str, batch: usize) -> SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let (s, _) = l.accept().unwrap();
+            let mut r = BufReader::new(&s);
+            assert!(matches!(
+                wire::read_frame(&mut r),
+                Ok(Some(Frame::Hello(_)))
+            ));
+            let ok = Frame::HelloOk {
+                version: PROTOCOL_VERSION,
+                node: node.into(),
+            };
+            wire::write_frame(&mut &s, &ok).unwrap();
+            let mut held = Vec::new();
+            while let Ok(Some(Frame::Request { id, req })) = wire::read_frame(&mut r) {
+                held.push((id, req));
+                if batch == 0 || held.len() < batch {
+                    continue;
+                }
+                for (id, req) in held.drain(..).rev() {
+                    let reply = match req {
+                        Request::Read { .. } => Frame::Data {
+                            id,
+                            data: id.to_be_bytes().to_vec(),
+                        },
+                        _ => Frame::Ok { id },
+                    };
+                    if wire::write_frame(&mut &s, &reply).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        addr
+    }
+
+    fn connect(addr: SocketAddr) -> Link {
+        let params = ThinParams {
+            size: 1 << 20,
+            block_size: 4096,
+        };
+        let hello = Hello::new("0123456789abcdef0123456789abcdef", 1, "a", params);
+        let t = Duration::from_secs(10);
+        Link::connect("b", addr, &hello, t, t).unwrap()
+    }
+
+    #[test]
+    fn waiters_read_for_each_other_and_each_gets_its_own_reply() {
+        // Eight threads, replies in reverse order of a batch of eight:
+        // whoever reads must hand the others theirs, and pass the
+        // reading on when its own came.
+        let link = Arc::new(connect(peer("b", 8)));
+        let rounds = 50;
+        std::thread::scope(|scope| {
+            for _ in 0..8 {
+                let link = link.clone();
+                scope.spawn(move || {
+                    for _ in 0..rounds {
+                        let t = link.submit(Request::Read { offset: 0, len: 8 }).unwrap();
+                        let id = t.id;
+                        let deadline = Instant::now() + Duration::from_secs(20);
+                        match t.wait(deadline) {
+                            Ok(Reply::Data(d)) => assert_eq!(d, id.to_be_bytes()),
+                            other => panic!("request {id}: {other:?}"),
+                        }
+                    }
+                });
+            }
+        });
+        assert!(!link.shared.pending.lock().dead);
+        assert!(link.shared.pending.lock().waiters.is_empty());
+    }
+
+    #[test]
+    fn a_lone_request_reads_its_own_reply() {
+        let link = connect(peer("b", 1));
+        for _ in 0..100 {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            assert!(matches!(link.call(Request::Flush, deadline), Ok(Reply::Ok)));
+        }
+    }
+
+    #[test]
+    fn a_reader_past_its_deadline_kills_the_link_and_fails_the_others() {
+        let link = connect(peer("b", 0));
+        // Sent, but not waited for yet: the call below is the one reading.
+        let other = link.submit(Request::Flush).unwrap();
+        let t0 = Instant::now();
+        let res = link.call(Request::Flush, Instant::now() + Duration::from_millis(300));
+        assert!(matches!(res, Err(CallError::Timeout)), "{res:?}");
+        assert!(
+            t0.elapsed() >= Duration::from_millis(300),
+            "timed out early"
+        );
+        // The other request, far from its deadline, learns the link is down.
+        let res = other.wait(Instant::now() + Duration::from_secs(60));
+        assert!(matches!(res, Err(CallError::Down)), "{res:?}");
+        assert!(matches!(link.submit(Request::Flush), Err(LinkDown)));
+    }
+
+    #[test]
+    fn a_reply_queued_behind_words_to_read_is_found() {
+        // Two readers that stepped down both told this waiter to read, and
+        // a third handed it its reply: it must not read the link for it.
+        let link = connect(peer("b", 0));
+        let t = link.submit(Request::Flush).unwrap();
+        {
+            let p = link.shared.pending.lock();
+            let w = &p.waiters[&t.id];
+            w.send(Msg::Lead).unwrap();
+            w.send(Msg::Lead).unwrap();
+            w.send(Msg::Reply(Ok(Reply::Ok))).unwrap();
+        }
+        let res = t.wait(Instant::now() + Duration::from_secs(60));
+        assert!(matches!(res, Ok(Reply::Ok)), "{res:?}");
+        assert!(!link.shared.pending.lock().dead);
+    }
+
+    #[test]
+    fn a_peer_of_another_name_is_refused() {
+        let params = ThinParams {
+            size: 1 << 20,
+            block_size: 4096,
+        };
+        let hello = Hello::new("0123456789abcdef0123456789abcdef", 1, "a", params);
+        let t = Duration::from_secs(10);
+        let err = Link::connect("b", peer("c", 1), &hello, t, t).unwrap_err();
+        assert!(err.to_string().contains("not \"b\""), "{err}");
+    }
 }

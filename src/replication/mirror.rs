@@ -11,7 +11,7 @@
 //! a state store that cannot record a failure: no acknowledgement leaves
 //! without every in-sync replica holding the write or a recorded Outdated.
 
-use super::link::{self, CallError, Link, Reply};
+use super::link::{CallError, Link, Reply};
 use super::local::{check_volume_id, LocalReplica};
 use super::ranges::RangeLocks;
 use super::state::{unit_span, ReplicaStatus, Route, Track, UNIT};
@@ -636,7 +636,7 @@ impl Inner {
         let mut failed = Vec::new();
         for (i, epoch, in_sync, rx) in remote {
             let res = match rx {
-                Some(rx) => link::wait(&rx, deadline),
+                Some(rx) => rx.wait(deadline),
                 None => Err(CallError::Down),
             };
             match res {
@@ -722,7 +722,7 @@ impl Inner {
         let mut failed = Vec::new();
         for (i, epoch, in_sync, taken, rx) in remote {
             let res = match rx {
-                Some(rx) => link::wait(&rx, deadline),
+                Some(rx) => rx.wait(deadline),
                 None => Err(CallError::Down),
             };
             match res {
@@ -1136,7 +1136,7 @@ impl Inner {
             pending.push(rx);
         }
         for rx in pending {
-            match link::wait(&rx, deadline)? {
+            match rx.wait(deadline)? {
                 Reply::Ok => {}
                 _ => return Err(CallError::Unexpected),
             }
