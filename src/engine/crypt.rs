@@ -711,6 +711,10 @@ impl BlockEngine for CryptEngine {
     fn begin_passthrough(&self) -> Option<File> {
         None
     }
+
+    fn io_parallelism(&self) -> usize {
+        self.inner.io_parallelism()
+    }
 }
 
 /// Whether `buf` is all zeros (vectorizable; ciphertext fails at once).

@@ -49,4 +49,13 @@ pub trait BlockEngine: Send + Sync {
     }
     /// Passthrough is over: take back what the kernel wrote. Idempotent.
     fn end_passthrough(&self) {}
+    /// How many requests the export should have in flight at once: an
+    /// engine whose IO waits on the network (a round trip to a replica)
+    /// needs more than one that waits on local memory and disks.
+    fn io_parallelism(&self) -> usize {
+        DEFAULT_IO_PARALLELISM
+    }
 }
+
+/// [`BlockEngine::io_parallelism`] of an engine on local files.
+pub const DEFAULT_IO_PARALLELISM: usize = 4;

@@ -186,6 +186,9 @@ impl BlockEngine for PriorityEngine {
     fn end_passthrough(&self) {
         self.inner.end_passthrough()
     }
+    fn io_parallelism(&self) -> usize {
+        self.inner.io_parallelism()
+    }
 }
 
 #[cfg(test)]

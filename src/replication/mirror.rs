@@ -66,6 +66,9 @@ pub struct MirrorConfig {
     pub io_timeout: Duration,
 }
 
+/// [`BlockEngine::io_parallelism`] of a mirror with a replica elsewhere.
+const REMOTE_IO_PARALLELISM: usize = 16;
+
 enum Endpoint {
     Local(Arc<LocalReplica>),
     Remote(SocketAddr),
@@ -1192,6 +1195,15 @@ impl BlockEngine for Mirror {
 
     fn discard(&self, offset: u64, len: u64) -> Result<(), EngineError> {
         self.inner.replicate(offset, WriteOp::Discard(len))
+    }
+
+    /// Each write waits a network round trip: more in flight hide it.
+    fn io_parallelism(&self) -> usize {
+        if self.inner.replicas.iter().all(Replica::is_local) {
+            crate::engine::DEFAULT_IO_PARALLELISM
+        } else {
+            REMOTE_IO_PARALLELISM
+        }
     }
 }
 

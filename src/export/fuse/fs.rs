@@ -23,6 +23,8 @@ const PASSTHROUGH_FH: FileHandle = FileHandle(1);
 const TTL: Duration = Duration::from_secs(3600);
 /// Largest request we ask the kernel for (also bounds the read buffer).
 const MAX_IO: u32 = 1 << 20;
+/// Background requests (async direct IO) the kernel lets in flight.
+const MAX_BACKGROUND: u16 = 64;
 
 thread_local! {
     static READ_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
@@ -160,6 +162,11 @@ impl Filesystem for ImageFs {
                 "the kernel's FUSE lacks async direct IO: expect queue depth 1"
             );
         }
+        // The loop device's direct IO arrives as background requests, which
+        // the kernel caps at 12 in flight by default: fewer than a volume
+        // that waits on replicas has threads.
+        let _ = config.set_max_background(MAX_BACKGROUND);
+        let _ = config.set_congestion_threshold(MAX_BACKGROUND * 3 / 4);
         if self.passthrough {
             // Depth 2: the data dir may itself be on a stacked fs (overlayfs).
             let granted = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()

@@ -22,11 +22,12 @@ use std::sync::Arc;
 
 /// Name of the image file inside the FUSE mount.
 pub const IMAGE: &str = "image";
-/// FUSE worker threads per volume. They share one `/dev/fuse` descriptor
-/// (no per-thread clones): requests read through a clone die with it, while
-/// those read through the shared one are kept by the keeper's copy and
-/// resent after a crash.
-const FUSE_THREADS: usize = 4;
+/// FUSE worker threads per volume: the engine's
+/// [`BlockEngine::io_parallelism`], at most this many. They share one
+/// `/dev/fuse` descriptor (no per-thread clones): requests read through a
+/// clone die with it, while those read through the shared one are kept by
+/// the keeper's copy and resent after a crash.
+const MAX_FUSE_THREADS: usize = 32;
 /// Logical block size of the loop device: filesystems are made with 4 KiB
 /// blocks, and it keeps every request 4 KiB aligned.
 const LOOP_BLOCK_SIZE: u32 = 4096;
@@ -53,10 +54,10 @@ pub struct FuseLoopExport {
     device: PathBuf,
 }
 
-fn session_config() -> Config {
+fn session_config(engine: &dyn BlockEngine) -> Config {
     let mut config = Config::default();
     config.acl = SessionACL::Owner;
-    config.n_threads = Some(FUSE_THREADS);
+    config.n_threads = Some(engine.io_parallelism().clamp(1, MAX_FUSE_THREADS));
     config.clone_fd = false;
     config
 }
@@ -98,15 +99,11 @@ impl FuseLoopExport {
         let held = dev
             .try_clone()
             .map_err(|e| ExportError::io("duplicate the /dev/fuse descriptor", e))?;
+        let config = session_config(&*engine);
         let image = fs::ImageFs::new(engine, passthrough, status);
         // The kernel sent INIT when it mounted: fuser's handshake answers it.
-        let session = Session::from_fd(
-            image,
-            OwnedFd::from(dev),
-            SessionACL::Owner,
-            session_config(),
-        )
-        .map_err(|e| ExportError::io("answer the FUSE INIT", e))?;
+        let session = Session::from_fd(image, OwnedFd::from(dev), SessionACL::Owner, config)
+            .map_err(|e| ExportError::io("answer the FUSE INIT", e))?;
         this.session = Some(
             session
                 .spawn()
@@ -160,6 +157,7 @@ impl FuseLoopExport {
         };
         let dev = File::from(dev);
         let status = Arc::new(fs::Status::default());
+        let config = session_config(&*engine);
         let image = fs::ImageFs::resumed(
             engine.clone(),
             handover.passthrough_granted,
@@ -181,7 +179,7 @@ impl FuseLoopExport {
             .write_all(&sys::fuse::synthetic_init(offered.bits(), RESUME_READAHEAD))
             .map_err(|e| ExportError::io("feed the resume handshake", e))?;
         let slot = theirs.as_raw_fd();
-        let session = Session::from_fd(image, theirs, SessionACL::Owner, session_config())
+        let session = Session::from_fd(image, theirs, SessionACL::Owner, config)
             .map_err(|e| ExportError::io("resume handshake", e))?;
         drop(ours);
         // The session has not started: no thread uses `slot` yet.
