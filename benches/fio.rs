@@ -236,6 +236,14 @@ fn main() -> ExitCode {
     }
 }
 
+/// CPU seconds used so far by all of `pids` (none without them).
+fn servers_cpu(pids: &[u32]) -> Option<f64> {
+    if pids.is_empty() {
+        return None;
+    }
+    pids.iter().map(|&p| cpu_seconds(p)).sum()
+}
+
 fn results_target(infos: &[report::TargetInfo], k: Kind) -> Option<&report::TargetInfo> {
     infos.iter().find(|t| t.name == k.name())
 }
@@ -766,11 +774,11 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
                     None
                 };
                 let timeout = Duration::from_secs(o.runtime + o.ramp + 120);
-                let cpu0 = t.server_pid.and_then(cpu_seconds);
+                let cpu0 = servers_cpu(&t.server_pids);
                 let t0 = Instant::now();
                 let res = job::run_fio(&job::job_file(p.id), &params, timeout);
                 let wall = t0.elapsed().as_secs_f64();
-                let cpu1 = t.server_pid.and_then(cpu_seconds);
+                let cpu1 = servers_cpu(&t.server_pids);
                 if let (Some(at_start), Some(setup), Some(df)) =
                     (shared0, snap_setup.as_mut(), df.as_ref())
                 {
@@ -985,7 +993,7 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
     }
     if needs(Server::Cluster) {
         notes.push(format!(
-            "{} and {} keep every replica on this host (each node's data directory on the same backing filesystem) and replicate over veth pairs, so they measure dunnage's replication path (a round trip to each replica per write), not a network; compare them with {}, the same engine path with one copy",
+            "{} and {} keep every replica on this host (each node's data directory on the same backing filesystem) and replicate over veth pairs, so they measure dunnage's replication path (a round trip to each replica per write), not a network; compare them with {}, the same engine path with one copy. Their server CPU is all three nodes' daemons together: every replica's work shares this host's cores with the primary and fio",
         Kind::DunnageRepl2.name(),
         Kind::DunnageRepl3.name(),
         Kind::DunnageEngine.name()

@@ -427,6 +427,84 @@ fn repl3_survives_any_one_node(mode: Mode) {
 }
 
 // ---------------------------------------------------------------------------------------
+// c2. the attached node's daemon is killed and started again: the volume stays
+// ---------------------------------------------------------------------------------------
+
+/// kill -9 of the daemon that has a repl=2 volume attached, under a writer:
+/// the device stays (the FUSE keeper holds it), IO waits for the new daemon,
+/// which takes the attach back under a new generation and reopens the
+/// replica links. Every acknowledged write is there, on both replicas; the
+/// other node still cannot attach the volume. On loopback only: the network
+/// plays no part in it.
+#[test]
+fn attached_daemon_kill9_resumes_in_place() {
+    let mut c = Cluster::start(Mode::Loopback, 2);
+    let vol = "resume";
+    c.create(0, vol, 2, "128M", &[]);
+    let dev = c.attach_on(0, vol);
+    let generation0 = c.cluster_info(0, vol)["generation"]
+        .as_u64()
+        .expect("an attached volume shows its generation");
+    write_blocks(&BlockDev::open(&dev), 0..256, 1);
+
+    // A writer across the crash: each write returns only when both replicas
+    // hold it (or fails, which the test reports).
+    let written = Arc::new(Mutex::new(0u64));
+    let writer = {
+        let (dev, written) = (dev.clone(), written.clone());
+        thread::spawn(move || {
+            let d = BlockDev::open(&dev);
+            for i in 256..1024u64 {
+                d.write_block(i, &block_data(i, 2))
+                    .map_err(|e| format!("write block {i}: {e}"))?;
+                if i % 32 == 31 {
+                    d.sync()
+                        .map_err(|e| format!("fdatasync at block {i}: {e}"))?;
+                    *written.lock().unwrap() = i + 1;
+                }
+                // Spread the writes over the crash and the restart.
+                thread::sleep(Duration::from_millis(2));
+            }
+            d.sync().map_err(|e| format!("final fdatasync: {e}"))?;
+            Ok::<(), String>(())
+        })
+    };
+    eventually("the writer to get going", || {
+        *written.lock().unwrap() >= 320
+    });
+    c.kill9(0);
+    thread::sleep(Duration::from_millis(300));
+    c.start_again(0);
+    writer
+        .join()
+        .unwrap()
+        .unwrap_or_else(|e| panic!("IO across the daemon's restart failed: {e}\n{}", c.logs()));
+
+    let d = BlockDev::open(&dev);
+    verify_blocks(&d, 0..256, 1);
+    verify_blocks(&d, 256..1024, 2);
+    drop(d);
+    let info = c.cluster_info(0, vol);
+    assert_eq!(info["attached_on"], "n1", "{info}");
+    let generation1 = info["generation"].as_u64().unwrap_or(0);
+    assert!(
+        generation1 > generation0,
+        "the restarted daemon attached under a new generation (was {generation0}): {info}"
+    );
+    c.resync_on(0, vol, RESYNC_TIMEOUT_SECS);
+    assert_all_in_sync(&c, 0, vol, "after the attached daemon's restart");
+    let err = c.cli_err(1, &["attach", vol]);
+    assert!(
+        err.contains("n1"),
+        "attach on n2 should name the holder n1: {err}"
+    );
+    c.detach_on(0, vol);
+    assert_checksums_equal(&c, &[0, 1], vol);
+    c.remove(0, vol);
+    c.shutdown();
+}
+
+// ---------------------------------------------------------------------------------------
 // d. a resync sends only the blocks written while the replica was away
 // ---------------------------------------------------------------------------------------
 

@@ -32,8 +32,10 @@ pub struct Target {
     pub kind: Kind,
     pub dev: PathBuf,
     pub info: DeviceInfo,
-    /// The user-space server behind the device (none for the limit).
-    pub server_pid: Option<u32>,
+    /// The user-space servers behind the device, whose CPU the results
+    /// count: none for the limit, every node's daemon for a replicated
+    /// volume (its replicas' work runs on the same cores here).
+    pub server_pids: Vec<u32>,
     /// Which path served IO, for the dunnage targets.
     pub io_path: Option<IoPath>,
 }
@@ -245,7 +247,7 @@ fn loop_target(kind: Kind, file: &Path, td: &mut Teardown) -> Result<Target> {
         kind,
         dev,
         info,
-        server_pid: None,
+        server_pids: Vec::new(),
         io_path: None,
     })
 }
@@ -308,7 +310,7 @@ pub fn peer(root: &Path, size: u64, log: &Path, td: &mut Teardown) -> Result<(Ta
         Ok(())
     });
     let mut t = loop_target(Kind::Peer, &mnt, td)?;
-    t.server_pid = Some(pid);
+    t.server_pids = vec![pid];
     Ok((t, pid))
 }
 
@@ -470,7 +472,9 @@ pub fn dunnage_repl(c: &Cluster, kind: Kind, size: u64, td: &mut Teardown) -> Re
     if placed != nodes {
         bail!("{vol}: replicas on {placed:?}, not {nodes:?}");
     }
-    attach(d, kind, vol, td)
+    let mut t = attach(d, kind, vol, td)?;
+    t.server_pids = c.nodes.iter().map(Dunnage::pid).collect();
+    Ok(t)
 }
 
 /// The volume name of a dunnage target, which daemon `d` can serve.
@@ -539,7 +543,7 @@ fn attach(d: &Dunnage, kind: Kind, vol: &'static str, td: &mut Teardown) -> Resu
         kind,
         dev,
         info,
-        server_pid: Some(d.pid()),
+        server_pids: vec![d.pid()],
         io_path,
     })
 }
