@@ -43,7 +43,7 @@ fmt:
     cargo fmt --all
 
 # fio side by side: kernel loop (limit), qemu-storage-daemon (peer), dunnage; plus control-plane
-# and memory figures. `just bench quick` takes ~6 min, the full run ~35 min. Results in target/bench/.
+# and memory figures. `just bench quick` takes ~8 min, the full run ~45 min. Results in target/bench/.
 bench *ARGS:
     scripts/install-deps.sh
     scripts/kernel-prep.sh

@@ -87,8 +87,8 @@ use targets::{Kind, Target};
 const USAGE: &str = "\
 usage: cargo bench --bench fio -- [quick] [options]     (or: just bench [quick] [options])
 
-  quick             one round of 5 s jobs on 512 MiB devices (about 6 minutes)
-                    (default: 3 rounds of 15 s jobs on 2 GiB devices, about 35 minutes)
+  quick             one round of 5 s jobs on 512 MiB devices (about 8 minutes)
+                    (default: 3 rounds of 15 s jobs on 2 GiB devices, about 45 minutes)
   --dir PATH        put the backing files on the filesystem holding PATH
                     (default: a tmpfs that the bench mounts under /tmp)
   --rounds N        rounds per profile (the figure is the median)

@@ -261,7 +261,7 @@ impl Link {
         };
         let io_err = |e: std::io::Error| link_err(WireError::Io(e));
         let stream = TcpStream::connect_timeout(&addr, timeout).map_err(io_err)?;
-        stream.set_nodelay(true).map_err(io_err)?;
+        wire::tune_socket(&stream).map_err(io_err)?;
         stream.set_read_timeout(Some(handshake)).map_err(io_err)?;
         // A peer that stops reading must not stall the writer forever.
         stream.set_write_timeout(Some(timeout)).map_err(io_err)?;

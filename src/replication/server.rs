@@ -198,7 +198,10 @@ fn serve_conn(inner: &Inner, stream: TcpStream, peer: Option<SocketAddr>) {
     if inner.stop.load(Ordering::SeqCst) {
         return;
     }
-    let _ = stream.set_nodelay(true);
+    if let Err(e) = wire::tune_socket(&stream) {
+        tracing::warn!(?peer, error = %e, "cannot set up a replica link's socket");
+        return;
+    }
     let _ = stream.set_read_timeout(Some(HELLO_TIMEOUT));
     let hello: Hello = match wire::read_frame(&mut &stream) {
         Ok(Some(Frame::Hello(h))) => h,

@@ -353,6 +353,25 @@ pub fn data_header(id: u64, len: usize) -> [u8; 13] {
     b
 }
 
+/// Idle time before a replica link's first keepalive probe, the time
+/// between probes, and how many may go unanswered: a peer that vanished
+/// without a FIN or RST (power loss, a pulled cable) is dropped after
+/// about 20 s even when no IO is waiting on the link.
+const KEEPALIVE_IDLE: std::time::Duration = std::time::Duration::from_secs(10);
+const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
+const KEEPALIVE_PROBES: u32 = 5;
+
+/// Set up a replica link's socket (both ends): no Nagle delay (every frame
+/// is waited for), and TCP keepalive.
+pub fn tune_socket(stream: &std::net::TcpStream) -> io::Result<()> {
+    stream.set_nodelay(true)?;
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_PROBES);
+    socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive)
+}
+
 /// Read one frame. `Ok(None)` on a clean end of stream before a frame.
 pub fn read_frame(r: &mut impl Read) -> Result<Option<Frame>, WireError> {
     read_frame_reusing(r, &mut Vec::new())
@@ -774,5 +793,18 @@ mod tests {
             read_frame_reusing(&mut &cut[..cut.len() - 1], &mut spare),
             Err(WireError::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof
         ));
+    }
+
+    #[test]
+    fn link_sockets_have_keepalive_and_no_delay() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let s = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        tune_socket(&s).unwrap();
+        let r = socket2::SockRef::from(&s);
+        assert!(r.keepalive().unwrap());
+        assert_eq!(r.tcp_keepalive_time().unwrap(), KEEPALIVE_IDLE);
+        assert_eq!(r.tcp_keepalive_interval().unwrap(), KEEPALIVE_INTERVAL);
+        assert_eq!(r.tcp_keepalive_retries().unwrap(), KEEPALIVE_PROBES);
+        assert!(s.nodelay().unwrap());
     }
 }
