@@ -1,6 +1,7 @@
 //! Replication across nodes with etcd, under faults: a replica killed under
 //! fio, the attached node cut off mid-write (fencing), any one of three nodes
-//! lost, a resync that sends only what changed, membership and placement.
+//! lost, the attached node's daemon killed and restarted, a diskless attach,
+//! a resync that sends only what changed, membership and placement.
 //!
 //! Every scenario runs twice: on a private veth network, each daemon in a
 //! network namespace of its own with etcd in a hub namespace (a cut-off pulls
@@ -500,6 +501,64 @@ fn attached_daemon_kill9_resumes_in_place() {
     );
     c.detach_on(0, vol);
     assert_checksums_equal(&c, &[0, 1], vol);
+    c.remove(0, vol);
+    c.shutdown();
+}
+
+// ---------------------------------------------------------------------------------------
+// c3. diskless attach: a node with no replica serves the volume over the network
+// ---------------------------------------------------------------------------------------
+
+/// A repl=2 volume on n1 and n2, attached on n3, which holds no replica (as
+/// in LINSTOR): its writes reach both replicas, its reads come back over the
+/// network, and the data is the same when the volume moves to n1. On
+/// loopback only: the network's kind plays no part in it.
+#[test]
+fn diskless_attach_reads_and_writes_over_the_network() {
+    let c = Cluster::start(Mode::Loopback, 3);
+    let vol = "diskless";
+    c.create(0, vol, 2, "128M", &[("nodes", "n1,n2")]);
+    assert_eq!(c.placement(2, vol), ["n1", "n2"]);
+    let dev = c.attach_on(2, vol);
+    wait_all_in_sync(&c, 2, vol);
+    let info = c.cluster_info(2, vol);
+    assert_eq!(info["attached_on"], "n3", "{info}");
+    for r in info["replicas"].as_array().expect("replicas") {
+        assert_eq!(r["local"], false, "n3 holds no replica: {r}");
+        assert_eq!(r["connected"], true, "{r}");
+    }
+    // Spread over the volume, with a few multi-block writes.
+    let d = BlockDev::open(&dev);
+    let blocks = |seed: u64| (0..512u64).map(move |b| (b * 61 + seed) % 32_768);
+    write_blocks(&d, blocks(0), 7);
+    let run: Vec<u8> = (0..8u64).flat_map(|i| block_data(1000 + i, 8)).collect();
+    d.write_at(1000 * BLOCK as u64, &run)
+        .expect("a 32 KiB write");
+    d.sync().expect("fdatasync");
+    verify_blocks(&d, blocks(0), 7);
+    assert_eq!(
+        d.read_at(1000 * BLOCK as u64, run.len())
+            .expect("a 32 KiB read"),
+        run
+    );
+    drop(d);
+    c.detach_on(2, vol);
+    assert_checksums_equal(&c, &[0, 1], vol);
+    let err = c.cli_err(2, &["replica", "checksum", vol]);
+    assert!(
+        err.contains("holds no replica") && err.contains("n1, n2"),
+        "replica checksum on n3: {err}"
+    );
+
+    let dev = c.attach_on(0, vol);
+    let d = BlockDev::open(&dev);
+    verify_blocks(&d, blocks(0), 7);
+    assert_eq!(
+        d.read_at(1000 * BLOCK as u64, run.len()).expect("read"),
+        run
+    );
+    drop(d);
+    c.detach_on(0, vol);
     c.remove(0, vol);
     c.shutdown();
 }
