@@ -73,10 +73,10 @@ pub fn command_in(ns: Option<&str>, program: &str) -> Command {
 }
 
 /// Runs a command to completion with a time limit; panics if it hangs.
-fn output(mut cmd: Command, timeout: Duration) -> Output {
+/// (The tests' `common::run_with_timeout`: this file also serves the bench.)
+pub fn run_with_timeout(mut cmd: Command, timeout: Duration) -> Output {
     let desc = format!("{cmd:?}");
     let mut child = cmd
-        .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -115,8 +115,8 @@ fn output(mut cmd: Command, timeout: Duration) -> Output {
 /// Runs `program args...` (in `ns` if given) and panics unless it succeeds.
 fn run_ok(ns: Option<&str>, program: &str, args: &[&str]) -> String {
     let mut cmd = command_in(ns, program);
-    cmd.args(args);
-    let out = output(cmd, CMD_TIMEOUT);
+    cmd.args(args).stdin(Stdio::null());
+    let out = run_with_timeout(cmd, CMD_TIMEOUT);
     assert!(
         out.status.success(),
         "{program} {args:?} (netns {ns:?}) failed ({}): {}",
@@ -541,7 +541,8 @@ impl Etcd {
             "endpoint",
             "health",
         ]);
-        output(cmd, CMD_TIMEOUT).status.success()
+        cmd.stdin(Stdio::null());
+        run_with_timeout(cmd, CMD_TIMEOUT).status.success()
     }
 
     /// The etcd child's pid (nsenter execs, so it is etcd's own).
