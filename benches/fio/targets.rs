@@ -319,18 +319,7 @@ pub fn dunnage(d: &Dunnage, kind: Kind, size: u64, td: &mut Teardown) -> Result<
     let vol = volume_of(d, kind)?;
     // Passthrough is a volume's choice; the engine-path daemon
     // (--fuse-passthrough off) overrides it.
-    d.cli(&[
-        "volume",
-        "create",
-        vol,
-        "-o",
-        &size_opt(size),
-        "-o",
-        "fs=none",
-        "-o",
-        "passthrough=true",
-    ])?;
-    push_rm(d, vol, td);
+    create_raw(d, vol, size, &["passthrough=true"], td)?;
     attach(d, kind, vol, td)
 }
 
@@ -443,20 +432,8 @@ pub fn dunnage_repl(c: &Cluster, kind: Kind, size: u64, td: &mut Teardown) -> Re
     let vol = volume_of(d, kind)?;
     let n = kind.replicas();
     let nodes: Vec<String> = (1..=n).map(|i| format!("n{i}")).collect();
-    d.cli(&[
-        "volume",
-        "create",
-        vol,
-        "-o",
-        &size_opt(size),
-        "-o",
-        "fs=none",
-        "-o",
-        &format!("repl={n}"),
-        "-o",
-        &format!("nodes={}", nodes.join(",")),
-    ])?;
-    push_rm(d, vol, td);
+    let (repl, placed_on) = (format!("repl={n}"), format!("nodes={}", nodes.join(",")));
+    create_raw(d, vol, size, &[&repl, &placed_on], td)?;
     let out = d.cli(&["volume", "inspect", vol])?;
     let v: Value = serde_json::from_str(&out)
         .with_context(|| format!("`dunnage volume inspect {vol}` is not JSON"))?;
@@ -489,6 +466,25 @@ fn volume_of(d: &Dunnage, kind: Kind) -> Result<&'static str> {
     }
     kind.volume()
         .with_context(|| format!("{} is not a dunnage volume", kind.name()))
+}
+
+/// `dunnage volume create VOL -o size=SIZE -o fs=none [-o OPT]...` on `d`;
+/// the volume is removed at teardown.
+fn create_raw(
+    d: &Dunnage,
+    vol: &'static str,
+    size: u64,
+    opts: &[&str],
+    td: &mut Teardown,
+) -> Result<()> {
+    let size = size_opt(size);
+    let mut args = vec!["volume", "create", vol, "-o", &size, "-o", "fs=none"];
+    for o in opts {
+        args.extend(["-o", o]);
+    }
+    d.cli(&args)?;
+    push_rm(d, vol, td);
+    Ok(())
 }
 
 fn size_opt(size: u64) -> String {
@@ -698,16 +694,7 @@ pub fn dunnage_snaps(d: &Dunnage, size: u64, td: &mut Teardown) -> Result<(Targe
     let kind = Kind::DunnageSnaps;
     let vol = volume_of(d, kind)?;
     let t0 = Instant::now();
-    d.cli(&[
-        "volume",
-        "create",
-        vol,
-        "-o",
-        &size_opt(size),
-        "-o",
-        "fs=none",
-    ])?;
-    push_rm(d, vol, td);
+    create_raw(d, vol, size, &[], td)?;
     let fill_timeout = Duration::from_secs(120 + (size >> 20) / 20);
     let dev = attach_dev(d, vol)?;
     let prefill = job::run_fio(

@@ -374,16 +374,11 @@ impl Link {
     pub fn kill(&self) {
         self.shared.die();
     }
-
-    /// Kill the link (its waiters return at once).
-    pub fn close(&self) {
-        self.kill();
-    }
 }
 
 impl Drop for Link {
     fn drop(&mut self) {
-        self.close();
+        self.kill();
     }
 }
 

@@ -420,7 +420,7 @@ impl Mirror {
         for r in &self.inner.replicas {
             let link = r.cell.lock().link.take();
             if let Some(l) = link {
-                l.close();
+                l.kill();
             }
         }
     }
@@ -905,7 +905,7 @@ impl Inner {
         let mut cell = r.cell.lock();
         if self.is_closed() {
             drop(cell);
-            link.close();
+            link.kill();
             return Err(Stop::Done);
         }
         cell.link = Some(link);
