@@ -72,6 +72,15 @@ impl Node {
         );
     }
 
+    /// A node whose replica directory is inside `parent`.
+    fn new_in(name: &str, parent: &std::path::Path) -> Node {
+        let mut node = Node::new(name);
+        node.stop();
+        node.dir = tempfile::tempdir_in(parent).unwrap();
+        node.restart();
+        node
+    }
+
     fn peer(&self, state: ReplicaState) -> PeerSpec {
         PeerSpec {
             node: self.name.clone(),
@@ -86,6 +95,50 @@ impl Node {
 
     fn checksum(&self) -> String {
         self.replicas.checksum(VOL, PARAMS).unwrap()
+    }
+}
+
+/// A tmpfs of a given size on a temporary directory: a disk that fills up.
+struct SmallFs {
+    dir: Option<tempfile::TempDir>,
+}
+
+impl SmallFs {
+    fn new(size: u64) -> SmallFs {
+        let dir = tempfile::tempdir().unwrap();
+        let data = format!("size={size}");
+        nix::mount::mount(
+            Some("tmpfs"),
+            dir.path(),
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some(data.as_str()),
+        )
+        .expect("mount a tmpfs (tests run as root)");
+        SmallFs { dir: Some(dir) }
+    }
+
+    fn path(&self) -> &std::path::Path {
+        self.dir.as_ref().unwrap().path()
+    }
+
+    fn resize(&self, size: u64) {
+        let data = format!("size={size}");
+        nix::mount::mount(
+            None::<&str>,
+            self.path(),
+            None::<&str>,
+            nix::mount::MsFlags::MS_REMOUNT,
+            Some(data.as_str()),
+        )
+        .unwrap();
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(self.path(), nix::mount::MntFlags::MNT_DETACH);
+        drop(self.dir.take());
     }
 }
 
@@ -732,4 +785,90 @@ fn another_protocol_version_is_refused() {
             ..
         })
     ));
+}
+
+#[test]
+fn a_failing_local_disk_is_detached_and_resynced_while_peers_carry_on() {
+    // Node a's disk holds 8 MiB: a's writes fail (ENOSPC) past that.
+    let small = SmallFs::new(8 * MIB);
+    let a = Node::new_in("a", small.path());
+    let b = Node::new("b");
+    let states = FakeStates::new();
+    let m = Mirror::open(config(
+        "a",
+        1,
+        Some(a.local()),
+        ReplicaState::InSync,
+        vec![b.peer(ReplicaState::InSync)],
+        states.clone(),
+    ))
+    .unwrap();
+
+    let chunk = MIB as usize;
+    let total = 32 * MIB;
+    for k in 0..total / MIB {
+        m.write_at(&pattern(500 + k, chunk), k * MIB)
+            .expect("writes go on with the peer when the local disk fails");
+        if k % 8 == 7 {
+            m.flush().expect("flushes go on with the peer");
+        }
+    }
+    // Detached and recorded outdated (its thread may be retrying a resync
+    // already, which fails while the disk is full).
+    let sa = status_of(&m, "a");
+    assert_ne!(sa.state, ReplicaState::InSync, "{sa:?}");
+    assert_eq!(
+        states.recorded_for("a").first(),
+        Some(&ReplicaState::Outdated)
+    );
+    assert!(states.recorded_for("b").is_empty());
+    // Reads come from b now: all of it, also what a never got.
+    for k in 0..total / MIB {
+        assert_eq!(
+            read_vec(&*m, k * MIB, chunk),
+            pattern(500 + k, chunk),
+            "MiB {k}"
+        );
+    }
+
+    // The disk gets room: a is reattached and resynced in the background.
+    small.resize(256 * MIB);
+    wait_in_sync(&m, "a");
+    m.write_at(&pattern(9, chunk), 40 * MIB).unwrap();
+    m.flush().unwrap();
+    assert_eq!(a.checksum(), b.checksum(), "a resynced from b");
+    assert_eq!(states.recorded_for("a").last(), Some(&ReplicaState::InSync));
+    m.close();
+}
+
+#[test]
+fn a_local_disk_error_without_an_in_sync_peer_fails_the_io_and_keeps_the_replica() {
+    let small = SmallFs::new(4 * MIB);
+    let a = Node::new_in("a", small.path());
+    let b = Node::new("b");
+    let states = FakeStates::new();
+    // b is outdated: a alone holds the volume.
+    let m = Mirror::open(config(
+        "a",
+        1,
+        Some(a.local()),
+        ReplicaState::InSync,
+        vec![b.peer(ReplicaState::Outdated)],
+        states.clone(),
+    ))
+    .unwrap();
+    m.write_at(&pattern(1, MIB as usize), 0).unwrap();
+    let mut failed = false;
+    for k in 1..16 {
+        if m.write_at(&pattern(1 + k, MIB as usize), k * MIB).is_err() {
+            failed = true;
+            break;
+        }
+    }
+    assert!(failed, "a full disk fails a write");
+    // a stays the volume's replica: what it holds is still read.
+    assert_eq!(status_of(&m, "a").state, ReplicaState::InSync);
+    assert_eq!(read_vec(&*m, 0, MIB as usize), pattern(1, MIB as usize));
+    assert!(states.recorded_for("a").is_empty());
+    m.close();
 }

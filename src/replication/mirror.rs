@@ -546,6 +546,10 @@ impl Inner {
                 Some(e) if cell.track.lost(e) => cell.link.take(),
                 _ => None,
             };
+            if r.is_local() && cell.track.disk_failed() {
+                tracing::error!(volume = %self.volume, node = %r.node,
+                    "local replica detached after a disk error: IO goes on with the peers");
+            }
             (cell.track.needs_outdated_record(), dropped)
         };
         if let Some(link) = dropped {
@@ -633,7 +637,7 @@ impl Inner {
             match res {
                 Ok(()) => held_in_sync += usize::from(in_sync),
                 Err(e @ ReplicationError::Fenced { .. }) => fenced = Some(e.to_string()),
-                Err(e) => local_err = Some(e),
+                Err(e) => local_err = Some((i, e)),
             }
         }
         let mut failed = Vec::new();
@@ -675,13 +679,32 @@ impl Inner {
         for i in record {
             self.replica_failed(i, None, |_| {})?;
         }
-        if let Some(e) = local_err {
-            return Err(self.local_error(e));
+        if let Some((i, e)) = local_err {
+            self.local_failed(i, e, held_in_sync, |t| t.mark_dirty(offset, len))?;
         }
         if held_in_sync == 0 {
             return Err(self.error("no in-sync replica holds the write"));
         }
         Ok(())
+    }
+
+    /// The local replica `i` failed an IO with `e` (not fencing). With an
+    /// in-sync peer holding the IO (`held_in_sync`), detach it (`mark`
+    /// what it missed) and go on, as DRBD does on a disk error; its thread
+    /// reattaches and resyncs it. Alone, the error is the IO's.
+    fn local_failed(
+        &self,
+        i: usize,
+        e: ReplicationError,
+        held_in_sync: usize,
+        mark: impl FnOnce(&mut Track),
+    ) -> Result<(), EngineError> {
+        if held_in_sync == 0 || matches!(e, ReplicationError::Fenced { .. }) {
+            return Err(self.local_error(e));
+        }
+        tracing::error!(volume = %self.volume, node = %self.replicas[i].node, error = %e,
+            "IO on the local replica failed");
+        self.replica_failed(i, None, mark)
     }
 
     fn flush(&self) -> Result<(), EngineError> {
@@ -719,7 +742,7 @@ impl Inner {
             match self.local(i).expect("local").flush(self.generation) {
                 Ok(()) => held_in_sync += usize::from(in_sync),
                 Err(e @ ReplicationError::Fenced { .. }) => fenced = Some(e.to_string()),
-                Err(e) => local_err = Some(e),
+                Err(e) => local_err = Some((i, e)),
             }
         }
         let mut failed = Vec::new();
@@ -748,8 +771,9 @@ impl Inner {
                 }
             })?;
         }
-        if let Some(e) = local_err {
-            return Err(self.local_error(e));
+        if let Some((i, e)) = local_err {
+            // A failed sync may have lost any write since the last one.
+            self.local_failed(i, e, held_in_sync, Track::mark_all_dirty)?;
         }
         if held_in_sync == 0 {
             return Err(self.error("no in-sync replica completed the flush"));
@@ -790,9 +814,18 @@ impl Inner {
                 (cell.track.epoch(), cell.link.clone())
             };
             if let Endpoint::Local(l) = &r.endpoint {
-                return l
-                    .read_at(self.generation, buf, offset)
-                    .map_err(|e| ReadError::Engine(self.local_error(e)));
+                let e = match l.read_at(self.generation, buf, offset) {
+                    Ok(()) => return Ok(()),
+                    Err(e) => e,
+                };
+                let others =
+                    self.replicas.iter().enumerate().any(|(j, o)| {
+                        j != i && Some(j) != exclude && o.cell.lock().track.readable()
+                    });
+                let len = buf.len() as u64;
+                self.local_failed(i, e, usize::from(others), |t| t.mark_dirty(offset, len))
+                    .map_err(ReadError::Engine)?;
+                continue;
             }
             let Some(link) = link else { continue };
             match self.read_remote(&link, buf, offset) {
@@ -882,6 +915,12 @@ impl Inner {
     fn reconnect(&self, i: usize) -> Result<(), Stop> {
         let r = &self.replicas[i];
         let Endpoint::Remote(addr) = r.endpoint else {
+            // A detached local disk: try it again (resync tells).
+            let mut cell = r.cell.lock();
+            if !cell.track.connected() && !self.is_closed() {
+                cell.track.connect();
+                tracing::info!(volume = %self.volume, node = %r.node, "local replica reattached");
+            }
             return Ok(());
         };
         let link = match Link::connect(

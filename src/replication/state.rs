@@ -437,6 +437,23 @@ impl Track {
         true
     }
 
+    /// The local replica's disk failed an IO: it takes no more IO until
+    /// reattached ([`Track::connect`]) and resynced, as DRBD detaches a
+    /// failing disk. Returns whether this detached it (false for a remote
+    /// replica, or one already detached).
+    pub fn disk_failed(&mut self) -> bool {
+        if self.unflushed.is_some() || !self.connected {
+            return false;
+        }
+        self.connected = false;
+        true
+    }
+
+    /// Everything is missed (a failed sync may have lost any write).
+    pub fn mark_all_dirty(&mut self) {
+        self.dirty.mark_all();
+    }
+
     /// Whether the replica is gone (not connected) but not yet recorded
     /// Outdated: nothing may be acknowledged before that record.
     pub fn needs_outdated_record(&self) -> bool {
@@ -702,7 +719,32 @@ mod tests {
     }
 
     #[test]
-    fn local_replica_is_always_connected() {
+    fn local_replica_detaches_on_a_disk_error_until_reattached() {
+        let mut t = Track::new(ReplicaState::InSync, 8 * UNIT, false);
+        assert!(t.disk_failed());
+        assert!(!t.disk_failed(), "already detached");
+        assert!(!t.readable() && !t.receives_writes());
+        assert!(t.needs_outdated_record());
+        assert_eq!(t.route(UNIT, 10), Route::Record);
+        t.recorded(ReplicaState::Outdated);
+        assert_eq!(t.route(3 * UNIT, 10), Route::Skip);
+        assert_eq!(t.dirty().count(), 2);
+        t.mark_all_dirty();
+        assert_eq!(t.dirty().count(), 8);
+        t.connect();
+        assert!(
+            t.connected() && !t.readable(),
+            "back, but behind until resynced"
+        );
+        // A remote replica loses links, never its disk.
+        let mut r = Track::new(ReplicaState::InSync, 8 * UNIT, true);
+        r.connect();
+        assert!(!r.disk_failed());
+        assert!(r.connected());
+    }
+
+    #[test]
+    fn local_replica_has_no_link_to_lose() {
         let mut t = Track::new(ReplicaState::InSync, 8 * UNIT, false);
         assert!(t.readable());
         assert_eq!(t.route(0, 4096), Route::Send { epoch: 0 });
