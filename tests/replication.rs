@@ -845,9 +845,10 @@ fn a_failing_local_disk_is_detached_and_resynced_while_peers_carry_on() {
 fn a_local_disk_error_without_an_in_sync_peer_fails_the_io_and_keeps_the_replica() {
     let small = SmallFs::new(4 * MIB);
     let a = Node::new_in("a", small.path());
-    let b = Node::new("b");
+    let mut b = Node::new("b");
+    // b is outdated and down (so it cannot catch up): a alone holds the volume.
+    b.stop();
     let states = FakeStates::new();
-    // b is outdated: a alone holds the volume.
     let m = Mirror::open(config(
         "a",
         1,
