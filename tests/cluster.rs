@@ -516,6 +516,23 @@ fn attached_daemon_kill9_resumes_in_place() {
 #[test]
 fn diskless_attach_reads_and_writes_over_the_network() {
     let c = Cluster::start(Mode::Loopback, 3);
+    // Without a cluster key (--secret-file) nothing can be encrypted.
+    let err = c.cli_err(
+        0,
+        &[
+            "volume",
+            "create",
+            "nokey",
+            "-o",
+            "repl=2",
+            "-o",
+            "secure=true",
+        ],
+    );
+    assert!(
+        err.contains("secure") && err.contains("n1") && err.contains("--secret-file"),
+        "secure without a cluster key: {err}"
+    );
     let vol = "diskless";
     c.create(0, vol, 2, "128M", &[("nodes", "n1,n2")]);
     assert_eq!(c.placement(2, vol), ["n1", "n2"]);
@@ -871,4 +888,145 @@ fn cluster_net_smoke() {
         tables_before,
         "nft tables in the root namespace changed"
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// Encryption in a cluster: the cluster's key (every node's --secret-file)
+// ---------------------------------------------------------------------------------------
+
+/// Every file under `dir`, recursively.
+fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).expect("read dir") {
+        let path = entry.expect("dir entry").path();
+        if path.is_dir() {
+            out.extend(files_under(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
+
+#[test]
+fn encrypted_volume_moves_between_nodes_sharing_the_cluster_key() {
+    let keys = tempfile::tempdir().expect("tempdir");
+    let (shared, other) = (
+        keys.path().join("cluster.key"),
+        keys.path().join("other.key"),
+    );
+    let passphrase = "the cluster's passphrase, for this test only";
+    std::fs::write(&shared, passphrase).expect("write key");
+    std::fs::write(&other, "a passphrase no other node has").expect("write key");
+    // n3 was started with another key file.
+    let key_for = |i: usize| if i == 2 { &other } else { &shared };
+    let c = Cluster::start_with(Mode::Loopback, 3, |i| {
+        vec!["--secret-file".into(), key_for(i).display().to_string()]
+    });
+    let vol = "sealed";
+
+    // A volume's own key would have to be kept somewhere: refused.
+    let err = c.cli_err(
+        0,
+        &[
+            "volume",
+            "create",
+            "own",
+            "-o",
+            "repl=2",
+            "-o",
+            "fs=none",
+            "-o",
+            "secure=true",
+            "-o",
+            "secret_key=abcdefgh",
+        ],
+    );
+    assert!(
+        err.contains("secret_key") && err.contains("--secret-file"),
+        "own key in a cluster: {err}"
+    );
+    assert!(!c.volume_names(0).contains(&"own".to_string()));
+
+    c.create(0, vol, 2, "64M", &[("nodes", "n1,n2"), ("secure", "true")]);
+    assert_eq!(c.inspect_on(2, vol)["encrypted"], true);
+    const MARKER: &[u8] = b"DUNNAGE-CLUSTER-MARKER:";
+    let block: Vec<u8> = MARKER.iter().copied().cycle().take(BLOCK).collect();
+    let indexes: Vec<u64> = (0..256u64).map(|b| b * 7).collect();
+
+    let dev = c.attach_on(0, vol);
+    let d = BlockDev::open(&dev);
+    for &b in &indexes {
+        d.write_block(b, &block).expect("write");
+    }
+    d.sync().expect("fdatasync");
+    drop(d);
+    c.detach_on(0, vol);
+    assert_checksums_equal(&c, &[0, 1], vol);
+
+    // The replicas hold ciphertext only (and hold data), on both nodes.
+    for i in [0, 1] {
+        let mut data_bytes = 0usize;
+        for f in files_under(&c.node(i).data_dir.join("volumes")) {
+            let bytes = std::fs::read(&f).expect("read replica file");
+            assert!(
+                !bytes.windows(MARKER.len()).any(|w| w == MARKER),
+                "{} on {} holds plaintext",
+                f.display(),
+                c.name(i)
+            );
+            data_bytes += bytes.iter().filter(|&&b| b != 0).count();
+        }
+        assert!(
+            data_bytes >= indexes.len() * BLOCK / 2,
+            "{}: {data_bytes} bytes",
+            c.name(i)
+        );
+    }
+
+    // n2 has the same key: it reads the volume back.
+    let dev = c.attach_on(1, vol);
+    let d = BlockDev::open(&dev);
+    for &b in &indexes {
+        assert_eq!(d.read_block(b).expect("read"), block, "block {b} on n2");
+    }
+    assert_eq!(
+        d.read_block(3).expect("read"),
+        vec![0; BLOCK],
+        "never written"
+    );
+    drop(d);
+    c.detach_on(1, vol);
+
+    // n3's key is another: refused before any IO, saying what to do.
+    let err = c.cli_err(2, &["attach", vol]);
+    assert!(
+        err.contains(vol) && err.contains("n3") && err.contains("same --secret-file"),
+        "attach on n3: {err}"
+    );
+    assert_eq!(c.cluster_info(0, vol)["attached_on"], Value::Null);
+    // Nor is there a key of its own to unlock.
+    let shared_path = shared.display().to_string();
+    let err = c.cli_err(0, &["volume", "unlock", vol, "--key-file", &shared_path]);
+    assert!(err.contains("cluster's key"), "unlock: {err}");
+
+    // etcd holds the parameters, never the passphrase.
+    let dump = common::run_with_timeout(
+        {
+            let mut cmd = Command::new(netns::ETCDCTL);
+            cmd.args(["--endpoints", &c.etcd.client_url, "get", "--prefix", ""]);
+            cmd
+        },
+        Duration::from_secs(30),
+    );
+    assert!(dump.status.success(), "etcdctl get");
+    let dump = String::from_utf8_lossy(&dump.stdout);
+    assert!(
+        dump.contains("key_check"),
+        "the catalog keeps the parameters: {dump}"
+    );
+    assert!(!dump.contains(passphrase));
+
+    c.remove(0, vol);
+    c.shutdown();
 }

@@ -184,6 +184,7 @@ fn record(name: &str) -> VolumeRecord {
         formatted: false,
         clone_of: None,
         replicas: vec!["a".into(), "b".into()],
+        crypt: None,
     }
 }
 

@@ -165,6 +165,7 @@ mod tests {
             formatted: false,
             clone_of: None,
             replicas: Vec::new(),
+            crypt: None,
         }
     }
 

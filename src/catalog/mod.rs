@@ -36,6 +36,11 @@ pub struct VolumeRecord {
     /// the only copy is local).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub replicas: Vec<String>,
+    /// An encrypted cluster volume's parameters (salt, key check value:
+    /// nothing secret), kept with the volume so that any node can attach
+    /// it. A single node's volumes keep theirs in the image's `crypt` file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crypt: Option<Box<crate::engine::CryptParams>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

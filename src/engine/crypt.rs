@@ -515,9 +515,12 @@ fn decrypt_units(xts: &XtsAes256, buf: &mut [u8], unit: usize, first: u64) {
     }
 }
 
-/// An encrypted view of a [`ThinImage`]. See the module doc.
+/// An encrypted view of a [`ThinImage`], or of another engine (a
+/// cluster's mirror) whose parameters are kept elsewhere. See the module doc.
 pub struct CryptEngine {
-    inner: Arc<ThinImage>,
+    inner: Arc<dyn BlockEngine>,
+    /// `inner` when it is a thin image.
+    image: Option<Arc<ThinImage>>,
     xts: XtsAes256,
     params: CryptParams,
 }
@@ -525,7 +528,7 @@ pub struct CryptEngine {
 impl std::fmt::Debug for CryptEngine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CryptEngine")
-            .field("image", &self.inner)
+            .field("image", &self.image)
             .field("cipher", &self.params.cipher)
             .field("iterations", &self.params.iterations)
             .finish_non_exhaustive()
@@ -536,6 +539,17 @@ impl std::fmt::Debug for CryptEngine {
 /// against its key check value.
 fn unlock(dir: &Path, secret: &Secret) -> Result<(CryptParams, DerivedKeys), EngineError> {
     let params = CryptParams::load(dir)?;
+    let keys = unlock_params(&params, secret, dir)?;
+    Ok((params, keys))
+}
+
+/// Derive the keys of `params` from `secret`, checking them against its key
+/// check value (`from` names where the parameters are kept, for errors).
+fn unlock_params(
+    params: &CryptParams,
+    secret: &Secret,
+    from: &Path,
+) -> Result<DerivedKeys, EngineError> {
     check_secret(secret)?;
     let keys = derive_keys(secret, &params.salt, params.iterations);
     // Constant time: the comparison reveals nothing of the MAC.
@@ -544,9 +558,31 @@ fn unlock(dir: &Path, secret: &Secret) -> Result<(CryptParams, DerivedKeys), Eng
         .is_err()
     {
         return Err(EngineError::WrongKey {
-            path: dir.to_path_buf(),
+            path: from.to_path_buf(),
         });
     }
+    Ok(keys)
+}
+
+/// New parameters for `secret`: a random salt, its key check value.
+fn fresh_params(
+    secret: &Secret,
+    iterations: u32,
+) -> Result<(CryptParams, DerivedKeys), EngineError> {
+    check_iterations(iterations).map_err(EngineError::InvalidParams)?;
+    check_secret(secret)?;
+    let mut salt = [0u8; 32];
+    rand::rng().fill_bytes(&mut salt);
+    let keys = derive_keys(secret, &salt, iterations);
+    let params = CryptParams {
+        version: FORMAT_VERSION,
+        cipher: CIPHER.into(),
+        kdf: KDF.into(),
+        iterations,
+        salt,
+        data_unit_size: UNIT as u32,
+        key_check: key_check_mac(&keys).finalize().into_bytes().into(),
+    };
     Ok((params, keys))
 }
 
@@ -569,8 +605,6 @@ impl CryptEngine {
         secret: &Secret,
         iterations: u32,
     ) -> Result<CryptEngine, EngineError> {
-        check_iterations(iterations).map_err(EngineError::InvalidParams)?;
-        check_secret(secret)?;
         let path = dir.join(CRYPT_FILE);
         if path.try_exists().map_err(|source| EngineError::Io {
             op: "stat",
@@ -588,24 +622,54 @@ impl CryptEngine {
                 "only a new, empty image can be encrypted: this one holds data".into(),
             ));
         }
-        let mut salt = [0u8; 32];
-        rand::rng().fill_bytes(&mut salt);
-        let keys = derive_keys(secret, &salt, iterations);
-        let params = CryptParams {
-            version: FORMAT_VERSION,
-            cipher: CIPHER.into(),
-            kdf: KDF.into(),
-            iterations,
-            salt,
-            data_unit_size: UNIT as u32,
-            key_check: key_check_mac(&keys).finalize().into_bytes().into(),
-        };
+        let (params, keys) = fresh_params(secret, iterations)?;
         params.store(dir)?;
-        Ok(CryptEngine {
-            inner: image,
+        Ok(CryptEngine::with_keys(
+            image.clone(),
+            Some(image),
+            params,
+            &keys,
+        ))
+    }
+
+    fn with_keys(
+        inner: Arc<dyn BlockEngine>,
+        image: Option<Arc<ThinImage>>,
+        params: CryptParams,
+        keys: &DerivedKeys,
+    ) -> CryptEngine {
+        CryptEngine {
+            inner,
+            image,
             xts: XtsAes256::new(keys[..64].try_into().expect("64 bytes of XTS keys")),
             params,
-        })
+        }
+    }
+
+    /// Parameters for a new volume encrypted with `secret` whose parameters
+    /// are kept apart from its data (a cluster's catalog): see
+    /// [`CryptEngine::over`].
+    pub fn new_params(secret: &Secret) -> Result<CryptParams, EngineError> {
+        fresh_params(secret, DEFAULT_ITERATIONS).map(|(params, _)| params)
+    }
+
+    /// Encrypt whatever `inner` is (a cluster's mirror) with `params` kept
+    /// elsewhere (`from` names where, for errors). A wrong key is
+    /// [`EngineError::WrongKey`], before any IO.
+    pub fn over(
+        inner: Arc<dyn BlockEngine>,
+        params: CryptParams,
+        secret: &Secret,
+        from: &Path,
+    ) -> Result<CryptEngine, EngineError> {
+        params
+            .validate()
+            .map_err(|reason| EngineError::BadCryptParams {
+                path: from.to_path_buf(),
+                reason,
+            })?;
+        let keys = unlock_params(&params, secret, from)?;
+        Ok(CryptEngine::with_keys(inner, None, params, &keys))
     }
 
     /// Open the encrypted `image` in `dir` (its directory) with `secret`:
@@ -617,11 +681,12 @@ impl CryptEngine {
         secret: &Secret,
     ) -> Result<CryptEngine, EngineError> {
         let (params, keys) = unlock(dir, secret)?;
-        Ok(CryptEngine {
-            inner: image,
-            xts: XtsAes256::new(keys[..64].try_into().expect("64 bytes of XTS keys")),
+        Ok(CryptEngine::with_keys(
+            image.clone(),
+            Some(image),
             params,
-        })
+            &keys,
+        ))
     }
 
     /// Whether `secret` is the key of the encrypted image in `dir`, without
@@ -635,9 +700,9 @@ impl CryptEngine {
         &self.params
     }
 
-    /// The image underneath (ciphertext).
-    pub fn image(&self) -> &Arc<ThinImage> {
-        &self.inner
+    /// The image underneath (ciphertext), when it is a thin image.
+    pub fn image(&self) -> Option<&Arc<ThinImage>> {
+        self.image.as_ref()
     }
 
     /// Whole units, within the device.
@@ -952,7 +1017,7 @@ mod tests {
         check(&engine);
         // The image holds ciphertext, not the plaintext.
         let mut raw = vec![0u8; 4096];
-        engine.image().read_at(&mut raw, 0).unwrap();
+        engine.image().unwrap().read_at(&mut raw, 0).unwrap();
         assert_ne!(raw, a);
         engine.flush().unwrap();
         let engine = reopen(dir.path(), engine, &secret());
@@ -968,7 +1033,7 @@ mod tests {
         let (dir, engine) = new_crypt(4 * MIB, 32 << 10);
         let v1 = pattern(1, 256 << 10);
         engine.write_at(&v1, 0).unwrap();
-        engine.image().snapshot("s").unwrap();
+        engine.image().unwrap().snapshot("s").unwrap();
         engine.write_at(&pattern(2, 4096), 8192).unwrap();
         // A clone: its own directory, the base's crypt file copied.
         let cdir = tempfile::tempdir().unwrap();
@@ -1146,7 +1211,7 @@ mod tests {
     #[test]
     fn missing_or_damaged_crypt_file_is_refused() {
         let (dir, engine) = new_crypt(16 * MIB, 32 << 10);
-        let image = engine.image().clone();
+        let image = engine.image().unwrap().clone();
         let good = std::fs::read_to_string(dir.path().join(CRYPT_FILE)).unwrap();
         drop(engine);
         let open = || CryptEngine::open(image.clone(), dir.path(), &secret()).unwrap_err();
@@ -1216,13 +1281,13 @@ mod tests {
         misaligned(engine.discard(4096, 100));
         misaligned(engine.discard(2048, 4096));
         // Nothing was written by the refused writes.
-        assert_eq!(engine.image().usage().allocated_blocks, 0);
+        assert_eq!(engine.image().unwrap().usage().allocated_blocks, 0);
         assert!(matches!(
             engine.write_at(&buf, 16 * MIB - 4096),
             Err(EngineError::OutOfRange { .. })
         ));
         assert!(engine.begin_passthrough().is_none());
-        assert!(!engine.image().is_passthrough());
+        assert!(!engine.image().unwrap().is_passthrough());
     }
 
     #[test]

@@ -11,7 +11,8 @@ use crate::volume::snapshots::TakeSnapshot;
 use actix::prelude::*;
 use std::collections::BTreeMap;
 
-/// What a Create leads to.
+/// What a Create leads to. One per Create, moved once: its size is no cost.
+#[allow(clippy::large_enum_variant)]
 pub enum Created {
     Done(VolumeInfo),
     /// A clone to make: its record (id chosen) and its parent's.
@@ -93,6 +94,7 @@ impl Registry {
             options: opts,
             formatted: source.formatted,
             replicas: Vec::new(),
+            crypt: None,
         };
         Ok(Created::Clone { record, source })
     }

@@ -7,6 +7,7 @@ use crate::catalog::{new_volume_id, VolumeRecord};
 use crate::cluster::placement::{place, PlacementRequest};
 use crate::cluster::{ClusterError, Member};
 use crate::config::ClusterNode;
+use crate::engine::CryptEngine;
 use crate::spec::{SpecError, VolumeSpec};
 use crate::volume::replicated::{self as vr, ClusterView};
 use actix::prelude::*;
@@ -34,8 +35,6 @@ impl Registry {
     ) -> Reply<Created> {
         let unsupported = if spec.parent.is_some() {
             Some("parent")
-        } else if spec.secure {
-            Some("secure")
         } else if spec.snap.is_some() {
             Some("snap_interval/snap_schedule")
         } else {
@@ -49,13 +48,37 @@ impl Registry {
                     .find(|(k, _)| option.contains(k.as_str()))
                     .map(|(_, v)| v.clone())
                     .unwrap_or_default(),
-                reason: "not available for volumes in a cluster yet (snapshots, clones and encryption are single-node features for now)".into(),
+                reason: "not available for volumes in a cluster yet (snapshots, clones and schedules are single-node features for now)".into(),
             }
             .into());
         }
         if let Some(existing) = self.node.catalog.get(name) {
             return Ok(Created::Done(self.info(existing)));
         }
+        // Encrypted with the cluster's key: every node that may attach the
+        // volume needs it, and it is stored nowhere.
+        let crypt = if spec.secure {
+            let Some(key) = self.node.keys.node_key() else {
+                return Err(SpecError::Value {
+                    option: "secure".into(),
+                    value: "true".into(),
+                    reason: format!(
+                        "a cluster encrypts with the key of every node's --secret-file, and node {} was started without one; start every node's dunnage serve with the same --secret-file",
+                        c.cluster.node()
+                    ),
+                }
+                .into());
+            };
+            Some(Box::new(CryptEngine::new_params(&key).map_err(
+                |source| RegistryError::Create {
+                    volume: name.to_string(),
+                    node: self.node.name.clone(),
+                    source,
+                },
+            )?))
+        } else {
+            None
+        };
         let members = c.cluster.members().map_err(|e| self.cluster_err(name, e))?;
         let up: Vec<String> = members
             .iter()
@@ -86,6 +109,7 @@ impl Registry {
             formatted: false,
             clone_of: None,
             replicas,
+            crypt,
         };
         c.cluster
             .init_replica_states(&record.id, &record.replicas)

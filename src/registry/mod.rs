@@ -75,7 +75,10 @@ impl RegistryError {
                 | volume::VolumeErrorKind::HasClones(_)
                 | volume::VolumeErrorKind::RestoreInUse(_)
                 | volume::VolumeErrorKind::Passthrough(_)
-                | volume::VolumeErrorKind::Locked(_) => 409,
+                | volume::VolumeErrorKind::Locked(_)
+                | volume::VolumeErrorKind::NoClusterKey
+                | volume::VolumeErrorKind::ClusterKeyed
+                | volume::VolumeErrorKind::WrongClusterKey => 409,
                 volume::VolumeErrorKind::Cluster(ref c)
                     if matches!(**c, crate::cluster::ClusterError::HeldBy { .. }) =>
                 {
@@ -177,7 +180,7 @@ impl Registry {
                 return Err(SpecError::Value {
                     option: spec::SECRET_OPTION.into(),
                     value: "(hidden)".into(),
-                    reason: "encryption is not available for volumes in a cluster yet".into(),
+                    reason: "a volume's own key is not kept in a cluster (every node that attaches the volume would need it, and it may be stored nowhere): start every node's dunnage serve with the same --secret-file and create the volume with secure=true alone".into(),
                 }
                 .into());
             }
@@ -240,6 +243,7 @@ impl Registry {
             formatted: false,
             clone_of: None,
             replicas: Vec::new(),
+            crypt: None,
         };
         let dir = self.node.volume_dir(&record.id);
         let made = std::fs::create_dir_all(&dir)
@@ -479,6 +483,9 @@ impl Handler<Unlock> for Registry {
         };
         if !record.spec.secure {
             return Err(fail(volume::VolumeErrorKind::NotEncrypted));
+        }
+        if record.crypt.is_some() {
+            return Err(fail(volume::VolumeErrorKind::ClusterKeyed));
         }
         CryptEngine::check_key(&self.node.volume_dir(&record.id), &msg.secret)
             .map_err(|e| fail(e.into()))?;

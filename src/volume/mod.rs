@@ -80,6 +80,12 @@ pub enum VolumeErrorKind {
     Mount(String),
     #[error("it is encrypted with its own key, which this daemon does not hold (it was restarted): run `dunnage volume unlock {0}` and give the key")]
     Locked(String),
+    #[error("it is encrypted with the cluster's key, and this node was started without --secret-file: start it with the same --secret-file as the other nodes")]
+    NoClusterKey,
+    #[error("it is encrypted with the cluster's key (every node's --secret-file): it has no key of its own to unlock")]
+    ClusterKeyed,
+    #[error("it is encrypted with the cluster's key, and this node's --secret-file holds another key: every node needs the same --secret-file")]
+    WrongClusterKey,
     #[error("it is not encrypted: there is nothing to unlock")]
     NotEncrypted,
     #[error("it was created with passthrough=true and is attached, so the kernel writes its data file directly and a snapshot could not be consistent; detach it (stop its containers or `dunnage detach {0}`) and try again, or turn passthrough off for its next attach: dunnage volume update {0} -o passthrough=false")]
@@ -241,7 +247,7 @@ impl VolumeActor {
     ) -> Result<Arc<dyn BlockEngine>, VolumeErrorKind> {
         let base = match backing {
             Backing::Image(image) => self.decrypted(image, spec.secure)?,
-            Backing::Mirror { mirror, .. } => mirror.clone(),
+            Backing::Mirror { mirror, .. } => self.decrypted_mirror(mirror.clone(), spec.secure)?,
         };
         Ok(Arc::new(PriorityEngine::new(
             base,
@@ -272,6 +278,39 @@ impl VolumeActor {
             Ok(c) => Ok(Arc::new(c)),
             // The node key is tried when the volume's own is unknown.
             Err(EngineError::WrongKey { .. }) => Err(VolumeErrorKind::Locked(self.name.clone())),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// A cluster volume's mirror, or the encryption layer over it with the
+    /// node's key (`--secret-file`) and the parameters in the catalog: the
+    /// replicas hold only ciphertext, and only the attached node the key.
+    fn decrypted_mirror(
+        &self,
+        mirror: Arc<crate::replication::Mirror>,
+        secure: bool,
+    ) -> Result<Arc<dyn BlockEngine>, VolumeErrorKind> {
+        if !secure {
+            return Ok(mirror);
+        }
+        let key = self
+            .node
+            .keys
+            .node_key()
+            .ok_or(VolumeErrorKind::NoClusterKey)?;
+        let record = self.record().map_err(|e| e.kind)?;
+        let from = PathBuf::from(format!("the catalog record of volume {}", self.name));
+        let Some(params) = record.crypt else {
+            return Err(EngineError::BadCryptParams {
+                path: from,
+                reason: "missing: the volume is marked secure but has no encryption parameters"
+                    .into(),
+            }
+            .into());
+        };
+        match CryptEngine::over(mirror, *params, &key, &from) {
+            Ok(c) => Ok(Arc::new(c)),
+            Err(EngineError::WrongKey { .. }) => Err(VolumeErrorKind::WrongClusterKey),
             Err(e) => Err(e.into()),
         }
     }

@@ -79,6 +79,11 @@ impl Cluster {
     /// Starts `n` nodes with [`LEASE_TTL`] and [`REPLICA_TIMEOUT`] and waits
     /// until every node sees every other one up in `node ls`.
     pub fn start(mode: Mode, n: usize) -> Cluster {
+        Cluster::start_with(mode, n, |_| Vec::new())
+    }
+
+    /// [`Cluster::start`] with more `serve` flags for node `i`: `more(i)`.
+    pub fn start_with(mode: Mode, n: usize, more: impl Fn(usize) -> Vec<String>) -> Cluster {
         super::require_host();
         let net = match mode {
             Mode::Veth => Some(Net::new(n)),
@@ -118,7 +123,10 @@ impl Cluster {
                     LEASE_TTL.to_string(),
                     "--replica-timeout".into(),
                     REPLICA_TIMEOUT.to_string(),
-                ],
+                ]
+                .into_iter()
+                .chain(more(i))
+                .collect(),
                 ..Opts::default()
             };
             nodes.push(Node {
