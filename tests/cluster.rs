@@ -443,9 +443,11 @@ fn attached_daemon_kill9_resumes_in_place() {
     let vol = "resume";
     c.create(0, vol, 2, "128M", &[]);
     let dev = c.attach_on(0, vol);
-    let generation0 = c.cluster_info(0, vol)["generation"]
+    let info = c.cluster_info(0, vol);
+    let generation0 = info["generation"]
         .as_u64()
         .expect("an attached volume shows its generation");
+    assert_eq!(info["verification"], Value::Null, "a first attach: {info}");
     write_blocks(&BlockDev::open(&dev), 0..256, 1);
 
     // A writer across the crash: each write returns only when both replicas
@@ -494,6 +496,13 @@ fn attached_daemon_kill9_resumes_in_place() {
     );
     c.resync_on(0, vol, RESYNC_TIMEOUT_SECS);
     assert_all_in_sync(&c, 0, vol, "after the attached daemon's restart");
+    // The killed daemon never released its attach: the new one compared
+    // the replicas (any write in flight at the kill reached one only).
+    c.wait_for("the replicas verified", || {
+        c.cluster_info(0, vol)["verification"]["finished"] == true
+    });
+    let v = &c.cluster_info(0, vol)["verification"];
+    assert_eq!(v["done_bytes"], 128 * MIB, "{v}");
     let err = c.cli_err(1, &["attach", vol]);
     assert!(
         err.contains("n1"),
@@ -568,6 +577,11 @@ fn diskless_attach_reads_and_writes_over_the_network() {
     );
 
     let dev = c.attach_on(0, vol);
+    assert_eq!(
+        c.cluster_info(0, vol)["verification"],
+        Value::Null,
+        "n3 released the attach: nothing to verify"
+    );
     let d = BlockDev::open(&dev);
     verify_blocks(&d, blocks(0), 7);
     assert_eq!(

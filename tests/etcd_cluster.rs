@@ -287,6 +287,13 @@ fn attach_ownership_and_fencing() {
     let g1 = a.acquire_attach(&vid, "v", Duration::ZERO).unwrap();
     assert_eq!(a.acquire_attach(&vid, "v", Duration::ZERO).unwrap(), g1);
     assert_eq!(b.attach_holder(&vid).unwrap(), Some(("a".into(), g1)));
+    // A first attach, marked once or again: nothing ended unreleased.
+    assert!(!a.mark_unreleased(&vid, g1).unwrap());
+    assert!(!a.mark_unreleased(&vid, g1).unwrap());
+    assert!(matches!(
+        b.mark_unreleased(&vid, g1 + 1000),
+        Err(ClusterError::Fenced { .. })
+    ));
     match b.acquire_attach(&vid, "v", Duration::from_secs(1)) {
         Err(e @ ClusterError::HeldBy { .. }) => {
             assert!(e.to_string().contains("attached on node a"), "{e}");
@@ -314,6 +321,7 @@ fn attach_ownership_and_fencing() {
     assert_eq!(b.attach_holder(&vid).unwrap(), None);
     let g2 = b.acquire_attach(&vid, "v", Duration::ZERO).unwrap();
     assert!(g2 > g1, "{g2} after {g1}");
+    assert!(!b.mark_unreleased(&vid, g2).unwrap(), "a released it");
 
     // The old generation is fenced, directly and through its StateStore.
     match a.set_replica_state(&vid, g1, "b", ReplicaState::InSync) {
@@ -372,6 +380,7 @@ fn a_node_cut_off_loses_its_attach_and_registers_again() {
     }));
     let vid = new_volume_id();
     let g1 = a.acquire_attach(&vid, "v", Duration::ZERO).unwrap();
+    assert!(!a.mark_unreleased(&vid, g1).unwrap());
     assert!(a.lease_alive());
 
     a.stop_keepalive();
@@ -387,6 +396,13 @@ fn a_node_cut_off_loses_its_attach_and_registers_again() {
 
     let g2 = b.acquire_attach(&vid, "v", EVENTUALLY).unwrap();
     assert!(g2 > g1, "{g2} after {g1}");
+    assert!(
+        b.mark_unreleased(&vid, g2).unwrap(),
+        "a lost its lease holding the attach: unreleased"
+    );
+    b.release_attach(&vid, g2).unwrap();
+    let g2 = b.acquire_attach(&vid, "v", Duration::ZERO).unwrap();
+    assert!(!b.mark_unreleased(&vid, g2).unwrap(), "released since");
     assert!(matches!(
         a.set_replica_state(&vid, g1, "a", ReplicaState::InSync),
         Err(ClusterError::Fenced { .. })

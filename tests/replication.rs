@@ -215,6 +215,7 @@ fn config(
         peers,
         states,
         io_timeout: IO_TIMEOUT,
+        verify: false,
     }
 }
 
@@ -871,5 +872,67 @@ fn a_local_disk_error_without_an_in_sync_peer_fails_the_io_and_keeps_the_replica
     assert_eq!(status_of(&m, "a").state, ReplicaState::InSync);
     assert_eq!(read_vec(&*m, 0, MIB as usize), pattern(1, MIB as usize));
     assert!(states.recorded_for("a").is_empty());
+    m.close();
+}
+
+#[test]
+fn replicas_that_differ_after_an_unreleased_attach_are_repaired() {
+    let nodes: Vec<Node> = ["a", "b", "c"].iter().map(|n| Node::new(n)).collect();
+    let open = |generation: Generation, verify: bool| {
+        let mut cfg = config(
+            "a",
+            generation,
+            Some(nodes[0].local()),
+            ReplicaState::InSync,
+            vec![
+                nodes[1].peer(ReplicaState::InSync),
+                nodes[2].peer(ReplicaState::InSync),
+            ],
+            FakeStates::new(),
+        );
+        cfg.verify = verify;
+        Mirror::open(cfg).unwrap()
+    };
+    let wait_verified = |m: &Mirror| {
+        wait_until("verification finished", || {
+            m.verification().is_some_and(|v| v.finished)
+        });
+        m.verification().unwrap()
+    };
+    let m = open(1, false);
+    assert_eq!(m.verification(), None);
+    m.write_at(&pattern(1, (8 * MIB) as usize), 0).unwrap();
+    m.flush().unwrap();
+    // The attach ends unreleased with writes in flight: b got one that a
+    // and c did not, c one that nobody else got.
+    m.close();
+    drop(m);
+    let b = nodes[1].local();
+    b.write_at(1, &pattern(2, 8192), 3 * MIB + 4096).unwrap();
+    let c = nodes[2].local();
+    c.write_at(1, &pattern(3, 4096), 40 * MIB).unwrap();
+    drop((b, c));
+    assert_ne!(nodes[0].checksum(), nodes[1].checksum());
+
+    let m = open(2, true);
+    let v = wait_verified(&m);
+    assert_eq!(v.done_bytes, PARAMS.size);
+    assert_eq!(v.total_bytes, PARAMS.size);
+    // One 1 MiB chunk on b, one on c.
+    assert_eq!(v.repaired_bytes, 2 * MIB);
+    let sums: Vec<String> = nodes.iter().map(Node::checksum).collect();
+    assert!(sums.iter().all(|s| *s == sums[0]), "{sums:?}");
+    // a, where reads come from, decided: the writes nobody acknowledged are gone.
+    assert_eq!(
+        read_vec(&*m, 0, (8 * MIB) as usize),
+        pattern(1, (8 * MIB) as usize)
+    );
+    assert_eq!(read_vec(&*m, 40 * MIB, 4096), vec![0; 4096]);
+    m.close();
+    drop(m);
+
+    // Equal replicas: nothing to repair.
+    let m = open(3, true);
+    assert_eq!(wait_verified(&m).repaired_bytes, 0);
     m.close();
 }

@@ -59,6 +59,11 @@ fn known_key(node: &str) -> String {
 fn attach_key(volume_id: &str) -> String {
     format!("{PREFIX}attach/{volume_id}")
 }
+/// Set while an attach holds the volume (to its generation), deleted by the
+/// release: found set by the next attach, the last one ended unreleased.
+fn unreleased_key(volume_id: &str) -> String {
+    format!("{PREFIX}unreleased/{volume_id}")
+}
 /// With the trailing slash, so that one id is never a prefix of another's keys.
 fn replicas_prefix(volume_id: &str) -> String {
     format!("{PREFIX}replicas/{volume_id}/")
@@ -765,14 +770,16 @@ impl Cluster {
         }
     }
 
-    /// Give up attach ownership, if `generation` still holds it. Releasing a
-    /// volume nobody holds is fine; one held at another generation is Fenced.
-    pub fn release_attach(
+    /// Record that the attach at `generation` (which this node holds) is
+    /// not released yet, and say whether an earlier one never was: its
+    /// node was killed or cut off, so writes it had in flight may have
+    /// reached some replicas only. Fenced if `generation` lost the attach.
+    pub fn mark_unreleased(
         &self,
         volume_id: &str,
         generation: Generation,
-    ) -> Result<(), ClusterError> {
-        let key = attach_key(volume_id);
+    ) -> Result<bool, ClusterError> {
+        let (key, mark) = (attach_key(volume_id), unreleased_key(volume_id));
         let resp = self.run(move |s| async move {
             s.txn(
                 Txn::new()
@@ -781,7 +788,47 @@ impl Cluster {
                         CompareOp::Equal,
                         generation as i64,
                     )])
-                    .and_then([TxnOp::delete(key.as_str(), None)])
+                    .and_then([
+                        TxnOp::get(mark.as_str(), None),
+                        TxnOp::put(mark.as_str(), generation.to_string(), None),
+                    ]),
+            )
+            .await
+        })?;
+        if !resp.succeeded() {
+            return Err(ClusterError::Fenced {
+                volume: volume_id.to_string(),
+                generation,
+            });
+        }
+        // Set by this very attach (taken again by the same daemon): released since.
+        let earlier = txn_kvs(&resp, 0)
+            .first()
+            .map(|kv| kv.value_str().ok() != Some(generation.to_string().as_str()));
+        Ok(earlier.unwrap_or(false))
+    }
+
+    /// Give up attach ownership, if `generation` still holds it. Releasing a
+    /// volume nobody holds is fine; one held at another generation is Fenced.
+    pub fn release_attach(
+        &self,
+        volume_id: &str,
+        generation: Generation,
+    ) -> Result<(), ClusterError> {
+        let key = attach_key(volume_id);
+        let mark = unreleased_key(volume_id);
+        let resp = self.run(move |s| async move {
+            s.txn(
+                Txn::new()
+                    .when([Compare::mod_revision(
+                        key.as_str(),
+                        CompareOp::Equal,
+                        generation as i64,
+                    )])
+                    .and_then([
+                        TxnOp::delete(key.as_str(), None),
+                        TxnOp::delete(mark.as_str(), None),
+                    ])
                     .or_else([TxnOp::get(key.as_str(), None)]),
             )
             .await
@@ -892,11 +939,13 @@ impl Cluster {
     /// Delete the volume's replica states (at volume remove).
     pub fn forget_volume(&self, volume_id: &str) -> Result<(), ClusterError> {
         let prefix = replicas_prefix(volume_id);
+        let mark = unreleased_key(volume_id);
         self.run(|s| async move {
             let mut kv = s.client.kv_client();
             kv.delete(prefix, Some(DeleteOptions::new().with_prefix()))
                 .await
-                .map_err(|e| s.error(e))
+                .map_err(|e| s.error(e))?;
+            kv.delete(mark, None).await.map_err(|e| s.error(e))
         })?;
         Ok(())
     }

@@ -20,6 +20,7 @@ use super::{Generation, ReplicaState, ReplicationError, StateStore};
 use crate::engine::{BlockEngine, EngineError, ThinParams};
 use crossbeam_channel::{Receiver, Sender};
 use parking_lot::{Condvar, Mutex};
+use sha2::{Digest, Sha256};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -36,6 +37,8 @@ const MAX_RUN_UNITS: u64 = 256;
 const MAX_READ: usize = 4 << 20;
 /// Largest write replicated as one request (larger ones are split).
 const MAX_WRITE: usize = 8 << 20;
+/// What a verification compares at once (under a range lock).
+const VERIFY_CHUNK: u64 = 1 << 20;
 
 /// A peer holding a replica of the volume.
 #[derive(Debug, Clone)]
@@ -60,6 +63,10 @@ pub struct MirrorConfig {
     pub local: Option<Arc<LocalReplica>>,
     /// The local replica's recorded state (ignored without one).
     pub local_state: ReplicaState,
+    /// The last attach ended without a release (its node was killed or cut
+    /// off): compare the in-sync replicas in the background and repair
+    /// where they differ (see [`Mirror::verification`]).
+    pub verify: bool,
     pub peers: Vec<PeerSpec>,
     pub states: Arc<dyn StateStore>,
     /// How long a peer may take to answer one request (and to connect).
@@ -122,6 +129,18 @@ struct Inner {
     ranges: RangeLocks,
     fenced: AtomicBool,
     closed: AtomicBool,
+    verification: Mutex<Option<Verification>>,
+}
+
+/// Progress of the comparison of the in-sync replicas after an attach
+/// that ended unreleased.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Verification {
+    pub done_bytes: u64,
+    pub total_bytes: u64,
+    /// Bytes found different on some replica and copied to it.
+    pub repaired_bytes: u64,
+    pub finished: bool,
 }
 
 /// Why a background step stopped.
@@ -340,13 +359,24 @@ impl Mirror {
             ranges: RangeLocks::new(),
             fenced: AtomicBool::new(false),
             closed: AtomicBool::new(false),
+            verification: Mutex::new(cfg.verify.then(|| Verification {
+                total_bytes: size,
+                ..Verification::default()
+            })),
         });
         let mut workers = Vec::new();
-        for i in 0..inner.replicas.len() {
+        let threads = inner.replicas.len() + usize::from(cfg.verify);
+        for i in 0..threads {
             let inner2 = inner.clone();
-            let spawned = std::thread::Builder::new()
-                .name(format!("repl-{}", inner.replicas[i].node))
-                .spawn(move || inner2.background(i));
+            let spawned = if i < inner.replicas.len() {
+                std::thread::Builder::new()
+                    .name(format!("repl-{}", inner.replicas[i].node))
+                    .spawn(move || inner2.background(i))
+            } else {
+                std::thread::Builder::new()
+                    .name("repl-verify".into())
+                    .spawn(move || inner2.verify())
+            };
             match spawned {
                 Ok(t) => workers.push(t),
                 Err(e) => {
@@ -371,6 +401,10 @@ impl Mirror {
             in_sync = ?in_sync,
             "replicated volume open"
         );
+        if cfg.verify {
+            tracing::warn!(volume = %inner.volume,
+                "the last attach ended unreleased (its node was killed or cut off): comparing the replicas in the background");
+        }
         Ok(Arc::new(Mirror {
             inner,
             workers: Mutex::new(workers),
@@ -394,6 +428,12 @@ impl Mirror {
                 }
             })
             .collect()
+    }
+
+    /// The comparison of the replicas after an unreleased attach, if this
+    /// attach runs one.
+    pub fn verification(&self) -> Option<Verification> {
+        *self.inner.verification.lock()
     }
 
     /// Refuse every further IO (this node lost its claim on the volume).
@@ -1106,6 +1146,125 @@ impl Inner {
             "replica in sync"
         );
         Ok(())
+    }
+
+    /// After an attach that ended unreleased, writes then in flight may
+    /// have reached some replicas only (none was acknowledged). Make the
+    /// in-sync replicas equal again: compare each with the one reads come
+    /// from, a chunk at a time under its range lock (digests over the
+    /// network, not data), and copy the chunk where it differs. DRBD
+    /// bounds this with an activity log; this checks the whole device, in
+    /// the background, while the volume is in use.
+    fn verify(&self) {
+        let mut buf = Vec::new();
+        let mut offset = 0;
+        while offset < self.size {
+            if self.is_closed() || self.is_fenced() {
+                return;
+            }
+            let len = VERIFY_CHUNK.min(self.size - offset);
+            match self.verify_chunk(offset, len, &mut buf) {
+                Some(repaired) => {
+                    let mut v = self.verification.lock();
+                    let v = v.get_or_insert_with(Verification::default);
+                    v.done_bytes += len;
+                    v.repaired_bytes += repaired;
+                    offset += len;
+                }
+                // No replica to compare against now: later.
+                None => std::thread::sleep(MAX_BACKOFF),
+            }
+        }
+        let mut v = self.verification.lock();
+        let v = v.get_or_insert_with(Verification::default);
+        v.finished = true;
+        tracing::info!(
+            volume = %self.volume,
+            compared_bytes = v.done_bytes,
+            repaired_bytes = v.repaired_bytes,
+            "replicas verified after the last attach ended unreleased"
+        );
+    }
+
+    /// Compare one chunk; the bytes repaired, or `None` if no replica can
+    /// be read now.
+    fn verify_chunk(&self, offset: u64, len: u64, buf: &mut Vec<u8>) -> Option<u64> {
+        let (s, e) = unit_span(offset, len);
+        let _range = self.ranges.lock(s, e);
+        let readable: Vec<usize> = (0..self.replicas.len())
+            .filter(|&i| self.replicas[i].cell.lock().track.readable())
+            .collect();
+        let (&src, others) = readable.split_first()?;
+        buf.resize(len as usize, 0);
+        if let Err(e) = self.read_one(src, buf, offset) {
+            tracing::debug!(volume = %self.volume, error = %e, "verify: source unreadable");
+            return None;
+        }
+        let want = Sha256::digest(&buf[..]);
+        let mut repaired = 0;
+        for &j in others {
+            let r = &self.replicas[j];
+            let (epoch, link) = {
+                let cell = r.cell.lock();
+                (cell.track.epoch(), cell.link.clone())
+            };
+            let have = match (&r.endpoint, &link) {
+                (Endpoint::Local(l), _) => {
+                    let mut mine = vec![0u8; buf.len()];
+                    l.read_at(self.generation, &mut mine, offset)
+                        .map(|()| Sha256::digest(&mine).to_vec())
+                        .map_err(|e| e.to_string())
+                }
+                (Endpoint::Remote(_), Some(link)) => {
+                    let req = Request::Digest {
+                        offset,
+                        len: len as u32,
+                    };
+                    match link.call(req, Instant::now() + self.io_timeout) {
+                        Ok(Reply::Data(d)) => Ok(d),
+                        Ok(_) => Err("unexpected reply".into()),
+                        Err(e) => Err(e.to_string()),
+                    }
+                }
+                (Endpoint::Remote(_), None) => continue,
+            };
+            let differs = match have {
+                Ok(d) => d[..] != want[..],
+                // Its own IO path notices a replica that fails.
+                Err(e) => {
+                    tracing::debug!(volume = %self.volume, peer = %r.node, error = %e, "verify: no digest");
+                    continue;
+                }
+            };
+            if !differs {
+                continue;
+            }
+            tracing::info!(volume = %self.volume, peer = %r.node, offset, len,
+                "replica differs after an unreleased attach: repairing it");
+            match self.copy_to(j, link.as_deref(), buf, offset) {
+                Ok(_) => repaired += len,
+                Err(e) => {
+                    tracing::warn!(volume = %self.volume, peer = %r.node, error = %e, "verify: repair failed");
+                    let _ = self.replica_failed(j, Some(epoch), |t| t.mark_dirty(offset, len));
+                }
+            }
+        }
+        Some(repaired)
+    }
+
+    /// Read from replica `i` (readable).
+    fn read_one(&self, i: usize, buf: &mut [u8], offset: u64) -> Result<(), String> {
+        let r = &self.replicas[i];
+        match &r.endpoint {
+            Endpoint::Local(l) => l
+                .read_at(self.generation, buf, offset)
+                .map_err(|e| e.to_string()),
+            Endpoint::Remote(_) => {
+                let link = r.cell.lock().link.clone().ok_or("link down")?;
+                self.read_remote(&link, buf, offset)
+                    .map_err(|e| e.to_string())
+            }
+        }
     }
 
     fn stop_check(&self) -> Result<(), Stop> {

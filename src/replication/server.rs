@@ -9,6 +9,7 @@ use super::wire::{self, ErrorCode, Frame, Hello, Request, WireError, MAX_IO, PRO
 use super::{LocalReplica, ReplicationError};
 use crate::engine::EngineError;
 use parking_lot::Mutex;
+use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::io::{BufReader, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -341,6 +342,24 @@ fn execute(
                     Reply::Frame(error_frame(id, &e))
                 }
             };
+        }
+        Request::Digest { offset, len } => {
+            if len as usize > MAX_IO {
+                return Reply::Frame(Frame::Error {
+                    id,
+                    code: ErrorCode::Invalid,
+                    message: format!("digest of {len} bytes exceeds the limit of {MAX_IO}"),
+                });
+            }
+            let mut buf = std::mem::take(spare);
+            buf.resize(len as usize, 0);
+            let read = replica.read_at(generation, &mut buf, offset);
+            let reply = match read {
+                Ok(()) => Reply::Data(Sha256::digest(&buf).to_vec()),
+                Err(e) => Reply::Frame(error_frame(id, &e)),
+            };
+            *spare = buf;
+            return reply;
         }
         Request::Write { offset, ref data } => replica.write_at(generation, data, offset),
         Request::Discard { offset, len } => replica.discard(generation, offset, len),

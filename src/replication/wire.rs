@@ -19,7 +19,8 @@ use std::io::{self, IoSlice, Read, Write};
 /// First bytes of every Hello.
 pub const MAGIC: [u8; 8] = *b"dunnrepl";
 /// The protocol this build speaks.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// 2: `Digest` requests (verify after an unclean failover).
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Largest frame accepted (a write or read of up to 64 MiB plus headers).
 pub const MAX_FRAME: usize = (64 << 20) + 4096;
 /// Largest read or write one request may carry.
@@ -34,6 +35,7 @@ const KIND_DISCARD: u8 = 6;
 const KIND_FLUSH: u8 = 7;
 const KIND_OK: u8 = 8;
 const KIND_DATA: u8 = 9;
+const KIND_DIGEST: u8 = 10;
 
 /// The first message of a connection: who asks, for which replica, under
 /// which attach generation.
@@ -138,6 +140,12 @@ pub enum Request {
     },
     /// Make every write acknowledged before it durable.
     Flush,
+    /// The SHA-256 of `len` bytes at `offset` (a Data reply of 32 bytes):
+    /// replicas are compared without sending their data.
+    Digest {
+        offset: u64,
+        len: u32,
+    },
 }
 
 /// One frame, either direction.
@@ -198,6 +206,7 @@ impl Frame {
                     Request::Write { .. } => KIND_WRITE,
                     Request::Discard { .. } => KIND_DISCARD,
                     Request::Flush => KIND_FLUSH,
+                    Request::Digest { .. } => KIND_DIGEST,
                 },
                 *id,
             ),
@@ -222,7 +231,7 @@ impl Frame {
                 put_str(&mut b, node);
             }
             Frame::Request { req, .. } => match req {
-                Request::Read { offset, len } => {
+                Request::Read { offset, len } | Request::Digest { offset, len } => {
                     b.extend_from_slice(&offset.to_be_bytes());
                     b.extend_from_slice(&len.to_be_bytes());
                 }
@@ -305,6 +314,13 @@ impl Frame {
             KIND_FLUSH => Frame::Request {
                 id,
                 req: Request::Flush,
+            },
+            KIND_DIGEST => Frame::Request {
+                id,
+                req: Request::Digest {
+                    offset: r.u64()?,
+                    len: r.u32()?,
+                },
             },
             KIND_OK => Frame::Ok { id },
             KIND_DATA => Frame::Data {
@@ -576,6 +592,10 @@ mod tests {
                 len: 1 << 33,
             },
             Request::Flush,
+            Request::Digest {
+                offset: 1 << 40,
+                len: 1 << 20,
+            },
         ] {
             roundtrip(Frame::Request { id: 77, req });
         }

@@ -29,7 +29,11 @@ pub(super) fn open_mirror(
     let cl = &c.cluster;
     let wait = c.lease_ttl + Duration::from_secs(2);
     let generation = cl.acquire_attach(&record.id, &record.name, wait)?;
-    match mirror_for(c, record, generation) {
+    let opened = cl
+        .mark_unreleased(&record.id, generation)
+        .map_err(VolumeErrorKind::from)
+        .and_then(|verify| mirror_for(c, record, generation, verify));
+    match opened {
         Ok(m) => {
             c.track(&record.id, &m);
             tracing::info!(volume = %record.name, generation, replicas = ?record.replicas, "attach lease taken; mirror open");
@@ -48,6 +52,7 @@ fn mirror_for(
     c: &ClusterNode,
     record: &VolumeRecord,
     generation: Generation,
+    verify: bool,
 ) -> Result<Arc<Mirror>, VolumeErrorKind> {
     let cl = &c.cluster;
     let states = cl.replica_states(&record.id)?;
@@ -91,6 +96,7 @@ fn mirror_for(
         local_state,
         peers,
         states: cl.state_store(&record.id, &record.name, generation),
+        verify,
         io_timeout: c.replica_timeout,
     });
     if mirror.is_err() {
@@ -146,6 +152,10 @@ pub struct ClusterView {
     pub attached_on: Option<String>,
     pub generation: Option<Generation>,
     pub replicas: Vec<ReplicaView>,
+    /// The comparison of the replicas after an attach that ended
+    /// unreleased (on the attached node, while this attach runs one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verification: Option<crate::replication::Verification>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -195,6 +205,7 @@ impl Handler<QueryCluster> for VolumeActor {
                 attached_on: Some(c.cluster.node().to_string()),
                 generation: Some(*generation),
                 replicas: mirror.status().into_iter().map(Into::into).collect(),
+                verification: mirror.verification(),
             }));
         }
         let holder = c.cluster.attach_holder(&self.id).map_err(|e| self.err(e))?;
@@ -217,6 +228,7 @@ impl Handler<QueryCluster> for VolumeActor {
                     resync_sent_bytes: None,
                 })
                 .collect(),
+            verification: None,
         }))
     }
 }
