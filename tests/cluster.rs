@@ -934,7 +934,7 @@ fn encrypted_volume_moves_between_nodes_sharing_the_cluster_key() {
     std::fs::write(&other, "a passphrase no other node has").expect("write key");
     // n3 was started with another key file.
     let key_for = |i: usize| if i == 2 { &other } else { &shared };
-    let c = Cluster::start_with(Mode::Loopback, 3, |i| {
+    let mut c = Cluster::start_with(Mode::Loopback, 3, |i| {
         vec!["--secret-file".into(), key_for(i).display().to_string()]
     });
     let vol = "sealed";
@@ -1009,6 +1009,15 @@ fn encrypted_volume_moves_between_nodes_sharing_the_cluster_key() {
         vec![0; BLOCK],
         "never written"
     );
+    // Its daemon killed and started again: the volume resumes, the key
+    // read again from --secret-file.
+    c.kill9(1);
+    c.start_again(1);
+    let fresh: Vec<u8> = block.iter().rev().copied().collect();
+    d.write_block(5, &fresh).expect("write after the restart");
+    d.sync().expect("fdatasync after the restart");
+    assert_eq!(d.read_block(5).expect("read"), fresh);
+    assert_eq!(d.read_block(7).expect("read"), block);
     drop(d);
     c.detach_on(1, vol);
 
