@@ -59,6 +59,16 @@ fn known_key(node: &str) -> String {
 fn attach_key(volume_id: &str) -> String {
     format!("{PREFIX}attach/{volume_id}")
 }
+/// A transaction whose operations run only while `generation` holds the
+/// attach of `volume_id` (else its `or_else` ones).
+fn while_holding(volume_id: &str, generation: Generation) -> Txn {
+    Txn::new().when([Compare::mod_revision(
+        attach_key(volume_id),
+        CompareOp::Equal,
+        generation as i64,
+    )])
+}
+
 /// Set while an attach holds the volume (to its generation), deleted by the
 /// release: found set by the next attach, the last one ended unreleased.
 fn unreleased_key(volume_id: &str) -> String {
@@ -779,22 +789,12 @@ impl Cluster {
         volume_id: &str,
         generation: Generation,
     ) -> Result<bool, ClusterError> {
-        let (key, mark) = (attach_key(volume_id), unreleased_key(volume_id));
-        let resp = self.run(move |s| async move {
-            s.txn(
-                Txn::new()
-                    .when([Compare::mod_revision(
-                        key.as_str(),
-                        CompareOp::Equal,
-                        generation as i64,
-                    )])
-                    .and_then([
-                        TxnOp::get(mark.as_str(), None),
-                        TxnOp::put(mark.as_str(), generation.to_string(), None),
-                    ]),
-            )
-            .await
-        })?;
+        let mark = unreleased_key(volume_id);
+        let txn = while_holding(volume_id, generation).and_then([
+            TxnOp::get(mark.as_str(), None),
+            TxnOp::put(mark.as_str(), generation.to_string(), None),
+        ]);
+        let resp = self.run(move |s| async move { s.txn(txn).await })?;
         if !resp.succeeded() {
             return Err(ClusterError::Fenced {
                 volume: volume_id.to_string(),
@@ -815,24 +815,14 @@ impl Cluster {
         volume_id: &str,
         generation: Generation,
     ) -> Result<(), ClusterError> {
-        let key = attach_key(volume_id);
-        let mark = unreleased_key(volume_id);
-        let resp = self.run(move |s| async move {
-            s.txn(
-                Txn::new()
-                    .when([Compare::mod_revision(
-                        key.as_str(),
-                        CompareOp::Equal,
-                        generation as i64,
-                    )])
-                    .and_then([
-                        TxnOp::delete(key.as_str(), None),
-                        TxnOp::delete(mark.as_str(), None),
-                    ])
-                    .or_else([TxnOp::get(key.as_str(), None)]),
-            )
-            .await
-        })?;
+        let (key, mark) = (attach_key(volume_id), unreleased_key(volume_id));
+        let txn = while_holding(volume_id, generation)
+            .and_then([
+                TxnOp::delete(key.as_str(), None),
+                TxnOp::delete(mark.as_str(), None),
+            ])
+            .or_else([TxnOp::get(key.as_str(), None)]);
+        let resp = self.run(move |s| async move { s.txn(txn).await })?;
         if resp.succeeded() || txn_kvs(&resp, 0).is_empty() {
             return Ok(());
         }
@@ -889,23 +879,10 @@ impl Cluster {
         if generation == 0 {
             return Err(fenced());
         }
-        let guard = attach_key(volume_id);
         let key = format!("{}{node}", replicas_prefix(volume_id));
         let value = to_json(&ReplicaRecord { state, generation });
-        let ok = self.run(move |s| async move {
-            let resp = s
-                .txn(
-                    Txn::new()
-                        .when([Compare::mod_revision(
-                            guard,
-                            CompareOp::Equal,
-                            generation as i64,
-                        )])
-                        .and_then([TxnOp::put(key, value, None)]),
-                )
-                .await?;
-            Ok(resp.succeeded())
-        })?;
+        let txn = while_holding(volume_id, generation).and_then([TxnOp::put(key, value, None)]);
+        let ok = self.run(move |s| async move { Ok(s.txn(txn).await?.succeeded()) })?;
         if ok {
             Ok(())
         } else {

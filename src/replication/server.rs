@@ -325,41 +325,28 @@ fn execute(
     spare: &mut Vec<u8>,
 ) -> Reply {
     let result = match *req {
-        Request::Read { offset, len } => {
+        Request::Read { offset, len } | Request::Digest { offset, len } => {
+            let digest = matches!(req, Request::Digest { .. });
             if len as usize > MAX_IO {
+                let what = if digest { "digest" } else { "read" };
                 return Reply::Frame(Frame::Error {
                     id,
                     code: ErrorCode::Invalid,
-                    message: format!("read of {len} bytes exceeds the limit of {MAX_IO}"),
+                    message: format!("{what} of {len} bytes exceeds the limit of {MAX_IO}"),
                 });
             }
             let mut buf = std::mem::take(spare);
             buf.resize(len as usize, 0);
-            return match replica.read_at(generation, &mut buf, offset) {
-                Ok(()) => Reply::Data(buf),
-                Err(e) => {
-                    *spare = buf;
-                    Reply::Frame(error_frame(id, &e))
-                }
-            };
-        }
-        Request::Digest { offset, len } => {
-            if len as usize > MAX_IO {
-                return Reply::Frame(Frame::Error {
-                    id,
-                    code: ErrorCode::Invalid,
-                    message: format!("digest of {len} bytes exceeds the limit of {MAX_IO}"),
-                });
+            if let Err(e) = replica.read_at(generation, &mut buf, offset) {
+                *spare = buf;
+                return Reply::Frame(error_frame(id, &e));
             }
-            let mut buf = std::mem::take(spare);
-            buf.resize(len as usize, 0);
-            let read = replica.read_at(generation, &mut buf, offset);
-            let reply = match read {
-                Ok(()) => Reply::Data(Sha256::digest(&buf).to_vec()),
-                Err(e) => Reply::Frame(error_frame(id, &e)),
-            };
+            if !digest {
+                return Reply::Data(buf);
+            }
+            let sum = Sha256::digest(&buf).to_vec();
             *spare = buf;
-            return reply;
+            return Reply::Data(sum);
         }
         Request::Write { offset, ref data } => replica.write_at(generation, data, offset),
         Request::Discard { offset, len } => replica.discard(generation, offset, len),

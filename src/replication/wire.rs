@@ -633,15 +633,23 @@ mod tests {
     }
 
     /// The Hello layout is what other versions must keep reading: pinned
-    /// by a fixture.
+    /// by a fixture per version.
     #[test]
     fn hello_matches_fixture() {
-        let fixture = include_bytes!("../../fixtures/replication/hello-v1.bin");
+        let fixture = include_bytes!("../../fixtures/replication/hello-v2.bin");
         assert_eq!(Frame::Hello(fixture_hello()).encode(), fixture.to_vec());
         assert_eq!(
             read_frame(&mut &fixture[..]).unwrap().unwrap(),
             Frame::Hello(fixture_hello())
         );
+        // A node of version 1 (no Digest) is told what to do.
+        let v1 = include_bytes!("../../fixtures/replication/hello-v1.bin");
+        match read_frame(&mut &v1[..]) {
+            Err(e @ WireError::Version { theirs: 1 }) => {
+                assert!(e.to_string().contains("same dunnage version"), "{e}")
+            }
+            other => panic!("a v1 hello: {other:?}"),
+        }
     }
 
     #[test]
