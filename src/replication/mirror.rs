@@ -1028,6 +1028,7 @@ impl Inner {
 
         let mut cursor = 0;
         let mut buf = Vec::new();
+        let unknown = r.cell.lock().track.content_unknown();
         loop {
             self.stop_check()?;
             let (run, link) = {
@@ -1070,6 +1071,14 @@ impl Inner {
                     ReadError::Engine(e) => Stop::Retry(e.to_string()),
                     ReadError::NoSource(why) => Stop::Retry(why),
                 });
+            }
+            // A full resync: most of it may be there already (a replica
+            // that missed some writes under an earlier primary).
+            if unknown && self.holds(i, link.as_deref(), &buf, offset) {
+                let mut cell = r.cell.lock();
+                cell.track.run_copied(len as u64, 0);
+                cursor = run.1;
+                continue;
             }
             let sent = self.copy_to(i, link.as_deref(), &buf, offset);
             match sent {
@@ -1200,7 +1209,6 @@ impl Inner {
             tracing::debug!(volume = %self.volume, error = %e, "verify: source unreadable");
             return None;
         }
-        let want = Sha256::digest(&buf[..]);
         let mut repaired = 0;
         for &j in others {
             let r = &self.replicas[j];
@@ -1208,35 +1216,11 @@ impl Inner {
                 let cell = r.cell.lock();
                 (cell.track.epoch(), cell.link.clone())
             };
-            let have = match (&r.endpoint, &link) {
-                (Endpoint::Local(l), _) => {
-                    let mut mine = vec![0u8; buf.len()];
-                    l.read_at(self.generation, &mut mine, offset)
-                        .map(|()| Sha256::digest(&mine).to_vec())
-                        .map_err(|e| e.to_string())
-                }
-                (Endpoint::Remote(_), Some(link)) => {
-                    let req = Request::Digest {
-                        offset,
-                        len: len as u32,
-                    };
-                    match link.call(req, Instant::now() + self.io_timeout) {
-                        Ok(Reply::Data(d)) => Ok(d),
-                        Ok(_) => Err("unexpected reply".into()),
-                        Err(e) => Err(e.to_string()),
-                    }
-                }
-                (Endpoint::Remote(_), None) => continue,
-            };
-            let differs = match have {
-                Ok(d) => d[..] != want[..],
-                // Its own IO path notices a replica that fails.
-                Err(e) => {
-                    tracing::debug!(volume = %self.volume, peer = %r.node, error = %e, "verify: no digest");
-                    continue;
-                }
-            };
-            if !differs {
+            // A peer without a link: its own thread reconnects and resyncs it.
+            if !r.is_local() && link.is_none() {
+                continue;
+            }
+            if self.holds(j, link.as_deref(), buf, offset) {
                 continue;
             }
             tracing::info!(volume = %self.volume, peer = %r.node, offset, len,
@@ -1250,6 +1234,33 @@ impl Inner {
             }
         }
         Some(repaired)
+    }
+
+    /// Whether replica `i` holds `buf` at `offset` already (by digest; an
+    /// error says no, and the copy that follows meets it).
+    fn holds(&self, i: usize, link: Option<&Link>, buf: &[u8], offset: u64) -> bool {
+        let want = Sha256::digest(buf);
+        let have = match (self.local(i), link) {
+            (Some(l), _) => {
+                let mut mine = vec![0u8; buf.len()];
+                match l.read_at(self.generation, &mut mine, offset) {
+                    Ok(()) => Sha256::digest(&mine).to_vec(),
+                    Err(_) => return false,
+                }
+            }
+            (None, Some(link)) => {
+                let req = Request::Digest {
+                    offset,
+                    len: buf.len() as u32,
+                };
+                match link.call(req, Instant::now() + self.io_timeout) {
+                    Ok(Reply::Data(d)) => d,
+                    _ => return false,
+                }
+            }
+            (None, None) => return false,
+        };
+        have[..] == want[..]
     }
 
     /// Read from replica `i` (readable).

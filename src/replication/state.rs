@@ -328,6 +328,9 @@ pub struct Track {
     sent_bytes: u64,
     /// Bytes copied by the current resync.
     done_bytes: u64,
+    /// What the replica holds is unknown (a full resync): compare before
+    /// copying, as DRBD's checksum-based resync does.
+    unknown: bool,
 }
 
 impl Track {
@@ -335,7 +338,8 @@ impl Track {
     /// is unknown unless it is in sync: a full resync.
     pub fn new(state: ReplicaState, size: u64, remote: bool) -> Track {
         let mut dirty = DirtyMap::new(size);
-        if state != ReplicaState::InSync {
+        let unknown = state != ReplicaState::InSync;
+        if unknown {
             dirty.mark_all();
         }
         Track {
@@ -346,7 +350,13 @@ impl Track {
             unflushed: remote.then(|| DirtyMap::new(size)),
             sent_bytes: 0,
             done_bytes: 0,
+            unknown,
         }
+    }
+
+    /// Whether the resync must compare before it copies (see `unknown`).
+    pub fn content_unknown(&self) -> bool {
+        self.unknown
     }
 
     pub fn state(&self) -> ReplicaState {
@@ -452,6 +462,7 @@ impl Track {
     /// Everything is missed (a failed sync may have lost any write).
     pub fn mark_all_dirty(&mut self) {
         self.dirty.mark_all();
+        self.unknown = true;
     }
 
     /// Whether the replica is gone (not connected) but not yet recorded
@@ -464,6 +475,9 @@ impl Track {
     pub fn recorded(&mut self, state: ReplicaState) {
         if state == ReplicaState::Resyncing && self.state != ReplicaState::Resyncing {
             self.done_bytes = 0;
+        }
+        if state == ReplicaState::InSync {
+            self.unknown = false;
         }
         self.state = state;
     }
@@ -716,6 +730,21 @@ mod tests {
         t.acked(e - 1, 0, 4096);
         assert_eq!(t.take_unflushed().unwrap().count(), 0);
         assert_eq!(t.dirty().count(), 1);
+    }
+
+    #[test]
+    fn content_is_unknown_from_a_full_resync_until_in_sync() {
+        let mut t = Track::new(ReplicaState::Outdated, 8 * UNIT, true);
+        assert!(t.content_unknown());
+        t.recorded(ReplicaState::Resyncing);
+        assert!(t.content_unknown());
+        t.recorded(ReplicaState::InSync);
+        assert!(!t.content_unknown());
+        t.mark_dirty(0, 10);
+        assert!(!t.content_unknown(), "known writes missed: copy them");
+        t.mark_all_dirty();
+        assert!(t.content_unknown());
+        assert!(!Track::new(ReplicaState::InSync, 8 * UNIT, true).content_unknown());
     }
 
     #[test]
