@@ -905,6 +905,86 @@ fn cluster_net_smoke() {
 }
 
 // ---------------------------------------------------------------------------------------
+// A disk that fails under the attached node's own replica
+// ---------------------------------------------------------------------------------------
+
+/// A tmpfs of `size` bytes mounted on `dir` (a disk that fills up); lazily
+/// unmounted on drop.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(dir: &std::path::Path, size: u64) -> SmallDisk {
+        std::fs::create_dir_all(dir).expect("mkdir");
+        let data = format!("size={size}");
+        nix::mount::mount(
+            Some("tmpfs"),
+            dir,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some(data.as_str()),
+        )
+        .expect("mount tmpfs");
+        SmallDisk(dir.to_path_buf())
+    }
+
+    fn grow(&self, size: u64) {
+        let data = format!("size={size}");
+        nix::mount::mount(
+            None::<&str>,
+            &self.0,
+            None::<&str>,
+            nix::mount::MsFlags::MS_REMOUNT,
+            Some(data.as_str()),
+        )
+        .expect("remount tmpfs");
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+#[test]
+fn a_full_local_disk_is_detached_and_the_volume_goes_on_with_its_peer() {
+    let c = Cluster::start(Mode::Loopback, 2);
+    // n1 keeps its replicas on a 24 MiB disk.
+    let disk = SmallDisk::mount(&c.node(0).data_dir.join("volumes"), 24 * MIB);
+    let vol = "fills";
+    c.create(0, vol, 2, "128M", &[("nodes", "n1,n2")]);
+    let dev = c.attach_on(0, vol);
+    let d = BlockDev::open(&dev);
+    // 64 MiB: n1's own replica runs out of space on the way.
+    for m in 0..64u64 {
+        d.write_at(m * MIB, &pattern(MIB as usize, 300 + m))
+            .unwrap_or_else(|e| panic!("write at {m} MiB: {e}\n{}", c.logs()));
+    }
+    d.sync().expect("fdatasync");
+    let n1 = c.replica_info(0, vol, "n1");
+    assert_ne!(n1["state"], "in-sync", "n1's replica was detached: {n1}");
+    assert_eq!(c.replica_info(0, vol, "n2")["state"], "in-sync");
+    // Everything reads back (from n2, over the network).
+    for m in 0..64u64 {
+        assert_eq!(
+            d.read_at(m * MIB, MIB as usize).expect("read"),
+            pattern(MIB as usize, 300 + m),
+            "MiB {m}"
+        );
+    }
+    // Room again: n1's replica is reattached and resynced.
+    disk.grow(512 * MIB);
+    c.resync_on(0, vol, RESYNC_TIMEOUT_SECS);
+    assert_all_in_sync(&c, 0, vol, "after the disk grew");
+    drop(d);
+    c.detach_on(0, vol);
+    assert_checksums_equal(&c, &[0, 1], vol);
+    c.remove(0, vol);
+    c.shutdown();
+    drop(disk);
+}
+
+// ---------------------------------------------------------------------------------------
 // Encryption in a cluster: the cluster's key (every node's --secret-file)
 // ---------------------------------------------------------------------------------------
 
