@@ -496,8 +496,10 @@ fn an_etcd_outage_loses_the_lease_and_the_node_registers_again() {
     assert_eq!(catalog.get("vol1"), Some(r.clone()));
     assert_eq!(catalog.list(), vec![r.clone()]);
     match catalog.insert(record("vol2")) {
-        Err(e @ CatalogError::Io { .. }) => {
-            assert!(e.to_string().contains("cannot reach etcd"), "{e}")
+        Err(e @ CatalogError::Unavailable { .. }) => {
+            let msg = e.to_string();
+            assert!(msg.contains("cannot reach etcd"), "{msg}");
+            assert!(msg.contains("vol2"), "names the volume's key: {msg}");
         }
         other => panic!("insert without etcd: {other:?}"),
     }

@@ -63,6 +63,9 @@ pub enum CatalogError {
     },
     #[error("catalog {path} is damaged: {reason}; restore it from a backup or move it away to start empty")]
     Corrupt { path: PathBuf, reason: String },
+    /// The cluster's catalog (etcd) could not be read or written.
+    #[error("the cluster's catalog (etcd key {key}) is unavailable: {reason}")]
+    Unavailable { key: String, reason: String },
 }
 
 /// The catalog's operations. Every mutation is durable when it returns.

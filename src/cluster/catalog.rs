@@ -46,17 +46,16 @@ impl EtcdCatalog {
     }
 }
 
-/// The catalog's error type has no variant for a remote store: an
-/// unreachable or refusing etcd is reported as an IO error on the key.
+/// An etcd failure on volume `name`'s record, as the catalog's error.
 fn failed(name: &str, e: ClusterError) -> CatalogError {
     match e {
         ClusterError::Corrupt { key, reason } => CatalogError::Corrupt {
             path: PathBuf::from(key),
             reason,
         },
-        e => CatalogError::Io {
-            path: PathBuf::from(format!("etcd:{}", volume_key(name))),
-            source: std::io::Error::other(e.to_string()),
+        e => CatalogError::Unavailable {
+            key: volume_key(name),
+            reason: e.to_string(),
         },
     }
 }
