@@ -34,6 +34,8 @@ pub struct ClusterNode {
     pub lease_ttl: std::time::Duration,
     /// How long a replica may stay silent before it leaves the in-sync set.
     pub replica_timeout: std::time::Duration,
+    /// Bytes per second a resync or verification may move, per replica.
+    pub resync_rate: Option<u64>,
     /// Mirrors of the volumes attached here, fenced at once if the lease is lost.
     mirrors: parking_lot::Mutex<
         std::collections::HashMap<String, std::sync::Weak<crate::replication::Mirror>>,
@@ -48,12 +50,14 @@ impl ClusterNode {
         server: crate::replication::ReplicaServer,
         lease_ttl: std::time::Duration,
         replica_timeout: std::time::Duration,
+        resync_rate: Option<u64>,
     ) -> Arc<Self> {
         let node = Arc::new(ClusterNode {
             cluster,
             replicas,
             lease_ttl,
             replica_timeout,
+            resync_rate,
             mirrors: Default::default(),
             server: parking_lot::Mutex::new(Some(server)),
         });

@@ -69,6 +69,11 @@ pub struct ServeArgs {
     /// resynced when it returns).
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=120))]
     pub replica_timeout: u64,
+    /// Cluster mode: MiB per second a resync (or the comparison of the
+    /// replicas after an unclean failover) may read and send, per replica,
+    /// so that it leaves room for the volume's own IO; 0: no limit.
+    #[arg(long, default_value_t = 0, value_name = "MIB_PER_S")]
+    pub resync_rate: u64,
 }
 
 /// Join the cluster: serve replica traffic, then register in etcd.
@@ -98,6 +103,7 @@ fn join_cluster(args: &ServeArgs, node: &str) -> Result<Arc<crate::config::Clust
         server,
         lease_ttl,
         std::time::Duration::from_secs(args.replica_timeout),
+        (args.resync_rate > 0).then(|| args.resync_rate.saturating_mul(1 << 20)),
     ))
 }
 

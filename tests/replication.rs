@@ -216,6 +216,7 @@ fn config(
         states,
         io_timeout: IO_TIMEOUT,
         verify: false,
+        resync_rate: None,
     }
 }
 
@@ -941,15 +942,17 @@ fn replicas_that_differ_after_an_unreleased_attach_are_repaired() {
 fn a_full_resync_sends_only_the_chunks_that_differ() {
     let mut nodes: Vec<Node> = ["a", "b"].iter().map(|n| Node::new(n)).collect();
     let open = |nodes: &[Node], generation: Generation, b_state: ReplicaState| {
-        Mirror::open(config(
+        let mut cfg = config(
             "a",
             generation,
             Some(nodes[0].local()),
             ReplicaState::InSync,
             vec![nodes[1].peer(b_state)],
             FakeStates::new(),
-        ))
-        .unwrap()
+        );
+        // Paced (64 MiB/s: about a second for the device): it still ends.
+        cfg.resync_rate = Some(64 * MIB);
+        Mirror::open(cfg).unwrap()
     };
     let m = open(&nodes, 1, ReplicaState::InSync);
     m.write_at(&pattern(1, (8 * MIB) as usize), 0).unwrap();

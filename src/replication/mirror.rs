@@ -14,7 +14,7 @@
 use super::link::{CallError, Link, Reply};
 use super::local::{check_volume_id, LocalReplica};
 use super::ranges::RangeLocks;
-use super::state::{unit_span, ReplicaStatus, Route, Track, UNIT};
+use super::state::{unit_span, Pacer, ReplicaStatus, Route, Track, UNIT};
 use super::wire::{ErrorCode, Hello, Request};
 use super::{Generation, ReplicaState, ReplicationError, StateStore};
 use crate::engine::{BlockEngine, EngineError, ThinParams};
@@ -67,6 +67,9 @@ pub struct MirrorConfig {
     /// off): compare the in-sync replicas in the background and repair
     /// where they differ (see [`Mirror::verification`]).
     pub verify: bool,
+    /// Bytes per second a resync or verification may copy or compare, per
+    /// replica; `None`: as fast as it goes.
+    pub resync_rate: Option<u64>,
     pub peers: Vec<PeerSpec>,
     pub states: Arc<dyn StateStore>,
     /// How long a peer may take to answer one request (and to connect).
@@ -130,6 +133,7 @@ struct Inner {
     fenced: AtomicBool,
     closed: AtomicBool,
     verification: Mutex<Option<Verification>>,
+    resync_rate: Option<u64>,
 }
 
 /// Progress of the comparison of the in-sync replicas after an attach
@@ -359,6 +363,7 @@ impl Mirror {
             ranges: RangeLocks::new(),
             fenced: AtomicBool::new(false),
             closed: AtomicBool::new(false),
+            resync_rate: cfg.resync_rate,
             verification: Mutex::new(cfg.verify.then(|| Verification {
                 total_bytes: size,
                 ..Verification::default()
@@ -1029,8 +1034,14 @@ impl Inner {
         let mut cursor = 0;
         let mut buf = Vec::new();
         let unknown = r.cell.lock().track.content_unknown();
+        let mut pace = Pacer::new(self.resync_rate, Instant::now());
         loop {
             self.stop_check()?;
+            let wait = pace.wait(Instant::now());
+            if !wait.is_zero() {
+                r.sleep(wait.min(MAX_BACKOFF));
+                continue;
+            }
             let (run, link) = {
                 let cell = r.cell.lock();
                 if !cell.track.connected() || cell.track.epoch() != epoch {
@@ -1060,6 +1071,7 @@ impl Inner {
             };
             let offset = run.0 * UNIT;
             let len = ((run.1 - run.0) * UNIT).min(self.size - offset) as usize;
+            pace.add(len as u64);
             buf.resize(len, 0);
             if let Err(e) = self.read_from_in_sync(Some(i), &mut buf, offset) {
                 r.cell.lock().track.run_failed(run);
@@ -1167,13 +1179,20 @@ impl Inner {
     fn verify(&self) {
         let mut buf = Vec::new();
         let mut offset = 0;
+        let mut pace = Pacer::new(self.resync_rate, Instant::now());
         while offset < self.size {
             if self.is_closed() || self.is_fenced() {
                 return;
             }
+            let wait = pace.wait(Instant::now());
+            if !wait.is_zero() {
+                std::thread::sleep(wait.min(MAX_BACKOFF));
+                continue;
+            }
             let len = VERIFY_CHUNK.min(self.size - offset);
             match self.verify_chunk(offset, len, &mut buf) {
                 Some(repaired) => {
+                    pace.add(len);
                     let mut v = self.verification.lock();
                     let v = v.get_or_insert_with(Verification::default);
                     v.done_bytes += len;

@@ -4,6 +4,7 @@
 
 use super::ReplicaState;
 use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
 
 /// The granularity of dirty tracking and resync.
 pub const UNIT: u64 = 4096;
@@ -527,9 +528,65 @@ impl Track {
     }
 }
 
+/// Keeps background copying (resync, verification) at or below a rate:
+/// after `bytes` in `elapsed`, wait until `bytes / rate` has passed.
+#[derive(Debug)]
+pub struct Pacer {
+    /// Bytes per second; `None`: as fast as it goes.
+    rate: Option<u64>,
+    start: Instant,
+    bytes: u64,
+}
+
+impl Pacer {
+    pub fn new(rate: Option<u64>, now: Instant) -> Pacer {
+        Pacer {
+            rate: rate.filter(|&r| r > 0),
+            start: now,
+            bytes: 0,
+        }
+    }
+
+    /// `bytes` more were copied.
+    pub fn add(&mut self, bytes: u64) {
+        self.bytes += bytes;
+    }
+
+    /// How long to wait at `now` before copying more.
+    pub fn wait(&self, now: Instant) -> Duration {
+        let Some(rate) = self.rate else {
+            return Duration::ZERO;
+        };
+        let due = Duration::from_secs_f64(self.bytes as f64 / rate as f64);
+        due.saturating_sub(now.saturating_duration_since(self.start))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pacer_waits_for_what_the_rate_allows() {
+        let t0 = Instant::now();
+        let mut p = Pacer::new(Some(100 * MIB), t0);
+        assert_eq!(p.wait(t0), Duration::ZERO);
+        p.add(50 * MIB);
+        assert_eq!(p.wait(t0), Duration::from_millis(500));
+        assert_eq!(
+            p.wait(t0 + Duration::from_millis(200)),
+            Duration::from_millis(300)
+        );
+        assert_eq!(p.wait(t0 + Duration::from_secs(1)), Duration::ZERO);
+        p.add(150 * MIB);
+        assert_eq!(p.wait(t0 + Duration::from_secs(1)), Duration::from_secs(1));
+        // Unlimited, or a rate of 0: never waits.
+        for rate in [None, Some(0)] {
+            let mut p = Pacer::new(rate, t0);
+            p.add(u64::MAX / 2);
+            assert_eq!(p.wait(t0), Duration::ZERO);
+        }
+    }
 
     const MIB: u64 = 1 << 20;
 

@@ -97,6 +97,7 @@ fn mirror_for(
         peers,
         states: cl.state_store(&record.id, &record.name, generation),
         verify,
+        resync_rate: c.resync_rate,
         io_timeout: c.replica_timeout,
     });
     if mirror.is_err() {
