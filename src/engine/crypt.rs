@@ -519,8 +519,6 @@ fn decrypt_units(xts: &XtsAes256, buf: &mut [u8], unit: usize, first: u64) {
 /// cluster's mirror) whose parameters are kept elsewhere. See the module doc.
 pub struct CryptEngine {
     inner: Arc<dyn BlockEngine>,
-    /// `inner` when it is a thin image.
-    image: Option<Arc<ThinImage>>,
     xts: XtsAes256,
     params: CryptParams,
 }
@@ -528,7 +526,7 @@ pub struct CryptEngine {
 impl std::fmt::Debug for CryptEngine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CryptEngine")
-            .field("image", &self.image)
+            .field("size", &self.inner.size())
             .field("cipher", &self.params.cipher)
             .field("iterations", &self.params.iterations)
             .finish_non_exhaustive()
@@ -624,23 +622,16 @@ impl CryptEngine {
         }
         let (params, keys) = fresh_params(secret, iterations)?;
         params.store(dir)?;
-        Ok(CryptEngine::with_keys(
-            image.clone(),
-            Some(image),
-            params,
-            &keys,
-        ))
+        Ok(CryptEngine::with_keys(image, params, &keys))
     }
 
     fn with_keys(
         inner: Arc<dyn BlockEngine>,
-        image: Option<Arc<ThinImage>>,
         params: CryptParams,
         keys: &DerivedKeys,
     ) -> CryptEngine {
         CryptEngine {
             inner,
-            image,
             xts: XtsAes256::new(keys[..64].try_into().expect("64 bytes of XTS keys")),
             params,
         }
@@ -669,7 +660,7 @@ impl CryptEngine {
                 reason,
             })?;
         let keys = unlock_params(&params, secret, from)?;
-        Ok(CryptEngine::with_keys(inner, None, params, &keys))
+        Ok(CryptEngine::with_keys(inner, params, &keys))
     }
 
     /// Open the encrypted `image` in `dir` (its directory) with `secret`:
@@ -681,12 +672,7 @@ impl CryptEngine {
         secret: &Secret,
     ) -> Result<CryptEngine, EngineError> {
         let (params, keys) = unlock(dir, secret)?;
-        Ok(CryptEngine::with_keys(
-            image.clone(),
-            Some(image),
-            params,
-            &keys,
-        ))
+        Ok(CryptEngine::with_keys(image, params, &keys))
     }
 
     /// Whether `secret` is the key of the encrypted image in `dir`, without
@@ -698,11 +684,6 @@ impl CryptEngine {
     /// The volume's encryption parameters (the `crypt` file).
     pub fn params(&self) -> &CryptParams {
         &self.params
-    }
-
-    /// The image underneath (ciphertext), when it is a thin image.
-    pub fn image(&self) -> Option<&Arc<ThinImage>> {
-        self.image.as_ref()
     }
 
     /// Whole units, within the device.
@@ -841,11 +822,21 @@ mod tests {
 
     /// A fresh encrypted image: (dir, engine).
     fn new_crypt(size: u64, block_size: u32) -> (tempfile::TempDir, CryptEngine) {
+        let (dir, _, engine) = new_crypt_image(size, block_size);
+        (dir, engine)
+    }
+
+    /// [`new_crypt`], and the image underneath (ciphertext).
+    fn new_crypt_image(
+        size: u64,
+        block_size: u32,
+    ) -> (tempfile::TempDir, Arc<ThinImage>, CryptEngine) {
         let dir = tempfile::tempdir().unwrap();
         let image = new_image(dir.path(), size, block_size);
         let engine =
-            CryptEngine::create_with_iterations(image, dir.path(), &secret(), ITERS).unwrap();
-        (dir, engine)
+            CryptEngine::create_with_iterations(image.clone(), dir.path(), &secret(), ITERS)
+                .unwrap();
+        (dir, image, engine)
     }
 
     /// Close the engine and its image (flushing), open both again.
@@ -998,7 +989,7 @@ mod tests {
 
     #[test]
     fn round_trip_through_a_thin_image() {
-        let (dir, engine) = new_crypt(64 * MIB, 32 << 10);
+        let (dir, image, engine) = new_crypt_image(64 * MIB, 32 << 10);
         let a = pattern(1, 4096);
         let b = pattern(2, 3 * MIB as usize); // more than one write chunk
         let c = pattern(3, 12 << 10);
@@ -1017,7 +1008,8 @@ mod tests {
         check(&engine);
         // The image holds ciphertext, not the plaintext.
         let mut raw = vec![0u8; 4096];
-        engine.image().unwrap().read_at(&mut raw, 0).unwrap();
+        image.read_at(&mut raw, 0).unwrap();
+        drop(image);
         assert_ne!(raw, a);
         engine.flush().unwrap();
         let engine = reopen(dir.path(), engine, &secret());
@@ -1030,10 +1022,10 @@ mod tests {
     fn snapshots_and_clones_of_an_encrypted_image_share_ciphertext() {
         // 32 KiB blocks: a 4 KiB write copies the block's other units
         // (ciphertext, tweaked by their logical offset, which a copy keeps).
-        let (dir, engine) = new_crypt(4 * MIB, 32 << 10);
+        let (dir, image, engine) = new_crypt_image(4 * MIB, 32 << 10);
         let v1 = pattern(1, 256 << 10);
         engine.write_at(&v1, 0).unwrap();
-        engine.image().unwrap().snapshot("s").unwrap();
+        image.snapshot("s").unwrap();
         engine.write_at(&pattern(2, 4096), 8192).unwrap();
         // A clone: its own directory, the base's crypt file copied.
         let cdir = tempfile::tempdir().unwrap();
@@ -1210,8 +1202,7 @@ mod tests {
 
     #[test]
     fn missing_or_damaged_crypt_file_is_refused() {
-        let (dir, engine) = new_crypt(16 * MIB, 32 << 10);
-        let image = engine.image().unwrap().clone();
+        let (dir, image, engine) = new_crypt_image(16 * MIB, 32 << 10);
         let good = std::fs::read_to_string(dir.path().join(CRYPT_FILE)).unwrap();
         drop(engine);
         let open = || CryptEngine::open(image.clone(), dir.path(), &secret()).unwrap_err();
@@ -1264,7 +1255,7 @@ mod tests {
 
     #[test]
     fn misaligned_io_is_refused() {
-        let (_dir, engine) = new_crypt(16 * MIB, 32 << 10);
+        let (_dir, image, engine) = new_crypt_image(16 * MIB, 32 << 10);
         let mut buf = vec![0u8; 8192];
         let misaligned = |r: Result<(), EngineError>| match r {
             Err(e @ EngineError::Misaligned { .. }) => {
@@ -1281,13 +1272,13 @@ mod tests {
         misaligned(engine.discard(4096, 100));
         misaligned(engine.discard(2048, 4096));
         // Nothing was written by the refused writes.
-        assert_eq!(engine.image().unwrap().usage().allocated_blocks, 0);
+        assert_eq!(image.usage().allocated_blocks, 0);
         assert!(matches!(
             engine.write_at(&buf, 16 * MIB - 4096),
             Err(EngineError::OutOfRange { .. })
         ));
         assert!(engine.begin_passthrough().is_none());
-        assert!(!engine.image().unwrap().is_passthrough());
+        assert!(!image.is_passthrough());
     }
 
     #[test]

@@ -833,20 +833,21 @@ impl Inner {
             return Ok(());
         }
         match self.read_from_in_sync(None, buf, offset) {
-            Ok(()) => Ok(()),
+            Ok(_) => Ok(()),
             Err(ReadError::Engine(e)) => Err(e),
             Err(ReadError::NoSource(why)) => Err(self.error(why)),
         }
     }
 
     /// Read from an in-sync replica other than `exclude`: the local one if
-    /// it is, else a peer (failing peers are dropped and the next tried).
+    /// it is, else a peer (failing replicas are dropped and the next tried).
+    /// Returns the replica read.
     fn read_from_in_sync(
         &self,
         exclude: Option<usize>,
         buf: &mut [u8],
         offset: u64,
-    ) -> Result<(), ReadError> {
+    ) -> Result<usize, ReadError> {
         for (i, r) in self.replicas.iter().enumerate() {
             if Some(i) == exclude {
                 continue;
@@ -860,7 +861,7 @@ impl Inner {
             };
             if let Endpoint::Local(l) = &r.endpoint {
                 let e = match l.read_at(self.generation, buf, offset) {
-                    Ok(()) => return Ok(()),
+                    Ok(()) => return Ok(i),
                     Err(e) => e,
                 };
                 let others =
@@ -874,7 +875,7 @@ impl Inner {
             }
             let Some(link) = link else { continue };
             match self.read_remote(&link, buf, offset) {
-                Ok(()) => return Ok(()),
+                Ok(()) => return Ok(i),
                 Err(e) if e.is_fenced() => {
                     self.fence(&format!("replica {}: {e}", r.node));
                     return Err(ReadError::Engine(self.fenced_error()));
@@ -1193,10 +1194,10 @@ impl Inner {
             match self.verify_chunk(offset, len, &mut buf) {
                 Some(repaired) => {
                     pace.add(len);
-                    let mut v = self.verification.lock();
-                    let v = v.get_or_insert_with(Verification::default);
-                    v.done_bytes += len;
-                    v.repaired_bytes += repaired;
+                    if let Some(v) = self.verification.lock().as_mut() {
+                        v.done_bytes += len;
+                        v.repaired_bytes += repaired;
+                    }
                     offset += len;
                 }
                 // No replica to compare against now: later.
@@ -1204,7 +1205,7 @@ impl Inner {
             }
         }
         let mut v = self.verification.lock();
-        let v = v.get_or_insert_with(Verification::default);
+        let Some(v) = v.as_mut() else { return };
         v.finished = true;
         tracing::info!(
             volume = %self.volume,
@@ -1219,18 +1220,20 @@ impl Inner {
     fn verify_chunk(&self, offset: u64, len: u64, buf: &mut Vec<u8>) -> Option<u64> {
         let (s, e) = unit_span(offset, len);
         let _range = self.ranges.lock(s, e);
-        let readable: Vec<usize> = (0..self.replicas.len())
-            .filter(|&i| self.replicas[i].cell.lock().track.readable())
-            .collect();
-        let (&src, others) = readable.split_first()?;
         buf.resize(len as usize, 0);
-        if let Err(e) = self.read_one(src, buf, offset) {
-            tracing::debug!(volume = %self.volume, error = %e, "verify: source unreadable");
-            return None;
-        }
+        // The replica reads come from is the reference.
+        let src = match self.read_from_in_sync(None, buf, offset) {
+            Ok(src) => src,
+            Err(e) => {
+                tracing::debug!(volume = %self.volume, error = ?e, "verify: no replica to read");
+                return None;
+            }
+        };
         let mut repaired = 0;
-        for &j in others {
-            let r = &self.replicas[j];
+        for (j, r) in self.replicas.iter().enumerate() {
+            if j == src || !r.cell.lock().track.readable() {
+                continue;
+            }
             let (epoch, link) = {
                 let cell = r.cell.lock();
                 (cell.track.epoch(), cell.link.clone())
@@ -1280,21 +1283,6 @@ impl Inner {
             (None, None) => return false,
         };
         have[..] == want[..]
-    }
-
-    /// Read from replica `i` (readable).
-    fn read_one(&self, i: usize, buf: &mut [u8], offset: u64) -> Result<(), String> {
-        let r = &self.replicas[i];
-        match &r.endpoint {
-            Endpoint::Local(l) => l
-                .read_at(self.generation, buf, offset)
-                .map_err(|e| e.to_string()),
-            Endpoint::Remote(_) => {
-                let link = r.cell.lock().link.clone().ok_or("link down")?;
-                self.read_remote(&link, buf, offset)
-                    .map_err(|e| e.to_string())
-            }
-        }
     }
 
     fn stop_check(&self) -> Result<(), Stop> {
@@ -1391,6 +1379,7 @@ fn zero_segments(buf: &[u8]) -> Vec<(u64, std::ops::Range<usize>, bool)> {
     out
 }
 
+#[derive(Debug)]
 enum ReadError {
     Engine(EngineError),
     NoSource(String),
