@@ -1133,3 +1133,159 @@ fn encrypted_volume_moves_between_nodes_sharing_the_cluster_key() {
     c.remove(0, vol);
     c.shutdown();
 }
+
+/// A replica's image, opened by this test while no daemon holds it:
+/// retried until the last link's thread has let it go.
+fn open_replica(dir: &std::path::Path) -> dunnage::engine::ThinImage {
+    let start = Instant::now();
+    loop {
+        match dunnage::engine::ThinImage::open(dir) {
+            Ok(img) => return img,
+            Err(e) => {
+                assert!(start.elapsed() < CONVERGE, "open {}: {e}", dir.display());
+                thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}
+
+/// Block `index` of a replica's snapshot `snap` (its head for `None`).
+fn snapshot_block(dir: &std::path::Path, snap: Option<&str>, index: u64) -> Vec<u8> {
+    let img = open_replica(dir);
+    let mut buf = vec![0u8; BLOCK];
+    match snap {
+        Some(s) => img
+            .snapshot_view(s)
+            .unwrap_or_else(|e| panic!("snapshot {s} in {}: {e}", dir.display()))
+            .read_at(&mut buf, index * BLOCK as u64),
+        None => dunnage::engine::BlockEngine::read_at(&img, &mut buf, index * BLOCK as u64),
+    }
+    .expect("read");
+    buf
+}
+
+fn snapshot_names_on(c: &Cluster, i: usize, vol: &str) -> Vec<(String, Vec<String>)> {
+    let out = c.cli_ok(i, &["snapshot", "ls", vol, "--json"]);
+    let list: Vec<Value> = serde_json::from_str(&out).expect("snapshot ls --json");
+    list.iter()
+        .map(|s| {
+            let nodes = s["nodes"].as_array().expect("nodes");
+            (
+                s["name"].as_str().unwrap().to_string(),
+                nodes
+                    .iter()
+                    .map(|n| n.as_str().unwrap().to_string())
+                    .collect(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn snapshots_of_a_replicated_volume_are_taken_on_every_replica() {
+    let mut c = Cluster::start(Mode::Loopback, 3);
+    let vol = "snappy";
+    // A schedule is accepted in a cluster (it runs on the attached node).
+    c.create(
+        0,
+        vol,
+        2,
+        "64M",
+        &[("nodes", "n1,n2"), ("snap_schedule", "daily=03:00,3")],
+    );
+    let id = c.inspect_on(0, vol)["id"].as_str().unwrap().to_string();
+    let (a, b) = (pattern(BLOCK, 1), pattern(BLOCK, 2));
+
+    let dev = c.attach_on(0, vol);
+    let d = BlockDev::open(&dev);
+    d.write_block(3, &a).expect("write");
+    d.sync().expect("fdatasync");
+    c.cli_ok(0, &["snapshot", "create", vol, "before"]);
+    d.write_block(3, &b).expect("write");
+    d.sync().expect("fdatasync");
+    // Seen from every node, n3 holding no replica included.
+    let both = vec!["n1".to_string(), "n2".to_string()];
+    for i in 0..3 {
+        assert_eq!(
+            snapshot_names_on(&c, i, vol),
+            vec![("before".to_string(), both.clone())],
+            "snapshot ls on {}",
+            c.name(i)
+        );
+    }
+    let table = c.cli_ok(2, &["snapshot", "ls", vol]);
+    assert!(
+        table.contains("NODES") && table.contains("n1,n2"),
+        "{table}"
+    );
+    // The attached node takes them: another is told where to go.
+    let err = c.cli_err(1, &["snapshot", "create", vol, "elsewhere"]);
+    assert!(err.contains("n1") && err.contains(vol), "{err}");
+    let err = c.cli_err(0, &["snapshot", "create", vol, "before"]);
+    assert!(err.contains("before"), "a taken name: {err}");
+    drop(d);
+    c.detach_on(0, vol);
+    let err = c.cli_err(0, &["volume", "restore", vol, "before"]);
+    assert!(err.contains("restore") && err.contains("cluster"), "{err}");
+    let err = c.cli_err(
+        0,
+        &["volume", "create", "copy", "-o", &format!("parent={vol}")],
+    );
+    assert!(err.contains("clones") && err.contains("cluster"), "{err}");
+
+    // Detached: any node takes one, n3 holding no replica too.
+    c.cli_ok(2, &["snapshot", "create", vol, "detached"]);
+    assert_eq!(
+        snapshot_names_on(&c, 1, vol)
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect::<Vec<_>>(),
+        ["before", "detached"]
+    );
+    assert_eq!(c.cluster_info(0, vol)["attached_on"], Value::Null);
+    // Each replica holds each snapshot as it was taken.
+    for i in [0, 1] {
+        let dir = c.node(i).data_dir.join("volumes").join(&id);
+        assert_eq!(snapshot_block(&dir, Some("before"), 3), a, "{}", c.name(i));
+        assert_eq!(
+            snapshot_block(&dir, Some("detached"), 3),
+            b,
+            "{}",
+            c.name(i)
+        );
+        assert_eq!(snapshot_block(&dir, None, 3), b, "{}", c.name(i));
+    }
+
+    // A replica's node down: refused, naming it, and nothing recorded.
+    c.kill9(1);
+    c.wait_node_up(0, 1, false);
+    let err = c.cli_err(0, &["snapshot", "create", vol, "late"]);
+    assert!(err.contains("n2") && err.contains("late"), "{err}");
+    let err = c.cli_err(0, &["snapshot", "rm", vol, "before"]);
+    assert!(err.contains("n2"), "{err}");
+    assert_eq!(c.replica_info(0, vol, "n2")["state"], "in-sync");
+    c.start_again(1);
+    c.wait_node_up(0, 1, true);
+
+    // Deleted on every replica and in etcd.
+    c.cli_ok(1, &["snapshot", "rm", vol, "before"]);
+    let err = c.cli_err(1, &["snapshot", "rm", vol, "before"]);
+    assert!(err.contains("before"), "{err}");
+    assert_eq!(
+        snapshot_names_on(&c, 0, vol),
+        vec![("detached".to_string(), both.clone())]
+    );
+    for i in [0, 1] {
+        let dir = c.node(i).data_dir.join("volumes").join(&id);
+        let img = open_replica(&dir);
+        let names: Vec<String> = img
+            .snapshots()
+            .unwrap()
+            .into_iter()
+            .map(|s| s.name)
+            .collect();
+        assert_eq!(names, ["detached"], "{}", c.name(i));
+    }
+    c.remove(0, vol);
+    c.shutdown();
+}

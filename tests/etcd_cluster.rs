@@ -3,7 +3,7 @@
 //! data dir for each test, and killed at the end (also on panic).
 
 use dunnage::catalog::{new_volume_id, CatalogError, VolumeRecord};
-use dunnage::cluster::{Cluster, ClusterConfig, ClusterError};
+use dunnage::cluster::{Cluster, ClusterConfig, ClusterError, SnapshotRecord};
 use dunnage::replication::{ReplicaState, StateStoreError};
 use dunnage::spec::VolumeSpec;
 use std::collections::BTreeMap;
@@ -356,11 +356,37 @@ fn attach_ownership_and_fencing() {
     assert_eq!(states["a"], ReplicaState::Outdated);
     assert_eq!(states["b"], ReplicaState::Resyncing);
 
+    // Snapshot records: written by the holder only, listed oldest first.
+    let snap = |name: &str, secs: i64| SnapshotRecord {
+        name: name.into(),
+        created_at: chrono::DateTime::from_timestamp(1_800_000_000 + secs, 0).unwrap(),
+        nodes: nodes.clone(),
+    };
+    b.set_snapshot(&vid, g2, "later", Some(&snap("later", 60)))
+        .unwrap();
+    b.set_snapshot(&vid, g2, "first", Some(&snap("first", 0)))
+        .unwrap();
+    assert!(matches!(
+        a.set_snapshot(&vid, g1, "stale", Some(&snap("stale", 1))),
+        Err(ClusterError::Fenced { .. })
+    ));
+    assert!(matches!(
+        a.set_snapshot(&vid, 0, "zero", Some(&snap("zero", 1))),
+        Err(ClusterError::Fenced { .. })
+    ));
+    assert_eq!(
+        a.snapshots(&vid).unwrap(),
+        vec![snap("first", 0), snap("later", 60)]
+    );
+    b.set_snapshot(&vid, g2, "first", None).unwrap();
+    assert_eq!(a.snapshots(&vid).unwrap(), vec![snap("later", 60)]);
+
     // Another volume's states are its own, even with an id that extends this one.
     let other = format!("{vid}0");
     a.init_replica_states(&other, &nodes).unwrap();
     b.forget_volume(&vid).unwrap();
     assert!(a.replica_states(&vid).unwrap().is_empty());
+    assert!(a.snapshots(&vid).unwrap().is_empty());
     assert_eq!(a.replica_states(&other).unwrap(), all_in_sync);
 
     b.release_attach(&vid, g2).unwrap();
@@ -399,6 +425,14 @@ fn a_node_cut_off_loses_its_attach_and_registers_again() {
     assert!(
         b.mark_unreleased(&vid, g2).unwrap(),
         "a lost its lease holding the attach: unreleased"
+    );
+    // Released before the replicas were compared: the mark stays.
+    b.release_attach_unverified(&vid, g2).unwrap();
+    assert_eq!(b.attach_holder(&vid).unwrap(), None);
+    let g2 = b.acquire_attach(&vid, "v", Duration::ZERO).unwrap();
+    assert!(
+        b.mark_unreleased(&vid, g2).unwrap(),
+        "never compared: still unreleased"
     );
     b.release_attach(&vid, g2).unwrap();
     let g2 = b.acquire_attach(&vid, "v", Duration::ZERO).unwrap();

@@ -220,6 +220,21 @@ fn config(
     }
 }
 
+/// `a` attached with its own replica, `b` and `c` its in-sync peers.
+fn config_a_bc(nodes: &[Node], generation: Generation, states: Arc<FakeStates>) -> MirrorConfig {
+    config(
+        "a",
+        generation,
+        Some(nodes[0].local()),
+        ReplicaState::InSync,
+        vec![
+            nodes[1].peer(ReplicaState::InSync),
+            nodes[2].peer(ReplicaState::InSync),
+        ],
+        states,
+    )
+}
+
 fn status_of(m: &Mirror, node: &str) -> ReplicaStatus {
     m.status().into_iter().find(|s| s.node == node).unwrap()
 }
@@ -326,18 +341,7 @@ fn writes_land_identically_on_every_replica() {
 fn peer_down_mid_writes_is_outdated_then_resynced() {
     let mut nodes: Vec<Node> = ["a", "b", "c"].iter().map(|n| Node::new(n)).collect();
     let states = FakeStates::new();
-    let m = Mirror::open(config(
-        "a",
-        1,
-        Some(nodes[0].local()),
-        ReplicaState::InSync,
-        vec![
-            nodes[1].peer(ReplicaState::InSync),
-            nodes[2].peer(ReplicaState::InSync),
-        ],
-        states.clone(),
-    ))
-    .unwrap();
+    let m = Mirror::open(config_a_bc(&nodes, 1, states.clone())).unwrap();
 
     let written = AtomicU64::new(0);
     let stop = AtomicBool::new(false);
@@ -880,17 +884,7 @@ fn a_local_disk_error_without_an_in_sync_peer_fails_the_io_and_keeps_the_replica
 fn replicas_that_differ_after_an_unreleased_attach_are_repaired() {
     let nodes: Vec<Node> = ["a", "b", "c"].iter().map(|n| Node::new(n)).collect();
     let open = |generation: Generation, verify: bool| {
-        let mut cfg = config(
-            "a",
-            generation,
-            Some(nodes[0].local()),
-            ReplicaState::InSync,
-            vec![
-                nodes[1].peer(ReplicaState::InSync),
-                nodes[2].peer(ReplicaState::InSync),
-            ],
-            FakeStates::new(),
-        );
+        let mut cfg = config_a_bc(&nodes, generation, FakeStates::new());
         cfg.verify = verify;
         Mirror::open(cfg).unwrap()
     };
@@ -972,5 +966,119 @@ fn a_full_resync_sends_only_the_chunks_that_differ() {
     assert_eq!(nodes[0].checksum(), nodes[1].checksum());
     // The two 1 MiB chunks that differ, not the 8 MiB of data.
     assert_eq!(status_of(&m, "b").resync_sent_bytes, 2 * MIB);
+    m.close();
+}
+
+/// The snapshot names each replica of `nodes` holds.
+fn snapshot_names(nodes: &[Node]) -> Vec<Vec<String>> {
+    nodes
+        .iter()
+        .map(|n| {
+            let r = n.local();
+            let names = r.image().snapshots().unwrap();
+            names.into_iter().map(|s| s.name).collect()
+        })
+        .collect()
+}
+
+#[test]
+fn a_snapshot_is_taken_on_every_replica_at_one_point_of_the_writes() {
+    let mut nodes: Vec<Node> = ["a", "b", "c"].iter().map(|n| Node::new(n)).collect();
+    let m = Mirror::open(config_a_bc(&nodes, 1, FakeStates::new())).unwrap();
+
+    // Four writers each count up in their own block while the snapshot is
+    // taken: it must hold, on every replica, the same count per block, and
+    // at least the one acknowledged before the snapshot started.
+    const WRITERS: u64 = 4;
+    let acked: Vec<AtomicU64> = (0..WRITERS).map(|_| AtomicU64::new(0)).collect();
+    let stop = AtomicBool::new(false);
+    let before = std::thread::scope(|s| {
+        for t in 0..WRITERS {
+            let (m, acked, stop) = (&m, &acked, &stop);
+            s.spawn(move || {
+                let mut k = 0u64;
+                while !stop.load(Ordering::SeqCst) {
+                    k += 1;
+                    let mut block = vec![0u8; BLOCK as usize];
+                    block[..8].copy_from_slice(&k.to_le_bytes());
+                    m.write_at(&block, t * MIB).unwrap();
+                    acked[t as usize].store(k, Ordering::SeqCst);
+                }
+            });
+        }
+        wait_until("writes under way", || {
+            acked.iter().all(|a| a.load(Ordering::SeqCst) > 20)
+        });
+        let before: Vec<u64> = acked.iter().map(|a| a.load(Ordering::SeqCst)).collect();
+        m.snapshot("s1").unwrap();
+        wait_until("writes after the snapshot", || {
+            acked.iter().all(|a| a.load(Ordering::SeqCst) > 40)
+        });
+        stop.store(true, Ordering::SeqCst);
+        before
+    });
+    let counts = |n: &Node| -> Vec<u64> {
+        let r = n.local();
+        let view = r.image().snapshot_view("s1").unwrap();
+        (0..WRITERS)
+            .map(|t| {
+                let mut b = [0u8; 8];
+                view.read_at(&mut b, t * MIB).unwrap();
+                u64::from_le_bytes(b)
+            })
+            .collect()
+    };
+    let in_snapshot: Vec<Vec<u64>> = nodes.iter().map(counts).collect();
+    assert!(
+        in_snapshot.iter().all(|c| *c == in_snapshot[0]),
+        "every replica's snapshot holds the same writes: {in_snapshot:?}"
+    );
+    let last: Vec<u64> = {
+        let head = read_vec(&*m, 0, 4 * MIB as usize);
+        (0..WRITERS as usize)
+            .map(|t| u64::from_le_bytes(head[t * MIB as usize..][..8].try_into().unwrap()))
+            .collect()
+    };
+    for t in 0..WRITERS as usize {
+        assert!(
+            in_snapshot[0][t] >= before[t] && in_snapshot[0][t] < last[t],
+            "writer {t}: acknowledged before {}, in the snapshot {}, last {}",
+            before[t],
+            in_snapshot[0][t],
+            last[t]
+        );
+    }
+
+    // A replica that cannot take it refuses the snapshot everywhere.
+    nodes[2].stop();
+    m.write_at(&pattern(7, 4096), 0).unwrap();
+    let err = m.snapshot("s2").unwrap_err();
+    assert!(
+        matches!(&err, ReplicationError::SnapshotNeedsAll { node, .. } if node == "c"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("volume resync"), "{err}");
+    // Nor is a snapshot deleted while a replica holding it is away.
+    let err = m.delete_snapshot("s1").unwrap_err();
+    assert!(err.to_string().contains("unreachable"), "{err}");
+    nodes[2].restart();
+    wait_in_sync(&m, "c");
+    assert_eq!(snapshot_names(&nodes), vec![vec!["s1".to_string()]; 3]);
+
+    // One replica fails the take (it has the name already): the others
+    // delete theirs again, so no replica keeps a snapshot the rest lack.
+    let c = nodes[2].local();
+    c.snapshot(1, "s3").unwrap();
+    drop(c);
+    let err = m.snapshot("s3").unwrap_err();
+    assert!(err.to_string().contains("s3"), "{err}");
+    let names = snapshot_names(&nodes);
+    assert_eq!(names[0], vec!["s1"], "{names:?}");
+    assert_eq!(names[1], vec!["s1"], "{names:?}");
+
+    // Delete: everywhere, and a replica without it is fine.
+    m.delete_snapshot("s3").unwrap();
+    m.delete_snapshot("s1").unwrap();
+    assert_eq!(snapshot_names(&nodes), vec![Vec::<String>::new(); 3]);
     m.close();
 }

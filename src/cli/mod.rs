@@ -126,15 +126,25 @@ pub fn snapshot(run_dir: &Path, cmd: SnapshotCmd) -> Result<()> {
             } else {
                 let mut t = Table::new();
                 t.load_preset(NOTHING);
-                t.set_header(["NAME", "CREATED", "EXCLUSIVE", "REFERENCED", "CLONES"]);
+                // Snapshots of a cluster volume say which replicas hold them.
+                let cluster = list.iter().any(|s| !s.nodes.is_empty());
+                let mut header = vec!["NAME", "CREATED", "EXCLUSIVE", "REFERENCED", "CLONES"];
+                if cluster {
+                    header.push("NODES");
+                }
+                t.set_header(header);
                 for s in &list {
-                    t.add_row([
+                    let mut row = vec![
                         s.name.clone(),
                         s.created_at.format("%Y-%m-%d %H:%M:%S UTC").to_string(),
                         human_bytes(s.exclusive_bytes),
                         human_bytes(s.referenced_bytes),
                         s.clones.len().to_string(),
-                    ]);
+                    ];
+                    if cluster {
+                        row.push(s.nodes.join(","));
+                    }
+                    t.add_row(row);
                 }
                 println!("{t}");
             }

@@ -8,7 +8,9 @@
 //!   node that ever joined (no lease), so a down node still shows as down;
 //! - `attach/<volume id>`: `{node, volume}` under the holder's lease; its
 //!   mod revision is the attach generation;
-//! - `replicas/<volume id>/<node>`: that replica's state.
+//! - `replicas/<volume id>/<node>`: that replica's state;
+//! - `snapshots/<volume id>/<name>`: a snapshot taken on every replica
+//!   (its time and the nodes holding it).
 //!
 //! The rest of the daemon is synchronous, so is this API. etcd-client is
 //! async: every call runs as a task on a runtime owned by the [`Cluster`]
@@ -78,6 +80,9 @@ fn unreleased_key(volume_id: &str) -> String {
 fn replicas_prefix(volume_id: &str) -> String {
     format!("{PREFIX}replicas/{volume_id}/")
 }
+fn snapshots_prefix(volume_id: &str) -> String {
+    format!("{PREFIX}snapshots/{volume_id}/")
+}
 
 #[derive(Debug, Clone)]
 pub struct ClusterConfig {
@@ -138,6 +143,18 @@ struct MemberRecord {
 struct AttachRecord {
     node: String,
     volume: String,
+}
+
+/// A snapshot of a replicated volume, as etcd records it once every
+/// replica took it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotRecord {
+    /// From the key, not stored in the value.
+    #[serde(skip)]
+    pub name: String,
+    pub created_at: DateTime<Utc>,
+    /// The nodes whose replicas hold it.
+    pub nodes: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -815,12 +832,33 @@ impl Cluster {
         volume_id: &str,
         generation: Generation,
     ) -> Result<(), ClusterError> {
+        self.release(volume_id, generation, true)
+    }
+
+    /// [`Self::release_attach`], but the unreleased mark an earlier attach
+    /// left stays: this attach did not finish comparing the replicas, so
+    /// the next one must.
+    pub fn release_attach_unverified(
+        &self,
+        volume_id: &str,
+        generation: Generation,
+    ) -> Result<(), ClusterError> {
+        self.release(volume_id, generation, false)
+    }
+
+    fn release(
+        &self,
+        volume_id: &str,
+        generation: Generation,
+        clear_mark: bool,
+    ) -> Result<(), ClusterError> {
         let (key, mark) = (attach_key(volume_id), unreleased_key(volume_id));
+        let mut ops = vec![TxnOp::delete(key.as_str(), None)];
+        if clear_mark {
+            ops.push(TxnOp::delete(mark.as_str(), None));
+        }
         let txn = while_holding(volume_id, generation)
-            .and_then([
-                TxnOp::delete(key.as_str(), None),
-                TxnOp::delete(mark.as_str(), None),
-            ])
+            .and_then(ops)
             .or_else([TxnOp::get(key.as_str(), None)]);
         let resp = self.run(move |s| async move { s.txn(txn).await })?;
         if resp.succeeded() || txn_kvs(&resp, 0).is_empty() {
@@ -871,23 +909,9 @@ impl Cluster {
         node: &str,
         state: ReplicaState,
     ) -> Result<(), ClusterError> {
-        let fenced = || ClusterError::Fenced {
-            volume: volume_id.to_string(),
-            generation,
-        };
-        // A missing key compares as revision 0: never a valid guard.
-        if generation == 0 {
-            return Err(fenced());
-        }
         let key = format!("{}{node}", replicas_prefix(volume_id));
         let value = to_json(&ReplicaRecord { state, generation });
-        let txn = while_holding(volume_id, generation).and_then([TxnOp::put(key, value, None)]);
-        let ok = self.run(move |s| async move { Ok(s.txn(txn).await?.succeeded()) })?;
-        if ok {
-            Ok(())
-        } else {
-            Err(fenced())
-        }
+        self.put_holding(volume_id, generation, TxnOp::put(key, value, None))
     }
 
     /// Unguarded initial states at create time (all InSync for a new, empty volume).
@@ -913,18 +937,80 @@ impl Cluster {
         Ok(())
     }
 
-    /// Delete the volume's replica states (at volume remove).
+    /// Delete the volume's replica states and snapshot records (at volume
+    /// remove).
     pub fn forget_volume(&self, volume_id: &str) -> Result<(), ClusterError> {
-        let prefix = replicas_prefix(volume_id);
+        let prefixes = [replicas_prefix(volume_id), snapshots_prefix(volume_id)];
         let mark = unreleased_key(volume_id);
         self.run(|s| async move {
             let mut kv = s.client.kv_client();
-            kv.delete(prefix, Some(DeleteOptions::new().with_prefix()))
-                .await
-                .map_err(|e| s.error(e))?;
+            for prefix in prefixes {
+                kv.delete(prefix, Some(DeleteOptions::new().with_prefix()))
+                    .await
+                    .map_err(|e| s.error(e))?;
+            }
             kv.delete(mark, None).await.map_err(|e| s.error(e))
         })?;
         Ok(())
+    }
+
+    /// The volume's snapshots, oldest first.
+    pub fn snapshots(&self, volume_id: &str) -> Result<Vec<SnapshotRecord>, ClusterError> {
+        let prefix = snapshots_prefix(volume_id);
+        let p = prefix.clone();
+        let kvs = self.run(|s| async move { s.get_prefix(&p).await })?;
+        let mut out = Vec::with_capacity(kvs.len());
+        for kv in kvs {
+            if let Some(name) = key_tail(&kv, &prefix) {
+                let mut r: SnapshotRecord = parse(&kv)?;
+                r.name = name.to_string();
+                out.push(r);
+            }
+        }
+        out.sort_by(|a, b| (a.created_at, &a.name).cmp(&(b.created_at, &b.name)));
+        Ok(out)
+    }
+
+    /// Record a snapshot every replica took, or forget one every replica
+    /// deleted (`None`), while `generation` holds the attach.
+    pub fn set_snapshot(
+        &self,
+        volume_id: &str,
+        generation: Generation,
+        name: &str,
+        record: Option<&SnapshotRecord>,
+    ) -> Result<(), ClusterError> {
+        let key = format!("{}{name}", snapshots_prefix(volume_id));
+        let op = match record {
+            Some(r) => TxnOp::put(key, to_json(r), None),
+            None => TxnOp::delete(key, None),
+        };
+        self.put_holding(volume_id, generation, op)
+    }
+
+    /// Run `op` only while `generation` holds the volume's attach
+    /// (Err(Fenced) otherwise).
+    fn put_holding(
+        &self,
+        volume_id: &str,
+        generation: Generation,
+        op: TxnOp,
+    ) -> Result<(), ClusterError> {
+        let fenced = || ClusterError::Fenced {
+            volume: volume_id.to_string(),
+            generation,
+        };
+        // A missing key compares as revision 0: never a valid guard.
+        if generation == 0 {
+            return Err(fenced());
+        }
+        let txn = while_holding(volume_id, generation).and_then([op]);
+        let ok = self.run(move |s| async move { Ok(s.txn(txn).await?.succeeded()) })?;
+        if ok {
+            Ok(())
+        } else {
+            Err(fenced())
+        }
     }
 
     /// A [`StateStore`] bound to one volume and generation, for the data path.

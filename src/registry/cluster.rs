@@ -33,22 +33,11 @@ impl Registry {
         spec: VolumeSpec,
         opts: BTreeMap<String, String>,
     ) -> Reply<Created> {
-        let unsupported = if spec.parent.is_some() {
-            Some("parent")
-        } else if spec.snap.is_some() {
-            Some("snap_interval/snap_schedule")
-        } else {
-            None
-        };
-        if let Some(option) = unsupported {
+        if spec.parent.is_some() {
             return Err(SpecError::Value {
-                option: option.into(),
-                value: opts
-                    .iter()
-                    .find(|(k, _)| option.contains(k.as_str()))
-                    .map(|(_, v)| v.clone())
-                    .unwrap_or_default(),
-                reason: "not available for volumes in a cluster yet (snapshots, clones and schedules are single-node features for now)".into(),
+                option: "parent".into(),
+                value: opts.get("parent").cloned().unwrap_or_default(),
+                reason: "clones are not available for volumes in a cluster yet (snapshots and schedules are); create the volume on a node without --etcd to clone".into(),
             }
             .into());
         }

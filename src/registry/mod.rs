@@ -78,7 +78,8 @@ impl RegistryError {
                 | volume::VolumeErrorKind::Locked(_)
                 | volume::VolumeErrorKind::NoClusterKey
                 | volume::VolumeErrorKind::ClusterKeyed
-                | volume::VolumeErrorKind::WrongClusterKey => 409,
+                | volume::VolumeErrorKind::WrongClusterKey
+                | volume::VolumeErrorKind::SnapshotsOnHolder(_) => 409,
                 volume::VolumeErrorKind::Cluster(ref c)
                     if matches!(**c, crate::cluster::ClusterError::HeldBy { .. }) =>
                 {

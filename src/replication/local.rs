@@ -191,6 +191,22 @@ impl LocalReplica {
         Ok(self.image.flush()?)
     }
 
+    /// Snapshot the image (it flushes first) for `generation`: a fenced
+    /// session must not add snapshots either.
+    pub fn snapshot(&self, generation: Generation, name: &str) -> Result<(), ReplicationError> {
+        let _g = self.admit(generation)?;
+        Ok(self.image.snapshot(name)?)
+    }
+
+    pub fn delete_snapshot(
+        &self,
+        generation: Generation,
+        name: &str,
+    ) -> Result<(), ReplicationError> {
+        let _g = self.admit(generation)?;
+        Ok(self.image.delete_snapshot(name)?)
+    }
+
     /// sha256 of the whole device, hex.
     pub fn checksum(&self) -> Result<String, ReplicationError> {
         const CHUNK: u64 = 1 << 20;

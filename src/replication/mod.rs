@@ -147,4 +147,19 @@ pub enum ReplicationError {
     State(#[from] StateStoreError),
     #[error("invalid replication config: {0}")]
     Config(String),
+    /// A snapshot is taken on every replica at once: one that cannot take
+    /// it now refuses the snapshot.
+    #[error(
+        "cannot {op} snapshot {snapshot} of volume {volume}: the replica on node {node} is {why}; \
+         snapshots are taken and deleted on every replica at once. A node that is down must \
+         be back; an outdated replica is resynced while the volume is attached (`dunnage \
+         volume resync {volume}` on the attached node waits for it); then retry"
+    )]
+    SnapshotNeedsAll {
+        op: &'static str,
+        volume: String,
+        snapshot: String,
+        node: String,
+        why: String,
+    },
 }

@@ -189,8 +189,10 @@ fn code_of(e: &ReplicationError) -> ErrorCode {
         ReplicationError::Engine(
             EngineError::OutOfRange { .. }
             | EngineError::InvalidParams(_)
-            | EngineError::Misaligned { .. },
+            | EngineError::Misaligned { .. }
+            | EngineError::SnapshotExists { .. },
         ) => ErrorCode::Invalid,
+        ReplicationError::Engine(EngineError::NoSuchSnapshot { .. }) => ErrorCode::NotFound,
         _ => ErrorCode::Io,
     }
 }
@@ -351,6 +353,8 @@ fn execute(
         Request::Write { offset, ref data } => replica.write_at(generation, data, offset),
         Request::Discard { offset, len } => replica.discard(generation, offset, len),
         Request::Flush => replica.flush(generation),
+        Request::Snapshot { ref name } => replica.snapshot(generation, name),
+        Request::DeleteSnapshot { ref name } => replica.delete_snapshot(generation, name),
     };
     Reply::Frame(match result {
         Ok(()) => Frame::Ok { id },

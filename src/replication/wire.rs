@@ -20,7 +20,8 @@ use std::io::{self, IoSlice, Read, Write};
 pub const MAGIC: [u8; 8] = *b"dunnrepl";
 /// The protocol this build speaks.
 /// 2: `Digest` requests (verify after an unclean failover).
-pub const PROTOCOL_VERSION: u32 = 2;
+/// 3: `Snapshot` and `DeleteSnapshot` requests, the `NotFound` error.
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Largest frame accepted (a write or read of up to 64 MiB plus headers).
 pub const MAX_FRAME: usize = (64 << 20) + 4096;
 /// Largest read or write one request may carry.
@@ -36,6 +37,8 @@ const KIND_FLUSH: u8 = 7;
 const KIND_OK: u8 = 8;
 const KIND_DATA: u8 = 9;
 const KIND_DIGEST: u8 = 10;
+const KIND_SNAPSHOT: u8 = 11;
+const KIND_DELETE_SNAPSHOT: u8 = 12;
 
 /// The first message of a connection: who asks, for which replica, under
 /// which attach generation.
@@ -85,6 +88,8 @@ pub enum ErrorCode {
     Invalid,
     /// The replica's engine failed.
     Io,
+    /// What the request names (a snapshot) does not exist.
+    NotFound,
 }
 
 impl ErrorCode {
@@ -95,6 +100,7 @@ impl ErrorCode {
             ErrorCode::Protocol => 3,
             ErrorCode::Invalid => 4,
             ErrorCode::Io => 5,
+            ErrorCode::NotFound => 6,
         }
     }
 
@@ -105,6 +111,7 @@ impl ErrorCode {
             3 => ErrorCode::Protocol,
             4 => ErrorCode::Invalid,
             5 => ErrorCode::Io,
+            6 => ErrorCode::NotFound,
             _ => return Err(WireError::Malformed(format!("unknown error code {v}"))),
         })
     }
@@ -118,6 +125,7 @@ impl std::fmt::Display for ErrorCode {
             ErrorCode::Protocol => "protocol",
             ErrorCode::Invalid => "invalid request",
             ErrorCode::Io => "io",
+            ErrorCode::NotFound => "not found",
         })
     }
 }
@@ -145,6 +153,15 @@ pub enum Request {
     Digest {
         offset: u64,
         len: u32,
+    },
+    /// Take a snapshot of the replica under `name` (it flushes first). The
+    /// client sends it with no write in flight, to every replica at once.
+    Snapshot {
+        name: String,
+    },
+    /// Delete the replica's snapshot `name` (`NotFound` if it has none).
+    DeleteSnapshot {
+        name: String,
     },
 }
 
@@ -207,6 +224,8 @@ impl Frame {
                     Request::Discard { .. } => KIND_DISCARD,
                     Request::Flush => KIND_FLUSH,
                     Request::Digest { .. } => KIND_DIGEST,
+                    Request::Snapshot { .. } => KIND_SNAPSHOT,
+                    Request::DeleteSnapshot { .. } => KIND_DELETE_SNAPSHOT,
                 },
                 *id,
             ),
@@ -244,6 +263,9 @@ impl Frame {
                     b.extend_from_slice(&len.to_be_bytes());
                 }
                 Request::Flush => {}
+                Request::Snapshot { name } | Request::DeleteSnapshot { name } => {
+                    put_str(&mut b, name)
+                }
             },
             Frame::Ok { .. } => {}
             Frame::Data { data, .. } => b.extend_from_slice(data),
@@ -321,6 +343,14 @@ impl Frame {
                     offset: r.u64()?,
                     len: r.u32()?,
                 },
+            },
+            KIND_SNAPSHOT => Frame::Request {
+                id,
+                req: Request::Snapshot { name: r.str()? },
+            },
+            KIND_DELETE_SNAPSHOT => Frame::Request {
+                id,
+                req: Request::DeleteSnapshot { name: r.str()? },
             },
             KIND_OK => Frame::Ok { id },
             KIND_DATA => Frame::Data {
@@ -596,6 +626,12 @@ mod tests {
                 offset: 1 << 40,
                 len: 1 << 20,
             },
+            Request::Snapshot {
+                name: "daily-2026".into(),
+            },
+            Request::DeleteSnapshot {
+                name: "daily-2026".into(),
+            },
         ] {
             roundtrip(Frame::Request { id: 77, req });
         }
@@ -610,6 +646,7 @@ mod tests {
             ErrorCode::Protocol,
             ErrorCode::Invalid,
             ErrorCode::Io,
+            ErrorCode::NotFound,
         ] {
             roundtrip(Frame::Error {
                 id: 5,
@@ -636,19 +673,24 @@ mod tests {
     /// by a fixture per version.
     #[test]
     fn hello_matches_fixture() {
-        let fixture = include_bytes!("../../fixtures/replication/hello-v2.bin");
+        let fixture = include_bytes!("../../fixtures/replication/hello-v3.bin");
         assert_eq!(Frame::Hello(fixture_hello()).encode(), fixture.to_vec());
         assert_eq!(
             read_frame(&mut &fixture[..]).unwrap().unwrap(),
             Frame::Hello(fixture_hello())
         );
-        // A node of version 1 (no Digest) is told what to do.
-        let v1 = include_bytes!("../../fixtures/replication/hello-v1.bin");
-        match read_frame(&mut &v1[..]) {
-            Err(e @ WireError::Version { theirs: 1 }) => {
-                assert!(e.to_string().contains("same dunnage version"), "{e}")
+        // Nodes of older versions (no Digest, no Snapshot) are told what to do.
+        let old: [(&[u8], u32); 2] = [
+            (include_bytes!("../../fixtures/replication/hello-v1.bin"), 1),
+            (include_bytes!("../../fixtures/replication/hello-v2.bin"), 2),
+        ];
+        for (bytes, version) in old {
+            match read_frame(&mut &bytes[..]) {
+                Err(e @ WireError::Version { theirs }) if theirs == version => {
+                    assert!(e.to_string().contains("same dunnage version"), "{e}")
+                }
+                other => panic!("a v{version} hello: {other:?}"),
             }
-            other => panic!("a v1 hello: {other:?}"),
         }
     }
 

@@ -239,6 +239,7 @@ mod tests {
                 exclusive_bytes: 0,
                 referenced_bytes: 0,
                 clones: vec![],
+                nodes: vec![],
             })
         }
     }

@@ -107,6 +107,8 @@ pub enum VolumeErrorKind {
     Replication(Box<crate::replication::ReplicationError>),
     #[error("{0} is not available for volumes in a cluster yet")]
     NotInCluster(&'static str),
+    #[error("it is attached on node {0}, whose daemon takes and deletes its snapshots: run this command on {0}, or detach the volume first")]
+    SnapshotsOnHolder(String),
     #[error("{0} needs a cluster: start dunnage serve with --node, --listen and --etcd")]
     NotClustered(&'static str),
     #[error("this node holds no replica of it (its replicas are on {0})")]
@@ -199,6 +201,17 @@ impl VolumeActor {
         let attached = self.attached.is_some();
         if attached != self.told_attached {
             self.told_attached = attached;
+            // In a cluster the volume may have been created on another
+            // node: its schedule comes from the catalog, here at attach.
+            if let (true, Some(_), Ok(r)) = (attached, &self.node.cluster, self.record()) {
+                if r.spec.snap.is_some() {
+                    self.node
+                        .schedule(crate::schedule::actor::ScheduleEvent::Policy {
+                            volume: self.name.clone(),
+                            policy: r.spec.snap,
+                        });
+                }
+            }
             self.node
                 .schedule(crate::schedule::actor::ScheduleEvent::Attached {
                     volume: self.name.clone(),

@@ -118,7 +118,17 @@ pub(super) fn close_mirror(
     mirror.close();
     c.untrack(volume_id);
     c.replicas.close(volume_id);
-    if let Err(e) = c.cluster.release_attach(volume_id, generation) {
+    // A comparison cut short is the next attach's to do again.
+    let released = if mirror.verification().is_some_and(|v| !v.finished) {
+        tracing::warn!(
+            volume,
+            "detached before the replicas were compared; the next attach compares them"
+        );
+        c.cluster.release_attach_unverified(volume_id, generation)
+    } else {
+        c.cluster.release_attach(volume_id, generation)
+    };
+    if let Err(e) = released {
         tracing::warn!(volume, error = %e, "could not give the attach lease back; it expires with this node's lease");
     }
 }

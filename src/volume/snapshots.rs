@@ -2,9 +2,18 @@
 //! when the volume is attached (the engine excludes IO for the instant, so
 //! a snapshot holds every write acknowledged before it and none after), or
 //! on the image opened for the moment when it is not.
+//!
+//! In a cluster a snapshot is taken on every replica at one point of the
+//! write stream, by the mirror of the node holding the attach (this one's,
+//! or one opened for the moment when the volume is attached nowhere), and
+//! etcd records it once every replica has it.
 
-use super::{VolumeActor, VolumeError, VolumeErrorKind};
+use super::{replicated, Backing, VolumeActor, VolumeError, VolumeErrorKind};
+use crate::catalog::VolumeRecord;
+use crate::cluster::SnapshotRecord;
+use crate::config::ClusterNode;
 use crate::engine::{EngineError, SnapshotInfo, ThinImage};
+use crate::replication::{Generation, Mirror, ReplicaState, ReplicationError};
 use actix::prelude::*;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -21,6 +30,9 @@ pub struct SnapshotEntry {
     pub referenced_bytes: u64,
     /// Clones (their data directories) made from it.
     pub clones: Vec<String>,
+    /// In a cluster: the nodes whose replicas hold it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<String>,
 }
 
 impl SnapshotEntry {
@@ -36,6 +48,24 @@ impl SnapshotEntry {
                 .iter()
                 .map(|p| p.display().to_string())
                 .collect(),
+            nodes: Vec::new(),
+        }
+    }
+
+    /// A cluster snapshot as etcd records it, with the space figures of
+    /// this node's replica when it holds one (`info`).
+    fn of_cluster(volume: &str, r: SnapshotRecord, info: Option<(&SnapshotInfo, u32)>) -> Self {
+        let (exclusive, referenced) = info.map_or((0, 0), |(i, bs)| {
+            (i.exclusive_blocks * u64::from(bs), i.blocks * u64::from(bs))
+        });
+        SnapshotEntry {
+            volume: volume.to_string(),
+            name: r.name,
+            created_at: r.created_at,
+            exclusive_bytes: exclusive,
+            referenced_bytes: referenced,
+            clones: Vec::new(),
+            nodes: r.nodes,
         }
     }
 }
@@ -53,6 +83,97 @@ pub struct Space {
 }
 
 impl VolumeActor {
+    /// In a cluster: run `f` on the mirror of this node's attach, or, when
+    /// the volume is attached nowhere, on one opened for the moment.
+    /// Refused while another node holds the attach: its mirror is the one
+    /// writing, and only it can hold writes for the instant of a snapshot.
+    fn with_mirror<T>(
+        &self,
+        c: &ClusterNode,
+        record: &VolumeRecord,
+        (op, snapshot): (&'static str, &str),
+        f: impl FnOnce(&Mirror, Generation) -> Result<T, VolumeErrorKind>,
+    ) -> Result<T, VolumeError> {
+        if let Some(Backing::Mirror { mirror, generation }) =
+            self.attached.as_ref().map(|a| &a.engine)
+        {
+            return f(mirror, *generation).map_err(|e| self.err(e));
+        }
+        if let Some((node, _)) = c.cluster.attach_holder(&self.id).map_err(|e| self.err(e))? {
+            return Err(self.err(VolumeErrorKind::SnapshotsOnHolder(node)));
+        }
+        // What the mirror would refuse, refused before opening one (which
+        // records an unreachable replica outdated).
+        let members = c.cluster.members().map_err(|e| self.err(e))?;
+        let states = c
+            .cluster
+            .replica_states(&self.id)
+            .map_err(|e| self.err(e))?;
+        for node in &record.replicas {
+            let up = members.iter().any(|m| &m.name == node && m.up);
+            let state = states.get(node).copied().unwrap_or(ReplicaState::Outdated);
+            let why = if !up {
+                "unreachable (its node is down)".to_string()
+            } else if op == "take" && state != ReplicaState::InSync {
+                state.to_string()
+            } else {
+                continue;
+            };
+            let e = ReplicationError::SnapshotNeedsAll {
+                op,
+                volume: record.name.clone(),
+                snapshot: snapshot.to_string(),
+                node: node.clone(),
+                why,
+            };
+            return Err(self.err(e));
+        }
+        let (mirror, generation) = replicated::open_mirror(c, record).map_err(|e| self.err(e))?;
+        let res = f(&mirror, generation);
+        replicated::close_mirror(c, &self.id, &self.name, &mirror, generation);
+        res.map_err(|e| self.err(e))
+    }
+
+    /// This node's replica's snapshots (name, block size), if it holds one.
+    fn local_snapshot_infos(&self, c: &ClusterNode, record: &VolumeRecord) -> Vec<SnapshotInfo> {
+        // Not created here for a listing: a replica never attached has none.
+        let made = c
+            .replicas
+            .dir(&self.id)
+            .is_ok_and(|d| d.join("header").exists());
+        if !made || !record.replicas.iter().any(|n| n == c.cluster.node()) {
+            return Vec::new();
+        }
+        let infos = c
+            .replicas
+            .open(&self.id, replicated::params(record))
+            .and_then(|r| Ok(r.image().snapshots()?));
+        if self.attached.is_none() {
+            c.replicas.close(&self.id);
+        }
+        infos.unwrap_or_else(|e| {
+            tracing::warn!(volume = %self.name, error = %e, "cannot read the local replica's snapshots; their sizes show as 0");
+            Vec::new()
+        })
+    }
+
+    fn cluster_snapshots(
+        &self,
+        c: &ClusterNode,
+        record: &VolumeRecord,
+    ) -> Result<Vec<SnapshotEntry>, VolumeError> {
+        let records = c.cluster.snapshots(&self.id).map_err(|e| self.err(e))?;
+        let infos = self.local_snapshot_infos(c, record);
+        let bs = record.spec.block_size_bytes();
+        Ok(records
+            .into_iter()
+            .map(|r| {
+                let info = infos.iter().find(|i| i.name == r.name).map(|i| (i, bs));
+                SnapshotEntry::of_cluster(&self.name, r, info)
+            })
+            .collect())
+    }
+
     /// Run `f` on the image: the attached engine, or the image opened now.
     fn with_image<T>(
         &self,
@@ -96,6 +217,34 @@ impl Handler<TakeSnapshot> for VolumeActor {
             .name
             .unwrap_or_else(|| Utc::now().format("snap-%Y%m%dT%H%M%S%.3fZ").to_string());
         let volume = self.name.clone();
+        if let Some(c) = self.node.cluster.clone() {
+            let record = self.record()?;
+            let entry = self.with_mirror(&c, &record, ("take", &name), |mirror, generation| {
+                if c.cluster.snapshots(&record.id)?.iter().any(|s| s.name == name) {
+                    return Err(EngineError::SnapshotExists {
+                        dir: c.replicas.volumes_dir().join(&record.id),
+                        name: name.clone(),
+                    }
+                    .into());
+                }
+                mirror.snapshot(&name)?;
+                let snap = SnapshotRecord {
+                    name: name.clone(),
+                    created_at: Utc::now(),
+                    nodes: record.replicas.clone(),
+                };
+                if let Err(e) = c.cluster.set_snapshot(&record.id, generation, &name, Some(&snap)) {
+                    // Not recorded: not kept either.
+                    if let Err(d) = mirror.delete_snapshot(&name) {
+                        tracing::warn!(volume = %record.name, snapshot = %name, error = %d, "could not delete a snapshot etcd did not record");
+                    }
+                    return Err(e.into());
+                }
+                Ok(SnapshotEntry::of_cluster(&record.name, snap, None))
+            })?;
+            tracing::info!(volume = %self.name, snapshot = %entry.name, replicas = ?entry.nodes, "snapshot taken on every replica");
+            return Ok(entry);
+        }
         let entry = self.with_image(|img| {
             img.snapshot(&name)?;
             let bs = img.block_size();
@@ -120,6 +269,10 @@ pub struct ListSnapshots;
 impl Handler<ListSnapshots> for VolumeActor {
     type Result = Result<Vec<SnapshotEntry>, VolumeError>;
     fn handle(&mut self, _: ListSnapshots, _: &mut SyncContext<Self>) -> Self::Result {
+        if let Some(c) = self.node.cluster.clone() {
+            let record = self.record()?;
+            return self.cluster_snapshots(&c, &record);
+        }
         let volume = self.name.clone();
         self.with_image(|img| {
             let bs = img.block_size();
@@ -141,6 +294,30 @@ pub struct DeleteSnapshot {
 impl Handler<DeleteSnapshot> for VolumeActor {
     type Result = Result<(), VolumeError>;
     fn handle(&mut self, msg: DeleteSnapshot, _: &mut SyncContext<Self>) -> Self::Result {
+        if let Some(c) = self.node.cluster.clone() {
+            let record = self.record()?;
+            let name = msg.name;
+            self.with_mirror(&c, &record, ("delete", &name), |mirror, generation| {
+                if !c
+                    .cluster
+                    .snapshots(&record.id)?
+                    .iter()
+                    .any(|s| s.name == name)
+                {
+                    return Err(EngineError::NoSuchSnapshot {
+                        dir: c.replicas.volumes_dir().join(&record.id),
+                        name: name.clone(),
+                    }
+                    .into());
+                }
+                // Replicas first: a record left by a failure is retried.
+                mirror.delete_snapshot(&name)?;
+                Ok(c.cluster
+                    .set_snapshot(&record.id, generation, &name, None)?)
+            })?;
+            tracing::info!(volume = %self.name, snapshot = %name, "snapshot deleted on every replica");
+            return Ok(());
+        }
         self.with_image(|img| img.delete_snapshot(&msg.name))?;
         tracing::info!(volume = %self.name, snapshot = %msg.name, "snapshot deleted");
         Ok(())
@@ -158,6 +335,9 @@ impl Handler<Restore> for VolumeActor {
     type Result = Result<(), VolumeError>;
     fn handle(&mut self, msg: Restore, _: &mut SyncContext<Self>) -> Self::Result {
         self.record()?;
+        if self.node.cluster.is_some() {
+            return Err(self.err(VolumeErrorKind::NotInCluster("restore")));
+        }
         if self.attached.is_some() {
             return Err(self.err(VolumeErrorKind::RestoreInUse(self.name.clone())));
         }
