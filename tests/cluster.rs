@@ -1182,7 +1182,7 @@ fn snapshot_names_on(c: &Cluster, i: usize, vol: &str) -> Vec<(String, Vec<Strin
 }
 
 #[test]
-fn snapshots_of_a_replicated_volume_are_taken_on_every_replica() {
+fn snapshots_of_a_replicated_volume_are_taken_and_restored_on_every_replica() {
     let mut c = Cluster::start(Mode::Loopback, 3);
     let vol = "snappy";
     // A schedule is accepted in a cluster (it runs on the attached node).
@@ -1223,10 +1223,11 @@ fn snapshots_of_a_replicated_volume_are_taken_on_every_replica() {
     assert!(err.contains("n1") && err.contains(vol), "{err}");
     let err = c.cli_err(0, &["snapshot", "create", vol, "before"]);
     assert!(err.contains("before"), "a taken name: {err}");
+    // Nor is it restored under the attached node's feet.
+    let err = c.cli_err(1, &["volume", "restore", vol, "before"]);
+    assert!(err.contains("n1") && err.contains(vol), "{err}");
     drop(d);
     c.detach_on(0, vol);
-    let err = c.cli_err(0, &["volume", "restore", vol, "before"]);
-    assert!(err.contains("restore") && err.contains("cluster"), "{err}");
     let err = c.cli_err(
         0,
         &["volume", "create", "copy", "-o", &format!("parent={vol}")],
@@ -1256,12 +1257,32 @@ fn snapshots_of_a_replicated_volume_are_taken_on_every_replica() {
         assert_eq!(snapshot_block(&dir, None, 3), b, "{}", c.name(i));
     }
 
+    // Restored on every replica: from n3 (both replicas remote), then back
+    // from n1 (its own replica first).
+    c.cli_ok(2, &["volume", "restore", vol, "before"]);
+    for i in [0, 1] {
+        let dir = c.node(i).data_dir.join("volumes").join(&id);
+        assert_eq!(snapshot_block(&dir, None, 3), a, "{}", c.name(i));
+        assert_eq!(c.replica_info(2, vol, c.name(i))["state"], "in-sync");
+    }
+    c.cli_ok(0, &["volume", "restore", vol, "detached"]);
+    let dev = c.attach_on(1, vol);
+    let d = BlockDev::open(&dev);
+    assert_eq!(d.read_block(3).expect("read"), b, "restored, read on n2");
+    drop(d);
+    c.detach_on(1, vol);
+    assert_checksums_equal(&c, &[0, 1], vol);
+    let err = c.cli_err(0, &["volume", "restore", vol, "nonesuch"]);
+    assert!(err.contains("nonesuch"), "{err}");
+
     // A replica's node down: refused, naming it, and nothing recorded.
     c.kill9(1);
     c.wait_node_up(0, 1, false);
     let err = c.cli_err(0, &["snapshot", "create", vol, "late"]);
     assert!(err.contains("n2") && err.contains("late"), "{err}");
     let err = c.cli_err(0, &["snapshot", "rm", vol, "before"]);
+    assert!(err.contains("n2"), "{err}");
+    let err = c.cli_err(0, &["volume", "restore", vol, "before"]);
     assert!(err.contains("n2"), "{err}");
     assert_eq!(c.replica_info(0, vol, "n2")["state"], "in-sync");
     c.start_again(1);

@@ -1082,3 +1082,62 @@ fn a_snapshot_is_taken_on_every_replica_at_one_point_of_the_writes() {
     assert_eq!(snapshot_names(&nodes), vec![Vec::<String>::new(); 3]);
     m.close();
 }
+
+#[test]
+fn replicas_are_restored_to_a_snapshot_only_while_closed_and_current() {
+    let nodes: Vec<Node> = ["a", "b"].iter().map(|n| Node::new(n)).collect();
+    let open = |generation: Generation| {
+        Mirror::open(config(
+            "a",
+            generation,
+            Some(nodes[0].local()),
+            ReplicaState::InSync,
+            vec![nodes[1].peer(ReplicaState::InSync)],
+            FakeStates::new(),
+        ))
+        .unwrap()
+    };
+    let m = open(1);
+    m.write_at(&pattern(1, 4096), 0).unwrap();
+    m.snapshot("s").unwrap();
+    m.write_at(&pattern(2, 4096), 0).unwrap();
+    m.flush().unwrap();
+    let restore_b = |generation: Generation, snap: &str| {
+        let hello = Hello::new(VOL, generation, "a", PARAMS);
+        dunnage::replication::restore_replica("b", nodes[1].addr, hello, snap, IO_TIMEOUT)
+    };
+    // Open (the mirror's link holds it): refused, and nothing changed.
+    let refused = |e: ReplicationError, want: ErrorCode| match e {
+        ReplicationError::Refused { code, .. } if code == want => {}
+        other => panic!("expected {want}: {other}"),
+    };
+    refused(restore_b(2, "s").unwrap_err(), ErrorCode::Busy);
+    assert!(matches!(
+        nodes[0].replicas.restore(VOL, 2, "s"),
+        Err(ReplicationError::Busy(_))
+    ));
+    m.close();
+    drop(m);
+    wait_until("b's replica closed", || {
+        nodes[1].replicas.get(VOL).is_none()
+    });
+    refused(restore_b(2, "nonesuch").unwrap_err(), ErrorCode::NotFound);
+    restore_b(2, "s").unwrap();
+    nodes[0].replicas.restore(VOL, 2, "s").unwrap();
+    // The restore's generation fenced older ones.
+    refused(restore_b(1, "s").unwrap_err(), ErrorCode::Fenced);
+    assert!(Mirror::open(config(
+        "a",
+        1,
+        None,
+        ReplicaState::InSync,
+        vec![nodes[1].peer(ReplicaState::InSync)],
+        FakeStates::new(),
+    ))
+    .is_err());
+    let m = open(3);
+    assert_eq!(read_vec(&*m, 0, 4096), pattern(1, 4096));
+    m.close();
+    drop(m);
+    assert_eq!(nodes[0].checksum(), nodes[1].checksum());
+}

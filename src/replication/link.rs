@@ -254,55 +254,12 @@ impl Link {
         timeout: Duration,
         handshake: Duration,
     ) -> Result<Link, ReplicationError> {
-        let link_err = |source: WireError| ReplicationError::Link {
+        let stream = say_hello(node, addr, hello, timeout, handshake)?;
+        let io_err = |e: std::io::Error| ReplicationError::Link {
             node: node.to_string(),
             addr,
-            source,
+            source: WireError::Io(e),
         };
-        let io_err = |e: std::io::Error| link_err(WireError::Io(e));
-        let stream = TcpStream::connect_timeout(&addr, timeout).map_err(io_err)?;
-        wire::tune_socket(&stream).map_err(io_err)?;
-        stream.set_read_timeout(Some(handshake)).map_err(io_err)?;
-        // A peer that stops reading must not stall the writer forever.
-        stream.set_write_timeout(Some(timeout)).map_err(io_err)?;
-        let mut s = &stream;
-        wire::write_frame(&mut s, &Frame::Hello(hello.clone())).map_err(link_err)?;
-        match wire::read_frame(&mut s).map_err(link_err)? {
-            Some(Frame::HelloOk {
-                version,
-                node: peer,
-            }) => {
-                if version != PROTOCOL_VERSION {
-                    return Err(link_err(WireError::Version { theirs: version }));
-                }
-                if peer != node {
-                    return Err(ReplicationError::Refused {
-                        node: node.to_string(),
-                        code: ErrorCode::Invalid,
-                        message: format!(
-                            "{addr} is node {peer:?}, not {node:?}: check the node addresses"
-                        ),
-                    });
-                }
-            }
-            Some(Frame::Error { code, message, .. }) => {
-                return Err(ReplicationError::Refused {
-                    node: node.to_string(),
-                    code,
-                    message,
-                })
-            }
-            Some(other) => {
-                return Err(link_err(WireError::Malformed(format!(
-                    "expected HelloOk, got {other:?}"
-                ))))
-            }
-            None => {
-                return Err(link_err(WireError::Io(
-                    std::io::ErrorKind::UnexpectedEof.into(),
-                )))
-            }
-        }
         stream.set_read_timeout(None).map_err(io_err)?;
 
         let shared = Arc::new(Shared {
@@ -325,7 +282,85 @@ impl Link {
             shared,
         })
     }
+}
 
+/// Restore `node`'s replica of `volume_id` to `snapshot` under
+/// `generation` (which fences older sessions there). Its node refuses
+/// while the replica is open.
+pub fn restore_replica(
+    node: &str,
+    addr: SocketAddr,
+    mut hello: Hello,
+    snapshot: &str,
+    timeout: Duration,
+) -> Result<(), ReplicationError> {
+    hello.restore = Some(snapshot.to_string());
+    // Restoring copies the snapshot's map: as long as opening an image.
+    let wait = timeout.max(Duration::from_secs(30));
+    say_hello(node, addr, &hello, timeout, wait).map(drop)
+}
+
+/// Connect and say Hello; the stream once `node` said HelloOk.
+fn say_hello(
+    node: &str,
+    addr: SocketAddr,
+    hello: &Hello,
+    timeout: Duration,
+    handshake: Duration,
+) -> Result<TcpStream, ReplicationError> {
+    let link_err = |source: WireError| ReplicationError::Link {
+        node: node.to_string(),
+        addr,
+        source,
+    };
+    let io_err = |e: std::io::Error| link_err(WireError::Io(e));
+    let stream = TcpStream::connect_timeout(&addr, timeout).map_err(io_err)?;
+    wire::tune_socket(&stream).map_err(io_err)?;
+    stream.set_read_timeout(Some(handshake)).map_err(io_err)?;
+    // A peer that stops reading must not stall the writer forever.
+    stream.set_write_timeout(Some(timeout)).map_err(io_err)?;
+    let mut s = &stream;
+    wire::write_frame(&mut s, &Frame::Hello(hello.clone())).map_err(link_err)?;
+    match wire::read_frame(&mut s).map_err(link_err)? {
+        Some(Frame::HelloOk {
+            version,
+            node: peer,
+        }) => {
+            if version != PROTOCOL_VERSION {
+                return Err(link_err(WireError::Version { theirs: version }));
+            }
+            if peer != node {
+                return Err(ReplicationError::Refused {
+                    node: node.to_string(),
+                    code: ErrorCode::Invalid,
+                    message: format!(
+                        "{addr} is node {peer:?}, not {node:?}: check the node addresses"
+                    ),
+                });
+            }
+        }
+        Some(Frame::Error { code, message, .. }) => {
+            return Err(ReplicationError::Refused {
+                node: node.to_string(),
+                code,
+                message,
+            })
+        }
+        Some(other) => {
+            return Err(link_err(WireError::Malformed(format!(
+                "expected HelloOk, got {other:?}"
+            ))))
+        }
+        None => {
+            return Err(link_err(WireError::Io(
+                std::io::ErrorKind::UnexpectedEof.into(),
+            )))
+        }
+    }
+    Ok(stream)
+}
+
+impl Link {
     /// Send a request; the ticket waits for its reply.
     pub fn submit(&self, req: Request) -> Result<Ticket, LinkDown> {
         self.submit_with(|id| Frame::Request { id, req }.encode())

@@ -377,10 +377,12 @@ impl LocalReplicas {
         }
     }
 
-    /// Close the replica and delete its directory. Refused while anyone
-    /// holds it.
-    pub fn remove(&self, volume_id: &str) -> Result<(), ReplicationError> {
-        let dir = self.dir(volume_id)?;
+    /// The open-replicas map, locked (no one opens a replica while it is
+    /// held), with `volume_id` in it closed: Busy while anyone holds it.
+    fn closed_slot(
+        &self,
+        volume_id: &str,
+    ) -> Result<parking_lot::MutexGuard<'_, HashMap<String, Slot>>, ReplicationError> {
         let mut open = self.open.lock();
         if let Some(slot) = open.get(volume_id) {
             if slot.replica.strong_count() > 0 {
@@ -389,6 +391,14 @@ impl LocalReplicas {
             slot.wait_closed();
             open.remove(volume_id);
         }
+        Ok(open)
+    }
+
+    /// Close the replica and delete its directory. Refused while anyone
+    /// holds it.
+    pub fn remove(&self, volume_id: &str) -> Result<(), ReplicationError> {
+        let dir = self.dir(volume_id)?;
+        let _open = self.closed_slot(volume_id)?;
         match std::fs::remove_dir_all(&dir) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
@@ -397,6 +407,37 @@ impl LocalReplicas {
         std::fs::File::open(&self.volumes_dir)
             .and_then(|d| d.sync_all())
             .map_err(io_err("fsync", &self.volumes_dir))
+    }
+
+    /// Restore the replica to its snapshot `name` for `generation`, which
+    /// is stored first: it fences older sessions, as an IO session's
+    /// would. Refused while anyone holds the replica; no one can open it
+    /// meanwhile.
+    pub fn restore(
+        &self,
+        volume_id: &str,
+        generation: Generation,
+        name: &str,
+    ) -> Result<(), ReplicationError> {
+        let dir = self.dir(volume_id)?;
+        let _open = self.closed_slot(volume_id)?;
+        if !dir.join(HEADER_FILE).exists() {
+            return Err(ReplicationError::NotFound(volume_id.to_string()));
+        }
+        let current = read_generation(&dir)?;
+        if generation < current {
+            return Err(ReplicationError::Fenced {
+                volume: volume_id.to_string(),
+                generation,
+                current,
+            });
+        }
+        if generation > current {
+            write_generation(&dir, generation)?;
+        }
+        ThinImage::restore(&dir, name)?;
+        tracing::info!(volume_id, snapshot = name, generation, "replica restored");
+        Ok(())
     }
 
     /// sha256 (hex) of the whole device of an existing replica, read

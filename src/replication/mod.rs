@@ -22,6 +22,7 @@ mod server;
 pub mod state;
 pub mod wire;
 
+pub use link::restore_replica;
 pub use local::{check_volume_id, LocalReplica, LocalReplicas};
 pub use mirror::{Mirror, MirrorConfig, PeerSpec, Verification};
 pub use server::ReplicaServer;
@@ -151,7 +152,7 @@ pub enum ReplicationError {
     /// it now refuses the snapshot.
     #[error(
         "cannot {op} snapshot {snapshot} of volume {volume}: the replica on node {node} is {why}; \
-         snapshots are taken and deleted on every replica at once. A node that is down must \
+         snapshots are taken, deleted and restored on every replica at once. A node that is down must \
          be back; an outdated replica is resynced while the volume is attached (`dunnage \
          volume resync {volume}` on the attached node waits for it); then retry"
     )]

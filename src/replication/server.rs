@@ -192,8 +192,17 @@ fn code_of(e: &ReplicationError) -> ErrorCode {
             | EngineError::Misaligned { .. }
             | EngineError::SnapshotExists { .. },
         ) => ErrorCode::Invalid,
-        ReplicationError::Engine(EngineError::NoSuchSnapshot { .. }) => ErrorCode::NotFound,
+        ReplicationError::Engine(EngineError::NoSuchSnapshot { .. })
+        | ReplicationError::NotFound(_) => ErrorCode::NotFound,
+        ReplicationError::Busy(_) => ErrorCode::Busy,
         _ => ErrorCode::Io,
+    }
+}
+
+fn hello_ok(inner: &Inner) -> Frame {
+    Frame::HelloOk {
+        version: PROTOCOL_VERSION,
+        node: inner.node.clone(),
     }
 }
 
@@ -221,6 +230,17 @@ fn serve_conn(inner: &Inner, stream: TcpStream, peer: Option<SocketAddr>) {
         }
         Err(e) => return refuse_hello(&stream, ErrorCode::Protocol, e.to_string()),
     };
+    if let Some(snapshot) = &hello.restore {
+        return match inner
+            .replicas
+            .restore(&hello.volume_id, hello.generation, snapshot)
+        {
+            Ok(()) => {
+                let _ = send(&stream, &hello_ok(inner));
+            }
+            Err(e) => refuse_hello(&stream, code_of(&e), e.to_string()),
+        };
+    }
     let replica = match inner
         .replicas
         .open(&hello.volume_id, hello.params())
@@ -229,15 +249,7 @@ fn serve_conn(inner: &Inner, stream: TcpStream, peer: Option<SocketAddr>) {
         Ok(r) => r,
         Err(e) => return refuse_hello(&stream, code_of(&e), e.to_string()),
     };
-    if send(
-        &stream,
-        &Frame::HelloOk {
-            version: PROTOCOL_VERSION,
-            node: inner.node.clone(),
-        },
-    )
-    .is_err()
-    {
+    if send(&stream, &hello_ok(inner)).is_err() {
         return;
     }
     let _ = stream.set_read_timeout(None);

@@ -20,7 +20,8 @@ use std::io::{self, IoSlice, Read, Write};
 pub const MAGIC: [u8; 8] = *b"dunnrepl";
 /// The protocol this build speaks.
 /// 2: `Digest` requests (verify after an unclean failover).
-/// 3: `Snapshot` and `DeleteSnapshot` requests, the `NotFound` error.
+/// 3: `Snapshot` and `DeleteSnapshot` requests, the `NotFound` error, and
+///    a Hello that restores the replica to a snapshot instead.
 pub const PROTOCOL_VERSION: u32 = 3;
 /// Largest frame accepted (a write or read of up to 64 MiB plus headers).
 pub const MAX_FRAME: usize = (64 << 20) + 4096;
@@ -53,6 +54,9 @@ pub struct Hello {
     /// with them, one that exists must match them.
     pub size: u64,
     pub block_size: u32,
+    /// Instead of serving IO: restore the replica (which must not be open
+    /// on its node) to this snapshot, answer, and close the connection.
+    pub restore: Option<String>,
 }
 
 impl Hello {
@@ -64,6 +68,7 @@ impl Hello {
             from: from.to_string(),
             size: params.size,
             block_size: params.block_size,
+            restore: None,
         }
     }
 
@@ -90,6 +95,8 @@ pub enum ErrorCode {
     Io,
     /// What the request names (a snapshot) does not exist.
     NotFound,
+    /// The replica is open: a restore must wait until it is closed.
+    Busy,
 }
 
 impl ErrorCode {
@@ -101,6 +108,7 @@ impl ErrorCode {
             ErrorCode::Invalid => 4,
             ErrorCode::Io => 5,
             ErrorCode::NotFound => 6,
+            ErrorCode::Busy => 7,
         }
     }
 
@@ -112,6 +120,7 @@ impl ErrorCode {
             4 => ErrorCode::Invalid,
             5 => ErrorCode::Io,
             6 => ErrorCode::NotFound,
+            7 => ErrorCode::Busy,
             _ => return Err(WireError::Malformed(format!("unknown error code {v}"))),
         })
     }
@@ -126,6 +135,7 @@ impl std::fmt::Display for ErrorCode {
             ErrorCode::Invalid => "invalid request",
             ErrorCode::Io => "io",
             ErrorCode::NotFound => "not found",
+            ErrorCode::Busy => "busy",
         })
     }
 }
@@ -244,6 +254,13 @@ impl Frame {
                 put_str(&mut b, &h.from);
                 b.extend_from_slice(&h.size.to_be_bytes());
                 b.extend_from_slice(&h.block_size.to_be_bytes());
+                match &h.restore {
+                    None => b.push(0),
+                    Some(snapshot) => {
+                        b.push(1);
+                        put_str(&mut b, snapshot);
+                    }
+                }
             }
             Frame::HelloOk { version, node } => {
                 b.extend_from_slice(&version.to_be_bytes());
@@ -301,6 +318,11 @@ impl Frame {
                     from: r.str()?,
                     size: r.u64()?,
                     block_size: r.u32()?,
+                    restore: match r.u8()? {
+                        0 => None,
+                        1 => Some(r.str()?),
+                        v => return Err(WireError::Malformed(format!("restore flag {v}"))),
+                    },
                 })
             }
             KIND_HELLO_OK => Frame::HelloOk {
@@ -600,6 +622,10 @@ mod tests {
     #[test]
     fn every_frame_roundtrips() {
         roundtrip(Frame::Hello(fixture_hello()));
+        roundtrip(Frame::Hello(Hello {
+            restore: Some("before-upgrade".into()),
+            ..fixture_hello()
+        }));
         roundtrip(Frame::HelloOk {
             version: PROTOCOL_VERSION,
             node: "node-b".into(),
@@ -647,6 +673,7 @@ mod tests {
             ErrorCode::Invalid,
             ErrorCode::Io,
             ErrorCode::NotFound,
+            ErrorCode::Busy,
         ] {
             roundtrip(Frame::Error {
                 id: 5,

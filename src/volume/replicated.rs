@@ -7,7 +7,11 @@ use super::{VolumeActor, VolumeError, VolumeErrorKind};
 use crate::catalog::VolumeRecord;
 use crate::config::ClusterNode;
 use crate::engine::ThinParams;
-use crate::replication::{Generation, Mirror, MirrorConfig, PeerSpec, ReplicaState, ReplicaStatus};
+use crate::replication::wire::{ErrorCode, Hello};
+use crate::replication::{
+    restore_replica, Generation, Mirror, MirrorConfig, PeerSpec, ReplicaState, ReplicaStatus,
+    ReplicationError,
+};
 use actix::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -131,6 +135,137 @@ pub(super) fn close_mirror(
     if let Err(e) = released {
         tracing::warn!(volume, error = %e, "could not give the attach lease back; it expires with this node's lease");
     }
+}
+
+/// How long a restore waits for a replica still open after a detach.
+const RESTORE_BUSY_WAIT: Duration = Duration::from_secs(10);
+
+/// Put every replica back to snapshot `name`; the volume must be attached
+/// nowhere, and every replica in sync, reachable and holding the snapshot.
+/// Done under an attach generation of its own, which fences older ones on
+/// each replica.
+pub(super) fn restore(
+    c: &ClusterNode,
+    record: &VolumeRecord,
+    name: &str,
+) -> Result<(), VolumeErrorKind> {
+    let cl = &c.cluster;
+    if let Some((holder, _)) = cl.attach_holder(&record.id)? {
+        return Err(crate::cluster::ClusterError::HeldBy {
+            volume: record.name.clone(),
+            node: holder,
+        }
+        .into());
+    }
+    let snaps = cl.snapshots(&record.id)?;
+    let Some(snap) = snaps.iter().find(|s| s.name == name) else {
+        return Err(crate::engine::EngineError::NoSuchSnapshot {
+            dir: c.replicas.volumes_dir().join(&record.id),
+            name: name.to_string(),
+        }
+        .into());
+    };
+    let members = cl.members()?;
+    let states = cl.replica_states(&record.id)?;
+    for node in &record.replicas {
+        let up = members.iter().any(|m| &m.name == node && m.up);
+        let state = states.get(node).copied().unwrap_or(ReplicaState::Outdated);
+        let why = if !up {
+            "unreachable (its node is down)".to_string()
+        } else if state != ReplicaState::InSync {
+            state.to_string()
+        } else if !snap.nodes.contains(node) {
+            "without this snapshot (it was placed there after the snapshot was taken)".to_string()
+        } else {
+            continue;
+        };
+        return Err(ReplicationError::SnapshotNeedsAll {
+            op: "restore",
+            volume: record.name.clone(),
+            snapshot: name.to_string(),
+            node: node.clone(),
+            why,
+        }
+        .into());
+    }
+    let generation = cl.acquire_attach(&record.id, &record.name, Duration::ZERO)?;
+    let res = restore_replicas(c, record, name, generation, &members);
+    // Every in-sync replica now holds the snapshot's contents: nothing
+    // an earlier unreleased attach left is left to compare.
+    if let Err(e) = cl.release_attach(&record.id, generation) {
+        tracing::warn!(volume = %record.name, error = %e, "could not give the attach lease back; it expires with this node's lease");
+    }
+    res
+}
+
+fn restore_replicas(
+    c: &ClusterNode,
+    record: &VolumeRecord,
+    name: &str,
+    generation: Generation,
+    members: &[crate::cluster::Member],
+) -> Result<(), VolumeErrorKind> {
+    let me = c.cluster.node();
+    let states = c.cluster.state_store(&record.id, &record.name, generation);
+    let hello = Hello::new(&record.id, generation, me, params(record));
+    let restore_once = |node: &str| -> Result<(), ReplicationError> {
+        if node == me {
+            return c.replicas.restore(&record.id, generation, name);
+        }
+        let addr = members
+            .iter()
+            .find(|m| m.name == node)
+            .map(|m| m.addr)
+            .ok_or_else(|| ReplicationError::Config(format!("node {node} is not a member")))?;
+        restore_replica(node, addr, hello.clone(), name, c.replica_timeout)
+    };
+    // A replica stays open a moment after the last detach (its links
+    // close in the background).
+    let restore_one = |node: &str| {
+        let deadline = std::time::Instant::now() + RESTORE_BUSY_WAIT;
+        loop {
+            match restore_once(node) {
+                Err(ReplicationError::Busy(_))
+                | Err(ReplicationError::Refused {
+                    code: ErrorCode::Busy,
+                    ..
+                }) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(100))
+                }
+                other => return other,
+            }
+        }
+    };
+    // The reference first (this node's replica if it holds one); the
+    // others are outdated until restored, so a failure or a crash from
+    // here leaves them to be resynced from it.
+    let mut order = record.replicas.clone();
+    order.sort_by_key(|n| n != me);
+    let (reference, others) = order.split_first().expect("a volume has replicas");
+    for n in others {
+        states
+            .set_state(n, ReplicaState::Outdated)
+            .map_err(ReplicationError::from)?;
+    }
+    if let Err(e) = restore_one(reference) {
+        for n in others {
+            if let Err(r) = states.set_state(n, ReplicaState::InSync) {
+                tracing::warn!(volume = %record.name, node = %n, error = %r, "could not record the replica in sync again; it is resynced at the next attach");
+            }
+        }
+        return Err(e.into());
+    }
+    for n in others {
+        match restore_one(n) {
+            Ok(()) => states
+                .set_state(n, ReplicaState::InSync)
+                .map_err(ReplicationError::from)?,
+            Err(e) => {
+                tracing::warn!(volume = %record.name, node = %n, error = %e, "replica not restored: it stays outdated and is resynced from {reference} at the next attach")
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Remove a cluster volume: refused while attached anywhere. Replicas on

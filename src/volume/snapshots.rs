@@ -334,12 +334,14 @@ pub struct Restore {
 impl Handler<Restore> for VolumeActor {
     type Result = Result<(), VolumeError>;
     fn handle(&mut self, msg: Restore, _: &mut SyncContext<Self>) -> Self::Result {
-        self.record()?;
-        if self.node.cluster.is_some() {
-            return Err(self.err(VolumeErrorKind::NotInCluster("restore")));
-        }
+        let record = self.record()?;
         if self.attached.is_some() {
             return Err(self.err(VolumeErrorKind::RestoreInUse(self.name.clone())));
+        }
+        if let Some(c) = self.node.cluster.clone() {
+            replicated::restore(&c, &record, &msg.snapshot).map_err(|e| self.err(e))?;
+            tracing::info!(volume = %self.name, snapshot = %msg.snapshot, "restored on every replica");
+            return Ok(());
         }
         ThinImage::restore(&self.node.volume_dir(&self.id), &msg.snapshot)
             .map_err(|e| self.err(e))?;
