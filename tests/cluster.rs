@@ -1228,11 +1228,6 @@ fn snapshots_of_a_replicated_volume_are_taken_and_restored_on_every_replica() {
     assert!(err.contains("n1") && err.contains(vol), "{err}");
     drop(d);
     c.detach_on(0, vol);
-    let err = c.cli_err(
-        0,
-        &["volume", "create", "copy", "-o", &format!("parent={vol}")],
-    );
-    assert!(err.contains("clones") && err.contains("cluster"), "{err}");
 
     // Detached: any node takes one, n3 holding no replica too.
     c.cli_ok(2, &["snapshot", "create", vol, "detached"]);
@@ -1308,5 +1303,64 @@ fn snapshots_of_a_replicated_volume_are_taken_and_restored_on_every_replica() {
         assert_eq!(names, ["detached"], "{}", c.name(i));
     }
     c.remove(0, vol);
+    c.shutdown();
+}
+
+#[test]
+fn a_clone_of_a_replicated_volume_lives_on_its_parents_nodes() {
+    let c = Cluster::start(Mode::Loopback, 3);
+    let (src, copy) = ("origin", "copy");
+    c.create(0, src, 2, "64M", &[("nodes", "n1,n2")]);
+    let [a, b, new, mine] = [1, 2, 3, 4].map(|seed| pattern(BLOCK, seed));
+
+    let dev = c.attach_on(0, src);
+    let d = BlockDev::open(&dev);
+    d.write_block(3, &a).expect("write");
+    d.write_block(4, &b).expect("write");
+    d.sync().expect("fdatasync");
+    // Another node cannot snapshot it while n1 holds it: told where to go.
+    let parent = format!("parent={src}");
+    let err = c.cli_err(1, &["volume", "create", copy, "-o", &parent]);
+    assert!(err.contains("n1"), "{err}");
+    // Its replicas are the parent's: no other placement.
+    let err = c.cli_err(
+        0,
+        &["volume", "create", copy, "-o", &parent, "-o", "repl=3"],
+    );
+    assert!(err.contains("repl") && err.contains("n1,n2"), "{err}");
+    // Cloned while attached and written on n1.
+    c.cli_ok(0, &["volume", "create", copy, "-o", &parent]);
+    d.write_block(3, &new).expect("write after the clone");
+    d.sync().expect("fdatasync");
+    drop(d);
+    c.detach_on(0, src);
+    assert_eq!(c.placement(2, copy), ["n1", "n2"]);
+
+    // The clone holds the parent as it was, on n2; its writes are its own.
+    let dev = c.attach_on(1, copy);
+    let d = BlockDev::open(&dev);
+    assert_eq!(d.read_block(3).expect("read"), a);
+    assert_eq!(d.read_block(4).expect("read"), b);
+    d.write_block(4, &mine).expect("write to the clone");
+    d.sync().expect("fdatasync");
+    drop(d);
+    c.detach_on(1, copy);
+    assert_checksums_equal(&c, &[0, 1], copy);
+    let dev = c.attach_on(0, src);
+    let d = BlockDev::open(&dev);
+    assert_eq!(d.read_block(3).expect("read"), new);
+    assert_eq!(d.read_block(4).expect("read"), b);
+    drop(d);
+    c.detach_on(0, src);
+
+    // The parent stays while its clone does; then its base snapshot goes.
+    let err = c.cli_err(2, &["volume", "rm", src]);
+    assert!(err.contains(copy), "{err}");
+    assert_eq!(snapshot_names_on(&c, 2, src).len(), 1);
+    c.remove(2, copy);
+    c.wait_for("the clone's base snapshot deleted", || {
+        snapshot_names_on(&c, 2, src).is_empty()
+    });
+    c.remove(0, src);
     c.shutdown();
 }

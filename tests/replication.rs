@@ -217,6 +217,7 @@ fn config(
         io_timeout: IO_TIMEOUT,
         verify: false,
         resync_rate: None,
+        base: None,
     }
 }
 

@@ -67,13 +67,27 @@ impl Registry {
                 return conflict(k, format!("a clone takes {k} from its parent {parent}"));
             }
         }
+        // In a cluster a clone's replicas are made from its parent's, on
+        // the same nodes: it shares their blocks.
+        let cluster = self.node.cluster.is_some();
+        for k in ["repl", "nodes", "group", "fg"] {
+            if cluster && has(k) {
+                return conflict(
+                    k,
+                    format!(
+                        "a clone's replicas are on its parent's nodes ({})",
+                        source.replicas.join(",")
+                    ),
+                );
+            }
+        }
         if own_key {
             return conflict(
                 crate::spec::SECRET_OPTION,
                 format!("a clone of an encrypted volume uses its parent's key ({parent})"),
             );
         }
-        let spec = VolumeSpec {
+        let mut spec = VolumeSpec {
             size: source.spec.size,
             fs: source.spec.fs,
             fsopts: source.spec.fsopts.clone(),
@@ -81,6 +95,11 @@ impl Registry {
             secure: source.spec.secure,
             ..asked
         };
+        if cluster {
+            spec.repl = source.spec.repl;
+            spec.nodes = source.spec.nodes.clone();
+            spec.group = source.spec.group.clone();
+        }
         let id = new_volume_id();
         let record = VolumeRecord {
             name: name.to_string(),
@@ -93,8 +112,10 @@ impl Registry {
             spec,
             options: opts,
             formatted: source.formatted,
-            replicas: Vec::new(),
-            crypt: None,
+            // The same cluster key, the same parameters: the shared
+            // blocks are ciphertext.
+            replicas: source.replicas.clone(),
+            crypt: source.crypt.clone(),
         };
         Ok(Created::Clone { record, source })
     }
@@ -136,6 +157,9 @@ impl Registry {
         source: &VolumeRecord,
         snap: &str,
     ) -> Reply<VolumeInfo> {
+        if let Some(c) = self.node.cluster.clone() {
+            return self.finish_cluster_clone(&c, record, source, snap);
+        }
         let dir = self.node.volume_dir(&record.id);
         let base = self.node.volume_dir(&source.id);
         let made = std::fs::create_dir_all(&dir)
@@ -176,6 +200,37 @@ impl Registry {
         }
         self.announce_policy(record);
         tracing::info!(volume = %record.name, id = %record.id, parent = %source.name, snapshot = snap, "cloned");
+        Ok(self.info(record.clone()))
+    }
+
+    /// In a cluster: the record only. Each replica node makes its replica
+    /// of the clone from its replica of the parent when the clone is first
+    /// attached; all are in sync (clones of the same snapshot).
+    fn finish_cluster_clone(
+        &mut self,
+        c: &crate::config::ClusterNode,
+        record: &VolumeRecord,
+        source: &VolumeRecord,
+        snap: &str,
+    ) -> Reply<VolumeInfo> {
+        let cluster_err = |e| RegistryError::Cluster {
+            volume: record.name.clone(),
+            node: self.node.name.clone(),
+            source: e,
+        };
+        c.cluster
+            .init_replica_states(&record.id, &record.replicas)
+            .map_err(cluster_err)?;
+        if let Err(e) = self.node.catalog.insert(record.clone()) {
+            let _ = c.cluster.forget_volume(&record.id);
+            return Err(RegistryError::Catalog {
+                volume: record.name.clone(),
+                node: self.node.name.clone(),
+                source: e,
+            });
+        }
+        self.announce_policy(record);
+        tracing::info!(volume = %record.name, id = %record.id, parent = %source.name, snapshot = snap, replicas = ?record.replicas, "cloned in the cluster");
         Ok(self.info(record.clone()))
     }
 }

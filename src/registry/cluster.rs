@@ -33,14 +33,6 @@ impl Registry {
         spec: VolumeSpec,
         opts: BTreeMap<String, String>,
     ) -> Reply<Created> {
-        if spec.parent.is_some() {
-            return Err(SpecError::Value {
-                option: "parent".into(),
-                value: opts.get("parent").cloned().unwrap_or_default(),
-                reason: "clones are not available for volumes in a cluster yet (snapshots and schedules are); create the volume on a node without --etcd to clone".into(),
-            }
-            .into());
-        }
         if let Some(existing) = self.node.catalog.get(name) {
             return Ok(Created::Done(self.info(existing)));
         }

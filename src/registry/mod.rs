@@ -15,7 +15,7 @@ use clone::Created;
 
 pub use view::VolumeInfo;
 
-use crate::catalog::{new_volume_id, CatalogError, VolumeRecord};
+use crate::catalog::{new_volume_id, CatalogError, CloneOf, VolumeRecord};
 use crate::config::Node;
 use crate::engine::{CryptEngine, EngineError, Secret, ThinImage, ThinParams};
 use crate::spec::{self, SpecError};
@@ -184,6 +184,12 @@ impl Registry {
                     reason: "a volume's own key is not kept in a cluster (every node that attaches the volume would need it, and it may be stored nowhere): start every node's dunnage serve with the same --secret-file and create the volume with secure=true alone".into(),
                 }
                 .into());
+            }
+            if let Some(parent) = spec.parent.clone() {
+                if let Some(existing) = self.node.catalog.get(base) {
+                    return Ok(Created::Done(self.info(existing)));
+                }
+                return self.clone_spec(base, spec, opts, false, &parent);
             }
             return self.create_in_cluster(&c, base, spec, opts);
         }
@@ -555,6 +561,47 @@ where
     })
 }
 
+/// How often the base snapshot of a removed clone is tried to be deleted.
+/// In a cluster the other replica nodes drop their replicas of the clone
+/// (which pin it) at their next sweep, up to 30 s later.
+const CLONE_BASE_TRIES: u32 = 8;
+const CLONE_BASE_RETRY: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl Registry {
+    /// Delete the snapshot a removed clone was based on, through its
+    /// parent's actor; in a cluster, again later while replicas of the
+    /// clone elsewhere still pin it.
+    fn drop_clone_base(&mut self, ctx: &mut Context<Self>, base: CloneOf, tries: u32) {
+        let parent = self
+            .node
+            .catalog
+            .list()
+            .into_iter()
+            .find(|r| r.id == base.volume_id);
+        let Some(Ok(addr)) = parent.map(|p| self.actor(&p)) else {
+            return;
+        };
+        let delete = addr.send(volume::snapshots::DeleteSnapshot {
+            name: base.snapshot.clone(),
+        });
+        let cluster = self.node.cluster.is_some();
+        ctx.spawn(delete.into_actor(self).map(move |res, _, ctx| {
+            let Ok(Err(e)) = res else { return };
+            if let volume::VolumeErrorKind::Engine(EngineError::NoSuchSnapshot { .. }) = e.kind {
+                return;
+            }
+            if !cluster || tries <= 1 {
+                tracing::warn!(error = %e, snapshot = %base.snapshot, "could not delete the snapshot a removed clone was based on; delete it with `dunnage snapshot rm`");
+                return;
+            }
+            tracing::debug!(error = %e, snapshot = %base.snapshot, "a removed clone's base snapshot is still pinned; trying again");
+            ctx.run_later(CLONE_BASE_RETRY, move |act, ctx| {
+                act.drop_clone_base(ctx, base, tries - 1)
+            });
+        }));
+    }
+}
+
 impl Handler<Remove> for Registry {
     type Result = ResponseActFuture<Self, Reply<()>>;
     fn handle(&mut self, msg: Remove, _: &mut Context<Self>) -> Self::Result {
@@ -566,35 +613,23 @@ impl Handler<Remove> for Registry {
             Ok((addr, id)) => {
                 let name = msg.name.clone();
                 let clone_of = self.lookup(&msg.name).ok().and_then(|r| r.clone_of);
-                Box::pin(
-                    forward(addr, volume::Remove)
-                        .into_actor(self)
-                        .map(move |res, act, _| {
-                            if res.is_ok() {
-                                act.actors.remove(&id);
-                                act.node
-                                    .schedule(crate::schedule::actor::ScheduleEvent::Policy {
-                                        volume: name.clone(),
-                                        policy: None,
-                                    });
-                                // The clone's base snapshot is nobody's now.
-                                if let Some(c) = clone_of {
-                                    let parent = act
-                                        .node
-                                        .catalog
-                                        .list()
-                                        .into_iter()
-                                        .find(|r| r.id == c.volume_id);
-                                    if let Some(Ok(addr)) = parent.map(|p| act.actor(&p)) {
-                                        addr.do_send(volume::snapshots::DeleteSnapshot {
-                                            name: c.snapshot,
-                                        });
-                                    }
-                                }
+                Box::pin(forward(addr, volume::Remove).into_actor(self).map(
+                    move |res, act, ctx| {
+                        if res.is_ok() {
+                            act.actors.remove(&id);
+                            act.node
+                                .schedule(crate::schedule::actor::ScheduleEvent::Policy {
+                                    volume: name.clone(),
+                                    policy: None,
+                                });
+                            // The clone's base snapshot is nobody's now.
+                            if let Some(c) = clone_of {
+                                act.drop_clone_base(ctx, c, CLONE_BASE_TRIES);
                             }
-                            res
-                        }),
-                )
+                        }
+                        res
+                    },
+                ))
             }
         }
     }

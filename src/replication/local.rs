@@ -47,6 +47,14 @@ fn io_err<'a>(
     }
 }
 
+/// What a clone's replica is made from: the base volume's replica on the
+/// same node, and the snapshot of it the clone is based on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaBase {
+    pub volume_id: String,
+    pub snapshot: String,
+}
+
 /// Set when the replica (and so its image) has been dropped.
 #[derive(Default)]
 struct Closed {
@@ -298,14 +306,27 @@ impl LocalReplicas {
         volume_id: &str,
         params: ThinParams,
     ) -> Result<Arc<LocalReplica>, ReplicationError> {
-        self.open_inner(volume_id, Some(params))
+        self.open_inner(volume_id, Some(params), None)
     }
 
-    /// Like [`LocalReplicas::open`], but never creates.
+    /// [`LocalReplicas::open`] for a clone's replica: one that is absent is
+    /// made a clone of this node's replica of `base` (which holds the
+    /// base snapshot), sharing its blocks.
+    pub fn open_as(
+        &self,
+        volume_id: &str,
+        params: ThinParams,
+        base: Option<&ReplicaBase>,
+    ) -> Result<Arc<LocalReplica>, ReplicationError> {
+        self.open_inner(volume_id, Some(params), base)
+    }
+
+    /// Like [`LocalReplicas::open`], but never creates without `params`.
     fn open_inner(
         &self,
         volume_id: &str,
         params: Option<ThinParams>,
+        base: Option<&ReplicaBase>,
     ) -> Result<Arc<LocalReplica>, ReplicationError> {
         let dir = self.dir(volume_id)?;
         let mut open = self.open.lock();
@@ -323,6 +344,12 @@ impl LocalReplicas {
         }
         let image = if dir.join(HEADER_FILE).exists() {
             ThinImage::open(&dir)?
+        } else if let (Some(_), Some(b)) = (params, base) {
+            let base_dir = self.dir(&b.volume_id)?;
+            std::fs::create_dir_all(&dir).map_err(io_err("create", &dir))?;
+            ThinImage::create_clone(&dir, &base_dir, &b.snapshot).inspect_err(|_| {
+                let _ = std::fs::remove_dir_all(&dir);
+            })?
         } else if let Some(p) = params {
             std::fs::create_dir_all(&dir).map_err(io_err("create", &dir))?;
             ThinImage::create(&dir, p)?
@@ -447,7 +474,7 @@ impl LocalReplicas {
         volume_id: &str,
         params: ThinParams,
     ) -> Result<String, ReplicationError> {
-        let replica = self.open_inner(volume_id, None)?;
+        let replica = self.open_inner(volume_id, None, None)?;
         check_params(&replica, params)?;
         replica.checksum()
     }

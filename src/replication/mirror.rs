@@ -12,7 +12,7 @@
 //! without every in-sync replica holding the write or a recorded Outdated.
 
 use super::link::{CallError, Link, Reply};
-use super::local::{check_volume_id, LocalReplica};
+use super::local::{check_volume_id, LocalReplica, ReplicaBase};
 use super::ranges::RangeLocks;
 use super::state::{unit_span, Pacer, ReplicaStatus, Route, Track, UNIT};
 use super::wire::{ErrorCode, Hello, Request};
@@ -71,6 +71,8 @@ pub struct MirrorConfig {
     /// replica; `None`: as fast as it goes.
     pub resync_rate: Option<u64>,
     pub peers: Vec<PeerSpec>,
+    /// A clone's base: peers make their absent replicas clones of it.
+    pub base: Option<ReplicaBase>,
     pub states: Arc<dyn StateStore>,
     /// How long a peer may take to answer one request (and to connect).
     pub io_timeout: Duration,
@@ -262,7 +264,10 @@ impl Mirror {
             }
             local.advance(cfg.generation)?;
         }
-        let hello = Hello::new(&cfg.volume_id, cfg.generation, &cfg.node, cfg.params);
+        let hello = Hello {
+            base: cfg.base.clone(),
+            ..Hello::new(&cfg.volume_id, cfg.generation, &cfg.node, cfg.params)
+        };
         let handshake = handshake_timeout(cfg.io_timeout);
 
         // Reach every peer at once.

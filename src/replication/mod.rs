@@ -23,7 +23,7 @@ pub mod state;
 pub mod wire;
 
 pub use link::restore_replica;
-pub use local::{check_volume_id, LocalReplica, LocalReplicas};
+pub use local::{check_volume_id, LocalReplica, LocalReplicas, ReplicaBase};
 pub use mirror::{Mirror, MirrorConfig, PeerSpec, Verification};
 pub use server::ReplicaServer;
 pub use state::{ReplicaStatus, ResyncProgress};

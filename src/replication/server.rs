@@ -243,7 +243,7 @@ fn serve_conn(inner: &Inner, stream: TcpStream, peer: Option<SocketAddr>) {
     }
     let replica = match inner
         .replicas
-        .open(&hello.volume_id, hello.params())
+        .open_as(&hello.volume_id, hello.params(), hello.base.as_ref())
         .and_then(|r| r.advance(hello.generation).map(|()| r))
     {
         Ok(r) => r,

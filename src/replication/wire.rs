@@ -12,7 +12,7 @@
 //! version may change, so a server refuses a client of another version with
 //! a clear error instead of misreading it.
 
-use super::Generation;
+use super::{Generation, ReplicaBase};
 use crate::engine::ThinParams;
 use std::io::{self, IoSlice, Read, Write};
 
@@ -57,6 +57,9 @@ pub struct Hello {
     /// Instead of serving IO: restore the replica (which must not be open
     /// on its node) to this snapshot, answer, and close the connection.
     pub restore: Option<String>,
+    /// The volume is a clone: a replica that is absent is made a clone of
+    /// the server's replica of this volume, at this snapshot.
+    pub base: Option<ReplicaBase>,
 }
 
 impl Hello {
@@ -69,6 +72,7 @@ impl Hello {
             size: params.size,
             block_size: params.block_size,
             restore: None,
+            base: None,
         }
     }
 
@@ -261,6 +265,14 @@ impl Frame {
                         put_str(&mut b, snapshot);
                     }
                 }
+                match &h.base {
+                    None => b.push(0),
+                    Some(base) => {
+                        b.push(1);
+                        put_str(&mut b, &base.volume_id);
+                        put_str(&mut b, &base.snapshot);
+                    }
+                }
             }
             Frame::HelloOk { version, node } => {
                 b.extend_from_slice(&version.to_be_bytes());
@@ -322,6 +334,14 @@ impl Frame {
                         0 => None,
                         1 => Some(r.str()?),
                         v => return Err(WireError::Malformed(format!("restore flag {v}"))),
+                    },
+                    base: match r.u8()? {
+                        0 => None,
+                        1 => Some(ReplicaBase {
+                            volume_id: r.str()?,
+                            snapshot: r.str()?,
+                        }),
+                        v => return Err(WireError::Malformed(format!("base flag {v}"))),
                     },
                 })
             }
@@ -624,6 +644,13 @@ mod tests {
         roundtrip(Frame::Hello(fixture_hello()));
         roundtrip(Frame::Hello(Hello {
             restore: Some("before-upgrade".into()),
+            ..fixture_hello()
+        }));
+        roundtrip(Frame::Hello(Hello {
+            base: Some(ReplicaBase {
+                volume_id: "fedcba9876543210".into(),
+                snapshot: "clone-0123".into(),
+            }),
             ..fixture_hello()
         }));
         roundtrip(Frame::HelloOk {

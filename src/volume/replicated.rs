@@ -9,8 +9,8 @@ use crate::config::ClusterNode;
 use crate::engine::ThinParams;
 use crate::replication::wire::{ErrorCode, Hello};
 use crate::replication::{
-    restore_replica, Generation, Mirror, MirrorConfig, PeerSpec, ReplicaState, ReplicaStatus,
-    ReplicationError,
+    restore_replica, Generation, Mirror, MirrorConfig, PeerSpec, ReplicaBase, ReplicaState,
+    ReplicaStatus, ReplicationError,
 };
 use actix::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -22,6 +22,24 @@ pub fn params(record: &VolumeRecord) -> ThinParams {
         size: record.spec.size,
         block_size: record.spec.block_size_bytes(),
     }
+}
+
+/// A clone's base, for making its replicas.
+fn replica_base(record: &VolumeRecord) -> Option<ReplicaBase> {
+    record.clone_of.as_ref().map(|c| ReplicaBase {
+        volume_id: c.volume_id.clone(),
+        snapshot: c.snapshot.clone(),
+    })
+}
+
+/// This node's replica of the volume, opened (made if absent: empty, or a
+/// clone of its base's replica here).
+pub fn open_local(
+    c: &ClusterNode,
+    record: &VolumeRecord,
+) -> Result<Arc<crate::replication::LocalReplica>, ReplicationError> {
+    c.replicas
+        .open_as(&record.id, params(record), replica_base(record).as_ref())
 }
 
 /// Take the attach lease and open the mirror. A node whose lease expired
@@ -70,7 +88,7 @@ fn mirror_for(
         // No recorded state: nothing says it holds the data.
         let state = states.get(n).copied().unwrap_or(ReplicaState::Outdated);
         if *n == me {
-            local = Some(c.replicas.open(&record.id, params)?);
+            local = Some(open_local(c, record)?);
             local_state = state;
             continue;
         }
@@ -99,6 +117,7 @@ fn mirror_for(
         local,
         local_state,
         peers,
+        base: replica_base(record),
         states: cl.state_store(&record.id, &record.name, generation),
         verify,
         resync_rate: c.resync_rate,
@@ -279,6 +298,22 @@ pub(super) fn remove(c: &ClusterNode, record: &VolumeRecord) -> Result<(), Volum
         }
         .into());
     }
+    // Clones read the blocks they share from this volume's replicas.
+    let clones: Vec<String> = c
+        .cluster
+        .catalog()
+        .list()
+        .into_iter()
+        .filter(|r| {
+            r.clone_of
+                .as_ref()
+                .is_some_and(|o| o.volume_id == record.id)
+        })
+        .map(|r| r.name)
+        .collect();
+    if !clones.is_empty() {
+        return Err(VolumeErrorKind::HasClones(clones.join(", ")));
+    }
     c.cluster
         .catalog()
         .remove(&record.name, &record.id)
@@ -395,10 +430,7 @@ impl Handler<Checksum> for VolumeActor {
             return Err(self.err(VolumeErrorKind::NoLocalReplica(record.replicas.join(", "))));
         }
         // A replica never attached yet is made here (empty, as it reads).
-        let sum = c
-            .replicas
-            .open(&self.id, params(&record))
-            .and_then(|r| r.checksum());
+        let sum = open_local(&c, &record).and_then(|r| r.checksum());
         if self.attached.is_none() {
             c.replicas.close(&self.id);
         }
