@@ -1252,6 +1252,14 @@ fn snapshots_of_a_replicated_volume_are_taken_and_restored_on_every_replica() {
         assert_eq!(snapshot_block(&dir, None, 3), b, "{}", c.name(i));
     }
 
+    // A snapshot etcd does not list (a crash between the replicas' take
+    // and the record) does not block its name.
+    open_replica(&c.node(1).data_dir.join("volumes").join(&id))
+        .snapshot("orphan")
+        .expect("an orphan snapshot on n2's replica");
+    c.cli_ok(0, &["snapshot", "create", vol, "orphan"]);
+    c.cli_ok(0, &["snapshot", "rm", vol, "orphan"]);
+
     // Restored on every replica: from n3 (both replicas remote), then back
     // from n1 (its own replica first).
     c.cli_ok(2, &["volume", "restore", vol, "before"]);

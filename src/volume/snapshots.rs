@@ -227,6 +227,9 @@ impl Handler<TakeSnapshot> for VolumeActor {
                     }
                     .into());
                 }
+                // etcd does not list it, so one of this name on a replica is
+                // an orphan (a crash between the take and the record): gone.
+                mirror.delete_snapshot(&name)?;
                 mirror.snapshot(&name)?;
                 let snap = SnapshotRecord {
                     name: name.clone(),
