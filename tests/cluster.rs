@@ -24,6 +24,7 @@ use common::cluster::{
     CONVERGE, LEASE_TTL,
 };
 use common::netns::{self, Etcd, Net, CUT_TABLE};
+use common::tmpfs::SmallTmpfs;
 use common::{pattern, Daemon, Opts, MIB};
 use serde_json::Value;
 
@@ -908,49 +909,11 @@ fn cluster_net_smoke() {
 // A disk that fails under the attached node's own replica
 // ---------------------------------------------------------------------------------------
 
-/// A tmpfs of `size` bytes mounted on `dir` (a disk that fills up); lazily
-/// unmounted on drop.
-struct SmallDisk(std::path::PathBuf);
-
-impl SmallDisk {
-    fn mount(dir: &std::path::Path, size: u64) -> SmallDisk {
-        std::fs::create_dir_all(dir).expect("mkdir");
-        let data = format!("size={size}");
-        nix::mount::mount(
-            Some("tmpfs"),
-            dir,
-            Some("tmpfs"),
-            nix::mount::MsFlags::empty(),
-            Some(data.as_str()),
-        )
-        .expect("mount tmpfs");
-        SmallDisk(dir.to_path_buf())
-    }
-
-    fn grow(&self, size: u64) {
-        let data = format!("size={size}");
-        nix::mount::mount(
-            None::<&str>,
-            &self.0,
-            None::<&str>,
-            nix::mount::MsFlags::MS_REMOUNT,
-            Some(data.as_str()),
-        )
-        .expect("remount tmpfs");
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
-    }
-}
-
 #[test]
 fn a_full_local_disk_is_detached_and_the_volume_goes_on_with_its_peer() {
     let c = Cluster::start(Mode::Loopback, 2);
     // n1 keeps its replicas on a 24 MiB disk.
-    let disk = SmallDisk::mount(&c.node(0).data_dir.join("volumes"), 24 * MIB);
+    let disk = SmallTmpfs::mount_at(&c.node(0).data_dir.join("volumes"), 24 * MIB);
     let vol = "fills";
     c.create(0, vol, 2, "128M", &[("nodes", "n1,n2")]);
     let dev = c.attach_on(0, vol);
@@ -973,7 +936,7 @@ fn a_full_local_disk_is_detached_and_the_volume_goes_on_with_its_peer() {
         );
     }
     // Room again: n1's replica is reattached and resynced.
-    disk.grow(512 * MIB);
+    disk.resize(512 * MIB);
     c.resync_on(0, vol, RESYNC_TIMEOUT_SECS);
     assert_all_in_sync(&c, 0, vol, "after the disk grew");
     drop(d);

@@ -11,10 +11,13 @@ use dunnage::replication::{
     ReplicaState, ReplicaStatus, ReplicationError, StateStore, StateStoreError,
 };
 use parking_lot::Mutex;
+#[path = "common/tmpfs.rs"]
+mod tmpfs;
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tmpfs::SmallTmpfs;
 
 const MIB: u64 = 1 << 20;
 const BLOCK: u64 = 4096;
@@ -95,50 +98,6 @@ impl Node {
 
     fn checksum(&self) -> String {
         self.replicas.checksum(VOL, PARAMS).unwrap()
-    }
-}
-
-/// A tmpfs of a given size on a temporary directory: a disk that fills up.
-struct SmallFs {
-    dir: Option<tempfile::TempDir>,
-}
-
-impl SmallFs {
-    fn new(size: u64) -> SmallFs {
-        let dir = tempfile::tempdir().unwrap();
-        let data = format!("size={size}");
-        nix::mount::mount(
-            Some("tmpfs"),
-            dir.path(),
-            Some("tmpfs"),
-            nix::mount::MsFlags::empty(),
-            Some(data.as_str()),
-        )
-        .expect("mount a tmpfs (tests run as root)");
-        SmallFs { dir: Some(dir) }
-    }
-
-    fn path(&self) -> &std::path::Path {
-        self.dir.as_ref().unwrap().path()
-    }
-
-    fn resize(&self, size: u64) {
-        let data = format!("size={size}");
-        nix::mount::mount(
-            None::<&str>,
-            self.path(),
-            None::<&str>,
-            nix::mount::MsFlags::MS_REMOUNT,
-            Some(data.as_str()),
-        )
-        .unwrap();
-    }
-}
-
-impl Drop for SmallFs {
-    fn drop(&mut self) {
-        let _ = nix::mount::umount2(self.path(), nix::mount::MntFlags::MNT_DETACH);
-        drop(self.dir.take());
     }
 }
 
@@ -797,7 +756,7 @@ fn another_protocol_version_is_refused() {
 #[test]
 fn a_failing_local_disk_is_detached_and_resynced_while_peers_carry_on() {
     // Node a's disk holds 8 MiB: a's writes fail (ENOSPC) past that.
-    let small = SmallFs::new(8 * MIB);
+    let small = SmallTmpfs::new(8 * MIB);
     let a = Node::new_in("a", small.path());
     let b = Node::new("b");
     let states = FakeStates::new();
@@ -850,7 +809,7 @@ fn a_failing_local_disk_is_detached_and_resynced_while_peers_carry_on() {
 
 #[test]
 fn a_local_disk_error_without_an_in_sync_peer_fails_the_io_and_keeps_the_replica() {
-    let small = SmallFs::new(4 * MIB);
+    let small = SmallTmpfs::new(4 * MIB);
     let a = Node::new_in("a", small.path());
     let mut b = Node::new("b");
     // b is outdated and down (so it cannot catch up): a alone holds the volume.

@@ -9,6 +9,7 @@
 
 pub mod cluster;
 pub mod netns;
+pub mod tmpfs;
 
 use std::collections::BTreeSet;
 use std::fs;
