@@ -13,7 +13,7 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -123,57 +123,6 @@ fn assert_checksums_equal(c: &Cluster, nodes: &[usize], vol: &str) -> String {
 // a. fio with verification while a replica is killed and restarted
 // ---------------------------------------------------------------------------------------
 
-/// fio writing 4 KiB blocks at random with crc32c checksums, then reading
-/// every one back. Rate-limited so that it is certainly still writing while
-/// the replica is down and when it comes back.
-fn fio(device: &str) -> Command {
-    let mut cmd = Command::new("fio");
-    cmd.args([
-        "--name=cluster",
-        &format!("--filename={device}"),
-        "--rw=randwrite",
-        "--bs=4k",
-        "--size=64M",
-        "--ioengine=libaio",
-        "--iodepth=16",
-        "--direct=1",
-        "--verify=crc32c",
-        "--verify_fatal=1",
-        "--randrepeat=1",
-        "--verify_state_save=0",
-        "--rate_iops=2000",
-        "--output-format=normal",
-    ])
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
-    cmd
-}
-
-fn wait_fio(child: Child, c: &Cluster) -> (bool, String) {
-    let deadline = Instant::now() + Duration::from_secs(300);
-    let mut child = child;
-    while child.try_wait().expect("wait fio").is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let out = child.wait_with_output().expect("fio output");
-            panic!(
-                "fio hung for 5 minutes: IO did not resume after the replica came back\n{}\n{}",
-                String::from_utf8_lossy(&out.stdout),
-                c.logs()
-            );
-        }
-        thread::sleep(Duration::from_millis(100));
-    }
-    let out = child.wait_with_output().expect("fio output");
-    let text = format!(
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
-}
-
 fn fio_survives_replica_kill9(mode: Mode) {
     common::require_tools(&["fio"]);
     let mut c = Cluster::start(mode, 2);
@@ -181,7 +130,11 @@ fn fio_survives_replica_kill9(mode: Mode) {
     c.create(0, vol, 2, "256M", &[]);
     let dev = c.attach_on(0, vol);
 
-    let mut child = fio(&dev).spawn().expect("run fio");
+    // Rate-limited: certainly still writing while the replica is down and
+    // when it comes back.
+    let mut child = common::fio_verify("cluster", &dev, "64M", &["--rate_iops=2000"])
+        .spawn()
+        .expect("run fio");
     thread::sleep(Duration::from_millis(1500));
     assert!(
         child.try_wait().expect("wait").is_none(),
@@ -195,7 +148,7 @@ fn fio_survives_replica_kill9(mode: Mode) {
         "fio ended while the replica was dead (its IO failed, or it never was in flight)"
     );
     c.start_again(1);
-    let (ok, out) = wait_fio(child, &c);
+    let (ok, out) = common::wait_child(child, "fio", Duration::from_secs(300), || c.logs());
     assert!(
         ok && !out.contains("verify:") && !out.contains("bad magic"),
         "fio on a repl=2 volume failed across a replica's kill -9 and restart:\n{out}\n{}",

@@ -6,7 +6,7 @@
 mod common;
 
 use common::{docker_ok, require_docker, unique, Daemon, DockerGuard, Opts, TEST_IMAGE};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -15,56 +15,10 @@ fn assert_clean(d: &Daemon, context: &str) {
     assert!(l.is_empty(), "{context}: leftovers {l:?}\n{}", d.log_tail());
 }
 
-/// fio writing 4 KiB blocks at random with crc32c checksums, then reading
-/// every one back to verify. Rate-limited so that it is certainly still
-/// writing when the daemon is killed.
+/// Rate-limited (`extra`) so that it is certainly still writing when the
+/// daemon is killed.
 fn fio(device: &str, extra: &[&str]) -> Command {
-    let mut cmd = Command::new("fio");
-    cmd.args([
-        "--name=restart",
-        &format!("--filename={device}"),
-        "--rw=randwrite",
-        "--bs=4k",
-        "--size=32M",
-        "--ioengine=libaio",
-        "--iodepth=16",
-        "--direct=1",
-        "--verify=crc32c",
-        "--verify_fatal=1",
-        "--randrepeat=1",
-        "--output-format=normal",
-        "--verify_state_save=0",
-    ])
-    .args(extra)
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
-    cmd
-}
-
-fn wait_child(child: Child, what: &str, timeout: Duration) -> (bool, String) {
-    let deadline = Instant::now() + timeout;
-    let mut child = child;
-    loop {
-        match child.try_wait().expect("wait") {
-            Some(_) => break,
-            None if Instant::now() > deadline => {
-                let _ = child.kill();
-                let out = child.wait_with_output().unwrap();
-                panic!(
-                    "{what} hung for {timeout:?}: IO did not resume after the restart\n{}",
-                    String::from_utf8_lossy(&out.stdout)
-                );
-            }
-            None => thread::sleep(Duration::from_millis(50)),
-        }
-    }
-    let out = child.wait_with_output().unwrap();
-    let text = format!(
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
+    common::fio_verify("restart", device, "32M", extra)
 }
 
 fn fio_survives_kill9(opts: Opts) {
@@ -101,7 +55,7 @@ fn fio_survives_kill9(opts: Opts) {
         "fio ended while the daemon was dead (its IO failed instead of pausing)"
     );
     d.start_again();
-    let (ok, out) = wait_child(fio_child, "fio", Duration::from_secs(180));
+    let (ok, out) = common::wait_child(fio_child, "fio", Duration::from_secs(180), || d.log_tail());
     assert!(
         ok && !out.contains("verify:") && !out.contains("bad magic"),
         "fio ({io_path} path) failed across kill -9 and restart:\n{out}\n{}",
@@ -125,7 +79,12 @@ fn fio_survives_kill9(opts: Opts) {
     d.kill9();
     d.start_again();
     let verify = fio(&dev, &["--verify_only"]).spawn().unwrap();
-    let (ok, out) = wait_child(verify, "fio --verify_only", Duration::from_secs(180));
+    let (ok, out) = common::wait_child(
+        verify,
+        "fio --verify_only",
+        Duration::from_secs(180),
+        || d.log_tail(),
+    );
     assert!(
         ok,
         "data lost across the second kill -9:\n{out}\n{}",

@@ -948,6 +948,64 @@ pub fn run_cli(args: &[String], env: &[(&str, String)]) -> CliOut {
 /// Runs a command to completion, killing it (and failing) after `timeout`.
 pub use netns::run_with_timeout;
 
+/// fio writing 4 KiB blocks at random over the first `size` of `device`
+/// with crc32c checksums, then reading every one back to verify (`extra`
+/// adds a rate limit, `--verify_only`...).
+pub fn fio_verify(name: &str, device: &str, size: &str, extra: &[&str]) -> Command {
+    let mut cmd = Command::new("fio");
+    cmd.args([
+        &format!("--name={name}"),
+        &format!("--filename={device}"),
+        "--rw=randwrite",
+        "--bs=4k",
+        &format!("--size={size}"),
+        "--ioengine=libaio",
+        "--iodepth=16",
+        "--direct=1",
+        "--verify=crc32c",
+        "--verify_fatal=1",
+        "--randrepeat=1",
+        "--verify_state_save=0",
+        "--output-format=normal",
+    ])
+    .args(extra)
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    cmd
+}
+
+/// Wait for a fio (or any child) that must end once IO resumes: whether
+/// it succeeded, and its output. After `timeout` it is killed and the test
+/// fails, with `context()` (daemon logs) in the message.
+pub fn wait_child(
+    mut child: Child,
+    what: &str,
+    timeout: std::time::Duration,
+    context: impl Fn() -> String,
+) -> (bool, String) {
+    let deadline = std::time::Instant::now() + timeout;
+    while child.try_wait().expect("wait").is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("output");
+            panic!(
+                "{what} hung for {timeout:?}: IO did not resume\n{}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                context()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().expect("output");
+    let text = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
 /// Runs a command and asserts success; returns stdout.
 pub fn sh(program: &str, args: &[&str]) -> String {
     let mut cmd = Command::new(program);
