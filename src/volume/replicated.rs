@@ -156,6 +156,43 @@ pub(super) fn close_mirror(
     }
 }
 
+/// Refuse a snapshot operation (`op`: take, delete, restore) up front,
+/// before anything is opened or recorded, when a replica's node is down;
+/// for a take or restore also when a replica is not in sync, and for a
+/// restore when it lacks the snapshot (`snap`). The cluster's members.
+pub(super) fn check_replicas(
+    c: &ClusterNode,
+    record: &VolumeRecord,
+    op: &'static str,
+    snapshot: &str,
+    snap: Option<&crate::cluster::SnapshotRecord>,
+) -> Result<Vec<crate::cluster::Member>, VolumeErrorKind> {
+    let members = c.cluster.members()?;
+    let states = c.cluster.replica_states(&record.id)?;
+    for node in &record.replicas {
+        let up = members.iter().any(|m| &m.name == node && m.up);
+        let state = states.get(node).copied().unwrap_or(ReplicaState::Outdated);
+        let why = if !up {
+            "unreachable (its node is down)".to_string()
+        } else if op != "delete" && state != ReplicaState::InSync {
+            state.to_string()
+        } else if snap.is_some_and(|s| !s.nodes.contains(node)) {
+            "without this snapshot (it was placed there after the snapshot was taken)".to_string()
+        } else {
+            continue;
+        };
+        return Err(ReplicationError::SnapshotNeedsAll {
+            op,
+            volume: record.name.clone(),
+            snapshot: snapshot.to_string(),
+            node: node.clone(),
+            why,
+        }
+        .into());
+    }
+    Ok(members)
+}
+
 /// How long a restore waits for a replica still open after a detach.
 const RESTORE_BUSY_WAIT: Duration = Duration::from_secs(10);
 
@@ -184,29 +221,7 @@ pub(super) fn restore(
         }
         .into());
     };
-    let members = cl.members()?;
-    let states = cl.replica_states(&record.id)?;
-    for node in &record.replicas {
-        let up = members.iter().any(|m| &m.name == node && m.up);
-        let state = states.get(node).copied().unwrap_or(ReplicaState::Outdated);
-        let why = if !up {
-            "unreachable (its node is down)".to_string()
-        } else if state != ReplicaState::InSync {
-            state.to_string()
-        } else if !snap.nodes.contains(node) {
-            "without this snapshot (it was placed there after the snapshot was taken)".to_string()
-        } else {
-            continue;
-        };
-        return Err(ReplicationError::SnapshotNeedsAll {
-            op: "restore",
-            volume: record.name.clone(),
-            snapshot: name.to_string(),
-            node: node.clone(),
-            why,
-        }
-        .into());
-    }
+    let members = check_replicas(c, record, "restore", name, Some(snap))?;
     let generation = cl.acquire_attach(&record.id, &record.name, Duration::ZERO)?;
     let res = restore_replicas(c, record, name, generation, &members);
     // Every in-sync replica now holds the snapshot's contents: nothing

@@ -13,7 +13,7 @@ use crate::catalog::VolumeRecord;
 use crate::cluster::SnapshotRecord;
 use crate::config::ClusterNode;
 use crate::engine::{EngineError, SnapshotInfo, ThinImage};
-use crate::replication::{Generation, Mirror, ReplicaState, ReplicationError};
+use crate::replication::{Generation, Mirror};
 use actix::prelude::*;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -104,30 +104,7 @@ impl VolumeActor {
         }
         // What the mirror would refuse, refused before opening one (which
         // records an unreachable replica outdated).
-        let members = c.cluster.members().map_err(|e| self.err(e))?;
-        let states = c
-            .cluster
-            .replica_states(&self.id)
-            .map_err(|e| self.err(e))?;
-        for node in &record.replicas {
-            let up = members.iter().any(|m| &m.name == node && m.up);
-            let state = states.get(node).copied().unwrap_or(ReplicaState::Outdated);
-            let why = if !up {
-                "unreachable (its node is down)".to_string()
-            } else if op == "take" && state != ReplicaState::InSync {
-                state.to_string()
-            } else {
-                continue;
-            };
-            let e = ReplicationError::SnapshotNeedsAll {
-                op,
-                volume: record.name.clone(),
-                snapshot: snapshot.to_string(),
-                node: node.clone(),
-                why,
-            };
-            return Err(self.err(e));
-        }
+        replicated::check_replicas(c, record, op, snapshot, None).map_err(|e| self.err(e))?;
         let (mirror, generation) = replicated::open_mirror(c, record).map_err(|e| self.err(e))?;
         let res = f(&mirror, generation);
         replicated::close_mirror(c, &self.id, &self.name, &mirror, generation);
