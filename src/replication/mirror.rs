@@ -780,11 +780,12 @@ impl Inner {
         let _all = self.ranges.lock(s, e);
         self.check_open()?;
         if self.verification.lock().is_some_and(|v| !v.finished) {
+            // The attached node's mirror runs the comparison: name it.
             return Err(self.snapshot_refused(
                 "take",
                 name,
-                "-",
-                "being compared with the others after an attach that ended unreleased",
+                &self.hello.from,
+                "still being compared with the others after an attach that ended unreleased (`dunnage volume inspect` shows the verification)",
             ));
         }
         self.snapshot_op("take", name, Request::Snapshot { name: name.into() })

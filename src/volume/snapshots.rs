@@ -111,7 +111,8 @@ impl VolumeActor {
         res.map_err(|e| self.err(e))
     }
 
-    /// This node's replica's snapshots (name, block size), if it holds one.
+    /// The snapshots of this node's replica, if it holds one (for their
+    /// space figures).
     fn local_snapshot_infos(&self, c: &ClusterNode, record: &VolumeRecord) -> Vec<SnapshotInfo> {
         // Not created here for a listing: a replica never attached has none.
         let made = c
