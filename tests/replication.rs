@@ -7,8 +7,8 @@ use dunnage::engine::pattern::pattern;
 use dunnage::engine::{BlockEngine, ThinParams};
 use dunnage::replication::wire::{self, ErrorCode, Frame, Hello};
 use dunnage::replication::{
-    Generation, LocalReplica, LocalReplicas, Mirror, MirrorConfig, PeerSpec, ReplicaServer,
-    ReplicaState, ReplicaStatus, ReplicationError, StateStore, StateStoreError,
+    Generation, LocalReplica, LocalReplicas, Mirror, MirrorConfig, NewReplica, PeerSpec,
+    ReplicaServer, ReplicaState, ReplicaStatus, ReplicationError, StateStore, StateStoreError,
 };
 use parking_lot::Mutex;
 #[path = "common/tmpfs.rs"]
@@ -1100,4 +1100,117 @@ fn replicas_are_restored_to_a_snapshot_only_while_closed_and_current() {
     m.close();
     drop(m);
     assert_eq!(nodes[0].checksum(), nodes[1].checksum());
+}
+
+/// `dunnage replica add` and `rm` on a running mirror. A replica added
+/// while a writer runs is resynced in the background and then holds what
+/// the others hold; a removed one is recorded outdated first and gets no
+/// write after; the last in-sync replica cannot be removed.
+#[test]
+fn replicas_are_added_and_removed_while_writes_go_on() {
+    let nodes: Vec<Node> = ["a", "b", "c"].iter().map(|n| Node::new(n)).collect();
+    let states = FakeStates::new();
+    let m = Mirror::open(config(
+        "a",
+        1,
+        Some(nodes[0].local()),
+        ReplicaState::InSync,
+        vec![nodes[1].peer(ReplicaState::InSync)],
+        states.clone(),
+    ))
+    .unwrap();
+    // Something for the new replica to copy.
+    write_blocks(&*m, 0, 0..2048);
+
+    let written = AtomicU64::new(0);
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let blocks = PARAMS.size / BLOCK;
+            let mut k = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                let block = (k * 13) % blocks;
+                m.write_at(&pattern(1 << 20 | k, BLOCK as usize), block * BLOCK)
+                    .expect("writes go on while replicas come and go");
+                if k % 64 == 63 {
+                    m.flush().expect("flushes go on while replicas come and go");
+                }
+                k += 1;
+                written.store(k, Ordering::SeqCst);
+            }
+        });
+        let more = |n: u64| {
+            let target = written.load(Ordering::SeqCst) + n;
+            wait_until(&format!("{target} writes"), || {
+                written.load(Ordering::SeqCst) >= target
+            })
+        };
+        more(100);
+        m.add_replica("c", NewReplica::Remote(nodes[2].addr))
+            .unwrap();
+        assert!(matches!(
+            m.add_replica("c", NewReplica::Remote(nodes[2].addr)),
+            Err(ReplicationError::Membership { op: "add", .. })
+        ));
+        wait_in_sync(&m, "c");
+        assert_eq!(
+            states.recorded_for("c"),
+            [ReplicaState::Resyncing, ReplicaState::InSync]
+        );
+        let sent = status_of(&m, "c").resync_sent_bytes;
+        assert!(sent > 0 && sent <= PARAMS.size, "c was sent {sent} bytes");
+        more(100);
+
+        m.remove_replica("b").unwrap();
+        assert_eq!(states.recorded_for("b"), [ReplicaState::Outdated]);
+        assert!(m.status().iter().all(|s| s.node != "b"));
+        assert!(matches!(
+            m.remove_replica("b"),
+            Err(ReplicationError::NotFound(_))
+        ));
+        more(100);
+
+        // Diskless for a while: the writer goes on with c alone.
+        m.remove_replica("a").unwrap();
+        assert!(matches!(
+            m.remove_replica("c"),
+            Err(ReplicationError::Membership { op: "remove", .. })
+        ));
+        assert_eq!(
+            states.recorded_for("c"),
+            [ReplicaState::Resyncing, ReplicaState::InSync]
+        );
+        more(100);
+        m.add_replica("a", NewReplica::Local(nodes[0].local()))
+            .unwrap();
+        wait_in_sync(&m, "a");
+        more(100);
+        stop.store(true, Ordering::SeqCst);
+    });
+    m.flush().unwrap();
+    let statuses = m.status();
+    assert_eq!(
+        statuses.iter().map(|s| s.node.as_str()).collect::<Vec<_>>(),
+        ["a", "c"],
+        "the local replica is read first"
+    );
+    // b's server dropped the replica with its link: it got nothing since.
+    wait_until("b's replica closed", || {
+        nodes[1].replicas.get(VOL).is_none()
+    });
+    let b_sum = nodes[1].checksum();
+    write_blocks(&*m, 7, 0..64);
+    m.flush().unwrap();
+    m.close();
+    drop(m);
+    wait_until("c's replica closed", || {
+        nodes[2].replicas.get(VOL).is_none()
+    });
+    assert_eq!(
+        nodes[1].checksum(),
+        b_sum,
+        "b took no write after its removal"
+    );
+    assert_eq!(nodes[0].checksum(), nodes[2].checksum());
+    assert_ne!(nodes[0].checksum(), b_sum);
 }

@@ -19,7 +19,7 @@ use super::wire::{ErrorCode, Hello, Request};
 use super::{Generation, ReplicaState, ReplicationError, StateStore};
 use crate::engine::{BlockEngine, EngineError, ThinParams};
 use crossbeam_channel::{Receiver, Sender};
-use parking_lot::{Condvar, Mutex};
+use parking_lot::{Condvar, Mutex, RwLock};
 use sha2::{Digest, Sha256};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -78,6 +78,13 @@ pub struct MirrorConfig {
     pub io_timeout: Duration,
 }
 
+/// Where a replica added to a running mirror lives.
+pub enum NewReplica {
+    /// This node's, from [`super::LocalReplicas::open`].
+    Local(Arc<LocalReplica>),
+    Remote(SocketAddr),
+}
+
 /// [`BlockEngine::io_parallelism`] of a mirror with a replica elsewhere.
 const REMOTE_IO_PARALLELISM: usize = 16;
 
@@ -101,13 +108,31 @@ struct Replica {
     settled: Condvar,
     /// Serializes records of this replica's state in the store.
     transition: Mutex<()>,
+    /// Taken out of the mirror (`dunnage replica rm`): its thread ends,
+    /// and a late failure of a write to it records nothing.
+    removed: AtomicBool,
     wake_tx: Sender<()>,
     wake_rx: Receiver<()>,
 }
 
+/// The mirror's replicas as one write sees them (the set can change while
+/// it is attached: `dunnage replica add/rm`).
+type Replicas = Arc<[Arc<Replica>]>;
+
 impl Replica {
     fn is_local(&self) -> bool {
         matches!(self.endpoint, Endpoint::Local(_))
+    }
+
+    fn local(&self) -> Option<&Arc<LocalReplica>> {
+        match &self.endpoint {
+            Endpoint::Local(l) => Some(l),
+            Endpoint::Remote(_) => None,
+        }
+    }
+
+    fn is_removed(&self) -> bool {
+        self.removed.load(Ordering::SeqCst)
     }
 
     /// Wake its background thread.
@@ -128,8 +153,9 @@ struct Inner {
     size: u64,
     io_timeout: Duration,
     hello: Hello,
-    /// The local replica (if any) first.
-    replicas: Vec<Replica>,
+    /// The local replica (if any) first. Replaced whole when a replica is
+    /// added or removed; each IO works on the set it read.
+    replicas: RwLock<Replicas>,
     states: Arc<dyn StateStore>,
     ranges: RangeLocks,
     fenced: AtomicBool,
@@ -160,7 +186,9 @@ enum Stop {
 /// A replicated volume's engine. See the module doc.
 pub struct Mirror {
     inner: Arc<Inner>,
-    workers: Mutex<Vec<JoinHandle<()>>>,
+    /// Background threads, with the replica each serves (`None`: the
+    /// verification). Its lock also serializes replica adds and removes.
+    workers: Mutex<Vec<(Option<Arc<Replica>>, JoinHandle<()>)>>,
 }
 
 impl std::fmt::Debug for Mirror {
@@ -173,15 +201,13 @@ impl std::fmt::Debug for Mirror {
 }
 
 /// Settles the replicas a write or flush was routed to, however it ends.
-struct Inflight<'a> {
-    inner: &'a Inner,
-    replicas: Vec<usize>,
+struct Inflight {
+    replicas: Vec<Arc<Replica>>,
 }
 
-impl Drop for Inflight<'_> {
+impl Drop for Inflight {
     fn drop(&mut self) {
-        for &i in &self.replicas {
-            let r = &self.inner.replicas[i];
+        for r in &self.replicas {
             let mut cell = r.cell.lock();
             cell.inflight -= 1;
             if cell.inflight == 0 {
@@ -363,7 +389,7 @@ impl Mirror {
             size,
             io_timeout: cfg.io_timeout,
             hello,
-            replicas,
+            replicas: RwLock::new(replicas.into_iter().map(Arc::new).collect()),
             states: cfg.states,
             ranges: RangeLocks::new(),
             fenced: AtomicBool::new(false),
@@ -375,33 +401,20 @@ impl Mirror {
             })),
         });
         let mut workers = Vec::new();
-        let threads = inner.replicas.len() + usize::from(cfg.verify);
-        for i in 0..threads {
-            let inner2 = inner.clone();
-            let spawned = if i < inner.replicas.len() {
-                std::thread::Builder::new()
-                    .name(format!("repl-{}", inner.replicas[i].node))
-                    .spawn(move || inner2.background(i))
-            } else {
-                std::thread::Builder::new()
-                    .name("repl-verify".into())
-                    .spawn(move || inner2.verify())
-            };
-            match spawned {
-                Ok(t) => workers.push(t),
+        let set = inner.set();
+        let jobs = set.iter().map(Some).chain(cfg.verify.then_some(None));
+        for r in jobs {
+            match inner.spawn(r) {
+                Ok(t) => workers.push((r.cloned(), t)),
                 Err(e) => {
                     inner.closed.store(true, Ordering::SeqCst);
-                    for r in &inner.replicas {
+                    for r in set.iter() {
                         r.wake();
                     }
-                    for t in workers {
+                    for (_, t) in workers {
                         let _ = t.join();
                     }
-                    return Err(ReplicationError::Io {
-                        op: "spawn a replica thread for",
-                        path: PathBuf::from(&inner.volume),
-                        source: e,
-                    });
+                    return Err(e);
                 }
             }
         }
@@ -424,7 +437,7 @@ impl Mirror {
     /// Every replica: state, link, resync progress.
     pub fn status(&self) -> Vec<ReplicaStatus> {
         self.inner
-            .replicas
+            .set()
             .iter()
             .map(|r| {
                 let cell = r.cell.lock();
@@ -461,6 +474,125 @@ impl Mirror {
         self.inner.delete_snapshot(name)
     }
 
+    /// Add `node`'s replica while the volume is in use (`dunnage replica
+    /// add`). The caller has recorded it Outdated. It starts with every unit
+    /// to copy; its thread connects it and resyncs it in the background,
+    /// comparing first, so what it already holds is not sent. A write
+    /// running now does not reach it, and needs not: its resync takes each
+    /// range under the range lock, after the writes to it.
+    pub fn add_replica(&self, node: &str, at: NewReplica) -> Result<(), ReplicationError> {
+        let inner = &self.inner;
+        let refused = |why: String| ReplicationError::Membership {
+            op: "add",
+            volume: inner.volume.clone(),
+            node: node.to_string(),
+            why,
+        };
+        let mut workers = self.workers.lock();
+        inner.check_open().map_err(ReplicationError::Engine)?;
+        let set = inner.set();
+        if set.iter().any(|r| r.node == node) {
+            return Err(refused("it holds one already".into()));
+        }
+        let (endpoint, remote) = match at {
+            NewReplica::Remote(addr) => (Endpoint::Remote(addr), true),
+            NewReplica::Local(l) => {
+                if set.iter().any(|r| r.is_local()) {
+                    return Err(refused("this node's replica is open already".into()));
+                }
+                let have = l.params();
+                if l.volume_id() != inner.volume_id || have.size != inner.size {
+                    return Err(refused(format!(
+                        "the replica opened ({} of {} bytes) is not this volume's",
+                        l.volume_id(),
+                        have.size
+                    )));
+                }
+                l.advance(inner.generation)?;
+                (Endpoint::Local(l), false)
+            }
+        };
+        let track = Track::new(ReplicaState::Outdated, inner.size, remote);
+        let r = Arc::new(new_replica(node, endpoint, track, None));
+        let thread = inner.spawn(Some(&r))?;
+        {
+            let mut replicas = inner.replicas.write();
+            let mut next: Vec<Arc<Replica>> = replicas.iter().cloned().collect();
+            // Reads try the local replica first.
+            if r.is_local() {
+                next.insert(0, r.clone());
+            } else {
+                next.push(r.clone());
+            }
+            *replicas = next.into();
+        }
+        workers.push((Some(r), thread));
+        tracing::info!(volume = %inner.volume, node, "replica added: resyncing it in the background");
+        Ok(())
+    }
+
+    /// Take `node`'s replica out of the mirror (`dunnage replica rm`):
+    /// recorded Outdated first, so that no later attach reads it, then no
+    /// IO goes to it. Refused if no other replica is in sync and
+    /// reachable, which would leave the volume without its data.
+    pub fn remove_replica(&self, node: &str) -> Result<(), ReplicationError> {
+        let inner = &self.inner;
+        let refused = |why: &str| ReplicationError::Membership {
+            op: "remove",
+            volume: inner.volume.clone(),
+            node: node.to_string(),
+            why: why.to_string(),
+        };
+        let mut workers = self.workers.lock();
+        inner.check_open().map_err(ReplicationError::Engine)?;
+        let set = inner.set();
+        let Some(r) = set.iter().find(|r| r.node == node).cloned() else {
+            return Err(ReplicationError::NotFound(inner.volume.clone()));
+        };
+        let others_in_sync = set
+            .iter()
+            .any(|o| !Arc::ptr_eq(o, &r) && o.cell.lock().track.readable());
+        if !others_in_sync {
+            return Err(refused(
+                "no other replica is in sync and reachable: it holds the only current copy of the data. Wait for a resync (`dunnage volume resync`), or add a replica first",
+            ));
+        }
+        {
+            let _t = r.transition.lock();
+            if let Err(e) = inner.states.set_state(&r.node, ReplicaState::Outdated) {
+                if matches!(e, super::StateStoreError::Fenced { .. }) {
+                    inner.fence(&e.to_string());
+                }
+                return Err(e.into());
+            }
+            r.cell.lock().track.recorded(ReplicaState::Outdated);
+            r.removed.store(true, Ordering::SeqCst);
+        }
+        {
+            let mut replicas = inner.replicas.write();
+            let next: Vec<Arc<Replica>> = replicas
+                .iter()
+                .filter(|o| !Arc::ptr_eq(o, &r))
+                .cloned()
+                .collect();
+            *replicas = next.into();
+        }
+        r.wake();
+        r.settled.notify_all();
+        if let Some(at) = workers
+            .iter()
+            .position(|(o, _)| o.as_ref().is_some_and(|o| Arc::ptr_eq(o, &r)))
+        {
+            let (_, t) = workers.swap_remove(at);
+            let _ = t.join();
+        }
+        if let Some(link) = r.cell.lock().link.take() {
+            link.kill();
+        }
+        tracing::info!(volume = %inner.volume, node, "replica removed");
+        Ok(())
+    }
+
     /// Refuse every further IO (this node lost its claim on the volume).
     pub fn fence(&self) {
         self.inner.fence("fenced by the caller");
@@ -474,15 +606,16 @@ impl Mirror {
     /// Call it after the export stopped and flushed. Idempotent.
     pub fn close(&self) {
         self.inner.closed.store(true, Ordering::SeqCst);
-        for r in &self.inner.replicas {
+        let set = self.inner.set();
+        for r in set.iter() {
             r.wake();
             r.settled.notify_all();
         }
         let workers = std::mem::take(&mut *self.workers.lock());
-        for t in workers {
+        for (_, t) in workers {
             let _ = t.join();
         }
-        for r in &self.inner.replicas {
+        for r in set.iter() {
             let link = r.cell.lock().link.take();
             if let Some(l) = link {
                 l.kill();
@@ -509,12 +642,42 @@ fn new_replica(node: &str, endpoint: Endpoint, track: Track, link: Option<Arc<Li
         }),
         settled: Condvar::new(),
         transition: Mutex::new(()),
+        removed: AtomicBool::new(false),
         wake_tx,
         wake_rx,
     }
 }
 
 impl Inner {
+    /// The replicas now.
+    fn set(&self) -> Replicas {
+        self.replicas.read().clone()
+    }
+
+    /// Start the background thread of replica `r`, or the verification's.
+    fn spawn(
+        self: &Arc<Self>,
+        r: Option<&Arc<Replica>>,
+    ) -> Result<JoinHandle<()>, ReplicationError> {
+        let inner = self.clone();
+        let spawned = match r {
+            Some(r) => {
+                let r = r.clone();
+                std::thread::Builder::new()
+                    .name(format!("repl-{}", r.node))
+                    .spawn(move || inner.background(&r))
+            }
+            None => std::thread::Builder::new()
+                .name("repl-verify".into())
+                .spawn(move || inner.verify()),
+        };
+        spawned.map_err(|e| ReplicationError::Io {
+            op: "spawn a replica thread for",
+            path: PathBuf::from(&self.volume),
+            source: e,
+        })
+    }
+
     fn is_fenced(&self) -> bool {
         self.fenced.load(Ordering::SeqCst)
     }
@@ -532,7 +695,7 @@ impl Inner {
                 "replicated volume fenced: refusing all IO"
             );
         }
-        for r in &self.replicas {
+        for r in self.set().iter() {
             r.wake();
         }
     }
@@ -573,13 +736,6 @@ impl Inner {
         }
     }
 
-    fn local(&self, i: usize) -> Option<&Arc<LocalReplica>> {
-        match &self.replicas[i].endpoint {
-            Endpoint::Local(l) => Some(l),
-            Endpoint::Remote(_) => None,
-        }
-    }
-
     /// A local replica's error: fencing fences the mirror.
     fn local_error(&self, e: ReplicationError) -> EngineError {
         match e {
@@ -598,12 +754,18 @@ impl Inner {
     /// cannot be made: then nothing may be acknowledged.
     fn replica_failed(
         &self,
-        i: usize,
+        r: &Replica,
         epoch: Option<u64>,
         mark: impl FnOnce(&mut Track),
     ) -> Result<(), EngineError> {
-        let r = &self.replicas[i];
         let _t = r.transition.lock();
+        if r.is_removed() {
+            // No longer one of the volume's replicas: nothing to record.
+            if let Some(link) = r.cell.lock().link.take() {
+                link.kill();
+            }
+            return Ok(());
+        }
         let (need, dropped) = {
             let mut cell = r.cell.lock();
             mark(&mut cell.track);
@@ -654,22 +816,24 @@ impl Inner {
         self.check_open()?;
         let deadline = Instant::now() + self.io_timeout;
 
+        // Read under the range lock: a replica added later starts with
+        // everything dirty, and its resync waits for this range.
+        let set = self.set();
         let mut inflight = Inflight {
-            inner: self,
             replicas: Vec::new(),
         };
-        let mut local: Option<(usize, bool)> = None;
+        let mut local: Option<(&Arc<Replica>, bool)> = None;
         let mut remote = Vec::new();
         let mut record = Vec::new();
-        for (i, r) in self.replicas.iter().enumerate() {
+        for r in set.iter() {
             let mut cell = r.cell.lock();
             let in_sync = cell.track.state() == ReplicaState::InSync;
             match cell.track.route(offset, len) {
                 Route::Send { epoch } => {
                     cell.inflight += 1;
-                    inflight.replicas.push(i);
+                    inflight.replicas.push(r.clone());
                     if r.is_local() {
-                        local = Some((i, in_sync));
+                        local = Some((r, in_sync));
                     } else {
                         let link = cell.link.clone();
                         drop(cell);
@@ -682,19 +846,19 @@ impl Inner {
                             }
                             .ok()
                         });
-                        remote.push((i, epoch, in_sync, rx));
+                        remote.push((r, epoch, in_sync, rx));
                     }
                 }
                 Route::Skip => {}
-                Route::Record => record.push(i),
+                Route::Record => record.push(r),
             }
         }
 
         let mut held_in_sync = 0;
         let mut fenced = None;
         let mut local_err = None;
-        if let Some((i, in_sync)) = local {
-            let l = self.local(i).expect("local replica");
+        if let Some((r, in_sync)) = local {
+            let l = r.local().expect("local replica");
             let res = match op {
                 WriteOp::Write(buf) => l.write_at(self.generation, buf, offset),
                 WriteOp::Discard(n) => l.discard(self.generation, offset, n),
@@ -702,23 +866,21 @@ impl Inner {
             match res {
                 Ok(()) => held_in_sync += usize::from(in_sync),
                 Err(e @ ReplicationError::Fenced { .. }) => fenced = Some(e.to_string()),
-                Err(e) => local_err = Some((i, e)),
+                Err(e) => local_err = Some((r, e)),
             }
         }
         let mut failed = Vec::new();
-        for (i, epoch, in_sync, rx) in remote {
+        for (r, epoch, in_sync, rx) in remote {
             let res = match rx {
                 Some(rx) => rx.wait(deadline),
                 None => Err(CallError::Down),
             };
             match res {
                 Ok(Reply::Ok) => {
-                    self.replicas[i].cell.lock().track.acked(epoch, offset, len);
+                    r.cell.lock().track.acked(epoch, offset, len);
                     held_in_sync += usize::from(in_sync);
                 }
-                Err(e) if e.is_fenced() => {
-                    fenced = Some(format!("replica {}: {e}", self.replicas[i].node))
-                }
+                Err(e) if e.is_fenced() => fenced = Some(format!("replica {}: {e}", r.node)),
                 other => {
                     let why = match other {
                         Err(e) => e.to_string(),
@@ -726,11 +888,11 @@ impl Inner {
                     };
                     tracing::warn!(
                         volume = %self.volume,
-                        peer = %self.replicas[i].node,
+                        peer = %r.node,
                         error = %why,
                         "write to replica failed"
                     );
-                    failed.push((i, epoch));
+                    failed.push((r, epoch));
                 }
             }
         }
@@ -738,14 +900,14 @@ impl Inner {
             self.fence(&why);
             return Err(self.fenced_error());
         }
-        for (i, epoch) in failed {
-            self.replica_failed(i, Some(epoch), |t| t.mark_dirty(offset, len))?;
+        for (r, epoch) in failed {
+            self.replica_failed(r, Some(epoch), |t| t.mark_dirty(offset, len))?;
         }
-        for i in record {
-            self.replica_failed(i, None, |_| {})?;
+        for r in record {
+            self.replica_failed(r, None, |_| {})?;
         }
-        if let Some((i, e)) = local_err {
-            self.local_failed(i, e, held_in_sync, |t| t.mark_dirty(offset, len))?;
+        if let Some((r, e)) = local_err {
+            self.local_failed(r, e, held_in_sync, |t| t.mark_dirty(offset, len))?;
         }
         if held_in_sync == 0 {
             return Err(self.error("no in-sync replica holds the write"));
@@ -759,7 +921,7 @@ impl Inner {
     /// reattaches and resyncs it. Alone, the error is the IO's.
     fn local_failed(
         &self,
-        i: usize,
+        r: &Replica,
         e: ReplicationError,
         held_in_sync: usize,
         mark: impl FnOnce(&mut Track),
@@ -767,9 +929,9 @@ impl Inner {
         if held_in_sync == 0 || matches!(e, ReplicationError::Fenced { .. }) {
             return Err(self.local_error(e));
         }
-        tracing::error!(volume = %self.volume, node = %self.replicas[i].node, error = %e,
+        tracing::error!(volume = %self.volume, node = %r.node, error = %e,
             "IO on the local replica failed");
-        self.replica_failed(i, None, mark)
+        self.replica_failed(r, None, mark)
     }
 
     fn snapshot(&self, name: &str) -> Result<(), ReplicationError> {
@@ -826,8 +988,9 @@ impl Inner {
         req: Request,
     ) -> Result<(), ReplicationError> {
         let take = matches!(req, Request::Snapshot { .. });
+        let set = self.set();
         let mut links = Vec::new();
-        for r in &self.replicas {
+        for r in set.iter() {
             let cell = r.cell.lock();
             let state = cell.track.state();
             if take && state != ReplicaState::InSync {
@@ -925,29 +1088,29 @@ impl Inner {
         Err(err)
     }
 
-    fn local_replica(&self) -> Option<&Arc<LocalReplica>> {
-        (0..self.replicas.len()).find_map(|i| self.local(i))
+    fn local_replica(&self) -> Option<Arc<LocalReplica>> {
+        self.set().iter().find_map(|r| r.local().cloned())
     }
 
     fn flush(&self) -> Result<(), EngineError> {
         self.check_open()?;
         let deadline = Instant::now() + self.io_timeout;
+        let set = self.set();
         let mut inflight = Inflight {
-            inner: self,
             replicas: Vec::new(),
         };
         let mut local = None;
         let mut remote = Vec::new();
-        for (i, r) in self.replicas.iter().enumerate() {
+        for r in set.iter() {
             let mut cell = r.cell.lock();
             if !cell.track.receives_writes() {
                 continue;
             }
             let in_sync = cell.track.state() == ReplicaState::InSync;
             cell.inflight += 1;
-            inflight.replicas.push(i);
+            inflight.replicas.push(r.clone());
             if r.is_local() {
-                local = Some((i, in_sync));
+                local = Some((r, in_sync));
                 continue;
             }
             let epoch = cell.track.epoch();
@@ -955,47 +1118,45 @@ impl Inner {
             let link = cell.link.clone();
             drop(cell);
             let rx = link.and_then(|l| l.submit(Request::Flush).ok());
-            remote.push((i, epoch, in_sync, taken, rx));
+            remote.push((r, epoch, in_sync, taken, rx));
         }
         let mut held_in_sync = 0;
         let mut fenced = None;
         let mut local_err = None;
-        if let Some((i, in_sync)) = local {
-            match self.local(i).expect("local").flush(self.generation) {
+        if let Some((r, in_sync)) = local {
+            match r.local().expect("local").flush(self.generation) {
                 Ok(()) => held_in_sync += usize::from(in_sync),
                 Err(e @ ReplicationError::Fenced { .. }) => fenced = Some(e.to_string()),
-                Err(e) => local_err = Some((i, e)),
+                Err(e) => local_err = Some((r, e)),
             }
         }
         let mut failed = Vec::new();
-        for (i, epoch, in_sync, taken, rx) in remote {
+        for (r, epoch, in_sync, taken, rx) in remote {
             let res = match rx {
                 Some(rx) => rx.wait(deadline),
                 None => Err(CallError::Down),
             };
             match res {
                 Ok(Reply::Ok) => held_in_sync += usize::from(in_sync),
-                Err(e) if e.is_fenced() => {
-                    fenced = Some(format!("replica {}: {e}", self.replicas[i].node))
-                }
-                _ => failed.push((i, epoch, taken)),
+                Err(e) if e.is_fenced() => fenced = Some(format!("replica {}: {e}", r.node)),
+                _ => failed.push((r, epoch, taken)),
             }
         }
         if let Some(why) = fenced {
             self.fence(&why);
             return Err(self.fenced_error());
         }
-        for (i, epoch, taken) in failed {
-            tracing::warn!(volume = %self.volume, peer = %self.replicas[i].node, "flush of replica failed");
-            self.replica_failed(i, Some(epoch), |t| {
+        for (r, epoch, taken) in failed {
+            tracing::warn!(volume = %self.volume, peer = %r.node, "flush of replica failed");
+            self.replica_failed(r, Some(epoch), |t| {
                 if let Some(taken) = &taken {
                     t.flush_failed(taken);
                 }
             })?;
         }
-        if let Some((i, e)) = local_err {
+        if let Some((r, e)) = local_err {
             // A failed sync may have lost any write since the last one.
-            self.local_failed(i, e, held_in_sync, Track::mark_all_dirty)?;
+            self.local_failed(r, e, held_in_sync, Track::mark_all_dirty)?;
         }
         if held_in_sync == 0 {
             return Err(self.error("no in-sync replica completed the flush"));
@@ -1021,12 +1182,14 @@ impl Inner {
     /// Returns the replica read.
     fn read_from_in_sync(
         &self,
-        exclude: Option<usize>,
+        exclude: Option<&Replica>,
         buf: &mut [u8],
         offset: u64,
-    ) -> Result<usize, ReadError> {
-        for (i, r) in self.replicas.iter().enumerate() {
-            if Some(i) == exclude {
+    ) -> Result<Arc<Replica>, ReadError> {
+        let set = self.set();
+        let excluded = |r: &Replica| exclude.is_some_and(|x| std::ptr::eq(x, r));
+        for r in set.iter() {
+            if excluded(r) {
                 continue;
             }
             let (epoch, link) = {
@@ -1038,28 +1201,27 @@ impl Inner {
             };
             if let Endpoint::Local(l) = &r.endpoint {
                 let e = match l.read_at(self.generation, buf, offset) {
-                    Ok(()) => return Ok(i),
+                    Ok(()) => return Ok(r.clone()),
                     Err(e) => e,
                 };
-                let others =
-                    self.replicas.iter().enumerate().any(|(j, o)| {
-                        j != i && Some(j) != exclude && o.cell.lock().track.readable()
-                    });
+                let others = set.iter().any(|o| {
+                    !std::ptr::eq(&**o, &**r) && !excluded(o) && o.cell.lock().track.readable()
+                });
                 let len = buf.len() as u64;
-                self.local_failed(i, e, usize::from(others), |t| t.mark_dirty(offset, len))
+                self.local_failed(r, e, usize::from(others), |t| t.mark_dirty(offset, len))
                     .map_err(ReadError::Engine)?;
                 continue;
             }
             let Some(link) = link else { continue };
             match self.read_remote(&link, buf, offset) {
-                Ok(()) => return Ok(i),
+                Ok(()) => return Ok(r.clone()),
                 Err(e) if e.is_fenced() => {
                     self.fence(&format!("replica {}: {e}", r.node));
                     return Err(ReadError::Engine(self.fenced_error()));
                 }
                 Err(e) => {
                     tracing::warn!(volume = %self.volume, peer = %r.node, error = %e, "read from replica failed");
-                    self.replica_failed(i, Some(epoch), |_| {})
+                    self.replica_failed(r, Some(epoch), |_| {})
                         .map_err(ReadError::Engine)?;
                 }
             }
@@ -1087,15 +1249,14 @@ impl Inner {
         Ok(())
     }
 
-    /// The background thread of replica `i`: reconnect it when it drops,
+    /// The background thread of replica `r`: reconnect it when it drops,
     /// resync it when it is behind.
-    fn background(&self, i: usize) {
-        let r = &self.replicas[i];
+    fn background(&self, r: &Arc<Replica>) {
         let mut backoff = MIN_BACKOFF;
         // Say it once per outage, not once per attempt.
         let mut warned = false;
         loop {
-            if self.is_closed() {
+            if self.is_closed() || r.is_removed() {
                 return;
             }
             if self.is_fenced() {
@@ -1111,9 +1272,9 @@ impl Inner {
                 continue;
             }
             let step = if connected {
-                self.resync(i)
+                self.resync(r)
             } else {
-                self.reconnect(i)
+                self.reconnect(r)
             };
             match step {
                 Ok(()) => {
@@ -1135,8 +1296,7 @@ impl Inner {
         }
     }
 
-    fn reconnect(&self, i: usize) -> Result<(), Stop> {
-        let r = &self.replicas[i];
+    fn reconnect(&self, r: &Replica) -> Result<(), Stop> {
         let Endpoint::Remote(addr) = r.endpoint else {
             // A detached local disk: try it again (resync tells).
             let mut cell = r.cell.lock();
@@ -1165,7 +1325,7 @@ impl Inner {
             Err(e) => return Err(Stop::Retry(e.to_string())),
         };
         let mut cell = r.cell.lock();
-        if self.is_closed() {
+        if self.is_closed() || r.is_removed() {
             drop(cell);
             link.kill();
             return Err(Stop::Done);
@@ -1176,15 +1336,14 @@ impl Inner {
         Ok(())
     }
 
-    /// Bring connected replica `i` up to date, then record it in sync.
-    fn resync(&self, i: usize) -> Result<(), Stop> {
-        let r = &self.replicas[i];
+    /// Bring connected replica `r` up to date, then record it in sync.
+    fn resync(&self, r: &Replica) -> Result<(), Stop> {
         // Writes routed over an older link settle first: a late ack or
         // failure of one marks its range dirty, which must happen before
         // the map is walked.
         let epoch = {
             let mut cell = r.cell.lock();
-            while cell.inflight > 0 && !self.is_closed() {
+            while cell.inflight > 0 && !self.is_closed() && !r.is_removed() {
                 r.settled.wait_for(&mut cell, Duration::from_millis(100));
             }
             if !cell.track.connected() {
@@ -1195,6 +1354,9 @@ impl Inner {
         self.stop_check()?;
         if r.cell.lock().track.state() == ReplicaState::Outdated {
             let _t = r.transition.lock();
+            if r.is_removed() {
+                return Err(Stop::Done);
+            }
             if !r.cell.lock().track.connected() {
                 return Err(Stop::Retry("dropped".into()));
             }
@@ -1215,6 +1377,9 @@ impl Inner {
         let mut pace = Pacer::new(self.resync_rate, Instant::now());
         loop {
             self.stop_check()?;
+            if r.is_removed() {
+                return Err(Stop::Done);
+            }
             let wait = pace.wait(Instant::now());
             if !wait.is_zero() {
                 r.sleep(wait.min(MAX_BACKOFF));
@@ -1251,7 +1416,7 @@ impl Inner {
             let len = ((run.1 - run.0) * UNIT).min(self.size - offset) as usize;
             pace.add(len as u64);
             buf.resize(len, 0);
-            if let Err(e) = self.read_from_in_sync(Some(i), &mut buf, offset) {
+            if let Err(e) = self.read_from_in_sync(Some(r), &mut buf, offset) {
                 r.cell.lock().track.run_failed(run);
                 return Err(match e {
                     ReadError::Engine(e) if self.is_fenced() => {
@@ -1264,13 +1429,13 @@ impl Inner {
             }
             // A full resync: most of it may be there already (a replica
             // that missed some writes under an earlier primary).
-            if unknown && self.holds(i, link.as_deref(), &buf, offset) {
+            if unknown && self.holds(r, link.as_deref(), &buf, offset) {
                 let mut cell = r.cell.lock();
                 cell.track.run_copied(len as u64, 0);
                 cursor = run.1;
                 continue;
             }
-            let sent = self.copy_to(i, link.as_deref(), &buf, offset);
+            let sent = self.copy_to(r, link.as_deref(), &buf, offset);
             match sent {
                 Ok(data_bytes) => {
                     let mut cell = r.cell.lock();
@@ -1285,7 +1450,7 @@ impl Inner {
                     }
                     tracing::warn!(volume = %self.volume, peer = %r.node, error = %e, "resync write failed");
                     return Err(
-                        match self.replica_failed(i, Some(epoch), |t| t.run_failed(run)) {
+                        match self.replica_failed(r, Some(epoch), |t| t.run_failed(run)) {
                             Ok(()) => Stop::Retry(e.to_string()),
                             Err(_) => Stop::Done,
                         },
@@ -1321,7 +1486,7 @@ impl Inner {
                 return Err(Stop::Done);
             }
             return Err(
-                match self.replica_failed(i, Some(epoch), |t| {
+                match self.replica_failed(r, Some(epoch), |t| {
                     if let Some(taken) = &taken {
                         t.flush_failed(taken);
                     }
@@ -1332,6 +1497,9 @@ impl Inner {
             );
         }
         let _t = r.transition.lock();
+        if r.is_removed() {
+            return Err(Stop::Done);
+        }
         if !r.cell.lock().track.may_finish(epoch) {
             return Ok(());
         }
@@ -1407,8 +1575,8 @@ impl Inner {
             }
         };
         let mut repaired = 0;
-        for (j, r) in self.replicas.iter().enumerate() {
-            if j == src || !r.cell.lock().track.readable() {
+        for r in self.set().iter() {
+            if Arc::ptr_eq(r, &src) || !r.cell.lock().track.readable() {
                 continue;
             }
             let (epoch, link) = {
@@ -1419,27 +1587,27 @@ impl Inner {
             if !r.is_local() && link.is_none() {
                 continue;
             }
-            if self.holds(j, link.as_deref(), buf, offset) {
+            if self.holds(r, link.as_deref(), buf, offset) {
                 continue;
             }
             tracing::info!(volume = %self.volume, peer = %r.node, offset, len,
                 "replica differs after an unreleased attach: repairing it");
-            match self.copy_to(j, link.as_deref(), buf, offset) {
+            match self.copy_to(r, link.as_deref(), buf, offset) {
                 Ok(_) => repaired += len,
                 Err(e) => {
                     tracing::warn!(volume = %self.volume, peer = %r.node, error = %e, "verify: repair failed");
-                    let _ = self.replica_failed(j, Some(epoch), |t| t.mark_dirty(offset, len));
+                    let _ = self.replica_failed(r, Some(epoch), |t| t.mark_dirty(offset, len));
                 }
             }
         }
         Some(repaired)
     }
 
-    /// Whether replica `i` holds `buf` at `offset` already (by digest; an
+    /// Whether replica `r` holds `buf` at `offset` already (by digest; an
     /// error says no, and the copy that follows meets it).
-    fn holds(&self, i: usize, link: Option<&Link>, buf: &[u8], offset: u64) -> bool {
+    fn holds(&self, r: &Replica, link: Option<&Link>, buf: &[u8], offset: u64) -> bool {
         let want = Sha256::digest(buf);
-        let have = match (self.local(i), link) {
+        let have = match (r.local(), link) {
             (Some(l), _) => {
                 let mut mine = vec![0u8; buf.len()];
                 match l.read_at(self.generation, &mut mine, offset) {
@@ -1482,11 +1650,11 @@ impl Inner {
         }
     }
 
-    /// Write a resync run to replica `i`: its all-zero units as discards,
+    /// Write a resync run to replica `r`: its all-zero units as discards,
     /// the rest as data (requests pipelined). Returns the bytes of data sent.
     fn copy_to(
         &self,
-        i: usize,
+        r: &Replica,
         link: Option<&Link>,
         buf: &[u8],
         offset: u64,
@@ -1497,7 +1665,7 @@ impl Inner {
             .filter(|s| !s.2)
             .map(|s| s.1.len() as u64)
             .sum();
-        if let Some(l) = self.local(i) {
+        if let Some(l) = r.local() {
             for (at, range, zero) in segments {
                 let off = offset + at;
                 let res = if zero {
@@ -1593,7 +1761,7 @@ impl BlockEngine for Mirror {
 
     /// Each write waits a network round trip: more in flight hide it.
     fn io_parallelism(&self) -> usize {
-        if self.inner.replicas.iter().all(Replica::is_local) {
+        if self.inner.set().iter().all(|r| r.is_local()) {
             crate::engine::DEFAULT_IO_PARALLELISM
         } else {
             REMOTE_IO_PARALLELISM

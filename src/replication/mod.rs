@@ -24,7 +24,7 @@ pub mod wire;
 
 pub use link::restore_replica;
 pub use local::{check_volume_id, LocalReplica, LocalReplicas, ReplicaBase};
-pub use mirror::{Mirror, MirrorConfig, PeerSpec, Verification};
+pub use mirror::{Mirror, MirrorConfig, NewReplica, PeerSpec, Verification};
 pub use server::ReplicaServer;
 pub use state::{ReplicaStatus, ResyncProgress};
 
@@ -160,6 +160,14 @@ pub enum ReplicationError {
         op: &'static str,
         volume: String,
         snapshot: String,
+        node: String,
+        why: String,
+    },
+    /// A replica cannot be added to or removed from the volume now.
+    #[error("cannot {op} the replica of volume {volume} on node {node}: {why}")]
+    Membership {
+        op: &'static str,
+        volume: String,
         node: String,
         why: String,
     },
