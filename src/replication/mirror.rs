@@ -186,10 +186,12 @@ enum Stop {
 /// A replicated volume's engine. See the module doc.
 pub struct Mirror {
     inner: Arc<Inner>,
-    /// Background threads, with the replica each serves (`None`: the
-    /// verification). Its lock also serializes replica adds and removes.
-    workers: Mutex<Vec<(Option<Arc<Replica>>, JoinHandle<()>)>>,
+    /// Background threads. Its lock also serializes replica adds and removes.
+    workers: Mutex<Vec<Worker>>,
 }
+
+/// A background thread and the replica it serves (`None`: the verification).
+type Worker = (Option<Arc<Replica>>, JoinHandle<()>);
 
 impl std::fmt::Debug for Mirror {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
