@@ -477,6 +477,15 @@ fn cli_errors() {
     assert!(err.contains("not supported yet"), "{err:?}");
     let err = d.cli_err(&["node", "ls"]);
     assert!(err.contains("runs alone"), "{err:?}");
+    d.cli_ok(&["volume", "create", "single", "-o", "size=16M"]);
+    let err = d.cli_err(&["replica", "add", "single", "n2"]);
+    assert!(
+        err.contains("single") && err.contains("needs a cluster"),
+        "{err:?}"
+    );
+    let err = d.cli_err(&["replica", "rm", "nosuch", "n2"]);
+    assert!(err.contains("nosuch"), "{err:?}");
+    d.cli_ok(&["volume", "rm", "single"]);
     let err = d.cli_err(&["volume", "create", "x", "-o", "colour=blue"]);
     assert!(err.contains("colour") && err.contains("size"), "{err:?}");
     assert_eq!(

@@ -1288,3 +1288,100 @@ fn a_clone_of_a_replicated_volume_lives_on_its_parents_nodes() {
     c.remove(0, src);
     c.shutdown();
 }
+
+/// `replica add` and `rm`: a replica moves from n2 to n3 while fio writes
+/// (LINSTOR's resource create/delete, Portworx's ha-update), and one whose
+/// node is down is replaced while the volume is detached.
+#[test]
+fn replicas_move_between_nodes_while_in_use() {
+    common::require_tools(&["fio"]);
+    let mut c = Cluster::start(Mode::Loopback, 3);
+    let vol = "mover";
+    c.create(0, vol, 2, "64M", &[("nodes", "n1,n2")]);
+    let id = c.inspect_on(0, vol)["id"].as_str().unwrap().to_string();
+    let replica_dir = |c: &Cluster, i: usize| c.node(i).data_dir.join("volumes").join(&id);
+    let dev = c.attach_on(0, vol);
+    let d = BlockDev::open(&dev);
+    // Outside fio's 32 MiB.
+    let mine = 9000..9256u64;
+    write_blocks(&d, mine.clone(), 1);
+    d.sync().expect("fdatasync");
+
+    let child = common::fio_verify("mover", &dev, "32M", &["--rate_iops=1500"])
+        .spawn()
+        .expect("run fio");
+    // Only the attached node changes replicas while it is in use.
+    let err = c.cli_err(1, &["replica", "add", vol, "n3"]);
+    assert!(err.contains("n1") && err.contains(vol), "{err}");
+    let err = c.cli_err(0, &["replica", "add", vol, "n2"]);
+    assert!(err.contains("already"), "{err}");
+    let out = c.cli_ok(
+        0,
+        &[
+            "replica",
+            "add",
+            vol,
+            "--wait",
+            "--timeout",
+            &RESYNC_TIMEOUT_SECS.to_string(),
+        ],
+    );
+    assert!(
+        out.contains("n3"),
+        "placement picks the one node left: {out}"
+    );
+    assert_all_in_sync(&c, 0, vol, "after replica add");
+    assert_eq!(c.placement(0, vol), ["n1", "n2", "n3"]);
+    let err = c.cli_err(0, &["replica", "add", vol]);
+    assert!(err.contains("3 replicas"), "{err}");
+    c.cli_ok(0, &["replica", "rm", vol, "n2"]);
+    assert_eq!(c.placement(0, vol), ["n1", "n3"]);
+    assert_eq!(
+        c.placement(2, vol),
+        ["n1", "n3"],
+        "etcd's record, seen from n3"
+    );
+    let err = c.cli_err(0, &["replica", "rm", vol, "n2"]);
+    assert!(err.contains("no replica"), "{err}");
+
+    let (ok, out) = common::wait_child(child, "fio", Duration::from_secs(300), || c.logs());
+    assert!(
+        ok && !out.contains("verify:"),
+        "fio failed while a replica moved:\n{out}\n{}",
+        c.logs()
+    );
+    verify_blocks(&d, mine.clone(), 1);
+    let seen = device_sha256(&dev);
+    drop(d);
+    c.detach_on(0, vol);
+    assert_eq!(assert_checksums_equal(&c, &[0, 2], vol), seen);
+    c.wait_for("n2 dropping its removed replica", || {
+        !replica_dir(&c, 1).exists()
+    });
+
+    // n3 lost for good: its replica is replaced while the volume is detached.
+    c.kill9(2);
+    c.wait_node_up(0, 2, false);
+    let err = c.cli_err(0, &["replica", "rm", vol, "n1"]);
+    assert!(err.contains("only current copy"), "n3 is down: {err}");
+    c.cli_ok(1, &["replica", "rm", vol, "n3"]);
+    let err = c.cli_err(0, &["replica", "rm", vol, "n1"]);
+    assert!(err.contains("only replica"), "{err}");
+    let out = c.cli_ok(1, &["replica", "add", vol]);
+    assert!(out.contains("n2"), "the one live node without one: {out}");
+    assert_eq!(c.replica_info(0, vol, "n2")["state"], "outdated");
+    // Attached on n2: its new replica is resynced from n1's.
+    let dev = c.attach_on(1, vol);
+    c.resync_on(1, vol, RESYNC_TIMEOUT_SECS);
+    let d = BlockDev::open(&dev);
+    verify_blocks(&d, mine, 1);
+    drop(d);
+    c.detach_on(1, vol);
+    assert_eq!(assert_checksums_equal(&c, &[0, 1], vol), seen);
+    c.start_again(2);
+    c.wait_for("n3 dropping the replica it lost while down", || {
+        !replica_dir(&c, 2).exists()
+    });
+    c.remove(0, vol);
+    c.shutdown();
+}

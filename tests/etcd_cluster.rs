@@ -3,7 +3,7 @@
 //! data dir for each test, and killed at the end (also on panic).
 
 use dunnage::catalog::{new_volume_id, CatalogError, VolumeRecord};
-use dunnage::cluster::{Cluster, ClusterConfig, ClusterError, SnapshotRecord};
+use dunnage::cluster::{Cluster, ClusterConfig, ClusterError, ReplicaChange, SnapshotRecord};
 use dunnage::replication::{ReplicaState, StateStoreError};
 use dunnage::spec::VolumeSpec;
 use std::collections::BTreeMap;
@@ -555,4 +555,65 @@ fn an_etcd_outage_loses_the_lease_and_the_node_registers_again() {
     assert!(g2 > g1, "{g2} after {g1}");
     assert_eq!(catalog.get("vol2"), None);
     assert_eq!(catalog.get("vol1"), Some(r));
+}
+
+#[test]
+fn replica_changes_write_the_record_and_the_state_together_under_the_attach() {
+    let etcd = Etcd::start();
+    let a = node(&etcd, "a", 7011);
+    let b = node(&etcd, "b", 7012);
+    let mut rec = record("moving");
+    rec.spec.repl = 2;
+    rec.spec.nodes = vec!["a".into(), "b".into()];
+    let vid = rec.id.clone();
+    a.catalog().insert(rec).unwrap();
+    a.init_replica_states(&vid, &["a".into(), "b".into()])
+        .unwrap();
+    let g1 = a.acquire_attach(&vid, "moving", Duration::ZERO).unwrap();
+    let snap = SnapshotRecord {
+        name: "s".into(),
+        created_at: chrono::Utc::now(),
+        nodes: vec!["a".into(), "b".into()],
+    };
+    a.set_snapshot(&vid, g1, "s", Some(&snap)).unwrap();
+
+    let added = a
+        .change_replicas("moving", &vid, g1, ReplicaChange::Add("c"))
+        .unwrap();
+    assert_eq!(added.replicas, ["a", "b", "c"]);
+    assert_eq!(added.spec.repl, 3);
+    let seen = b.catalog().get("moving").unwrap();
+    assert_eq!(seen.replicas, ["a", "b", "c"], "etcd's record");
+    assert_eq!(
+        b.replica_states(&vid).unwrap()["c"],
+        ReplicaState::Outdated,
+        "an added replica holds nothing yet"
+    );
+    assert_eq!(b.snapshots(&vid).unwrap()[0].nodes, ["a", "b"]);
+
+    let removed = a
+        .change_replicas("moving", &vid, g1, ReplicaChange::Remove("b"))
+        .unwrap();
+    assert_eq!(removed.replicas, ["a", "c"]);
+    assert_eq!(removed.spec.repl, 2);
+    assert_eq!(removed.spec.nodes, ["a"]);
+    let states = b.replica_states(&vid).unwrap();
+    assert!(!states.contains_key("b"), "{states:?}");
+    assert_eq!(b.snapshots(&vid).unwrap()[0].nodes, ["a"]);
+    assert_eq!(b.volume_replicas().unwrap()[&vid], ["a", "c"]);
+
+    // Once the attach moved, the old generation changes nothing.
+    a.release_attach(&vid, g1).unwrap();
+    let g2 = b.acquire_attach(&vid, "moving", Duration::ZERO).unwrap();
+    assert!(matches!(
+        a.change_replicas("moving", &vid, g1, ReplicaChange::Add("b")),
+        Err(ClusterError::Fenced { .. })
+    ));
+    assert_eq!(b.catalog().get("moving").unwrap().replicas, ["a", "c"]);
+    assert!(!b.replica_states(&vid).unwrap().contains_key("b"));
+    // Nor does a record of another volume under the same name.
+    assert!(b
+        .change_replicas("moving", "0000", g2, ReplicaChange::Add("b"))
+        .is_err());
+    b.release_attach(&vid, g2).unwrap();
 }

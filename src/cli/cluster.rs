@@ -1,9 +1,9 @@
 //! The cluster side of the CLI: `node ls`, `volume resync` (a progress bar
-//! until every replica is in sync) and `replica checksum`.
+//! until every replica is in sync) and `replica add/rm/checksum`.
 
 use crate::cluster::Member;
 use crate::control::client::Client;
-use crate::control::NameArgs;
+use crate::control::{NameArgs, ReplicaArgs};
 use crate::registry::VolumeInfo;
 use crate::replication::ReplicaState;
 use anyhow::{bail, Result};
@@ -25,6 +25,28 @@ pub enum NodeCmd {
 
 #[derive(Debug, Subcommand)]
 pub enum ReplicaCmd {
+    /// Add a replica of a volume on another node (LINSTOR's `resource
+    /// create`, Portworx's `ha-update`). It is resynced in the background
+    /// while the volume stays in use, or at its next attach if it is
+    /// attached nowhere. Run it on the attached node if it is attached.
+    Add {
+        volume: String,
+        /// The node to hold it; by default placement picks a live node
+        /// without one, honouring the volume's group and fg.
+        node: Option<String>,
+        /// Wait until the new replica is in sync, with a progress bar
+        /// (the volume must be attached on this node).
+        #[arg(long)]
+        wait: bool,
+        /// Give up waiting after this many seconds.
+        #[arg(long, default_value_t = 3600)]
+        timeout: u64,
+    },
+    /// Remove a node's replica of a volume: to move a replica (add the new
+    /// one, let it resync, remove the old), or to drop one whose node is
+    /// gone for good. Refused while no other replica is in sync on a live
+    /// node. The node deletes its replica's files at its next sweep.
+    Rm { volume: String, node: String },
     /// Print the sha256 of this node's replica of a volume (compare nodes
     /// after a resync; run while the volume is detached or idle).
     Checksum { volume: String },
@@ -53,10 +75,39 @@ pub fn node(run_dir: &Path, cmd: NodeCmd) -> Result<()> {
 }
 
 pub fn replica(run_dir: &Path, cmd: ReplicaCmd) -> Result<()> {
-    let ReplicaCmd::Checksum { volume } = cmd;
-    let sum: String =
-        Client::new(run_dir).post("/v1/replica/checksum", &NameArgs { name: volume })?;
-    println!("{sum}");
+    let client = Client::new(run_dir);
+    match cmd {
+        ReplicaCmd::Checksum { volume } => {
+            let sum: String = client.post("/v1/replica/checksum", &NameArgs { name: volume })?;
+            println!("{sum}");
+        }
+        ReplicaCmd::Add {
+            volume,
+            node,
+            wait,
+            timeout,
+        } => {
+            let args = ReplicaArgs {
+                name: volume.clone(),
+                add: true,
+                node,
+            };
+            let node: String = client.post("/v1/replica/change", &args)?;
+            println!("{volume}: replica added on {node}; it is outdated until resynced");
+            if wait {
+                resync(run_dir, volume, timeout)?;
+            }
+        }
+        ReplicaCmd::Rm { volume, node } => {
+            let args = ReplicaArgs {
+                name: volume.clone(),
+                add: false,
+                node: Some(node),
+            };
+            let node: String = client.post("/v1/replica/change", &args)?;
+            println!("{volume}: replica on {node} removed");
+        }
+    }
     Ok(())
 }
 

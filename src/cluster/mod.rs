@@ -145,6 +145,13 @@ struct AttachRecord {
     volume: String,
 }
 
+/// What [`Cluster::change_replicas`] does to a volume's replicas.
+#[derive(Debug, Clone, Copy)]
+pub enum ReplicaChange<'a> {
+    Add(&'a str),
+    Remove(&'a str),
+}
+
 /// A snapshot of a replicated volume, as etcd records it once every
 /// replica took it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -671,17 +678,20 @@ impl Cluster {
         Arc::new(EtcdCatalog::new(self.clone()))
     }
 
-    /// The ids of every volume in the catalog; unlike the catalog's `list`,
-    /// an error when etcd does not answer (a replica sweep must never take
+    /// Every volume in the catalog: its id and its replicas' nodes. Unlike
+    /// the catalog's `list`, an error when etcd does not answer (a replica sweep must never take
     /// an unreachable etcd for an empty catalog).
-    pub fn volume_ids(&self) -> Result<std::collections::HashSet<String>, ClusterError> {
+    pub fn volume_replicas(
+        &self,
+    ) -> Result<std::collections::HashMap<String, Vec<String>>, ClusterError> {
         let prefix = volumes_prefix();
         let kvs = self.run(|s| async move { s.get_prefix(&prefix).await })?;
-        let mut ids = std::collections::HashSet::new();
+        let mut out = std::collections::HashMap::new();
         for kv in kvs {
-            ids.insert(parse::<crate::catalog::VolumeRecord>(&kv)?.id);
+            let r = parse::<crate::catalog::VolumeRecord>(&kv)?;
+            out.insert(r.id, r.replicas);
         }
-        Ok(ids)
+        Ok(out)
     }
 
     /// Every node that ever joined; `up` when its lease-backed key is present.
@@ -1011,6 +1021,87 @@ impl Cluster {
         } else {
             Err(fenced())
         }
+    }
+
+    /// Add `change`'s node to volume `name`'s replicas, or remove it, while
+    /// `generation` holds the attach: the catalog record (`repl` follows)
+    /// and the replica's state in one transaction. An added replica is
+    /// Outdated (a full resync brings it in); a removed one loses its
+    /// state and its place in the snapshot records. Err(Fenced) if the
+    /// attach moved; retried while only the record changed meanwhile.
+    pub fn change_replicas(
+        &self,
+        name: &str,
+        volume_id: &str,
+        generation: Generation,
+        change: ReplicaChange<'_>,
+    ) -> Result<crate::catalog::VolumeRecord, ClusterError> {
+        const TRIES: usize = 20;
+        let key = volume_key(name);
+        for _ in 0..TRIES {
+            let k = key.clone();
+            let Some(kv) = self.run(|s| async move { s.get(&k).await })? else {
+                return Err(ClusterError::Etcd(format!(
+                    "volume {name} is no longer in the catalog"
+                )));
+            };
+            let mut record: crate::catalog::VolumeRecord = parse(&kv)?;
+            if record.id != volume_id {
+                return Err(ClusterError::Etcd(format!(
+                    "volume {name} was removed and created again meanwhile; retry"
+                )));
+            }
+            let state_key = |n: &str| format!("{}{n}", replicas_prefix(volume_id));
+            let mut ops = Vec::new();
+            match change {
+                ReplicaChange::Add(n) => {
+                    if !record.replicas.iter().any(|r| r == n) {
+                        record.replicas.push(n.to_string());
+                    }
+                    let state = ReplicaRecord {
+                        state: ReplicaState::Outdated,
+                        generation,
+                    };
+                    ops.push(TxnOp::put(state_key(n), to_json(&state), None));
+                }
+                ReplicaChange::Remove(n) => {
+                    record.replicas.retain(|r| r != n);
+                    record.spec.nodes.retain(|r| r != n);
+                    ops.push(TxnOp::delete(state_key(n), None));
+                    for mut snap in self.snapshots(volume_id)? {
+                        if snap.nodes.iter().any(|r| r == n) {
+                            snap.nodes.retain(|r| r != n);
+                            let skey = format!("{}{}", snapshots_prefix(volume_id), snap.name);
+                            ops.push(TxnOp::put(skey, to_json(&snap), None));
+                        }
+                    }
+                }
+            }
+            record.spec.repl = u8::try_from(record.replicas.len()).unwrap_or(u8::MAX);
+            ops.push(TxnOp::put(key.as_str(), to_json(&record), None));
+            let txn = Txn::new()
+                .when([
+                    Compare::mod_revision(
+                        attach_key(volume_id),
+                        CompareOp::Equal,
+                        generation as i64,
+                    ),
+                    Compare::mod_revision(key.as_str(), CompareOp::Equal, kv.mod_revision()),
+                ])
+                .and_then(ops);
+            if self.run(move |s| async move { Ok(s.txn(txn).await?.succeeded()) })? {
+                return Ok(record);
+            }
+            if self.attach_holder(volume_id)?.map(|h| h.1) != Some(generation) {
+                return Err(ClusterError::Fenced {
+                    volume: volume_id.to_string(),
+                    generation,
+                });
+            }
+        }
+        Err(ClusterError::Etcd(format!(
+            "volume {name} kept changing under {TRIES} attempts to change its replicas; retry"
+        )))
     }
 
     /// A [`StateStore`] bound to one volume and generation, for the data path.

@@ -16,6 +16,16 @@ pub struct NameArgs {
     pub name: String,
 }
 
+/// `replica add` (node optional: placement picks) and `replica rm`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicaArgs {
+    pub name: String,
+    pub add: bool,
+    #[serde(default)]
+    pub node: Option<String>,
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 pub struct CreateArgs {
     pub name: String,
@@ -260,6 +270,25 @@ async fn replica_checksum(reg: Reg, body: web::Bytes) -> HttpResponse {
     }
 }
 
+async fn replica_change(reg: Reg, body: web::Bytes) -> HttpResponse {
+    match args::<ReplicaArgs>(&body) {
+        Ok(ReplicaArgs {
+            add: false,
+            node: None,
+            ..
+        }) => fail(400, "replica rm needs the node whose replica goes"),
+        Ok(a) => reply(
+            reg.send(registry::cluster::ChangeReplica {
+                volume: a.name,
+                add: a.add,
+                node: a.node,
+            })
+            .await,
+        ),
+        Err(e) => fail(400, e),
+    }
+}
+
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/v1/node", web::get().to(node))
         .route("/v1/volume/list", web::post().to(list))
@@ -276,5 +305,6 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/v1/snapshot/remove", web::post().to(snapshot_remove))
         .route("/v1/node/list", web::post().to(node_list))
         .route("/v1/replica/checksum", web::post().to(replica_checksum))
+        .route("/v1/replica/change", web::post().to(replica_change))
         .default_service(web::to(|| async { fail(404, "no such control endpoint") }));
 }

@@ -112,37 +112,59 @@ impl Registry {
     }
 }
 
-/// Delete local replicas of volumes the cluster's catalog no longer has
-/// (removed on another node). Only when the catalog answered: an
-/// unreachable etcd must never look like an empty catalog.
+/// Delete local replicas the cluster's catalog no longer places here: of
+/// volumes removed on another node, or replicas removed (`replica rm`).
+/// Only when the catalog answered: an unreachable etcd must never look
+/// like an empty catalog.
 pub fn sweep_replicas(c: &ClusterNode) -> Vec<String> {
-    let ids = match c.cluster.volume_ids() {
-        Ok(ids) => ids,
-        Err(e) => {
-            tracing::debug!(error = %e, "replica sweep skipped: the catalog did not answer");
-            return Vec::new();
+    let me = c.cluster.node();
+    let placed_here = || -> Option<std::collections::HashSet<String>> {
+        match c.cluster.volume_replicas() {
+            Ok(all) => Some(
+                all.into_iter()
+                    .filter(|(_, nodes)| nodes.iter().any(|n| n == me))
+                    .map(|(id, _)| id)
+                    .collect(),
+            ),
+            Err(e) => {
+                tracing::debug!(error = %e, "replica sweep skipped: the catalog did not answer");
+                None
+            }
         }
     };
-    let mut dropped = Vec::new();
+    let Some(ids) = placed_here() else {
+        return Vec::new();
+    };
     let Ok(dirs) = std::fs::read_dir(c.replicas.volumes_dir()) else {
         return Vec::new();
     };
-    let local = dirs
+    let stale: Vec<String> = dirs
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|id| crate::replication::check_volume_id(id).is_ok());
-    for id in local {
-        if !ids.contains(&id) {
-            match c.replicas.remove(&id) {
-                Ok(()) => dropped.push(id),
-                Err(e) => {
-                    tracing::warn!(volume_id = %id, error = %e, "cannot drop the replica of a removed volume")
-                }
+        .filter(|id| crate::replication::check_volume_id(id).is_ok() && !ids.contains(id))
+        .collect();
+    if stale.is_empty() {
+        return Vec::new();
+    }
+    // Read again right before deleting: a replica added here meanwhile
+    // (`replica add`) must stay.
+    let Some(ids) = placed_here() else {
+        return Vec::new();
+    };
+    let mut dropped = Vec::new();
+    for id in stale.into_iter().filter(|id| !ids.contains(id)) {
+        match c.replicas.remove(&id) {
+            Ok(()) => dropped.push(id),
+            Err(e) => {
+                tracing::warn!(volume_id = %id, error = %e, "cannot drop a replica the catalog no longer places here")
             }
         }
     }
     if !dropped.is_empty() {
-        tracing::info!(?dropped, "dropped replicas of removed volumes");
+        tracing::info!(
+            ?dropped,
+            "dropped replicas the catalog no longer places here"
+        );
     }
     dropped
 }
@@ -176,6 +198,30 @@ impl Handler<ReplicaChecksum> for Registry {
     fn handle(&mut self, m: ReplicaChecksum, _: &mut Context<Self>) -> Self::Result {
         match self.lookup(&m.volume).and_then(|r| self.actor(&r)) {
             Ok(addr) => forward(addr, vr::Checksum),
+            Err(e) => Box::pin(async move { Err(e) }),
+        }
+    }
+}
+
+/// `dunnage replica add` / `rm`: answers the node whose replica was added
+/// or removed.
+#[derive(Message)]
+#[rtype(result = "Reply<String>")]
+pub struct ChangeReplica {
+    pub volume: String,
+    pub add: bool,
+    pub node: Option<String>,
+}
+
+impl Handler<ChangeReplica> for Registry {
+    type Result = ResponseFuture<Reply<String>>;
+    fn handle(&mut self, m: ChangeReplica, _: &mut Context<Self>) -> Self::Result {
+        let msg = crate::volume::replicas::ChangeReplica {
+            add: m.add,
+            node: m.node,
+        };
+        match self.lookup(&m.volume).and_then(|r| self.actor(&r)) {
+            Ok(addr) => forward(addr, msg),
             Err(e) => Box::pin(async move { Err(e) }),
         }
     }

@@ -79,7 +79,14 @@ impl RegistryError {
                 | volume::VolumeErrorKind::NoClusterKey
                 | volume::VolumeErrorKind::ClusterKeyed
                 | volume::VolumeErrorKind::WrongClusterKey
-                | volume::VolumeErrorKind::SnapshotsOnHolder(_) => 409,
+                | volume::VolumeErrorKind::SnapshotsOnHolder(_)
+                | volume::VolumeErrorKind::ReplicasOnHolder(_)
+                | volume::VolumeErrorKind::ReplicaChange(_) => 409,
+                volume::VolumeErrorKind::Replication(ref r)
+                    if matches!(**r, crate::replication::ReplicationError::Membership { .. }) =>
+                {
+                    409
+                }
                 volume::VolumeErrorKind::Cluster(ref c)
                     if matches!(**c, crate::cluster::ClusterError::HeldBy { .. }) =>
                 {

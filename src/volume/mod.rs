@@ -8,6 +8,7 @@
 
 pub mod handover;
 pub mod mounting;
+pub mod replicas;
 pub mod replicated;
 pub mod snapshots;
 pub mod usage;
@@ -109,6 +110,10 @@ pub enum VolumeErrorKind {
     NotInCluster(&'static str),
     #[error("it is attached on node {0}, whose daemon takes and deletes its snapshots: run this command on {0}, or detach the volume first")]
     SnapshotsOnHolder(String),
+    #[error("it is attached on node {0}, whose daemon changes its replicas while it is in use: run this command on {0}, or detach the volume first")]
+    ReplicasOnHolder(String),
+    #[error("{0}")]
+    ReplicaChange(String),
     #[error("{0} needs a cluster: start dunnage serve with --node, --listen and --etcd")]
     NotClustered(&'static str),
     #[error("this node holds no replica of it (its replicas are on {0})")]
