@@ -103,6 +103,13 @@ impl ClusterNode {
         );
     }
 
+    /// Who runs requests other nodes forward here (see `volume::forward`).
+    pub fn set_forwarder(&self, f: crate::replication::Forwarder) {
+        if let Some(s) = self.server.lock().as_ref() {
+            s.set_forwarder(f);
+        }
+    }
+
     /// Stop serving replica traffic and leave the cluster.
     pub fn shutdown(&self) {
         if let Some(s) = self.server.lock().take() {

@@ -113,6 +113,27 @@ pub enum Passthrough {
     Off,
 }
 
+/// Runs requests other nodes forward here (on the replica server's
+/// threads): each goes to the registry on this actix system, and the
+/// thread waits for the reply.
+fn forwarder(registry: actix::Addr<Registry>) -> crate::replication::Forwarder {
+    use crate::replication::wire::ErrorCode;
+    let arbiter = actix::Arbiter::current();
+    let gone = || (ErrorCode::Busy, "the daemon is shutting down".to_string());
+    std::sync::Arc::new(move |request: &str| {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let reg = registry.clone();
+        let msg = registry::cluster::Forwarded(request.to_string());
+        let spawned = arbiter.spawn(async move {
+            let _ = tx.send(reg.send(msg).await.unwrap_or_else(|_| Err(gone())));
+        });
+        if !spawned {
+            return Err(gone());
+        }
+        rx.recv().unwrap_or_else(|_| Err(gone()))
+    })
+}
+
 /// Start the snapshot scheduler and tell it every policy and attach.
 async fn start_scheduler(node: &Arc<Node>, registry: &actix::Addr<Registry>) {
     use crate::schedule::actor::{ScheduleEvent, SnapScheduler, SnapshotOps};
@@ -395,6 +416,9 @@ pub fn run(args: ServeArgs, run_dir: PathBuf) -> Result<()> {
     let system = actix::System::new();
     let result = system.block_on(async move {
         let registry = Registry::new(node.clone(), resumable).start();
+        if let Some(c) = &node.cluster {
+            c.set_forwarder(forwarder(registry.clone()));
+        }
         start_scheduler(&node, &registry).await;
         let reg = registry.clone();
         let plugin_srv = HttpServer::new(move || {

@@ -1134,9 +1134,21 @@ fn snapshots_of_a_replicated_volume_are_taken_and_restored_on_every_replica() {
         table.contains("NODES") && table.contains("n1,n2"),
         "{table}"
     );
-    // The attached node takes them: another is told where to go.
-    let err = c.cli_err(1, &["snapshot", "create", vol, "elsewhere"]);
-    assert!(err.contains("n1") && err.contains(vol), "{err}");
+    // The attached node's mirror takes them: other nodes forward there.
+    c.cli_ok(1, &["snapshot", "create", vol, "elsewhere"]);
+    assert_eq!(
+        snapshot_names_on(&c, 2, vol),
+        vec![
+            ("before".to_string(), both.clone()),
+            ("elsewhere".to_string(), both.clone())
+        ]
+    );
+    let err = c.cli_err(2, &["snapshot", "create", vol, "before"]);
+    assert!(
+        err.contains("before") && err.contains("asked node n1"),
+        "a taken name, refused by the holder: {err}"
+    );
+    c.cli_ok(2, &["snapshot", "rm", vol, "elsewhere"]);
     let err = c.cli_err(0, &["snapshot", "create", vol, "before"]);
     assert!(err.contains("before"), "a taken name: {err}");
     // Nor is it restored under the attached node's feet.
@@ -1242,18 +1254,16 @@ fn a_clone_of_a_replicated_volume_lives_on_its_parents_nodes() {
     d.write_block(3, &a).expect("write");
     d.write_block(4, &b).expect("write");
     d.sync().expect("fdatasync");
-    // Another node cannot snapshot it while n1 holds it: told where to go.
     let parent = format!("parent={src}");
-    let err = c.cli_err(1, &["volume", "create", copy, "-o", &parent]);
-    assert!(err.contains("n1"), "{err}");
     // Its replicas are the parent's: no other placement.
     let err = c.cli_err(
         0,
         &["volume", "create", copy, "-o", &parent, "-o", "repl=3"],
     );
     assert!(err.contains("repl") && err.contains("n1,n2"), "{err}");
-    // Cloned while attached and written on n1.
-    c.cli_ok(0, &["volume", "create", copy, "-o", &parent]);
+    // Cloned while attached and written on n1, asked on n2: n1's mirror
+    // takes the base snapshot.
+    c.cli_ok(1, &["volume", "create", copy, "-o", &parent]);
     d.write_block(3, &new).expect("write after the clone");
     d.sync().expect("fdatasync");
     drop(d);
@@ -1310,13 +1320,11 @@ fn replicas_move_between_nodes_while_in_use() {
     let child = common::fio_verify("mover", &dev, "32M", &["--rate_iops=1500"])
         .spawn()
         .expect("run fio");
-    // Only the attached node changes replicas while it is in use.
-    let err = c.cli_err(1, &["replica", "add", vol, "n3"]);
-    assert!(err.contains("n1") && err.contains(vol), "{err}");
     let err = c.cli_err(0, &["replica", "add", vol, "n2"]);
     assert!(err.contains("already"), "{err}");
+    // Asked on n2: forwarded to n1, whose mirror takes it live.
     let out = c.cli_ok(
-        0,
+        1,
         &[
             "replica",
             "add",
@@ -1332,9 +1340,12 @@ fn replicas_move_between_nodes_while_in_use() {
     );
     assert_all_in_sync(&c, 0, vol, "after replica add");
     assert_eq!(c.placement(0, vol), ["n1", "n2", "n3"]);
-    let err = c.cli_err(0, &["replica", "add", vol]);
-    assert!(err.contains("3 replicas"), "{err}");
-    c.cli_ok(0, &["replica", "rm", vol, "n2"]);
+    let err = c.cli_err(2, &["replica", "add", vol]);
+    assert!(
+        err.contains("3 replicas") && err.contains("asked node n1"),
+        "{err}"
+    );
+    c.cli_ok(2, &["replica", "rm", vol, "n2"]);
     assert_eq!(c.placement(0, vol), ["n1", "n3"]);
     assert_eq!(
         c.placement(2, vol),

@@ -1214,3 +1214,51 @@ fn replicas_are_added_and_removed_while_writes_go_on() {
     assert_eq!(nodes[0].checksum(), nodes[2].checksum());
     assert_ne!(nodes[0].checksum(), b_sum);
 }
+
+/// A request forwarded to another node's daemon (`volume::forward`) rides
+/// a Hello on its replica port: refused as Busy until the daemon is up,
+/// then answered with the daemon's reply or its refusal.
+#[test]
+fn a_forwarded_request_reaches_the_daemon_and_its_reply_comes_back() {
+    let node = Node::new("holder");
+    let server = node.server.as_ref().unwrap();
+    let ask = |req: &str| {
+        dunnage::replication::forward_request(
+            "holder", node.addr, "asker", req, IO_TIMEOUT, IO_TIMEOUT,
+        )
+    };
+    match ask("{}") {
+        Err(ReplicationError::Refused { code, message, .. }) => {
+            assert_eq!(code, ErrorCode::Busy);
+            assert!(message.contains("holder"), "{message}");
+        }
+        other => panic!("no daemon yet: {other:?}"),
+    }
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = seen.clone();
+    server.set_forwarder(Arc::new(move |req: &str| {
+        log.lock().push(req.to_string());
+        match req {
+            r#"{"op":"fail"}"# => Err((ErrorCode::NotFound, "no snapshot x".to_string())),
+            r => Ok(format!("{{\"echo\":{r}}}")),
+        }
+    }));
+    assert_eq!(
+        ask(r#"{"op":"take"}"#).unwrap(),
+        r#"{"echo":{"op":"take"}}"#
+    );
+    match ask(r#"{"op":"fail"}"#) {
+        Err(ReplicationError::Refused {
+            code,
+            message,
+            node,
+        }) => {
+            assert_eq!((code, node.as_str()), (ErrorCode::NotFound, "holder"));
+            assert_eq!(message, "no snapshot x");
+        }
+        other => panic!("a refusal: {other:?}"),
+    }
+    assert_eq!(*seen.lock(), [r#"{"op":"take"}"#, r#"{"op":"fail"}"#]);
+    // No replica was opened for it.
+    assert!(node.replicas.get("-").is_none());
+}

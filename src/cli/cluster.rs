@@ -154,14 +154,20 @@ pub fn resync(run_dir: &Path, name: String, timeout: u64) -> Result<()> {
             bar.finish_with_message(format!("{name}: every replica in sync"));
             return Ok(());
         }
-        let on = v.cluster.as_ref().and_then(|c| c.attached_on.clone());
-        if on.as_deref() != Some(v.node.as_str()) {
-            bar.abandon();
-            bail!(
-                "volume {name} is not attached on node {} (attached on: {}); resync runs on the attached node: ask there",
-                v.node,
-                on.unwrap_or_else(|| "none".into())
-            );
+        match v.cluster.as_ref().and_then(|c| c.attached_on.clone()) {
+            None => {
+                bar.abandon();
+                bail!(
+                    "volume {name} is attached nowhere: a resync runs while it is attached; its outdated replicas are resynced at its next attach"
+                );
+            }
+            // Its mirror knows the bytes; here only the states are known.
+            Some(on) if on != v.node => {
+                bar.set_message(format!(
+                    "resync {name}: {behind} replica(s) behind (bytes show on {on})"
+                ));
+            }
+            Some(_) => {}
         }
         bar.set_length(total);
         bar.set_position(done);

@@ -8,7 +8,9 @@ use crate::cluster::placement::{place, PlacementRequest};
 use crate::cluster::{ClusterError, Member};
 use crate::config::ClusterNode;
 use crate::engine::CryptEngine;
+use crate::replication::wire::ErrorCode;
 use crate::spec::{SpecError, VolumeSpec};
+use crate::volume::forward::{HolderRequest, RunForwarded};
 use crate::volume::replicated::{self as vr, ClusterView};
 use actix::prelude::*;
 use std::collections::BTreeMap;
@@ -224,6 +226,62 @@ impl Handler<ChangeReplica> for Registry {
             Ok(addr) => forward(addr, msg),
             Err(e) => Box::pin(async move { Err(e) }),
         }
+    }
+}
+
+/// A request another node forwarded (a `volume::forward::HolderRequest`
+/// in JSON), for the volume's actor here. Errors carry the wire's code
+/// and the message without this node's prefix (the asking node adds its own).
+#[derive(Message)]
+#[rtype(result = "Result<String, (ErrorCode, String)>")]
+pub struct Forwarded(pub String);
+
+/// A refusal as it travels back to the node that forwarded the request.
+fn wire_refusal(e: RegistryError) -> (ErrorCode, String) {
+    let code = match e.status() {
+        400 => ErrorCode::Invalid,
+        404 => ErrorCode::NotFound,
+        409 | 503 => ErrorCode::Busy,
+        _ => ErrorCode::Io,
+    };
+    let message = match e {
+        RegistryError::Volume(v) => v.kind.to_string(),
+        e => e.to_string(),
+    };
+    (code, message)
+}
+
+impl Handler<Forwarded> for Registry {
+    type Result = ResponseFuture<Result<String, (ErrorCode, String)>>;
+    fn handle(&mut self, m: Forwarded, _: &mut Context<Self>) -> Self::Result {
+        let req: HolderRequest = match serde_json::from_str(&m.0) {
+            Ok(r) => r,
+            Err(e) => {
+                let refused = (
+                    ErrorCode::Invalid,
+                    format!("a malformed forwarded request: {e}"),
+                );
+                return Box::pin(async move { Err(refused) });
+            }
+        };
+        let addr = match self.lookup(&req.volume).and_then(|r| self.actor(&r)) {
+            Ok(a) => a,
+            Err(e) => {
+                let refused = wire_refusal(e);
+                return Box::pin(async move { Err(refused) });
+            }
+        };
+        let run = RunForwarded {
+            volume_id: req.volume_id,
+            from: req.from,
+            op: req.op,
+        };
+        Box::pin(async move {
+            match addr.send(run).await {
+                Ok(r) => r.map_err(|e| wire_refusal(e.into())),
+                Err(_) => Err(wire_refusal(RegistryError::ShuttingDown)),
+            }
+        })
     }
 }
 

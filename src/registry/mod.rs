@@ -92,6 +92,13 @@ impl RegistryError {
                 {
                     409
                 }
+                volume::VolumeErrorKind::OnHolder { code, .. } => match code {
+                    crate::replication::wire::ErrorCode::NotFound => 404,
+                    crate::replication::wire::ErrorCode::Invalid => 400,
+                    crate::replication::wire::ErrorCode::Busy
+                    | crate::replication::wire::ErrorCode::Fenced => 409,
+                    _ => 500,
+                },
                 volume::VolumeErrorKind::NotInCluster(_)
                 | volume::VolumeErrorKind::NotClustered(_)
                 | volume::VolumeErrorKind::NoLocalReplica(_) => 400,

@@ -300,6 +300,39 @@ pub fn restore_replica(
     say_hello(node, addr, &hello, timeout, wait).map(drop)
 }
 
+/// Hand `request` (JSON) to the daemon of `node` (at `addr`), where the
+/// volume it names is attached, and wait up to `wait` for its reply (JSON).
+pub fn forward_request(
+    node: &str,
+    addr: SocketAddr,
+    from: &str,
+    request: &str,
+    timeout: Duration,
+    wait: Duration,
+) -> Result<String, ReplicationError> {
+    let params = crate::engine::ThinParams {
+        size: 0,
+        block_size: 0,
+    };
+    let hello = Hello {
+        forward: Some(request.to_string()),
+        ..Hello::new("-", 0, from, params)
+    };
+    let stream = say_hello(node, addr, &hello, timeout, wait)?;
+    let link_err = |source: WireError| ReplicationError::Link {
+        node: node.to_string(),
+        addr,
+        source,
+    };
+    match wire::read_frame(&mut &stream).map_err(link_err)? {
+        Some(Frame::Data { id: 0, data }) => String::from_utf8(data)
+            .map_err(|e| link_err(WireError::Malformed(format!("a forwarded reply: {e}")))),
+        other => Err(link_err(WireError::Malformed(format!(
+            "expected the forwarded request's reply, got {other:?}"
+        )))),
+    }
+}
+
 /// Connect and say Hello; the stream once `node` said HelloOk.
 fn say_hello(
     node: &str,

@@ -22,10 +22,10 @@ mod server;
 pub mod state;
 pub mod wire;
 
-pub use link::restore_replica;
+pub use link::{forward_request, restore_replica};
 pub use local::{check_volume_id, LocalReplica, LocalReplicas, ReplicaBase};
 pub use mirror::{Mirror, MirrorConfig, NewReplica, PeerSpec, Verification};
-pub use server::ReplicaServer;
+pub use server::{Forwarder, ReplicaServer};
 pub use state::{ReplicaStatus, ResyncProgress};
 
 use crate::engine::EngineError;

@@ -26,9 +26,14 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(60);
 /// Requests of one link served at once.
 const WORKERS_PER_LINK: usize = 4;
 
+/// Runs a request forwarded by another node (a Hello's `forward`, JSON)
+/// in this node's daemon: the reply's JSON, or why not.
+pub type Forwarder = Arc<dyn Fn(&str) -> Result<String, (ErrorCode, String)> + Send + Sync>;
+
 struct Inner {
     node: String,
     replicas: Arc<LocalReplicas>,
+    forwarder: Mutex<Option<Forwarder>>,
     stop: AtomicBool,
     next_conn: AtomicU64,
     /// Live connections, to cut them at shutdown.
@@ -61,6 +66,7 @@ impl ReplicaServer {
         let inner = Arc::new(Inner {
             node,
             replicas,
+            forwarder: Mutex::new(None),
             stop: AtomicBool::new(false),
             next_conn: AtomicU64::new(0),
             conns: Mutex::new(HashMap::new()),
@@ -83,6 +89,12 @@ impl ReplicaServer {
 
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Who runs forwarded requests (the daemon, once it is up; until then
+    /// they are refused as Busy).
+    pub fn set_forwarder(&self, f: Forwarder) {
+        *self.inner.forwarder.lock() = Some(f);
     }
 
     /// Stop accepting, cut every link and wait for their threads: when this
@@ -230,6 +242,33 @@ fn serve_conn(inner: &Inner, stream: TcpStream, peer: Option<SocketAddr>) {
         }
         Err(e) => return refuse_hello(&stream, ErrorCode::Protocol, e.to_string()),
     };
+    if let Some(request) = &hello.forward {
+        let forwarder = inner.forwarder.lock().clone();
+        let Some(run) = forwarder else {
+            return refuse_hello(
+                &stream,
+                ErrorCode::Busy,
+                format!("node {} is starting; retry", inner.node),
+            );
+        };
+        // Reads the request, no replica: the long wait is the daemon's.
+        let _ = stream.set_write_timeout(Some(SEND_TIMEOUT));
+        tracing::info!(?peer, from = %hello.from, "request forwarded by another node");
+        return match run(request) {
+            Ok(reply) => {
+                let _ = send(&stream, &hello_ok(inner)).and_then(|()| {
+                    send(
+                        &stream,
+                        &Frame::Data {
+                            id: 0,
+                            data: reply.into_bytes(),
+                        },
+                    )
+                });
+            }
+            Err((code, message)) => refuse_hello(&stream, code, message),
+        };
+    }
     if let Some(snapshot) = &hello.restore {
         return match inner
             .replicas

@@ -22,7 +22,9 @@ pub const MAGIC: [u8; 8] = *b"dunnrepl";
 /// 2: `Digest` requests (verify after an unclean failover).
 /// 3: `Snapshot` and `DeleteSnapshot` requests, the `NotFound` error, and
 ///    a Hello that restores the replica to a snapshot instead.
-pub const PROTOCOL_VERSION: u32 = 3;
+/// 4: a Hello that hands a request to the node's daemon instead
+///    (`forward`), answered by `HelloOk` and one `Data` frame.
+pub const PROTOCOL_VERSION: u32 = 4;
 /// Largest frame accepted (a write or read of up to 64 MiB plus headers).
 pub const MAX_FRAME: usize = (64 << 20) + 4096;
 /// Largest read or write one request may carry.
@@ -60,6 +62,11 @@ pub struct Hello {
     /// The volume is a clone: a replica that is absent is made a clone of
     /// the server's replica of this volume, at this snapshot.
     pub base: Option<ReplicaBase>,
+    /// Instead of serving IO: a request (JSON) for the node's daemon, about
+    /// a volume attached there (`volume::forward`). The answer is a
+    /// `HelloOk` then a `Data` frame (id 0) with the reply's JSON, or an
+    /// `Error`; then the connection closes.
+    pub forward: Option<String>,
 }
 
 impl Hello {
@@ -73,6 +80,7 @@ impl Hello {
             block_size: params.block_size,
             restore: None,
             base: None,
+            forward: None,
         }
     }
 
@@ -273,6 +281,13 @@ impl Frame {
                         put_str(&mut b, &base.snapshot);
                     }
                 }
+                match &h.forward {
+                    None => b.push(0),
+                    Some(request) => {
+                        b.push(1);
+                        put_str(&mut b, request);
+                    }
+                }
             }
             Frame::HelloOk { version, node } => {
                 b.extend_from_slice(&version.to_be_bytes());
@@ -342,6 +357,11 @@ impl Frame {
                             snapshot: r.str()?,
                         }),
                         v => return Err(WireError::Malformed(format!("base flag {v}"))),
+                    },
+                    forward: match r.u8()? {
+                        0 => None,
+                        1 => Some(r.str()?),
+                        v => return Err(WireError::Malformed(format!("forward flag {v}"))),
                     },
                 })
             }
@@ -653,6 +673,10 @@ mod tests {
             }),
             ..fixture_hello()
         }));
+        roundtrip(Frame::Hello(Hello {
+            forward: Some(r#"{"volume":"pg","op":{"take_snapshot":{"name":"a"}}}"#.into()),
+            ..fixture_hello()
+        }));
         roundtrip(Frame::HelloOk {
             version: PROTOCOL_VERSION,
             node: "node-b".into(),
@@ -727,16 +751,17 @@ mod tests {
     /// by a fixture per version.
     #[test]
     fn hello_matches_fixture() {
-        let fixture = include_bytes!("../../fixtures/replication/hello-v3.bin");
+        let fixture = include_bytes!("../../fixtures/replication/hello-v4.bin");
         assert_eq!(Frame::Hello(fixture_hello()).encode(), fixture.to_vec());
         assert_eq!(
             read_frame(&mut &fixture[..]).unwrap().unwrap(),
             Frame::Hello(fixture_hello())
         );
-        // Nodes of older versions (no Digest, no Snapshot) are told what to do.
-        let old: [(&[u8], u32); 2] = [
+        // Nodes of older versions (no Digest, Snapshot, forward) are told what to do.
+        let old: [(&[u8], u32); 3] = [
             (include_bytes!("../../fixtures/replication/hello-v1.bin"), 1),
             (include_bytes!("../../fixtures/replication/hello-v2.bin"), 2),
+            (include_bytes!("../../fixtures/replication/hello-v3.bin"), 3),
         ];
         for (bytes, version) in old {
             match read_frame(&mut &bytes[..]) {

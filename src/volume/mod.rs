@@ -6,6 +6,7 @@
 //! mkfs, mount(2), loop ioctls, FUSE session setup. IO never passes through
 //! it: the export's threads call the engine directly.
 
+pub mod forward;
 pub mod handover;
 pub mod mounting;
 pub mod replicas;
@@ -114,6 +115,13 @@ pub enum VolumeErrorKind {
     ReplicasOnHolder(String),
     #[error("{0}")]
     ReplicaChange(String),
+    /// Forwarded to the node holding the attach, which refused.
+    #[error("asked node {node}, where it is attached: {message}")]
+    OnHolder {
+        node: String,
+        code: crate::replication::wire::ErrorCode,
+        message: String,
+    },
     #[error("{0} needs a cluster: start dunnage serve with --node, --listen and --etcd")]
     NotClustered(&'static str),
     #[error("this node holds no replica of it (its replicas are on {0})")]
@@ -171,6 +179,8 @@ pub struct VolumeActor {
     removed: bool,
     /// Attached as last told to the snapshot scheduler.
     told_attached: bool,
+    /// Running a request another node forwarded: never forward it again.
+    forwarded: bool,
 }
 
 impl VolumeActor {
@@ -184,6 +194,7 @@ impl VolumeActor {
             runtime,
             removed: false,
             told_attached: false,
+            forwarded: false,
         }
     }
 

@@ -1,5 +1,6 @@
 //! `dunnage replica add` and `rm`: a replicated volume's replicas change,
-//! in use or not. Attached here, the mirror takes the change live (an
+//! in use or not. Attached here, the mirror takes the change live
+//! (attached on another node: forwarded there, see `forward`) (an
 //! added replica is resynced in the background while the volume is
 //! used); attached nowhere, etcd's record changes under an attach
 //! generation of its own, and the next attach resyncs. etcd holds the
@@ -9,6 +10,7 @@
 //! sync. A removed one is recorded Outdated before its writes stop, and an
 //! added one is Outdated until its resync ends.
 
+use super::forward::HolderOp;
 use super::{replicated, Backing, VolumeActor, VolumeError, VolumeErrorKind};
 use crate::catalog::VolumeRecord;
 use crate::cluster::placement::{place, PlacementRequest};
@@ -116,12 +118,25 @@ fn check_remove(
 }
 
 impl VolumeActor {
-    fn change_replica(&mut self, add: bool, asked: Option<String>) -> Result<String, VolumeError> {
+    pub(super) fn change_replica(
+        &mut self,
+        add: bool,
+        asked: Option<String>,
+    ) -> Result<String, VolumeError> {
         let what = if add { "replica add" } else { "replica rm" };
         let Some(c) = self.node.cluster.clone() else {
             return Err(self.err(VolumeErrorKind::NotClustered(what)));
         };
         let record = self.record()?;
+        if let Some(holder) = self.holder_elsewhere(&c)? {
+            let op = match (add, asked) {
+                (true, node) => HolderOp::AddReplica { node },
+                (false, Some(node)) => HolderOp::RemoveReplica { node },
+                (false, None) => unreachable!("the CLI requires the node to remove"),
+            };
+            let reply = self.forward(&c, &record, &holder, op)?;
+            return self.forwarded_reply(&holder, &reply);
+        }
         let members = c.cluster.members().map_err(|e| self.err(e))?;
         let node = if add {
             if record.clone_of.is_some() {

@@ -4,10 +4,12 @@
 //! on the image opened for the moment when it is not.
 //!
 //! In a cluster a snapshot is taken on every replica at one point of the
-//! write stream, by the mirror of the node holding the attach (this one's,
-//! or one opened for the moment when the volume is attached nowhere), and
-//! etcd records it once every replica has it.
+//! write stream, by the mirror of the node holding the attach (this one's;
+//! another node's, which the request is forwarded to; or one opened for
+//! the moment when the volume is attached nowhere), and etcd records it
+//! once every replica has it.
 
+use super::forward::HolderOp;
 use super::{replicated, Backing, VolumeActor, VolumeError, VolumeErrorKind};
 use crate::catalog::VolumeRecord;
 use crate::cluster::SnapshotRecord;
@@ -85,8 +87,10 @@ pub struct Space {
 impl VolumeActor {
     /// In a cluster: run `f` on the mirror of this node's attach, or, when
     /// the volume is attached nowhere, on one opened for the moment.
-    /// Refused while another node holds the attach: its mirror is the one
-    /// writing, and only it can hold writes for the instant of a snapshot.
+    /// Refused while another node holds the attach (callers forward there
+    /// first; this is the race where the attach moved meanwhile): its
+    /// mirror is the one writing, and only it can hold writes for the
+    /// instant of a snapshot.
     fn with_mirror<T>(
         &self,
         c: &ClusterNode,
@@ -191,12 +195,24 @@ pub struct TakeSnapshot {
 impl Handler<TakeSnapshot> for VolumeActor {
     type Result = Result<SnapshotEntry, VolumeError>;
     fn handle(&mut self, msg: TakeSnapshot, _: &mut SyncContext<Self>) -> Self::Result {
-        let name = msg
-            .name
-            .unwrap_or_else(|| Utc::now().format("snap-%Y%m%dT%H%M%S%.3fZ").to_string());
+        self.take_snapshot(msg.name)
+    }
+}
+
+impl VolumeActor {
+    pub(super) fn take_snapshot(
+        &mut self,
+        name: Option<String>,
+    ) -> Result<SnapshotEntry, VolumeError> {
+        let name = name.unwrap_or_else(|| Utc::now().format("snap-%Y%m%dT%H%M%S%.3fZ").to_string());
         let volume = self.name.clone();
         if let Some(c) = self.node.cluster.clone() {
             let record = self.record()?;
+            if let Some(holder) = self.holder_elsewhere(&c)? {
+                let op = HolderOp::TakeSnapshot { name };
+                let reply = self.forward(&c, &record, &holder, op)?;
+                return self.forwarded_reply(&holder, &reply);
+            }
             let entry = self.with_mirror(&c, &record, ("take", &name), |mirror, generation| {
                 if c.cluster.snapshots(&record.id)?.iter().any(|s| s.name == name) {
                     return Err(EngineError::SnapshotExists {
@@ -275,9 +291,19 @@ pub struct DeleteSnapshot {
 impl Handler<DeleteSnapshot> for VolumeActor {
     type Result = Result<(), VolumeError>;
     fn handle(&mut self, msg: DeleteSnapshot, _: &mut SyncContext<Self>) -> Self::Result {
+        self.delete_snapshot(msg.name)
+    }
+}
+
+impl VolumeActor {
+    pub(super) fn delete_snapshot(&mut self, name: String) -> Result<(), VolumeError> {
         if let Some(c) = self.node.cluster.clone() {
             let record = self.record()?;
-            let name = msg.name;
+            if let Some(holder) = self.holder_elsewhere(&c)? {
+                let reply =
+                    self.forward(&c, &record, &holder, HolderOp::DeleteSnapshot { name })?;
+                return self.forwarded_reply(&holder, &reply);
+            }
             self.with_mirror(&c, &record, ("delete", &name), |mirror, generation| {
                 if !c
                     .cluster
@@ -299,8 +325,8 @@ impl Handler<DeleteSnapshot> for VolumeActor {
             tracing::info!(volume = %self.name, snapshot = %name, "snapshot deleted on every replica");
             return Ok(());
         }
-        self.with_image(|img| img.delete_snapshot(&msg.name))?;
-        tracing::info!(volume = %self.name, snapshot = %msg.name, "snapshot deleted");
+        self.with_image(|img| img.delete_snapshot(&name))?;
+        tracing::info!(volume = %self.name, snapshot = %name, "snapshot deleted");
         Ok(())
     }
 }
