@@ -1187,6 +1187,24 @@ fn snapshots_of_a_replicated_volume_are_taken_and_restored_on_every_replica() {
         .expect("an orphan snapshot on n2's replica");
     c.cli_ok(0, &["snapshot", "create", vol, "orphan"]);
     c.cli_ok(0, &["snapshot", "rm", vol, "orphan"]);
+    // One under a name nobody takes again: n2's sweep deletes it while
+    // the volume is attached nowhere; the listed ones stay.
+    let n2_dir = c.node(1).data_dir.join("volumes").join(&id);
+    open_replica(&n2_dir)
+        .snapshot("stray")
+        .expect("an orphan snapshot on n2's replica");
+    c.wait_for(
+        "n2's sweep deleting the snapshot etcd does not list",
+        || {
+            !dunnage::engine::ThinImage::snapshot_names(&n2_dir)
+                .unwrap()
+                .contains(&"stray".to_string())
+        },
+    );
+    assert_eq!(
+        dunnage::engine::ThinImage::snapshot_names(&n2_dir).unwrap(),
+        ["before", "detached"]
+    );
 
     // Restored on every replica: from n3 (both replicas remote), then back
     // from n1 (its own replica first).

@@ -1262,3 +1262,51 @@ fn a_forwarded_request_reaches_the_daemon_and_its_reply_comes_back() {
     // No replica was opened for it.
     assert!(node.replicas.get("-").is_none());
 }
+
+/// The sweep's cleanup of snapshots etcd does not list: only with the
+/// replica closed, only when told the volume is attached nowhere, and
+/// only the unlisted ones.
+#[test]
+fn orphan_snapshots_are_dropped_only_from_a_closed_replica() {
+    use std::collections::HashSet;
+    let node = Node::new("a");
+    let listed = |names: &[&str]| -> Result<Option<HashSet<String>>, String> {
+        Ok(Some(names.iter().map(|s| s.to_string()).collect()))
+    };
+    let r = node.local();
+    write_blocks(&*r.image(), 1, 0..8);
+    for name in ["kept", "orphan"] {
+        r.snapshot(1, name).unwrap();
+    }
+    assert!(matches!(
+        node.replicas.drop_orphan_snapshots(VOL, || listed(&["kept"])),
+        Err(ReplicationError::Busy(_))
+    ));
+    drop(r);
+    wait_until("closed", || node.replicas.get(VOL).is_none());
+    let attached = || -> Result<Option<HashSet<String>>, String> { Ok(None) };
+    assert!(node
+        .replicas
+        .drop_orphan_snapshots(VOL, attached)
+        .unwrap()
+        .is_empty());
+    assert!(node
+        .replicas
+        .drop_orphan_snapshots(VOL, || Err("etcd is down".to_string()))
+        .is_err());
+    assert_eq!(
+        node.replicas
+            .drop_orphan_snapshots(VOL, || listed(&["kept"]))
+            .unwrap(),
+        ["orphan"]
+    );
+    let names: Vec<String> = node
+        .local()
+        .image()
+        .snapshots()
+        .unwrap()
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
+    assert_eq!(names, ["kept"]);
+}

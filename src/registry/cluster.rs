@@ -137,6 +137,9 @@ pub fn sweep_replicas(c: &ClusterNode) -> Vec<String> {
     let Some(ids) = placed_here() else {
         return Vec::new();
     };
+    for id in &ids {
+        drop_orphan_snapshots(c, id);
+    }
     let Ok(dirs) = std::fs::read_dir(c.replicas.volumes_dir()) else {
         return Vec::new();
     };
@@ -169,6 +172,35 @@ pub fn sweep_replicas(c: &ClusterNode) -> Vec<String> {
         );
     }
     dropped
+}
+
+/// Delete the snapshots of this node's replica of `id` that etcd does not
+/// list (a crash between the replicas' take and etcd's record), while the
+/// volume is attached nowhere. A take under a name listed later deletes
+/// such an orphan too; this frees the space of names nobody takes again.
+fn drop_orphan_snapshots(c: &ClusterNode, id: &str) {
+    if c.replicas.dir(id).is_ok_and(|d| !d.exists()) {
+        return;
+    }
+    let listed = || -> Result<Option<std::collections::HashSet<String>>, ClusterError> {
+        if c.cluster.attach_holder(id)?.is_some() {
+            return Ok(None);
+        }
+        Ok(Some(
+            c.cluster
+                .snapshots(id)?
+                .into_iter()
+                .map(|s| s.name)
+                .collect(),
+        ))
+    };
+    match c.replicas.drop_orphan_snapshots(id, listed) {
+        Ok(dropped) if !dropped.is_empty() => {
+            tracing::info!(volume_id = %id, ?dropped, "deleted snapshots etcd does not list (left by a crash mid-snapshot)")
+        }
+        Ok(_) | Err(crate::replication::ReplicationError::Busy(_)) => {}
+        Err(e) => tracing::debug!(volume_id = %id, error = %e, "orphan snapshot check skipped"),
+    }
 }
 
 /// `volume inspect`'s cluster part (answered by the volume's actor).

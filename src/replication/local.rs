@@ -467,6 +467,52 @@ impl LocalReplicas {
         Ok(())
     }
 
+    /// Delete the replica's snapshots that `listed` does not name: those a
+    /// crash left between the replicas' take and etcd's record. `listed`
+    /// runs with the replica closed and no one able to open it (so no take
+    /// runs here meanwhile); it answers `None` to keep everything (the
+    /// volume is attached somewhere: a take may be on its way to its
+    /// record). Busy while the replica is open. Returns what was deleted.
+    pub fn drop_orphan_snapshots<E: std::fmt::Display>(
+        &self,
+        volume_id: &str,
+        listed: impl FnOnce() -> Result<Option<std::collections::HashSet<String>>, E>,
+    ) -> Result<Vec<String>, ReplicationError> {
+        let dir = self.dir(volume_id)?;
+        if ThinImage::snapshot_names(&dir)?.is_empty() {
+            return Ok(Vec::new());
+        }
+        let _open = self.closed_slot(volume_id)?;
+        let keep = match listed() {
+            Ok(Some(keep)) => keep,
+            Ok(None) => return Ok(Vec::new()),
+            Err(e) => {
+                return Err(ReplicationError::Config(format!(
+                    "cannot list the snapshots of volume {volume_id}: {e}"
+                )))
+            }
+        };
+        let orphans: Vec<String> = ThinImage::snapshot_names(&dir)?
+            .into_iter()
+            .filter(|n| !keep.contains(n))
+            .collect();
+        if orphans.is_empty() || !dir.join(HEADER_FILE).exists() {
+            return Ok(Vec::new());
+        }
+        let image = ThinImage::open(&dir)?;
+        let mut dropped = Vec::new();
+        for name in orphans {
+            match image.delete_snapshot(&name) {
+                Ok(()) => dropped.push(name),
+                Err(e) => {
+                    tracing::warn!(volume_id, snapshot = %name, error = %e, "cannot delete a snapshot etcd does not list")
+                }
+            }
+        }
+        image.flush()?;
+        Ok(dropped)
+    }
+
     /// sha256 (hex) of the whole device of an existing replica, read
     /// through its image.
     pub fn checksum(

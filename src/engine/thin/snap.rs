@@ -862,6 +862,12 @@ impl ThinImage {
         })
     }
 
+    /// The names of the snapshots of the image in `dir`, sorted, without
+    /// opening it (a directory listing).
+    pub fn snapshot_names(dir: &Path) -> Result<Vec<String>, EngineError> {
+        list_snapshots(dir)
+    }
+
     /// Delete snapshot `name` and free the blocks only it held. Refused
     /// while a live clone has it as its base ([`EngineError::SnapshotPinned`],
     /// naming the clone) or a [`SnapshotView`] of it lives. See
