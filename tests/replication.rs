@@ -1274,7 +1274,7 @@ fn orphan_snapshots_are_dropped_only_from_a_closed_replica() {
         Ok(Some(names.iter().map(|s| s.to_string()).collect()))
     };
     let r = node.local();
-    write_blocks(&*r.image(), 1, 0..8);
+    write_blocks(r.image(), 1, 0..8);
     for name in ["kept", "orphan"] {
         r.snapshot(1, name).unwrap();
     }
