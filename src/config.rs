@@ -41,6 +41,16 @@ pub struct ClusterNode {
         std::collections::HashMap<String, std::sync::Weak<crate::replication::Mirror>>,
     >,
     server: parking_lot::Mutex<Option<crate::replication::ReplicaServer>>,
+    /// Background resyncs of volumes attached nowhere, run here.
+    resyncs: parking_lot::Mutex<std::collections::HashMap<String, ResyncJob>>,
+    /// Held while one starts: two starts on one node would share a generation.
+    pub resync_start: parking_lot::Mutex<()>,
+}
+
+/// A background resync's handle: ask it to stop, wait for it.
+pub struct ResyncJob {
+    pub stop: Arc<std::sync::atomic::AtomicBool>,
+    pub thread: std::thread::JoinHandle<()>,
 }
 
 impl ClusterNode {
@@ -60,6 +70,8 @@ impl ClusterNode {
             resync_rate,
             mirrors: Default::default(),
             server: parking_lot::Mutex::new(Some(server)),
+            resyncs: Default::default(),
+            resync_start: Default::default(),
         });
         // A node whose lease is gone may have been replaced by another
         // attach already: it must not write again.
@@ -103,6 +115,36 @@ impl ClusterNode {
         );
     }
 
+    /// Record a background resync of `volume_id` (see
+    /// `volume::replicated::start_resync`); false if one runs already.
+    pub fn add_resync(&self, volume_id: &str, job: ResyncJob) -> bool {
+        let mut jobs = self.resyncs.lock();
+        jobs.retain(|_, j| !j.thread.is_finished());
+        if jobs.contains_key(volume_id) {
+            return false;
+        }
+        jobs.insert(volume_id.to_string(), job);
+        true
+    }
+
+    /// Whether a background resync of `volume_id` runs here.
+    pub fn resyncing(&self, volume_id: &str) -> bool {
+        self.resyncs
+            .lock()
+            .get(volume_id)
+            .is_some_and(|j| !j.thread.is_finished())
+    }
+
+    /// Stop this node's background resync of `volume_id`, if any, and wait
+    /// until it has closed its mirror and given the attach back.
+    pub fn stop_resync(&self, volume_id: &str) {
+        let job = self.resyncs.lock().remove(volume_id);
+        if let Some(job) = job {
+            job.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+            let _ = job.thread.join();
+        }
+    }
+
     /// Who runs requests other nodes forward here (see `volume::forward`).
     pub fn set_forwarder(&self, f: crate::replication::Forwarder) {
         if let Some(s) = self.server.lock().as_ref() {
@@ -112,6 +154,10 @@ impl ClusterNode {
 
     /// Stop serving replica traffic and leave the cluster.
     pub fn shutdown(&self) {
+        let jobs: Vec<String> = self.resyncs.lock().keys().cloned().collect();
+        for id in jobs {
+            self.stop_resync(&id);
+        }
         if let Some(s) = self.server.lock().take() {
             s.shutdown();
         }

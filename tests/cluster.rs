@@ -1323,7 +1323,10 @@ fn a_clone_of_a_replicated_volume_lives_on_its_parents_nodes() {
 #[test]
 fn replicas_move_between_nodes_while_in_use() {
     common::require_tools(&["fio"]);
-    let mut c = Cluster::start(Mode::Loopback, 3);
+    // Resyncs of the 64 MiB volume last ~16 s: long enough to be caught.
+    let mut c = Cluster::start_with(Mode::Loopback, 3, |_| {
+        vec!["--resync-rate".into(), "4".into()]
+    });
     let vol = "mover";
     c.create(0, vol, 2, "64M", &[("nodes", "n1,n2")]);
     let id = c.inspect_on(0, vol)["id"].as_str().unwrap().to_string();
@@ -1398,19 +1401,47 @@ fn replicas_move_between_nodes_while_in_use() {
     assert!(err.contains("only replica"), "{err}");
     let out = c.cli_ok(1, &["replica", "add", vol]);
     assert!(out.contains("n2"), "the one live node without one: {out}");
-    assert_eq!(c.replica_info(0, vol, "n2")["state"], "outdated");
-    // Attached on n2: its new replica is resynced from n1's.
-    let dev = c.attach_on(1, vol);
-    c.resync_on(1, vol, RESYNC_TIMEOUT_SECS);
+    // Attached nowhere, it is resynced at once, in the background on n2.
+    let info = c.cluster_info(0, vol);
+    assert_eq!(info["resync_on"], "n2", "{info}");
+    assert_eq!(info["attached_on"], Value::Null, "{info}");
+    assert_ne!(c.replica_info(0, vol, "n2")["state"], "in-sync");
+    // An attach does not wait for it: the resync gives way (n1 asks n2
+    // to stop it), and goes on under the attach.
+    let dev = c.attach_on(0, vol);
+    let info = c.cluster_info(0, vol);
+    assert_eq!(info["attached_on"], "n1", "{info}");
+    assert_eq!(info["resync_on"], Value::Null, "{info}");
+    c.resync_on(0, vol, RESYNC_TIMEOUT_SECS);
     let d = BlockDev::open(&dev);
-    verify_blocks(&d, mine, 1);
+    verify_blocks(&d, mine.clone(), 1);
     drop(d);
-    c.detach_on(1, vol);
+    c.detach_on(0, vol);
     assert_eq!(assert_checksums_equal(&c, &[0, 1], vol), seen);
+
+    // n3 back: the replica it lost while down is dropped; a new one is
+    // added and resynced while the volume stays detached.
     c.start_again(2);
     c.wait_for("n3 dropping the replica it lost while down", || {
         !replica_dir(&c, 2).exists()
     });
+    c.wait_node_up(0, 2, true);
+    c.cli_ok(
+        0,
+        &[
+            "replica",
+            "add",
+            vol,
+            "n3",
+            "--wait",
+            "--timeout",
+            &RESYNC_TIMEOUT_SECS.to_string(),
+        ],
+    );
+    let info = c.cluster_info(2, vol);
+    assert_eq!(info["attached_on"], Value::Null, "{info}");
+    assert_all_in_sync(&c, 2, vol, "after a resync while detached");
+    assert_eq!(assert_checksums_equal(&c, &[0, 1, 2], vol), seen);
     c.remove(0, vol);
     c.shutdown();
 }

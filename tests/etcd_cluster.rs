@@ -286,7 +286,7 @@ fn attach_ownership_and_fencing() {
 
     let g1 = a.acquire_attach(&vid, "v", Duration::ZERO).unwrap();
     assert_eq!(a.acquire_attach(&vid, "v", Duration::ZERO).unwrap(), g1);
-    assert_eq!(b.attach_holder(&vid).unwrap(), Some(("a".into(), g1)));
+    assert_eq!(b.attach_owner(&vid).unwrap(), Some(("a".into(), g1)));
     // A first attach, marked once or again: nothing ended unreleased.
     assert!(!a.mark_unreleased(&vid, g1).unwrap());
     assert!(!a.mark_unreleased(&vid, g1).unwrap());
@@ -318,7 +318,7 @@ fn attach_ownership_and_fencing() {
     let store = a.state_store(&vid, "v", g1);
 
     a.release_attach(&vid, g1).unwrap();
-    assert_eq!(b.attach_holder(&vid).unwrap(), None);
+    assert_eq!(b.attach_owner(&vid).unwrap(), None);
     let g2 = b.acquire_attach(&vid, "v", Duration::ZERO).unwrap();
     assert!(g2 > g1, "{g2} after {g1}");
     assert!(!b.mark_unreleased(&vid, g2).unwrap(), "a released it");
@@ -340,7 +340,7 @@ fn attach_ownership_and_fencing() {
         a.release_attach(&vid, g1),
         Err(ClusterError::Fenced { .. })
     ));
-    assert_eq!(a.attach_holder(&vid).unwrap(), Some(("b".into(), g2)));
+    assert_eq!(a.attach_owner(&vid).unwrap(), Some(("b".into(), g2)));
     // Generation 0 (a missing key's revision) never passes the guard.
     assert!(matches!(
         b.set_replica_state(&vid, 0, "b", ReplicaState::InSync),
@@ -391,7 +391,7 @@ fn attach_ownership_and_fencing() {
 
     b.release_attach(&vid, g2).unwrap();
     b.release_attach(&vid, g2).unwrap();
-    assert_eq!(a.attach_holder(&vid).unwrap(), None);
+    assert_eq!(a.attach_owner(&vid).unwrap(), None);
 }
 
 #[test]
@@ -428,7 +428,7 @@ fn a_node_cut_off_loses_its_attach_and_registers_again() {
     );
     // Released before the replicas were compared: the mark stays.
     b.release_attach_unverified(&vid, g2).unwrap();
-    assert_eq!(b.attach_holder(&vid).unwrap(), None);
+    assert_eq!(b.attach_owner(&vid).unwrap(), None);
     let g2 = b.acquire_attach(&vid, "v", Duration::ZERO).unwrap();
     assert!(
         b.mark_unreleased(&vid, g2).unwrap(),
@@ -475,7 +475,7 @@ fn a_restarted_node_takes_its_attach_back_and_a_dead_lease_is_waited_for() {
     // The new run of a takes v1 back under its own lease, as a new generation.
     let g2 = a2.acquire_attach(&v1, "v1", Duration::ZERO).unwrap();
     assert!(g2 > g1, "{g2} after {g1}");
-    assert_eq!(b.attach_holder(&v1).unwrap(), Some(("a".into(), g2)));
+    assert_eq!(b.attach_owner(&v1).unwrap(), Some(("a".into(), g2)));
     assert_eq!(a2.acquire_attach(&v1, "v1", Duration::ZERO).unwrap(), g2);
     match b.acquire_attach(&v1, "v1", Duration::from_secs(1)) {
         Err(ClusterError::HeldBy { node, .. }) => assert_eq!(node, "a"),
@@ -485,9 +485,9 @@ fn a_restarted_node_takes_its_attach_back_and_a_dead_lease_is_waited_for() {
     // v2 is still held under the dead run's lease: b waits for it to expire.
     let h2 = b.acquire_attach(&v2, "v2", EVENTUALLY).unwrap();
     assert!(h2 > h1, "{h2} after {h1}");
-    assert_eq!(a2.attach_holder(&v2).unwrap(), Some(("b".into(), h2)));
+    assert_eq!(a2.attach_owner(&v2).unwrap(), Some(("b".into(), h2)));
     // v1 outlived the dead lease: the takeover moved it to a2's lease.
-    assert_eq!(b.attach_holder(&v1).unwrap(), Some(("a".into(), g2)));
+    assert_eq!(b.attach_owner(&v1).unwrap(), Some(("a".into(), g2)));
 
     // A clean leave frees v1 at once.
     a2.shutdown();
@@ -545,7 +545,7 @@ fn an_etcd_outage_loses_the_lease_and_the_node_registers_again() {
     assert_eq!(lost.load(Ordering::SeqCst), 1);
     // The old lease, and the attach under it, end with the new registration.
     eventually("a's old attach is gone", || {
-        a.attach_holder(&vid).unwrap().is_none()
+        a.attach_owner(&vid).unwrap().is_none()
     });
     assert!(matches!(
         a.set_replica_state(&vid, g1, "a", ReplicaState::InSync),
@@ -615,5 +615,51 @@ fn replica_changes_write_the_record_and_the_state_together_under_the_attach() {
     assert!(b
         .change_replicas("moving", "0000", g2, ReplicaChange::Add("b"))
         .is_err());
+    b.release_attach(&vid, g2).unwrap();
+}
+
+#[test]
+fn a_resync_holds_the_attach_until_anything_else_wants_it() {
+    let etcd = Etcd::start();
+    let a = node(&etcd, "a", 7021);
+    let b = node(&etcd, "b", 7022);
+    let vid = new_volume_id();
+
+    let g1 = a.acquire_attach_for_resync(&vid, "v").unwrap();
+    let held = b.attach_holder(&vid).unwrap().unwrap();
+    assert_eq!(
+        (held.node.as_str(), held.generation, held.resync),
+        ("a", g1, true)
+    );
+    assert_eq!(b.attach_owner(&vid).unwrap(), None, "attached nowhere");
+    // Anyone who wants it, a itself included, is told to stop the resync.
+    for (who, n) in [(&a, "a"), (&b, "b")] {
+        match who.acquire_attach(&vid, "v", Duration::from_secs(1)) {
+            Err(e @ ClusterError::HeldForResync { .. }) => {
+                assert!(e.to_string().contains("resynced by node a"), "{n}: {e}")
+            }
+            other => panic!("{n} took a volume a resyncs: {other:?}"),
+        }
+    }
+    // A second resync elsewhere is refused as an attach would be.
+    assert!(matches!(
+        b.acquire_attach_for_resync(&vid, "v"),
+        Err(ClusterError::HeldForResync { .. })
+    ));
+    assert_eq!(a.acquire_attach_for_resync(&vid, "v").unwrap(), g1);
+    a.release_attach(&vid, g1).unwrap();
+
+    // An attach is never taken over by a resync.
+    let g2 = b.acquire_attach(&vid, "v", Duration::ZERO).unwrap();
+    assert!(g2 > g1);
+    assert!(matches!(
+        b.acquire_attach_for_resync(&vid, "v"),
+        Err(ClusterError::HeldBy { .. })
+    ));
+    assert!(matches!(
+        a.acquire_attach_for_resync(&vid, "v"),
+        Err(ClusterError::HeldBy { .. })
+    ));
+    assert_eq!(a.attach_owner(&vid).unwrap(), Some(("b".into(), g2)));
     b.release_attach(&vid, g2).unwrap();
 }

@@ -1279,7 +1279,8 @@ fn orphan_snapshots_are_dropped_only_from_a_closed_replica() {
         r.snapshot(1, name).unwrap();
     }
     assert!(matches!(
-        node.replicas.drop_orphan_snapshots(VOL, || listed(&["kept"])),
+        node.replicas
+            .drop_orphan_snapshots(VOL, || listed(&["kept"])),
         Err(ReplicationError::Busy(_))
     ));
     drop(r);

@@ -147,6 +147,7 @@ pub fn resync(run_dir: &Path, name: String, timeout: u64) -> Result<()> {
         .progress_chars("=> "),
     );
     bar.set_message(format!("resync {name}"));
+    let mut started = false;
     loop {
         let v: VolumeInfo = client.post("/v1/volume/inspect", &NameArgs { name: name.clone() })?;
         let (done, total, behind) = resync_left(&v)?;
@@ -154,11 +155,26 @@ pub fn resync(run_dir: &Path, name: String, timeout: u64) -> Result<()> {
             bar.finish_with_message(format!("{name}: every replica in sync"));
             return Ok(());
         }
-        match v.cluster.as_ref().and_then(|c| c.attached_on.clone()) {
+        let c = v.cluster.as_ref();
+        let on = c.and_then(|c| c.attached_on.clone().or_else(|| c.resync_on.clone()));
+        match on {
+            // Attached nowhere: resync it in the background here.
+            None if !started => {
+                started = true;
+                let _: bool = client.post("/v1/volume/resync", &NameArgs { name: name.clone() })?;
+                continue;
+            }
             None => {
                 bar.abandon();
+                let states: Vec<String> = c
+                    .iter()
+                    .flat_map(|c| c.replicas.iter())
+                    .map(|r| format!("{}={}", r.node, r.state))
+                    .collect();
                 bail!(
-                    "volume {name} is attached nowhere: a resync runs while it is attached; its outdated replicas are resynced at its next attach"
+                    "volume {name}: the background resync on node {} ended with replicas behind ({}); a replica whose node is down is resynced when it is back and the volume is attached or resynced again",
+                    v.node,
+                    states.join(", ")
                 );
             }
             // Its mirror knows the bytes; here only the states are known.

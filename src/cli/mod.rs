@@ -56,7 +56,9 @@ pub enum VolumeCmd {
     /// mounted or attached). Its later writes are lost; the snapshot stays.
     Restore { name: String, snapshot: String },
     /// Wait until every replica of a volume is in sync, showing the
-    /// resync's progress (cluster mode; ask the node where it is attached).
+    /// resync's progress (cluster mode; bytes on the node doing the resync,
+    /// replica states elsewhere). A volume attached nowhere is resynced in
+    /// the background on this node, until an attach needs it.
     Resync {
         name: String,
         /// Give up after this many seconds.

@@ -112,6 +112,9 @@ pub enum ClusterError {
     Unreachable { endpoints: String, reason: String },
     #[error("volume {volume} is attached on node {node}; detach it there first (stop the containers using it), or, if {node} is down, retry once its etcd lease has expired")]
     HeldBy { volume: String, node: String },
+    /// Held by a background resync, which stops when asked.
+    #[error("volume {volume} is being resynced by node {node} (attached nowhere); that resync stops when the volume is attached")]
+    HeldForResync { volume: String, node: String },
     #[error("fenced: volume {volume} is no longer attached with generation {generation} (another node has taken it over); this node must stop writing to it")]
     Fenced {
         volume: String,
@@ -143,6 +146,19 @@ struct MemberRecord {
 struct AttachRecord {
     node: String,
     volume: String,
+    /// Held by a background resync of a volume attached nowhere, which
+    /// gives way to any attach (see [`ClusterError::HeldForResync`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    resync: bool,
+}
+
+/// Who holds a volume's attach.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Holder {
+    pub node: String,
+    pub generation: Generation,
+    /// A background resync of a volume attached nowhere (it gives way).
+    pub resync: bool,
 }
 
 /// What [`Cluster::change_replicas`] does to a volume's replicas.
@@ -290,6 +306,7 @@ enum AttachTry {
     Busy {
         node: String,
         up: bool,
+        resync: bool,
     },
     /// Changed under us; look again.
     Again,
@@ -447,11 +464,13 @@ impl Shared {
         volume_id: &str,
         volume: &str,
         lease: i64,
+        resync: bool,
     ) -> Result<AttachTry, ClusterError> {
         let key = attach_key(volume_id);
         let value = to_json(&AttachRecord {
             node: self.node.clone(),
             volume: volume.to_string(),
+            resync,
         });
         let put = || {
             TxnOp::put(
@@ -478,6 +497,14 @@ impl Shared {
         let holder: AttachRecord = parse(&kv)?;
         if holder.node == self.node {
             if kv.lease() == lease {
+                // This node's resync and an attach never share a generation.
+                if holder.resync != resync {
+                    return Ok(AttachTry::Busy {
+                        node: holder.node,
+                        up: true,
+                        resync: holder.resync,
+                    });
+                }
                 return Ok(AttachTry::Got(kv.mod_revision() as Generation));
             }
             // An earlier run of this node attached it: take it over under
@@ -506,6 +533,7 @@ impl Shared {
         Ok(AttachTry::Busy {
             node: holder.node,
             up,
+            resync: holder.resync,
         })
     }
 }
@@ -774,12 +802,34 @@ impl Cluster {
         volume: &str,
         wait: Duration,
     ) -> Result<Generation, ClusterError> {
+        self.acquire(volume_id, volume, wait, false)
+    }
+
+    /// The attach for a background resync of a volume attached nowhere:
+    /// like an attach (its generation fences older ones), but any attach
+    /// may ask it to give way ([`ClusterError::HeldForResync`]).
+    pub fn acquire_attach_for_resync(
+        &self,
+        volume_id: &str,
+        volume: &str,
+    ) -> Result<Generation, ClusterError> {
+        self.acquire(volume_id, volume, Duration::ZERO, true)
+    }
+
+    fn acquire(
+        &self,
+        volume_id: &str,
+        volume: &str,
+        wait: Duration,
+        resync: bool,
+    ) -> Result<Generation, ClusterError> {
         let deadline = Instant::now() + wait;
         let mut races = 0;
         loop {
             let lease = self.live_lease()?;
             let (vid, vol) = (volume_id.to_string(), volume.to_string());
-            let got = self.run(move |s| async move { s.try_attach(&vid, &vol, lease).await })?;
+            let got =
+                self.run(move |s| async move { s.try_attach(&vid, &vol, lease, resync).await })?;
             match got {
                 AttachTry::Got(generation) => {
                     debug!(volume, generation, "attach acquired");
@@ -793,8 +843,14 @@ impl Cluster {
                         )));
                     }
                 }
-                AttachTry::Busy { node, up } => {
+                AttachTry::Busy { node, up, resync } => {
                     let now = Instant::now();
+                    if up && resync {
+                        return Err(ClusterError::HeldForResync {
+                            volume: volume.to_string(),
+                            node,
+                        });
+                    }
                     if up || now >= deadline {
                         return Err(ClusterError::HeldBy {
                             volume: volume.to_string(),
@@ -880,15 +936,31 @@ impl Cluster {
         })
     }
 
-    /// Who holds the volume, at which generation.
-    pub fn attach_holder(
+    /// Who holds the volume, at which generation (a background resync
+    /// included: see [`Cluster::attach_owner`]).
+    pub fn attach_holder(&self, volume_id: &str) -> Result<Option<Holder>, ClusterError> {
+        let key = attach_key(volume_id);
+        let kv = self.run(|s| async move { s.get(&key).await })?;
+        kv.map(|kv| {
+            parse::<AttachRecord>(&kv).map(|r| Holder {
+                node: r.node,
+                generation: kv.mod_revision() as Generation,
+                resync: r.resync,
+            })
+        })
+        .transpose()
+    }
+
+    /// The node the volume is attached on, and its generation: `None`
+    /// when nothing holds it or a background resync does.
+    pub fn attach_owner(
         &self,
         volume_id: &str,
     ) -> Result<Option<(String, Generation)>, ClusterError> {
-        let key = attach_key(volume_id);
-        let kv = self.run(|s| async move { s.get(&key).await })?;
-        kv.map(|kv| parse::<AttachRecord>(&kv).map(|r| (r.node, kv.mod_revision() as Generation)))
-            .transpose()
+        Ok(self
+            .attach_holder(volume_id)?
+            .filter(|h| !h.resync)
+            .map(|h| (h.node, h.generation)))
     }
 
     /// The stored replica states, by node. A node without a stored state is
@@ -1092,7 +1164,7 @@ impl Cluster {
             if self.run(move |s| async move { Ok(s.txn(txn).await?.succeeded()) })? {
                 return Ok(record);
             }
-            if self.attach_holder(volume_id)?.map(|h| h.1) != Some(generation) {
+            if self.attach_holder(volume_id)?.map(|h| h.generation) != Some(generation) {
                 return Err(ClusterError::Fenced {
                     volume: volume_id.to_string(),
                     generation,

@@ -270,6 +270,16 @@ async fn replica_checksum(reg: Reg, body: web::Bytes) -> HttpResponse {
     }
 }
 
+async fn resync_start(reg: Reg, body: web::Bytes) -> HttpResponse {
+    match args::<NameArgs>(&body) {
+        Ok(a) => reply(
+            reg.send(registry::cluster::StartResync { volume: a.name })
+                .await,
+        ),
+        Err(e) => fail(400, e),
+    }
+}
+
 async fn replica_change(reg: Reg, body: web::Bytes) -> HttpResponse {
     match args::<ReplicaArgs>(&body) {
         Ok(ReplicaArgs {
@@ -306,5 +316,6 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/v1/node/list", web::post().to(node_list))
         .route("/v1/replica/checksum", web::post().to(replica_checksum))
         .route("/v1/replica/change", web::post().to(replica_change))
+        .route("/v1/volume/resync", web::post().to(resync_start))
         .default_service(web::to(|| async { fail(404, "no such control endpoint") }));
 }

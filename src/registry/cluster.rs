@@ -317,6 +317,24 @@ impl Handler<Forwarded> for Registry {
     }
 }
 
+/// `dunnage volume resync` on a volume attached nowhere: resync it in the
+/// background here. Answers whether one started.
+#[derive(Message)]
+#[rtype(result = "Reply<bool>")]
+pub struct StartResync {
+    pub volume: String,
+}
+
+impl Handler<StartResync> for Registry {
+    type Result = ResponseFuture<Reply<bool>>;
+    fn handle(&mut self, m: StartResync, _: &mut Context<Self>) -> Self::Result {
+        match self.lookup(&m.volume).and_then(|r| self.actor(&r)) {
+            Ok(addr) => forward(addr, vr::StartResync),
+            Err(e) => Box::pin(async move { Err(e) }),
+        }
+    }
+}
+
 /// `dunnage node ls`: the cluster's members, or this node alone.
 #[derive(Message)]
 #[rtype(result = "Reply<Vec<Member>>")]

@@ -21,10 +21,20 @@ const FORWARD_WAIT: Duration = Duration::from_secs(120);
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum HolderOp {
-    TakeSnapshot { name: String },
-    DeleteSnapshot { name: String },
-    AddReplica { node: Option<String> },
-    RemoveReplica { node: String },
+    TakeSnapshot {
+        name: String,
+    },
+    DeleteSnapshot {
+        name: String,
+    },
+    AddReplica {
+        node: Option<String>,
+    },
+    RemoveReplica {
+        node: String,
+    },
+    /// Stop this node's background resync of the volume (an attach wants it).
+    StopResync,
 }
 
 /// A forwarded request, as it travels.
@@ -37,6 +47,45 @@ pub struct HolderRequest {
     /// The node that forwarded it.
     pub from: String,
     pub op: HolderOp,
+}
+
+/// Ask `node` to run `op` on volume `record`; its reply's JSON.
+pub(super) fn forward_to(
+    c: &ClusterNode,
+    record: &VolumeRecord,
+    node: &str,
+    op: HolderOp,
+) -> Result<String, VolumeErrorKind> {
+    let addr = c.cluster.member_addr(node)?.ok_or_else(|| {
+        crate::cluster::ClusterError::Placement(format!(
+            "node {node}, which holds volume {}, is not a known member",
+            record.name
+        ))
+    })?;
+    let request = HolderRequest {
+        volume: record.name.clone(),
+        volume_id: record.id.clone(),
+        from: c.cluster.node().to_string(),
+        op,
+    };
+    let json = serde_json::to_string(&request).expect("a request serializes");
+    tracing::info!(volume = %record.name, holder = node, op = ?request.op, "forwarding to the node that holds the volume");
+    crate::replication::forward_request(
+        node,
+        addr,
+        c.cluster.node(),
+        &json,
+        c.replica_timeout,
+        FORWARD_WAIT,
+    )
+    .map_err(|e| match e {
+        ReplicationError::Refused { code, message, .. } => VolumeErrorKind::OnHolder {
+            node: node.to_string(),
+            code,
+            message,
+        },
+        e => e.into(),
+    })
 }
 
 /// Run a forwarded op on this node's actor of the volume. The reply's JSON.
@@ -55,8 +104,9 @@ impl VolumeActor {
         if self.forwarded || self.attached.is_some() {
             return Ok(None);
         }
-        let holder = c.cluster.attach_holder(&self.id).map_err(|e| self.err(e))?;
-        Ok(holder.map(|(n, _)| n).filter(|n| n != c.cluster.node()))
+        // A background resync gives way instead (see `replicated::take_attach`).
+        let owner = c.cluster.attach_owner(&self.id).map_err(|e| self.err(e))?;
+        Ok(owner.map(|(n, _)| n).filter(|n| n != c.cluster.node()))
     }
 
     /// Ask `node`, which holds the attach, to run `op`; its reply's JSON.
@@ -67,42 +117,7 @@ impl VolumeActor {
         node: &str,
         op: HolderOp,
     ) -> Result<String, VolumeError> {
-        let addr = c
-            .cluster
-            .member_addr(node)
-            .map_err(|e| self.err(e))?
-            .ok_or_else(|| {
-                self.err(crate::cluster::ClusterError::Placement(format!(
-                    "node {node}, where volume {} is attached, is not a known member",
-                    record.name
-                )))
-            })?;
-        let request = HolderRequest {
-            volume: record.name.clone(),
-            volume_id: record.id.clone(),
-            from: c.cluster.node().to_string(),
-            op,
-        };
-        let json = serde_json::to_string(&request).expect("a request serializes");
-        tracing::info!(volume = %record.name, holder = node, op = ?request.op, "forwarding to the node where the volume is attached");
-        crate::replication::forward_request(
-            node,
-            addr,
-            c.cluster.node(),
-            &json,
-            c.replica_timeout,
-            FORWARD_WAIT,
-        )
-        .map_err(|e| {
-            self.err(match e {
-                ReplicationError::Refused { code, message, .. } => VolumeErrorKind::OnHolder {
-                    node: node.to_string(),
-                    code,
-                    message,
-                },
-                e => e.into(),
-            })
-        })
+        forward_to(c, record, node, op).map_err(|e| self.err(e))
     }
 
     fn run_forwarded(&mut self, op: HolderOp) -> Result<String, VolumeError> {
@@ -111,6 +126,12 @@ impl VolumeActor {
             HolderOp::DeleteSnapshot { name } => to_json(&self.delete_snapshot(name)?),
             HolderOp::AddReplica { node } => to_json(&self.change_replica(true, node)?),
             HolderOp::RemoveReplica { node } => to_json(&self.change_replica(false, Some(node))?),
+            HolderOp::StopResync => {
+                if let Some(c) = &self.node.cluster {
+                    c.stop_resync(&self.id);
+                }
+                to_json(&())
+            }
         })
     }
 
@@ -162,6 +183,7 @@ mod tests {
                 node: Some("n3".into()),
             },
             HolderOp::RemoveReplica { node: "n2".into() },
+            HolderOp::StopResync,
         ] {
             let req = HolderRequest {
                 volume: "pg".into(),

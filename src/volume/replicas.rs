@@ -201,16 +201,14 @@ impl VolumeActor {
                     .map_err(|e| self.err(e))?;
             }
         } else {
-            if let Some((holder, _)) = c.cluster.attach_holder(&self.id).map_err(|e| self.err(e))? {
+            if let Some((holder, _)) = c.cluster.attach_owner(&self.id).map_err(|e| self.err(e))? {
                 return Err(self.err(VolumeErrorKind::ReplicasOnHolder(holder)));
             }
             if !add {
                 check_remove(&c, &record, &members, &node).map_err(|e| self.err(e))?;
             }
-            let generation = c
-                .cluster
-                .acquire_attach(&record.id, &record.name, Duration::ZERO)
-                .map_err(|e| self.err(e))?;
+            let generation =
+                replicated::take_attach(&c, &record, Duration::ZERO).map_err(|e| self.err(e))?;
             let changed = c
                 .cluster
                 .change_replicas(&record.name, &record.id, generation, change);
@@ -218,7 +216,11 @@ impl VolumeActor {
             if let Err(e) = c.cluster.release_attach_unverified(&record.id, generation) {
                 tracing::warn!(volume = %record.name, error = %e, "could not give the attach lease back; it expires with this node's lease");
             }
-            changed.map_err(|e| self.err(e))?;
+            let changed = changed.map_err(|e| self.err(e))?;
+            // Redundancy comes back now, not at the next attach.
+            if let Err(e) = replicated::start_resync(&c, changed) {
+                tracing::warn!(volume = %record.name, error = %e, "no background resync now: the next attach resyncs");
+            }
         }
         if !add && node == me {
             // Else its node drops it at its next sweep.

@@ -3,8 +3,10 @@
 //! holding its replicas, and gives the lease back at detach. The mirror's
 //! IO runs on the export's threads and the mirror's own; never through here.
 
+use super::forward::HolderOp;
 use super::{VolumeActor, VolumeError, VolumeErrorKind};
 use crate::catalog::VolumeRecord;
+use crate::cluster::ClusterError;
 use crate::config::ClusterNode;
 use crate::engine::ThinParams;
 use crate::replication::wire::{ErrorCode, Hello};
@@ -42,6 +44,31 @@ pub fn open_local(
         .open_as(&record.id, params(record), replica_base(record).as_ref())
 }
 
+/// Take the volume's attach (waiting up to `wait` for a holder whose lease
+/// is expiring). A background resync holding it is asked to stop first,
+/// here or on its node: it gives way to anything that needs the attach.
+pub(super) fn take_attach(
+    c: &ClusterNode,
+    record: &VolumeRecord,
+    wait: Duration,
+) -> Result<Generation, VolumeErrorKind> {
+    let mut asked = 0;
+    loop {
+        match c.cluster.acquire_attach(&record.id, &record.name, wait) {
+            Err(ClusterError::HeldForResync { node, .. }) if asked < 3 => {
+                asked += 1;
+                tracing::info!(volume = %record.name, node, "stopping the background resync that holds the volume");
+                if node == c.cluster.node() {
+                    c.stop_resync(&record.id);
+                } else {
+                    super::forward::forward_to(c, record, &node, HolderOp::StopResync)?;
+                }
+            }
+            other => return Ok(other?),
+        }
+    }
+}
+
 /// Take the attach lease and open the mirror. A node whose lease expired
 /// (killed or cut off) is waited for, up to one lease TTL.
 pub(super) fn open_mirror(
@@ -50,7 +77,7 @@ pub(super) fn open_mirror(
 ) -> Result<(Arc<Mirror>, Generation), VolumeErrorKind> {
     let cl = &c.cluster;
     let wait = c.lease_ttl + Duration::from_secs(2);
-    let generation = cl.acquire_attach(&record.id, &record.name, wait)?;
+    let generation = take_attach(c, record, wait)?;
     let opened = cl
         .mark_unreleased(&record.id, generation)
         .map_err(VolumeErrorKind::from)
@@ -127,6 +154,113 @@ fn mirror_for(
         c.replicas.close(&record.id);
     }
     Ok(mirror?)
+}
+
+/// How long a background resync waits on a replica that does not answer
+/// before it gives up (the next attach resyncs that replica).
+const RESYNC_UNREACHABLE: Duration = Duration::from_secs(60);
+/// How often a background resync looks at its mirror.
+const RESYNC_POLL: Duration = Duration::from_millis(200);
+
+/// Resync the replicas of a volume attached nowhere that are not in sync,
+/// in the background on this node, so that its redundancy comes back
+/// without waiting for an attach (DRBD resyncs secondaries too). The job
+/// holds the attach as a resync, which any attach, snapshot, restore or
+/// replica change stops first ([`take_attach`]); it ends when every
+/// replica is in sync, or when one stays unreachable. Ok(false): nothing
+/// to do, or one runs here already.
+pub fn start_resync(c: &Arc<ClusterNode>, record: VolumeRecord) -> Result<bool, VolumeErrorKind> {
+    let _one = c.resync_start.lock();
+    if c.resyncing(&record.id) {
+        return Ok(false);
+    }
+    let states = c.cluster.replica_states(&record.id)?;
+    let behind = record
+        .replicas
+        .iter()
+        .any(|n| states.get(n) != Some(&ReplicaState::InSync));
+    if !behind {
+        return Ok(false);
+    }
+    let cl = &c.cluster;
+    let generation = cl.acquire_attach_for_resync(&record.id, &record.name)?;
+    let opened = cl
+        .mark_unreleased(&record.id, generation)
+        .map_err(VolumeErrorKind::from)
+        .and_then(|verify| mirror_for(c, &record, generation, verify));
+    let mirror = match opened {
+        Ok(m) => m,
+        Err(e) => {
+            if let Err(r) = cl.release_attach(&record.id, generation) {
+                tracing::warn!(volume = %record.name, error = %r, "could not give the attach lease back; it expires with this node's lease");
+            }
+            return Err(e);
+        }
+    };
+    c.track(&record.id, &mirror);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let job = {
+        let (c, stop, mirror) = (c.clone(), stop.clone(), mirror.clone());
+        let record = record.clone();
+        std::thread::Builder::new()
+            .name(format!("resync-{}", record.name))
+            .spawn(move || run_resync(&c, &record, &mirror, generation, &stop))
+    };
+    let thread = match job {
+        Ok(t) => t,
+        Err(e) => {
+            close_mirror(c, &record.id, &record.name, &mirror, generation);
+            return Err(ReplicationError::Io {
+                op: "spawn the background resync of",
+                path: record.name.clone().into(),
+                source: e,
+            }
+            .into());
+        }
+    };
+    c.add_resync(&record.id, crate::config::ResyncJob { stop, thread });
+    tracing::info!(volume = %record.name, generation, "background resync started (the volume is attached nowhere)");
+    Ok(true)
+}
+
+fn run_resync(
+    c: &ClusterNode,
+    record: &VolumeRecord,
+    mirror: &Mirror,
+    generation: Generation,
+    stop: &std::sync::atomic::AtomicBool,
+) {
+    let mut unreachable_since: Option<std::time::Instant> = None;
+    loop {
+        if stop.load(std::sync::atomic::Ordering::SeqCst) {
+            tracing::info!(volume = %record.name, "background resync stopped: the volume is wanted");
+            break;
+        }
+        if mirror.is_fenced() {
+            break;
+        }
+        let status = mirror.status();
+        let verified = mirror.verification().map_or(true, |v| v.finished);
+        if verified
+            && status
+                .iter()
+                .all(|s| s.state == ReplicaState::InSync && s.connected)
+        {
+            tracing::info!(volume = %record.name, "background resync done: every replica in sync");
+            break;
+        }
+        if status.iter().any(|s| !s.connected) {
+            let since = *unreachable_since.get_or_insert_with(std::time::Instant::now);
+            if since.elapsed() > RESYNC_UNREACHABLE {
+                tracing::warn!(volume = %record.name, "background resync gives up on an unreachable replica: the next attach resyncs it");
+                break;
+            }
+        } else {
+            unreachable_since = None;
+        }
+        std::thread::sleep(RESYNC_POLL);
+    }
+    close_mirror(c, &record.id, &record.name, mirror, generation);
 }
 
 /// The export has stopped and the mirror is flushed (or failed): close it
@@ -206,7 +340,7 @@ pub(super) fn restore(
     name: &str,
 ) -> Result<(), VolumeErrorKind> {
     let cl = &c.cluster;
-    if let Some((holder, _)) = cl.attach_holder(&record.id)? {
+    if let Some((holder, _)) = cl.attach_owner(&record.id)? {
         return Err(crate::cluster::ClusterError::HeldBy {
             volume: record.name.clone(),
             node: holder,
@@ -222,7 +356,7 @@ pub(super) fn restore(
         .into());
     };
     let members = check_replicas(c, record, "restore", name, Some(snap))?;
-    let generation = cl.acquire_attach(&record.id, &record.name, Duration::ZERO)?;
+    let generation = take_attach(c, record, Duration::ZERO)?;
     let res = restore_replicas(c, record, name, generation, &members);
     // Every in-sync replica now holds the snapshot's contents: nothing
     // an earlier unreleased attach left is left to compare.
@@ -306,12 +440,19 @@ fn restore_replicas(
 /// other nodes are deleted by those nodes (they drop replicas of volumes
 /// the catalog no longer has).
 pub(super) fn remove(c: &ClusterNode, record: &VolumeRecord) -> Result<(), VolumeErrorKind> {
-    if let Some((holder, _)) = c.cluster.attach_holder(&record.id)? {
-        return Err(crate::cluster::ClusterError::HeldBy {
-            volume: record.name.clone(),
-            node: holder,
+    if let Some(h) = c.cluster.attach_holder(&record.id)? {
+        if !h.resync {
+            return Err(ClusterError::HeldBy {
+                volume: record.name.clone(),
+                node: h.node,
+            }
+            .into());
         }
-        .into());
+        // A background resync gives way: hold the attach while removing.
+        let generation = take_attach(c, record, Duration::ZERO)?;
+        if let Err(e) = c.cluster.release_attach(&record.id, generation) {
+            tracing::warn!(volume = %record.name, error = %e, "could not give the attach lease back; it expires with this node's lease");
+        }
     }
     // Clones read the blocks they share from this volume's replicas.
     let clones: Vec<String> = c
@@ -347,6 +488,10 @@ pub(super) fn remove(c: &ClusterNode, record: &VolumeRecord) -> Result<(), Volum
 pub struct ClusterView {
     pub attached_on: Option<String>,
     pub generation: Option<Generation>,
+    /// The node resyncing the volume in the background while it is
+    /// attached nowhere.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resync_on: Option<String>,
     pub replicas: Vec<ReplicaView>,
     /// The comparison of the replicas after an attach that ended
     /// unreleased (on the attached node, while this attach runs one).
@@ -400,18 +545,35 @@ impl Handler<QueryCluster> for VolumeActor {
             return Ok(Some(ClusterView {
                 attached_on: Some(c.cluster.node().to_string()),
                 generation: Some(*generation),
+                resync_on: None,
                 replicas: mirror.status().into_iter().map(Into::into).collect(),
                 verification: mirror.verification(),
             }));
         }
         let holder = c.cluster.attach_holder(&self.id).map_err(|e| self.err(e))?;
+        let (owner, resync_on) = match holder {
+            Some(h) if h.resync => (None, Some(h.node)),
+            Some(h) => (Some((h.node, h.generation)), None),
+            None => (None, None),
+        };
+        // A background resync here: its mirror knows the progress.
+        if let Some(mirror) = c.mirror(&self.id).filter(|_| c.resyncing(&self.id)) {
+            return Ok(Some(ClusterView {
+                attached_on: None,
+                generation: None,
+                resync_on,
+                replicas: mirror.status().into_iter().map(Into::into).collect(),
+                verification: mirror.verification(),
+            }));
+        }
         let states = c
             .cluster
             .replica_states(&self.id)
             .map_err(|e| self.err(e))?;
         Ok(Some(ClusterView {
-            attached_on: holder.as_ref().map(|(n, _)| n.clone()),
-            generation: holder.map(|(_, g)| g),
+            attached_on: owner.as_ref().map(|(n, _)| n.clone()),
+            generation: owner.map(|(_, g)| g),
+            resync_on,
             replicas: record
                 .replicas
                 .iter()
@@ -426,6 +588,39 @@ impl Handler<QueryCluster> for VolumeActor {
                 .collect(),
             verification: None,
         }))
+    }
+}
+
+/// Start a background resync if the volume is attached nowhere and a
+/// replica is behind (`dunnage volume resync`); false if none started.
+#[derive(Message)]
+#[rtype(result = "Result<bool, VolumeError>")]
+pub struct StartResync;
+
+impl Handler<StartResync> for VolumeActor {
+    type Result = Result<bool, VolumeError>;
+    fn handle(&mut self, _: StartResync, _: &mut SyncContext<Self>) -> Self::Result {
+        let Some(c) = self.node.cluster.clone() else {
+            return Err(self.err(VolumeErrorKind::NotClustered("a resync")));
+        };
+        let record = self.record()?;
+        // Attached: its mirror resyncs already.
+        if self.attached.is_some()
+            || c.cluster
+                .attach_owner(&self.id)
+                .map_err(|e| self.err(e))?
+                .is_some()
+        {
+            return Ok(false);
+        }
+        match start_resync(&c, record) {
+            Err(VolumeErrorKind::Cluster(e))
+                if matches!(*e, ClusterError::HeldForResync { .. }) =>
+            {
+                Ok(false)
+            }
+            other => other.map_err(|e| self.err(e)),
+        }
     }
 }
 

@@ -103,7 +103,7 @@ impl VolumeActor {
         {
             return f(mirror, *generation).map_err(|e| self.err(e));
         }
-        if let Some((node, _)) = c.cluster.attach_holder(&self.id).map_err(|e| self.err(e))? {
+        if let Some((node, _)) = c.cluster.attach_owner(&self.id).map_err(|e| self.err(e))? {
             return Err(self.err(VolumeErrorKind::SnapshotsOnHolder(node)));
         }
         // What the mirror would refuse, refused before opening one (which
