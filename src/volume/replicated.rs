@@ -52,19 +52,30 @@ pub(super) fn take_attach(
     record: &VolumeRecord,
     wait: Duration,
 ) -> Result<Generation, VolumeErrorKind> {
-    let mut asked = 0;
+    // A resync whose node cannot be asked (cut off) goes with its lease.
+    let deadline = std::time::Instant::now() + wait.max(c.lease_ttl + Duration::from_secs(2));
     loop {
-        match c.cluster.acquire_attach(&record.id, &record.name, wait) {
-            Err(ClusterError::HeldForResync { node, .. }) if asked < 3 => {
-                asked += 1;
-                tracing::info!(volume = %record.name, node, "stopping the background resync that holds the volume");
-                if node == c.cluster.node() {
-                    c.stop_resync(&record.id);
-                } else {
-                    super::forward::forward_to(c, record, &node, HolderOp::StopResync)?;
-                }
+        let node = match c.cluster.acquire_attach(&record.id, &record.name, wait) {
+            Err(ClusterError::HeldForResync { node, .. })
+                if std::time::Instant::now() < deadline =>
+            {
+                node
             }
             other => return Ok(other?),
+        };
+        tracing::info!(volume = %record.name, node, "stopping the background resync that holds the volume");
+        let asked = if node == c.cluster.node() {
+            c.stop_resync(&record.id);
+            Ok(())
+        } else {
+            super::forward::forward_to(c, record, &node, HolderOp::StopResync).map(drop)
+        };
+        if let Err(e) = asked {
+            if std::time::Instant::now() >= deadline {
+                return Err(e);
+            }
+            tracing::warn!(volume = %record.name, node, error = %e, "cannot ask the resync to stop; retrying until its lease expires");
+            std::thread::sleep(Duration::from_secs(1));
         }
     }
 }
