@@ -26,16 +26,18 @@ pub enum NodeCmd {
 #[derive(Debug, Subcommand)]
 pub enum ReplicaCmd {
     /// Add a replica of a volume on another node (LINSTOR's `resource
-    /// create`, Portworx's `ha-update`). It is resynced in the background
-    /// while the volume stays in use, or at its next attach if it is
-    /// attached nowhere. Run it on the attached node if it is attached.
+    /// create`, Portworx's `ha-update`), from any node. It is resynced in
+    /// the background: by the attached node's mirror while the volume stays
+    /// in use, or, if it is attached nowhere, by this node until an attach
+    /// takes over.
     Add {
+        /// The volume (a replicated one, in a cluster).
         volume: String,
         /// The node to hold it; by default placement picks a live node
         /// without one, honouring the volume's group and fg.
         node: Option<String>,
-        /// Wait until the new replica is in sync, with a progress bar
-        /// (the volume must be attached on this node).
+        /// Wait until every replica is in sync, with a progress bar (bytes
+        /// on the node doing the resync, replica states elsewhere).
         #[arg(long)]
         wait: bool,
         /// Give up waiting after this many seconds.
@@ -46,10 +48,18 @@ pub enum ReplicaCmd {
     /// one, let it resync, remove the old), or to drop one whose node is
     /// gone for good. Refused while no other replica is in sync on a live
     /// node. The node deletes its replica's files at its next sweep.
-    Rm { volume: String, node: String },
+    Rm {
+        /// The volume.
+        volume: String,
+        /// The node whose replica goes (it may be down).
+        node: String,
+    },
     /// Print the sha256 of this node's replica of a volume (compare nodes
     /// after a resync; run while the volume is detached or idle).
-    Checksum { volume: String },
+    Checksum {
+        /// The volume.
+        volume: String,
+    },
 }
 
 pub fn node(run_dir: &Path, cmd: NodeCmd) -> Result<()> {
