@@ -143,6 +143,18 @@ impl ClusterNode {
             job.stop.store(true, std::sync::atomic::Ordering::SeqCst);
             let _ = job.thread.join();
         }
+        // A job whose release failed left its record: no lease expiry
+        // takes it while this node lives.
+        match self.cluster.drop_stale_resync_attach(volume_id) {
+            Ok(true) => tracing::info!(
+                volume_id,
+                "dropped a background resync's attach left behind"
+            ),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(volume_id, error = %e, "cannot drop a background resync's attach left behind")
+            }
+        }
     }
 
     /// Who runs requests other nodes forward here (see `volume::forward`).

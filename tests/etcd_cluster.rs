@@ -636,7 +636,10 @@ fn a_resync_holds_the_attach_until_anything_else_wants_it() {
     for (who, n) in [(&a, "a"), (&b, "b")] {
         match who.acquire_attach(&vid, "v", Duration::from_secs(1)) {
             Err(e @ ClusterError::HeldForResync { .. }) => {
-                assert!(e.to_string().contains("resynced by node a"), "{n}: {e}")
+                assert!(
+                    e.to_string().contains("background resync on node a"),
+                    "{n}: {e}"
+                )
             }
             other => panic!("{n} took a volume a resyncs: {other:?}"),
         }
@@ -647,6 +650,11 @@ fn a_resync_holds_the_attach_until_anything_else_wants_it() {
         Err(ClusterError::HeldForResync { .. })
     ));
     assert_eq!(a.acquire_attach_for_resync(&vid, "v").unwrap(), g1);
+    // One left behind (its release failed) is dropped by its node only.
+    assert!(!b.drop_stale_resync_attach(&vid).unwrap());
+    assert!(a.drop_stale_resync_attach(&vid).unwrap());
+    assert_eq!(b.attach_holder(&vid).unwrap(), None);
+    let g1 = a.acquire_attach_for_resync(&vid, "v").unwrap();
     a.release_attach(&vid, g1).unwrap();
 
     // An attach is never taken over by a resync.
@@ -660,6 +668,9 @@ fn a_resync_holds_the_attach_until_anything_else_wants_it() {
         a.acquire_attach_for_resync(&vid, "v"),
         Err(ClusterError::HeldBy { .. })
     ));
+    assert_eq!(a.attach_owner(&vid).unwrap(), Some(("b".into(), g2)));
+    // Never an attach.
+    assert!(!b.drop_stale_resync_attach(&vid).unwrap());
     assert_eq!(a.attach_owner(&vid).unwrap(), Some(("b".into(), g2)));
     b.release_attach(&vid, g2).unwrap();
 }

@@ -113,7 +113,7 @@ pub enum ClusterError {
     #[error("volume {volume} is attached on node {node}; detach it there first (stop the containers using it), or, if {node} is down, retry once its etcd lease has expired")]
     HeldBy { volume: String, node: String },
     /// Held by a background resync, which stops when asked.
-    #[error("volume {volume} is being resynced by node {node} (attached nowhere); that resync stops when the volume is attached")]
+    #[error("volume {volume} is held by a background resync on node {node} (it is attached nowhere), which did not give way when asked; retry, and if it persists, restart dunnage serve on {node}")]
     HeldForResync { volume: String, node: String },
     #[error("fenced: volume {volume} is no longer attached with generation {generation} (another node has taken it over); this node must stop writing to it")]
     Fenced {
@@ -949,6 +949,29 @@ impl Cluster {
             })
         })
         .transpose()
+    }
+
+    /// Delete a resync attach of this node that no resync job holds any
+    /// more (its release failed, and this node's lease lives on). Only that
+    /// record, at that revision: never an attach. Whether one was deleted.
+    pub fn drop_stale_resync_attach(&self, volume_id: &str) -> Result<bool, ClusterError> {
+        let key = attach_key(volume_id);
+        let k = key.clone();
+        let Some(kv) = self.run(|s| async move { s.get(&k).await })? else {
+            return Ok(false);
+        };
+        let r: AttachRecord = parse(&kv)?;
+        if r.node != self.shared.node || !r.resync {
+            return Ok(false);
+        }
+        let txn = Txn::new()
+            .when([Compare::mod_revision(
+                key.as_str(),
+                CompareOp::Equal,
+                kv.mod_revision(),
+            )])
+            .and_then([TxnOp::delete(key.as_str(), None)]);
+        self.run(move |s| async move { Ok(s.txn(txn).await?.succeeded()) })
     }
 
     /// The node the volume is attached on, and its generation: `None`

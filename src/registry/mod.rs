@@ -88,7 +88,11 @@ impl RegistryError {
                     409
                 }
                 volume::VolumeErrorKind::Cluster(ref c)
-                    if matches!(**c, crate::cluster::ClusterError::HeldBy { .. }) =>
+                    if matches!(
+                        **c,
+                        crate::cluster::ClusterError::HeldBy { .. }
+                            | crate::cluster::ClusterError::HeldForResync { .. }
+                    ) =>
                 {
                     409
                 }

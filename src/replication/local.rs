@@ -469,33 +469,39 @@ impl LocalReplicas {
 
     /// Delete the replica's snapshots that `listed` does not name: those a
     /// crash left between the replicas' take and etcd's record. `listed`
-    /// runs with the replica closed and no one able to open it (so no take
-    /// runs here meanwhile); it answers `None` to keep everything (the
-    /// volume is attached somewhere: a take may be on its way to its
-    /// record). Busy while the replica is open. Returns what was deleted.
+    /// answers `None` to keep everything (the volume is attached somewhere:
+    /// a take may be on its way to its record). It is asked once freely,
+    /// and, if that finds orphans, again with the replica closed and no one
+    /// able to open it (so no take runs here meanwhile); only then does
+    /// anything go. Busy while the replica is open. Returns what went.
     pub fn drop_orphan_snapshots<E: std::fmt::Display>(
         &self,
         volume_id: &str,
-        listed: impl FnOnce() -> Result<Option<std::collections::HashSet<String>>, E>,
+        listed: impl Fn() -> Result<Option<std::collections::HashSet<String>>, E>,
     ) -> Result<Vec<String>, ReplicationError> {
         let dir = self.dir(volume_id)?;
-        if ThinImage::snapshot_names(&dir)?.is_empty() {
+        let orphans = || -> Result<Vec<String>, ReplicationError> {
+            let names = ThinImage::snapshot_names(&dir)?;
+            if names.is_empty() {
+                return Ok(names);
+            }
+            let keep = match listed() {
+                Ok(Some(keep)) => keep,
+                Ok(None) => return Ok(Vec::new()),
+                Err(e) => {
+                    return Err(ReplicationError::Config(format!(
+                        "cannot list the snapshots of volume {volume_id}: {e}"
+                    )))
+                }
+            };
+            Ok(names.into_iter().filter(|n| !keep.contains(n)).collect())
+        };
+        // The lock of every replica of this node: only held when needed.
+        if orphans()?.is_empty() {
             return Ok(Vec::new());
         }
         let _open = self.closed_slot(volume_id)?;
-        let keep = match listed() {
-            Ok(Some(keep)) => keep,
-            Ok(None) => return Ok(Vec::new()),
-            Err(e) => {
-                return Err(ReplicationError::Config(format!(
-                    "cannot list the snapshots of volume {volume_id}: {e}"
-                )))
-            }
-        };
-        let orphans: Vec<String> = ThinImage::snapshot_names(&dir)?
-            .into_iter()
-            .filter(|n| !keep.contains(n))
-            .collect();
+        let orphans = orphans()?;
         if orphans.is_empty() || !dir.join(HEADER_FILE).exists() {
             return Ok(Vec::new());
         }

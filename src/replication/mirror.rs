@@ -547,6 +547,12 @@ impl Mirror {
         };
         let mut workers = self.workers.lock();
         inner.check_open().map_err(ReplicationError::Engine)?;
+        // No write in flight while the others are checked and the set
+        // changes: one routed before could still fail on every other
+        // replica and be acknowledged by this one alone.
+        let (s, e) = unit_span(0, inner.size);
+        let all = inner.ranges.lock(s, e);
+        inner.check_open().map_err(ReplicationError::Engine)?;
         let set = inner.set();
         let Some(r) = set.iter().find(|r| r.node == node).cloned() else {
             return Err(ReplicationError::NotFound(inner.volume.clone()));
@@ -579,6 +585,11 @@ impl Mirror {
                 .collect();
             *replicas = next.into();
         }
+        // Its thread may wait on a range lock, or on its link: free both.
+        drop(all);
+        if let Some(link) = r.cell.lock().link.take() {
+            link.kill();
+        }
         r.wake();
         r.settled.notify_all();
         if let Some(at) = workers
@@ -587,9 +598,6 @@ impl Mirror {
         {
             let (_, t) = workers.swap_remove(at);
             let _ = t.join();
-        }
-        if let Some(link) = r.cell.lock().link.take() {
-            link.kill();
         }
         tracing::info!(volume = %inner.volume, node, "replica removed");
         Ok(())

@@ -138,7 +138,21 @@ impl VolumeActor {
             return self.forwarded_reply(&holder, &reply);
         }
         let members = c.cluster.members().map_err(|e| self.err(e))?;
-        let node = if add {
+        let running = match self.attached.as_ref().map(|a| &a.engine) {
+            Some(Backing::Mirror { mirror, .. }) => Some(mirror.clone()),
+            _ => None,
+        };
+        // Listed in etcd but not in the running mirror: an add that stopped
+        // after its record. Asked again, it is finished.
+        let unfinished = asked.clone().filter(|n| {
+            add && record.replicas.contains(n)
+                && running
+                    .as_ref()
+                    .is_some_and(|m| m.status().iter().all(|s| &s.node != n))
+        });
+        let node = if let Some(n) = unfinished.clone() {
+            n
+        } else if add {
             if record.clone_of.is_some() {
                 return Err(self.err(refused(format!(
                     "it is a clone, whose replicas share blocks with its parent's replicas on {}; a replica elsewhere is not supported",
@@ -183,11 +197,13 @@ impl VolumeActor {
                     NewReplica::Remote(m.addr)
                 };
                 // Listed (Outdated) before any write reaches it.
-                c.cluster
-                    .change_replicas(&record.name, &record.id, generation, change)
-                    .map_err(|e| self.err(e))?;
+                if unfinished.is_none() {
+                    c.cluster
+                        .change_replicas(&record.name, &record.id, generation, change)
+                        .map_err(|e| self.err(e))?;
+                }
                 mirror.add_replica(&node, at).map_err(|e| {
-                    tracing::warn!(volume = %record.name, node, error = %e, "replica recorded but not added to the running mirror: the next attach resyncs it");
+                    tracing::warn!(volume = %record.name, node, error = %e, "replica recorded but not added to the running mirror: run the same replica add again, or the next attach resyncs it");
                     self.err(e)
                 })?;
             } else {
@@ -204,18 +220,21 @@ impl VolumeActor {
             if let Some((holder, _)) = c.cluster.attach_owner(&self.id).map_err(|e| self.err(e))? {
                 return Err(self.err(VolumeErrorKind::ReplicasOnHolder(holder)));
             }
-            if !add {
-                check_remove(&c, &record, &members, &node).map_err(|e| self.err(e))?;
-            }
             let generation =
                 replicated::take_attach(&c, &record, Duration::ZERO).map_err(|e| self.err(e))?;
-            let changed = c
-                .cluster
-                .change_replicas(&record.name, &record.id, generation, change);
+            // States change only under an attach: checked once this one holds it.
+            let checked = if add {
+                Ok(())
+            } else {
+                check_remove(&c, &record, &members, &node)
+            };
+            let changed = checked.and_then(|()| {
+                c.cluster
+                    .change_replicas(&record.name, &record.id, generation, change)
+                    .map_err(VolumeErrorKind::from)
+            });
             // No IO ran: an unreleased mark of an earlier attach stays.
-            if let Err(e) = c.cluster.release_attach_unverified(&record.id, generation) {
-                tracing::warn!(volume = %record.name, error = %e, "could not give the attach lease back; it expires with this node's lease");
-            }
+            replicated::give_back(&c, &record.id, &record.name, generation, false);
             let changed = changed.map_err(|e| self.err(e))?;
             // Redundancy comes back now, not at the next attach.
             if let Err(e) = replicated::start_resync(&c, changed) {

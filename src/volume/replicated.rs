@@ -70,12 +70,14 @@ pub(super) fn take_attach(
         } else {
             super::forward::forward_to(c, record, &node, HolderOp::StopResync).map(drop)
         };
-        if let Err(e) = asked {
-            if std::time::Instant::now() >= deadline {
-                return Err(e);
+        match asked {
+            Err(e) if std::time::Instant::now() >= deadline => return Err(e),
+            Err(e) => {
+                tracing::warn!(volume = %record.name, node, error = %e, "cannot ask the resync to stop; retrying until its lease expires");
+                std::thread::sleep(Duration::from_secs(1));
             }
-            tracing::warn!(volume = %record.name, node, error = %e, "cannot ask the resync to stop; retrying until its lease expires");
-            std::thread::sleep(Duration::from_secs(1));
+            // Stopped: its release reaches etcd before the retry.
+            Ok(()) => std::thread::sleep(Duration::from_millis(100)),
         }
     }
 }
@@ -100,9 +102,7 @@ pub(super) fn open_mirror(
             Ok((m, generation))
         }
         Err(e) => {
-            if let Err(r) = cl.release_attach(&record.id, generation) {
-                tracing::warn!(volume = %record.name, error = %r, "could not give the attach lease back; it expires with this node's lease");
-            }
+            give_back(c, &record.id, &record.name, generation, true);
             Err(e)
         }
     }
@@ -202,9 +202,7 @@ pub fn start_resync(c: &Arc<ClusterNode>, record: VolumeRecord) -> Result<bool, 
     let mirror = match opened {
         Ok(m) => m,
         Err(e) => {
-            if let Err(r) = cl.release_attach(&record.id, generation) {
-                tracing::warn!(volume = %record.name, error = %r, "could not give the attach lease back; it expires with this node's lease");
-            }
+            give_back(c, &record.id, &record.name, generation, true);
             return Err(e);
         }
     };
@@ -274,6 +272,26 @@ fn run_resync(
     close_mirror(c, &record.id, &record.name, mirror, generation);
 }
 
+/// Give the attach at `generation` back; `verified`: with the mark that
+/// it was unreleased (else the next attach compares the replicas). A
+/// failure is only logged: the attach expires with this node's lease.
+pub(super) fn give_back(
+    c: &ClusterNode,
+    volume_id: &str,
+    volume: &str,
+    generation: Generation,
+    verified: bool,
+) {
+    let released = if verified {
+        c.cluster.release_attach(volume_id, generation)
+    } else {
+        c.cluster.release_attach_unverified(volume_id, generation)
+    };
+    if let Err(e) = released {
+        tracing::warn!(volume, error = %e, "could not give the attach lease back; it expires with this node's lease");
+    }
+}
+
 /// The export has stopped and the mirror is flushed (or failed): close it
 /// and give the attach lease back.
 pub(super) fn close_mirror(
@@ -287,18 +305,14 @@ pub(super) fn close_mirror(
     c.untrack(volume_id);
     c.replicas.close(volume_id);
     // A comparison cut short is the next attach's to do again.
-    let released = if mirror.verification().is_some_and(|v| !v.finished) {
+    let verified = !mirror.verification().is_some_and(|v| !v.finished);
+    if !verified {
         tracing::warn!(
             volume,
             "detached before the replicas were compared; the next attach compares them"
         );
-        c.cluster.release_attach_unverified(volume_id, generation)
-    } else {
-        c.cluster.release_attach(volume_id, generation)
-    };
-    if let Err(e) = released {
-        tracing::warn!(volume, error = %e, "could not give the attach lease back; it expires with this node's lease");
     }
+    give_back(c, volume_id, volume, generation, verified);
 }
 
 /// Refuse a snapshot operation (`op`: take, delete, restore) up front,
@@ -371,9 +385,7 @@ pub(super) fn restore(
     let res = restore_replicas(c, record, name, generation, &members);
     // Every in-sync replica now holds the snapshot's contents: nothing
     // an earlier unreleased attach left is left to compare.
-    if let Err(e) = cl.release_attach(&record.id, generation) {
-        tracing::warn!(volume = %record.name, error = %e, "could not give the attach lease back; it expires with this node's lease");
-    }
+    give_back(c, &record.id, &record.name, generation, true);
     res
 }
 
@@ -461,9 +473,7 @@ pub(super) fn remove(c: &ClusterNode, record: &VolumeRecord) -> Result<(), Volum
         }
         // A background resync gives way: hold the attach while removing.
         let generation = take_attach(c, record, Duration::ZERO)?;
-        if let Err(e) = c.cluster.release_attach(&record.id, generation) {
-            tracing::warn!(volume = %record.name, error = %e, "could not give the attach lease back; it expires with this node's lease");
-        }
+        give_back(c, &record.id, &record.name, generation, true);
     }
     // Clones read the blocks they share from this volume's replicas.
     let clones: Vec<String> = c
