@@ -180,6 +180,18 @@ fn config(
     }
 }
 
+/// `a` attached with its own replica, `b` its in-sync peer.
+fn config_a_b(nodes: &[Node], generation: Generation, states: Arc<FakeStates>) -> MirrorConfig {
+    config(
+        "a",
+        generation,
+        Some(nodes[0].local()),
+        ReplicaState::InSync,
+        vec![nodes[1].peer(ReplicaState::InSync)],
+        states,
+    )
+}
+
 /// `a` attached with its own replica, `b` and `c` its in-sync peers.
 fn config_a_bc(nodes: &[Node], generation: Generation, states: Arc<FakeStates>) -> MirrorConfig {
     config(
@@ -366,15 +378,7 @@ fn peer_down_mid_writes_is_outdated_then_resynced() {
 fn resync_sends_only_what_the_peer_missed() {
     let mut nodes: Vec<Node> = ["a", "b"].iter().map(|n| Node::new(n)).collect();
     let states = FakeStates::new();
-    let m = Mirror::open(config(
-        "a",
-        1,
-        Some(nodes[0].local()),
-        ReplicaState::InSync,
-        vec![nodes[1].peer(ReplicaState::InSync)],
-        states.clone(),
-    ))
-    .unwrap();
+    let m = Mirror::open(config_a_b(&nodes, 1, states.clone())).unwrap();
     // Data before the outage, flushed.
     write_blocks(&*m, 0, 0..2048);
     m.flush().unwrap();
@@ -648,15 +652,7 @@ fn a_state_store_that_cannot_record_fails_the_write() {
     for fail in [Fail::Fenced, Fail::Unavailable] {
         let mut nodes: Vec<Node> = ["a", "b"].iter().map(|n| Node::new(n)).collect();
         let states = FakeStates::new();
-        let m = Mirror::open(config(
-            "a",
-            1,
-            Some(nodes[0].local()),
-            ReplicaState::InSync,
-            vec![nodes[1].peer(ReplicaState::InSync)],
-            states.clone(),
-        ))
-        .unwrap();
+        let m = Mirror::open(config_a_b(&nodes, 1, states.clone())).unwrap();
         m.write_at(&pattern(1, 4096), 0).unwrap();
         m.flush().unwrap();
 
@@ -1110,15 +1106,7 @@ fn replicas_are_restored_to_a_snapshot_only_while_closed_and_current() {
 fn replicas_are_added_and_removed_while_writes_go_on() {
     let nodes: Vec<Node> = ["a", "b", "c"].iter().map(|n| Node::new(n)).collect();
     let states = FakeStates::new();
-    let m = Mirror::open(config(
-        "a",
-        1,
-        Some(nodes[0].local()),
-        ReplicaState::InSync,
-        vec![nodes[1].peer(ReplicaState::InSync)],
-        states.clone(),
-    ))
-    .unwrap();
+    let m = Mirror::open(config_a_b(&nodes, 1, states.clone())).unwrap();
     // Something for the new replica to copy.
     write_blocks(&*m, 0, 0..2048);
 

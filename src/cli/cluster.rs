@@ -144,6 +144,17 @@ fn resync_left(v: &VolumeInfo) -> Result<(u64, u64, usize)> {
     Ok((done, total, behind))
 }
 
+/// `n1=in-sync, n2=outdated`, for errors.
+fn replica_states(v: &VolumeInfo) -> String {
+    let states: Vec<String> = v
+        .cluster
+        .iter()
+        .flat_map(|c| c.replicas.iter())
+        .map(|r| format!("{}={}", r.node, r.state))
+        .collect();
+    states.join(", ")
+}
+
 /// Wait until every replica of `name` is in sync, with a progress bar.
 pub fn resync(run_dir: &Path, name: String, timeout: u64) -> Result<()> {
     let client = Client::new(run_dir);
@@ -176,15 +187,10 @@ pub fn resync(run_dir: &Path, name: String, timeout: u64) -> Result<()> {
             }
             None => {
                 bar.abandon();
-                let states: Vec<String> = c
-                    .iter()
-                    .flat_map(|c| c.replicas.iter())
-                    .map(|r| format!("{}={}", r.node, r.state))
-                    .collect();
                 bail!(
                     "volume {name}: the background resync on node {} ended with replicas behind ({}); a replica whose node is down is resynced when it is back and the volume is attached or resynced again",
                     v.node,
-                    states.join(", ")
+                    replica_states(&v)
                 );
             }
             // Its mirror knows the bytes; here only the states are known.
@@ -199,16 +205,10 @@ pub fn resync(run_dir: &Path, name: String, timeout: u64) -> Result<()> {
         bar.set_position(done);
         if Instant::now() >= deadline {
             bar.abandon();
-            let states: Vec<String> = v
-                .cluster
-                .iter()
-                .flat_map(|c| c.replicas.iter())
-                .map(|r| format!("{}={}", r.node, r.state))
-                .collect();
             bail!(
                 "volume {name} on node {}: replicas not in sync after {timeout} s ({}); a replica that is down resyncs when its node is back",
                 v.node,
-                states.join(", ")
+                replica_states(&v)
             );
         }
         std::thread::sleep(Duration::from_millis(200));
