@@ -232,6 +232,32 @@ fn read_vec(e: &dyn BlockEngine, offset: u64, len: usize) -> Vec<u8> {
     buf
 }
 
+/// Until `stop`: write 4 KiB block k (of pattern `seed + k`) at block
+/// `k * stride` wrapping over the device, flushing every 64, counting them
+/// in `written`. Every write and flush must succeed (`what`: meanwhile).
+fn write_until(
+    e: &dyn BlockEngine,
+    stop: &AtomicBool,
+    written: &AtomicU64,
+    stride: u64,
+    seed: u64,
+    what: &str,
+) {
+    let blocks = PARAMS.size / BLOCK;
+    let mut k = 0u64;
+    while !stop.load(Ordering::SeqCst) {
+        let block = (k * stride) % blocks;
+        e.write_at(&pattern(seed + k, BLOCK as usize), block * BLOCK)
+            .unwrap_or_else(|err| panic!("write {k} {what}: {err}"));
+        if k % 64 == 63 {
+            e.flush()
+                .unwrap_or_else(|err| panic!("flush after write {k} {what}: {err}"));
+        }
+        k += 1;
+        written.store(k, Ordering::SeqCst);
+    }
+}
+
 /// Write distinct 4 KiB blocks `blocks` (block k holds pattern(seed + k)).
 fn write_blocks(e: &dyn BlockEngine, seed: u64, blocks: impl Iterator<Item = u64>) -> u64 {
     let mut n = 0;
@@ -318,21 +344,7 @@ fn peer_down_mid_writes_is_outdated_then_resynced() {
     let written = AtomicU64::new(0);
     let stop = AtomicBool::new(false);
     std::thread::scope(|s| {
-        let writer = s.spawn(|| {
-            let mut k = 0u64;
-            let blocks = PARAMS.size / BLOCK;
-            while !stop.load(Ordering::SeqCst) {
-                // Distinct blocks, wrapping over the device.
-                let block = (k * 7) % blocks;
-                m.write_at(&pattern(k, BLOCK as usize), block * BLOCK)
-                    .expect("writes go on while a peer is down");
-                if k % 64 == 63 {
-                    m.flush().expect("flush goes on while a peer is down");
-                }
-                k += 1;
-                written.store(k, Ordering::SeqCst);
-            }
-        });
+        let writer = s.spawn(|| write_until(&*m, &stop, &written, 7, 0, "while a peer is down"));
         let at = |n: u64| {
             wait_until(&format!("{n} writes"), || {
                 written.load(Ordering::SeqCst) >= n
@@ -1114,18 +1126,14 @@ fn replicas_are_added_and_removed_while_writes_go_on() {
     let stop = AtomicBool::new(false);
     std::thread::scope(|s| {
         s.spawn(|| {
-            let blocks = PARAMS.size / BLOCK;
-            let mut k = 0u64;
-            while !stop.load(Ordering::SeqCst) {
-                let block = (k * 13) % blocks;
-                m.write_at(&pattern(1 << 20 | k, BLOCK as usize), block * BLOCK)
-                    .expect("writes go on while replicas come and go");
-                if k % 64 == 63 {
-                    m.flush().expect("flushes go on while replicas come and go");
-                }
-                k += 1;
-                written.store(k, Ordering::SeqCst);
-            }
+            write_until(
+                &*m,
+                &stop,
+                &written,
+                13,
+                1 << 20,
+                "while replicas come and go",
+            )
         });
         let more = |n: u64| {
             let target = written.load(Ordering::SeqCst) + n;
