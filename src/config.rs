@@ -36,6 +36,8 @@ pub struct ClusterNode {
     pub replica_timeout: std::time::Duration,
     /// Bytes per second a resync or verification may move, per replica.
     pub resync_rate: Option<u64>,
+    /// How often the sweep runs (`registry::cluster::sweep`).
+    pub sweep_every: std::time::Duration,
     /// Mirrors of the volumes attached here, fenced at once if the lease is lost.
     mirrors: parking_lot::Mutex<
         std::collections::HashMap<String, std::sync::Weak<crate::replication::Mirror>>,
@@ -61,6 +63,7 @@ impl ClusterNode {
         lease_ttl: std::time::Duration,
         replica_timeout: std::time::Duration,
         resync_rate: Option<u64>,
+        sweep_every: std::time::Duration,
     ) -> Arc<Self> {
         let node = Arc::new(ClusterNode {
             cluster,
@@ -68,6 +71,7 @@ impl ClusterNode {
             lease_ttl,
             replica_timeout,
             resync_rate,
+            sweep_every,
             mirrors: Default::default(),
             server: parking_lot::Mutex::new(Some(server)),
             resyncs: Default::default(),

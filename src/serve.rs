@@ -74,6 +74,12 @@ pub struct ServeArgs {
     /// so that it leaves room for the volume's own IO; 0: no limit.
     #[arg(long, default_value_t = 0, value_name = "MIB_PER_S")]
     pub resync_rate: u64,
+    /// Cluster mode: seconds between this node's sweeps, which delete the
+    /// replicas etcd no longer places here (and snapshots it does not
+    /// list), and start the background resync of volumes attached nowhere
+    /// whose replicas fell behind (on the first node with an in-sync one).
+    #[arg(long, default_value_t = 30, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub sweep_interval: u64,
 }
 
 /// Join the cluster: serve replica traffic, then register in etcd.
@@ -104,6 +110,7 @@ fn join_cluster(args: &ServeArgs, node: &str) -> Result<Arc<crate::config::Clust
         lease_ttl,
         std::time::Duration::from_secs(args.replica_timeout),
         (args.resync_rate > 0).then(|| args.resync_rate.saturating_mul(1 << 20)),
+        std::time::Duration::from_secs(args.sweep_interval),
     ))
 }
 

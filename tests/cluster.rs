@@ -599,6 +599,56 @@ fn resync_sends_only_dirty_blocks(mode: Mode) {
     c.shutdown();
 }
 
+/// A replica that comes back while its volume is attached nowhere is
+/// resynced without an attach or a command: the sweep of the node holding
+/// the in-sync replica (n1; n3 holds none) starts a background resync,
+/// which gives the attach back when done. On loopback only: the network
+/// plays no part in who starts it.
+#[test]
+fn a_replica_back_while_detached_is_resynced_without_asking() {
+    let mut c = Cluster::start_with(Mode::Loopback, 3, |_| {
+        vec!["--sweep-interval".into(), "1".into()]
+    });
+    let vol = "behind";
+    c.create(0, vol, 2, "64M", &[("nodes", "n1,n2")]);
+    let dev = c.attach_on(0, vol);
+    let d = BlockDev::open(&dev);
+    write_blocks(&d, 0..256, 1);
+    d.sync().expect("fdatasync");
+    c.kill9(1);
+    // n2 misses these; the volume then goes back to being attached nowhere.
+    write_blocks(&d, 4096..4352, 2);
+    d.sync().expect("fdatasync");
+    drop(d);
+    c.wait_node_up(0, 1, false);
+    c.detach_on(0, vol);
+    // Nothing starts while n2 is down (the job could only wait for it).
+    thread::sleep(Duration::from_secs(3));
+    assert_ne!(c.replica_info(0, vol, "n2")["state"], "in-sync");
+    assert_eq!(c.cluster_info(0, vol)["resync_on"], Value::Null);
+
+    c.start_again(1);
+    wait_all_in_sync(&c, 2, vol);
+    c.wait_for("the background resync to give the attach back", || {
+        let info = c.cluster_info(2, vol);
+        info["resync_on"].is_null() && info["attached_on"].is_null()
+    });
+    let started = |i: usize| c.node(i).log().contains("resyncing it here");
+    assert!(
+        started(0) && !started(1) && !started(2),
+        "n1, the in-sync replica's node, starts the resync, and only it\n{}",
+        c.logs()
+    );
+    assert_checksums_equal(&c, &[0, 1], vol);
+    let d = BlockDev::open(&c.attach_on(1, vol));
+    verify_blocks(&d, 0..256, 1);
+    verify_blocks(&d, 4096..4352, 2);
+    drop(d);
+    c.detach_on(1, vol);
+    c.remove(0, vol);
+    c.shutdown();
+}
+
 // ---------------------------------------------------------------------------------------
 // e. node ls and volume inspect
 // ---------------------------------------------------------------------------------------

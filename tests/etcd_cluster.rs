@@ -674,3 +674,52 @@ fn a_resync_holds_the_attach_until_anything_else_wants_it() {
     assert_eq!(a.attach_owner(&vid).unwrap(), Some(("b".into(), g2)));
     b.release_attach(&vid, g2).unwrap();
 }
+
+#[test]
+fn detached_volumes_with_a_replica_behind_are_listed_with_the_live_members() {
+    let etcd = Etcd::start();
+    let a = node(&etcd, "a", 7031);
+    let b = node(&etcd, "b", 7032);
+    let (fine, behind) = (record("fine"), record("behind"));
+    for r in [&fine, &behind] {
+        a.catalog().insert(r.clone()).unwrap();
+        a.init_replica_states(&r.id, &r.replicas).unwrap();
+    }
+    let listed = |c: &Cluster| {
+        let (list, up) = c.detached_behind().unwrap();
+        let names: Vec<String> = list.into_iter().map(|b| b.name).collect();
+        (names, up.into_iter().collect::<Vec<_>>())
+    };
+    assert_eq!(listed(&b), (vec![], vec!["a".into(), "b".into()]));
+
+    let g = a
+        .acquire_attach(&behind.id, "behind", Duration::ZERO)
+        .unwrap();
+    a.set_replica_state(&behind.id, g, "b", ReplicaState::Outdated)
+        .unwrap();
+    assert_eq!(
+        listed(&b).0,
+        Vec::<String>::new(),
+        "attached: its mirror resyncs"
+    );
+    a.release_attach(&behind.id, g).unwrap();
+    let (list, up) = b.detached_behind().unwrap();
+    assert_eq!(list.len(), 1, "{list:?}");
+    assert_eq!(
+        (list[0].name.as_str(), list[0].id.as_str()),
+        ("behind", behind.id.as_str())
+    );
+    assert_eq!(list[0].states["b"], ReplicaState::Outdated);
+    assert_eq!(list[0].runner(&up), Some("a"));
+
+    // Held by a resync: not listed (one runs).
+    let g = a.acquire_attach_for_resync(&behind.id, "behind").unwrap();
+    assert_eq!(listed(&b).0, Vec::<String>::new());
+    a.release_attach(&behind.id, g).unwrap();
+    // With b gone, nobody should start one.
+    b.shutdown();
+    eventually("b's lease gone", || is_up(&a, "b") == Some(false));
+    let (list, up) = a.detached_behind().unwrap();
+    assert_eq!(up.iter().collect::<Vec<_>>(), ["a"]);
+    assert_eq!(list[0].runner(&up), None);
+}

@@ -18,9 +18,11 @@
 //! including one inside another tokio runtime (actix), where `block_on`
 //! would panic.
 
+mod behind;
 mod catalog;
 pub mod placement;
 
+pub use behind::Behind;
 pub use catalog::EtcdCatalog;
 pub use placement::{place, PlacementRequest};
 
@@ -720,6 +722,61 @@ impl Cluster {
             out.insert(r.id, r.replicas);
         }
         Ok(out)
+    }
+
+    /// Volumes attached nowhere (no attach, no resync) with a replica not
+    /// in sync, and the live members' names: one txn, one revision.
+    pub fn detached_behind(
+        &self,
+    ) -> Result<(Vec<Behind>, std::collections::BTreeSet<String>), ClusterError> {
+        let resp = self.run(|s| async move {
+            let all = |p: String| TxnOp::get(p, Some(GetOptions::new().with_prefix()));
+            s.txn(Txn::new().and_then([
+                all(volumes_prefix()),
+                all(format!("{PREFIX}attach/")),
+                all(format!("{PREFIX}replicas/")),
+                all(format!("{PREFIX}nodes/")),
+            ]))
+            .await
+        })?;
+        let held: std::collections::HashSet<String> = txn_kvs(&resp, 1)
+            .iter()
+            .filter_map(|kv| key_tail(kv, &format!("{PREFIX}attach/")).map(str::to_string))
+            .collect();
+        let mut states: std::collections::HashMap<String, BTreeMap<String, ReplicaState>> =
+            Default::default();
+        let replicas = format!("{PREFIX}replicas/");
+        for kv in txn_kvs(&resp, 2) {
+            let Some((id, node)) = key_tail(&kv, &replicas).and_then(|t| t.split_once('/')) else {
+                continue;
+            };
+            let r: ReplicaRecord = parse(&kv)?;
+            states
+                .entry(id.to_string())
+                .or_default()
+                .insert(node.to_string(), r.state);
+        }
+        let mut behind = Vec::new();
+        for kv in txn_kvs(&resp, 0) {
+            let r = parse::<crate::catalog::VolumeRecord>(&kv)?;
+            if held.contains(&r.id) {
+                continue;
+            }
+            let b = Behind {
+                states: states.remove(&r.id).unwrap_or_default(),
+                name: r.name,
+                id: r.id,
+                replicas: r.replicas,
+            };
+            if b.is_behind() {
+                behind.push(b);
+            }
+        }
+        let mut up = std::collections::BTreeSet::new();
+        for kv in txn_kvs(&resp, 3) {
+            up.insert(parse::<MemberRecord>(&kv)?.name);
+        }
+        Ok((behind, up))
     }
 
     /// Every node that ever joined; `up` when its lease-backed key is present.

@@ -174,6 +174,47 @@ pub fn sweep_replicas(c: &ClusterNode) -> Vec<String> {
     dropped
 }
 
+/// Ask for the background resync of each volume attached nowhere whose
+/// replicas fell behind, where this node is the one to run it
+/// ([`crate::cluster::Behind::runner`]), as DRBD resyncs a peer that
+/// reconnects whatever the roles. The volume's actor checks again and
+/// starts it ([`vr::StartResync`]). Answers the volumes asked.
+pub(super) fn resync_behind(reg: &mut Registry, c: &ClusterNode) -> Vec<String> {
+    let (behind, up) = match c.cluster.detached_behind() {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::debug!(error = %e, "resync check skipped: the catalog did not answer");
+            return Vec::new();
+        }
+    };
+    let me = c.cluster.node();
+    let mut asked = Vec::new();
+    for b in behind {
+        if b.runner(&up) != Some(me) || c.resyncing(&b.id) {
+            continue;
+        }
+        let addr = match reg.lookup(&b.name) {
+            Ok(r) if r.id == b.id => reg.actor(&r),
+            _ => continue,
+        };
+        let Ok(addr) = addr else { continue };
+        let name = b.name.clone();
+        actix::spawn(async move {
+            match addr.send(vr::StartResync).await {
+                Ok(Ok(true)) => {
+                    tracing::info!(volume = %name, "a replica of this volume attached nowhere is behind: resyncing it here")
+                }
+                Ok(Ok(false)) | Err(_) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(volume = %name, error = %e, "could not start the resync of a replica that is behind; the next sweep tries again")
+                }
+            }
+        });
+        asked.push(b.name);
+    }
+    asked
+}
+
 /// Delete the snapshots of this node's replica of `id` that etcd does not
 /// list (a crash between the replicas' take and etcd's record), while the
 /// volume is attached nowhere. A take under a name listed later deletes

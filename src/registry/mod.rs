@@ -395,8 +395,9 @@ impl Actor for Registry {
     /// actor's mailbox starts with its Resume, before any Docker request.
     fn started(&mut self, ctx: &mut Context<Self>) {
         if let Some(c) = self.node.cluster.clone() {
-            ctx.run_interval(std::time::Duration::from_secs(30), move |_, _| {
+            ctx.run_interval(c.sweep_every, move |reg, _| {
                 cluster::sweep_replicas(&c);
+                cluster::resync_behind(reg, &c);
             });
         }
         for rec in std::mem::take(&mut self.resume) {
