@@ -1184,6 +1184,21 @@ fn snapshots_of_a_replicated_volume_are_taken_and_restored_on_every_replica() {
         table.contains("NODES") && table.contains("n1,n2"),
         "{table}"
     );
+    // n3 holds no replica: its space figures are a replica's (asked of n1).
+    let space = |i: usize| {
+        let out = c.cli_ok(i, &["snapshot", "ls", vol, "--json"]);
+        let list: Vec<Value> = serde_json::from_str(&out).expect("snapshot ls --json");
+        (
+            list[0]["referenced_bytes"].clone(),
+            list[0]["exclusive_bytes"].clone(),
+        )
+    };
+    let on_n1 = space(0);
+    assert!(
+        on_n1.0.as_u64() > Some(0) && on_n1.1.as_u64() > Some(0),
+        "{on_n1:?}"
+    );
+    assert_eq!(space(2), on_n1, "snapshot sizes seen from n3");
     // The attached node's mirror takes them: other nodes forward there.
     c.cli_ok(1, &["snapshot", "create", vol, "elsewhere"]);
     assert_eq!(

@@ -4,7 +4,8 @@
 //! `forward` on the holder's replica port (no other port to open), its
 //! daemon runs it on the volume's actor, and the reply comes back. So
 //! `dunnage snapshot create`, `snapshot rm`, `replica add/rm` and clones
-//! work from any node, as in Portworx.
+//! work from any node, as in Portworx. A node without a replica also asks
+//! one with a replica for `snapshot ls` (the space figures are a replica's).
 
 use super::{VolumeActor, VolumeError, VolumeErrorKind};
 use crate::catalog::VolumeRecord;
@@ -35,6 +36,9 @@ pub enum HolderOp {
     },
     /// Stop this node's background resync of the volume (an attach wants it).
     StopResync,
+    /// `snapshot ls`, asked of a node with a replica (not necessarily the
+    /// holder) by one without: the space figures are its replica's.
+    ListSnapshots,
 }
 
 /// A forwarded request, as it travels.
@@ -69,7 +73,7 @@ pub(super) fn forward_to(
         op,
     };
     let json = serde_json::to_string(&request).expect("a request serializes");
-    tracing::info!(volume = %record.name, holder = node, op = ?request.op, "forwarding to the node that holds the volume");
+    tracing::info!(volume = %record.name, node, op = ?request.op, "forwarding a request to another node");
     crate::replication::forward_request(
         node,
         addr,
@@ -132,6 +136,13 @@ impl VolumeActor {
                 }
                 to_json(&())
             }
+            HolderOp::ListSnapshots => {
+                let Some(c) = self.node.cluster.clone() else {
+                    return Err(self.err(VolumeErrorKind::NotClustered("a snapshot listing")));
+                };
+                let record = self.record()?;
+                to_json(&self.cluster_snapshots(&c, &record)?)
+            }
         })
     }
 
@@ -184,6 +195,7 @@ mod tests {
             },
             HolderOp::RemoveReplica { node: "n2".into() },
             HolderOp::StopResync,
+            HolderOp::ListSnapshots,
         ] {
             let req = HolderRequest {
                 volume: "pg".into(),

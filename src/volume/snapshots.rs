@@ -115,6 +115,37 @@ impl VolumeActor {
         res.map_err(|e| self.err(e))
     }
 
+    /// On a node without a replica: the listing of the first live node
+    /// with one, whose space figures are its replica's (a forwarded
+    /// request). None when this node holds one, or no such node answers
+    /// (the listing is then etcd's, with no space figures).
+    fn snapshots_from_a_replica(
+        &self,
+        c: &ClusterNode,
+        record: &VolumeRecord,
+    ) -> Option<Vec<SnapshotEntry>> {
+        if self.forwarded || record.replicas.iter().any(|n| n == c.cluster.node()) {
+            return None;
+        }
+        let up: Vec<String> = match c.cluster.members() {
+            Ok(m) => m.into_iter().filter(|m| m.up).map(|m| m.name).collect(),
+            Err(_) => return None,
+        };
+        for node in record.replicas.iter().filter(|n| up.contains(n)) {
+            match self
+                .forward(c, record, node, HolderOp::ListSnapshots)
+                .and_then(|reply| self.forwarded_reply(node, &reply))
+            {
+                Ok(listed) => return Some(listed),
+                Err(e) => {
+                    tracing::info!(volume = %self.name, node = %node, error = %e, "a replica's node did not list the snapshots")
+                }
+            }
+        }
+        tracing::warn!(volume = %self.name, "no node with a replica listed the snapshots; their sizes show as 0");
+        None
+    }
+
     /// The snapshots of this node's replica, if it holds one (for their
     /// space figures).
     fn local_snapshot_infos(&self, c: &ClusterNode, record: &VolumeRecord) -> Vec<SnapshotInfo> {
@@ -139,11 +170,14 @@ impl VolumeActor {
         })
     }
 
-    fn cluster_snapshots(
+    pub(super) fn cluster_snapshots(
         &self,
         c: &ClusterNode,
         record: &VolumeRecord,
     ) -> Result<Vec<SnapshotEntry>, VolumeError> {
+        if let Some(listed) = self.snapshots_from_a_replica(c, record) {
+            return Ok(listed);
+        }
         let records = c.cluster.snapshots(&self.id).map_err(|e| self.err(e))?;
         let infos = self.local_snapshot_infos(c, record);
         let bs = record.spec.block_size_bytes();
