@@ -47,7 +47,13 @@ pub struct ClusterNode {
     resyncs: parking_lot::Mutex<std::collections::HashMap<String, ResyncJob>>,
     /// Held while one starts: two starts on one node would share a generation.
     pub resync_start: parking_lot::Mutex<()>,
+    /// Volumes whose resync the sweep does not start again before then
+    /// (the last one failed or gave up on an unreachable replica).
+    resync_backoff: parking_lot::Mutex<std::collections::HashMap<String, std::time::Instant>>,
 }
+
+/// How long the sweep leaves a volume whose background resync failed.
+const RESYNC_BACKOFF: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// A background resync's handle: ask it to stop, wait for it.
 pub struct ResyncJob {
@@ -76,6 +82,7 @@ impl ClusterNode {
             server: parking_lot::Mutex::new(Some(server)),
             resyncs: Default::default(),
             resync_start: Default::default(),
+            resync_backoff: Default::default(),
         });
         // A node whose lease is gone may have been replaced by another
         // attach already: it must not write again.
@@ -137,6 +144,22 @@ impl ClusterNode {
             .lock()
             .get(volume_id)
             .is_some_and(|j| !j.thread.is_finished())
+    }
+
+    /// The sweep leaves `volume_id` alone for a while: its resync failed.
+    pub fn hold_off_resync(&self, volume_id: &str) {
+        let mut held = self.resync_backoff.lock();
+        let now = std::time::Instant::now();
+        held.retain(|_, until| *until > now);
+        held.insert(volume_id.to_string(), now + RESYNC_BACKOFF);
+    }
+
+    /// Whether the sweep should leave `volume_id` alone now.
+    pub fn resync_held_off(&self, volume_id: &str) -> bool {
+        self.resync_backoff
+            .lock()
+            .get(volume_id)
+            .is_some_and(|until| *until > std::time::Instant::now())
     }
 
     /// Stop this node's background resync of `volume_id`, if any, and wait

@@ -291,6 +291,13 @@ fn txn_revision(resp: &TxnResponse) -> Generation {
 }
 
 /// The key-values of the txn's `index`-th operation, a get.
+/// A record that does not parse, logged and left out.
+fn skip_bad<T>(parsed: Result<T, ClusterError>) -> Option<T> {
+    parsed
+        .map_err(|e| warn!(error = %e, "skipping a record"))
+        .ok()
+}
+
 fn txn_kvs(resp: &TxnResponse, index: usize) -> Vec<KeyValue> {
     match resp.op_responses().into_iter().nth(index) {
         Some(TxnOpResponse::Get(mut g)) => g.take_kvs(),
@@ -750,7 +757,10 @@ impl Cluster {
             let Some((id, node)) = key_tail(&kv, &replicas).and_then(|t| t.split_once('/')) else {
                 continue;
             };
-            let r: ReplicaRecord = parse(&kv)?;
+            // One unreadable record must not stop the others' resyncs.
+            let Some(r) = skip_bad(parse::<ReplicaRecord>(&kv)) else {
+                continue;
+            };
             states
                 .entry(id.to_string())
                 .or_default()
@@ -758,7 +768,9 @@ impl Cluster {
         }
         let mut behind = Vec::new();
         for kv in txn_kvs(&resp, 0) {
-            let r = parse::<crate::catalog::VolumeRecord>(&kv)?;
+            let Some(r) = skip_bad(parse::<crate::catalog::VolumeRecord>(&kv)) else {
+                continue;
+            };
             if held.contains(&r.id) {
                 continue;
             }
@@ -774,7 +786,9 @@ impl Cluster {
         }
         let mut up = std::collections::BTreeSet::new();
         for kv in txn_kvs(&resp, 3) {
-            up.insert(parse::<MemberRecord>(&kv)?.name);
+            if let Some(m) = skip_bad(parse::<MemberRecord>(&kv)) {
+                up.insert(m.name);
+            }
         }
         Ok((behind, up))
     }

@@ -190,7 +190,7 @@ pub(super) fn resync_behind(reg: &mut Registry, c: &ClusterNode) -> Vec<String> 
     let me = c.cluster.node();
     let mut asked = Vec::new();
     for b in behind {
-        if b.runner(&up) != Some(me) || c.resyncing(&b.id) {
+        if b.runner(&up) != Some(me) || c.resyncing(&b.id) || c.resync_held_off(&b.id) {
             continue;
         }
         let addr = match reg.lookup(&b.name) {
@@ -200,13 +200,13 @@ pub(super) fn resync_behind(reg: &mut Registry, c: &ClusterNode) -> Vec<String> 
         let Ok(addr) = addr else { continue };
         let name = b.name.clone();
         actix::spawn(async move {
-            match addr.send(vr::StartResync).await {
+            match addr.send(vr::StartResync { auto: true }).await {
                 Ok(Ok(true)) => {
                     tracing::info!(volume = %name, "a replica of this volume attached nowhere is behind: resyncing it here")
                 }
                 Ok(Ok(false)) | Err(_) => {}
                 Ok(Err(e)) => {
-                    tracing::warn!(volume = %name, error = %e, "could not start the resync of a replica that is behind; the next sweep tries again")
+                    tracing::warn!(volume = %name, error = %e, "could not start the resync of a replica that is behind; the sweep tries again in a few minutes")
                 }
             }
         });
@@ -370,7 +370,7 @@ impl Handler<StartResync> for Registry {
     type Result = ResponseFuture<Reply<bool>>;
     fn handle(&mut self, m: StartResync, _: &mut Context<Self>) -> Self::Result {
         match self.lookup(&m.volume).and_then(|r| self.actor(&r)) {
-            Ok(addr) => forward(addr, vr::StartResync),
+            Ok(addr) => forward(addr, vr::StartResync { auto: false }),
             Err(e) => Box::pin(async move { Err(e) }),
         }
     }

@@ -14,7 +14,7 @@ use super::forward::HolderOp;
 use super::{replicated, Backing, VolumeActor, VolumeError, VolumeErrorKind};
 use crate::catalog::VolumeRecord;
 use crate::cluster::placement::{place, PlacementRequest};
-use crate::cluster::{Member, ReplicaChange};
+use crate::cluster::{ClusterError, Member, ReplicaChange};
 use crate::config::ClusterNode;
 use crate::replication::{NewReplica, ReplicaState, ReplicationError};
 use actix::prelude::*;
@@ -237,8 +237,17 @@ impl VolumeActor {
             replicated::give_back(&c, &record.id, &record.name, generation, false);
             let changed = changed.map_err(|e| self.err(e))?;
             // Redundancy comes back now, not at the next attach.
-            if let Err(e) = replicated::start_resync(&c, changed) {
-                tracing::warn!(volume = %record.name, error = %e, "no background resync now: the next attach resyncs");
+            match replicated::start_resync(&c, changed) {
+                Ok(_) => {}
+                // Another node's sweep (or an attach) was quicker: it resyncs.
+                Err(VolumeErrorKind::Cluster(e))
+                    if matches!(
+                        *e,
+                        ClusterError::HeldForResync { .. } | ClusterError::HeldBy { .. }
+                    ) => {}
+                Err(e) => {
+                    tracing::warn!(volume = %record.name, error = %e, "no background resync now: the next attach or sweep resyncs");
+                }
             }
         }
         if !add && node == me {

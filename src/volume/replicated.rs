@@ -261,6 +261,7 @@ fn run_resync(
         if status.iter().any(|s| !s.connected) {
             let since = *unreachable_since.get_or_insert_with(std::time::Instant::now);
             if since.elapsed() > RESYNC_UNREACHABLE {
+                c.hold_off_resync(&record.id);
                 tracing::warn!(volume = %record.name, "background resync gives up on an unreachable replica: the next attach resyncs it");
                 break;
             }
@@ -463,18 +464,21 @@ fn restore_replicas(
 /// other nodes are deleted by those nodes (they drop replicas of volumes
 /// the catalog no longer has).
 pub(super) fn remove(c: &ClusterNode, record: &VolumeRecord) -> Result<(), VolumeErrorKind> {
-    if let Some(h) = c.cluster.attach_holder(&record.id)? {
-        if !h.resync {
-            return Err(ClusterError::HeldBy {
-                volume: record.name.clone(),
-                node: h.node,
-            }
-            .into());
-        }
-        // A background resync gives way: hold the attach while removing.
-        let generation = take_attach(c, record, Duration::ZERO)?;
-        give_back(c, &record.id, &record.name, generation, true);
+    // Held until the volume is out of etcd, so that no attach or resync
+    // (a sweep's) starts on it meanwhile; a background resync gives way.
+    let generation = take_attach(c, record, Duration::ZERO)?;
+    let removed = remove_held(c, record);
+    // Refused (clones): an unreleased mark of an earlier attach stays.
+    give_back(c, &record.id, &record.name, generation, removed.is_ok());
+    removed?;
+    if let Err(e) = c.replicas.remove(&record.id) {
+        tracing::warn!(volume = %record.name, error = %e, "could not delete the local replica; it is dropped at the next sweep");
     }
+    Ok(())
+}
+
+/// [`remove`]'s part under the attach: the catalog's record, the states.
+fn remove_held(c: &ClusterNode, record: &VolumeRecord) -> Result<(), VolumeErrorKind> {
     // Clones read the blocks they share from this volume's replicas.
     let clones: Vec<String> = c
         .cluster
@@ -497,9 +501,6 @@ pub(super) fn remove(c: &ClusterNode, record: &VolumeRecord) -> Result<(), Volum
         .map_err(VolumeErrorKind::Catalog)?;
     if let Err(e) = c.cluster.forget_volume(&record.id) {
         tracing::warn!(volume = %record.name, error = %e, "could not delete the replica states; they are harmless");
-    }
-    if let Err(e) = c.replicas.remove(&record.id) {
-        tracing::warn!(volume = %record.name, error = %e, "could not delete the local replica; it is dropped at the next sweep");
     }
     Ok(())
 }
@@ -613,14 +614,54 @@ impl Handler<QueryCluster> for VolumeActor {
 }
 
 /// Start a background resync if the volume is attached nowhere and a
-/// replica is behind (`dunnage volume resync`); false if none started.
+/// replica is behind; false if none started.
 #[derive(Message)]
 #[rtype(result = "Result<bool, VolumeError>")]
-pub struct StartResync;
+pub struct StartResync {
+    /// Asked by the sweep, not by `dunnage volume resync`: only with this
+    /// node's replica on disk and every replica's node answering (opening
+    /// the mirror records an unreachable replica outdated), and not again
+    /// soon after a failure.
+    pub auto: bool,
+}
+
+/// How long the sweep's check waits for a replica's node to accept a connection.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+impl VolumeActor {
+    /// Why the sweep should not start this volume's resync here now.
+    fn auto_resync_unwise(&self, c: &ClusterNode, record: &VolumeRecord) -> Option<String> {
+        if c.resync_held_off(&self.id) {
+            return Some("its last resync failed a moment ago".into());
+        }
+        // An empty replica here (its data dir wiped) would be copied over
+        // the others as the current data: an attach decides that, not a sweep.
+        let made = c
+            .replicas
+            .dir(&self.id)
+            .is_ok_and(|d| d.join("header").exists());
+        if !made {
+            return Some(format!(
+                "node {} has no replica of it on disk",
+                c.cluster.node()
+            ));
+        }
+        for n in record.replicas.iter().filter(|n| *n != c.cluster.node()) {
+            let reachable =
+                c.cluster.member_addr(n).ok().flatten().is_some_and(|a| {
+                    std::net::TcpStream::connect_timeout(&a, PROBE_TIMEOUT).is_ok()
+                });
+            if !reachable {
+                return Some(format!("node {n} does not answer on its replica port"));
+            }
+        }
+        None
+    }
+}
 
 impl Handler<StartResync> for VolumeActor {
     type Result = Result<bool, VolumeError>;
-    fn handle(&mut self, _: StartResync, _: &mut SyncContext<Self>) -> Self::Result {
+    fn handle(&mut self, m: StartResync, _: &mut SyncContext<Self>) -> Self::Result {
         let Some(c) = self.node.cluster.clone() else {
             return Err(self.err(VolumeErrorKind::NotClustered("a resync")));
         };
@@ -634,13 +675,30 @@ impl Handler<StartResync> for VolumeActor {
         {
             return Ok(false);
         }
+        if m.auto {
+            // Checked again at the next sweep (a probe costs little).
+            if let Some(why) = self.auto_resync_unwise(&c, &record) {
+                tracing::debug!(volume = %self.name, why, "a replica is behind, but no background resync starts now");
+                return Ok(false);
+            }
+        }
         match start_resync(&c, record) {
+            // Someone else holds it now (a resync or an attach raced us).
             Err(VolumeErrorKind::Cluster(e))
-                if matches!(*e, ClusterError::HeldForResync { .. }) =>
+                if matches!(
+                    *e,
+                    ClusterError::HeldForResync { .. } | ClusterError::HeldBy { .. }
+                ) =>
             {
                 Ok(false)
             }
-            other => other.map_err(|e| self.err(e)),
+            Err(e) => {
+                if m.auto {
+                    c.hold_off_resync(&self.id);
+                }
+                Err(self.err(e))
+            }
+            ok => ok.map_err(|e| self.err(e)),
         }
     }
 }

@@ -124,14 +124,24 @@ impl VolumeActor {
         c: &ClusterNode,
         record: &VolumeRecord,
     ) -> Option<Vec<SnapshotEntry>> {
-        if self.forwarded || record.replicas.iter().any(|n| n == c.cluster.node()) {
+        // Never while this node holds the attach (or resyncs): it may be
+        // the node that one with a replica is forwarding to right now.
+        if self.forwarded
+            || self.attached.is_some()
+            || c.resyncing(&self.id)
+            || record.replicas.iter().any(|n| n == c.cluster.node())
+        {
             return None;
         }
         let up: Vec<String> = match c.cluster.members() {
             Ok(m) => m.into_iter().filter(|m| m.up).map(|m| m.name).collect(),
             Err(_) => return None,
         };
-        for node in record.replicas.iter().filter(|n| up.contains(n)) {
+        // In-sync replicas first: they hold every snapshot.
+        let states = c.cluster.replica_states(&self.id).unwrap_or_default();
+        let mut ask: Vec<&String> = record.replicas.iter().filter(|n| up.contains(n)).collect();
+        ask.sort_by_key(|n| states.get(*n) != Some(&crate::replication::ReplicaState::InSync));
+        for node in ask {
             match self
                 .forward(c, record, node, HolderOp::ListSnapshots)
                 .and_then(|reply| self.forwarded_reply(node, &reply))
