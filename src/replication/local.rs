@@ -342,7 +342,21 @@ impl LocalReplicas {
             slot.wait_closed();
             open.remove(volume_id);
         }
-        let image = if dir.join(HEADER_FILE).exists() {
+        // A clone's replica is a CoW clone of this node's replica of its
+        // base where that holds the base snapshot (the clone's first
+        // nodes); elsewhere (`replica add`) a plain image, which its
+        // resync fills with the clone's whole content.
+        let exists = dir.join(HEADER_FILE).exists();
+        let base = match base {
+            Some(b) if !exists => {
+                let base_dir = self.dir(&b.volume_id)?;
+                let has = base_dir.join(HEADER_FILE).exists()
+                    && ThinImage::snapshot_names(&base_dir)?.contains(&b.snapshot);
+                has.then_some(b)
+            }
+            _ => None,
+        };
+        let image = if exists {
             ThinImage::open(&dir)?
         } else if let (Some(_), Some(b)) = (params, base) {
             let base_dir = self.dir(&b.volume_id)?;
@@ -426,6 +440,21 @@ impl LocalReplicas {
     pub fn remove(&self, volume_id: &str) -> Result<(), ReplicationError> {
         let dir = self.dir(volume_id)?;
         let _open = self.closed_slot(volume_id)?;
+        // A clone's replica here shares this one's blocks (the catalog's
+        // checks should have kept it; the data must not depend on them).
+        if dir.join(HEADER_FILE).exists() {
+            let clones = ThinImage::clones_of(&dir)?;
+            if !clones.is_empty() {
+                return Err(ReplicationError::HasClones {
+                    volume: volume_id.to_string(),
+                    clones: clones
+                        .iter()
+                        .map(|(_, d)| d.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                });
+            }
+        }
         match std::fs::remove_dir_all(&dir) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
@@ -601,6 +630,44 @@ mod tests {
             reps.open("../x", P),
             Err(ReplicationError::InvalidVolumeId(_))
         ));
+    }
+
+    #[test]
+    fn a_clone_replica_shares_its_base_where_it_has_the_snapshot_and_keeps_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let reps = LocalReplicas::new(dir.path().to_path_buf());
+        let parent = reps.open("parent", P).unwrap();
+        parent.write_at(0, &[7; 4096], 0).unwrap();
+        parent.image().snapshot("base").unwrap();
+        drop(parent);
+        reps.close("parent");
+        let base = |snapshot: &str| ReplicaBase {
+            volume_id: "parent".into(),
+            snapshot: snapshot.into(),
+        };
+        // Here with the snapshot: a CoW clone, reading the parent's block.
+        let clone = reps.open_as("clone", P, Some(&base("base"))).unwrap();
+        let mut buf = [0u8; 4096];
+        clone.read_at(0, &mut buf, 0).unwrap();
+        assert_eq!(buf, [7; 4096]);
+        assert!(dir.path().join("clone").join("base").exists());
+        drop(clone);
+        reps.close("clone");
+        // Its base stays while it lives.
+        assert!(matches!(
+            reps.remove("parent"),
+            Err(ReplicationError::HasClones { .. })
+        ));
+        // Without the snapshot here (or the parent): a plain image, which
+        // a resync fills.
+        let copy = reps.open_as("copy", P, Some(&base("gone"))).unwrap();
+        copy.read_at(0, &mut buf, 0).unwrap();
+        assert_eq!(buf, [0; 4096]);
+        assert!(!dir.path().join("copy").join("base").exists());
+        drop(copy);
+        reps.remove("copy").unwrap();
+        reps.remove("clone").unwrap();
+        reps.remove("parent").unwrap();
     }
 
     #[test]

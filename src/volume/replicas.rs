@@ -153,12 +153,8 @@ impl VolumeActor {
         let node = if let Some(n) = unfinished.clone() {
             n
         } else if add {
-            if record.clone_of.is_some() {
-                return Err(self.err(refused(format!(
-                    "it is a clone, whose replicas share blocks with its parent's replicas on {}; a replica elsewhere is not supported",
-                    record.replicas.join(", ")
-                ))));
-            }
+            // A clone's new replica is a full copy where the node holds no
+            // replica of its parent with the base snapshot (see LocalReplicas).
             new_replica_node(&c, &record, &members, asked).map_err(|e| self.err(e))?
         } else {
             let n = asked.expect("the CLI requires the node to remove");
@@ -171,6 +167,27 @@ impl VolumeActor {
             if record.replicas.len() == 1 {
                 return Err(self.err(refused(format!(
                     "node {n} holds its only replica; remove the volume instead"
+                ))));
+            }
+            let clones: Vec<String> = self
+                .node
+                .catalog
+                .list()
+                .into_iter()
+                .filter(|r| {
+                    r.replicas.contains(&n)
+                        && r.clone_of
+                            .as_ref()
+                            .is_some_and(|o| o.volume_id == record.id)
+                })
+                .map(|r| r.name)
+                .collect();
+            if !clones.is_empty() {
+                return Err(self.err(refused(format!(
+                    "the replica of clone {} on node {n} shares its blocks; move that first (`dunnage replica add {} NODE`, then `dunnage replica rm {} {n}`)",
+                    clones.join(", "),
+                    clones[0],
+                    clones[0]
                 ))));
             }
             n
