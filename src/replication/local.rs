@@ -342,21 +342,7 @@ impl LocalReplicas {
             slot.wait_closed();
             open.remove(volume_id);
         }
-        // A clone's replica is a CoW clone of this node's replica of its
-        // base where that holds the base snapshot (the clone's first
-        // nodes); elsewhere (`replica add`) a plain image, which its
-        // resync fills with the clone's whole content.
-        let exists = dir.join(HEADER_FILE).exists();
-        let base = match base {
-            Some(b) if !exists => {
-                let base_dir = self.dir(&b.volume_id)?;
-                let has = base_dir.join(HEADER_FILE).exists()
-                    && ThinImage::snapshot_names(&base_dir)?.contains(&b.snapshot);
-                has.then_some(b)
-            }
-            _ => None,
-        };
-        let image = if exists {
+        let image = if dir.join(HEADER_FILE).exists() {
             ThinImage::open(&dir)?
         } else if let (Some(_), Some(b)) = (params, base) {
             let base_dir = self.dir(&b.volume_id)?;
@@ -633,7 +619,7 @@ mod tests {
     }
 
     #[test]
-    fn a_clone_replica_shares_its_base_where_it_has_the_snapshot_and_keeps_it() {
+    fn a_clone_replica_needs_its_base_here_and_keeps_it() {
         let dir = tempfile::tempdir().unwrap();
         let reps = LocalReplicas::new(dir.path().to_path_buf());
         let parent = reps.open("parent", P).unwrap();
@@ -645,7 +631,7 @@ mod tests {
             volume_id: "parent".into(),
             snapshot: snapshot.into(),
         };
-        // Here with the snapshot: a CoW clone, reading the parent's block.
+        // A CoW clone, reading the parent's block.
         let clone = reps.open_as("clone", P, Some(&base("base"))).unwrap();
         let mut buf = [0u8; 4096];
         clone.read_at(0, &mut buf, 0).unwrap();
@@ -658,14 +644,9 @@ mod tests {
             reps.remove("parent"),
             Err(ReplicationError::HasClones { .. })
         ));
-        // Without the snapshot here (or the parent): a plain image, which
-        // a resync fills.
-        let copy = reps.open_as("copy", P, Some(&base("gone"))).unwrap();
-        copy.read_at(0, &mut buf, 0).unwrap();
-        assert_eq!(buf, [0; 4096]);
-        assert!(!dir.path().join("copy").join("base").exists());
-        drop(copy);
-        reps.remove("copy").unwrap();
+        // Never an empty image in its place: it would pass for in sync.
+        assert!(reps.open_as("copy", P, Some(&base("gone"))).is_err());
+        assert!(!dir.path().join("copy").exists());
         reps.remove("clone").unwrap();
         reps.remove("parent").unwrap();
     }

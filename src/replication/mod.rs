@@ -140,7 +140,7 @@ pub enum ReplicationError {
     #[error("this node holds no replica of volume {0}")]
     NotFound(String),
     /// Clones' replicas here read blocks through this replica.
-    #[error("the replica of volume {volume} here is the base of clone replicas ({clones}); it stays while they do")]
+    #[error("the replica of volume {volume} here is the base of clone replicas ({clones}); it stays until those are removed")]
     HasClones { volume: String, clones: String },
     #[error(
         "volume {volume} has no in-sync replica that can be reached ({detail}): \

@@ -153,8 +153,12 @@ impl VolumeActor {
         let node = if let Some(n) = unfinished.clone() {
             n
         } else if add {
-            // A clone's new replica is a full copy where the node holds no
-            // replica of its parent with the base snapshot (see LocalReplicas).
+            if record.clone_of.is_some() {
+                return Err(self.err(refused(format!(
+                    "it is a clone, whose replicas share blocks with its parent's replicas on {}; a replica elsewhere is not supported",
+                    record.replicas.join(", ")
+                ))));
+            }
             new_replica_node(&c, &record, &members, asked).map_err(|e| self.err(e))?
         } else {
             let n = asked.expect("the CLI requires the node to remove");
@@ -184,9 +188,8 @@ impl VolumeActor {
                 .collect();
             if !clones.is_empty() {
                 return Err(self.err(refused(format!(
-                    "the replica of clone {} on node {n} shares its blocks; move that first (`dunnage replica add {} NODE`, then `dunnage replica rm {} {n}`)",
+                    "the replica of clone {} on node {n} shares its blocks; remove that first (`dunnage replica rm {} {n}`, or remove the clone)",
                     clones.join(", "),
-                    clones[0],
                     clones[0]
                 ))));
             }

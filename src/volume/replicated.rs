@@ -464,6 +464,14 @@ fn restore_replicas(
 /// other nodes are deleted by those nodes (they drop replicas of volumes
 /// the catalog no longer has).
 pub(super) fn remove(c: &ClusterNode, record: &VolumeRecord) -> Result<(), VolumeErrorKind> {
+    // An attach (this node's too: taking it again would hand it over).
+    if let Some((node, _)) = c.cluster.attach_owner(&record.id)? {
+        return Err(ClusterError::HeldBy {
+            volume: record.name.clone(),
+            node,
+        }
+        .into());
+    }
     // Held until the volume is out of etcd, so that no attach or resync
     // (a sweep's) starts on it meanwhile; a background resync gives way.
     let generation = take_attach(c, record, Duration::ZERO)?;

@@ -343,6 +343,22 @@ impl VolumeActor {
     pub(super) fn delete_snapshot(&mut self, name: String) -> Result<(), VolumeError> {
         if let Some(c) = self.node.cluster.clone() {
             let record = self.record()?;
+            // A clone's replicas are made from it (some maybe not yet).
+            let clones: Vec<String> = self
+                .node
+                .catalog
+                .list()
+                .into_iter()
+                .filter(|r| {
+                    r.clone_of
+                        .as_ref()
+                        .is_some_and(|o| o.volume_id == record.id && o.snapshot == name)
+                })
+                .map(|r| r.name)
+                .collect();
+            if !clones.is_empty() {
+                return Err(self.err(VolumeErrorKind::HasClones(clones.join(", "))));
+            }
             if let Some(holder) = self.holder_elsewhere(&c)? {
                 let reply =
                     self.forward(&c, &record, &holder, HolderOp::DeleteSnapshot { name })?;
