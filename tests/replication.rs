@@ -442,6 +442,45 @@ fn resync_sends_only_what_the_peer_missed() {
     assert_eq!(status_of(&m, "b").resync_sent_bytes, b.resync_sent_bytes);
 }
 
+/// A node that lost its replica's files (a wiped data dir, a new disk)
+/// makes a new, empty image when asked: it is never taken for in sync,
+/// whether it comes back under the running mirror or at the next attach.
+#[test]
+fn a_replica_whose_files_were_lost_is_resynced_whole() {
+    let mut nodes: Vec<Node> = ["a", "b"].iter().map(|n| Node::new(n)).collect();
+    let wipe = |n: &mut Node| {
+        n.stop();
+        std::fs::remove_dir_all(n.dir.path().join(VOL)).unwrap();
+        n.restart();
+    };
+    let states = FakeStates::new();
+    let m = Mirror::open(config_a_b(&nodes, 1, states.clone())).unwrap();
+    write_blocks(&*m, 0, 0..512);
+    m.flush().unwrap();
+    // Under the running mirror: what b missed is more than its dirty map.
+    nodes[1].stop();
+    write_blocks(&*m, 1, 600..602);
+    std::fs::remove_dir_all(nodes[1].dir.path().join(VOL)).unwrap();
+    nodes[1].restart();
+    wait_in_sync(&m, "b");
+    assert_eq!(nodes[0].checksum(), nodes[1].checksum());
+    m.close();
+    drop(m);
+
+    // Between attaches, etcd still saying in sync.
+    wipe(&mut nodes[1]);
+    let states = FakeStates::new();
+    let m = Mirror::open(config_a_b(&nodes, 2, states.clone())).unwrap();
+    assert_eq!(
+        states.recorded_for("b").first(),
+        Some(&ReplicaState::Outdated),
+        "recorded before any IO"
+    );
+    wait_in_sync(&m, "b");
+    assert_eq!(nodes[0].checksum(), nodes[1].checksum());
+    m.close();
+}
+
 #[test]
 fn a_newer_generation_fences_the_old_mirror() {
     let nodes: Vec<Node> = ["a", "b"].iter().map(|n| Node::new(n)).collect();
@@ -714,7 +753,9 @@ fn another_protocol_version_is_refused() {
     let mut s = TcpStream::connect(node.addr).unwrap();
     wire::write_frame(&mut s, &Frame::Hello(Hello::new(VOL, 1, "a", PARAMS))).unwrap();
     match wire::read_frame(&mut s).unwrap() {
-        Some(Frame::HelloOk { version, node: n }) => {
+        Some(Frame::HelloOk {
+            version, node: n, ..
+        }) => {
             assert_eq!(version, wire::PROTOCOL_VERSION);
             assert_eq!(n, "b");
         }

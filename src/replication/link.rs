@@ -230,6 +230,8 @@ pub struct Link {
     node: String,
     addr: SocketAddr,
     shared: Arc<Shared>,
+    /// The replica's generation before this link's Hello (0: a new image).
+    prior: u64,
 }
 
 impl std::fmt::Debug for Link {
@@ -254,7 +256,7 @@ impl Link {
         timeout: Duration,
         handshake: Duration,
     ) -> Result<Link, ReplicationError> {
-        let stream = say_hello(node, addr, hello, timeout, handshake)?;
+        let (stream, prior) = say_hello(node, addr, hello, timeout, handshake)?;
         let io_err = |e: std::io::Error| ReplicationError::Link {
             node: node.to_string(),
             addr,
@@ -280,6 +282,7 @@ impl Link {
             node: node.to_string(),
             addr,
             shared,
+            prior,
         })
     }
 }
@@ -318,7 +321,7 @@ pub fn forward_request(
         forward: Some(request.to_string()),
         ..Hello::new("-", 0, from, params)
     };
-    let stream = say_hello(node, addr, &hello, timeout, wait)?;
+    let (stream, _) = say_hello(node, addr, &hello, timeout, wait)?;
     let link_err = |source: WireError| ReplicationError::Link {
         node: node.to_string(),
         addr,
@@ -333,14 +336,15 @@ pub fn forward_request(
     }
 }
 
-/// Connect and say Hello; the stream once `node` said HelloOk.
+/// Connect and say Hello; the stream once `node` said HelloOk, and the
+/// replica's generation before it (HelloOk's `prior`).
 fn say_hello(
     node: &str,
     addr: SocketAddr,
     hello: &Hello,
     timeout: Duration,
     handshake: Duration,
-) -> Result<TcpStream, ReplicationError> {
+) -> Result<(TcpStream, u64), ReplicationError> {
     let link_err = |source: WireError| ReplicationError::Link {
         node: node.to_string(),
         addr,
@@ -354,10 +358,11 @@ fn say_hello(
     stream.set_write_timeout(Some(timeout)).map_err(io_err)?;
     let mut s = &stream;
     wire::write_frame(&mut s, &Frame::Hello(hello.clone())).map_err(link_err)?;
-    match wire::read_frame(&mut s).map_err(link_err)? {
+    let prior = match wire::read_frame(&mut s).map_err(link_err)? {
         Some(Frame::HelloOk {
             version,
             node: peer,
+            prior,
         }) => {
             if version != PROTOCOL_VERSION {
                 return Err(link_err(WireError::Version { theirs: version }));
@@ -371,6 +376,7 @@ fn say_hello(
                     ),
                 });
             }
+            prior
         }
         Some(Frame::Error { code, message, .. }) => {
             return Err(ReplicationError::Refused {
@@ -389,11 +395,17 @@ fn say_hello(
                 std::io::ErrorKind::UnexpectedEof.into(),
             )))
         }
-    }
-    Ok(stream)
+    };
+    Ok((stream, prior))
 }
 
 impl Link {
+    /// The replica's generation before this link's Hello: 0 when its
+    /// image was just made (or never attached).
+    pub fn prior(&self) -> u64 {
+        self.prior
+    }
+
     /// Send a request; the ticket waits for its reply.
     pub fn submit(&self, req: Request) -> Result<Ticket, LinkDown> {
         self.submit_with(|id| Frame::Request { id, req }.encode())
@@ -547,6 +559,7 @@ mod tests {
             let ok = Frame::HelloOk {
                 version: PROTOCOL_VERSION,
                 node: node.into(),
+                prior: 0,
             };
             wire::write_frame(&mut &s, &ok).unwrap();
             let mut held = Vec::new();

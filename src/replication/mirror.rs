@@ -234,6 +234,21 @@ impl WriteOp<'_> {
     }
 }
 
+/// The replicas recorded in sync whose image is new (generation 0 before
+/// this attach) while another replica recorded in sync was attached
+/// before: they lost their files. A new volume's replicas are all new.
+/// `priors`: (node, recorded state, generation before this attach).
+fn lost_replicas(priors: &[(&str, ReplicaState, u64)]) -> Vec<String> {
+    let in_sync = || priors.iter().filter(|(_, s, _)| *s == ReplicaState::InSync);
+    if !in_sync().any(|(_, _, g)| *g > 0) {
+        return Vec::new();
+    }
+    in_sync()
+        .filter(|(_, _, g)| *g == 0)
+        .map(|(n, _, _)| n.to_string())
+        .collect()
+}
+
 /// How long a peer may take to answer a Hello: it may have to open a big
 /// image first (rebuilding its free-block set), which an IO timeout does
 /// not allow for.
@@ -290,6 +305,10 @@ impl Mirror {
                     cfg.volume_id
                 )));
             }
+        }
+        // Before the advance: 0 for an image just made here.
+        let local_prior = cfg.local.as_ref().map(|l| l.generation());
+        if let Some(local) = &cfg.local {
             local.advance(cfg.generation)?;
         }
         let hello = Hello {
@@ -316,26 +335,53 @@ impl Mirror {
                 .collect()
         });
 
+        // A replica recorded in sync whose image is new (generation 0)
+        // while another in-sync one has been attached before lost its
+        // files (a wiped data dir, a new disk): it holds nothing.
+        let priors: Vec<(&str, ReplicaState, u64)> = local_prior
+            .map(|g| (cfg.node.as_str(), cfg.local_state, g))
+            .into_iter()
+            .chain(cfg.peers.iter().zip(&links).filter_map(|(p, l)| {
+                l.as_ref()
+                    .ok()
+                    .map(|l| (p.node.as_str(), p.state, l.prior()))
+            }))
+            .collect();
+        let lost = lost_replicas(&priors);
+        for node in &lost {
+            tracing::warn!(volume = %cfg.volume, node, "replica recorded in sync has a new, empty image (its files were lost): recording it outdated; it is resynced whole");
+            cfg.states.set_state(node, ReplicaState::Outdated)?;
+        }
+        let state_of = |node: &str, state: ReplicaState| {
+            if lost.iter().any(|n| n == node) {
+                ReplicaState::Outdated
+            } else {
+                state
+            }
+        };
+
         let mut replicas = Vec::new();
         let mut in_sync = Vec::new();
         if let Some(local) = &cfg.local {
-            if cfg.local_state == ReplicaState::InSync {
+            let state = state_of(&cfg.node, cfg.local_state);
+            if state == ReplicaState::InSync {
                 in_sync.push(cfg.node.clone());
             }
             replicas.push(new_replica(
                 &cfg.node,
                 Endpoint::Local(local.clone()),
-                Track::new(cfg.local_state, size, false),
+                Track::new(state, size, false),
                 None,
             ));
         }
         let mut unreachable = Vec::new();
         for (p, link) in cfg.peers.iter().zip(links) {
-            let mut track = Track::new(p.state, size, true);
+            let state = state_of(&p.node, p.state);
+            let mut track = Track::new(state, size, true);
             let link = match link {
                 Ok(l) => {
                     track.connect();
-                    if p.state == ReplicaState::InSync {
+                    if state == ReplicaState::InSync {
                         in_sync.push(p.node.clone());
                     }
                     Some(Arc::new(l))
@@ -1340,9 +1386,17 @@ impl Inner {
             link.kill();
             return Err(Stop::Done);
         }
+        // Its image is new (the node lost its files while away): what it
+        // missed is everything, not the dirty map.
+        let lost = link.prior() == 0;
         cell.link = Some(link);
         cell.track.connect();
-        tracing::info!(volume = %self.volume, peer = %r.node, "replica reconnected");
+        if lost {
+            cell.track.mark_all_dirty();
+            tracing::warn!(volume = %self.volume, peer = %r.node, "replica reconnected with a new, empty image (its files were lost): resyncing it whole");
+        } else {
+            tracing::info!(volume = %self.volume, peer = %r.node, "replica reconnected");
+        }
         Ok(())
     }
 
@@ -1782,6 +1836,20 @@ impl BlockEngine for Mirror {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn new_images_beside_written_ones_are_lost_and_a_new_volume_is_not() {
+        use ReplicaState::{InSync, Outdated};
+        assert!(lost_replicas(&[("a", InSync, 0), ("b", InSync, 0)]).is_empty());
+        assert_eq!(
+            lost_replicas(&[("a", InSync, 7), ("b", InSync, 0), ("c", InSync, 3)]),
+            ["b"]
+        );
+        // Only an in-sync replica vouches for being written, and only an
+        // in-sync one needs recording outdated.
+        assert!(lost_replicas(&[("a", Outdated, 7), ("b", InSync, 0)]).is_empty());
+        assert!(lost_replicas(&[("a", InSync, 7), ("b", Outdated, 0)]).is_empty());
+    }
 
     #[test]
     fn runs_split_into_zero_and_data_segments() {

@@ -211,10 +211,12 @@ fn code_of(e: &ReplicationError) -> ErrorCode {
     }
 }
 
-fn hello_ok(inner: &Inner) -> Frame {
+/// `prior`: the replica's generation before this Hello (0 when none is opened).
+fn hello_ok(inner: &Inner, prior: u64) -> Frame {
     Frame::HelloOk {
         version: PROTOCOL_VERSION,
         node: inner.node.clone(),
+        prior,
     }
 }
 
@@ -256,7 +258,7 @@ fn serve_conn(inner: &Inner, stream: TcpStream, peer: Option<SocketAddr>) {
         tracing::info!(?peer, from = %hello.from, "request forwarded by another node");
         return match run(request) {
             Ok(reply) => {
-                let _ = send(&stream, &hello_ok(inner)).and_then(|()| {
+                let _ = send(&stream, &hello_ok(inner, 0)).and_then(|()| {
                     send(
                         &stream,
                         &Frame::Data {
@@ -275,20 +277,22 @@ fn serve_conn(inner: &Inner, stream: TcpStream, peer: Option<SocketAddr>) {
             .restore(&hello.volume_id, hello.generation, snapshot)
         {
             Ok(()) => {
-                let _ = send(&stream, &hello_ok(inner));
+                let _ = send(&stream, &hello_ok(inner, 0));
             }
             Err(e) => refuse_hello(&stream, code_of(&e), e.to_string()),
         };
     }
-    let replica = match inner
+    let (replica, prior) = match inner
         .replicas
         .open_as(&hello.volume_id, hello.params(), hello.base.as_ref())
-        .and_then(|r| r.advance(hello.generation).map(|()| r))
-    {
+        .and_then(|r| {
+            let prior = r.generation();
+            r.advance(hello.generation).map(|()| (r, prior))
+        }) {
         Ok(r) => r,
         Err(e) => return refuse_hello(&stream, code_of(&e), e.to_string()),
     };
-    if send(&stream, &hello_ok(inner)).is_err() {
+    if send(&stream, &hello_ok(inner, prior)).is_err() {
         return;
     }
     let _ = stream.set_read_timeout(None);

@@ -24,7 +24,9 @@ pub const MAGIC: [u8; 8] = *b"dunnrepl";
 ///    a Hello that restores the replica to a snapshot instead.
 /// 4: a Hello that hands a request to the node's daemon instead
 ///    (`forward`), answered by `HelloOk` and one `Data` frame.
-pub const PROTOCOL_VERSION: u32 = 4;
+/// 5: `HelloOk` carries the replica's generation before the Hello (0: a
+///    new image), so a replica whose files were lost is not trusted.
+pub const PROTOCOL_VERSION: u32 = 5;
 /// Largest frame accepted (a write or read of up to 64 MiB plus headers).
 pub const MAX_FRAME: usize = (64 << 20) + 4096;
 /// Largest read or write one request may carry.
@@ -195,6 +197,10 @@ pub enum Frame {
         version: u32,
         /// The server's node name.
         node: String,
+        /// The replica's generation before this Hello: 0 for an image
+        /// just made (or never attached), which the mirror must not take
+        /// for in sync while another replica has been written.
+        prior: u64,
     },
     Request {
         id: u64,
@@ -289,9 +295,14 @@ impl Frame {
                     }
                 }
             }
-            Frame::HelloOk { version, node } => {
+            Frame::HelloOk {
+                version,
+                node,
+                prior,
+            } => {
                 b.extend_from_slice(&version.to_be_bytes());
                 put_str(&mut b, node);
+                b.extend_from_slice(&prior.to_be_bytes());
             }
             Frame::Request { req, .. } => match req {
                 Request::Read { offset, len } | Request::Digest { offset, len } => {
@@ -368,6 +379,7 @@ impl Frame {
             KIND_HELLO_OK => Frame::HelloOk {
                 version: r.u32()?,
                 node: r.str()?,
+                prior: r.u64()?,
             },
             KIND_ERROR => Frame::Error {
                 id,
@@ -680,6 +692,7 @@ mod tests {
         roundtrip(Frame::HelloOk {
             version: PROTOCOL_VERSION,
             node: "node-b".into(),
+            prior: 7,
         });
         for req in [
             Request::Read {
@@ -751,17 +764,19 @@ mod tests {
     /// by a fixture per version.
     #[test]
     fn hello_matches_fixture() {
-        let fixture = include_bytes!("../../fixtures/replication/hello-v4.bin");
+        let fixture = include_bytes!("../../fixtures/replication/hello-v5.bin");
         assert_eq!(Frame::Hello(fixture_hello()).encode(), fixture.to_vec());
         assert_eq!(
             read_frame(&mut &fixture[..]).unwrap().unwrap(),
             Frame::Hello(fixture_hello())
         );
-        // Nodes of older versions (no Digest, Snapshot, forward) are told what to do.
-        let old: [(&[u8], u32); 3] = [
+        // Nodes of older versions (no Digest, Snapshot, forward, prior
+        // generation) are told what to do.
+        let old: [(&[u8], u32); 4] = [
             (include_bytes!("../../fixtures/replication/hello-v1.bin"), 1),
             (include_bytes!("../../fixtures/replication/hello-v2.bin"), 2),
             (include_bytes!("../../fixtures/replication/hello-v3.bin"), 3),
+            (include_bytes!("../../fixtures/replication/hello-v4.bin"), 4),
         ];
         for (bytes, version) in old {
             match read_frame(&mut &bytes[..]) {
