@@ -230,8 +230,8 @@ pub struct Link {
     node: String,
     addr: SocketAddr,
     shared: Arc<Shared>,
-    /// The replica's generation before this link's Hello (0: a new image).
-    prior: u64,
+    /// The replica held blocks or snapshots at this link's Hello.
+    written: bool,
 }
 
 impl std::fmt::Debug for Link {
@@ -256,7 +256,7 @@ impl Link {
         timeout: Duration,
         handshake: Duration,
     ) -> Result<Link, ReplicationError> {
-        let (stream, prior) = say_hello(node, addr, hello, timeout, handshake)?;
+        let (stream, written) = say_hello(node, addr, hello, timeout, handshake)?;
         let io_err = |e: std::io::Error| ReplicationError::Link {
             node: node.to_string(),
             addr,
@@ -282,7 +282,7 @@ impl Link {
             node: node.to_string(),
             addr,
             shared,
-            prior,
+            written,
         })
     }
 }
@@ -337,14 +337,14 @@ pub fn forward_request(
 }
 
 /// Connect and say Hello; the stream once `node` said HelloOk, and the
-/// replica's generation before it (HelloOk's `prior`).
+/// whether the replica holds anything (HelloOk's `written`).
 fn say_hello(
     node: &str,
     addr: SocketAddr,
     hello: &Hello,
     timeout: Duration,
     handshake: Duration,
-) -> Result<(TcpStream, u64), ReplicationError> {
+) -> Result<(TcpStream, bool), ReplicationError> {
     let link_err = |source: WireError| ReplicationError::Link {
         node: node.to_string(),
         addr,
@@ -358,11 +358,11 @@ fn say_hello(
     stream.set_write_timeout(Some(timeout)).map_err(io_err)?;
     let mut s = &stream;
     wire::write_frame(&mut s, &Frame::Hello(hello.clone())).map_err(link_err)?;
-    let prior = match wire::read_frame(&mut s).map_err(link_err)? {
+    let written = match wire::read_frame(&mut s).map_err(link_err)? {
         Some(Frame::HelloOk {
             version,
             node: peer,
-            prior,
+            written,
         }) => {
             if version != PROTOCOL_VERSION {
                 return Err(link_err(WireError::Version { theirs: version }));
@@ -376,7 +376,7 @@ fn say_hello(
                     ),
                 });
             }
-            prior
+            written
         }
         Some(Frame::Error { code, message, .. }) => {
             return Err(ReplicationError::Refused {
@@ -396,14 +396,13 @@ fn say_hello(
             )))
         }
     };
-    Ok((stream, prior))
+    Ok((stream, written))
 }
 
 impl Link {
-    /// The replica's generation before this link's Hello: 0 when its
-    /// image was just made (or never attached).
-    pub fn prior(&self) -> u64 {
-        self.prior
+    /// Whether the replica held blocks or snapshots at this link's Hello.
+    pub fn written(&self) -> bool {
+        self.written
     }
 
     /// Send a request; the ticket waits for its reply.
@@ -559,7 +558,7 @@ mod tests {
             let ok = Frame::HelloOk {
                 version: PROTOCOL_VERSION,
                 node: node.into(),
-                prior: 0,
+                written: false,
             };
             wire::write_frame(&mut &s, &ok).unwrap();
             let mut held = Vec::new();

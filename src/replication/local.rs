@@ -120,6 +120,13 @@ impl LocalReplica {
         &self.image
     }
 
+    /// Whether the image holds blocks or snapshots: an empty one recorded
+    /// in sync beside one that does lost its files (see `Mirror::open`).
+    pub fn written(&self) -> bool {
+        let u = self.image.usage();
+        u.allocated_blocks > 0 || u.snapshots > 0
+    }
+
     /// The highest generation this replica has seen.
     pub fn generation(&self) -> Generation {
         *self.generation.read()

@@ -162,6 +162,11 @@ struct Inner {
     closed: AtomicBool,
     verification: Mutex<Option<Verification>>,
     resync_rate: Option<u64>,
+    /// Some replica held data at open.
+    seasoned: bool,
+    /// A write went out since open. With `seasoned`: a replica that comes
+    /// back empty lost its files (it missed more than its dirty map).
+    wrote: AtomicBool,
 }
 
 /// Progress of the comparison of the in-sync replicas after an attach
@@ -234,17 +239,17 @@ impl WriteOp<'_> {
     }
 }
 
-/// The replicas recorded in sync whose image is new (generation 0 before
-/// this attach) while another replica recorded in sync was attached
-/// before: they lost their files. A new volume's replicas are all new.
-/// `priors`: (node, recorded state, generation before this attach).
-fn lost_replicas(priors: &[(&str, ReplicaState, u64)]) -> Vec<String> {
-    let in_sync = || priors.iter().filter(|(_, s, _)| *s == ReplicaState::InSync);
-    if !in_sync().any(|(_, _, g)| *g > 0) {
+/// The replicas recorded in sync that hold nothing (no block, no
+/// snapshot) while another replica, in sync or not, holds something: they
+/// lost their files (a wiped data dir, a new disk). A new volume's
+/// replicas all hold nothing; an emptied one keeps its snapshots or its
+/// peers are empty too. `seen`: (node, recorded state, holds something).
+fn lost_replicas(seen: &[(&str, ReplicaState, bool)]) -> Vec<String> {
+    if !seen.iter().any(|(_, _, written)| *written) {
         return Vec::new();
     }
-    in_sync()
-        .filter(|(_, _, g)| *g == 0)
+    seen.iter()
+        .filter(|(_, s, written)| *s == ReplicaState::InSync && !written)
         .map(|(n, _, _)| n.to_string())
         .collect()
 }
@@ -306,8 +311,6 @@ impl Mirror {
                 )));
             }
         }
-        // Before the advance: 0 for an image just made here.
-        let local_prior = cfg.local.as_ref().map(|l| l.generation());
         if let Some(local) = &cfg.local {
             local.advance(cfg.generation)?;
         }
@@ -335,19 +338,21 @@ impl Mirror {
                 .collect()
         });
 
-        // A replica recorded in sync whose image is new (generation 0)
-        // while another in-sync one has been attached before lost its
-        // files (a wiped data dir, a new disk): it holds nothing.
-        let priors: Vec<(&str, ReplicaState, u64)> = local_prior
-            .map(|g| (cfg.node.as_str(), cfg.local_state, g))
+        // A replica recorded in sync that holds nothing beside one that
+        // holds something lost its files: recorded outdated before any IO.
+        let seen: Vec<(&str, ReplicaState, bool)> = cfg
+            .local
+            .as_ref()
+            .map(|l| (cfg.node.as_str(), cfg.local_state, l.written()))
             .into_iter()
             .chain(cfg.peers.iter().zip(&links).filter_map(|(p, l)| {
                 l.as_ref()
                     .ok()
-                    .map(|l| (p.node.as_str(), p.state, l.prior()))
+                    .map(|l| (p.node.as_str(), p.state, l.written()))
             }))
             .collect();
-        let lost = lost_replicas(&priors);
+        let seasoned = seen.iter().any(|(_, _, written)| *written);
+        let lost = lost_replicas(&seen);
         for node in &lost {
             tracing::warn!(volume = %cfg.volume, node, "replica recorded in sync has a new, empty image (its files were lost): recording it outdated; it is resynced whole");
             cfg.states.set_state(node, ReplicaState::Outdated)?;
@@ -443,6 +448,8 @@ impl Mirror {
             fenced: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             resync_rate: cfg.resync_rate,
+            seasoned,
+            wrote: AtomicBool::new(false),
             verification: Mutex::new(cfg.verify.then(|| Verification {
                 total_bytes: size,
                 ..Verification::default()
@@ -871,6 +878,10 @@ impl Inner {
         let _range = self.ranges.lock(s, e);
         self.check_open()?;
         let deadline = Instant::now() + self.io_timeout;
+        // Read first: one store per mirror, not a contended line per write.
+        if matches!(op, WriteOp::Write(_)) && !self.wrote.load(Ordering::Relaxed) {
+            self.wrote.store(true, Ordering::Relaxed);
+        }
 
         // Read under the range lock: a replica added later starts with
         // everything dirty, and its resync waits for this range.
@@ -1386,9 +1397,9 @@ impl Inner {
             link.kill();
             return Err(Stop::Done);
         }
-        // Its image is new (the node lost its files while away): what it
-        // missed is everything, not the dirty map.
-        let lost = link.prior() == 0;
+        // Empty while the volume holds data (the node lost its files while
+        // away): what it missed is everything, not the dirty map.
+        let lost = !link.written() && (self.seasoned || self.wrote.load(Ordering::Relaxed));
         cell.link = Some(link);
         cell.track.connect();
         if lost {
@@ -1838,17 +1849,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn new_images_beside_written_ones_are_lost_and_a_new_volume_is_not() {
+    fn empty_replicas_beside_written_ones_are_lost_and_a_new_volume_is_not() {
         use ReplicaState::{InSync, Outdated};
-        assert!(lost_replicas(&[("a", InSync, 0), ("b", InSync, 0)]).is_empty());
+        assert!(lost_replicas(&[("a", InSync, false), ("b", InSync, false)]).is_empty());
         assert_eq!(
-            lost_replicas(&[("a", InSync, 7), ("b", InSync, 0), ("c", InSync, 3)]),
+            lost_replicas(&[
+                ("a", InSync, true),
+                ("b", InSync, false),
+                ("c", InSync, true)
+            ]),
             ["b"]
         );
-        // Only an in-sync replica vouches for being written, and only an
-        // in-sync one needs recording outdated.
-        assert!(lost_replicas(&[("a", Outdated, 7), ("b", InSync, 0)]).is_empty());
-        assert!(lost_replicas(&[("a", InSync, 7), ("b", Outdated, 0)]).is_empty());
+        // An outdated replica that holds data proves the volume was
+        // written: an empty in-sync one is not trusted over it.
+        assert_eq!(
+            lost_replicas(&[("a", Outdated, true), ("b", InSync, false)]),
+            ["b"]
+        );
+        // Only an in-sync one needs recording outdated.
+        assert!(lost_replicas(&[("a", InSync, true), ("b", Outdated, false)]).is_empty());
     }
 
     #[test]

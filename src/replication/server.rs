@@ -211,12 +211,12 @@ fn code_of(e: &ReplicationError) -> ErrorCode {
     }
 }
 
-/// `prior`: the replica's generation before this Hello (0 when none is opened).
-fn hello_ok(inner: &Inner, prior: u64) -> Frame {
+/// `written`: the replica holds something (false when none is opened).
+fn hello_ok(inner: &Inner, written: bool) -> Frame {
     Frame::HelloOk {
         version: PROTOCOL_VERSION,
         node: inner.node.clone(),
-        prior,
+        written,
     }
 }
 
@@ -258,7 +258,7 @@ fn serve_conn(inner: &Inner, stream: TcpStream, peer: Option<SocketAddr>) {
         tracing::info!(?peer, from = %hello.from, "request forwarded by another node");
         return match run(request) {
             Ok(reply) => {
-                let _ = send(&stream, &hello_ok(inner, 0)).and_then(|()| {
+                let _ = send(&stream, &hello_ok(inner, false)).and_then(|()| {
                     send(
                         &stream,
                         &Frame::Data {
@@ -277,22 +277,20 @@ fn serve_conn(inner: &Inner, stream: TcpStream, peer: Option<SocketAddr>) {
             .restore(&hello.volume_id, hello.generation, snapshot)
         {
             Ok(()) => {
-                let _ = send(&stream, &hello_ok(inner, 0));
+                let _ = send(&stream, &hello_ok(inner, false));
             }
             Err(e) => refuse_hello(&stream, code_of(&e), e.to_string()),
         };
     }
-    let (replica, prior) = match inner
+    let replica = match inner
         .replicas
         .open_as(&hello.volume_id, hello.params(), hello.base.as_ref())
-        .and_then(|r| {
-            let prior = r.generation();
-            r.advance(hello.generation).map(|()| (r, prior))
-        }) {
+        .and_then(|r| r.advance(hello.generation).map(|()| r))
+    {
         Ok(r) => r,
         Err(e) => return refuse_hello(&stream, code_of(&e), e.to_string()),
     };
-    if send(&stream, &hello_ok(inner, prior)).is_err() {
+    if send(&stream, &hello_ok(inner, replica.written())).is_err() {
         return;
     }
     let _ = stream.set_read_timeout(None);

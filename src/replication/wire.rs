@@ -24,8 +24,8 @@ pub const MAGIC: [u8; 8] = *b"dunnrepl";
 ///    a Hello that restores the replica to a snapshot instead.
 /// 4: a Hello that hands a request to the node's daemon instead
 ///    (`forward`), answered by `HelloOk` and one `Data` frame.
-/// 5: `HelloOk` carries the replica's generation before the Hello (0: a
-///    new image), so a replica whose files were lost is not trusted.
+/// 5: `HelloOk` says whether the replica holds anything (blocks or
+///    snapshots), so a replica whose files were lost is not trusted.
 pub const PROTOCOL_VERSION: u32 = 5;
 /// Largest frame accepted (a write or read of up to 64 MiB plus headers).
 pub const MAX_FRAME: usize = (64 << 20) + 4096;
@@ -197,10 +197,10 @@ pub enum Frame {
         version: u32,
         /// The server's node name.
         node: String,
-        /// The replica's generation before this Hello: 0 for an image
-        /// just made (or never attached), which the mirror must not take
-        /// for in sync while another replica has been written.
-        prior: u64,
+        /// The replica holds blocks or snapshots. An empty one recorded
+        /// in sync beside one that is not lost its files: the mirror must
+        /// not take it for in sync.
+        written: bool,
     },
     Request {
         id: u64,
@@ -298,11 +298,11 @@ impl Frame {
             Frame::HelloOk {
                 version,
                 node,
-                prior,
+                written,
             } => {
                 b.extend_from_slice(&version.to_be_bytes());
                 put_str(&mut b, node);
-                b.extend_from_slice(&prior.to_be_bytes());
+                b.push(u8::from(*written));
             }
             Frame::Request { req, .. } => match req {
                 Request::Read { offset, len } | Request::Digest { offset, len } => {
@@ -379,7 +379,11 @@ impl Frame {
             KIND_HELLO_OK => Frame::HelloOk {
                 version: r.u32()?,
                 node: r.str()?,
-                prior: r.u64()?,
+                written: match r.u8()? {
+                    0 => false,
+                    1 => true,
+                    v => return Err(WireError::Malformed(format!("written flag {v}"))),
+                },
             },
             KIND_ERROR => Frame::Error {
                 id,
@@ -692,7 +696,7 @@ mod tests {
         roundtrip(Frame::HelloOk {
             version: PROTOCOL_VERSION,
             node: "node-b".into(),
-            prior: 7,
+            written: true,
         });
         for req in [
             Request::Read {
