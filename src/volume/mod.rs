@@ -28,6 +28,20 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use usage::{MountStep, UnmountStep, Usage, UsageError};
 
+/// The names of volume `id`'s clones in `catalog` that `also` accepts.
+pub(crate) fn clones_of(
+    catalog: &dyn crate::catalog::Catalog,
+    id: &str,
+    also: impl Fn(&VolumeRecord) -> bool,
+) -> Vec<String> {
+    catalog
+        .list()
+        .into_iter()
+        .filter(|r| r.clone_of.as_ref().is_some_and(|o| o.volume_id == id) && also(r))
+        .map(|r| r.name)
+        .collect()
+}
+
 /// What a volume is doing on this node, as Get, List and inspect report it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]

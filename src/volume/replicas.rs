@@ -173,19 +173,8 @@ impl VolumeActor {
                     "node {n} holds its only replica; remove the volume instead"
                 ))));
             }
-            let clones: Vec<String> = self
-                .node
-                .catalog
-                .list()
-                .into_iter()
-                .filter(|r| {
-                    r.replicas.contains(&n)
-                        && r.clone_of
-                            .as_ref()
-                            .is_some_and(|o| o.volume_id == record.id)
-                })
-                .map(|r| r.name)
-                .collect();
+            let clones =
+                super::clones_of(&*self.node.catalog, &record.id, |r| r.replicas.contains(&n));
             if !clones.is_empty() {
                 return Err(self.err(refused(format!(
                     "the replica of clone {} on node {n} shares its blocks; remove that first (`dunnage replica rm {} {n}`, or remove the clone)",

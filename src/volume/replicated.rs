@@ -488,18 +488,7 @@ pub(super) fn remove(c: &ClusterNode, record: &VolumeRecord) -> Result<(), Volum
 /// [`remove`]'s part under the attach: the catalog's record, the states.
 fn remove_held(c: &ClusterNode, record: &VolumeRecord) -> Result<(), VolumeErrorKind> {
     // Clones read the blocks they share from this volume's replicas.
-    let clones: Vec<String> = c
-        .cluster
-        .catalog()
-        .list()
-        .into_iter()
-        .filter(|r| {
-            r.clone_of
-                .as_ref()
-                .is_some_and(|o| o.volume_id == record.id)
-        })
-        .map(|r| r.name)
-        .collect();
+    let clones = super::clones_of(&*c.cluster.catalog(), &record.id, |_| true);
     if !clones.is_empty() {
         return Err(VolumeErrorKind::HasClones(clones.join(", ")));
     }

@@ -344,18 +344,9 @@ impl VolumeActor {
         if let Some(c) = self.node.cluster.clone() {
             let record = self.record()?;
             // A clone's replicas are made from it (some maybe not yet).
-            let clones: Vec<String> = self
-                .node
-                .catalog
-                .list()
-                .into_iter()
-                .filter(|r| {
-                    r.clone_of
-                        .as_ref()
-                        .is_some_and(|o| o.volume_id == record.id && o.snapshot == name)
-                })
-                .map(|r| r.name)
-                .collect();
+            let clones = super::clones_of(&*self.node.catalog, &record.id, |r| {
+                r.clone_of.as_ref().is_some_and(|o| o.snapshot == name)
+            });
             if !clones.is_empty() {
                 return Err(self.err(VolumeErrorKind::HasClones(clones.join(", "))));
             }
