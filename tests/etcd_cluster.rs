@@ -384,8 +384,10 @@ fn attach_ownership_and_fencing() {
     // Another volume's states are its own, even with an id that extends this one.
     let other = format!("{vid}0");
     a.init_replica_states(&other, &nodes).unwrap();
+    b.set_replica_incarnation(&vid, g2, "a", 1).unwrap();
     b.forget_volume(&vid).unwrap();
     assert!(a.replica_states(&vid).unwrap().is_empty());
+    assert!(a.replica_incarnations(&vid).unwrap().is_empty());
     assert!(a.snapshots(&vid).unwrap().is_empty());
     assert_eq!(a.replica_states(&other).unwrap(), all_in_sync);
 
@@ -576,6 +578,11 @@ fn replica_changes_write_the_record_and_the_state_together_under_the_attach() {
         nodes: vec!["a".into(), "b".into()],
     };
     a.set_snapshot(&vid, g1, "s", Some(&snap)).unwrap();
+    // The images the mirror met, recorded under the attach, read by all.
+    for (n, inc) in [("a", 0xa1), ("b", 0xb1), ("c", 0xc0ffee)] {
+        a.set_replica_incarnation(&vid, g1, n, inc).unwrap();
+    }
+    assert_eq!(b.replica_incarnations(&vid).unwrap()["b"], 0xb1);
 
     let added = a
         .change_replicas("moving", &vid, g1, ReplicaChange::Add("c"))
@@ -590,6 +597,9 @@ fn replica_changes_write_the_record_and_the_state_together_under_the_attach() {
         "an added replica holds nothing yet"
     );
     assert_eq!(b.snapshots(&vid).unwrap()[0].nodes, ["a", "b"]);
+    // An added replica is met anew: no old image of that node is trusted.
+    let incs = b.replica_incarnations(&vid).unwrap();
+    assert!(!incs.contains_key("c") && incs["a"] == 0xa1, "{incs:?}");
 
     let removed = a
         .change_replicas("moving", &vid, g1, ReplicaChange::Remove("b"))
@@ -599,6 +609,8 @@ fn replica_changes_write_the_record_and_the_state_together_under_the_attach() {
     assert_eq!(removed.spec.nodes, ["a"]);
     let states = b.replica_states(&vid).unwrap();
     assert!(!states.contains_key("b"), "{states:?}");
+    let incs = b.replica_incarnations(&vid).unwrap();
+    assert_eq!(incs.keys().collect::<Vec<_>>(), ["a"]);
     assert_eq!(b.snapshots(&vid).unwrap()[0].nodes, ["a"]);
     assert_eq!(b.volume_replicas().unwrap()[&vid], ["a", "c"]);
 
@@ -611,6 +623,11 @@ fn replica_changes_write_the_record_and_the_state_together_under_the_attach() {
     ));
     assert_eq!(b.catalog().get("moving").unwrap().replicas, ["a", "c"]);
     assert!(!b.replica_states(&vid).unwrap().contains_key("b"));
+    assert!(matches!(
+        a.set_replica_incarnation(&vid, g1, "a", 0xbad),
+        Err(ClusterError::Fenced { .. })
+    ));
+    assert_eq!(b.replica_incarnations(&vid).unwrap()["a"], 0xa1);
     // Nor does a record of another volume under the same name.
     assert!(b
         .change_replicas("moving", "0000", g2, ReplicaChange::Add("b"))

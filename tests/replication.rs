@@ -7,8 +7,9 @@ use dunnage::engine::pattern::pattern;
 use dunnage::engine::{BlockEngine, ThinParams};
 use dunnage::replication::wire::{self, ErrorCode, Frame, Hello};
 use dunnage::replication::{
-    Generation, LocalReplica, LocalReplicas, Mirror, MirrorConfig, NewReplica, PeerSpec,
-    ReplicaServer, ReplicaState, ReplicaStatus, ReplicationError, StateStore, StateStoreError,
+    Generation, Incarnation, LocalReplica, LocalReplicas, Mirror, MirrorConfig, NewReplica,
+    PeerSpec, ReplicaServer, ReplicaState, ReplicaStatus, ReplicationError, StateStore,
+    StateStoreError,
 };
 use parking_lot::Mutex;
 #[path = "common/tmpfs.rs"]
@@ -89,6 +90,7 @@ impl Node {
             node: self.name.clone(),
             addr: self.addr,
             state,
+            incarnation: None,
         }
     }
 
@@ -107,16 +109,42 @@ enum Fail {
     Unavailable,
 }
 
-/// The state store: records every call, fails on demand.
+/// The state store: records every state call, fails on demand. Keeps the
+/// incarnations recorded, which [`config`] hands to the mirror as the
+/// cluster would.
 #[derive(Default)]
 struct FakeStates {
     calls: Mutex<Vec<(String, ReplicaState, bool)>>,
+    incarnations: Mutex<std::collections::HashMap<String, Incarnation>>,
     fail: Mutex<Option<Fail>>,
 }
 
 impl FakeStates {
     fn new() -> Arc<FakeStates> {
         Arc::new(FakeStates::default())
+    }
+
+    /// The store of a later attach: no calls yet, the same incarnations.
+    fn next(&self) -> Arc<FakeStates> {
+        Arc::new(FakeStates {
+            incarnations: Mutex::new(self.incarnations.lock().clone()),
+            ..FakeStates::default()
+        })
+    }
+
+    fn incarnation(&self, node: &str) -> Option<Incarnation> {
+        self.incarnations.lock().get(node).copied()
+    }
+
+    fn answer(&self) -> Result<(), StateStoreError> {
+        match *self.fail.lock() {
+            None => Ok(()),
+            Some(Fail::Fenced) => Err(StateStoreError::Fenced {
+                volume: "vol".into(),
+                generation: 0,
+            }),
+            Some(Fail::Unavailable) => Err(StateStoreError::Unavailable("etcd is down".into())),
+        }
     }
 
     /// Successful records, in order.
@@ -140,18 +168,19 @@ impl FakeStates {
 
 impl StateStore for FakeStates {
     fn set_state(&self, node: &str, state: ReplicaState) -> Result<(), StateStoreError> {
-        let fail = *self.fail.lock();
+        let answer = self.answer();
         self.calls
             .lock()
-            .push((node.to_string(), state, fail.is_none()));
-        match fail {
-            None => Ok(()),
-            Some(Fail::Fenced) => Err(StateStoreError::Fenced {
-                volume: "vol".into(),
-                generation: 0,
-            }),
-            Some(Fail::Unavailable) => Err(StateStoreError::Unavailable("etcd is down".into())),
-        }
+            .push((node.to_string(), state, answer.is_ok()));
+        answer
+    }
+
+    fn set_incarnation(&self, node: &str, incarnation: Incarnation) -> Result<(), StateStoreError> {
+        self.answer()?;
+        self.incarnations
+            .lock()
+            .insert(node.to_string(), incarnation);
+        Ok(())
     }
 }
 
@@ -163,6 +192,13 @@ fn config(
     peers: Vec<PeerSpec>,
     states: Arc<FakeStates>,
 ) -> MirrorConfig {
+    let peers = peers
+        .into_iter()
+        .map(|p| PeerSpec {
+            incarnation: states.incarnation(&p.node),
+            ..p
+        })
+        .collect();
     MirrorConfig {
         volume_id: VOL.into(),
         volume: "vol".into(),
@@ -171,6 +207,7 @@ fn config(
         params: PARAMS,
         local,
         local_state,
+        local_incarnation: states.incarnation(node),
         peers,
         states,
         io_timeout: IO_TIMEOUT,
@@ -455,21 +492,26 @@ fn a_replica_whose_files_were_lost_is_resynced_whole() {
     };
     let states = FakeStates::new();
     let m = Mirror::open(config_a_b(&nodes, 1, states.clone())).unwrap();
+    // Met for the first time: recorded, trusted.
+    assert!(states.incarnation("a").is_some() && states.incarnation("b").is_some());
+    assert!(states.calls.lock().is_empty());
     write_blocks(&*m, 0, 0..512);
     m.flush().unwrap();
     // Under the running mirror: what b missed is more than its dirty map.
+    let before = states.incarnation("b");
     nodes[1].stop();
     write_blocks(&*m, 1, 600..602);
     std::fs::remove_dir_all(nodes[1].dir.path().join(VOL)).unwrap();
     nodes[1].restart();
     wait_in_sync(&m, "b");
+    assert_ne!(states.incarnation("b"), before, "the new image is recorded");
     assert_eq!(nodes[0].checksum(), nodes[1].checksum());
     m.close();
     drop(m);
 
     // Between attaches, etcd still saying in sync.
     wipe(&mut nodes[1]);
-    let states = FakeStates::new();
+    let states = states.next();
     let m = Mirror::open(config_a_b(&nodes, 2, states.clone())).unwrap();
     assert_eq!(
         states.recorded_for("b").first(),
@@ -479,6 +521,63 @@ fn a_replica_whose_files_were_lost_is_resynced_whole() {
     wait_in_sync(&m, "b");
     assert_eq!(nodes[0].checksum(), nodes[1].checksum());
     m.close();
+    drop(m);
+
+    // The good copy is down and the only one reachable lost its files: it
+    // holds nothing, as a new volume's would, and must not be taken for
+    // the data. A diskless attach is refused, and says why.
+    nodes[0].stop();
+    wipe(&mut nodes[1]);
+    // A diskless attach from d, a and b recorded as given.
+    let from_d = |nodes: &[Node], generation, a, b, states: &Arc<FakeStates>| {
+        Mirror::open(config(
+            "d",
+            generation,
+            None,
+            ReplicaState::InSync,
+            vec![nodes[0].peer(a), nodes[1].peer(b)],
+            states.clone(),
+        ))
+    };
+    let states = states.next();
+    let err = from_d(
+        &nodes,
+        3,
+        ReplicaState::InSync,
+        ReplicaState::InSync,
+        &states,
+    )
+    .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        matches!(err, ReplicationError::NoInSyncReplica { .. })
+            && msg.contains("b: its image is not the one recorded")
+            && msg.contains("a: "),
+        "{msg}"
+    );
+    assert_eq!(states.recorded_for("b"), [ReplicaState::Outdated]);
+
+    // Once a is back, b is resynced whole from it and nothing was lost.
+    nodes[0].restart();
+    let states = states.next();
+    let m = from_d(
+        &nodes,
+        4,
+        ReplicaState::InSync,
+        ReplicaState::Outdated,
+        &states,
+    )
+    .unwrap();
+    wait_in_sync(&m, "b");
+    for k in (0..512).chain(600..602) {
+        let seed = if k < 512 { 0 } else { 1 };
+        assert_eq!(
+            read_vec(&*m, k * BLOCK, BLOCK as usize),
+            pattern(seed + k, BLOCK as usize)
+        );
+    }
+    m.close();
+    assert_eq!(nodes[0].checksum(), nodes[1].checksum());
 }
 
 #[test]

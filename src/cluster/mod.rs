@@ -9,6 +9,8 @@
 //! - `attach/<volume id>`: `{node, volume}` under the holder's lease; its
 //!   mod revision is the attach generation;
 //! - `replicas/<volume id>/<node>`: that replica's state;
+//! - `incarnations/<volume id>/<node>`: the incarnation (hex) the attached
+//!   node last met that replica with (see `replication::Incarnation`);
 //! - `snapshots/<volume id>/<name>`: a snapshot taken on every replica
 //!   (its time and the nodes holding it).
 //!
@@ -26,7 +28,7 @@ pub use behind::Behind;
 pub use catalog::EtcdCatalog;
 pub use placement::{place, PlacementRequest};
 
-use crate::replication::{Generation, ReplicaState, StateStore, StateStoreError};
+use crate::replication::{Generation, Incarnation, ReplicaState, StateStore, StateStoreError};
 use chrono::{DateTime, Utc};
 use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, KeyValue,
@@ -84,6 +86,12 @@ fn replicas_prefix(volume_id: &str) -> String {
 }
 fn snapshots_prefix(volume_id: &str) -> String {
     format!("{PREFIX}snapshots/{volume_id}/")
+}
+/// Beside the replica states, not in their records: the states have many
+/// writers (attach, restore, replica changes), the incarnation only the
+/// mirror that met the replica.
+fn incarnations_prefix(volume_id: &str) -> String {
+    format!("{PREFIX}incarnations/{volume_id}/")
 }
 
 #[derive(Debug, Clone)]
@@ -1057,23 +1065,62 @@ impl Cluster {
             .map(|h| (h.node, h.generation)))
     }
 
+    /// The values under `prefix` by the key's last part (a node name),
+    /// each read by `value`.
+    fn per_node<T>(
+        &self,
+        prefix: String,
+        value: impl Fn(&KeyValue, &str) -> Result<T, ClusterError>,
+    ) -> Result<BTreeMap<String, T>, ClusterError> {
+        let p = prefix.clone();
+        let kvs = self.run(|s| async move { s.get_prefix(&p).await })?;
+        let mut out = BTreeMap::new();
+        for kv in kvs {
+            if let Some(node) = key_tail(&kv, &prefix) {
+                out.insert(node.to_string(), value(&kv, node)?);
+            }
+        }
+        Ok(out)
+    }
+
     /// The stored replica states, by node. A node without a stored state is
     /// absent (nothing is assumed about it).
     pub fn replica_states(
         &self,
         volume_id: &str,
     ) -> Result<BTreeMap<String, ReplicaState>, ClusterError> {
-        let prefix = replicas_prefix(volume_id);
-        let p = prefix.clone();
-        let kvs = self.run(|s| async move { s.get_prefix(&p).await })?;
-        let mut out = BTreeMap::new();
-        for kv in kvs {
-            if let Some(node) = key_tail(&kv, &prefix) {
-                let r: ReplicaRecord = parse(&kv)?;
-                out.insert(node.to_string(), r.state);
-            }
-        }
-        Ok(out)
+        self.per_node(replicas_prefix(volume_id), |kv, _| {
+            Ok(parse::<ReplicaRecord>(kv)?.state)
+        })
+    }
+
+    /// The incarnation recorded for each replica of the volume (hex values).
+    pub fn replica_incarnations(
+        &self,
+        volume_id: &str,
+    ) -> Result<BTreeMap<String, Incarnation>, ClusterError> {
+        self.per_node(incarnations_prefix(volume_id), |kv, node| {
+            let text = kv.value_str().unwrap_or_default().trim();
+            Incarnation::from_str_radix(text, 16).map_err(|_| {
+                ClusterError::Etcd(format!(
+                    "the incarnation recorded for volume {volume_id}'s replica on {node} is not hex: {text:?}"
+                ))
+            })
+        })
+    }
+
+    /// Record the incarnation of `node`'s replica, only while the volume's
+    /// attach key is still at `generation` (Err(Fenced) otherwise).
+    pub fn set_replica_incarnation(
+        &self,
+        volume_id: &str,
+        generation: Generation,
+        node: &str,
+        incarnation: Incarnation,
+    ) -> Result<(), ClusterError> {
+        let key = format!("{}{node}", incarnations_prefix(volume_id));
+        let value = format!("{incarnation:016x}");
+        self.put_holding(volume_id, generation, TxnOp::put(key, value, None))
     }
 
     /// Record `node`'s replica state, only while the volume's attach key is
@@ -1116,7 +1163,11 @@ impl Cluster {
     /// Delete the volume's replica states and snapshot records (at volume
     /// remove).
     pub fn forget_volume(&self, volume_id: &str) -> Result<(), ClusterError> {
-        let prefixes = [replicas_prefix(volume_id), snapshots_prefix(volume_id)];
+        let prefixes = [
+            replicas_prefix(volume_id),
+            snapshots_prefix(volume_id),
+            incarnations_prefix(volume_id),
+        ];
         let mark = unreleased_key(volume_id);
         self.run(|s| async move {
             let mut kv = s.client.kv_client();
@@ -1218,6 +1269,8 @@ impl Cluster {
                 )));
             }
             let state_key = |n: &str| format!("{}{n}", replicas_prefix(volume_id));
+            // An added replica is met anew; a removed one's image is deleted.
+            let incarnation_key = |n: &str| format!("{}{n}", incarnations_prefix(volume_id));
             let mut ops = Vec::new();
             match change {
                 ReplicaChange::Add(n) => {
@@ -1229,11 +1282,13 @@ impl Cluster {
                         generation,
                     };
                     ops.push(TxnOp::put(state_key(n), to_json(&state), None));
+                    ops.push(TxnOp::delete(incarnation_key(n), None));
                 }
                 ReplicaChange::Remove(n) => {
                     record.replicas.retain(|r| r != n);
                     record.spec.nodes.retain(|r| r != n);
                     ops.push(TxnOp::delete(state_key(n), None));
+                    ops.push(TxnOp::delete(incarnation_key(n), None));
                     for mut snap in self.snapshots(volume_id)? {
                         if snap.nodes.iter().any(|r| r == n) {
                             snap.nodes.retain(|r| r != n);
@@ -1354,12 +1409,9 @@ struct EtcdStateStore {
     generation: Generation,
 }
 
-impl StateStore for EtcdStateStore {
-    fn set_state(&self, node: &str, state: ReplicaState) -> Result<(), StateStoreError> {
-        match self
-            .cluster
-            .set_replica_state(&self.volume_id, self.generation, node, state)
-        {
+impl EtcdStateStore {
+    fn answer(&self, result: Result<(), ClusterError>) -> Result<(), StateStoreError> {
+        match result {
             Ok(()) => Ok(()),
             Err(ClusterError::Fenced { generation, .. }) => Err(StateStoreError::Fenced {
                 volume: self.volume.clone(),
@@ -1367,5 +1419,23 @@ impl StateStore for EtcdStateStore {
             }),
             Err(e) => Err(StateStoreError::Unavailable(e.to_string())),
         }
+    }
+}
+
+impl StateStore for EtcdStateStore {
+    fn set_state(&self, node: &str, state: ReplicaState) -> Result<(), StateStoreError> {
+        self.answer(
+            self.cluster
+                .set_replica_state(&self.volume_id, self.generation, node, state),
+        )
+    }
+
+    fn set_incarnation(&self, node: &str, incarnation: Incarnation) -> Result<(), StateStoreError> {
+        self.answer(self.cluster.set_replica_incarnation(
+            &self.volume_id,
+            self.generation,
+            node,
+            incarnation,
+        ))
     }
 }

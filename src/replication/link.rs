@@ -9,7 +9,7 @@
 //! timeout; waiters get [`LinkDown`] and the mirror connects a new one.
 
 use super::wire::{self, ErrorCode, Frame, Hello, Request, WireError, PROTOCOL_VERSION};
-use super::ReplicationError;
+use super::{Incarnation, ReplicationError};
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -230,8 +230,8 @@ pub struct Link {
     node: String,
     addr: SocketAddr,
     shared: Arc<Shared>,
-    /// The replica held blocks or snapshots at this link's Hello.
-    written: bool,
+    /// The replica's incarnation at this link's Hello.
+    incarnation: Incarnation,
 }
 
 impl std::fmt::Debug for Link {
@@ -256,7 +256,7 @@ impl Link {
         timeout: Duration,
         handshake: Duration,
     ) -> Result<Link, ReplicationError> {
-        let (stream, written) = say_hello(node, addr, hello, timeout, handshake)?;
+        let (stream, incarnation) = say_hello(node, addr, hello, timeout, handshake)?;
         let io_err = |e: std::io::Error| ReplicationError::Link {
             node: node.to_string(),
             addr,
@@ -282,7 +282,7 @@ impl Link {
             node: node.to_string(),
             addr,
             shared,
-            written,
+            incarnation,
         })
     }
 }
@@ -337,14 +337,14 @@ pub fn forward_request(
 }
 
 /// Connect and say Hello; the stream once `node` said HelloOk, and the
-/// whether the replica holds anything (HelloOk's `written`).
+/// replica's incarnation.
 fn say_hello(
     node: &str,
     addr: SocketAddr,
     hello: &Hello,
     timeout: Duration,
     handshake: Duration,
-) -> Result<(TcpStream, bool), ReplicationError> {
+) -> Result<(TcpStream, Incarnation), ReplicationError> {
     let link_err = |source: WireError| ReplicationError::Link {
         node: node.to_string(),
         addr,
@@ -358,11 +358,11 @@ fn say_hello(
     stream.set_write_timeout(Some(timeout)).map_err(io_err)?;
     let mut s = &stream;
     wire::write_frame(&mut s, &Frame::Hello(hello.clone())).map_err(link_err)?;
-    let written = match wire::read_frame(&mut s).map_err(link_err)? {
+    let incarnation = match wire::read_frame(&mut s).map_err(link_err)? {
         Some(Frame::HelloOk {
             version,
             node: peer,
-            written,
+            incarnation,
         }) => {
             if version != PROTOCOL_VERSION {
                 return Err(link_err(WireError::Version { theirs: version }));
@@ -376,7 +376,7 @@ fn say_hello(
                     ),
                 });
             }
-            written
+            incarnation
         }
         Some(Frame::Error { code, message, .. }) => {
             return Err(ReplicationError::Refused {
@@ -396,13 +396,13 @@ fn say_hello(
             )))
         }
     };
-    Ok((stream, written))
+    Ok((stream, incarnation))
 }
 
 impl Link {
-    /// Whether the replica held blocks or snapshots at this link's Hello.
-    pub fn written(&self) -> bool {
-        self.written
+    /// The replica's incarnation at this link's Hello.
+    pub fn incarnation(&self) -> Incarnation {
+        self.incarnation
     }
 
     /// Send a request; the ticket waits for its reply.
@@ -558,7 +558,7 @@ mod tests {
             let ok = Frame::HelloOk {
                 version: PROTOCOL_VERSION,
                 node: node.into(),
-                written: false,
+                incarnation: 1,
             };
             wire::write_frame(&mut &s, &ok).unwrap();
             let mut held = Vec::new();

@@ -8,7 +8,7 @@
 //! `<dir>/generation`, synced before the new generation takes effect: IO
 //! of an older generation is refused from then on (fencing).
 
-use super::{Generation, ReplicationError};
+use super::{Generation, Incarnation, ReplicationError};
 use crate::engine::{BlockEngine, ThinImage, ThinParams};
 use parking_lot::{Condvar, Mutex, RwLock, RwLockReadGuard};
 use sha2::{Digest, Sha256};
@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Weak};
 
 const GENERATION_FILE: &str = "generation";
+const INCARNATION_FILE: &str = "incarnation";
 const HEADER_FILE: &str = "header";
 
 /// Check a volume id that names a directory: `[A-Za-z0-9][A-Za-z0-9_.-]*`,
@@ -80,6 +81,7 @@ pub struct LocalReplica {
     /// The highest generation seen. IO holds the read side while it runs,
     /// so once a newer generation is stored no older IO is in flight.
     generation: RwLock<Generation>,
+    incarnation: Incarnation,
     image: ThinImage,
     _closed: CloseSignal,
 }
@@ -90,6 +92,7 @@ impl std::fmt::Debug for LocalReplica {
             .field("volume_id", &self.volume_id)
             .field("dir", &self.dir)
             .field("generation", &*self.generation.read())
+            .field("incarnation", &format_args!("{:016x}", self.incarnation))
             .finish()
     }
 }
@@ -120,11 +123,9 @@ impl LocalReplica {
         &self.image
     }
 
-    /// Whether the image holds blocks or snapshots: an empty one recorded
-    /// in sync beside one that does lost its files (see `Mirror::open`).
-    pub fn written(&self) -> bool {
-        let u = self.image.usage();
-        u.allocated_blocks > 0 || u.snapshots > 0
+    /// Which image this is (see the module doc).
+    pub fn incarnation(&self) -> Incarnation {
+        self.incarnation
     }
 
     /// The highest generation this replica has seen.
@@ -253,15 +254,44 @@ fn read_generation(dir: &Path) -> Result<Generation, ReplicationError> {
 
 /// Replace `<dir>/generation` atomically and durably.
 fn write_generation(dir: &Path, generation: Generation) -> Result<(), ReplicationError> {
-    let tmp = dir.join(".generation.tmp");
-    let path = dir.join(GENERATION_FILE);
+    write_small(dir, GENERATION_FILE, &generation.to_string())
+}
+
+/// Replace `<dir>/<name>` with one line, atomically and durably.
+fn write_small(dir: &Path, name: &str, line: &str) -> Result<(), ReplicationError> {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let path = dir.join(name);
     let mut f = std::fs::File::create(&tmp).map_err(io_err("create", &tmp))?;
-    writeln!(f, "{generation}").map_err(io_err("write", &tmp))?;
+    writeln!(f, "{line}").map_err(io_err("write", &tmp))?;
     f.sync_all().map_err(io_err("fsync", &tmp))?;
     std::fs::rename(&tmp, &path).map_err(io_err("rename", &path))?;
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io_err("fsync", dir))
+}
+
+/// The image's incarnation; a new one when `made` (the image was just
+/// created) or when none is stored (an image of an earlier build, or a
+/// crash between the image's create and this).
+fn incarnation(dir: &Path, made: bool) -> Result<Incarnation, ReplicationError> {
+    let path = dir.join(INCARNATION_FILE);
+    if !made {
+        match std::fs::read_to_string(&path) {
+            Ok(s) => {
+                return Incarnation::from_str_radix(s.trim(), 16).map_err(|_| {
+                    ReplicationError::Corrupt {
+                        path,
+                        reason: format!("not an incarnation: {:?}", s.trim()),
+                    }
+                })
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err("read", &path)(e)),
+        }
+    }
+    let new: Incarnation = rand::random();
+    write_small(dir, INCARNATION_FILE, &format!("{new:016x}"))?;
+    Ok(new)
 }
 
 struct Slot {
@@ -349,7 +379,8 @@ impl LocalReplicas {
             slot.wait_closed();
             open.remove(volume_id);
         }
-        let image = if dir.join(HEADER_FILE).exists() {
+        let made = !dir.join(HEADER_FILE).exists();
+        let image = if !made {
             ThinImage::open(&dir)?
         } else if let (Some(_), Some(b)) = (params, base) {
             let base_dir = self.dir(&b.volume_id)?;
@@ -367,6 +398,7 @@ impl LocalReplicas {
         let replica = Arc::new(LocalReplica {
             volume_id: volume_id.to_string(),
             generation: RwLock::new(read_generation(&dir)?),
+            incarnation: incarnation(&dir, made)?,
             dir,
             image,
             _closed: CloseSignal(closed.clone()),

@@ -16,7 +16,7 @@ use super::local::{check_volume_id, LocalReplica, ReplicaBase};
 use super::ranges::RangeLocks;
 use super::state::{unit_span, Pacer, ReplicaStatus, Route, Track, UNIT};
 use super::wire::{ErrorCode, Hello, Request};
-use super::{Generation, ReplicaState, ReplicationError, StateStore};
+use super::{Generation, Incarnation, ReplicaState, ReplicationError, StateStore};
 use crate::engine::{BlockEngine, EngineError, ThinParams};
 use crossbeam_channel::{Receiver, Sender};
 use parking_lot::{Condvar, Mutex, RwLock};
@@ -47,6 +47,8 @@ pub struct PeerSpec {
     pub addr: SocketAddr,
     /// Its state as the cluster recorded it.
     pub state: ReplicaState,
+    /// The incarnation the cluster recorded for it (`None`: never seen).
+    pub incarnation: Option<Incarnation>,
 }
 
 /// What [`Mirror::open`] needs.
@@ -61,8 +63,10 @@ pub struct MirrorConfig {
     /// This node's replica, from [`super::LocalReplicas::open`]; `None`
     /// for a diskless attach.
     pub local: Option<Arc<LocalReplica>>,
-    /// The local replica's recorded state (ignored without one).
+    /// The local replica's recorded state and incarnation (ignored
+    /// without one).
     pub local_state: ReplicaState,
+    pub local_incarnation: Option<Incarnation>,
     /// The last attach ended without a release (its node was killed or cut
     /// off): compare the in-sync replicas in the background and repair
     /// where they differ (see [`Mirror::verification`]).
@@ -96,6 +100,8 @@ enum Endpoint {
 struct Cell {
     track: Track,
     link: Option<Arc<Link>>,
+    /// The incarnation recorded for it (`None`: not yet).
+    incarnation: Option<Incarnation>,
     /// Writes and flushes routed to this replica and not yet settled.
     inflight: u64,
 }
@@ -162,11 +168,6 @@ struct Inner {
     closed: AtomicBool,
     verification: Mutex<Option<Verification>>,
     resync_rate: Option<u64>,
-    /// Some replica held data at open.
-    seasoned: bool,
-    /// A write went out since open. With `seasoned`: a replica that comes
-    /// back empty lost its files (it missed more than its dirty map).
-    wrote: AtomicBool,
 }
 
 /// Progress of the comparison of the in-sync replicas after an attach
@@ -239,19 +240,26 @@ impl WriteOp<'_> {
     }
 }
 
-/// The replicas recorded in sync that hold nothing (no block, no
-/// snapshot) while another replica, in sync or not, holds something: they
-/// lost their files (a wiped data dir, a new disk). A new volume's
-/// replicas all hold nothing; an emptied one keeps its snapshots or its
-/// peers are empty too. `seen`: (node, recorded state, holds something).
-fn lost_replicas(seen: &[(&str, ReplicaState, bool)]) -> Vec<String> {
-    if !seen.iter().any(|(_, _, written)| *written) {
-        return Vec::new();
+/// What a replica's incarnation says about it, against the recorded one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Met {
+    /// The image the cluster knows.
+    Known,
+    /// None was recorded (a new volume's or a new replica's first
+    /// contact): record this one, trust the recorded state.
+    First,
+    /// Another image: its files were lost (a wiped data dir, a new disk)
+    /// and it was made again empty. It holds none of what it was recorded
+    /// to hold: outdated, and everything is to copy.
+    Replaced,
+}
+
+fn meet(recorded: Option<Incarnation>, seen: Incarnation) -> Met {
+    match recorded {
+        Some(r) if r == seen => Met::Known,
+        Some(_) => Met::Replaced,
+        None => Met::First,
     }
-    seen.iter()
-        .filter(|(_, s, written)| *s == ReplicaState::InSync && !written)
-        .map(|(n, _, _)| n.to_string())
-        .collect()
 }
 
 /// How long a peer may take to answer a Hello: it may have to open a big
@@ -338,27 +346,56 @@ impl Mirror {
                 .collect()
         });
 
-        // A replica recorded in sync that holds nothing beside one that
-        // holds something lost its files: recorded outdated before any IO.
-        let seen: Vec<(&str, ReplicaState, bool)> = cfg
+        // A replica whose image is not the recorded one lost its files:
+        // recorded outdated before any IO (then its new incarnation, so
+        // that a crash between the two records finds it replaced again).
+        let met: Vec<(&str, ReplicaState, Option<Incarnation>, Met)> = cfg
             .local
             .as_ref()
-            .map(|l| (cfg.node.as_str(), cfg.local_state, l.written()))
+            .map(|l| {
+                let seen = l.incarnation();
+                (
+                    cfg.node.as_str(),
+                    cfg.local_state,
+                    Some(seen),
+                    meet(cfg.local_incarnation, seen),
+                )
+            })
             .into_iter()
             .chain(cfg.peers.iter().zip(&links).filter_map(|(p, l)| {
-                l.as_ref()
-                    .ok()
-                    .map(|l| (p.node.as_str(), p.state, l.written()))
+                l.as_ref().ok().map(|l| {
+                    let seen = l.incarnation();
+                    (
+                        p.node.as_str(),
+                        p.state,
+                        Some(seen),
+                        meet(p.incarnation, seen),
+                    )
+                })
             }))
             .collect();
-        let seasoned = seen.iter().any(|(_, _, written)| *written);
-        let lost = lost_replicas(&seen);
-        for node in &lost {
-            tracing::warn!(volume = %cfg.volume, node, "replica recorded in sync has a new, empty image (its files were lost): recording it outdated; it is resynced whole");
-            cfg.states.set_state(node, ReplicaState::Outdated)?;
+        let mut replaced = Vec::new();
+        for &(node, state, seen, met) in &met {
+            let Some(seen) = seen else { continue };
+            if met == Met::Replaced {
+                tracing::warn!(volume = %cfg.volume, node, "replica's image is not the one recorded (its files were lost or replaced): recording it outdated; it is resynced whole");
+                if state != ReplicaState::Outdated {
+                    cfg.states.set_state(node, ReplicaState::Outdated)?;
+                }
+                replaced.push(node.to_string());
+            }
+            if met != Met::Known {
+                cfg.states.set_incarnation(node, seen)?;
+            }
         }
+        let recorded_incarnation = |node: &str, recorded: Option<Incarnation>| {
+            met.iter()
+                .find(|m| m.0 == node)
+                .and_then(|m| m.2)
+                .or(recorded)
+        };
         let state_of = |node: &str, state: ReplicaState| {
-            if lost.iter().any(|n| n == node) {
+            if replaced.iter().any(|n| n == node) {
                 ReplicaState::Outdated
             } else {
                 state
@@ -377,6 +414,7 @@ impl Mirror {
                 Endpoint::Local(local.clone()),
                 Track::new(state, size, false),
                 None,
+                recorded_incarnation(&cfg.node, cfg.local_incarnation),
             ));
         }
         let mut unreachable = Vec::new();
@@ -413,13 +451,25 @@ impl Mirror {
                     None
                 }
             };
-            replicas.push(new_replica(&p.node, Endpoint::Remote(p.addr), track, link));
+            let incarnation = recorded_incarnation(&p.node, p.incarnation);
+            replicas.push(new_replica(
+                &p.node,
+                Endpoint::Remote(p.addr),
+                track,
+                link,
+                incarnation,
+            ));
         }
         if in_sync.is_empty() {
-            let detail = if unreachable.is_empty() {
+            let mut why: Vec<String> = replaced
+                .iter()
+                .map(|n| format!("{n}: its image is not the one recorded in sync (its files were lost or replaced)"))
+                .collect();
+            why.extend(unreachable);
+            let detail = if why.is_empty() {
                 "every replica is outdated".to_string()
             } else {
-                unreachable.join("; ")
+                why.join("; ")
             };
             return Err(ReplicationError::NoInSyncReplica {
                 volume: cfg.volume,
@@ -448,8 +498,6 @@ impl Mirror {
             fenced: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             resync_rate: cfg.resync_rate,
-            seasoned,
-            wrote: AtomicBool::new(false),
             verification: Mutex::new(cfg.verify.then(|| Verification {
                 total_bytes: size,
                 ..Verification::default()
@@ -567,8 +615,16 @@ impl Mirror {
                 (Endpoint::Local(l), false)
             }
         };
+        // A peer's is recorded when its thread connects it.
+        let incarnation = match &endpoint {
+            Endpoint::Local(l) => {
+                inner.states.set_incarnation(node, l.incarnation())?;
+                Some(l.incarnation())
+            }
+            Endpoint::Remote(_) => None,
+        };
         let track = Track::new(ReplicaState::Outdated, inner.size, remote);
-        let r = Arc::new(new_replica(node, endpoint, track, None));
+        let r = Arc::new(new_replica(node, endpoint, track, None, incarnation));
         let thread = inner.spawn(Some(&r))?;
         {
             let mut replicas = inner.replicas.write();
@@ -693,7 +749,13 @@ impl Drop for Mirror {
     }
 }
 
-fn new_replica(node: &str, endpoint: Endpoint, track: Track, link: Option<Arc<Link>>) -> Replica {
+fn new_replica(
+    node: &str,
+    endpoint: Endpoint,
+    track: Track,
+    link: Option<Arc<Link>>,
+    incarnation: Option<Incarnation>,
+) -> Replica {
     let (wake_tx, wake_rx) = crossbeam_channel::bounded(1);
     Replica {
         node: node.to_string(),
@@ -701,6 +763,7 @@ fn new_replica(node: &str, endpoint: Endpoint, track: Track, link: Option<Arc<Li
         cell: Mutex::new(Cell {
             track,
             link,
+            incarnation,
             inflight: 0,
         }),
         settled: Condvar::new(),
@@ -878,11 +941,6 @@ impl Inner {
         let _range = self.ranges.lock(s, e);
         self.check_open()?;
         let deadline = Instant::now() + self.io_timeout;
-        // Read first: one store per mirror, not a contended line per write.
-        if matches!(op, WriteOp::Write(_)) && !self.wrote.load(Ordering::Relaxed) {
-            self.wrote.store(true, Ordering::Relaxed);
-        }
-
         // Read under the range lock: a replica added later starts with
         // everything dirty, and its resync waits for this range.
         let set = self.set();
@@ -1391,20 +1449,34 @@ impl Inner {
             }
             Err(e) => return Err(Stop::Retry(e.to_string())),
         };
+        // Another image than before (the node lost its files while away):
+        // what it missed is everything, not the dirty map. Recorded before
+        // its resync can record it in sync.
+        let seen = link.incarnation();
+        let met = meet(r.cell.lock().incarnation, seen);
+        if met != Met::Known {
+            let _t = r.transition.lock();
+            if let Err(e) = self.states.set_incarnation(&r.node, seen) {
+                link.kill();
+                if matches!(e, super::StateStoreError::Fenced { .. }) {
+                    self.fence(&e.to_string());
+                    return Err(Stop::Done);
+                }
+                return Err(Stop::Retry(format!("cannot record its incarnation: {e}")));
+            }
+        }
         let mut cell = r.cell.lock();
         if self.is_closed() || r.is_removed() {
             drop(cell);
             link.kill();
             return Err(Stop::Done);
         }
-        // Empty while the volume holds data (the node lost its files while
-        // away): what it missed is everything, not the dirty map.
-        let lost = !link.written() && (self.seasoned || self.wrote.load(Ordering::Relaxed));
         cell.link = Some(link);
+        cell.incarnation = Some(seen);
         cell.track.connect();
-        if lost {
+        if met == Met::Replaced {
             cell.track.mark_all_dirty();
-            tracing::warn!(volume = %self.volume, peer = %r.node, "replica reconnected with a new, empty image (its files were lost): resyncing it whole");
+            tracing::warn!(volume = %self.volume, peer = %r.node, "replica reconnected with another image (its files were lost or replaced): resyncing it whole");
         } else {
             tracing::info!(volume = %self.volume, peer = %r.node, "replica reconnected");
         }
@@ -1849,25 +1921,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn empty_replicas_beside_written_ones_are_lost_and_a_new_volume_is_not() {
-        use ReplicaState::{InSync, Outdated};
-        assert!(lost_replicas(&[("a", InSync, false), ("b", InSync, false)]).is_empty());
-        assert_eq!(
-            lost_replicas(&[
-                ("a", InSync, true),
-                ("b", InSync, false),
-                ("c", InSync, true)
-            ]),
-            ["b"]
-        );
-        // An outdated replica that holds data proves the volume was
-        // written: an empty in-sync one is not trusted over it.
-        assert_eq!(
-            lost_replicas(&[("a", Outdated, true), ("b", InSync, false)]),
-            ["b"]
-        );
-        // Only an in-sync one needs recording outdated.
-        assert!(lost_replicas(&[("a", InSync, true), ("b", Outdated, false)]).is_empty());
+    fn a_replica_is_known_by_its_recorded_incarnation() {
+        assert_eq!(meet(Some(7), 7), Met::Known);
+        // Its files were lost and made again: whatever it holds, even
+        // nothing, as a new volume's would.
+        assert_eq!(meet(Some(7), 8), Met::Replaced);
+        // Nothing recorded yet: a new volume, a new replica.
+        assert_eq!(meet(None, 8), Met::First);
     }
 
     #[test]

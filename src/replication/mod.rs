@@ -37,6 +37,12 @@ use std::path::PathBuf;
 /// seen, so a node that lost its attach can never write again.
 pub type Generation = u64;
 
+/// Which image a replica is: random, made with the image and kept beside
+/// it. The cluster records the one each replica had when last seen; a
+/// replica that answers with another one lost its files (a wiped data dir,
+/// a new disk) and holds none of what it was recorded to hold.
+pub type Incarnation = u64;
+
 /// A replica's state as the cluster records it. Only `InSync` replicas may
 /// serve a new attach; the others need a resync first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -66,6 +72,8 @@ impl std::fmt::Display for ReplicaState {
 /// must stop writing (it is fenced).
 pub trait StateStore: Send + Sync {
     fn set_state(&self, node: &str, state: ReplicaState) -> Result<(), StateStoreError>;
+    /// Record the incarnation `node`'s replica answered with.
+    fn set_incarnation(&self, node: &str, incarnation: Incarnation) -> Result<(), StateStoreError>;
 }
 
 #[derive(Debug, thiserror::Error)]

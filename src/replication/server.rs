@@ -6,7 +6,7 @@
 
 use super::local::LocalReplicas;
 use super::wire::{self, ErrorCode, Frame, Hello, Request, WireError, MAX_IO, PROTOCOL_VERSION};
-use super::{LocalReplica, ReplicationError};
+use super::{Incarnation, LocalReplica, ReplicationError};
 use crate::engine::EngineError;
 use parking_lot::Mutex;
 use sha2::{Digest, Sha256};
@@ -211,12 +211,13 @@ fn code_of(e: &ReplicationError) -> ErrorCode {
     }
 }
 
-/// `written`: the replica holds something (false when none is opened).
-fn hello_ok(inner: &Inner, written: bool) -> Frame {
+/// `incarnation`: the replica's (0 when none is opened: a forwarded
+/// request or a restore).
+fn hello_ok(inner: &Inner, incarnation: Incarnation) -> Frame {
     Frame::HelloOk {
         version: PROTOCOL_VERSION,
         node: inner.node.clone(),
-        written,
+        incarnation,
     }
 }
 
@@ -258,7 +259,7 @@ fn serve_conn(inner: &Inner, stream: TcpStream, peer: Option<SocketAddr>) {
         tracing::info!(?peer, from = %hello.from, "request forwarded by another node");
         return match run(request) {
             Ok(reply) => {
-                let _ = send(&stream, &hello_ok(inner, false)).and_then(|()| {
+                let _ = send(&stream, &hello_ok(inner, 0)).and_then(|()| {
                     send(
                         &stream,
                         &Frame::Data {
@@ -277,7 +278,7 @@ fn serve_conn(inner: &Inner, stream: TcpStream, peer: Option<SocketAddr>) {
             .restore(&hello.volume_id, hello.generation, snapshot)
         {
             Ok(()) => {
-                let _ = send(&stream, &hello_ok(inner, false));
+                let _ = send(&stream, &hello_ok(inner, 0));
             }
             Err(e) => refuse_hello(&stream, code_of(&e), e.to_string()),
         };
@@ -290,7 +291,7 @@ fn serve_conn(inner: &Inner, stream: TcpStream, peer: Option<SocketAddr>) {
         Ok(r) => r,
         Err(e) => return refuse_hello(&stream, code_of(&e), e.to_string()),
     };
-    if send(&stream, &hello_ok(inner, replica.written())).is_err() {
+    if send(&stream, &hello_ok(inner, replica.incarnation())).is_err() {
         return;
     }
     let _ = stream.set_read_timeout(None);

@@ -26,7 +26,7 @@ pub const MAGIC: [u8; 8] = *b"dunnrepl";
 ///    (`forward`), answered by `HelloOk` and one `Data` frame.
 /// 5: `HelloOk` says whether the replica holds anything (blocks or
 ///    snapshots), so a replica whose files were lost is not trusted.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 /// Largest frame accepted (a write or read of up to 64 MiB plus headers).
 pub const MAX_FRAME: usize = (64 << 20) + 4096;
 /// Largest read or write one request may carry.
@@ -197,10 +197,9 @@ pub enum Frame {
         version: u32,
         /// The server's node name.
         node: String,
-        /// The replica holds blocks or snapshots. An empty one recorded
-        /// in sync beside one that is not lost its files: the mirror must
-        /// not take it for in sync.
-        written: bool,
+        /// Which image the replica is (see `Incarnation`): one other than
+        /// the cluster recorded lost its files, and is not in sync.
+        incarnation: u64,
     },
     Request {
         id: u64,
@@ -298,11 +297,11 @@ impl Frame {
             Frame::HelloOk {
                 version,
                 node,
-                written,
+                incarnation,
             } => {
                 b.extend_from_slice(&version.to_be_bytes());
                 put_str(&mut b, node);
-                b.push(u8::from(*written));
+                b.extend_from_slice(&incarnation.to_be_bytes());
             }
             Frame::Request { req, .. } => match req {
                 Request::Read { offset, len } | Request::Digest { offset, len } => {
@@ -379,11 +378,7 @@ impl Frame {
             KIND_HELLO_OK => Frame::HelloOk {
                 version: r.u32()?,
                 node: r.str()?,
-                written: match r.u8()? {
-                    0 => false,
-                    1 => true,
-                    v => return Err(WireError::Malformed(format!("written flag {v}"))),
-                },
+                incarnation: r.u64()?,
             },
             KIND_ERROR => Frame::Error {
                 id,
@@ -696,7 +691,7 @@ mod tests {
         roundtrip(Frame::HelloOk {
             version: PROTOCOL_VERSION,
             node: "node-b".into(),
-            written: true,
+            incarnation: 0x0123_4567_89ab_cdef,
         });
         for req in [
             Request::Read {
@@ -768,19 +763,20 @@ mod tests {
     /// by a fixture per version.
     #[test]
     fn hello_matches_fixture() {
-        let fixture = include_bytes!("../../fixtures/replication/hello-v5.bin");
+        let fixture = include_bytes!("../../fixtures/replication/hello-v6.bin");
         assert_eq!(Frame::Hello(fixture_hello()).encode(), fixture.to_vec());
         assert_eq!(
             read_frame(&mut &fixture[..]).unwrap().unwrap(),
             Frame::Hello(fixture_hello())
         );
         // Nodes of older versions (no Digest, Snapshot, forward, prior
-        // generation) are told what to do.
-        let old: [(&[u8], u32); 4] = [
+        // generation, incarnation) are told what to do.
+        let old: [(&[u8], u32); 5] = [
             (include_bytes!("../../fixtures/replication/hello-v1.bin"), 1),
             (include_bytes!("../../fixtures/replication/hello-v2.bin"), 2),
             (include_bytes!("../../fixtures/replication/hello-v3.bin"), 3),
             (include_bytes!("../../fixtures/replication/hello-v4.bin"), 4),
+            (include_bytes!("../../fixtures/replication/hello-v5.bin"), 5),
         ];
         for (bytes, version) in old {
             match read_frame(&mut &bytes[..]) {

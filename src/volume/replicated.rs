@@ -116,11 +116,13 @@ fn mirror_for(
 ) -> Result<Arc<Mirror>, VolumeErrorKind> {
     let cl = &c.cluster;
     let states = cl.replica_states(&record.id)?;
+    let incarnations = cl.replica_incarnations(&record.id)?;
     let members = cl.members()?;
     let me = cl.node().to_string();
     let params = params(record);
     let mut local = None;
     let mut local_state = ReplicaState::Outdated;
+    let mut local_incarnation = None;
     let mut peers = Vec::new();
     for n in &record.replicas {
         // No recorded state: nothing says it holds the data.
@@ -128,6 +130,7 @@ fn mirror_for(
         if *n == me {
             local = Some(open_local(c, record)?);
             local_state = state;
+            local_incarnation = incarnations.get(n).copied();
             continue;
         }
         let addr = members
@@ -144,6 +147,7 @@ fn mirror_for(
             node: n.clone(),
             addr,
             state,
+            incarnation: incarnations.get(n).copied(),
         });
     }
     let mirror = Mirror::open(MirrorConfig {
@@ -154,6 +158,7 @@ fn mirror_for(
         params,
         local,
         local_state,
+        local_incarnation,
         peers,
         base: replica_base(record),
         states: cl.state_store(&record.id, &record.name, generation),
