@@ -1367,9 +1367,28 @@ fn a_clone_of_a_replicated_volume_lives_on_its_parents_nodes() {
     // The parent's replica on n2 holds the blocks of the clone's there.
     let err = c.cli_err(2, &["replica", "rm", src, "n2"]);
     assert!(err.contains(copy) && err.contains("n2"), "{err}");
-    // A clone's replicas are its parent's: none elsewhere.
-    let err = c.cli_err(2, &["replica", "add", copy, "n3"]);
-    assert!(err.contains("clone") && err.contains("n1, n2"), "{err}");
+    // A replica of the clone where its parent has none is a plain copy,
+    // made whole from the others (detached: a background resync).
+    c.cli_ok(
+        2,
+        &[
+            "replica",
+            "add",
+            copy,
+            "n3",
+            "--wait",
+            "--timeout",
+            &RESYNC_TIMEOUT_SECS.to_string(),
+        ],
+    );
+    assert_all_in_sync(&c, 2, copy, "after replica add of a clone");
+    assert_checksums_equal(&c, &[0, 1, 2], copy);
+    let dev = c.attach_on(2, copy);
+    let d = BlockDev::open(&dev);
+    assert_eq!(d.read_block(3).expect("read"), a);
+    assert_eq!(d.read_block(4).expect("read"), mine);
+    drop(d);
+    c.detach_on(2, copy);
 
     let dev = c.attach_on(0, src);
     let d = BlockDev::open(&dev);

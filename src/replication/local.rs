@@ -348,14 +348,35 @@ impl LocalReplicas {
 
     /// [`LocalReplicas::open`] for a clone's replica: one that is absent is
     /// made a clone of this node's replica of `base` (which holds the
-    /// base snapshot), sharing its blocks.
+    /// base snapshot), sharing its blocks. Where that is absent, it is
+    /// made an empty plain image only if `copied_whole` (the mirror copies
+    /// everything to it), else refused: an empty image would pass for the
+    /// clone's data.
     pub fn open_as(
         &self,
         volume_id: &str,
         params: ThinParams,
         base: Option<&ReplicaBase>,
+        copied_whole: bool,
     ) -> Result<Arc<LocalReplica>, ReplicationError> {
+        let base = match base {
+            Some(b) if copied_whole && !self.holds_base(b) => {
+                tracing::info!(volume_id, base = %b.volume_id, snapshot = %b.snapshot,
+                    "the clone's base is not here: its replica is a plain image, copied whole");
+                None
+            }
+            other => other,
+        };
         self.open_inner(volume_id, Some(params), base)
+    }
+
+    /// Whether this node holds `base`'s replica with its snapshot.
+    fn holds_base(&self, base: &ReplicaBase) -> bool {
+        let Ok(dir) = self.dir(&base.volume_id) else {
+            return false;
+        };
+        dir.join(HEADER_FILE).exists()
+            && ThinImage::snapshot_names(&dir).is_ok_and(|names| names.contains(&base.snapshot))
     }
 
     /// Like [`LocalReplicas::open`], but never creates without `params`.
@@ -671,7 +692,9 @@ mod tests {
             snapshot: snapshot.into(),
         };
         // A CoW clone, reading the parent's block.
-        let clone = reps.open_as("clone", P, Some(&base("base"))).unwrap();
+        let clone = reps
+            .open_as("clone", P, Some(&base("base")), false)
+            .unwrap();
         let mut buf = [0u8; 4096];
         clone.read_at(0, &mut buf, 0).unwrap();
         assert_eq!(buf, [7; 4096]);
@@ -684,8 +707,20 @@ mod tests {
             Err(ReplicationError::HasClones { .. })
         ));
         // Never an empty image in its place: it would pass for in sync.
-        assert!(reps.open_as("copy", P, Some(&base("gone"))).is_err());
+        assert!(reps.open_as("copy", P, Some(&base("gone")), false).is_err());
         assert!(!dir.path().join("copy").exists());
+        // Unless the mirror copies it whole: then a plain one, not a clone.
+        let copy = reps.open_as("copy", P, Some(&base("gone")), true).unwrap();
+        assert!(!copy.image().is_clone());
+        copy.read_at(0, &mut buf, 0).unwrap();
+        assert_eq!(buf, [0; 4096]);
+        drop(copy);
+        reps.remove("copy").unwrap();
+        // Where the base is here, a clone all the same.
+        let again = reps.open_as("again", P, Some(&base("base")), true).unwrap();
+        assert!(again.image().is_clone());
+        drop(again);
+        reps.remove("again").unwrap();
         reps.remove("clone").unwrap();
         reps.remove("parent").unwrap();
     }

@@ -334,9 +334,13 @@ impl Mirror {
                 .peers
                 .iter()
                 .map(|p| {
-                    let hello = &hello;
+                    // One not in sync is copied whole (Track::new).
+                    let hello = Hello {
+                        copied_whole: p.state != ReplicaState::InSync,
+                        ..hello.clone()
+                    };
                     s.spawn(move || {
-                        Link::connect(&p.node, p.addr, hello, cfg.io_timeout, handshake)
+                        Link::connect(&p.node, p.addr, &hello, cfg.io_timeout, handshake)
                     })
                 })
                 .collect();
@@ -1431,10 +1435,14 @@ impl Inner {
             }
             return Ok(());
         };
+        let hello = Hello {
+            copied_whole: r.cell.lock().track.content_unknown(),
+            ..self.hello.clone()
+        };
         let link = match Link::connect(
             &r.node,
             addr,
-            &self.hello,
+            &hello,
             self.io_timeout,
             handshake_timeout(self.io_timeout),
         ) {

@@ -285,7 +285,12 @@ fn serve_conn(inner: &Inner, stream: TcpStream, peer: Option<SocketAddr>) {
     }
     let replica = match inner
         .replicas
-        .open_as(&hello.volume_id, hello.params(), hello.base.as_ref())
+        .open_as(
+            &hello.volume_id,
+            hello.params(),
+            hello.base.as_ref(),
+            hello.copied_whole,
+        )
         .and_then(|r| r.advance(hello.generation).map(|()| r))
     {
         Ok(r) => r,

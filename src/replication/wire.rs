@@ -69,6 +69,12 @@ pub struct Hello {
     /// `HelloOk` then a `Data` frame (id 0) with the reply's JSON, or an
     /// `Error`; then the connection closes.
     pub forward: Option<String>,
+    /// The mirror copies this replica whole (it does not know what it
+    /// holds): one that is absent may be made an empty plain image where
+    /// `base` is absent (a clone's replica added on a node without its
+    /// parent's). Never for a replica the mirror takes for in sync, which
+    /// must be the base's clone.
+    pub copied_whole: bool,
 }
 
 impl Hello {
@@ -83,6 +89,7 @@ impl Hello {
             restore: None,
             base: None,
             forward: None,
+            copied_whole: false,
         }
     }
 
@@ -293,6 +300,7 @@ impl Frame {
                         put_str(&mut b, request);
                     }
                 }
+                b.push(u8::from(h.copied_whole));
             }
             Frame::HelloOk {
                 version,
@@ -372,6 +380,11 @@ impl Frame {
                         0 => None,
                         1 => Some(r.str()?),
                         v => return Err(WireError::Malformed(format!("forward flag {v}"))),
+                    },
+                    copied_whole: match r.u8()? {
+                        0 => false,
+                        1 => true,
+                        v => return Err(WireError::Malformed(format!("copied-whole flag {v}"))),
                     },
                 })
             }
@@ -686,6 +699,10 @@ mod tests {
         }));
         roundtrip(Frame::Hello(Hello {
             forward: Some(r#"{"volume":"pg","op":{"take_snapshot":{"name":"a"}}}"#.into()),
+            ..fixture_hello()
+        }));
+        roundtrip(Frame::Hello(Hello {
+            copied_whole: true,
             ..fixture_hello()
         }));
         roundtrip(Frame::HelloOk {

@@ -153,12 +153,8 @@ impl VolumeActor {
         let node = if let Some(n) = unfinished.clone() {
             n
         } else if add {
-            if record.clone_of.is_some() {
-                return Err(self.err(refused(format!(
-                    "it is a clone, whose replicas share blocks with its parent's replicas on {}; a replica elsewhere is not supported",
-                    record.replicas.join(", ")
-                ))));
-            }
+            // A clone's replica on a node without its parent's is a plain
+            // copy (`LocalReplicas::open_as`).
             new_replica_node(&c, &record, &members, asked).map_err(|e| self.err(e))?
         } else {
             let n = asked.expect("the CLI requires the node to remove");
@@ -197,7 +193,9 @@ impl VolumeActor {
             let (mirror, generation) = (mirror.clone(), *generation);
             if add {
                 let at = if node == me {
-                    NewReplica::Local(replicated::open_local(&c, &record).map_err(|e| self.err(e))?)
+                    // Added Outdated: copied whole.
+                    let local = replicated::open_local(&c, &record, true);
+                    NewReplica::Local(local.map_err(|e| self.err(e))?)
                 } else {
                     let m = members
                         .iter()

@@ -35,13 +35,19 @@ fn replica_base(record: &VolumeRecord) -> Option<ReplicaBase> {
 }
 
 /// This node's replica of the volume, opened (made if absent: empty, or a
-/// clone of its base's replica here).
+/// clone of its base's replica here; a plain image where that is absent
+/// only if `copied_whole`: see [`crate::replication::LocalReplicas::open_as`]).
 pub fn open_local(
     c: &ClusterNode,
     record: &VolumeRecord,
+    copied_whole: bool,
 ) -> Result<Arc<crate::replication::LocalReplica>, ReplicationError> {
-    c.replicas
-        .open_as(&record.id, params(record), replica_base(record).as_ref())
+    c.replicas.open_as(
+        &record.id,
+        params(record),
+        replica_base(record).as_ref(),
+        copied_whole,
+    )
 }
 
 /// Take the volume's attach (waiting up to `wait` for a holder whose lease
@@ -128,7 +134,8 @@ fn mirror_for(
         // No recorded state: nothing says it holds the data.
         let state = states.get(n).copied().unwrap_or(ReplicaState::Outdated);
         if *n == me {
-            local = Some(open_local(c, record)?);
+            // Not in sync: the mirror copies it whole (Track::new).
+            local = Some(open_local(c, record, state != ReplicaState::InSync)?);
             local_state = state;
             local_incarnation = incarnations.get(n).copied();
             continue;
@@ -721,7 +728,7 @@ impl Handler<Checksum> for VolumeActor {
             return Err(self.err(VolumeErrorKind::NoLocalReplica(record.replicas.join(", "))));
         }
         // A replica never attached yet is made here (empty, as it reads).
-        let sum = open_local(&c, &record).and_then(|r| r.checksum());
+        let sum = open_local(&c, &record, false).and_then(|r| r.checksum());
         if self.attached.is_none() {
             c.replicas.close(&self.id);
         }
