@@ -384,7 +384,7 @@ fn attach_ownership_and_fencing() {
     // Another volume's states are its own, even with an id that extends this one.
     let other = format!("{vid}0");
     a.init_replica_states(&other, &nodes).unwrap();
-    b.set_replica_incarnation(&vid, g2, "a", 1).unwrap();
+    b.set_replica_incarnation(&vid, g2, "a", 1, false).unwrap();
     b.forget_volume(&vid).unwrap();
     assert!(a.replica_states(&vid).unwrap().is_empty());
     assert!(a.replica_incarnations(&vid).unwrap().is_empty());
@@ -580,7 +580,7 @@ fn replica_changes_write_the_record_and_the_state_together_under_the_attach() {
     a.set_snapshot(&vid, g1, "s", Some(&snap)).unwrap();
     // The images the mirror met, recorded under the attach, read by all.
     for (n, inc) in [("a", 0xa1), ("b", 0xb1), ("c", 0xc0ffee)] {
-        a.set_replica_incarnation(&vid, g1, n, inc).unwrap();
+        a.set_replica_incarnation(&vid, g1, n, inc, false).unwrap();
     }
     assert_eq!(b.replica_incarnations(&vid).unwrap()["b"], 0xb1);
 
@@ -624,10 +624,15 @@ fn replica_changes_write_the_record_and_the_state_together_under_the_attach() {
     assert_eq!(b.catalog().get("moving").unwrap().replicas, ["a", "c"]);
     assert!(!b.replica_states(&vid).unwrap().contains_key("b"));
     assert!(matches!(
-        a.set_replica_incarnation(&vid, g1, "a", 0xbad),
+        a.set_replica_incarnation(&vid, g1, "a", 0xbad, false),
         Err(ClusterError::Fenced { .. })
     ));
     assert_eq!(b.replica_incarnations(&vid).unwrap()["a"], 0xa1);
+    // A replaced image (its files lost) holds none of the snapshots.
+    b.set_replica_incarnation(&vid, g2, "a", 0xa2, true)
+        .unwrap();
+    assert_eq!(a.replica_incarnations(&vid).unwrap()["a"], 0xa2);
+    assert!(a.snapshots(&vid).unwrap()[0].nodes.is_empty());
     // Nor does a record of another volume under the same name.
     assert!(b
         .change_replicas("moving", "0000", g2, ReplicaChange::Add("b"))

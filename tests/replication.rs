@@ -175,7 +175,12 @@ impl StateStore for FakeStates {
         answer
     }
 
-    fn set_incarnation(&self, node: &str, incarnation: Incarnation) -> Result<(), StateStoreError> {
+    fn set_incarnation(
+        &self,
+        node: &str,
+        incarnation: Incarnation,
+        _replaced: bool,
+    ) -> Result<(), StateStoreError> {
         self.answer()?;
         self.incarnations
             .lock()

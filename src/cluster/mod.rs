@@ -1101,26 +1101,51 @@ impl Cluster {
     ) -> Result<BTreeMap<String, Incarnation>, ClusterError> {
         self.per_node(incarnations_prefix(volume_id), |kv, node| {
             let text = kv.value_str().unwrap_or_default().trim();
-            Incarnation::from_str_radix(text, 16).map_err(|_| {
-                ClusterError::Etcd(format!(
-                    "the incarnation recorded for volume {volume_id}'s replica on {node} is not hex: {text:?}"
-                ))
-            })
+            // Unreadable: recorded, but no image's (0), so the replica is
+            // resynced whole rather than every attach refused.
+            Ok(Incarnation::from_str_radix(text, 16).unwrap_or_else(|_| {
+                warn!(
+                    volume_id,
+                    node,
+                    value = text,
+                    "unreadable replica incarnation in etcd: taking the replica for another image"
+                );
+                0
+            }))
         })
     }
 
     /// Record the incarnation of `node`'s replica, only while the volume's
-    /// attach key is still at `generation` (Err(Fenced) otherwise).
+    /// attach key is still at `generation` (Err(Fenced) otherwise). A
+    /// `replaced` one (another image than recorded) holds no snapshot: in
+    /// the same transaction, `node` leaves the snapshot records.
     pub fn set_replica_incarnation(
         &self,
         volume_id: &str,
         generation: Generation,
         node: &str,
         incarnation: Incarnation,
+        replaced: bool,
     ) -> Result<(), ClusterError> {
         let key = format!("{}{node}", incarnations_prefix(volume_id));
-        let value = format!("{incarnation:016x}");
-        self.put_holding(volume_id, generation, TxnOp::put(key, value, None))
+        let mut ops = vec![TxnOp::put(key, format!("{incarnation:016x}"), None)];
+        if replaced {
+            ops.extend(self.snapshots_without(volume_id, node)?);
+        }
+        self.put_holding_all(volume_id, generation, ops)
+    }
+
+    /// Puts of the volume's snapshot records that list `node`, without it.
+    fn snapshots_without(&self, volume_id: &str, node: &str) -> Result<Vec<TxnOp>, ClusterError> {
+        let mut ops = Vec::new();
+        for mut snap in self.snapshots(volume_id)? {
+            if snap.nodes.iter().any(|r| r == node) {
+                snap.nodes.retain(|r| r != node);
+                let key = format!("{}{}", snapshots_prefix(volume_id), snap.name);
+                ops.push(TxnOp::put(key, to_json(&snap), None));
+            }
+        }
+        Ok(ops)
     }
 
     /// Record `node`'s replica state, only while the volume's attach key is
@@ -1223,6 +1248,16 @@ impl Cluster {
         generation: Generation,
         op: TxnOp,
     ) -> Result<(), ClusterError> {
+        self.put_holding_all(volume_id, generation, vec![op])
+    }
+
+    /// [`Cluster::put_holding`] of several operations, in one transaction.
+    fn put_holding_all(
+        &self,
+        volume_id: &str,
+        generation: Generation,
+        ops: Vec<TxnOp>,
+    ) -> Result<(), ClusterError> {
         let fenced = || ClusterError::Fenced {
             volume: volume_id.to_string(),
             generation,
@@ -1231,7 +1266,7 @@ impl Cluster {
         if generation == 0 {
             return Err(fenced());
         }
-        let txn = while_holding(volume_id, generation).and_then([op]);
+        let txn = while_holding(volume_id, generation).and_then(ops);
         let ok = self.run(move |s| async move { Ok(s.txn(txn).await?.succeeded()) })?;
         if ok {
             Ok(())
@@ -1289,13 +1324,7 @@ impl Cluster {
                     record.spec.nodes.retain(|r| r != n);
                     ops.push(TxnOp::delete(state_key(n), None));
                     ops.push(TxnOp::delete(incarnation_key(n), None));
-                    for mut snap in self.snapshots(volume_id)? {
-                        if snap.nodes.iter().any(|r| r == n) {
-                            snap.nodes.retain(|r| r != n);
-                            let skey = format!("{}{}", snapshots_prefix(volume_id), snap.name);
-                            ops.push(TxnOp::put(skey, to_json(&snap), None));
-                        }
-                    }
+                    ops.extend(self.snapshots_without(volume_id, n)?);
                 }
             }
             record.spec.repl = u8::try_from(record.replicas.len()).unwrap_or(u8::MAX);
@@ -1430,12 +1459,18 @@ impl StateStore for EtcdStateStore {
         )
     }
 
-    fn set_incarnation(&self, node: &str, incarnation: Incarnation) -> Result<(), StateStoreError> {
+    fn set_incarnation(
+        &self,
+        node: &str,
+        incarnation: Incarnation,
+        replaced: bool,
+    ) -> Result<(), StateStoreError> {
         self.answer(self.cluster.set_replica_incarnation(
             &self.volume_id,
             self.generation,
             node,
             incarnation,
+            replaced,
         ))
     }
 }

@@ -289,7 +289,8 @@ fn incarnation(dir: &Path, made: bool) -> Result<Incarnation, ReplicationError> 
             Err(e) => return Err(io_err("read", &path)(e)),
         }
     }
-    let new: Incarnation = rand::random();
+    // 0 is no image's: the cluster reads an unreadable record as 0.
+    let new: Incarnation = rand::random::<Incarnation>().max(1);
     write_small(dir, INCARNATION_FILE, &format!("{new:016x}"))?;
     Ok(new)
 }

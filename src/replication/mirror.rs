@@ -389,7 +389,8 @@ impl Mirror {
                 replaced.push(node.to_string());
             }
             if met != Met::Known {
-                cfg.states.set_incarnation(node, seen)?;
+                cfg.states
+                    .set_incarnation(node, seen, met == Met::Replaced)?;
             }
         }
         let recorded_incarnation = |node: &str, recorded: Option<Incarnation>| {
@@ -622,7 +623,12 @@ impl Mirror {
         // A peer's is recorded when its thread connects it.
         let incarnation = match &endpoint {
             Endpoint::Local(l) => {
-                inner.states.set_incarnation(node, l.incarnation())?;
+                if let Err(e) = inner.states.set_incarnation(node, l.incarnation(), false) {
+                    if matches!(e, super::StateStoreError::Fenced { .. }) {
+                        inner.fence(&e.to_string());
+                    }
+                    return Err(e.into());
+                }
                 Some(l.incarnation())
             }
             Endpoint::Remote(_) => None,
@@ -1458,13 +1464,16 @@ impl Inner {
             Err(e) => return Err(Stop::Retry(e.to_string())),
         };
         // Another image than before (the node lost its files while away):
-        // what it missed is everything, not the dirty map. Recorded before
-        // its resync can record it in sync.
+        // what it missed is everything, not the dirty map. One never met
+        // (a volume from before incarnations; a replica down since its
+        // volume was made) is compared whole too: cheap where it holds
+        // the data. Recorded before its resync can record it in sync.
         let seen = link.incarnation();
         let met = meet(r.cell.lock().incarnation, seen);
         if met != Met::Known {
             let _t = r.transition.lock();
-            if let Err(e) = self.states.set_incarnation(&r.node, seen) {
+            let replaced = met == Met::Replaced;
+            if let Err(e) = self.states.set_incarnation(&r.node, seen, replaced) {
                 link.kill();
                 if matches!(e, super::StateStoreError::Fenced { .. }) {
                     self.fence(&e.to_string());
@@ -1482,8 +1491,10 @@ impl Inner {
         cell.link = Some(link);
         cell.incarnation = Some(seen);
         cell.track.connect();
-        if met == Met::Replaced {
+        if met != Met::Known {
             cell.track.mark_all_dirty();
+        }
+        if met == Met::Replaced {
             tracing::warn!(volume = %self.volume, peer = %r.node, "replica reconnected with another image (its files were lost or replaced): resyncing it whole");
         } else {
             tracing::info!(volume = %self.volume, peer = %r.node, "replica reconnected");

@@ -72,8 +72,15 @@ impl std::fmt::Display for ReplicaState {
 /// must stop writing (it is fenced).
 pub trait StateStore: Send + Sync {
     fn set_state(&self, node: &str, state: ReplicaState) -> Result<(), StateStoreError>;
-    /// Record the incarnation `node`'s replica answered with.
-    fn set_incarnation(&self, node: &str, incarnation: Incarnation) -> Result<(), StateStoreError>;
+    /// Record the incarnation `node`'s replica answered with. `replaced`:
+    /// it is another image than the one recorded, which holds none of the
+    /// snapshots recorded on that node either.
+    fn set_incarnation(
+        &self,
+        node: &str,
+        incarnation: Incarnation,
+        replaced: bool,
+    ) -> Result<(), StateStoreError>;
 }
 
 #[derive(Debug, thiserror::Error)]
