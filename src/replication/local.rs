@@ -349,10 +349,10 @@ impl LocalReplicas {
 
     /// [`LocalReplicas::open`] for a clone's replica: one that is absent is
     /// made a clone of this node's replica of `base` (which holds the
-    /// base snapshot), sharing its blocks. Where that is absent, it is
-    /// made an empty plain image only if `copied_whole` (the mirror copies
-    /// everything to it), else refused: an empty image would pass for the
-    /// clone's data.
+    /// base snapshot), sharing its blocks; or, if `copied_whole` (the
+    /// mirror copies everything to it), an empty plain image, which
+    /// depends on no base directory the catalog may have dropped here.
+    /// Never an empty image otherwise: it would pass for the clone's data.
     pub fn open_as(
         &self,
         volume_id: &str,
@@ -360,24 +360,8 @@ impl LocalReplicas {
         base: Option<&ReplicaBase>,
         copied_whole: bool,
     ) -> Result<Arc<LocalReplica>, ReplicationError> {
-        let base = match base {
-            Some(b) if copied_whole && !self.holds_base(b) => {
-                tracing::info!(volume_id, base = %b.volume_id, snapshot = %b.snapshot,
-                    "the clone's base is not here: its replica is a plain image, copied whole");
-                None
-            }
-            other => other,
-        };
+        let base = base.filter(|_| !copied_whole);
         self.open_inner(volume_id, Some(params), base)
-    }
-
-    /// Whether this node holds `base`'s replica with its snapshot.
-    fn holds_base(&self, base: &ReplicaBase) -> bool {
-        let Ok(dir) = self.dir(&base.volume_id) else {
-            return false;
-        };
-        dir.join(HEADER_FILE).exists()
-            && ThinImage::snapshot_names(&dir).is_ok_and(|names| names.contains(&base.snapshot))
     }
 
     /// Like [`LocalReplicas::open`], but never creates without `params`.
@@ -717,9 +701,9 @@ mod tests {
         assert_eq!(buf, [0; 4096]);
         drop(copy);
         reps.remove("copy").unwrap();
-        // Where the base is here, a clone all the same.
+        // Even where the base is here: nothing ties it to a base directory.
         let again = reps.open_as("again", P, Some(&base("base")), true).unwrap();
-        assert!(again.image().is_clone());
+        assert!(!again.image().is_clone());
         drop(again);
         reps.remove("again").unwrap();
         reps.remove("clone").unwrap();

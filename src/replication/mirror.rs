@@ -334,9 +334,11 @@ impl Mirror {
                 .peers
                 .iter()
                 .map(|p| {
-                    // One not in sync is copied whole (Track::new).
+                    // One not in sync is copied whole (Track::new); so is
+                    // one met before whose image is gone: a new image meets
+                    // as Replaced, outdated before any IO.
                     let hello = Hello {
-                        copied_whole: p.state != ReplicaState::InSync,
+                        copied_whole: p.state != ReplicaState::InSync || p.incarnation.is_some(),
                         ..hello.clone()
                     };
                     s.spawn(move || {
@@ -1441,8 +1443,10 @@ impl Inner {
             }
             return Ok(());
         };
+        // Outdated here (recorded when it dropped, or at open), and an
+        // image made for this Hello meets as Replaced or First: all dirty.
         let hello = Hello {
-            copied_whole: r.cell.lock().track.content_unknown(),
+            copied_whole: true,
             ..self.hello.clone()
         };
         let link = match Link::connect(

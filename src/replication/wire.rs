@@ -70,10 +70,10 @@ pub struct Hello {
     /// `Error`; then the connection closes.
     pub forward: Option<String>,
     /// The mirror copies this replica whole (it does not know what it
-    /// holds): one that is absent may be made an empty plain image where
-    /// `base` is absent (a clone's replica added on a node without its
-    /// parent's). Never for a replica the mirror takes for in sync, which
-    /// must be the base's clone.
+    /// holds, or a new image would be found replaced): one that is absent
+    /// is made an empty plain image, even a clone's (on a node without its
+    /// parent's replica, say). Never for a replica the mirror may take for
+    /// in sync: a new clone's first replicas are clones of its base.
     pub copied_whole: bool,
 }
 

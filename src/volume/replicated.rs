@@ -134,10 +134,12 @@ fn mirror_for(
         // No recorded state: nothing says it holds the data.
         let state = states.get(n).copied().unwrap_or(ReplicaState::Outdated);
         if *n == me {
-            // Not in sync: the mirror copies it whole (Track::new).
-            local = Some(open_local(c, record, state != ReplicaState::InSync)?);
             local_state = state;
             local_incarnation = incarnations.get(n).copied();
+            // Copied whole: not in sync (Track::new), or met before and a
+            // new image made now (Mirror::open finds it Replaced).
+            let whole = state != ReplicaState::InSync || local_incarnation.is_some();
+            local = Some(open_local(c, record, whole)?);
             continue;
         }
         let addr = members
