@@ -355,7 +355,7 @@ impl Mirror {
         // A replica whose image is not the recorded one lost its files:
         // recorded outdated before any IO (then its new incarnation, so
         // that a crash between the two records finds it replaced again).
-        let met: Vec<(&str, ReplicaState, Option<Incarnation>, Met)> = cfg
+        let met: Vec<(&str, ReplicaState, Incarnation, Met)> = cfg
             .local
             .as_ref()
             .map(|l| {
@@ -363,7 +363,7 @@ impl Mirror {
                 (
                     cfg.node.as_str(),
                     cfg.local_state,
-                    Some(seen),
+                    seen,
                     meet(cfg.local_incarnation, seen),
                 )
             })
@@ -371,18 +371,12 @@ impl Mirror {
             .chain(cfg.peers.iter().zip(&links).filter_map(|(p, l)| {
                 l.as_ref().ok().map(|l| {
                     let seen = l.incarnation();
-                    (
-                        p.node.as_str(),
-                        p.state,
-                        Some(seen),
-                        meet(p.incarnation, seen),
-                    )
+                    (p.node.as_str(), p.state, seen, meet(p.incarnation, seen))
                 })
             }))
             .collect();
         let mut replaced = Vec::new();
         for &(node, state, seen, met) in &met {
-            let Some(seen) = seen else { continue };
             if met == Met::Replaced {
                 tracing::warn!(volume = %cfg.volume, node, "replica's image is not the one recorded (its files were lost or replaced): recording it outdated; it is resynced whole");
                 if state != ReplicaState::Outdated {
@@ -395,11 +389,9 @@ impl Mirror {
                     .set_incarnation(node, seen, met == Met::Replaced)?;
             }
         }
+        // The one now recorded: the one seen, else (unreachable) as before.
         let recorded_incarnation = |node: &str, recorded: Option<Incarnation>| {
-            met.iter()
-                .find(|m| m.0 == node)
-                .and_then(|m| m.2)
-                .or(recorded)
+            met.iter().find(|m| m.0 == node).map(|m| m.2).or(recorded)
         };
         let state_of = |node: &str, state: ReplicaState| {
             if replaced.iter().any(|n| n == node) {
