@@ -1127,25 +1127,74 @@ impl Cluster {
         incarnation: Incarnation,
         replaced: bool,
     ) -> Result<(), ClusterError> {
-        let key = format!("{}{node}", incarnations_prefix(volume_id));
-        let mut ops = vec![TxnOp::put(key, format!("{incarnation:016x}"), None)];
-        if replaced {
-            ops.extend(self.snapshots_without(volume_id, node)?);
+        const TRIES: usize = 20;
+        let fenced = || ClusterError::Fenced {
+            volume: volume_id.to_string(),
+            generation,
+        };
+        // A missing key compares as revision 0: never a valid guard.
+        if generation == 0 {
+            return Err(fenced());
         }
-        self.put_holding_all(volume_id, generation, ops)
+        let key = format!("{}{node}", incarnations_prefix(volume_id));
+        for _ in 0..TRIES {
+            let (mut ops, mut when) = if replaced {
+                self.snapshots_without(volume_id, node)?
+            } else {
+                (Vec::new(), Vec::new())
+            };
+            ops.push(TxnOp::put(
+                key.as_str(),
+                format!("{incarnation:016x}"),
+                None,
+            ));
+            when.push(Compare::mod_revision(
+                attach_key(volume_id),
+                CompareOp::Equal,
+                generation as i64,
+            ));
+            let txn = Txn::new().when(when).and_then(ops);
+            if self.run(move |s| async move { Ok(s.txn(txn).await?.succeeded()) })? {
+                return Ok(());
+            }
+            if self.attach_holder(volume_id)?.map(|h| h.generation) != Some(generation) {
+                return Err(fenced());
+            }
+        }
+        Err(ClusterError::Etcd(format!(
+            "the snapshot records of volume {volume_id} kept changing under {TRIES} attempts to record node {node}'s replica replaced; retry"
+        )))
     }
 
-    /// Puts of the volume's snapshot records that list `node`, without it.
-    fn snapshots_without(&self, volume_id: &str, node: &str) -> Result<Vec<TxnOp>, ClusterError> {
-        let mut ops = Vec::new();
-        for mut snap in self.snapshots(volume_id)? {
+    /// The volume's snapshot records that list `node`, rewritten without
+    /// it, and the compares that hold the transaction to the records read:
+    /// one changed or deleted meanwhile fails it, to be read again.
+    fn snapshots_without(
+        &self,
+        volume_id: &str,
+        node: &str,
+    ) -> Result<(Vec<TxnOp>, Vec<Compare>), ClusterError> {
+        let prefix = snapshots_prefix(volume_id);
+        let p = prefix.clone();
+        let kvs = self.run(|s| async move { s.get_prefix(&p).await })?;
+        let (mut ops, mut when) = (Vec::new(), Vec::new());
+        for kv in kvs {
+            let Some(name) = key_tail(&kv, &prefix) else {
+                continue;
+            };
+            let mut snap: SnapshotRecord = parse(&kv)?;
             if snap.nodes.iter().any(|r| r == node) {
                 snap.nodes.retain(|r| r != node);
-                let key = format!("{}{}", snapshots_prefix(volume_id), snap.name);
+                let key = format!("{prefix}{name}");
+                when.push(Compare::mod_revision(
+                    key.as_str(),
+                    CompareOp::Equal,
+                    kv.mod_revision(),
+                ));
                 ops.push(TxnOp::put(key, to_json(&snap), None));
             }
         }
-        Ok(ops)
+        Ok((ops, when))
     }
 
     /// Record `node`'s replica state, only while the volume's attach key is
@@ -1248,16 +1297,6 @@ impl Cluster {
         generation: Generation,
         op: TxnOp,
     ) -> Result<(), ClusterError> {
-        self.put_holding_all(volume_id, generation, vec![op])
-    }
-
-    /// [`Cluster::put_holding`] of several operations, in one transaction.
-    fn put_holding_all(
-        &self,
-        volume_id: &str,
-        generation: Generation,
-        ops: Vec<TxnOp>,
-    ) -> Result<(), ClusterError> {
         let fenced = || ClusterError::Fenced {
             volume: volume_id.to_string(),
             generation,
@@ -1266,7 +1305,7 @@ impl Cluster {
         if generation == 0 {
             return Err(fenced());
         }
-        let txn = while_holding(volume_id, generation).and_then(ops);
+        let txn = while_holding(volume_id, generation).and_then([op]);
         let ok = self.run(move |s| async move { Ok(s.txn(txn).await?.succeeded()) })?;
         if ok {
             Ok(())
@@ -1280,7 +1319,8 @@ impl Cluster {
     /// and the replica's state in one transaction. An added replica is
     /// Outdated (a full resync brings it in); a removed one loses its
     /// state and its place in the snapshot records. Err(Fenced) if the
-    /// attach moved; retried while only the record changed meanwhile.
+    /// attach moved; retried while only the record (or a snapshot record
+    /// it rewrites) changed meanwhile.
     pub fn change_replicas(
         &self,
         name: &str,
@@ -1307,6 +1347,7 @@ impl Cluster {
             // An added replica is met anew; a removed one's image is deleted.
             let incarnation_key = |n: &str| format!("{}{n}", incarnations_prefix(volume_id));
             let mut ops = Vec::new();
+            let mut snapshots_read = Vec::new();
             match change {
                 ReplicaChange::Add(n) => {
                     if !record.replicas.iter().any(|r| r == n) {
@@ -1324,21 +1365,19 @@ impl Cluster {
                     record.spec.nodes.retain(|r| r != n);
                     ops.push(TxnOp::delete(state_key(n), None));
                     ops.push(TxnOp::delete(incarnation_key(n), None));
-                    ops.extend(self.snapshots_without(volume_id, n)?);
+                    let (snaps, held) = self.snapshots_without(volume_id, n)?;
+                    ops.extend(snaps);
+                    snapshots_read.extend(held);
                 }
             }
             record.spec.repl = u8::try_from(record.replicas.len()).unwrap_or(u8::MAX);
             ops.push(TxnOp::put(key.as_str(), to_json(&record), None));
-            let txn = Txn::new()
-                .when([
-                    Compare::mod_revision(
-                        attach_key(volume_id),
-                        CompareOp::Equal,
-                        generation as i64,
-                    ),
-                    Compare::mod_revision(key.as_str(), CompareOp::Equal, kv.mod_revision()),
-                ])
-                .and_then(ops);
+            let mut when = vec![
+                Compare::mod_revision(attach_key(volume_id), CompareOp::Equal, generation as i64),
+                Compare::mod_revision(key.as_str(), CompareOp::Equal, kv.mod_revision()),
+            ];
+            when.extend(snapshots_read);
+            let txn = Txn::new().when(when).and_then(ops);
             if self.run(move |s| async move { Ok(s.txn(txn).await?.succeeded()) })? {
                 return Ok(record);
             }
