@@ -645,6 +645,31 @@ fn a_replica_back_while_detached_is_resynced_without_asking() {
     verify_blocks(&d, 4096..4352, 2);
     drop(d);
     c.detach_on(1, vol);
+
+    // n2's files are lost while the volume is attached nowhere, every
+    // replica recorded in sync: only n2 can tell, by its image's
+    // incarnation against etcd's, and its sweep has it copied whole.
+    let id = c.inspect_on(0, vol)["id"].as_str().unwrap().to_string();
+    c.kill9(1);
+    std::fs::remove_dir_all(c.node(1).data_dir.join("volumes").join(&id))
+        .expect("wipe n2's replica");
+    c.start_again(1);
+    c.wait_for("n2's sweep to find its replica lost", || {
+        c.node(1).log().contains("resyncing it from the others")
+    });
+    wait_all_in_sync(&c, 2, vol);
+    c.wait_for("the background resync to give the attach back", || {
+        let info = c.cluster_info(2, vol);
+        info["resync_on"].is_null() && info["attached_on"].is_null()
+    });
+    assert_checksums_equal(&c, &[0, 1], vol);
+    c.kill9(0);
+    let d = BlockDev::open(&c.attach_on(1, vol));
+    verify_blocks(&d, 0..256, 1);
+    verify_blocks(&d, 4096..4352, 2);
+    drop(d);
+    c.detach_on(1, vol);
+    c.start_again(0);
     c.remove(0, vol);
     c.shutdown();
 }

@@ -744,20 +744,10 @@ impl Cluster {
     pub fn detached_behind(
         &self,
     ) -> Result<(Vec<Behind>, std::collections::BTreeSet<String>), ClusterError> {
-        let resp = self.run(|s| async move {
-            let all = |p: String| TxnOp::get(p, Some(GetOptions::new().with_prefix()));
-            s.txn(Txn::new().and_then([
-                all(volumes_prefix()),
-                all(format!("{PREFIX}attach/")),
-                all(format!("{PREFIX}replicas/")),
-                all(format!("{PREFIX}nodes/")),
-            ]))
-            .await
-        })?;
-        let held: std::collections::HashSet<String> = txn_kvs(&resp, 1)
-            .iter()
-            .filter_map(|kv| key_tail(kv, &format!("{PREFIX}attach/")).map(str::to_string))
-            .collect();
+        let (resp, held) = self.read_detached(vec![
+            format!("{PREFIX}replicas/"),
+            format!("{PREFIX}nodes/"),
+        ])?;
         let mut states: std::collections::HashMap<String, BTreeMap<String, ReplicaState>> =
             Default::default();
         let replicas = format!("{PREFIX}replicas/");
@@ -799,6 +789,60 @@ impl Cluster {
             }
         }
         Ok((behind, up))
+    }
+
+    /// One txn (one revision): the volume records (range 0), the attach keys
+    /// (1), then everything under each of `more` (2, 3, …); and the ids
+    /// attached or resyncing somewhere.
+    fn read_detached(
+        &self,
+        more: Vec<String>,
+    ) -> Result<(TxnResponse, std::collections::HashSet<String>), ClusterError> {
+        let resp = self.run(|s| async move {
+            let all = |p: String| TxnOp::get(p, Some(GetOptions::new().with_prefix()));
+            let mut ops = vec![all(volumes_prefix()), all(format!("{PREFIX}attach/"))];
+            ops.extend(more.into_iter().map(all));
+            s.txn(Txn::new().and_then(ops)).await
+        })?;
+        let held = txn_kvs(&resp, 1)
+            .iter()
+            .filter_map(|kv| key_tail(kv, &format!("{PREFIX}attach/")).map(str::to_string))
+            .collect();
+        Ok((resp, held))
+    }
+
+    /// The volumes attached nowhere (no attach, no resync) with a replica on
+    /// `node` whose incarnation is recorded, as (name, id, incarnation):
+    /// what `node` compares with its replicas' files.
+    pub fn detached_met_on(
+        &self,
+        node: &str,
+    ) -> Result<Vec<(String, String, Incarnation)>, ClusterError> {
+        let (resp, held) = self.read_detached(vec![format!("{PREFIX}incarnations/")])?;
+        let incarnations = format!("{PREFIX}incarnations/");
+        let mut met = std::collections::HashMap::new();
+        for kv in txn_kvs(&resp, 2) {
+            let Some((id, n)) = key_tail(&kv, &incarnations).and_then(|t| t.split_once('/')) else {
+                continue;
+            };
+            let value = kv.value_str().unwrap_or_default().trim();
+            if let (true, Ok(inc)) = (n == node, Incarnation::from_str_radix(value, 16)) {
+                met.insert(id.to_string(), inc);
+            }
+        }
+        let mut out = Vec::new();
+        for kv in txn_kvs(&resp, 0) {
+            let Some(r) = skip_bad(parse::<crate::catalog::VolumeRecord>(&kv)) else {
+                continue;
+            };
+            if held.contains(&r.id) || !r.replicas.iter().any(|n| n == node) {
+                continue;
+            }
+            if let Some(&inc) = met.get(&r.id) {
+                out.push((r.name, r.id, inc));
+            }
+        }
+        Ok(out)
     }
 
     /// Every node that ever joined; `up` when its lease-backed key is present.

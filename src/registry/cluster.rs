@@ -200,7 +200,11 @@ pub(super) fn resync_behind(reg: &mut Registry, c: &ClusterNode) -> Vec<String> 
         let Ok(addr) = addr else { continue };
         let name = b.name.clone();
         actix::spawn(async move {
-            match addr.send(vr::StartResync { auto: true }).await {
+            let ask = vr::StartResync {
+                auto: true,
+                lost_here: false,
+            };
+            match addr.send(ask).await {
                 Ok(Ok(true)) => {
                     tracing::info!(volume = %name, "a replica of this volume attached nowhere is behind: resyncing it here")
                 }
@@ -211,6 +215,55 @@ pub(super) fn resync_behind(reg: &mut Registry, c: &ClusterNode) -> Vec<String> 
             }
         });
         asked.push(b.name);
+    }
+    asked
+}
+
+/// Resync the volumes attached nowhere whose replica here lost its files
+/// (a wiped data dir, a new disk) while every replica is recorded in sync:
+/// only this node can see it, by the image's incarnation on disk against
+/// the one etcd records. The mirror opened here finds it replaced,
+/// records it outdated and copies it whole from the others. Returns the
+/// volumes it asked.
+pub(super) fn resync_lost_here(reg: &mut Registry, c: &ClusterNode) -> Vec<String> {
+    let me = c.cluster.node().to_string();
+    let here = match c.cluster.detached_met_on(&me) {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::debug!(error = %e, "lost replica check skipped: the catalog did not answer");
+            return Vec::new();
+        }
+    };
+    let mut asked = Vec::new();
+    for (name, id, recorded) in here {
+        if c.replicas.incarnation_on_disk(&id) == Some(recorded)
+            || c.resyncing(&id)
+            || c.resync_held_off(&id)
+        {
+            continue;
+        }
+        let addr = match reg.lookup(&name) {
+            Ok(r) if r.id == id => reg.actor(&r),
+            _ => continue,
+        };
+        let Ok(addr) = addr else { continue };
+        let (volume, node) = (name.clone(), me.clone());
+        actix::spawn(async move {
+            let ask = vr::StartResync {
+                auto: true,
+                lost_here: true,
+            };
+            match addr.send(ask).await {
+                Ok(Ok(true)) => {
+                    tracing::warn!(volume = %volume, node = %node, "this node's replica is not the image recorded in sync (its files were lost or replaced): resyncing it from the others")
+                }
+                Ok(Ok(false)) | Err(_) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(volume = %volume, node = %node, error = %e, "could not start the resync of this node's lost replica; the sweep tries again in a few minutes")
+                }
+            }
+        });
+        asked.push(name);
     }
     asked
 }
@@ -370,7 +423,13 @@ impl Handler<StartResync> for Registry {
     type Result = ResponseFuture<Reply<bool>>;
     fn handle(&mut self, m: StartResync, _: &mut Context<Self>) -> Self::Result {
         match self.lookup(&m.volume).and_then(|r| self.actor(&r)) {
-            Ok(addr) => forward(addr, vr::StartResync { auto: false }),
+            Ok(addr) => forward(
+                addr,
+                vr::StartResync {
+                    auto: false,
+                    lost_here: false,
+                },
+            ),
             Err(e) => Box::pin(async move { Err(e) }),
         }
     }

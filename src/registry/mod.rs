@@ -398,6 +398,7 @@ impl Actor for Registry {
             ctx.run_interval(c.sweep_every, move |reg, _| {
                 cluster::sweep_replicas(&c);
                 cluster::resync_behind(reg, &c);
+                cluster::resync_lost_here(reg, &c);
             });
         }
         for rec in std::mem::take(&mut self.resume) {

@@ -422,6 +422,18 @@ impl LocalReplicas {
         Ok(replica)
     }
 
+    /// The incarnation of `volume_id`'s replica here as its files say,
+    /// without opening it; `None` if it has no image (or no readable
+    /// incarnation).
+    pub fn incarnation_on_disk(&self, volume_id: &str) -> Option<Incarnation> {
+        let dir = self.dir(volume_id).ok()?;
+        if !dir.join(HEADER_FILE).exists() {
+            return None;
+        }
+        let text = std::fs::read_to_string(dir.join(INCARNATION_FILE)).ok()?;
+        Incarnation::from_str_radix(text.trim(), 16).ok()
+    }
+
     /// The replica of `volume_id` if it is open.
     pub fn get(&self, volume_id: &str) -> Option<Arc<LocalReplica>> {
         self.open.lock().get(volume_id)?.replica.upgrade()

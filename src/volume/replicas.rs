@@ -244,7 +244,7 @@ impl VolumeActor {
             replicated::give_back(&c, &record.id, &record.name, generation, false);
             let changed = changed.map_err(|e| self.err(e))?;
             // Redundancy comes back now, not at the next attach.
-            match replicated::start_resync(&c, changed) {
+            match replicated::start_resync(&c, changed, false) {
                 Ok(_) => {}
                 // Another node's sweep (or an attach) was quicker: it resyncs.
                 Err(VolumeErrorKind::Cluster(e))

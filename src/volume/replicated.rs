@@ -194,7 +194,11 @@ const RESYNC_POLL: Duration = Duration::from_millis(200);
 /// replica change stops first ([`take_attach`]); it ends when every
 /// replica is in sync, or when one stays unreachable. Ok(false): nothing
 /// to do, or one runs here already.
-pub fn start_resync(c: &Arc<ClusterNode>, record: VolumeRecord) -> Result<bool, VolumeErrorKind> {
+pub fn start_resync(
+    c: &Arc<ClusterNode>,
+    record: VolumeRecord,
+    lost_here: bool,
+) -> Result<bool, VolumeErrorKind> {
     let _one = c.resync_start.lock();
     if c.resyncing(&record.id) {
         return Ok(false);
@@ -204,7 +208,9 @@ pub fn start_resync(c: &Arc<ClusterNode>, record: VolumeRecord) -> Result<bool, 
         .replicas
         .iter()
         .any(|n| states.get(n) != Some(&ReplicaState::InSync));
-    if !behind {
+    // This node's replica lost its files: etcd does not know it yet, the
+    // mirror finds it (Mirror::open meets it replaced).
+    if !behind && !lost_here {
         return Ok(false);
     }
     let cl = &c.cluster;
@@ -634,6 +640,9 @@ pub struct StartResync {
     /// the mirror records an unreachable replica outdated), and not again
     /// soon after a failure.
     pub auto: bool,
+    /// The sweep found this node's replica lost (its image is not the one
+    /// etcd records), though every replica is recorded in sync.
+    pub lost_here: bool,
 }
 
 /// How long the sweep's check waits for a replica's node to accept a connection.
@@ -641,17 +650,23 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
 impl VolumeActor {
     /// Why the sweep should not start this volume's resync here now.
-    fn auto_resync_unwise(&self, c: &ClusterNode, record: &VolumeRecord) -> Option<String> {
+    fn auto_resync_unwise(
+        &self,
+        c: &ClusterNode,
+        record: &VolumeRecord,
+        lost_here: bool,
+    ) -> Option<String> {
         if c.resync_held_off(&self.id) {
             return Some("its last resync failed a moment ago".into());
         }
         // An empty replica here (its data dir wiped) would be copied over
-        // the others as the current data: an attach decides that, not a sweep.
+        // the others as the current data, unless the mirror knows it for
+        // another image than recorded (`lost_here`: an incarnation is).
         let made = c
             .replicas
             .dir(&self.id)
             .is_ok_and(|d| d.join("header").exists());
-        if !made {
+        if !made && !lost_here {
             return Some(format!(
                 "node {} has no replica of it on disk",
                 c.cluster.node()
@@ -688,12 +703,12 @@ impl Handler<StartResync> for VolumeActor {
         }
         if m.auto {
             // Checked again at the next sweep (a probe costs little).
-            if let Some(why) = self.auto_resync_unwise(&c, &record) {
+            if let Some(why) = self.auto_resync_unwise(&c, &record, m.lost_here) {
                 tracing::debug!(volume = %self.name, why, "a replica is behind, but no background resync starts now");
                 return Ok(false);
             }
         }
-        match start_resync(&c, record) {
+        match start_resync(&c, record, m.lost_here) {
             // Someone else holds it now (a resync or an attach raced us).
             Err(VolumeErrorKind::Cluster(e))
                 if matches!(
