@@ -198,25 +198,41 @@ pub(super) fn resync_behind(reg: &mut Registry, c: &ClusterNode) -> Vec<String> 
             _ => continue,
         };
         let Ok(addr) = addr else { continue };
-        let name = b.name.clone();
-        actix::spawn(async move {
-            let ask = vr::StartResync {
-                auto: true,
-                lost_here: false,
-            };
-            match addr.send(ask).await {
-                Ok(Ok(true)) => {
-                    tracing::info!(volume = %name, "a replica of this volume attached nowhere is behind: resyncing it here")
-                }
-                Ok(Ok(false)) | Err(_) => {}
-                Ok(Err(e)) => {
-                    tracing::warn!(volume = %name, error = %e, "could not start the resync of a replica that is behind; the sweep tries again in a few minutes")
-                }
-            }
-        });
+        ask_resync(addr, b.name.clone(), me.to_string(), false);
         asked.push(b.name);
     }
     asked
+}
+
+/// Ask volume `name`'s actor for a background resync (the sweep's), and
+/// log how it went.
+fn ask_resync(
+    addr: actix::Addr<crate::volume::VolumeActor>,
+    name: String,
+    node: String,
+    lost_here: bool,
+) {
+    actix::spawn(async move {
+        let ask = vr::StartResync {
+            auto: true,
+            lost_here,
+        };
+        let what = if lost_here {
+            "this node's replica is not the image recorded in sync (its files were lost or replaced)"
+        } else {
+            "a replica of this volume attached nowhere is behind"
+        };
+        match addr.send(ask).await {
+            Ok(Ok(true)) if lost_here => {
+                tracing::warn!(volume = %name, node, "{what}: resyncing it from the others")
+            }
+            Ok(Ok(true)) => tracing::info!(volume = %name, node, "{what}: resyncing it here"),
+            Ok(Ok(false)) | Err(_) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(volume = %name, node, error = %e, "{what}, but its resync could not start; the sweep tries again in a few minutes")
+            }
+        }
+    });
 }
 
 /// Resync the volumes attached nowhere whose replica here lost its files
@@ -247,22 +263,7 @@ pub(super) fn resync_lost_here(reg: &mut Registry, c: &ClusterNode) -> Vec<Strin
             _ => continue,
         };
         let Ok(addr) = addr else { continue };
-        let (volume, node) = (name.clone(), me.clone());
-        actix::spawn(async move {
-            let ask = vr::StartResync {
-                auto: true,
-                lost_here: true,
-            };
-            match addr.send(ask).await {
-                Ok(Ok(true)) => {
-                    tracing::warn!(volume = %volume, node = %node, "this node's replica is not the image recorded in sync (its files were lost or replaced): resyncing it from the others")
-                }
-                Ok(Ok(false)) | Err(_) => {}
-                Ok(Err(e)) => {
-                    tracing::warn!(volume = %volume, node = %node, error = %e, "could not start the resync of this node's lost replica; the sweep tries again in a few minutes")
-                }
-            }
-        });
+        ask_resync(addr, name.clone(), me.clone(), true);
         asked.push(name);
     }
     asked

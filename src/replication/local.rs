@@ -274,25 +274,30 @@ fn write_small(dir: &Path, name: &str, line: &str) -> Result<(), ReplicationErro
 /// created) or when none is stored (an image of an earlier build, or a
 /// crash between the image's create and this).
 fn incarnation(dir: &Path, made: bool) -> Result<Incarnation, ReplicationError> {
-    let path = dir.join(INCARNATION_FILE);
     if !made {
-        match std::fs::read_to_string(&path) {
-            Ok(s) => {
-                return Incarnation::from_str_radix(s.trim(), 16).map_err(|_| {
-                    ReplicationError::Corrupt {
-                        path,
-                        reason: format!("not an incarnation: {:?}", s.trim()),
-                    }
-                })
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_err("read", &path)(e)),
+        if let Some(stored) = read_incarnation(dir)? {
+            return Ok(stored);
         }
     }
     // 0 is no image's: the cluster reads an unreadable record as 0.
     let new: Incarnation = rand::random::<Incarnation>().max(1);
     write_small(dir, INCARNATION_FILE, &format!("{new:016x}"))?;
     Ok(new)
+}
+
+/// `<dir>/incarnation`, `None` if absent.
+fn read_incarnation(dir: &Path) -> Result<Option<Incarnation>, ReplicationError> {
+    let path = dir.join(INCARNATION_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(s) => Incarnation::from_str_radix(s.trim(), 16)
+            .map(Some)
+            .map_err(|_| ReplicationError::Corrupt {
+                reason: format!("not an incarnation: {:?}", s.trim()),
+                path,
+            }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_err("read", &path)(e)),
+    }
 }
 
 struct Slot {
@@ -430,8 +435,7 @@ impl LocalReplicas {
         if !dir.join(HEADER_FILE).exists() {
             return None;
         }
-        let text = std::fs::read_to_string(dir.join(INCARNATION_FILE)).ok()?;
-        Incarnation::from_str_radix(text.trim(), 16).ok()
+        read_incarnation(&dir).ok().flatten()
     }
 
     /// The replica of `volume_id` if it is open.
