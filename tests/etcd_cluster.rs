@@ -362,23 +362,44 @@ fn attach_ownership_and_fencing() {
         created_at: chrono::DateTime::from_timestamp(1_800_000_000 + secs, 0).unwrap(),
         nodes: nodes.clone(),
     };
-    b.set_snapshot(&vid, g2, "later", Some(&snap("later", 60)))
+    b.record_snapshot(&vid, g2, &snap("later", 60), &[])
         .unwrap();
-    b.set_snapshot(&vid, g2, "first", Some(&snap("first", 0)))
+    // Held to the images it was taken on (the incarnations recorded then).
+    b.set_replica_incarnation(&vid, g2, "a", 0xa1, false)
+        .unwrap();
+    let taken_from = [("a".to_string(), Some(0xa1)), ("b".to_string(), None)];
+    b.record_snapshot(&vid, g2, &snap("first", 0), &taken_from)
         .unwrap();
     assert!(matches!(
-        a.set_snapshot(&vid, g1, "stale", Some(&snap("stale", 1))),
+        a.record_snapshot(&vid, g1, &snap("stale", 1), &[]),
         Err(ClusterError::Fenced { .. })
     ));
     assert!(matches!(
-        a.set_snapshot(&vid, 0, "zero", Some(&snap("zero", 1))),
+        a.record_snapshot(&vid, 0, &snap("zero", 1), &[]),
         Err(ClusterError::Fenced { .. })
+    ));
+    // A replica met as another image since the take (the replaced-replica
+    // transaction ran first) fails the record, naming it; so does one
+    // recorded since where none was.
+    b.set_replica_incarnation(&vid, g2, "a", 0xa2, false)
+        .unwrap();
+    match b.record_snapshot(&vid, g2, &snap("racing", 2), &taken_from[..1]) {
+        Err(ClusterError::ReplicaChanged { node, snapshot, .. }) => {
+            assert_eq!((node.as_str(), snapshot.as_str()), ("a", "racing"))
+        }
+        other => panic!("a snapshot of a replaced image was recorded: {other:?}"),
+    }
+    b.set_replica_incarnation(&vid, g2, "b", 0xb1, false)
+        .unwrap();
+    assert!(matches!(
+        b.record_snapshot(&vid, g2, &snap("racing", 2), &taken_from[1..]),
+        Err(ClusterError::ReplicaChanged { node, .. }) if node == "b"
     ));
     assert_eq!(
         a.snapshots(&vid).unwrap(),
         vec![snap("first", 0), snap("later", 60)]
     );
-    b.set_snapshot(&vid, g2, "first", None).unwrap();
+    b.forget_snapshot(&vid, g2, "first").unwrap();
     assert_eq!(a.snapshots(&vid).unwrap(), vec![snap("later", 60)]);
 
     // Another volume's states are its own, even with an id that extends this one.
@@ -577,7 +598,7 @@ fn replica_changes_write_the_record_and_the_state_together_under_the_attach() {
         created_at: chrono::Utc::now(),
         nodes: vec!["a".into(), "b".into()],
     };
-    a.set_snapshot(&vid, g1, "s", Some(&snap)).unwrap();
+    a.record_snapshot(&vid, g1, &snap, &[]).unwrap();
     // The images the mirror met, recorded under the attach, read by all.
     for (n, inc) in [("a", 0xa1), ("b", 0xb1), ("c", 0xc0ffee)] {
         a.set_replica_incarnation(&vid, g1, n, inc, false).unwrap();

@@ -142,6 +142,12 @@ pub enum ClusterError {
     Config(String),
     #[error("etcd refused the request: {0}")]
     Etcd(String),
+    #[error("snapshot {snapshot} of volume {volume} is not kept: node {node}'s replica was replaced while it was taken (its files were lost, and the new image does not hold it); take it again")]
+    ReplicaChanged {
+        volume: String,
+        snapshot: String,
+        node: String,
+    },
 }
 
 /// A member key's value (both `nodes/` and `known/`).
@@ -1316,21 +1322,72 @@ impl Cluster {
         Ok(out)
     }
 
-    /// Record a snapshot every replica took, or forget one every replica
-    /// deleted (`None`), while `generation` holds the attach.
-    pub fn set_snapshot(
+    /// Forget a snapshot every replica deleted, while `generation` holds
+    /// the attach.
+    pub fn forget_snapshot(
         &self,
         volume_id: &str,
         generation: Generation,
         name: &str,
-        record: Option<&SnapshotRecord>,
     ) -> Result<(), ClusterError> {
         let key = format!("{}{name}", snapshots_prefix(volume_id));
-        let op = match record {
-            Some(r) => TxnOp::put(key, to_json(r), None),
-            None => TxnOp::delete(key, None),
-        };
-        self.put_holding(volume_id, generation, op)
+        self.put_holding(volume_id, generation, TxnOp::delete(key, None))
+    }
+
+    /// Record a snapshot every replica took, while `generation` holds the
+    /// attach and each replica in `taken_from` (node, the incarnation
+    /// recorded when it was taken; `None`: none was) is still that image.
+    /// A replica met replaced meanwhile was dropped from the snapshot
+    /// records by that transaction, which ran before this one: this one
+    /// fails then (`ReplicaChanged`), rather than list it again.
+    pub fn record_snapshot(
+        &self,
+        volume_id: &str,
+        generation: Generation,
+        record: &SnapshotRecord,
+        taken_from: &[(String, Option<Incarnation>)],
+    ) -> Result<(), ClusterError> {
+        if generation == 0 {
+            return Err(ClusterError::Fenced {
+                volume: volume_id.to_string(),
+                generation,
+            });
+        }
+        let key = format!("{}{}", snapshots_prefix(volume_id), record.name);
+        let mut when = vec![Compare::mod_revision(
+            attach_key(volume_id),
+            CompareOp::Equal,
+            generation as i64,
+        )];
+        for (node, incarnation) in taken_from {
+            let k = format!("{}{node}", incarnations_prefix(volume_id));
+            when.push(match incarnation {
+                Some(i) => Compare::value(k, CompareOp::Equal, format!("{i:016x}")),
+                None => Compare::create_revision(k, CompareOp::Equal, 0),
+            });
+        }
+        let txn = Txn::new()
+            .when(when)
+            .and_then([TxnOp::put(key, to_json(record), None)]);
+        if self.run(move |s| async move { Ok(s.txn(txn).await?.succeeded()) })? {
+            return Ok(());
+        }
+        if self.attach_holder(volume_id)?.map(|h| h.generation) != Some(generation) {
+            return Err(ClusterError::Fenced {
+                volume: volume_id.to_string(),
+                generation,
+            });
+        }
+        let now = self.replica_incarnations(volume_id)?;
+        let changed = taken_from
+            .iter()
+            .find(|(node, i)| now.get(node) != i.as_ref())
+            .map_or_else(|| "?".to_string(), |(node, _)| node.clone());
+        Err(ClusterError::ReplicaChanged {
+            volume: volume_id.to_string(),
+            snapshot: record.name.clone(),
+            node: changed,
+        })
     }
 
     /// Run `op` only while `generation` holds the volume's attach

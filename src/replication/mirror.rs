@@ -51,6 +51,10 @@ pub struct PeerSpec {
     pub incarnation: Option<Incarnation>,
 }
 
+/// The replicas a snapshot was taken on: each node and the incarnation
+/// recorded for it then (`None`: none was).
+pub type TakenFrom = Vec<(String, Option<Incarnation>)>;
+
 /// What [`Mirror::open`] needs.
 pub struct MirrorConfig {
     pub volume_id: String,
@@ -566,7 +570,10 @@ impl Mirror {
     /// acknowledged before is in it on each replica. Refused unless every
     /// replica is in sync and reachable (a replica missing it could not
     /// get it later); if a replica fails, the others' are deleted again.
-    pub fn snapshot(&self, name: &str) -> Result<(), ReplicationError> {
+    /// Returns each replica's node and the incarnation recorded for it
+    /// then, for the record of the snapshot to be held to
+    /// (`Cluster::record_snapshot`).
+    pub fn snapshot(&self, name: &str) -> Result<TakenFrom, ReplicationError> {
         self.inner.snapshot(name)
     }
 
@@ -1063,7 +1070,7 @@ impl Inner {
         self.replica_failed(r, None, mark)
     }
 
-    fn snapshot(&self, name: &str) -> Result<(), ReplicationError> {
+    fn snapshot(&self, name: &str) -> Result<TakenFrom, ReplicationError> {
         self.check_open()?;
         let (s, e) = unit_span(0, self.size);
         // Waits for every write in flight and holds off new ones (resync
@@ -1089,6 +1096,7 @@ impl Inner {
             name,
             Request::DeleteSnapshot { name: name.into() },
         )
+        .map(drop)
     }
 
     fn snapshot_refused(
@@ -1115,12 +1123,14 @@ impl Inner {
         op: &'static str,
         name: &str,
         req: Request,
-    ) -> Result<(), ReplicationError> {
+    ) -> Result<TakenFrom, ReplicationError> {
         let take = matches!(req, Request::Snapshot { .. });
         let set = self.set();
         let mut links = Vec::new();
+        let mut taken_from = Vec::new();
         for r in set.iter() {
             let cell = r.cell.lock();
+            taken_from.push((r.node.clone(), cell.incarnation));
             let state = cell.track.state();
             if take && state != ReplicaState::InSync {
                 return Err(self.snapshot_refused(op, name, &r.node, &state.to_string()));
@@ -1179,7 +1189,7 @@ impl Inner {
         }
         let Some(err) = failed else {
             tracing::info!(volume = %self.volume, snapshot = name, op, "snapshot done on every replica");
-            return Ok(());
+            return Ok(taken_from);
         };
         if take {
             // Undo, so that no replica keeps a snapshot the others lack.

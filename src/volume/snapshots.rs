@@ -268,13 +268,13 @@ impl VolumeActor {
                 // etcd does not list it, so one of this name on a replica is
                 // an orphan (a crash between the take and the record): gone.
                 mirror.delete_snapshot(&name)?;
-                mirror.snapshot(&name)?;
+                let taken_from = mirror.snapshot(&name)?;
                 let snap = SnapshotRecord {
                     name: name.clone(),
                     created_at: Utc::now(),
                     nodes: record.replicas.clone(),
                 };
-                if let Err(e) = c.cluster.set_snapshot(&record.id, generation, &name, Some(&snap)) {
+                if let Err(e) = c.cluster.record_snapshot(&record.id, generation, &snap, &taken_from) {
                     // Not recorded: not kept either.
                     if let Err(d) = mirror.delete_snapshot(&name) {
                         tracing::warn!(volume = %record.name, snapshot = %name, error = %d, "could not delete a snapshot etcd did not record");
@@ -370,8 +370,7 @@ impl VolumeActor {
                 }
                 // Replicas first: a record left by a failure is retried.
                 mirror.delete_snapshot(&name)?;
-                Ok(c.cluster
-                    .set_snapshot(&record.id, generation, &name, None)?)
+                Ok(c.cluster.forget_snapshot(&record.id, generation, &name)?)
             })?;
             tracing::info!(volume = %self.name, snapshot = %name, "snapshot deleted on every replica");
             return Ok(());
