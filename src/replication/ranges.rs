@@ -3,13 +3,41 @@
 //! copy never interleaves with a write to the same range (and overlapping
 //! writes reach every replica in the same order). Writes to other ranges
 //! proceed.
+//!
+//! Overlapping requests are served in the order they came: a waiter holds
+//! off later requests that overlap it. Otherwise a wide range (a snapshot
+//! locks the whole device) would wait for as long as narrow writes keep
+//! coming, each taking its range while another's is still held.
 
 use parking_lot::{Condvar, Mutex};
 
 #[derive(Default)]
 pub struct RangeLocks {
-    held: Mutex<Vec<(u64, u64)>>,
+    state: Mutex<State>,
     released: Condvar,
+}
+
+#[derive(Default)]
+struct State {
+    held: Vec<(u64, u64)>,
+    /// Requests waiting, with their tickets (in the order they came).
+    waiting: Vec<(u64, (u64, u64))>,
+    next_ticket: u64,
+}
+
+impl State {
+    /// Whether `range` may be taken by the request with `ticket` (`None`:
+    /// a new one, behind every waiter).
+    fn free(&self, range: (u64, u64), ticket: Option<u64>) -> bool {
+        !self.held.iter().any(|&h| overlaps(h, range))
+            && !self.waiting.iter().any(|&(t, w)| {
+                let ahead = match ticket {
+                    Some(mine) => t < mine,
+                    None => true,
+                };
+                ahead && overlaps(w, range)
+            })
+    }
 }
 
 /// A held range; released on drop.
@@ -31,11 +59,17 @@ impl RangeLocks {
     /// empty range is widened to one unit so it still orders.
     pub fn lock(&self, start: u64, end: u64) -> RangeGuard<'_> {
         let range = (start, end.max(start + 1));
-        let mut held = self.held.lock();
-        while held.iter().any(|&h| overlaps(h, range)) {
-            self.released.wait(&mut held);
+        let mut s = self.state.lock();
+        if !s.free(range, None) {
+            let ticket = s.next_ticket;
+            s.next_ticket += 1;
+            s.waiting.push((ticket, range));
+            while !s.free(range, Some(ticket)) {
+                self.released.wait(&mut s);
+            }
+            s.waiting.retain(|&(t, _)| t != ticket);
         }
-        held.push(range);
+        s.held.push(range);
         RangeGuard { locks: self, range }
     }
 
@@ -43,23 +77,26 @@ impl RangeLocks {
     #[cfg(test)]
     pub fn try_lock(&self, start: u64, end: u64) -> Option<RangeGuard<'_>> {
         let range = (start, end.max(start + 1));
-        let mut held = self.held.lock();
-        if held.iter().any(|&h| overlaps(h, range)) {
+        let mut s = self.state.lock();
+        if !s.free(range, None) {
             return None;
         }
-        held.push(range);
+        s.held.push(range);
         Some(RangeGuard { locks: self, range })
     }
 }
 
 impl Drop for RangeGuard<'_> {
     fn drop(&mut self) {
-        let mut held = self.locks.held.lock();
-        if let Some(i) = held.iter().position(|&h| h == self.range) {
-            held.swap_remove(i);
+        let mut s = self.locks.state.lock();
+        if let Some(i) = s.held.iter().position(|&h| h == self.range) {
+            s.held.swap_remove(i);
         }
-        drop(held);
-        self.locks.released.notify_all();
+        let wake = !s.waiting.is_empty();
+        drop(s);
+        if wake {
+            self.locks.released.notify_all();
+        }
     }
 }
 
@@ -101,5 +138,36 @@ mod tests {
         drop(g);
         t.join().unwrap();
         assert!(got.load(Ordering::SeqCst));
+    }
+
+    #[test]
+    fn a_wide_waiter_holds_off_later_overlapping_requests() {
+        let l = Arc::new(RangeLocks::new());
+        let narrow = l.lock(0, 1);
+        let got = Arc::new(AtomicBool::new(false));
+        let t = {
+            let (l, got) = (l.clone(), got.clone());
+            std::thread::spawn(move || {
+                let _all = l.lock(0, 100);
+                got.store(true, Ordering::SeqCst);
+            })
+        };
+        // Once the whole-range request waits, a new narrow one inside it
+        // waits behind it (else a stream of them would starve it); one
+        // outside does not.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while l.try_lock(50, 51).is_some() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the wide request never queued"
+            );
+            std::thread::yield_now();
+        }
+        assert!(l.try_lock(100, 200).is_some());
+        assert!(!got.load(Ordering::SeqCst));
+        drop(narrow);
+        t.join().unwrap();
+        assert!(got.load(Ordering::SeqCst));
+        assert!(l.try_lock(50, 51).is_some(), "served, then released");
     }
 }
