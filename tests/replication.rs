@@ -5,6 +5,7 @@
 
 use dunnage::engine::pattern::pattern;
 use dunnage::engine::{BlockEngine, ThinParams};
+use dunnage::replication::activity;
 use dunnage::replication::wire::{self, ErrorCode, Frame, Hello};
 use dunnage::replication::{
     Generation, Incarnation, LocalReplica, LocalReplicas, Mirror, MirrorConfig, NewReplica,
@@ -219,6 +220,7 @@ fn config(
         verify: false,
         resync_rate: None,
         base: None,
+        hot_extents: activity::HOT_MAX,
     }
 }
 
@@ -1024,8 +1026,10 @@ fn replicas_that_differ_after_an_unreleased_attach_are_repaired() {
 
     let m = open(2, true);
     let v = wait_verified(&m);
-    assert_eq!(v.done_bytes, PARAMS.size);
-    assert_eq!(v.total_bytes, PARAMS.size);
+    // Only the extents some replica's activity log names: the first
+    // attach's 8 MiB (extents 0 and 1) and c's lone write (extent 10).
+    assert_eq!(v.total_bytes, 3 * activity::EXTENT, "{v:?}");
+    assert_eq!(v.done_bytes, v.total_bytes);
     // One 1 MiB chunk on b, one on c.
     assert_eq!(v.repaired_bytes, 2 * MIB);
     let sums: Vec<String> = nodes.iter().map(Node::checksum).collect();
@@ -1039,9 +1043,91 @@ fn replicas_that_differ_after_an_unreleased_attach_are_repaired() {
     m.close();
     drop(m);
 
-    // Equal replicas: nothing to repair.
+    // Equal replicas: nothing to repair. Detached cleanly (settled), the
+    // logs are cleared, and what is written next is all they name.
     let m = open(3, true);
     assert_eq!(wait_verified(&m).repaired_bytes, 0);
+    m.settle();
+    m.close();
+    drop(m);
+    let m = open(4, true);
+    let v = wait_verified(&m);
+    assert_eq!((v.total_bytes, v.repaired_bytes), (0, 0), "{v:?}");
+    m.write_at(&pattern(4, 4096), 20 * MIB).unwrap();
+    m.close();
+    drop(m);
+    let b = nodes[1].local();
+    b.write_at(4, &pattern(5, 4096), 50 * MIB).unwrap();
+    drop(b);
+    let m = open(5, true);
+    let v = wait_verified(&m);
+    assert_eq!(
+        v.total_bytes,
+        2 * activity::EXTENT,
+        "extents 5 and 12: {v:?}"
+    );
+    assert_eq!(v.repaired_bytes, MIB);
+    let sums: Vec<String> = nodes.iter().map(Node::checksum).collect();
+    assert!(sums.iter().all(|s| *s == sums[0]), "{sums:?}");
+    m.close();
+}
+
+/// The activity logs stay short while the volume is in use: what an
+/// earlier attach left is cleared once compared, and past the most active
+/// extents the least recently written are cleared; so an unreleased
+/// attach makes the next one compare only the extents written last.
+#[test]
+fn activity_logs_keep_only_the_recently_written_extents() {
+    let nodes: Vec<Node> = ["a", "b"].iter().map(|n| Node::new(n)).collect();
+    let open = |generation: Generation, verify: bool| {
+        let mut cfg = config_a_b(&nodes, generation, FakeStates::new());
+        cfg.verify = verify;
+        cfg.hot_extents = 4;
+        Mirror::open(cfg).unwrap()
+    };
+    let active = |n: &Node, generation: Generation| -> Vec<u64> {
+        activity::set_bits(&n.local().activity(generation).unwrap()).collect()
+    };
+    let m = open(1, false);
+    for e in [2, 9, 4, 11, 6, 13, 8] {
+        m.write_at(&pattern(e, 4096), e * activity::EXTENT + 8192)
+            .unwrap();
+        m.flush().unwrap();
+    }
+    // 7 active, more than 4: cleared (down to 3 each time it is over),
+    // the least recently written first, on every replica alike.
+    let mut kept = Vec::new();
+    wait_until("the least recently written extents cleared", || {
+        kept = active(&nodes[0], 1);
+        kept.len() <= 4 && kept == active(&nodes[1], 1)
+    });
+    for e in [6, 8, 13] {
+        assert!(kept.contains(&e), "{e}, written last, is kept: {kept:?}");
+    }
+    // Ended unreleased, and b got a write nobody acknowledged.
+    m.close();
+    drop(m);
+    nodes[1]
+        .local()
+        .write_at(1, &pattern(99, 4096), 15 * activity::EXTENT)
+        .unwrap();
+    let m = open(2, true);
+    wait_until("verification finished", || {
+        m.verification().is_some_and(|v| v.finished)
+    });
+    let v = m.verification().unwrap();
+    assert_eq!(
+        v.total_bytes,
+        (kept.len() as u64 + 1) * activity::EXTENT,
+        "{kept:?} and 15: {v:?}"
+    );
+    assert_eq!(v.repaired_bytes, MIB, "{v:?}");
+    assert_eq!(nodes[0].checksum(), nodes[1].checksum());
+    // Compared: the earlier attach's extents are cleared, this one's kept.
+    m.write_at(&pattern(3, 4096), 0).unwrap();
+    wait_until("the compared extents cleared", || {
+        active(&nodes[0], 2) == [0] && active(&nodes[1], 2) == [0]
+    });
     m.close();
 }
 

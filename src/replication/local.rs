@@ -8,6 +8,7 @@
 //! `<dir>/generation`, synced before the new generation takes effect: IO
 //! of an older generation is refused from then on (fencing).
 
+use super::activity::ActivityLog;
 use super::{Generation, Incarnation, ReplicationError};
 use crate::engine::{BlockEngine, ThinImage, ThinParams};
 use parking_lot::{Condvar, Mutex, RwLock, RwLockReadGuard};
@@ -82,6 +83,8 @@ pub struct LocalReplica {
     /// so once a newer generation is stored no older IO is in flight.
     generation: RwLock<Generation>,
     incarnation: Incarnation,
+    /// Extents written since the replicas were last known equal.
+    activity: ActivityLog,
     image: ThinImage,
     _closed: CloseSignal,
 }
@@ -189,6 +192,7 @@ impl LocalReplica {
         offset: u64,
     ) -> Result<(), ReplicationError> {
         let _g = self.admit(generation)?;
+        self.activate(offset, buf.len() as u64)?;
         Ok(self.image.write_at(buf, offset)?)
     }
 
@@ -199,7 +203,35 @@ impl LocalReplica {
         len: u64,
     ) -> Result<(), ReplicationError> {
         let _g = self.admit(generation)?;
+        self.activate(offset, len)?;
         Ok(self.image.discard(offset, len)?)
+    }
+
+    fn activate(&self, offset: u64, len: u64) -> Result<(), ReplicationError> {
+        self.activity
+            .activate(offset, len)
+            .map_err(io_err("write", self.activity.path()))
+    }
+
+    /// The extents active in the activity log (see [`super::activity`]).
+    pub fn activity(&self, generation: Generation) -> Result<Vec<u64>, ReplicationError> {
+        let _g = self.admit(generation)?;
+        Ok(self.activity.bitmap())
+    }
+
+    /// Clear `count` extents of the activity log from `first`: the
+    /// attached node knows them equal on every replica. A fenced session
+    /// must not.
+    pub fn deactivate(
+        &self,
+        generation: Generation,
+        first: u64,
+        count: u64,
+    ) -> Result<(), ReplicationError> {
+        let _g = self.admit(generation)?;
+        self.activity
+            .deactivate(first, count)
+            .map_err(io_err("write", self.activity.path()))
     }
 
     pub fn flush(&self, generation: Generation) -> Result<(), ReplicationError> {
@@ -405,8 +437,11 @@ impl LocalReplicas {
         } else {
             return Err(ReplicationError::NotFound(volume_id.to_string()));
         };
+        let activity = ActivityLog::open(&dir, image.size(), made)
+            .map_err(io_err("open the activity log in", &dir))?;
         let closed = Arc::new(Closed::default());
         let replica = Arc::new(LocalReplica {
+            activity,
             volume_id: volume_id.to_string(),
             generation: RwLock::new(read_generation(&dir)?),
             incarnation: incarnation(&dir, made)?,

@@ -11,6 +11,7 @@
 //! a state store that cannot record a failure: no acknowledgement leaves
 //! without every in-sync replica holding the write or a recorded Outdated.
 
+use super::activity::{self, Hot, EXTENT};
 use super::link::{CallError, Link, Reply};
 use super::local::{check_volume_id, LocalReplica, ReplicaBase};
 use super::ranges::RangeLocks;
@@ -84,6 +85,9 @@ pub struct MirrorConfig {
     pub states: Arc<dyn StateStore>,
     /// How long a peer may take to answer one request (and to connect).
     pub io_timeout: Duration,
+    /// Extents the replicas' activity logs keep active at most
+    /// ([`activity::HOT_MAX`]; tests use fewer).
+    pub hot_extents: u64,
 }
 
 /// Where a replica added to a running mirror lives.
@@ -172,6 +176,22 @@ struct Inner {
     closed: AtomicBool,
     verification: Mutex<Option<Verification>>,
     resync_rate: Option<u64>,
+    /// The extents this attach's writes made active in the replicas'
+    /// activity logs (see [`Inner::keep_activity`]).
+    hot: Hot,
+    /// Wakes [`Inner::keep_activity`] (a flush found too many active).
+    nudge: (Sender<()>, Receiver<()>),
+}
+
+/// What a mirror's background thread does.
+#[derive(Clone, Copy)]
+enum Job<'a> {
+    /// Connect, resync and reconnect this replica.
+    Replica(&'a Arc<Replica>),
+    /// Compare the replicas after an unreleased attach.
+    Verify,
+    /// Keep the replicas' activity logs short.
+    Activity,
 }
 
 /// Progress of the comparison of the in-sync replicas after an attach
@@ -505,13 +525,25 @@ impl Mirror {
                 total_bytes: size,
                 ..Verification::default()
             })),
+            hot: Hot::new(size, cfg.hot_extents),
+            nudge: crossbeam_channel::bounded(1),
         });
         let mut workers = Vec::new();
         let set = inner.set();
-        let jobs = set.iter().map(Some).chain(cfg.verify.then_some(None));
-        for r in jobs {
-            match inner.spawn(r) {
-                Ok(t) => workers.push((r.cloned(), t)),
+        let jobs = set
+            .iter()
+            .map(Job::Replica)
+            .chain(cfg.verify.then_some(Job::Verify))
+            .chain([Job::Activity]);
+        for job in jobs {
+            match inner.spawn(job) {
+                Ok(t) => {
+                    let r = match job {
+                        Job::Replica(r) => Some(r.clone()),
+                        _ => None,
+                    };
+                    workers.push((r, t))
+                }
                 Err(e) => {
                     inner.closed.store(true, Ordering::SeqCst);
                     for r in set.iter() {
@@ -577,6 +609,13 @@ impl Mirror {
         self.inner.snapshot(name)
     }
 
+    /// The volume is detached cleanly (its export is gone): flush and
+    /// clear the in-sync replicas' activity logs, so that an unreleased
+    /// attach later compares only what is written from then on.
+    pub fn settle(&self) {
+        self.inner.settle()
+    }
+
     /// Delete snapshot `name` on every replica (those without it are
     /// fine). Refused unless every replica is reachable.
     pub fn delete_snapshot(&self, name: &str) -> Result<(), ReplicationError> {
@@ -636,7 +675,7 @@ impl Mirror {
         };
         let track = Track::new(ReplicaState::Outdated, inner.size, remote);
         let r = Arc::new(new_replica(node, endpoint, track, None, incarnation));
-        let thread = inner.spawn(Some(&r))?;
+        let thread = inner.spawn(Job::Replica(&r))?;
         {
             let mut replicas = inner.replicas.write();
             let mut next: Vec<Arc<Replica>> = replicas.iter().cloned().collect();
@@ -736,6 +775,7 @@ impl Mirror {
     /// Call it after the export stopped and flushed. Idempotent.
     pub fn close(&self) {
         self.inner.closed.store(true, Ordering::SeqCst);
+        let _ = self.inner.nudge.0.try_send(());
         let set = self.inner.set();
         for r in set.iter() {
             r.wake();
@@ -791,22 +831,22 @@ impl Inner {
         self.replicas.read().clone()
     }
 
-    /// Start the background thread of replica `r`, or the verification's.
-    fn spawn(
-        self: &Arc<Self>,
-        r: Option<&Arc<Replica>>,
-    ) -> Result<JoinHandle<()>, ReplicationError> {
+    /// Start a background thread.
+    fn spawn(self: &Arc<Self>, job: Job<'_>) -> Result<JoinHandle<()>, ReplicationError> {
         let inner = self.clone();
-        let spawned = match r {
-            Some(r) => {
+        let spawned = match job {
+            Job::Replica(r) => {
                 let r = r.clone();
                 std::thread::Builder::new()
                     .name(format!("repl-{}", r.node))
                     .spawn(move || inner.background(&r))
             }
-            None => std::thread::Builder::new()
+            Job::Verify => std::thread::Builder::new()
                 .name("repl-verify".into())
                 .spawn(move || inner.verify()),
+            Job::Activity => std::thread::Builder::new()
+                .name("repl-activity".into())
+                .spawn(move || inner.keep_activity()),
         };
         spawned.map_err(|e| ReplicationError::Io {
             op: "spawn a replica thread for",
@@ -951,6 +991,7 @@ impl Inner {
         let (s, e) = unit_span(offset, len);
         let _range = self.ranges.lock(s, e);
         self.check_open()?;
+        self.hot.touch(offset, len);
         let deadline = Instant::now() + self.io_timeout;
         // Read under the range lock: a replica added later starts with
         // everything dirty, and its resync waits for this range.
@@ -1300,7 +1341,98 @@ impl Inner {
         if held_in_sync == 0 {
             return Err(self.error("no in-sync replica completed the flush"));
         }
+        self.hot.tick();
+        if self.hot.over() {
+            let _ = self.nudge.0.try_send(());
+        }
         Ok(())
+    }
+
+    /// Keep the replicas' activity logs to what may differ, so that an
+    /// unreleased attach makes the next compare little. Once no comparison
+    /// is due (none was, or it is done), clear every extent this attach
+    /// has not written (what earlier attaches left); then, woken by a
+    /// flush that finds more than the most active, the least recently
+    /// written ones.
+    fn keep_activity(&self) {
+        let mut swept = false;
+        loop {
+            if self.is_closed() || self.is_fenced() {
+                return;
+            }
+            let due = self.verification.lock().is_some_and(|v| !v.finished);
+            if !due && !swept {
+                for (first, count) in self.hot.cold_runs() {
+                    let cold = |hot: &Hot| (first..first + count).all(|e| !hot.is_active(e));
+                    if !self.clear_extents(first, count, cold) {
+                        return;
+                    }
+                }
+                swept = true;
+            }
+            if !due {
+                let tick = self.hot.now();
+                for e in self.hot.victims() {
+                    if !self.clear_extents(e, 1, |hot| !hot.written_since(e, tick)) {
+                        return;
+                    }
+                }
+            }
+            let _ = self.nudge.1.recv_timeout(MAX_BACKOFF);
+        }
+    }
+
+    /// Clear `count` extents from `first` in `r`'s activity log.
+    fn deactivate_on(
+        &self,
+        r: &Replica,
+        first: u64,
+        count: u64,
+        deadline: Instant,
+    ) -> Result<(), String> {
+        if let Some(l) = r.local() {
+            return l
+                .deactivate(self.generation, first, count)
+                .map_err(|e| e.to_string());
+        }
+        let Some(link) = r.cell.lock().link.clone() else {
+            return Err("not connected".into());
+        };
+        match link.call(Request::Deactivate { first, count }, deadline) {
+            Ok(Reply::Ok) => Ok(()),
+            Ok(_) => Err("unexpected reply".into()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Clear `count` extents from `first` in every connected replica's
+    /// activity log, under their range lock: no write to them is in flight,
+    /// so the in-sync replicas hold the same there. Skipped unless `still`
+    /// holds under the lock. False once the mirror is closed or fenced.
+    fn clear_extents(&self, first: u64, count: u64, still: impl Fn(&Hot) -> bool) -> bool {
+        if self.is_closed() || self.is_fenced() {
+            return false;
+        }
+        let (start, end) = (first * EXTENT, ((first + count) * EXTENT).min(self.size));
+        if start >= end {
+            return true;
+        }
+        let (s, e) = unit_span(start, end - start);
+        let _range = self.ranges.lock(s, e);
+        if !still(&self.hot) {
+            return true;
+        }
+        let deadline = Instant::now() + self.io_timeout;
+        for r in self.set().iter() {
+            if let Err(e) = self.deactivate_on(r, first, count, deadline) {
+                tracing::debug!(volume = %self.volume, peer = %r.node, first, count, error = %e,
+                    "activity log not cleared there");
+            }
+        }
+        for e in first..first + count {
+            self.hot.cleared(e);
+        }
+        true
     }
 
     fn read(&self, buf: &mut [u8], offset: u64) -> Result<(), EngineError> {
@@ -1692,13 +1824,30 @@ impl Inner {
     /// in-sync replicas equal again: compare each with the one reads come
     /// from, a chunk at a time under its range lock (digests over the
     /// network, not data), and copy the chunk where it differs. DRBD
-    /// bounds this with an activity log; this checks the whole device, in
-    /// the background, while the volume is in use.
+    /// bounds this with an activity log, and so does this: only the
+    /// extents active in some replica's log are compared (the whole device
+    /// when a log cannot be read). In the background, while the volume is
+    /// in use.
     fn verify(&self) {
+        let ranges = self.to_verify();
+        let total: u64 = ranges.iter().map(|(s, e)| e - s).sum();
+        if let Some(v) = self.verification.lock().as_mut() {
+            v.total_bytes = total;
+        }
+        tracing::info!(volume = %self.volume, bytes = total, of = self.size,
+            "comparing the extents the replicas' activity logs name");
         let mut buf = Vec::new();
-        let mut offset = 0;
         let mut pace = Pacer::new(self.resync_rate, Instant::now());
-        while offset < self.size {
+        let mut ranges = ranges.into_iter();
+        let (mut offset, mut end) = ranges.next().unwrap_or((0, 0));
+        loop {
+            if offset >= end {
+                match ranges.next() {
+                    Some((s, e)) => (offset, end) = (s, e),
+                    None => break,
+                }
+                continue;
+            }
             if self.is_closed() || self.is_fenced() {
                 return;
             }
@@ -1707,7 +1856,7 @@ impl Inner {
                 std::thread::sleep(wait.min(MAX_BACKOFF));
                 continue;
             }
-            let len = VERIFY_CHUNK.min(self.size - offset);
+            let len = VERIFY_CHUNK.min(end - offset);
             match self.verify_chunk(offset, len, &mut buf) {
                 Some(repaired) => {
                     pace.add(len);
@@ -1730,6 +1879,82 @@ impl Inner {
             repaired_bytes = v.repaired_bytes,
             "replicas verified after the last attach ended unreleased"
         );
+    }
+
+    /// The byte ranges to compare after an unreleased attach: the extents
+    /// active in the activity log of any replica reads may come from (each
+    /// marked its extents before a write changed them), merged; the whole
+    /// device when one of them cannot tell (not connected, an older log).
+    fn to_verify(&self) -> Vec<(u64, u64)> {
+        let whole = vec![(0, self.size)];
+        let extents = activity::extents(self.size);
+        let mut union = vec![0u64; extents.div_ceil(64) as usize];
+        let deadline = Instant::now() + self.io_timeout;
+        for r in self.set().iter() {
+            let (readable, link) = {
+                let cell = r.cell.lock();
+                (cell.track.readable(), cell.link.clone())
+            };
+            if !readable {
+                continue;
+            }
+            let words = match (r.local(), link) {
+                (Some(l), _) => l.activity(self.generation).ok(),
+                (None, Some(link)) => match link.call(Request::Activity, deadline) {
+                    Ok(Reply::Data(bytes)) => activity::decode(&bytes, extents),
+                    _ => None,
+                },
+                (None, None) => None,
+            };
+            let Some(words) = words else {
+                tracing::info!(volume = %self.volume, peer = %r.node,
+                    "cannot read this replica's activity log: comparing the whole device");
+                return whole;
+            };
+            for (u, w) in union.iter_mut().zip(words) {
+                *u |= w;
+            }
+        }
+        let mut ranges: Vec<(u64, u64)> = Vec::new();
+        for e in activity::set_bits(&union) {
+            let (s, end) = (e * EXTENT, ((e + 1) * EXTENT).min(self.size));
+            match ranges.last_mut() {
+                Some(last) if last.1 == s => last.1 = end,
+                _ => ranges.push((s, end)),
+            }
+        }
+        ranges
+    }
+
+    /// The volume is detached cleanly: flush, then clear the activity logs
+    /// of the in-sync replicas, which hold every acknowledged write (a
+    /// write that failed somewhere left that replica out of sync). Not
+    /// while a comparison is due: the logs say what it must compare. Best
+    /// effort: a log left set costs the next comparison time, nothing more.
+    fn settle(&self) {
+        if self.is_closed()
+            || self.is_fenced()
+            || self.verification.lock().is_some_and(|v| !v.finished)
+        {
+            return;
+        }
+        let (s, e) = unit_span(0, self.size);
+        let _all = self.ranges.lock(s, e);
+        if let Err(e) = self.flush() {
+            tracing::warn!(volume = %self.volume, error = %e,
+                "the last flush failed: activity logs kept");
+            return;
+        }
+        let deadline = Instant::now() + self.io_timeout;
+        for r in self.set().iter() {
+            if r.cell.lock().track.state() != ReplicaState::InSync {
+                continue;
+            }
+            if let Err(e) = self.deactivate_on(r, 0, u64::MAX, deadline) {
+                tracing::info!(volume = %self.volume, peer = %r.node, error = %e,
+                    "activity log not cleared: the next unreleased attach compares its extents");
+            }
+        }
     }
 
     /// Compare one chunk; the bytes repaired, or `None` if no replica can

@@ -14,6 +14,7 @@
 //!   fans every write out to the replicas, tracks what an unreachable
 //!   replica misses and resyncs it when it is back.
 
+pub mod activity;
 mod link;
 mod local;
 mod mirror;

@@ -414,6 +414,13 @@ fn execute(
         Request::Flush => replica.flush(generation),
         Request::Snapshot { ref name } => replica.snapshot(generation, name),
         Request::DeleteSnapshot { ref name } => replica.delete_snapshot(generation, name),
+        Request::Activity => {
+            return match replica.activity(generation) {
+                Ok(words) => Reply::Data(super::activity::encode(&words)),
+                Err(e) => Reply::Frame(error_frame(id, &e)),
+            }
+        }
+        Request::Deactivate { first, count } => replica.deactivate(generation, first, count),
     };
     Reply::Frame(match result {
         Ok(()) => Frame::Ok { id },

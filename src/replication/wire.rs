@@ -26,7 +26,10 @@ pub const MAGIC: [u8; 8] = *b"dunnrepl";
 ///    (`forward`), answered by `HelloOk` and one `Data` frame.
 /// 5: `HelloOk` says whether the replica holds anything (blocks or
 ///    snapshots), so a replica whose files were lost is not trusted.
-pub const PROTOCOL_VERSION: u32 = 6;
+/// 6: `HelloOk` carries the replica's incarnation instead; a Hello says
+///    whether an absent image is to be copied whole (`copied_whole`).
+/// 7: `Activity` and `Deactivate` requests (the replica's activity log).
+pub const PROTOCOL_VERSION: u32 = 7;
 /// Largest frame accepted (a write or read of up to 64 MiB plus headers).
 pub const MAX_FRAME: usize = (64 << 20) + 4096;
 /// Largest read or write one request may carry.
@@ -44,6 +47,8 @@ const KIND_DATA: u8 = 9;
 const KIND_DIGEST: u8 = 10;
 const KIND_SNAPSHOT: u8 = 11;
 const KIND_DELETE_SNAPSHOT: u8 = 12;
+const KIND_ACTIVITY: u8 = 13;
+const KIND_DEACTIVATE: u8 = 14;
 
 /// The first message of a connection: who asks, for which replica, under
 /// which attach generation.
@@ -194,6 +199,15 @@ pub enum Request {
     DeleteSnapshot {
         name: String,
     },
+    /// The extents active in the replica's activity log: a Data reply of
+    /// little-endian u64 words, one bit per extent.
+    Activity,
+    /// Clear `count` extents of the activity log from `first` (past the
+    /// end: up to it): the client knows them equal on every replica.
+    Deactivate {
+        first: u64,
+        count: u64,
+    },
 }
 
 /// One frame, either direction.
@@ -260,6 +274,8 @@ impl Frame {
                     Request::Digest { .. } => KIND_DIGEST,
                     Request::Snapshot { .. } => KIND_SNAPSHOT,
                     Request::DeleteSnapshot { .. } => KIND_DELETE_SNAPSHOT,
+                    Request::Activity => KIND_ACTIVITY,
+                    Request::Deactivate { .. } => KIND_DEACTIVATE,
                 },
                 *id,
             ),
@@ -324,7 +340,11 @@ impl Frame {
                     b.extend_from_slice(&offset.to_be_bytes());
                     b.extend_from_slice(&len.to_be_bytes());
                 }
-                Request::Flush => {}
+                Request::Flush | Request::Activity => {}
+                Request::Deactivate { first, count } => {
+                    b.extend_from_slice(&first.to_be_bytes());
+                    b.extend_from_slice(&count.to_be_bytes());
+                }
                 Request::Snapshot { name } | Request::DeleteSnapshot { name } => {
                     put_str(&mut b, name)
                 }
@@ -437,6 +457,17 @@ impl Frame {
             KIND_DELETE_SNAPSHOT => Frame::Request {
                 id,
                 req: Request::DeleteSnapshot { name: r.str()? },
+            },
+            KIND_ACTIVITY => Frame::Request {
+                id,
+                req: Request::Activity,
+            },
+            KIND_DEACTIVATE => Frame::Request {
+                id,
+                req: Request::Deactivate {
+                    first: r.u64()?,
+                    count: r.u64()?,
+                },
             },
             KIND_OK => Frame::Ok { id },
             KIND_DATA => Frame::Data {
@@ -738,6 +769,11 @@ mod tests {
             Request::DeleteSnapshot {
                 name: "daily-2026".into(),
             },
+            Request::Activity,
+            Request::Deactivate {
+                first: 3,
+                count: u64::MAX,
+            },
         ] {
             roundtrip(Frame::Request { id: 77, req });
         }
@@ -780,7 +816,7 @@ mod tests {
     /// by a fixture per version.
     #[test]
     fn hello_matches_fixture() {
-        let fixture = include_bytes!("../../fixtures/replication/hello-v6.bin");
+        let fixture = include_bytes!("../../fixtures/replication/hello-v7.bin");
         assert_eq!(Frame::Hello(fixture_hello()).encode(), fixture.to_vec());
         assert_eq!(
             read_frame(&mut &fixture[..]).unwrap().unwrap(),
@@ -788,12 +824,13 @@ mod tests {
         );
         // Nodes of older versions (no Digest, Snapshot, forward, prior
         // generation, incarnation) are told what to do.
-        let old: [(&[u8], u32); 5] = [
+        let old: [(&[u8], u32); 6] = [
             (include_bytes!("../../fixtures/replication/hello-v1.bin"), 1),
             (include_bytes!("../../fixtures/replication/hello-v2.bin"), 2),
             (include_bytes!("../../fixtures/replication/hello-v3.bin"), 3),
             (include_bytes!("../../fixtures/replication/hello-v4.bin"), 4),
             (include_bytes!("../../fixtures/replication/hello-v5.bin"), 5),
+            (include_bytes!("../../fixtures/replication/hello-v6.bin"), 6),
         ];
         for (bytes, version) in old {
             match read_frame(&mut &bytes[..]) {
@@ -809,14 +846,14 @@ mod tests {
     fn other_version_is_refused_without_reading_the_rest() {
         let mut bytes = Frame::Hello(fixture_hello()).encode();
         // Version sits after length, kind, id and magic.
-        bytes[4 + 1 + 8 + 8..4 + 1 + 8 + 8 + 4].copy_from_slice(&7u32.to_be_bytes());
-        // A version 7 Hello may be longer: append garbage.
+        bytes[4 + 1 + 8 + 8..4 + 1 + 8 + 8 + 4].copy_from_slice(&8u32.to_be_bytes());
+        // A version 8 Hello may be longer: append garbage.
         bytes.extend_from_slice(&[0xFF; 9]);
         let len = (bytes.len() - 4) as u32;
         bytes[..4].copy_from_slice(&len.to_be_bytes());
         let err = read_frame(&mut &bytes[..]).unwrap_err();
-        assert!(matches!(err, WireError::Version { theirs: 7 }), "{err}");
-        assert!(err.to_string().contains("version 7"), "{err}");
+        assert!(matches!(err, WireError::Version { theirs: 8 }), "{err}");
+        assert!(err.to_string().contains("version 8"), "{err}");
     }
 
     #[test]

@@ -174,6 +174,7 @@ fn mirror_for(
         verify,
         resync_rate: c.resync_rate,
         io_timeout: c.replica_timeout,
+        hot_extents: crate::replication::activity::HOT_MAX,
     });
     if mirror.is_err() {
         c.replicas.close(&record.id);
@@ -322,6 +323,7 @@ pub(super) fn close_mirror(
     mirror: &Mirror,
     generation: Generation,
 ) {
+    mirror.settle();
     mirror.close();
     c.untrack(volume_id);
     c.replicas.close(volume_id);

@@ -1,0 +1,472 @@
+//! A replica's activity log (DRBD's, simplified): the extents of the device
+//! that writes may have changed since every replica was last known equal.
+//!
+//! Each replica marks an extent active, durably, before the first write to
+//! it changes its image, so a write that reached some replicas and not
+//! others (in flight when the attached node died) lies in an extent active
+//! on the replica it reached. The next attach compares only the extents
+//! active somewhere instead of the whole device. The attached node clears
+//! the logs when it detaches cleanly (every write acknowledged everywhere,
+//! flushed); an attach that ends unreleased leaves them for the next one,
+//! which clears them only once it has compared the replicas.
+//!
+//! The file is `<replica>/activity`: an 8-byte magic, the extent size as a
+//! little-endian u64, then one bit per extent in little-endian u64 words.
+//! Words are 8-byte aligned, so a torn page write leaves each old or new.
+//! A missing or unreadable log of an image that was not just made is taken
+//! as all active: nothing is known of its writes.
+
+use parking_lot::Mutex;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Extents of 4 MiB, as DRBD's.
+pub const EXTENT_SHIFT: u32 = 22;
+pub const EXTENT: u64 = 1 << EXTENT_SHIFT;
+const FILE: &str = "activity";
+const MAGIC: [u8; 8] = *b"dunnal01";
+const HEADER: u64 = 16;
+
+/// The number of extents of a device of `size` bytes.
+pub fn extents(size: u64) -> u64 {
+    size.div_ceil(EXTENT)
+}
+
+/// The extents `[offset, offset + len)` touches (`len` > 0).
+fn span(offset: u64, len: u64) -> (u64, u64) {
+    (offset >> EXTENT_SHIFT, (offset + len - 1) >> EXTENT_SHIFT)
+}
+
+/// The words of a bitmap, as the wire and the file carry them.
+pub fn encode(words: &[u64]) -> Vec<u8> {
+    words.iter().flat_map(|w| w.to_le_bytes()).collect()
+}
+
+/// A bitmap of `extents` bits from [`encode`]'s bytes.
+pub fn decode(bytes: &[u8], extents: u64) -> Option<Vec<u64>> {
+    let words = extents.div_ceil(64) as usize;
+    if bytes.len() != words * 8 {
+        return None;
+    }
+    let mut out: Vec<u64> = bytes
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+        .collect();
+    // Bits past the last extent mean nothing: drop them.
+    if let Some(last) = out.last_mut() {
+        let used = extents % 64;
+        if used != 0 {
+            *last &= (1u64 << used) - 1;
+        }
+    }
+    Some(out)
+}
+
+/// The set bits of a bitmap, in order.
+pub fn set_bits(words: &[u64]) -> impl Iterator<Item = u64> + '_ {
+    words.iter().enumerate().flat_map(|(i, &w)| {
+        (0..64)
+            .filter(move |b| w & (1 << b) != 0)
+            .map(move |b| i as u64 * 64 + b)
+    })
+}
+
+pub struct ActivityLog {
+    path: PathBuf,
+    file: File,
+    extents: u64,
+    /// What the file says (a bit is set here only once it is durable
+    /// there, and cleared here before it is cleared there).
+    words: Vec<AtomicU64>,
+    /// Serialises changes to the file (a write and its sync).
+    changing: Mutex<()>,
+}
+
+impl std::fmt::Debug for ActivityLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ActivityLog")
+            .field("path", &self.path)
+            .field("active", &self.active_count())
+            .finish()
+    }
+}
+
+impl ActivityLog {
+    /// Open the log in `dir` of a device of `size` bytes. `made`: its image
+    /// was just made, so nothing was written yet.
+    pub fn open(dir: &Path, size: u64, made: bool) -> io::Result<ActivityLog> {
+        let path = dir.join(FILE);
+        let extents = extents(size);
+        let nwords = extents.div_ceil(64) as usize;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)?;
+        let found = if made { None } else { read(&file, extents) };
+        let known = made || found.is_some();
+        let words = found.unwrap_or_else(|| {
+            if made {
+                vec![0; nwords]
+            } else {
+                tracing::warn!(path = %path.display(),
+                    "no readable activity log: every extent of this replica is taken as written");
+                let mut all = vec![u64::MAX; nwords];
+                if let Some(last) = all.last_mut() {
+                    if extents % 64 != 0 {
+                        *last = (1u64 << (extents % 64)) - 1;
+                    }
+                }
+                all
+            }
+        });
+        let log = ActivityLog {
+            path,
+            file,
+            extents,
+            words: words.into_iter().map(AtomicU64::new).collect(),
+            changing: Mutex::new(()),
+        };
+        if !known || made {
+            log.write_all()?;
+        }
+        Ok(log)
+    }
+
+    /// Mark the extents `[offset, offset + len)` touches active, durably,
+    /// before a write changes them. Free once they are.
+    pub fn activate(&self, offset: u64, len: u64) -> io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let (first, last) = span(offset, len);
+        let last = last.min(self.extents.saturating_sub(1));
+        if (first..=last).all(|e| self.is_active(e)) {
+            return Ok(());
+        }
+        // Set in memory only once durable: a concurrent writer of the same
+        // extent waits on the lock, then finds it active.
+        let _one = self.changing.lock();
+        if (first..=last).all(|e| self.is_active(e)) {
+            return Ok(());
+        }
+        let (w0, w1) = ((first / 64) as usize, (last / 64) as usize);
+        let mut new: Vec<u64> = (w0..=w1)
+            .map(|w| self.words[w].load(Ordering::Acquire))
+            .collect();
+        for e in first..=last {
+            new[(e / 64) as usize - w0] |= 1 << (e % 64);
+        }
+        self.file
+            .write_all_at(&encode(&new), HEADER + 8 * w0 as u64)?;
+        self.file.sync_data()?;
+        for (i, w) in new.into_iter().enumerate() {
+            self.words[w0 + i].store(w, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    /// Clear `count` extents from `first` (past the end: up to it), durably.
+    pub fn deactivate(&self, first: u64, count: u64) -> io::Result<()> {
+        let end = first.saturating_add(count).min(self.extents);
+        if first >= end {
+            return Ok(());
+        }
+        let _one = self.changing.lock();
+        for e in first..end {
+            self.words[(e / 64) as usize].fetch_and(!(1 << (e % 64)), Ordering::AcqRel);
+        }
+        let (w0, w1) = ((first / 64) as usize, ((end - 1) / 64) as usize);
+        let words: Vec<u64> = (w0..=w1)
+            .map(|w| self.words[w].load(Ordering::Acquire))
+            .collect();
+        self.file
+            .write_all_at(&encode(&words), HEADER + 8 * w0 as u64)?;
+        self.file.sync_data()
+    }
+
+    pub fn is_active(&self, extent: u64) -> bool {
+        self.words
+            .get((extent / 64) as usize)
+            .is_some_and(|w| w.load(Ordering::Acquire) & (1 << (extent % 64)) != 0)
+    }
+
+    /// The active extents, as a bitmap.
+    pub fn bitmap(&self) -> Vec<u64> {
+        self.words
+            .iter()
+            .map(|w| w.load(Ordering::Acquire))
+            .collect()
+    }
+
+    pub fn extents(&self) -> u64 {
+        self.extents
+    }
+
+    pub fn active_count(&self) -> u64 {
+        self.bitmap()
+            .iter()
+            .map(|w| u64::from(w.count_ones()))
+            .sum()
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Header and every word, synced (a new or unreadable log).
+    fn write_all(&self) -> io::Result<()> {
+        let _one = self.changing.lock();
+        let mut bytes = Vec::with_capacity(HEADER as usize + self.words.len() * 8);
+        bytes.extend_from_slice(&MAGIC);
+        bytes.extend_from_slice(&EXTENT.to_le_bytes());
+        bytes.extend_from_slice(&encode(&self.bitmap()));
+        self.file.set_len(bytes.len() as u64)?;
+        self.file.write_all_at(&bytes, 0)?;
+        self.file.sync_all()?;
+        if let Some(dir) = self.path.parent() {
+            File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    }
+}
+
+/// The bitmap a log file holds, if it is one for `extents` extents of
+/// [`EXTENT`] bytes.
+fn read(file: &File, extents: u64) -> Option<Vec<u64>> {
+    let mut header = [0u8; HEADER as usize];
+    file.read_exact_at(&mut header, 0).ok()?;
+    if header[..8] != MAGIC || header[8..] != EXTENT.to_le_bytes() {
+        return None;
+    }
+    let mut bytes = vec![0u8; extents.div_ceil(64) as usize * 8];
+    file.read_exact_at(&mut bytes, HEADER).ok()?;
+    if file.metadata().ok()?.len() != HEADER + bytes.len() as u64 {
+        return None;
+    }
+    decode(&bytes, extents)
+}
+
+/// Extents a log keeps active at most before the attached node clears
+/// the least recently written (DRBD's `al-extents`, 1237 by default): what
+/// an unreleased attach makes the next one compare, 4 GiB.
+pub const HOT_MAX: u64 = 1024;
+
+/// The attached node's view of the logs its writes set: which extents are
+/// active and when each was last written, in flushes. Writes touch it
+/// under their range lock; the extents it picks to clear are cleared under
+/// theirs, so no write to them is in flight meanwhile.
+pub struct Hot {
+    max: u64,
+    active: Vec<AtomicU64>,
+    last: Vec<AtomicU64>,
+    count: AtomicU64,
+    /// Flushes so far.
+    tick: AtomicU64,
+}
+
+impl Hot {
+    pub fn new(size: u64, max: u64) -> Hot {
+        let n = extents(size);
+        Hot {
+            max: max.max(1),
+            active: (0..n.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            last: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            count: AtomicU64::new(0),
+            tick: AtomicU64::new(0),
+        }
+    }
+
+    /// A write to `[offset, offset + len)` is about to be sent.
+    #[inline]
+    pub fn touch(&self, offset: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let (first, last) = span(offset, len);
+        let now = self.tick.load(Ordering::Relaxed);
+        for e in first..=last.min(self.last.len() as u64 - 1) {
+            let at = &self.last[e as usize];
+            if at.load(Ordering::Relaxed) != now {
+                at.store(now, Ordering::Relaxed);
+            }
+            let (w, bit) = ((e / 64) as usize, 1u64 << (e % 64));
+            if self.active[w].load(Ordering::Relaxed) & bit == 0
+                && self.active[w].fetch_or(bit, Ordering::Relaxed) & bit == 0
+            {
+                self.count.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// A flush completed.
+    pub fn tick(&self) {
+        self.tick.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn over(&self) -> bool {
+        self.count.load(Ordering::Relaxed) > self.max
+    }
+
+    pub fn is_active(&self, extent: u64) -> bool {
+        self.active
+            .get((extent / 64) as usize)
+            .is_some_and(|w| w.load(Ordering::Relaxed) & (1 << (extent % 64)) != 0)
+    }
+
+    /// The extents to clear, least recently written first, down to three
+    /// quarters of the most (so that clearing is not a step per flush).
+    /// None written since the last flush: those may still be in flight.
+    pub fn victims(&self) -> Vec<u64> {
+        let count = self.count.load(Ordering::Relaxed);
+        if count <= self.max {
+            return Vec::new();
+        }
+        let now = self.tick.load(Ordering::Relaxed);
+        let mut candidates: Vec<(u64, u64)> = (0..self.last.len() as u64)
+            .filter(|&e| self.is_active(e))
+            .map(|e| (self.last[e as usize].load(Ordering::Relaxed), e))
+            .filter(|&(at, _)| at < now)
+            .collect();
+        candidates.sort_unstable();
+        let want = (count - self.max * 3 / 4) as usize;
+        candidates.into_iter().take(want).map(|(_, e)| e).collect()
+    }
+
+    /// Whether `extent` was written since flush `tick` (checked again
+    /// under its range lock before it is cleared).
+    pub fn written_since(&self, extent: u64, tick: u64) -> bool {
+        self.last
+            .get(extent as usize)
+            .is_some_and(|at| at.load(Ordering::Relaxed) >= tick)
+    }
+
+    pub fn now(&self) -> u64 {
+        self.tick.load(Ordering::Relaxed)
+    }
+
+    /// `extent` was cleared on the replicas (under its range lock).
+    pub fn cleared(&self, extent: u64) {
+        let (w, bit) = ((extent / 64) as usize, 1u64 << (extent % 64));
+        if let Some(word) = self.active.get(w) {
+            if word.fetch_and(!bit, Ordering::Relaxed) & bit != 0 {
+                self.count.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Maximal runs `(first, count)` of extents not active here.
+    pub fn cold_runs(&self) -> Vec<(u64, u64)> {
+        let n = self.last.len() as u64;
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for e in (0..n).filter(|&e| !self.is_active(e)) {
+            match runs.last_mut() {
+                Some((first, count)) if *first + *count == e => *count += 1,
+                _ => runs.push((e, 1)),
+            }
+        }
+        runs
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_least_recently_written_extents_are_cleared_past_the_most() {
+        let hot = Hot::new(16 * EXTENT, 4);
+        for e in [3, 1, 7, 5] {
+            hot.touch(e * EXTENT + 100, 4096);
+            hot.tick();
+        }
+        assert!(!hot.over() && hot.victims().is_empty());
+        // Two more, one across a boundary: 7 active, 3 over.
+        hot.touch(9 * EXTENT - 512, 1024);
+        hot.touch(12 * EXTENT, 1);
+        assert!(hot.over());
+        // Not yet flushed: the new ones are not candidates; down to 3.
+        assert_eq!(hot.victims(), [3, 1, 7, 5]);
+        // Written again: 3 moves behind the older ones (ties by index).
+        hot.touch(3 * EXTENT, 1);
+        hot.tick();
+        assert_eq!(hot.victims(), [1, 7, 5, 3]);
+        let tick = hot.now();
+        hot.touch(7 * EXTENT, 1);
+        assert!(hot.written_since(7, tick) && !hot.written_since(1, tick));
+        for e in [1, 5, 8] {
+            hot.cleared(e);
+        }
+        hot.cleared(5);
+        assert!(!hot.over(), "4 left");
+        assert_eq!(
+            hot.cold_runs(),
+            [(0, 3), (4, 3), (8, 1), (10, 2), (13, 3)],
+            "active: 3, 7, 9, 12"
+        );
+    }
+
+    const SIZE: u64 = 100 * EXTENT + 4096;
+
+    #[test]
+    fn activations_are_durable_and_cleared_by_deactivate() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = ActivityLog::open(dir.path(), SIZE, true).unwrap();
+        assert_eq!(log.extents(), 101);
+        assert_eq!(log.active_count(), 0);
+        // A write across an extent boundary marks both.
+        log.activate(3 * EXTENT - 512, 1024).unwrap();
+        log.activate(100 * EXTENT, 4096).unwrap();
+        log.activate(70 * EXTENT, 0).unwrap();
+        let active: Vec<u64> = set_bits(&log.bitmap()).collect();
+        assert_eq!(active, [2, 3, 100]);
+        drop(log);
+
+        let log = ActivityLog::open(dir.path(), SIZE, false).unwrap();
+        assert_eq!(set_bits(&log.bitmap()).collect::<Vec<_>>(), [2, 3, 100]);
+        log.deactivate(3, 1000).unwrap();
+        assert_eq!(set_bits(&log.bitmap()).collect::<Vec<_>>(), [2]);
+        drop(log);
+        let log = ActivityLog::open(dir.path(), SIZE, false).unwrap();
+        assert_eq!(set_bits(&log.bitmap()).collect::<Vec<_>>(), [2]);
+        log.deactivate(0, u64::MAX).unwrap();
+        assert_eq!(log.active_count(), 0);
+    }
+
+    #[test]
+    fn an_unknown_log_of_an_existing_image_is_all_active() {
+        let dir = tempfile::tempdir().unwrap();
+        // No file: an image from before activity logs.
+        let log = ActivityLog::open(dir.path(), SIZE, false).unwrap();
+        assert_eq!(log.active_count(), 101);
+        log.deactivate(0, 100).unwrap();
+        drop(log);
+        let log = ActivityLog::open(dir.path(), SIZE, false).unwrap();
+        assert_eq!(set_bits(&log.bitmap()).collect::<Vec<_>>(), [100]);
+        drop(log);
+        // Damaged: the wrong magic, or a size for another device.
+        let path = dir.path().join(FILE);
+        std::fs::write(&path, b"not a log at all").unwrap();
+        assert_eq!(
+            ActivityLog::open(dir.path(), SIZE, false)
+                .unwrap()
+                .active_count(),
+            101
+        );
+        let log = ActivityLog::open(dir.path(), 2 * EXTENT, false).unwrap();
+        assert_eq!(log.active_count(), 2, "a log for 101 extents read for 2");
+    }
+
+    #[test]
+    fn bitmaps_cross_the_wire_and_drop_bits_past_the_end() {
+        let words = vec![0b1010, 1 << 63 | 1];
+        assert_eq!(decode(&encode(&words), 128), Some(words.clone()));
+        assert_eq!(decode(&encode(&words), 65), Some(vec![0b1010, 1]));
+        assert_eq!(decode(&encode(&words), 200), None, "wrong length");
+        assert_eq!(set_bits(&words).collect::<Vec<_>>(), [1, 3, 64, 127]);
+    }
+}
