@@ -1128,6 +1128,32 @@ fn activity_logs_keep_only_the_recently_written_extents() {
     wait_until("the compared extents cleared", || {
         active(&nodes[0], 2) == [0] && active(&nodes[1], 2) == [0]
     });
+    m.settle();
+    m.close();
+    drop(m);
+
+    // b outdated, a holding a chunk it lacks: the resync copies it, which
+    // marks it active on b; once b is in sync that is cleared too.
+    nodes[0]
+        .local()
+        .write_at(2, &pattern(7, 4096), 14 * activity::EXTENT)
+        .unwrap();
+    let mut cfg = config(
+        "a",
+        3,
+        Some(nodes[0].local()),
+        ReplicaState::InSync,
+        vec![nodes[1].peer(ReplicaState::Outdated)],
+        FakeStates::new(),
+    );
+    cfg.hot_extents = 4;
+    let m = Mirror::open(cfg).unwrap();
+    wait_until("b resynced and its copies' extents cleared", || {
+        status_of(&m, "b").state == ReplicaState::InSync
+            && active(&nodes[1], 3).is_empty()
+            && active(&nodes[0], 3).is_empty()
+    });
+    assert_eq!(nodes[0].checksum(), nodes[1].checksum());
     m.close();
 }
 

@@ -179,8 +179,12 @@ struct Inner {
     /// The extents this attach's writes made active in the replicas'
     /// activity logs (see [`Inner::keep_activity`]).
     hot: Hot,
-    /// Wakes [`Inner::keep_activity`] (a flush found too many active).
+    /// Wakes [`Inner::keep_activity`] (a flush found too many active, a
+    /// replica came in sync).
     nudge: (Sender<()>, Receiver<()>),
+    /// A replica came in sync: its resync's copies made extents active
+    /// that no write of this attach did.
+    resweep: AtomicBool,
 }
 
 /// What a mirror's background thread does.
@@ -527,6 +531,7 @@ impl Mirror {
             })),
             hot: Hot::new(size, cfg.hot_extents),
             nudge: crossbeam_channel::bounded(1),
+            resweep: AtomicBool::new(false),
         });
         let mut workers = Vec::new();
         let set = inner.set();
@@ -1351,9 +1356,10 @@ impl Inner {
     /// Keep the replicas' activity logs to what may differ, so that an
     /// unreleased attach makes the next compare little. Once no comparison
     /// is due (none was, or it is done), clear every extent this attach
-    /// has not written (what earlier attaches left); then, woken by a
-    /// flush that finds more than the most active, the least recently
-    /// written ones.
+    /// has not written (what earlier attaches left; again whenever a
+    /// resync brought a replica in sync, its copies marked what they
+    /// wrote); then, woken by a flush that finds more than the most
+    /// active, the least recently written ones.
     fn keep_activity(&self) {
         let mut swept = false;
         loop {
@@ -1361,7 +1367,7 @@ impl Inner {
                 return;
             }
             let due = self.verification.lock().is_some_and(|v| !v.finished);
-            if !due && !swept {
+            if !due && (!swept || self.resweep.swap(false, Ordering::AcqRel)) {
                 for (first, count) in self.hot.cold_runs() {
                     let cold = |hot: &Hot| (first..first + count).all(|e| !hot.is_active(e));
                     if !self.clear_extents(first, count, cold) {
@@ -1816,6 +1822,10 @@ impl Inner {
             sent_bytes = cell.track.sent_bytes(),
             "replica in sync"
         );
+        // Its resync marked what it copied active: clear what this
+        // attach has not written.
+        self.resweep.store(true, Ordering::Release);
+        let _ = self.nudge.0.try_send(());
         Ok(())
     }
 
