@@ -144,7 +144,10 @@ impl ActivityLog {
             return Ok(());
         }
         let (first, last) = span(offset, len);
-        let last = last.min(self.extents.saturating_sub(1));
+        if first >= self.extents {
+            return Ok(()); // past the end: the image refuses it
+        }
+        let last = last.min(self.extents - 1);
         if (first..=last).all(|e| self.is_active(e)) {
             return Ok(());
         }
@@ -289,7 +292,11 @@ impl Hot {
         }
         let (first, last) = span(offset, len);
         let now = self.tick.load(Ordering::Relaxed);
-        for e in first..=last.min(self.last.len() as u64 - 1) {
+        let n = self.last.len() as u64;
+        if first >= n {
+            return;
+        }
+        for e in first..=last.min(n - 1) {
             let at = &self.last[e as usize];
             if at.load(Ordering::Relaxed) != now {
                 at.store(now, Ordering::Relaxed);
@@ -385,6 +392,8 @@ mod tests {
             hot.tick();
         }
         assert!(!hot.over() && hot.victims().is_empty());
+        hot.touch(16 * EXTENT, 4096); // past the end: nothing
+        assert!(!hot.over() && hot.victims().is_empty());
         // Two more, one across a boundary: 7 active, 3 over.
         hot.touch(9 * EXTENT - 512, 1024);
         hot.touch(12 * EXTENT, 1);
@@ -422,6 +431,7 @@ mod tests {
         log.activate(3 * EXTENT - 512, 1024).unwrap();
         log.activate(100 * EXTENT, 4096).unwrap();
         log.activate(70 * EXTENT, 0).unwrap();
+        log.activate(200 * EXTENT, 4096).unwrap();
         let active: Vec<u64> = set_bits(&log.bitmap()).collect();
         assert_eq!(active, [2, 3, 100]);
         drop(log);
