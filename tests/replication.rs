@@ -1157,6 +1157,179 @@ fn activity_logs_keep_only_the_recently_written_extents() {
     m.close();
 }
 
+/// The extents active in `n`'s activity log.
+fn active(n: &Node, generation: Generation) -> Vec<u64> {
+    activity::set_bits(&n.local().activity(generation).unwrap()).collect()
+}
+
+/// What an outdated replica misses stays on disk in the others' activity
+/// logs (nothing is cleared from them while it is out of sync): through
+/// clean detaches, attaches that cannot reach it and a crash of the
+/// attached node alike, it is then resynced from them, not compared whole.
+#[test]
+fn an_outdated_replica_is_resynced_from_the_activity_logs() {
+    let mut nodes: Vec<Node> = ["a", "b"].iter().map(|n| Node::new(n)).collect();
+    let extent_block = |e: u64| e * activity::EXTENT / BLOCK + 3;
+    let states = FakeStates::new();
+    let m = Mirror::open(config_a_b(&nodes, 1, states.clone())).unwrap();
+    m.write_at(&pattern(1, (8 * MIB) as usize), 0).unwrap();
+    m.settle();
+    assert!(active(&nodes[0], 1).is_empty() && active(&nodes[1], 1).is_empty());
+    nodes[1].stop();
+    write_blocks(&*m, 10, [extent_block(5)].into_iter());
+    m.flush().unwrap();
+    assert_eq!(status_of(&m, "b").state, ReplicaState::Outdated);
+    m.settle();
+    m.close();
+    drop(m);
+    assert_eq!(active(&nodes[0], 1), [5], "kept through a clean detach");
+
+    let open = |generation: Generation, states: &Arc<FakeStates>, nodes: &[Node]| {
+        Mirror::open(config(
+            "a",
+            generation,
+            Some(nodes[0].local()),
+            ReplicaState::InSync,
+            vec![nodes[1].peer(ReplicaState::Outdated)],
+            states.clone(),
+        ))
+        .unwrap()
+    };
+    let states = states.next();
+    let m = open(2, &states, &nodes);
+    write_blocks(&*m, 20, [extent_block(9)].into_iter());
+    m.flush().unwrap();
+    m.settle();
+    m.close();
+    drop(m);
+    assert_eq!(active(&nodes[0], 2), [5, 9], "kept by an attach without b");
+    let states = states.next();
+    let m = open(3, &states, &nodes);
+    write_blocks(&*m, 30, [extent_block(12)].into_iter());
+    m.flush().unwrap();
+    // Not settled: the attached node is killed.
+    m.close();
+    drop(m);
+    assert_eq!(active(&nodes[0], 3), [5, 9, 12]);
+
+    nodes[1].restart();
+    let states = states.next();
+    let m = open(4, &states, &nodes);
+    wait_in_sync(&m, "b");
+    m.flush().unwrap();
+    assert_eq!(nodes[0].checksum(), nodes[1].checksum());
+    let b = status_of(&m, "b");
+    // The three extents the logs name were compared, not the 64 MiB
+    // device, and only each one's written block was sent.
+    assert_eq!(b.resynced_bytes, 3 * activity::EXTENT, "{b:?}");
+    assert_eq!(b.resync_sent_bytes, 3 * BLOCK, "{b:?}");
+    // Every replica in sync: the logs are cleared again.
+    wait_until("the logs cleared once b is in sync", || {
+        active(&nodes[0], 4).is_empty() && active(&nodes[1], 4).is_empty()
+    });
+    m.close();
+}
+
+/// An in-sync replica out of reach when the attach after an unreleased
+/// one compares the replicas is compared once it is back, where its own
+/// log or the others' say writes went: a write then in flight may have
+/// reached it alone.
+#[test]
+fn a_replica_away_after_an_unreleased_attach_is_compared_once_back() {
+    let mut nodes: Vec<Node> = ["a", "b"].iter().map(|n| Node::new(n)).collect();
+    let states = FakeStates::new();
+    let m = Mirror::open(config_a_b(&nodes, 1, states.clone())).unwrap();
+    m.write_at(&pattern(1, (8 * MIB) as usize), 0).unwrap();
+    m.settle();
+    m.write_at(&pattern(2, 4096), 3 * activity::EXTENT).unwrap();
+    m.flush().unwrap();
+    m.close();
+    drop(m);
+    // Ended unreleased: b got a write nobody acknowledged, then went away.
+    nodes[1]
+        .local()
+        .write_at(1, &pattern(3, 4096), 7 * activity::EXTENT + 8192)
+        .unwrap();
+    nodes[1].stop();
+
+    let states = states.next();
+    let mut cfg = config_a_b(&nodes, 2, states.clone());
+    cfg.verify = true;
+    let m = Mirror::open(cfg).unwrap();
+    wait_until("verification finished", || {
+        m.verification().is_some_and(|v| v.finished)
+    });
+    m.write_at(&pattern(4, 4096), 2 * activity::EXTENT).unwrap();
+    m.flush().unwrap();
+    nodes[1].restart();
+    wait_in_sync(&m, "b");
+    m.flush().unwrap();
+    assert_eq!(nodes[0].checksum(), nodes[1].checksum());
+    // a decided: the write nobody acknowledged is gone.
+    assert_eq!(
+        read_vec(&*m, 7 * activity::EXTENT + 8192, 4096),
+        vec![0; 4096]
+    );
+    let b = status_of(&m, "b");
+    assert_eq!(b.resynced_bytes, 3 * activity::EXTENT, "2, 3 and 7: {b:?}");
+    m.close();
+}
+
+/// A replica added onto a node that still holds an old image of the
+/// volume (a replica removed earlier, its files not yet swept) is copied
+/// whole, and stays so for the attach after one that ended mid-copy: its
+/// log, which knows nothing of what the volume got meanwhile, is made all
+/// active before anything is recorded of it.
+#[test]
+fn a_replica_added_over_an_old_image_is_copied_whole_across_attaches() {
+    let nodes: Vec<Node> = ["a", "b"].iter().map(|n| Node::new(n)).collect();
+    {
+        let b = nodes[1].local();
+        b.write_at(1, &pattern(9, 4096), 30 * MIB).unwrap();
+        b.deactivate(1, 0, u64::MAX).unwrap();
+    }
+    let states = FakeStates::new();
+    let mut cfg = config(
+        "a",
+        2,
+        Some(nodes[0].local()),
+        ReplicaState::InSync,
+        vec![],
+        states.clone(),
+    );
+    // Paced, so that the attach ends with b's copy under way.
+    cfg.resync_rate = Some(8 * MIB);
+    let m = Mirror::open(cfg).unwrap();
+    m.write_at(&pattern(1, (8 * MIB) as usize), 0).unwrap();
+    m.settle();
+    m.add_replica("b", NewReplica::Remote(nodes[1].addr))
+        .unwrap();
+    wait_until("b resyncing", || {
+        status_of(&m, "b").state == ReplicaState::Resyncing
+    });
+    assert_ne!(status_of(&m, "b").state, ReplicaState::InSync);
+    m.close();
+    drop(m);
+    assert_eq!(active(&nodes[1], 2).len(), 16, "b's log: all active");
+
+    let states = states.next();
+    assert!(states.incarnation("b").is_some());
+    let m = Mirror::open(config(
+        "a",
+        3,
+        Some(nodes[0].local()),
+        ReplicaState::InSync,
+        vec![nodes[1].peer(ReplicaState::Resyncing)],
+        states,
+    ))
+    .unwrap();
+    wait_in_sync(&m, "b");
+    m.flush().unwrap();
+    assert_eq!(nodes[0].checksum(), nodes[1].checksum());
+    assert_eq!(status_of(&m, "b").resynced_bytes, PARAMS.size);
+    m.close();
+}
+
 #[test]
 fn a_full_resync_sends_only_the_chunks_that_differ() {
     let mut nodes: Vec<Node> = ["a", "b"].iter().map(|n| Node::new(n)).collect();
@@ -1349,6 +1522,9 @@ fn replicas_are_restored_to_a_snapshot_only_while_closed_and_current() {
     refused(restore_b(2, "nonesuch").unwrap_err(), ErrorCode::NotFound);
     restore_b(2, "s").unwrap();
     nodes[0].replicas.restore(VOL, 2, "s").unwrap();
+    // What a restore changed lies in no log: all active.
+    assert_eq!(active(&nodes[0], 2).len(), 16);
+    nodes[0].replicas.close(VOL);
     // The restore's generation fenced older ones.
     refused(restore_b(1, "s").unwrap_err(), ErrorCode::Fenced);
     assert!(Mirror::open(config(

@@ -8,13 +8,22 @@
 //! active somewhere instead of the whole device. The attached node clears
 //! the logs when it detaches cleanly (every write acknowledged everywhere,
 //! flushed); an attach that ends unreleased leaves them for the next one,
-//! which clears them only once it has compared the replicas.
+//! which clears them only once it has compared the replicas. Clearing
+//! waits for a flush of every replica, so a set bit never hides a write a
+//! replica's crash can still lose.
+//!
+//! Nothing is cleared while some replica is out of sync: the logs of the
+//! others then also hold, on disk, every extent it missed (DRBD keeps a
+//! bitmap for this), so after any crash it is resynced from them instead
+//! of compared whole.
 //!
 //! The file is `<replica>/activity`: an 8-byte magic, the extent size as a
 //! little-endian u64, then one bit per extent in little-endian u64 words.
 //! Words are 8-byte aligned, so a torn page write leaves each old or new.
 //! A missing or unreadable log of an image that was not just made is taken
-//! as all active: nothing is known of its writes.
+//! as all active: nothing is known of its writes. So is a log of the first
+//! format (`dunnal01`), whose extents were cleared while a replica was out
+//! of sync.
 
 use parking_lot::Mutex;
 use std::fs::{File, OpenOptions};
@@ -27,7 +36,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub const EXTENT_SHIFT: u32 = 22;
 pub const EXTENT: u64 = 1 << EXTENT_SHIFT;
 const FILE: &str = "activity";
-const MAGIC: [u8; 8] = *b"dunnal01";
+const MAGIC: [u8; 8] = *b"dunnal02";
 const HEADER: u64 = 16;
 
 /// The number of extents of a device of `size` bytes.
@@ -65,6 +74,16 @@ pub fn decode(bytes: &[u8], extents: u64) -> Option<Vec<u64>> {
     Some(out)
 }
 
+/// Word `i` of a bitmap of `extents` extents, all set.
+fn all_bits(extents: u64, i: usize) -> u64 {
+    let used = extents - 64 * i as u64;
+    if used >= 64 {
+        u64::MAX
+    } else {
+        (1u64 << used) - 1
+    }
+}
+
 /// The set bits of a bitmap, in order.
 pub fn set_bits(words: &[u64]) -> impl Iterator<Item = u64> + '_ {
     words.iter().enumerate().flat_map(|(i, &w)| {
@@ -72,6 +91,31 @@ pub fn set_bits(words: &[u64]) -> impl Iterator<Item = u64> + '_ {
             .filter(move |b| w & (1 << b) != 0)
             .map(move |b| i as u64 * 64 + b)
     })
+}
+
+/// Drop the log in `dir`, durably: the image's content is changing
+/// outside any write (a restore to a snapshot), so it is taken as all
+/// active when next opened.
+pub fn forget(dir: &Path) -> io::Result<()> {
+    match std::fs::remove_file(dir.join(FILE)) {
+        Ok(()) => File::open(dir)?.sync_all(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Where a replica's image comes from, for its log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Made {
+    /// It was there: its log says what may differ.
+    Before,
+    /// Just made equal to the volume's other new replicas (an empty
+    /// volume's, or a clone's from its base): nothing differs.
+    Equal,
+    /// Just made to be copied whole into (a replacement, a replica added):
+    /// all active until every replica is in sync again, so that its log
+    /// never hides an extent its copy skipped as equal.
+    ToCopy,
 }
 
 pub struct ActivityLog {
@@ -95,9 +139,8 @@ impl std::fmt::Debug for ActivityLog {
 }
 
 impl ActivityLog {
-    /// Open the log in `dir` of a device of `size` bytes. `made`: its image
-    /// was just made, so nothing was written yet.
-    pub fn open(dir: &Path, size: u64, made: bool) -> io::Result<ActivityLog> {
+    /// Open the log in `dir` of a device of `size` bytes.
+    pub fn open(dir: &Path, size: u64, made: Made) -> io::Result<ActivityLog> {
         let path = dir.join(FILE);
         let extents = extents(size);
         let nwords = extents.div_ceil(64) as usize;
@@ -107,21 +150,20 @@ impl ActivityLog {
             .create(true)
             .truncate(false)
             .open(&path)?;
-        let found = if made { None } else { read(&file, extents) };
-        let known = made || found.is_some();
+        let found = match made {
+            Made::Before => read(&file, extents),
+            Made::Equal | Made::ToCopy => None,
+        };
+        let rewrite = found.is_none();
         let words = found.unwrap_or_else(|| {
-            if made {
+            if made == Made::Equal {
                 vec![0; nwords]
             } else {
-                tracing::warn!(path = %path.display(),
-                    "no readable activity log: every extent of this replica is taken as written");
-                let mut all = vec![u64::MAX; nwords];
-                if let Some(last) = all.last_mut() {
-                    if extents % 64 != 0 {
-                        *last = (1u64 << (extents % 64)) - 1;
-                    }
+                if made == Made::Before {
+                    tracing::warn!(path = %path.display(),
+                        "no readable activity log: every extent of this replica is taken as written");
                 }
-                all
+                (0..nwords).map(|i| all_bits(extents, i)).collect()
             }
         });
         let log = ActivityLog {
@@ -131,7 +173,7 @@ impl ActivityLog {
             words: words.into_iter().map(AtomicU64::new).collect(),
             changing: Mutex::new(()),
         };
-        if !known || made {
+        if rewrite {
             log.write_all()?;
         }
         Ok(log)
@@ -169,6 +211,22 @@ impl ActivityLog {
         self.file.sync_data()?;
         for (i, w) in new.into_iter().enumerate() {
             self.words[w0 + i].store(w, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    /// Mark every extent active, durably.
+    pub fn activate_all(&self) -> io::Result<()> {
+        let _one = self.changing.lock();
+        if self.active_count() == self.extents {
+            return Ok(());
+        }
+        let all: Vec<u64> = (0..self.words.len())
+            .map(|i| all_bits(self.extents, i))
+            .collect();
+        self.write_file(&all)?;
+        for (w, a) in self.words.iter().zip(all) {
+            w.store(a, Ordering::Release);
         }
         Ok(())
     }
@@ -224,10 +282,15 @@ impl ActivityLog {
     /// Header and every word, synced (a new or unreadable log).
     fn write_all(&self) -> io::Result<()> {
         let _one = self.changing.lock();
-        let mut bytes = Vec::with_capacity(HEADER as usize + self.words.len() * 8);
+        self.write_file(&self.bitmap())
+    }
+
+    /// The whole file with `words` (under `changing`).
+    fn write_file(&self, words: &[u64]) -> io::Result<()> {
+        let mut bytes = Vec::with_capacity(HEADER as usize + words.len() * 8);
         bytes.extend_from_slice(&MAGIC);
         bytes.extend_from_slice(&EXTENT.to_le_bytes());
-        bytes.extend_from_slice(&encode(&self.bitmap()));
+        bytes.extend_from_slice(&encode(words));
         self.file.set_len(bytes.len() as u64)?;
         self.file.write_all_at(&bytes, 0)?;
         self.file.sync_all()?;
@@ -424,7 +487,7 @@ mod tests {
     #[test]
     fn activations_are_durable_and_cleared_by_deactivate() {
         let dir = tempfile::tempdir().unwrap();
-        let log = ActivityLog::open(dir.path(), SIZE, true).unwrap();
+        let log = ActivityLog::open(dir.path(), SIZE, Made::Equal).unwrap();
         assert_eq!(log.extents(), 101);
         assert_eq!(log.active_count(), 0);
         // A write across an extent boundary marks both.
@@ -436,12 +499,12 @@ mod tests {
         assert_eq!(active, [2, 3, 100]);
         drop(log);
 
-        let log = ActivityLog::open(dir.path(), SIZE, false).unwrap();
+        let log = ActivityLog::open(dir.path(), SIZE, Made::Before).unwrap();
         assert_eq!(set_bits(&log.bitmap()).collect::<Vec<_>>(), [2, 3, 100]);
         log.deactivate(3, 1000).unwrap();
         assert_eq!(set_bits(&log.bitmap()).collect::<Vec<_>>(), [2]);
         drop(log);
-        let log = ActivityLog::open(dir.path(), SIZE, false).unwrap();
+        let log = ActivityLog::open(dir.path(), SIZE, Made::Before).unwrap();
         assert_eq!(set_bits(&log.bitmap()).collect::<Vec<_>>(), [2]);
         log.deactivate(0, u64::MAX).unwrap();
         assert_eq!(log.active_count(), 0);
@@ -451,24 +514,62 @@ mod tests {
     fn an_unknown_log_of_an_existing_image_is_all_active() {
         let dir = tempfile::tempdir().unwrap();
         // No file: an image from before activity logs.
-        let log = ActivityLog::open(dir.path(), SIZE, false).unwrap();
+        let log = ActivityLog::open(dir.path(), SIZE, Made::Before).unwrap();
         assert_eq!(log.active_count(), 101);
         log.deactivate(0, 100).unwrap();
         drop(log);
-        let log = ActivityLog::open(dir.path(), SIZE, false).unwrap();
+        let log = ActivityLog::open(dir.path(), SIZE, Made::Before).unwrap();
         assert_eq!(set_bits(&log.bitmap()).collect::<Vec<_>>(), [100]);
         drop(log);
         // Damaged: the wrong magic, or a size for another device.
         let path = dir.path().join(FILE);
         std::fs::write(&path, b"not a log at all").unwrap();
         assert_eq!(
-            ActivityLog::open(dir.path(), SIZE, false)
+            ActivityLog::open(dir.path(), SIZE, Made::Before)
                 .unwrap()
                 .active_count(),
             101
         );
-        let log = ActivityLog::open(dir.path(), 2 * EXTENT, false).unwrap();
+        let log = ActivityLog::open(dir.path(), 2 * EXTENT, Made::Before).unwrap();
         assert_eq!(log.active_count(), 2, "a log for 101 extents read for 2");
+        drop(log);
+        // The first format, kept under other rules: all active.
+        drop(ActivityLog::open(dir.path(), SIZE, Made::Equal).unwrap());
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[..8].copy_from_slice(b"dunnal01");
+        std::fs::write(&path, bytes).unwrap();
+        let log = ActivityLog::open(dir.path(), SIZE, Made::Before).unwrap();
+        assert_eq!(log.active_count(), 101);
+    }
+
+    #[test]
+    fn a_forgotten_log_is_all_active() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(ActivityLog::open(dir.path(), SIZE, Made::Equal).unwrap());
+        forget(dir.path()).unwrap();
+        forget(dir.path()).unwrap();
+        let log = ActivityLog::open(dir.path(), SIZE, Made::Before).unwrap();
+        assert_eq!(log.active_count(), 101);
+    }
+
+    #[test]
+    fn an_image_to_be_copied_into_is_all_active() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = ActivityLog::open(dir.path(), SIZE, Made::ToCopy).unwrap();
+        assert_eq!(log.active_count(), 101);
+        drop(log);
+        let log = ActivityLog::open(dir.path(), SIZE, Made::Before).unwrap();
+        assert_eq!(log.active_count(), 101, "durably");
+        drop(log);
+        // An existing image made all active.
+        let dir = tempfile::tempdir().unwrap();
+        let log = ActivityLog::open(dir.path(), SIZE, Made::Equal).unwrap();
+        log.activate(EXTENT, 1).unwrap();
+        log.activate_all().unwrap();
+        assert_eq!(log.active_count(), 101);
+        drop(log);
+        let log = ActivityLog::open(dir.path(), SIZE, Made::Before).unwrap();
+        assert_eq!(log.active_count(), 101, "durably");
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //! `<dir>/generation`, synced before the new generation takes effect: IO
 //! of an older generation is refused from then on (fencing).
 
-use super::activity::ActivityLog;
+use super::activity::{ActivityLog, Made};
 use super::{Generation, Incarnation, ReplicationError};
 use crate::engine::{BlockEngine, ThinImage, ThinParams};
 use parking_lot::{Condvar, Mutex, RwLock, RwLockReadGuard};
@@ -234,6 +234,15 @@ impl LocalReplica {
             .map_err(io_err("write", self.activity.path()))
     }
 
+    /// Mark every extent of the activity log active, durably: the image
+    /// is about to be copied whole into (see [`super::wire::Request::ActivateAll`]).
+    pub fn activate_all(&self, generation: Generation) -> Result<(), ReplicationError> {
+        let _g = self.admit(generation)?;
+        self.activity
+            .activate_all()
+            .map_err(io_err("write", self.activity.path()))
+    }
+
     pub fn flush(&self, generation: Generation) -> Result<(), ReplicationError> {
         let _g = self.admit(generation)?;
         Ok(self.image.flush()?)
@@ -381,7 +390,7 @@ impl LocalReplicas {
         volume_id: &str,
         params: ThinParams,
     ) -> Result<Arc<LocalReplica>, ReplicationError> {
-        self.open_inner(volume_id, Some(params), None)
+        self.open_inner(volume_id, Some(params), None, false)
     }
 
     /// [`LocalReplicas::open`] for a clone's replica: one that is absent is
@@ -398,15 +407,17 @@ impl LocalReplicas {
         copied_whole: bool,
     ) -> Result<Arc<LocalReplica>, ReplicationError> {
         let base = base.filter(|_| !copied_whole);
-        self.open_inner(volume_id, Some(params), base)
+        self.open_inner(volume_id, Some(params), base, copied_whole)
     }
 
-    /// Like [`LocalReplicas::open`], but never creates without `params`.
+    /// Like [`LocalReplicas::open`], but never creates without `params`;
+    /// an image made for `copied_whole` has an all-active log.
     fn open_inner(
         &self,
         volume_id: &str,
         params: Option<ThinParams>,
         base: Option<&ReplicaBase>,
+        copied_whole: bool,
     ) -> Result<Arc<LocalReplica>, ReplicationError> {
         let dir = self.dir(volume_id)?;
         let mut open = self.open.lock();
@@ -437,7 +448,12 @@ impl LocalReplicas {
         } else {
             return Err(ReplicationError::NotFound(volume_id.to_string()));
         };
-        let activity = ActivityLog::open(&dir, image.size(), made)
+        let log_made = match (made, copied_whole) {
+            (false, _) => Made::Before,
+            (true, false) => Made::Equal,
+            (true, true) => Made::ToCopy,
+        };
+        let activity = ActivityLog::open(&dir, image.size(), log_made)
             .map_err(io_err("open the activity log in", &dir))?;
         let closed = Arc::new(Closed::default());
         let replica = Arc::new(LocalReplica {
@@ -573,6 +589,9 @@ impl LocalReplicas {
         if generation > current {
             write_generation(&dir, generation)?;
         }
+        // What the restore changes lies in no log: all active from now
+        // (a replica restored later resyncs from this one whole).
+        super::activity::forget(&dir).map_err(io_err("drop the activity log in", &dir))?;
         ThinImage::restore(&dir, name)?;
         tracing::info!(volume_id, snapshot = name, generation, "replica restored");
         Ok(())
@@ -637,7 +656,7 @@ impl LocalReplicas {
         volume_id: &str,
         params: ThinParams,
     ) -> Result<String, ReplicationError> {
-        let replica = self.open_inner(volume_id, None, None)?;
+        let replica = self.open_inner(volume_id, None, None, false)?;
         check_params(&replica, params)?;
         replica.checksum()
     }

@@ -412,6 +412,16 @@ impl Mirror {
                 }
                 replaced.push(node.to_string());
             }
+            // Copied whole: its log must hide nothing once it is recorded.
+            if met == Met::Replaced || (met == Met::First && state != ReplicaState::InSync) {
+                let local = cfg.local.as_deref().filter(|_| node == cfg.node);
+                let link = cfg
+                    .peers
+                    .iter()
+                    .position(|p| p.node == node)
+                    .and_then(|i| links[i].as_ref().ok());
+                activate_all(local, link, node, cfg.generation, cfg.io_timeout)?;
+            }
             if met != Met::Known {
                 cfg.states
                     .set_incarnation(node, seen, met == Met::Replaced)?;
@@ -429,6 +439,17 @@ impl Mirror {
             }
         };
 
+        // Not in sync, and another image than recorded (or none was): what
+        // it misses is everything, not what the activity logs name.
+        let track = |node: &str, state: ReplicaState, remote: bool| {
+            let mut t = Track::new(state, size, remote);
+            if state != ReplicaState::InSync && met.iter().any(|m| m.0 == node && m.3 != Met::Known)
+            {
+                t.mark_all_dirty();
+            }
+            t
+        };
+
         let mut replicas = Vec::new();
         let mut in_sync = Vec::new();
         if let Some(local) = &cfg.local {
@@ -439,7 +460,7 @@ impl Mirror {
             replicas.push(new_replica(
                 &cfg.node,
                 Endpoint::Local(local.clone()),
-                Track::new(state, size, false),
+                track(&cfg.node, state, false),
                 None,
                 recorded_incarnation(&cfg.node, cfg.local_incarnation),
             ));
@@ -447,7 +468,7 @@ impl Mirror {
         let mut unreachable = Vec::new();
         for (p, link) in cfg.peers.iter().zip(links) {
             let state = state_of(&p.node, p.state);
-            let mut track = Track::new(state, size, true);
+            let mut track = track(&p.node, state, true);
             let link = match link {
                 Ok(l) => {
                     track.connect();
@@ -474,6 +495,11 @@ impl Mirror {
                         error = %e,
                         "replica unreachable at attach"
                     );
+                    // Not compared with the others after an unreleased
+                    // attach: writes then in flight may differ on it.
+                    if cfg.verify && state == ReplicaState::InSync {
+                        track.in_doubt();
+                    }
                     unreachable.push(format!("{}: {e}", p.node));
                     None
                 }
@@ -591,6 +617,7 @@ impl Mirror {
                     connected: cell.track.connected(),
                     resync: cell.track.progress(),
                     resync_sent_bytes: cell.track.sent_bytes(),
+                    resynced_bytes: cell.track.resynced_bytes(),
                 }
             })
             .collect()
@@ -615,8 +642,8 @@ impl Mirror {
     }
 
     /// The volume is detached cleanly (its export is gone): flush and
-    /// clear the in-sync replicas' activity logs, so that an unreleased
-    /// attach later compares only what is written from then on.
+    /// clear the replicas' activity logs if all are in sync, so that an
+    /// unreleased attach later compares only what is written from then on.
     pub fn settle(&self) {
         self.inner.settle()
     }
@@ -665,9 +692,11 @@ impl Mirror {
                 (Endpoint::Local(l), false)
             }
         };
-        // A peer's is recorded when its thread connects it.
+        // A peer's is recorded when its thread connects it (and its log
+        // made all active: it is copied whole).
         let incarnation = match &endpoint {
             Endpoint::Local(l) => {
+                l.activate_all(inner.generation)?;
                 if let Err(e) = inner.states.set_incarnation(node, l.incarnation(), false) {
                     if matches!(e, super::StateStoreError::Fenced { .. }) {
                         inner.fence(&e.to_string());
@@ -678,7 +707,8 @@ impl Mirror {
             }
             Endpoint::Remote(_) => None,
         };
-        let track = Track::new(ReplicaState::Outdated, inner.size, remote);
+        let mut track = Track::new(ReplicaState::Outdated, inner.size, remote);
+        track.mark_all_dirty();
         let r = Arc::new(new_replica(node, endpoint, track, None, incarnation));
         let thread = inner.spawn(Job::Replica(&r))?;
         {
@@ -1367,16 +1397,20 @@ impl Inner {
                 return;
             }
             let due = self.verification.lock().is_some_and(|v| !v.finished);
-            if !due && (!swept || self.resweep.swap(false, Ordering::AcqRel)) {
-                for (first, count) in self.hot.cold_runs() {
-                    let cold = |hot: &Hot| (first..first + count).all(|e| !hot.is_active(e));
-                    if !self.clear_extents(first, count, cold) {
-                        return;
+            if due || !self.all_in_sync() {
+                // The logs say what to compare, or what a replica misses:
+                // swept once that is done.
+                swept = false;
+            } else {
+                if !swept || self.resweep.swap(false, Ordering::AcqRel) {
+                    for (first, count) in self.hot.cold_runs() {
+                        let cold = |hot: &Hot| (first..first + count).all(|e| !hot.is_active(e));
+                        if !self.clear_extents(first, count, cold) {
+                            return;
+                        }
                     }
+                    swept = true;
                 }
-                swept = true;
-            }
-            if !due {
                 let tick = self.hot.now();
                 for e in self.hot.victims() {
                     if !self.clear_extents(e, 1, |hot| !hot.written_since(e, tick)) {
@@ -1411,10 +1445,12 @@ impl Inner {
         }
     }
 
-    /// Clear `count` extents from `first` in every connected replica's
-    /// activity log, under their range lock: no write to them is in flight,
-    /// so the in-sync replicas hold the same there. Skipped unless `still`
-    /// holds under the lock. False once the mirror is closed or fenced.
+    /// Clear `count` extents from `first` in every replica's activity log,
+    /// under their range lock: no write to them is in flight, and once
+    /// every replica is flushed and in sync they hold the same there,
+    /// durably. Skipped unless `still` holds under the lock, and while a
+    /// replica is out of sync ([`Inner::all_in_sync`]). False once the
+    /// mirror is closed or fenced.
     fn clear_extents(&self, first: u64, count: u64, still: impl Fn(&Hot) -> bool) -> bool {
         if self.is_closed() || self.is_fenced() {
             return false;
@@ -1425,7 +1461,16 @@ impl Inner {
         }
         let (s, e) = unit_span(start, end - start);
         let _range = self.ranges.lock(s, e);
-        if !still(&self.hot) {
+        if !still(&self.hot) || !self.all_in_sync() {
+            return true;
+        }
+        // A write a replica acknowledged but has not synced would be lost
+        // with its node, and then lie in no log.
+        if let Err(e) = self.flush() {
+            tracing::debug!(volume = %self.volume, error = %e, "activity logs kept: a flush failed");
+            return true;
+        }
+        if !self.all_in_sync() {
             return true;
         }
         let deadline = Instant::now() + self.io_timeout;
@@ -1615,6 +1660,23 @@ impl Inner {
         let seen = link.incarnation();
         let met = meet(r.cell.lock().incarnation, seen);
         if met != Met::Known {
+            // Copied whole: its log must hide nothing once it is recorded.
+            if let Err(e) =
+                activate_all(None, Some(&link), &r.node, self.generation, self.io_timeout)
+            {
+                link.kill();
+                if matches!(
+                    e,
+                    ReplicationError::Refused {
+                        code: ErrorCode::Fenced,
+                        ..
+                    }
+                ) {
+                    self.fence(&e.to_string());
+                    return Err(Stop::Done);
+                }
+                return Err(Stop::Retry(e.to_string()));
+            }
             let _t = r.transition.lock();
             let replaced = met == Met::Replaced;
             if let Err(e) = self.states.set_incarnation(&r.node, seen, replaced) {
@@ -1662,6 +1724,7 @@ impl Inner {
             cell.track.epoch()
         };
         self.stop_check()?;
+        self.narrow(r, epoch);
         if r.cell.lock().track.state() == ReplicaState::Outdated {
             let _t = r.transition.lock();
             if r.is_removed() {
@@ -1897,26 +1960,13 @@ impl Inner {
     /// device when one of them cannot tell (not connected, an older log).
     fn to_verify(&self) -> Vec<(u64, u64)> {
         let whole = vec![(0, self.size)];
-        let extents = activity::extents(self.size);
-        let mut union = vec![0u64; extents.div_ceil(64) as usize];
+        let mut union = vec![0u64; activity::extents(self.size).div_ceil(64) as usize];
         let deadline = Instant::now() + self.io_timeout;
         for r in self.set().iter() {
-            let (readable, link) = {
-                let cell = r.cell.lock();
-                (cell.track.readable(), cell.link.clone())
-            };
-            if !readable {
+            if !r.cell.lock().track.readable() {
                 continue;
             }
-            let words = match (r.local(), link) {
-                (Some(l), _) => l.activity(self.generation).ok(),
-                (None, Some(link)) => match link.call(Request::Activity, deadline) {
-                    Ok(Reply::Data(bytes)) => activity::decode(&bytes, extents),
-                    _ => None,
-                },
-                (None, None) => None,
-            };
-            let Some(words) = words else {
+            let Some(words) = self.activity_of(r, deadline) else {
                 tracing::info!(volume = %self.volume, peer = %r.node,
                     "cannot read this replica's activity log: comparing the whole device");
                 return whole;
@@ -1925,8 +1975,25 @@ impl Inner {
                 *u |= w;
             }
         }
+        self.extent_ranges(&union)
+    }
+
+    /// Replica `r`'s activity log, if it can be read.
+    fn activity_of(&self, r: &Replica, deadline: Instant) -> Option<Vec<u64>> {
+        if let Some(l) = r.local() {
+            return l.activity(self.generation).ok();
+        }
+        let link = r.cell.lock().link.clone()?;
+        match link.call(Request::Activity, deadline) {
+            Ok(Reply::Data(bytes)) => activity::decode(&bytes, activity::extents(self.size)),
+            _ => None,
+        }
+    }
+
+    /// The byte ranges of the extents set in `bitmap`, merged.
+    fn extent_ranges(&self, bitmap: &[u64]) -> Vec<(u64, u64)> {
         let mut ranges: Vec<(u64, u64)> = Vec::new();
-        for e in activity::set_bits(&union) {
+        for e in activity::set_bits(bitmap) {
             let (s, end) = (e * EXTENT, ((e + 1) * EXTENT).min(self.size));
             match ranges.last_mut() {
                 Some(last) if last.1 == s => last.1 = end,
@@ -1936,11 +2003,66 @@ impl Inner {
         ranges
     }
 
+    /// What outdated replica `r` misses, narrowed from the whole device to
+    /// the extents active in its own activity log or in those of the other
+    /// replicas, when all of those are in sync and their logs can be read
+    /// (see [`Track::narrow`]). Under the whole device's range lock, so
+    /// that no write is between its mark in a log and its mark in the map.
+    fn narrow(&self, r: &Replica, epoch: u64) {
+        if !r.cell.lock().track.narrowable() {
+            return;
+        }
+        let (s, e) = unit_span(0, self.size);
+        let _all = self.ranges.lock(s, e);
+        let mut union = vec![0u64; activity::extents(self.size).div_ceil(64) as usize];
+        let deadline = Instant::now() + self.io_timeout;
+        for q in self.set().iter() {
+            let me = std::ptr::eq(&**q, r);
+            if !me && !q.cell.lock().track.readable() {
+                tracing::debug!(volume = %self.volume, peer = %r.node, other = %q.node,
+                    "not narrowing the resync: another replica is not in sync");
+                return;
+            }
+            let Some(words) = self.activity_of(q, deadline) else {
+                tracing::debug!(volume = %self.volume, peer = %r.node, other = %q.node,
+                    "not narrowing the resync: an activity log cannot be read");
+                return;
+            };
+            for (u, w) in union.iter_mut().zip(words) {
+                *u |= w;
+            }
+        }
+        let keep: Vec<(u64, u64)> = self
+            .extent_ranges(&union)
+            .into_iter()
+            .map(|(s, e)| unit_span(s, e - s))
+            .collect();
+        let mut cell = r.cell.lock();
+        if !cell.track.connected() || cell.track.epoch() != epoch {
+            return;
+        }
+        if cell.track.narrow(&keep) {
+            tracing::info!(volume = %self.volume, peer = %r.node,
+                bytes = cell.track.dirty().bytes(), of = self.size,
+                "what the replica misses is what the activity logs name: resyncing only that");
+        }
+    }
+
+    /// Every replica is in sync, connected and misses nothing: the only
+    /// time extents may be cleared from the activity logs (otherwise they
+    /// also record, on disk, what an out-of-sync replica misses).
+    fn all_in_sync(&self) -> bool {
+        self.set().iter().all(|r| {
+            let cell = r.cell.lock();
+            cell.track.readable() && cell.track.dirty().is_empty()
+        })
+    }
+
     /// The volume is detached cleanly: flush, then clear the activity logs
-    /// of the in-sync replicas, which hold every acknowledged write (a
-    /// write that failed somewhere left that replica out of sync). Not
-    /// while a comparison is due: the logs say what it must compare. Best
-    /// effort: a log left set costs the next comparison time, nothing more.
+    /// of the replicas, which hold every acknowledged write. Not while a
+    /// comparison is due (the logs say what it must compare), nor while a
+    /// replica is out of sync (they say what it misses). Best effort: a
+    /// log left set costs the next comparison time, nothing more.
     fn settle(&self) {
         if self.is_closed()
             || self.is_fenced()
@@ -1955,11 +2077,13 @@ impl Inner {
                 "the last flush failed: activity logs kept");
             return;
         }
+        if !self.all_in_sync() {
+            tracing::info!(volume = %self.volume,
+                "a replica is out of sync: activity logs kept (they record what it misses)");
+            return;
+        }
         let deadline = Instant::now() + self.io_timeout;
         for r in self.set().iter() {
-            if r.cell.lock().track.state() != ReplicaState::InSync {
-                continue;
-            }
             if let Err(e) = self.deactivate_on(r, 0, u64::MAX, deadline) {
                 tracing::info!(volume = %self.volume, peer = %r.node, error = %e,
                     "activity log not cleared: the next unreleased attach compares its extents");
@@ -1983,11 +2107,17 @@ impl Inner {
         };
         let mut repaired = 0;
         for r in self.set().iter() {
-            if Arc::ptr_eq(r, &src) || !r.cell.lock().track.readable() {
+            if Arc::ptr_eq(r, &src) {
                 continue;
             }
             let (epoch, link) = {
-                let cell = r.cell.lock();
+                let mut cell = r.cell.lock();
+                if !cell.track.readable() {
+                    // Not compared (out of sync, or a resync copied this
+                    // chunk before the others were made equal): copied.
+                    cell.track.mark_dirty(offset, len);
+                    continue;
+                }
                 (cell.track.epoch(), cell.link.clone())
             };
             // A peer without a link: its own thread reconnects and resyncs it.
@@ -2114,6 +2244,37 @@ impl Inner {
         }
         Ok(data_bytes)
     }
+}
+
+/// Mark the activity log of a replica (`local`, or over `link`) all active
+/// before it is copied whole: an image of unknown content must not be
+/// narrowed by its log later ([`Request::ActivateAll`]).
+fn activate_all(
+    local: Option<&LocalReplica>,
+    link: Option<&Link>,
+    node: &str,
+    generation: Generation,
+    io_timeout: Duration,
+) -> Result<(), ReplicationError> {
+    if let Some(l) = local {
+        return l.activate_all(generation);
+    }
+    let Some(link) = link else {
+        return Ok(()); // unreachable: marked when it reconnects
+    };
+    let (code, message) = match link.call(Request::ActivateAll, Instant::now() + io_timeout) {
+        Ok(Reply::Ok) => return Ok(()),
+        Ok(_) => (ErrorCode::Io, "unexpected reply".to_string()),
+        Err(CallError::Refused { code, message }) => (code, message),
+        Err(e) => (ErrorCode::Io, e.to_string()),
+    };
+    Err(ReplicationError::Refused {
+        node: node.to_string(),
+        code,
+        message: format!(
+            "cannot mark its activity log all active before copying it whole: {message}"
+        ),
+    })
 }
 
 /// Split `buf` into runs of whole units that are all zeros or not:

@@ -421,6 +421,7 @@ fn execute(
             }
         }
         Request::Deactivate { first, count } => replica.deactivate(generation, first, count),
+        Request::ActivateAll => replica.activate_all(generation),
     };
     Reply::Frame(match result {
         Ok(()) => Frame::Ok { id },

@@ -254,6 +254,17 @@ impl DirtyMap {
         Some((start, end))
     }
 
+    /// Keep only the units within `keep` (sorted, disjoint `start..end`
+    /// runs of units).
+    pub fn keep_only(&mut self, keep: &[(u64, u64)]) {
+        let mut from = 0;
+        for &(start, end) in keep {
+            self.clear(from, start);
+            from = from.max(end);
+        }
+        self.clear(from, self.units);
+    }
+
     /// Add every unit of `other` (a map of the same device).
     pub fn union(&mut self, other: &DirtyMap) {
         debug_assert_eq!(self.units, other.units);
@@ -296,6 +307,8 @@ pub struct ReplicaStatus {
     pub resync: Option<ResyncProgress>,
     /// Cumulative bytes of data sent by resync to this replica.
     pub resync_sent_bytes: u64,
+    /// Cumulative bytes of device its resyncs compared or copied.
+    pub resynced_bytes: u64,
 }
 
 /// Where a write goes for one replica.
@@ -329,9 +342,14 @@ pub struct Track {
     sent_bytes: u64,
     /// Bytes copied by the current resync.
     done_bytes: u64,
+    /// Bytes compared or copied by every resync so far.
+    resynced_bytes: u64,
     /// What the replica holds is unknown (a full resync): compare before
     /// copying, as DRBD's checksum-based resync does.
     unknown: bool,
+    /// Its image is the one recorded and nothing since was lost on it, so
+    /// what it misses lies in the activity logs (see [`Track::narrow`]).
+    narrowable: bool,
 }
 
 impl Track {
@@ -351,8 +369,37 @@ impl Track {
             unflushed: remote.then(|| DirtyMap::new(size)),
             sent_bytes: 0,
             done_bytes: 0,
+            resynced_bytes: 0,
             unknown,
+            narrowable: true,
         }
+    }
+
+    /// An in-sync replica out of reach while an attach that ended
+    /// unreleased is compared: writes then in flight may differ on it
+    /// anywhere its own log says (which is read once it is back).
+    pub fn in_doubt(&mut self) {
+        self.dirty.mark_all();
+        self.unknown = true;
+    }
+
+    /// Whether its missed units can be narrowed by the activity logs.
+    pub fn narrowable(&self) -> bool {
+        self.narrowable && self.unknown
+    }
+
+    /// Nothing is cleared from the logs while a replica is out of sync,
+    /// and each replica marks an extent before writing it, so all it can
+    /// differ in is the extents active in its own log or in those of the
+    /// in-sync replicas: keep only those units (`keep`, runs of units).
+    /// Returns whether it did (not once its image was replaced or its disk
+    /// lost writes).
+    pub fn narrow(&mut self, keep: &[(u64, u64)]) -> bool {
+        if !self.narrowable() {
+            return false;
+        }
+        self.dirty.keep_only(keep);
+        true
     }
 
     /// Whether the resync must compare before it copies (see `unknown`).
@@ -378,6 +425,10 @@ impl Track {
 
     pub fn sent_bytes(&self) -> u64 {
         self.sent_bytes
+    }
+
+    pub fn resynced_bytes(&self) -> u64 {
+        self.resynced_bytes
     }
 
     /// Holds every acknowledged write and may serve reads.
@@ -460,10 +511,12 @@ impl Track {
         true
     }
 
-    /// Everything is missed (a failed sync may have lost any write).
+    /// Everything is missed (a failed sync may have lost any write; its
+    /// image is not the one recorded): not narrowed by the logs.
     pub fn mark_all_dirty(&mut self) {
         self.dirty.mark_all();
         self.unknown = true;
+        self.narrowable = false;
     }
 
     /// Whether the replica is gone (not connected) but not yet recorded
@@ -479,6 +532,7 @@ impl Track {
         }
         if state == ReplicaState::InSync {
             self.unknown = false;
+            self.narrowable = true;
         }
         self.state = state;
     }
@@ -509,6 +563,7 @@ impl Track {
     /// A run was copied: `bytes` of device, `data_bytes` of them sent as data.
     pub fn run_copied(&mut self, bytes: u64, data_bytes: u64) {
         self.done_bytes += bytes;
+        self.resynced_bytes += bytes;
         self.sent_bytes += data_bytes;
     }
 
@@ -761,6 +816,40 @@ mod tests {
         assert!(!t.needs_outdated_record());
         assert!(t.lost(e2));
         assert!(t.needs_outdated_record());
+    }
+
+    #[test]
+    fn what_a_replica_misses_is_narrowed_to_the_logged_units() {
+        let mut m = DirtyMap::new(5000 * UNIT);
+        m.mark_all();
+        m.keep_only(&[(10, 20), (1000, 3000), (4990, 6000)]);
+        assert_eq!(m.count(), 10 + 2000 + 10);
+        assert!(m.contains(10) && m.contains(19) && !m.contains(20) && !m.contains(9));
+        assert!(m.contains(1000) && m.contains(2999) && !m.contains(3000));
+        assert!(m.contains(4999));
+        m.keep_only(&[]);
+        assert!(m.is_empty());
+
+        // An outdated replica met with its recorded image: narrowed, and
+        // again after a reconnect; a full resync still compares first.
+        let mut t = Track::new(ReplicaState::Outdated, 64 * UNIT, true);
+        assert!(t.narrowable());
+        assert!(t.narrow(&[(4, 8)]));
+        assert_eq!(t.dirty().count(), 4);
+        assert!(t.content_unknown());
+        // Another image, or a disk that lost writes: not narrowed.
+        t.mark_all_dirty();
+        assert!(!t.narrowable());
+        assert!(!t.narrow(&[(4, 8)]));
+        assert_eq!(t.dirty().count(), 64);
+        // Once in sync, later doubts may be narrowed again.
+        t.connect();
+        t.recorded(ReplicaState::InSync);
+        assert!(!t.narrowable(), "nothing to narrow");
+        t.in_doubt();
+        assert_eq!(t.dirty().count(), 64);
+        assert!(t.narrow(&[(0, 1)]));
+        assert_eq!(t.dirty().count(), 1);
     }
 
     #[test]

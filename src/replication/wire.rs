@@ -29,7 +29,10 @@ pub const MAGIC: [u8; 8] = *b"dunnrepl";
 /// 6: `HelloOk` carries the replica's incarnation instead; a Hello says
 ///    whether an absent image is to be copied whole (`copied_whole`).
 /// 7: `Activity` and `Deactivate` requests (the replica's activity log).
-pub const PROTOCOL_VERSION: u32 = 7;
+/// 8: no `Deactivate` while a replica is out of sync (the logs then hold
+///    what it misses, and an outdated replica is resynced from them);
+///    `ActivateAll` before a replica is copied whole.
+pub const PROTOCOL_VERSION: u32 = 8;
 /// Largest frame accepted (a write or read of up to 64 MiB plus headers).
 pub const MAX_FRAME: usize = (64 << 20) + 4096;
 /// Largest read or write one request may carry.
@@ -49,6 +52,7 @@ const KIND_SNAPSHOT: u8 = 11;
 const KIND_DELETE_SNAPSHOT: u8 = 12;
 const KIND_ACTIVITY: u8 = 13;
 const KIND_DEACTIVATE: u8 = 14;
+const KIND_ACTIVATE_ALL: u8 = 15;
 
 /// The first message of a connection: who asks, for which replica, under
 /// which attach generation.
@@ -208,6 +212,10 @@ pub enum Request {
         first: u64,
         count: u64,
     },
+    /// Mark every extent of the activity log active: the replica's image
+    /// is unknown and about to be copied whole into, so its log must hide
+    /// nothing from a later resync (until every replica is in sync).
+    ActivateAll,
 }
 
 /// One frame, either direction.
@@ -276,6 +284,7 @@ impl Frame {
                     Request::DeleteSnapshot { .. } => KIND_DELETE_SNAPSHOT,
                     Request::Activity => KIND_ACTIVITY,
                     Request::Deactivate { .. } => KIND_DEACTIVATE,
+                    Request::ActivateAll => KIND_ACTIVATE_ALL,
                 },
                 *id,
             ),
@@ -340,7 +349,7 @@ impl Frame {
                     b.extend_from_slice(&offset.to_be_bytes());
                     b.extend_from_slice(&len.to_be_bytes());
                 }
-                Request::Flush | Request::Activity => {}
+                Request::Flush | Request::Activity | Request::ActivateAll => {}
                 Request::Deactivate { first, count } => {
                     b.extend_from_slice(&first.to_be_bytes());
                     b.extend_from_slice(&count.to_be_bytes());
@@ -468,6 +477,10 @@ impl Frame {
                     first: r.u64()?,
                     count: r.u64()?,
                 },
+            },
+            KIND_ACTIVATE_ALL => Frame::Request {
+                id,
+                req: Request::ActivateAll,
             },
             KIND_OK => Frame::Ok { id },
             KIND_DATA => Frame::Data {
@@ -774,6 +787,7 @@ mod tests {
                 first: 3,
                 count: u64::MAX,
             },
+            Request::ActivateAll,
         ] {
             roundtrip(Frame::Request { id: 77, req });
         }
@@ -816,7 +830,7 @@ mod tests {
     /// by a fixture per version.
     #[test]
     fn hello_matches_fixture() {
-        let fixture = include_bytes!("../../fixtures/replication/hello-v7.bin");
+        let fixture = include_bytes!("../../fixtures/replication/hello-v8.bin");
         assert_eq!(Frame::Hello(fixture_hello()).encode(), fixture.to_vec());
         assert_eq!(
             read_frame(&mut &fixture[..]).unwrap().unwrap(),
@@ -824,13 +838,14 @@ mod tests {
         );
         // Nodes of older versions (no Digest, Snapshot, forward, prior
         // generation, incarnation) are told what to do.
-        let old: [(&[u8], u32); 6] = [
+        let old: [(&[u8], u32); 7] = [
             (include_bytes!("../../fixtures/replication/hello-v1.bin"), 1),
             (include_bytes!("../../fixtures/replication/hello-v2.bin"), 2),
             (include_bytes!("../../fixtures/replication/hello-v3.bin"), 3),
             (include_bytes!("../../fixtures/replication/hello-v4.bin"), 4),
             (include_bytes!("../../fixtures/replication/hello-v5.bin"), 5),
             (include_bytes!("../../fixtures/replication/hello-v6.bin"), 6),
+            (include_bytes!("../../fixtures/replication/hello-v7.bin"), 7),
         ];
         for (bytes, version) in old {
             match read_frame(&mut &bytes[..]) {
@@ -846,14 +861,14 @@ mod tests {
     fn other_version_is_refused_without_reading_the_rest() {
         let mut bytes = Frame::Hello(fixture_hello()).encode();
         // Version sits after length, kind, id and magic.
-        bytes[4 + 1 + 8 + 8..4 + 1 + 8 + 8 + 4].copy_from_slice(&8u32.to_be_bytes());
-        // A version 8 Hello may be longer: append garbage.
+        bytes[4 + 1 + 8 + 8..4 + 1 + 8 + 8 + 4].copy_from_slice(&9u32.to_be_bytes());
+        // A version 9 Hello may be longer: append garbage.
         bytes.extend_from_slice(&[0xFF; 9]);
         let len = (bytes.len() - 4) as u32;
         bytes[..4].copy_from_slice(&len.to_be_bytes());
         let err = read_frame(&mut &bytes[..]).unwrap_err();
-        assert!(matches!(err, WireError::Version { theirs: 8 }), "{err}");
-        assert!(err.to_string().contains("version 8"), "{err}");
+        assert!(matches!(err, WireError::Version { theirs: 9 }), "{err}");
+        assert!(err.to_string().contains("version 9"), "{err}");
     }
 
     #[test]
