@@ -46,7 +46,11 @@ pub fn extents(size: u64) -> u64 {
 
 /// The extents `[offset, offset + len)` touches (`len` > 0).
 fn span(offset: u64, len: u64) -> (u64, u64) {
-    (offset >> EXTENT_SHIFT, (offset + len - 1) >> EXTENT_SHIFT)
+    // Saturating: a request past any device's end is the image's to refuse.
+    (
+        offset >> EXTENT_SHIFT,
+        offset.saturating_add(len - 1) >> EXTENT_SHIFT,
+    )
 }
 
 /// The words of a bitmap, as the wire and the file carry them.

@@ -1963,8 +1963,15 @@ impl Inner {
         let mut union = vec![0u64; activity::extents(self.size).div_ceil(64) as usize];
         let deadline = Instant::now() + self.io_timeout;
         for r in self.set().iter() {
-            if !r.cell.lock().track.readable() {
-                continue;
+            {
+                let mut cell = r.cell.lock();
+                if !cell.track.readable() {
+                    // Its log is not read: a write in flight may have
+                    // reached it alone. Compared once back, where its own
+                    // log or the others' say (Inner::narrow).
+                    cell.track.in_doubt();
+                    continue;
+                }
             }
             let Some(words) = self.activity_of(r, deadline) else {
                 tracing::info!(volume = %self.volume, peer = %r.node,

@@ -375,9 +375,9 @@ impl Track {
         }
     }
 
-    /// An in-sync replica out of reach while an attach that ended
-    /// unreleased is compared: writes then in flight may differ on it
-    /// anywhere its own log says (which is read once it is back).
+    /// A replica whose log an attach that follows an unreleased one could
+    /// not read (out of reach, dropped): writes then in flight may differ
+    /// on it anywhere its own log says (which is read once it is back).
     pub fn in_doubt(&mut self) {
         self.dirty.mark_all();
         self.unknown = true;

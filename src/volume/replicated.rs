@@ -97,10 +97,15 @@ pub(super) fn open_mirror(
     let cl = &c.cluster;
     let wait = c.lease_ttl + Duration::from_secs(2);
     let generation = take_attach(c, record, wait)?;
+    // A comparison owed by an unreleased attach stays owed if this fails.
+    let mut owed = true;
     let opened = cl
         .mark_unreleased(&record.id, generation)
         .map_err(VolumeErrorKind::from)
-        .and_then(|verify| mirror_for(c, record, generation, verify));
+        .and_then(|verify| {
+            owed = verify;
+            mirror_for(c, record, generation, verify)
+        });
     match opened {
         Ok(m) => {
             c.track(&record.id, &m);
@@ -108,7 +113,7 @@ pub(super) fn open_mirror(
             Ok((m, generation))
         }
         Err(e) => {
-            give_back(c, &record.id, &record.name, generation, true);
+            give_back(c, &record.id, &record.name, generation, !owed);
             Err(e)
         }
     }
@@ -216,14 +221,18 @@ pub fn start_resync(
     }
     let cl = &c.cluster;
     let generation = cl.acquire_attach_for_resync(&record.id, &record.name)?;
+    let mut owed = true;
     let opened = cl
         .mark_unreleased(&record.id, generation)
         .map_err(VolumeErrorKind::from)
-        .and_then(|verify| mirror_for(c, &record, generation, verify));
+        .and_then(|verify| {
+            owed = verify;
+            mirror_for(c, &record, generation, verify)
+        });
     let mirror = match opened {
         Ok(m) => m,
         Err(e) => {
-            give_back(c, &record.id, &record.name, generation, true);
+            give_back(c, &record.id, &record.name, generation, !owed);
             return Err(e);
         }
     };
@@ -327,9 +336,16 @@ pub(super) fn close_mirror(
     mirror.close();
     c.untrack(volume_id);
     c.replicas.close(volume_id);
-    // A comparison cut short is the next attach's to do again.
-    let verified = !mirror.verification().is_some_and(|v| !v.finished);
-    if !verified {
+    // A comparison cut short is the next attach's to do again; so is one
+    // after a fence (a write may have reached some replicas only).
+    let fenced = mirror.is_fenced();
+    let verified = !fenced && !mirror.verification().is_some_and(|v| !v.finished);
+    if fenced {
+        tracing::warn!(
+            volume,
+            "detached fenced; the next attach compares the replicas"
+        );
+    } else if !verified {
         tracing::warn!(
             volume,
             "detached before the replicas were compared; the next attach compares them"
@@ -407,8 +423,9 @@ pub(super) fn restore(
     let generation = take_attach(c, record, Duration::ZERO)?;
     let res = restore_replicas(c, record, name, generation, &members);
     // Every in-sync replica now holds the snapshot's contents: nothing
-    // an earlier unreleased attach left is left to compare.
-    give_back(c, &record.id, &record.name, generation, true);
+    // an earlier unreleased attach left is left to compare. Unless it
+    // failed: then what was owed still is.
+    give_back(c, &record.id, &record.name, generation, res.is_ok());
     res
 }
 
