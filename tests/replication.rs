@@ -1330,6 +1330,65 @@ fn a_replica_added_over_an_old_image_is_copied_whole_across_attaches() {
     m.close();
 }
 
+/// A replica whose files are put back from a backup keeps its image's
+/// incarnation, and its state says in sync; but it missed the attaches the
+/// others had since (each reaches every in-sync replica or records it
+/// outdated first), so its generation is older: it is recorded outdated
+/// and resynced whole.
+#[test]
+fn an_in_sync_replica_rolled_back_to_a_backup_is_resynced_whole() {
+    let mut nodes: Vec<Node> = ["a", "b"].iter().map(|n| Node::new(n)).collect();
+    let closed = |nodes: &[Node]| {
+        wait_until("b's replica closed", || {
+            nodes[1].replicas.get(VOL).is_none()
+        })
+    };
+    let states = FakeStates::new();
+    let m = Mirror::open(config_a_b(&nodes, 1, states.clone())).unwrap();
+    m.write_at(&pattern(1, (8 * MIB) as usize), 0).unwrap();
+    m.settle();
+    m.close();
+    drop(m);
+    closed(&nodes);
+    let dir = nodes[1].replicas.dir(VOL).unwrap();
+    let backup = tempfile::tempdir().unwrap();
+    let copy = |from: &std::path::Path, to: &std::path::Path| {
+        let ok = std::process::Command::new("cp")
+            .arg("-a")
+            .arg(from)
+            .arg(to)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "cp -a {} {}", from.display(), to.display());
+    };
+    copy(&dir, backup.path());
+
+    let states = states.next();
+    let m = Mirror::open(config_a_b(&nodes, 2, states.clone())).unwrap();
+    m.write_at(&pattern(2, 4096), 5 * MIB).unwrap();
+    m.settle();
+    m.close();
+    drop(m);
+    closed(&nodes);
+    // b's files are put back from the backup.
+    nodes[1].stop();
+    std::fs::remove_dir_all(&dir).unwrap();
+    copy(&backup.path().join(VOL), &dir);
+    nodes[1].restart();
+    assert_ne!(nodes[0].checksum(), nodes[1].checksum());
+
+    let states = states.next();
+    let m = Mirror::open(config_a_b(&nodes, 3, states.clone())).unwrap();
+    assert_eq!(states.recorded_for("b")[0], ReplicaState::Outdated);
+    wait_in_sync(&m, "b");
+    m.flush().unwrap();
+    assert_eq!(nodes[0].checksum(), nodes[1].checksum());
+    assert_eq!(status_of(&m, "b").resynced_bytes, PARAMS.size);
+    assert_eq!(read_vec(&*m, 5 * MIB, 4096), pattern(2, 4096));
+    m.close();
+}
+
 #[test]
 fn a_full_resync_sends_only_the_chunks_that_differ() {
     let mut nodes: Vec<Node> = ["a", "b"].iter().map(|n| Node::new(n)).collect();

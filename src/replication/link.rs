@@ -9,7 +9,7 @@
 //! timeout; waiters get [`LinkDown`] and the mirror connects a new one.
 
 use super::wire::{self, ErrorCode, Frame, Hello, Request, WireError, PROTOCOL_VERSION};
-use super::{Incarnation, ReplicationError};
+use super::{Generation, Incarnation, ReplicationError};
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -232,6 +232,8 @@ pub struct Link {
     shared: Arc<Shared>,
     /// The replica's incarnation at this link's Hello.
     incarnation: Incarnation,
+    /// The replica's generation before this link's Hello.
+    prior: Generation,
 }
 
 impl std::fmt::Debug for Link {
@@ -256,7 +258,7 @@ impl Link {
         timeout: Duration,
         handshake: Duration,
     ) -> Result<Link, ReplicationError> {
-        let (stream, incarnation) = say_hello(node, addr, hello, timeout, handshake)?;
+        let (stream, incarnation, prior) = say_hello(node, addr, hello, timeout, handshake)?;
         let io_err = |e: std::io::Error| ReplicationError::Link {
             node: node.to_string(),
             addr,
@@ -283,6 +285,7 @@ impl Link {
             addr,
             shared,
             incarnation,
+            prior,
         })
     }
 }
@@ -321,7 +324,7 @@ pub fn forward_request(
         forward: Some(request.to_string()),
         ..Hello::new("-", 0, from, params)
     };
-    let (stream, _) = say_hello(node, addr, &hello, timeout, wait)?;
+    let (stream, ..) = say_hello(node, addr, &hello, timeout, wait)?;
     let link_err = |source: WireError| ReplicationError::Link {
         node: node.to_string(),
         addr,
@@ -337,14 +340,14 @@ pub fn forward_request(
 }
 
 /// Connect and say Hello; the stream once `node` said HelloOk, and the
-/// replica's incarnation.
+/// replica's incarnation and generation before the Hello.
 fn say_hello(
     node: &str,
     addr: SocketAddr,
     hello: &Hello,
     timeout: Duration,
     handshake: Duration,
-) -> Result<(TcpStream, Incarnation), ReplicationError> {
+) -> Result<(TcpStream, Incarnation, Generation), ReplicationError> {
     let link_err = |source: WireError| ReplicationError::Link {
         node: node.to_string(),
         addr,
@@ -358,11 +361,12 @@ fn say_hello(
     stream.set_write_timeout(Some(timeout)).map_err(io_err)?;
     let mut s = &stream;
     wire::write_frame(&mut s, &Frame::Hello(hello.clone())).map_err(link_err)?;
-    let incarnation = match wire::read_frame(&mut s).map_err(link_err)? {
+    let (incarnation, prior) = match wire::read_frame(&mut s).map_err(link_err)? {
         Some(Frame::HelloOk {
             version,
             node: peer,
             incarnation,
+            generation,
         }) => {
             if version != PROTOCOL_VERSION {
                 return Err(link_err(WireError::Version { theirs: version }));
@@ -376,7 +380,7 @@ fn say_hello(
                     ),
                 });
             }
-            incarnation
+            (incarnation, generation)
         }
         Some(Frame::Error { code, message, .. }) => {
             return Err(ReplicationError::Refused {
@@ -396,13 +400,19 @@ fn say_hello(
             )))
         }
     };
-    Ok((stream, incarnation))
+    Ok((stream, incarnation, prior))
 }
 
 impl Link {
     /// The replica's incarnation at this link's Hello.
     pub fn incarnation(&self) -> Incarnation {
         self.incarnation
+    }
+
+    /// The replica's generation before this link's Hello: the last attach
+    /// that reached it.
+    pub fn prior_generation(&self) -> Generation {
+        self.prior
     }
 
     /// Send a request; the ticket waits for its reply.
@@ -559,6 +569,7 @@ mod tests {
                 version: PROTOCOL_VERSION,
                 node: node.into(),
                 incarnation: 1,
+                generation: 0,
             };
             wire::write_frame(&mut &s, &ok).unwrap();
             let mut held = Vec::new();

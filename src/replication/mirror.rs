@@ -347,6 +347,7 @@ impl Mirror {
                 )));
             }
         }
+        let local_prior = cfg.local.as_ref().map_or(0, |l| l.generation());
         if let Some(local) = &cfg.local {
             local.advance(cfg.generation)?;
         }
@@ -383,7 +384,9 @@ impl Mirror {
         // A replica whose image is not the recorded one lost its files:
         // recorded outdated before any IO (then its new incarnation, so
         // that a crash between the two records finds it replaced again).
-        let met: Vec<(&str, ReplicaState, Incarnation, Met)> = cfg
+        // Each reached replica: node, recorded state, incarnation seen, how
+        // it meets the record, generation before this attach.
+        let met: Vec<(&str, ReplicaState, Incarnation, Met, Generation)> = cfg
             .local
             .as_ref()
             .map(|l| {
@@ -393,27 +396,51 @@ impl Mirror {
                     cfg.local_state,
                     seen,
                     meet(cfg.local_incarnation, seen),
+                    local_prior,
                 )
             })
             .into_iter()
             .chain(cfg.peers.iter().zip(&links).filter_map(|(p, l)| {
                 l.as_ref().ok().map(|l| {
                     let seen = l.incarnation();
-                    (p.node.as_str(), p.state, seen, meet(p.incarnation, seen))
+                    let met = meet(p.incarnation, seen);
+                    (p.node.as_str(), p.state, seen, met, l.prior_generation())
                 })
             }))
             .collect();
+        // Every attach reaches each in-sync replica or records it outdated
+        // before any IO, so an in-sync replica that missed an attach the
+        // others had was rolled back: its files restored from a backup, a
+        // disk or VM snapshot reverted. Its image is the recorded one, but
+        // not its content.
+        let newest = met
+            .iter()
+            .filter(|m| m.1 == ReplicaState::InSync && m.3 == Met::Known)
+            .map(|m| m.4)
+            .max();
         let mut replaced = Vec::new();
-        for &(node, state, seen, met) in &met {
-            if met == Met::Replaced {
-                tracing::warn!(volume = %cfg.volume, node, "replica's image is not the one recorded (its files were lost or replaced): recording it outdated; it is resynced whole");
+        let mut whole = Vec::new();
+        for &(node, state, seen, met, prior) in &met {
+            let rolled_back =
+                state == ReplicaState::InSync && met == Met::Known && Some(prior) < newest;
+            if met == Met::Replaced || rolled_back {
+                if rolled_back {
+                    tracing::warn!(volume = %cfg.volume, node, generation = prior, newest = ?newest,
+                        "replica is older than the other in-sync ones (its files were restored from a backup, or its disk rolled back): recording it outdated; it is resynced whole");
+                } else {
+                    tracing::warn!(volume = %cfg.volume, node, "replica's image is not the one recorded (its files were lost or replaced): recording it outdated; it is resynced whole");
+                }
                 if state != ReplicaState::Outdated {
                     cfg.states.set_state(node, ReplicaState::Outdated)?;
                 }
                 replaced.push(node.to_string());
             }
             // Copied whole: its log must hide nothing once it is recorded.
-            if met == Met::Replaced || (met == Met::First && state != ReplicaState::InSync) {
+            if met == Met::Replaced
+                || rolled_back
+                || (met == Met::First && state != ReplicaState::InSync)
+            {
+                whole.push(node.to_string());
                 let local = cfg.local.as_deref().filter(|_| node == cfg.node);
                 let link = cfg
                     .peers
@@ -439,12 +466,12 @@ impl Mirror {
             }
         };
 
-        // Not in sync, and another image than recorded (or none was): what
-        // it misses is everything, not what the activity logs name.
+        // Not in sync, and another image than recorded (or none was), or
+        // rolled back: what it misses is everything, not what the activity
+        // logs name.
         let track = |node: &str, state: ReplicaState, remote: bool| {
             let mut t = Track::new(state, size, remote);
-            if state != ReplicaState::InSync && met.iter().any(|m| m.0 == node && m.3 != Met::Known)
-            {
+            if state != ReplicaState::InSync && whole.iter().any(|n| n == node) {
                 t.mark_all_dirty();
             }
             t

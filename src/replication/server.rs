@@ -6,7 +6,7 @@
 
 use super::local::LocalReplicas;
 use super::wire::{self, ErrorCode, Frame, Hello, Request, WireError, MAX_IO, PROTOCOL_VERSION};
-use super::{Incarnation, LocalReplica, ReplicationError};
+use super::{Generation, Incarnation, LocalReplica, ReplicationError};
 use crate::engine::EngineError;
 use parking_lot::Mutex;
 use sha2::{Digest, Sha256};
@@ -211,13 +211,14 @@ fn code_of(e: &ReplicationError) -> ErrorCode {
     }
 }
 
-/// `incarnation`: the replica's (0 when none is opened: a forwarded
-/// request or a restore).
-fn hello_ok(inner: &Inner, incarnation: Incarnation) -> Frame {
+/// `incarnation`, `generation`: the replica's, the latter before the
+/// Hello (0 when none is opened: a forwarded request or a restore).
+fn hello_ok(inner: &Inner, incarnation: Incarnation, generation: Generation) -> Frame {
     Frame::HelloOk {
         version: PROTOCOL_VERSION,
         node: inner.node.clone(),
         incarnation,
+        generation,
     }
 }
 
@@ -259,7 +260,7 @@ fn serve_conn(inner: &Inner, stream: TcpStream, peer: Option<SocketAddr>) {
         tracing::info!(?peer, from = %hello.from, "request forwarded by another node");
         return match run(request) {
             Ok(reply) => {
-                let _ = send(&stream, &hello_ok(inner, 0)).and_then(|()| {
+                let _ = send(&stream, &hello_ok(inner, 0, 0)).and_then(|()| {
                     send(
                         &stream,
                         &Frame::Data {
@@ -278,12 +279,12 @@ fn serve_conn(inner: &Inner, stream: TcpStream, peer: Option<SocketAddr>) {
             .restore(&hello.volume_id, hello.generation, snapshot)
         {
             Ok(()) => {
-                let _ = send(&stream, &hello_ok(inner, 0));
+                let _ = send(&stream, &hello_ok(inner, 0, 0));
             }
             Err(e) => refuse_hello(&stream, code_of(&e), e.to_string()),
         };
     }
-    let replica = match inner
+    let (replica, prior) = match inner
         .replicas
         .open_as(
             &hello.volume_id,
@@ -291,12 +292,14 @@ fn serve_conn(inner: &Inner, stream: TcpStream, peer: Option<SocketAddr>) {
             hello.base.as_ref(),
             hello.copied_whole,
         )
-        .and_then(|r| r.advance(hello.generation).map(|()| r))
-    {
+        .and_then(|r| {
+            let prior = r.generation();
+            r.advance(hello.generation).map(|()| (r, prior))
+        }) {
         Ok(r) => r,
         Err(e) => return refuse_hello(&stream, code_of(&e), e.to_string()),
     };
-    if send(&stream, &hello_ok(inner, replica.incarnation())).is_err() {
+    if send(&stream, &hello_ok(inner, replica.incarnation(), prior)).is_err() {
         return;
     }
     let _ = stream.set_read_timeout(None);

@@ -31,7 +31,8 @@ pub const MAGIC: [u8; 8] = *b"dunnrepl";
 /// 7: `Activity` and `Deactivate` requests (the replica's activity log).
 /// 8: no `Deactivate` while a replica is out of sync (the logs then hold
 ///    what it misses, and an outdated replica is resynced from them);
-///    `ActivateAll` before a replica is copied whole.
+///    `ActivateAll` before a replica is copied whole; `HelloOk` carries
+///    the replica's generation before the Hello.
 pub const PROTOCOL_VERSION: u32 = 8;
 /// Largest frame accepted (a write or read of up to 64 MiB plus headers).
 pub const MAX_FRAME: usize = (64 << 20) + 4096;
@@ -229,6 +230,10 @@ pub enum Frame {
         /// Which image the replica is (see `Incarnation`): one other than
         /// the cluster recorded lost its files, and is not in sync.
         incarnation: u64,
+        /// The replica's generation before this Hello (0 where no replica
+        /// is opened): an in-sync replica older than the others was rolled
+        /// back (its files restored from a backup).
+        generation: u64,
     },
     Request {
         id: u64,
@@ -331,10 +336,12 @@ impl Frame {
                 version,
                 node,
                 incarnation,
+                generation,
             } => {
                 b.extend_from_slice(&version.to_be_bytes());
                 put_str(&mut b, node);
                 b.extend_from_slice(&incarnation.to_be_bytes());
+                b.extend_from_slice(&generation.to_be_bytes());
             }
             Frame::Request { req, .. } => match req {
                 Request::Read { offset, len } | Request::Digest { offset, len } => {
@@ -421,6 +428,7 @@ impl Frame {
                 version: r.u32()?,
                 node: r.str()?,
                 incarnation: r.u64()?,
+                generation: r.u64()?,
             },
             KIND_ERROR => Frame::Error {
                 id,
@@ -753,6 +761,7 @@ mod tests {
             version: PROTOCOL_VERSION,
             node: "node-b".into(),
             incarnation: 0x0123_4567_89ab_cdef,
+            generation: 41,
         });
         for req in [
             Request::Read {
