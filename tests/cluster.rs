@@ -477,13 +477,14 @@ fn attached_daemon_kill9_resumes_in_place() {
             .join(&id)
             .join("activity");
         let bytes = std::fs::read(&log).unwrap_or_else(|e| panic!("{}: {e}", log.display()));
+        // Magic, extent size, last clear's stamp (2 words), then the bits.
         assert_eq!(
             bytes.len(),
-            16 + 8,
+            32 + 8,
             "{}: one word for 32 extents",
             log.display()
         );
-        u64::from_le_bytes(bytes[16..].try_into().unwrap())
+        u64::from_le_bytes(bytes[32..].try_into().unwrap())
     };
     assert_eq!((active(&c, 0), active(&c, 1)), (1, 1), "extent 0, on both");
     c.detach_on(0, vol);

@@ -1286,7 +1286,7 @@ fn a_replica_added_over_an_old_image_is_copied_whole_across_attaches() {
     {
         let b = nodes[1].local();
         b.write_at(1, &pattern(9, 4096), 30 * MIB).unwrap();
-        b.deactivate(1, 0, u64::MAX).unwrap();
+        b.deactivate(1, 0, u64::MAX, 1).unwrap();
     }
     let states = FakeStates::new();
     let mut cfg = config(
@@ -1352,17 +1352,7 @@ fn an_in_sync_replica_rolled_back_to_a_backup_is_resynced_whole() {
     closed(&nodes);
     let dir = nodes[1].replicas.dir(VOL).unwrap();
     let backup = tempfile::tempdir().unwrap();
-    let copy = |from: &std::path::Path, to: &std::path::Path| {
-        let ok = std::process::Command::new("cp")
-            .arg("-a")
-            .arg(from)
-            .arg(to)
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "cp -a {} {}", from.display(), to.display());
-    };
-    copy(&dir, backup.path());
+    cp_a(&dir, backup.path());
 
     let states = states.next();
     let m = Mirror::open(config_a_b(&nodes, 2, states.clone())).unwrap();
@@ -1374,7 +1364,7 @@ fn an_in_sync_replica_rolled_back_to_a_backup_is_resynced_whole() {
     // b's files are put back from the backup.
     nodes[1].stop();
     std::fs::remove_dir_all(&dir).unwrap();
-    copy(&backup.path().join(VOL), &dir);
+    cp_a(&backup.path().join(VOL), &dir);
     nodes[1].restart();
     assert_ne!(nodes[0].checksum(), nodes[1].checksum());
 
@@ -1387,6 +1377,78 @@ fn an_in_sync_replica_rolled_back_to_a_backup_is_resynced_whole() {
     assert_eq!(status_of(&m, "b").resynced_bytes, PARAMS.size);
     assert_eq!(read_vec(&*m, 5 * MIB, 4096), pattern(2, 4096));
     m.close();
+}
+
+/// An outdated replica rolled back to a backup taken before the logs were
+/// last cleared cannot be narrowed by them (they were cleared of what the
+/// backup lacks): its log's stamp is older than the others', so it is
+/// resynced whole.
+#[test]
+fn an_outdated_replica_rolled_back_past_a_clear_is_resynced_whole() {
+    let mut nodes: Vec<Node> = ["a", "b"].iter().map(|n| Node::new(n)).collect();
+    let closed = |nodes: &[Node]| {
+        wait_until("b's replica closed", || {
+            nodes[1].replicas.get(VOL).is_none()
+        })
+    };
+    let states = FakeStates::new();
+    let m = Mirror::open(config_a_b(&nodes, 1, states.clone())).unwrap();
+    m.write_at(&pattern(1, 4096), 0).unwrap();
+    m.settle();
+    m.close();
+    drop(m);
+    closed(&nodes);
+    let dir = nodes[1].replicas.dir(VOL).unwrap();
+    let backup = tempfile::tempdir().unwrap();
+    cp_a(&dir, backup.path());
+
+    // Written and cleared (settled) after the backup.
+    let states = states.next();
+    let m = Mirror::open(config_a_b(&nodes, 2, states.clone())).unwrap();
+    m.write_at(&pattern(2, 4096), 3 * activity::EXTENT).unwrap();
+    m.settle();
+    m.close();
+    drop(m);
+    closed(&nodes);
+    // b away for an attach (outdated), then put back from the backup.
+    nodes[1].stop();
+    let states = states.next();
+    let m = Mirror::open(config_a_b(&nodes, 3, states.clone())).unwrap();
+    m.write_at(&pattern(3, 4096), 5 * activity::EXTENT).unwrap();
+    m.settle();
+    m.close();
+    drop(m);
+    std::fs::remove_dir_all(&dir).unwrap();
+    cp_a(&backup.path().join(VOL), &dir);
+    nodes[1].restart();
+
+    let states = states.next();
+    let m = Mirror::open(config(
+        "a",
+        4,
+        Some(nodes[0].local()),
+        ReplicaState::InSync,
+        vec![nodes[1].peer(ReplicaState::Outdated)],
+        states,
+    ))
+    .unwrap();
+    wait_in_sync(&m, "b");
+    m.flush().unwrap();
+    assert_eq!(nodes[0].checksum(), nodes[1].checksum());
+    assert_eq!(status_of(&m, "b").resynced_bytes, PARAMS.size);
+    m.close();
+}
+
+/// `cp -a from to`.
+fn cp_a(from: &std::path::Path, to: &std::path::Path) {
+    let ok = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "cp -a {} {}", from.display(), to.display());
 }
 
 #[test]

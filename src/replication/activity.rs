@@ -17,8 +17,15 @@
 //! bitmap for this), so after any crash it is resynced from them instead
 //! of compared whole.
 //!
-//! The file is `<replica>/activity`: an 8-byte magic, the extent size as a
-//! little-endian u64, then one bit per extent in little-endian u64 words.
+//! Each clear is stamped (the attach generation, then a count within it),
+//! and a log keeps the newest stamp it took. A replica whose stamp is older
+//! than the others' missed a clear they had, so its log cannot tell what
+//! it misses: its files were rolled back past a clear (a backup), or a
+//! clear failed there. It is then not narrowed by the logs.
+//!
+//! The file is `<replica>/activity`: an 8-byte magic, the extent size, the
+//! last clear's stamp (generation, count), each a little-endian u64, then
+//! one bit per extent in little-endian u64 words.
 //! Words are 8-byte aligned, so a torn page write leaves each old or new.
 //! A missing or unreadable log of an image that was not just made is taken
 //! as all active: nothing is known of its writes. So is a log of the first
@@ -37,7 +44,48 @@ pub const EXTENT_SHIFT: u32 = 22;
 pub const EXTENT: u64 = 1 << EXTENT_SHIFT;
 const FILE: &str = "activity";
 const MAGIC: [u8; 8] = *b"dunnal02";
-const HEADER: u64 = 16;
+const HEADER: u64 = 32;
+/// Where the stamp sits in the header.
+const STAMP_AT: u64 = 16;
+
+/// Which clear a log took last: the attach generation, then a count of
+/// the clears within it. Ordered.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Stamp {
+    pub generation: u64,
+    pub seq: u64,
+}
+
+impl Stamp {
+    fn encode(self) -> [u8; 16] {
+        let mut b = [0u8; 16];
+        b[..8].copy_from_slice(&self.generation.to_le_bytes());
+        b[8..].copy_from_slice(&self.seq.to_le_bytes());
+        b
+    }
+
+    fn decode(b: &[u8]) -> Stamp {
+        Stamp {
+            generation: u64::from_le_bytes(b[..8].try_into().expect("8 bytes")),
+            seq: u64::from_le_bytes(b[8..16].try_into().expect("8 bytes")),
+        }
+    }
+}
+
+/// A log as the `Activity` request's reply carries it: stamp, then words.
+pub fn encode_reply(stamp: Stamp, words: &[u64]) -> Vec<u8> {
+    let mut b = stamp.encode().to_vec();
+    b.extend_from_slice(&encode(words));
+    b
+}
+
+/// [`encode_reply`]'s bytes for a log of `extents` extents.
+pub fn decode_reply(bytes: &[u8], extents: u64) -> Option<(Stamp, Vec<u64>)> {
+    if bytes.len() < 16 {
+        return None;
+    }
+    Some((Stamp::decode(&bytes[..16]), decode(&bytes[16..], extents)?))
+}
 
 /// The number of extents of a device of `size` bytes.
 pub fn extents(size: u64) -> u64 {
@@ -129,8 +177,9 @@ pub struct ActivityLog {
     /// What the file says (a bit is set here only once it is durable
     /// there, and cleared here before it is cleared there).
     words: Vec<AtomicU64>,
-    /// Serialises changes to the file (a write and its sync).
-    changing: Mutex<()>,
+    /// Serialises changes to the file (a write and its sync); holds the
+    /// last clear's stamp.
+    changing: Mutex<Stamp>,
 }
 
 impl std::fmt::Debug for ActivityLog {
@@ -159,7 +208,8 @@ impl ActivityLog {
             Made::Equal | Made::ToCopy => None,
         };
         let rewrite = found.is_none();
-        let words = found.unwrap_or_else(|| {
+        let stamp = found.as_ref().map_or(Stamp::default(), |f| f.0);
+        let words = found.map(|f| f.1).unwrap_or_else(|| {
             if made == Made::Equal {
                 vec![0; nwords]
             } else {
@@ -175,7 +225,7 @@ impl ActivityLog {
             file,
             extents,
             words: words.into_iter().map(AtomicU64::new).collect(),
-            changing: Mutex::new(()),
+            changing: Mutex::new(stamp),
         };
         if rewrite {
             log.write_all()?;
@@ -221,27 +271,34 @@ impl ActivityLog {
 
     /// Mark every extent active, durably.
     pub fn activate_all(&self) -> io::Result<()> {
-        let _one = self.changing.lock();
+        let stamp = self.changing.lock();
         if self.active_count() == self.extents {
             return Ok(());
         }
         let all: Vec<u64> = (0..self.words.len())
             .map(|i| all_bits(self.extents, i))
             .collect();
-        self.write_file(&all)?;
+        self.write_file(*stamp, &all)?;
         for (w, a) in self.words.iter().zip(all) {
             w.store(a, Ordering::Release);
         }
         Ok(())
     }
 
-    /// Clear `count` extents from `first` (past the end: up to it), durably.
-    pub fn deactivate(&self, first: u64, count: u64) -> io::Result<()> {
+    /// Clear `count` extents from `first` (past the end: up to it), durably,
+    /// as the clear `stamp` (kept if newer than the last).
+    pub fn deactivate(&self, first: u64, count: u64, stamp: Stamp) -> io::Result<()> {
         let end = first.saturating_add(count).min(self.extents);
-        if first >= end {
-            return Ok(());
+        let mut last = self.changing.lock();
+        if stamp > *last {
+            // Before the bits: torn, the stamp says newer with bits still
+            // set (safe); the other way round would claim less than done.
+            self.file.write_all_at(&stamp.encode(), STAMP_AT)?;
+            *last = stamp;
         }
-        let _one = self.changing.lock();
+        if first >= end {
+            return self.file.sync_data();
+        }
         for e in first..end {
             self.words[(e / 64) as usize].fetch_and(!(1 << (e % 64)), Ordering::AcqRel);
         }
@@ -258,6 +315,11 @@ impl ActivityLog {
         self.words
             .get((extent / 64) as usize)
             .is_some_and(|w| w.load(Ordering::Acquire) & (1 << (extent % 64)) != 0)
+    }
+
+    /// The last clear's stamp.
+    pub fn stamp(&self) -> Stamp {
+        *self.changing.lock()
     }
 
     /// The active extents, as a bitmap.
@@ -285,15 +347,16 @@ impl ActivityLog {
 
     /// Header and every word, synced (a new or unreadable log).
     fn write_all(&self) -> io::Result<()> {
-        let _one = self.changing.lock();
-        self.write_file(&self.bitmap())
+        let stamp = self.changing.lock();
+        self.write_file(*stamp, &self.bitmap())
     }
 
     /// The whole file with `words` (under `changing`).
-    fn write_file(&self, words: &[u64]) -> io::Result<()> {
+    fn write_file(&self, stamp: Stamp, words: &[u64]) -> io::Result<()> {
         let mut bytes = Vec::with_capacity(HEADER as usize + words.len() * 8);
         bytes.extend_from_slice(&MAGIC);
         bytes.extend_from_slice(&EXTENT.to_le_bytes());
+        bytes.extend_from_slice(&stamp.encode());
         bytes.extend_from_slice(&encode(words));
         self.file.set_len(bytes.len() as u64)?;
         self.file.write_all_at(&bytes, 0)?;
@@ -305,12 +368,12 @@ impl ActivityLog {
     }
 }
 
-/// The bitmap a log file holds, if it is one for `extents` extents of
-/// [`EXTENT`] bytes.
-fn read(file: &File, extents: u64) -> Option<Vec<u64>> {
+/// The stamp and bitmap a log file holds, if it is one for `extents`
+/// extents of [`EXTENT`] bytes.
+fn read(file: &File, extents: u64) -> Option<(Stamp, Vec<u64>)> {
     let mut header = [0u8; HEADER as usize];
     file.read_exact_at(&mut header, 0).ok()?;
-    if header[..8] != MAGIC || header[8..] != EXTENT.to_le_bytes() {
+    if header[..8] != MAGIC || header[8..16] != EXTENT.to_le_bytes() {
         return None;
     }
     let mut bytes = vec![0u8; extents.div_ceil(64) as usize * 8];
@@ -318,7 +381,7 @@ fn read(file: &File, extents: u64) -> Option<Vec<u64>> {
     if file.metadata().ok()?.len() != HEADER + bytes.len() as u64 {
         return None;
     }
-    decode(&bytes, extents)
+    Some((Stamp::decode(&header[16..]), decode(&bytes, extents)?))
 }
 
 /// Extents a log keeps active at most before the attached node clears
@@ -505,13 +568,70 @@ mod tests {
 
         let log = ActivityLog::open(dir.path(), SIZE, Made::Before).unwrap();
         assert_eq!(set_bits(&log.bitmap()).collect::<Vec<_>>(), [2, 3, 100]);
-        log.deactivate(3, 1000).unwrap();
+        log.deactivate(
+            3,
+            1000,
+            Stamp {
+                generation: 2,
+                seq: 1,
+            },
+        )
+        .unwrap();
         assert_eq!(set_bits(&log.bitmap()).collect::<Vec<_>>(), [2]);
         drop(log);
         let log = ActivityLog::open(dir.path(), SIZE, Made::Before).unwrap();
         assert_eq!(set_bits(&log.bitmap()).collect::<Vec<_>>(), [2]);
-        log.deactivate(0, u64::MAX).unwrap();
+        assert_eq!(
+            log.stamp(),
+            Stamp {
+                generation: 2,
+                seq: 1
+            },
+            "durably"
+        );
+        log.deactivate(
+            0,
+            u64::MAX,
+            Stamp {
+                generation: 2,
+                seq: 2,
+            },
+        )
+        .unwrap();
         assert_eq!(log.active_count(), 0);
+        // A late clear of an older stamp clears, and the stamp stays.
+        log.activate(0, 1).unwrap();
+        log.deactivate(
+            0,
+            1,
+            Stamp {
+                generation: 1,
+                seq: 9,
+            },
+        )
+        .unwrap();
+        assert_eq!(log.active_count(), 0);
+        drop(log);
+        let log = ActivityLog::open(dir.path(), SIZE, Made::Before).unwrap();
+        assert_eq!(
+            log.stamp(),
+            Stamp {
+                generation: 2,
+                seq: 2
+            }
+        );
+        assert!(
+            Stamp {
+                generation: 3,
+                seq: 1
+            } > Stamp {
+                generation: 2,
+                seq: 9
+            }
+        );
+        let (stamp, words) = decode_reply(&encode_reply(log.stamp(), &log.bitmap()), 101).unwrap();
+        assert_eq!((stamp, words), (log.stamp(), log.bitmap()));
+        assert_eq!(decode_reply(&[0; 8], 101), None);
     }
 
     #[test]
@@ -520,7 +640,7 @@ mod tests {
         // No file: an image from before activity logs.
         let log = ActivityLog::open(dir.path(), SIZE, Made::Before).unwrap();
         assert_eq!(log.active_count(), 101);
-        log.deactivate(0, 100).unwrap();
+        log.deactivate(0, 100, Stamp::default()).unwrap();
         drop(log);
         let log = ActivityLog::open(dir.path(), SIZE, Made::Before).unwrap();
         assert_eq!(set_bits(&log.bitmap()).collect::<Vec<_>>(), [100]);

@@ -8,7 +8,7 @@
 //! `<dir>/generation`, synced before the new generation takes effect: IO
 //! of an older generation is refused from then on (fencing).
 
-use super::activity::{ActivityLog, Made};
+use super::activity::{ActivityLog, Made, Stamp};
 use super::{Generation, Incarnation, ReplicationError};
 use crate::engine::{BlockEngine, ThinImage, ThinParams};
 use parking_lot::{Condvar, Mutex, RwLock, RwLockReadGuard};
@@ -215,22 +215,34 @@ impl LocalReplica {
 
     /// The extents active in the activity log (see [`super::activity`]).
     pub fn activity(&self, generation: Generation) -> Result<Vec<u64>, ReplicationError> {
-        let _g = self.admit(generation)?;
-        Ok(self.activity.bitmap())
+        Ok(self.activity_stamped(generation)?.1)
     }
 
-    /// Clear `count` extents of the activity log from `first`: the
-    /// attached node knows them equal on every replica. A fenced session
-    /// must not.
+    /// The activity log's last clear and its active extents.
+    pub fn activity_stamped(
+        &self,
+        generation: Generation,
+    ) -> Result<(Stamp, Vec<u64>), ReplicationError> {
+        let _g = self.admit(generation)?;
+        // The stamp first: a clear between the two reads shows as bits
+        // cleared under an older stamp (safe), never the other way.
+        let stamp = self.activity.stamp();
+        Ok((stamp, self.activity.bitmap()))
+    }
+
+    /// Clear `count` extents of the activity log from `first`, as clear
+    /// `seq` of `generation`: the attached node knows them equal on every
+    /// replica. A fenced session must not.
     pub fn deactivate(
         &self,
         generation: Generation,
         first: u64,
         count: u64,
+        seq: u64,
     ) -> Result<(), ReplicationError> {
         let _g = self.admit(generation)?;
         self.activity
-            .deactivate(first, count)
+            .deactivate(first, count, Stamp { generation, seq })
             .map_err(io_err("write", self.activity.path()))
     }
 

@@ -24,7 +24,7 @@ use parking_lot::{Condvar, Mutex, RwLock};
 use sha2::{Digest, Sha256};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -185,6 +185,8 @@ struct Inner {
     /// A replica came in sync: its resync's copies made extents active
     /// that no write of this attach did.
     resweep: AtomicBool,
+    /// Clears of the activity logs so far (their stamps' count).
+    clears: AtomicU64,
 }
 
 /// What a mirror's background thread does.
@@ -585,6 +587,7 @@ impl Mirror {
             hot: Hot::new(size, cfg.hot_extents),
             nudge: crossbeam_channel::bounded(1),
             resweep: AtomicBool::new(false),
+            clears: AtomicU64::new(0),
         });
         let mut workers = Vec::new();
         let set = inner.set();
@@ -1455,17 +1458,18 @@ impl Inner {
         r: &Replica,
         first: u64,
         count: u64,
+        seq: u64,
         deadline: Instant,
     ) -> Result<(), String> {
         if let Some(l) = r.local() {
             return l
-                .deactivate(self.generation, first, count)
+                .deactivate(self.generation, first, count, seq)
                 .map_err(|e| e.to_string());
         }
         let Some(link) = r.cell.lock().link.clone() else {
             return Err("not connected".into());
         };
-        match link.call(Request::Deactivate { first, count }, deadline) {
+        match link.call(Request::Deactivate { first, count, seq }, deadline) {
             Ok(Reply::Ok) => Ok(()),
             Ok(_) => Err("unexpected reply".into()),
             Err(e) => Err(e.to_string()),
@@ -1501,8 +1505,9 @@ impl Inner {
             return true;
         }
         let deadline = Instant::now() + self.io_timeout;
+        let seq = self.clears.fetch_add(1, Ordering::Relaxed) + 1;
         for r in self.set().iter() {
-            if let Err(e) = self.deactivate_on(r, first, count, deadline) {
+            if let Err(e) = self.deactivate_on(r, first, count, seq, deadline) {
                 tracing::debug!(volume = %self.volume, peer = %r.node, first, count, error = %e,
                     "activity log not cleared there");
             }
@@ -2000,7 +2005,7 @@ impl Inner {
                     continue;
                 }
             }
-            let Some(words) = self.activity_of(r, deadline) else {
+            let Some((_, words)) = self.activity_of(r, deadline) else {
                 tracing::info!(volume = %self.volume, peer = %r.node,
                     "cannot read this replica's activity log: comparing the whole device");
                 return whole;
@@ -2013,13 +2018,13 @@ impl Inner {
     }
 
     /// Replica `r`'s activity log, if it can be read.
-    fn activity_of(&self, r: &Replica, deadline: Instant) -> Option<Vec<u64>> {
+    fn activity_of(&self, r: &Replica, deadline: Instant) -> Option<(activity::Stamp, Vec<u64>)> {
         if let Some(l) = r.local() {
-            return l.activity(self.generation).ok();
+            return l.activity_stamped(self.generation).ok();
         }
         let link = r.cell.lock().link.clone()?;
         match link.call(Request::Activity, deadline) {
-            Ok(Reply::Data(bytes)) => activity::decode(&bytes, activity::extents(self.size)),
+            Ok(Reply::Data(bytes)) => activity::decode_reply(&bytes, activity::extents(self.size)),
             _ => None,
         }
     }
@@ -2039,9 +2044,11 @@ impl Inner {
 
     /// What outdated replica `r` misses, narrowed from the whole device to
     /// the extents active in its own activity log or in those of the other
-    /// replicas, when all of those are in sync and their logs can be read
-    /// (see [`Track::narrow`]). Under the whole device's range lock, so
-    /// that no write is between its mark in a log and its mark in the map.
+    /// replicas, when all of those are in sync, their logs can be read and
+    /// its log took every clear theirs did (see [`Track::narrow`]; an older
+    /// stamp: rolled back past a clear, or a clear failed there). Under the
+    /// whole device's range lock, so that no write is between its mark in a
+    /// log and its mark in the map.
     fn narrow(&self, r: &Replica, epoch: u64) {
         if !r.cell.lock().track.narrowable() {
             return;
@@ -2050,6 +2057,7 @@ impl Inner {
         let _all = self.ranges.lock(s, e);
         let mut union = vec![0u64; activity::extents(self.size).div_ceil(64) as usize];
         let deadline = Instant::now() + self.io_timeout;
+        let (mut mine, mut newest) = (activity::Stamp::default(), activity::Stamp::default());
         for q in self.set().iter() {
             let me = std::ptr::eq(&**q, r);
             if !me && !q.cell.lock().track.readable() {
@@ -2057,14 +2065,24 @@ impl Inner {
                     "not narrowing the resync: another replica is not in sync");
                 return;
             }
-            let Some(words) = self.activity_of(q, deadline) else {
+            let Some((stamp, words)) = self.activity_of(q, deadline) else {
                 tracing::debug!(volume = %self.volume, peer = %r.node, other = %q.node,
                     "not narrowing the resync: an activity log cannot be read");
                 return;
             };
+            if me {
+                mine = stamp;
+            } else {
+                newest = newest.max(stamp);
+            }
             for (u, w) in union.iter_mut().zip(words) {
                 *u |= w;
             }
+        }
+        if mine < newest {
+            tracing::warn!(volume = %self.volume, peer = %r.node, ?mine, ?newest,
+                "the replica's activity log missed a clear the others took (its files were rolled back, or the clear failed there): resyncing it whole");
+            return;
         }
         let keep: Vec<(u64, u64)> = self
             .extent_ranges(&union)
@@ -2117,8 +2135,9 @@ impl Inner {
             return;
         }
         let deadline = Instant::now() + self.io_timeout;
+        let seq = self.clears.fetch_add(1, Ordering::Relaxed) + 1;
         for r in self.set().iter() {
-            if let Err(e) = self.deactivate_on(r, 0, u64::MAX, deadline) {
+            if let Err(e) = self.deactivate_on(r, 0, u64::MAX, seq, deadline) {
                 tracing::info!(volume = %self.volume, peer = %r.node, error = %e,
                     "activity log not cleared: the next unreleased attach compares its extents");
             }

@@ -418,12 +418,14 @@ fn execute(
         Request::Snapshot { ref name } => replica.snapshot(generation, name),
         Request::DeleteSnapshot { ref name } => replica.delete_snapshot(generation, name),
         Request::Activity => {
-            return match replica.activity(generation) {
-                Ok(words) => Reply::Data(super::activity::encode(&words)),
+            return match replica.activity_stamped(generation) {
+                Ok((stamp, words)) => Reply::Data(super::activity::encode_reply(stamp, &words)),
                 Err(e) => Reply::Frame(error_frame(id, &e)),
             }
         }
-        Request::Deactivate { first, count } => replica.deactivate(generation, first, count),
+        Request::Deactivate { first, count, seq } => {
+            replica.deactivate(generation, first, count, seq)
+        }
         Request::ActivateAll => replica.activate_all(generation),
     };
     Reply::Frame(match result {

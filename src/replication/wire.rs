@@ -32,7 +32,8 @@ pub const MAGIC: [u8; 8] = *b"dunnrepl";
 /// 8: no `Deactivate` while a replica is out of sync (the logs then hold
 ///    what it misses, and an outdated replica is resynced from them);
 ///    `ActivateAll` before a replica is copied whole; `HelloOk` carries
-///    the replica's generation before the Hello.
+///    the replica's generation before the Hello; `Deactivate` carries the
+///    clear's count and `Activity` answers the last clear's stamp too.
 pub const PROTOCOL_VERSION: u32 = 8;
 /// Largest frame accepted (a write or read of up to 64 MiB plus headers).
 pub const MAX_FRAME: usize = (64 << 20) + 4096;
@@ -204,14 +205,17 @@ pub enum Request {
     DeleteSnapshot {
         name: String,
     },
-    /// The extents active in the replica's activity log: a Data reply of
-    /// little-endian u64 words, one bit per extent.
+    /// The replica's activity log: a Data reply of its last clear's stamp
+    /// then the extents active, little-endian u64s
+    /// (`activity::encode_reply`).
     Activity,
     /// Clear `count` extents of the activity log from `first` (past the
-    /// end: up to it): the client knows them equal on every replica.
+    /// end: up to it), as clear `seq` of the session's generation: the
+    /// client knows them equal on every replica.
     Deactivate {
         first: u64,
         count: u64,
+        seq: u64,
     },
     /// Mark every extent of the activity log active: the replica's image
     /// is unknown and about to be copied whole into, so its log must hide
@@ -357,9 +361,10 @@ impl Frame {
                     b.extend_from_slice(&len.to_be_bytes());
                 }
                 Request::Flush | Request::Activity | Request::ActivateAll => {}
-                Request::Deactivate { first, count } => {
+                Request::Deactivate { first, count, seq } => {
                     b.extend_from_slice(&first.to_be_bytes());
                     b.extend_from_slice(&count.to_be_bytes());
+                    b.extend_from_slice(&seq.to_be_bytes());
                 }
                 Request::Snapshot { name } | Request::DeleteSnapshot { name } => {
                     put_str(&mut b, name)
@@ -484,6 +489,7 @@ impl Frame {
                 req: Request::Deactivate {
                     first: r.u64()?,
                     count: r.u64()?,
+                    seq: r.u64()?,
                 },
             },
             KIND_ACTIVATE_ALL => Frame::Request {
@@ -795,6 +801,7 @@ mod tests {
             Request::Deactivate {
                 first: 3,
                 count: u64::MAX,
+                seq: 7,
             },
             Request::ActivateAll,
         ] {
