@@ -629,25 +629,6 @@ fn resync_sends_only_dirty_blocks(mode: Mode) {
     c.shutdown();
 }
 
-/// A daemon's log without its terminal colour codes.
-fn without_colours(log: &str) -> String {
-    let mut out = String::with_capacity(log.len());
-    let mut chars = log.chars();
-    while let Some(ch) = chars.next() {
-        if ch == '\u{1b}' {
-            // CSI: ESC [ parameters, ended by a letter.
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(ch);
-        }
-    }
-    out
-}
-
 /// A replica that comes back while its volume is attached nowhere is
 /// resynced without an attach or a command: the sweep of the node holding
 /// the in-sync replica (n1; n3 holds none) starts a background resync,
@@ -690,7 +671,7 @@ fn a_replica_back_while_detached_is_resynced_without_asking() {
     );
     // What n2 missed was read back from n1's activity log (the attach that
     // tracked it is gone): the extents written, 0 and 4, not 64 MiB.
-    let log = without_colours(&c.node(0).log());
+    let log = netns::strip_ansi(&c.node(0).log());
     let narrowed = log
         .lines()
         .find(|l| l.contains("resyncing only that") && l.contains("peer=n2"))

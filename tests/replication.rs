@@ -1338,34 +1338,14 @@ fn a_replica_added_over_an_old_image_is_copied_whole_across_attaches() {
 #[test]
 fn an_in_sync_replica_rolled_back_to_a_backup_is_resynced_whole() {
     let mut nodes: Vec<Node> = ["a", "b"].iter().map(|n| Node::new(n)).collect();
-    let closed = |nodes: &[Node]| {
-        wait_until("b's replica closed", || {
-            nodes[1].replicas.get(VOL).is_none()
-        })
-    };
     let states = FakeStates::new();
-    let m = Mirror::open(config_a_b(&nodes, 1, states.clone())).unwrap();
-    m.write_at(&pattern(1, (8 * MIB) as usize), 0).unwrap();
-    m.settle();
-    m.close();
-    drop(m);
-    closed(&nodes);
-    let dir = nodes[1].replicas.dir(VOL).unwrap();
+    detached_after_a_write(&nodes, 1, &states, 0);
     let backup = tempfile::tempdir().unwrap();
-    cp_a(&dir, backup.path());
+    cp_a(&nodes[1].replicas.dir(VOL).unwrap(), backup.path());
 
     let states = states.next();
-    let m = Mirror::open(config_a_b(&nodes, 2, states.clone())).unwrap();
-    m.write_at(&pattern(2, 4096), 5 * MIB).unwrap();
-    m.settle();
-    m.close();
-    drop(m);
-    closed(&nodes);
-    // b's files are put back from the backup.
-    nodes[1].stop();
-    std::fs::remove_dir_all(&dir).unwrap();
-    cp_a(&backup.path().join(VOL), &dir);
-    nodes[1].restart();
+    detached_after_a_write(&nodes, 2, &states, 5 * MIB);
+    put_back(&mut nodes[1], backup.path());
     assert_ne!(nodes[0].checksum(), nodes[1].checksum());
 
     let states = states.next();
@@ -1386,41 +1366,19 @@ fn an_in_sync_replica_rolled_back_to_a_backup_is_resynced_whole() {
 #[test]
 fn an_outdated_replica_rolled_back_past_a_clear_is_resynced_whole() {
     let mut nodes: Vec<Node> = ["a", "b"].iter().map(|n| Node::new(n)).collect();
-    let closed = |nodes: &[Node]| {
-        wait_until("b's replica closed", || {
-            nodes[1].replicas.get(VOL).is_none()
-        })
-    };
     let states = FakeStates::new();
-    let m = Mirror::open(config_a_b(&nodes, 1, states.clone())).unwrap();
-    m.write_at(&pattern(1, 4096), 0).unwrap();
-    m.settle();
-    m.close();
-    drop(m);
-    closed(&nodes);
-    let dir = nodes[1].replicas.dir(VOL).unwrap();
+    detached_after_a_write(&nodes, 1, &states, 0);
     let backup = tempfile::tempdir().unwrap();
-    cp_a(&dir, backup.path());
+    cp_a(&nodes[1].replicas.dir(VOL).unwrap(), backup.path());
 
     // Written and cleared (settled) after the backup.
     let states = states.next();
-    let m = Mirror::open(config_a_b(&nodes, 2, states.clone())).unwrap();
-    m.write_at(&pattern(2, 4096), 3 * activity::EXTENT).unwrap();
-    m.settle();
-    m.close();
-    drop(m);
-    closed(&nodes);
+    detached_after_a_write(&nodes, 2, &states, 3 * activity::EXTENT);
     // b away for an attach (outdated), then put back from the backup.
     nodes[1].stop();
     let states = states.next();
-    let m = Mirror::open(config_a_b(&nodes, 3, states.clone())).unwrap();
-    m.write_at(&pattern(3, 4096), 5 * activity::EXTENT).unwrap();
-    m.settle();
-    m.close();
-    drop(m);
-    std::fs::remove_dir_all(&dir).unwrap();
-    cp_a(&backup.path().join(VOL), &dir);
-    nodes[1].restart();
+    detached_after_a_write(&nodes, 3, &states, 5 * activity::EXTENT);
+    put_back(&mut nodes[1], backup.path());
 
     let states = states.next();
     let m = Mirror::open(config(
@@ -1437,6 +1395,41 @@ fn an_outdated_replica_rolled_back_past_a_clear_is_resynced_whole() {
     assert_eq!(nodes[0].checksum(), nodes[1].checksum());
     assert_eq!(status_of(&m, "b").resynced_bytes, PARAMS.size);
     m.close();
+}
+
+/// An attach of a with b as its peer that writes block `pattern(generation)`
+/// at `offset`, then detaches cleanly; b's replica is closed after.
+fn detached_after_a_write(
+    nodes: &[Node],
+    generation: Generation,
+    states: &Arc<FakeStates>,
+    offset: u64,
+) {
+    let m = Mirror::open(config_a_b(nodes, generation, states.clone())).unwrap();
+    m.write_at(&pattern(generation, 4096), offset).unwrap();
+    m.settle();
+    m.close();
+    drop(m);
+    b_closed(nodes);
+}
+
+/// Once b's replica is closed (its links gone).
+fn b_closed(nodes: &[Node]) {
+    wait_until("b's replica closed", || {
+        nodes[1].replicas.get(VOL).is_none()
+    })
+}
+
+/// Put `node`'s replica back from the copy in `backup`, its server stopped
+/// meanwhile (if it runs).
+fn put_back(node: &mut Node, backup: &std::path::Path) {
+    if node.server.is_some() {
+        node.stop();
+    }
+    let dir = node.replicas.dir(VOL).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    cp_a(&backup.join(VOL), &dir);
+    node.restart();
 }
 
 /// `cp -a from to`.

@@ -852,26 +852,8 @@ fn log_lines_since(log: &Path, from: u64, word: &str) -> Vec<String> {
     let tail = bytes.get(from as usize..).unwrap_or_default();
     String::from_utf8_lossy(tail)
         .lines()
-        .map(strip_ansi)
+        .map(crate::netns::strip_ansi)
         .filter(|l| l.to_ascii_lowercase().contains(word))
         .map(|l| l.trim().to_string())
         .collect()
-}
-
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\x1b' {
-            // CSI: ESC [ parameters final-byte
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
