@@ -286,10 +286,15 @@ impl ActivityLog {
     }
 
     /// Clear `count` extents from `first` (past the end: up to it), durably,
-    /// as the clear `stamp` (kept if newer than the last).
+    /// as the clear `stamp` (kept if newer than the last). A clear older
+    /// than the last is not applied: it is a late one of a link that has
+    /// since been replaced, and newer writes may rely on the bits.
     pub fn deactivate(&self, first: u64, count: u64, stamp: Stamp) -> io::Result<()> {
         let end = first.saturating_add(count).min(self.extents);
         let mut last = self.changing.lock();
+        if stamp < *last {
+            return Ok(());
+        }
         if stamp > *last {
             // Before the bits: torn, the stamp says newer with bits still
             // set (safe); the other way round would claim less than done.
@@ -599,18 +604,14 @@ mod tests {
         )
         .unwrap();
         assert_eq!(log.active_count(), 0);
-        // A late clear of an older stamp clears, and the stamp stays.
+        // A late clear of an older stamp is not applied.
+        let at = |generation, seq| Stamp { generation, seq };
         log.activate(0, 1).unwrap();
-        log.deactivate(
-            0,
-            1,
-            Stamp {
-                generation: 1,
-                seq: 9,
-            },
-        )
-        .unwrap();
-        assert_eq!(log.active_count(), 0);
+        log.deactivate(0, 1, at(1, 9)).unwrap();
+        log.deactivate(0, 1, at(2, 1)).unwrap();
+        assert_eq!(log.active_count(), 1);
+        log.deactivate(0, 1, at(2, 2)).unwrap();
+        assert_eq!(log.active_count(), 0, "the same stamp again is applied");
         drop(log);
         let log = ActivityLog::open(dir.path(), SIZE, Made::Before).unwrap();
         assert_eq!(
