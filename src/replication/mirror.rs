@@ -2325,7 +2325,8 @@ fn activate_all(
         node: node.to_string(),
         code,
         message: format!(
-            "cannot mark its activity log all active before copying it whole: {message}"
+            "cannot mark its activity log all active before copying it whole ({message}); \
+             check that node's data disk and its daemon's log, then attach again"
         ),
     })
 }
