@@ -10,8 +10,7 @@
 
 use super::wire::{self, ErrorCode, Frame, Hello, Request, WireError, PROTOCOL_VERSION};
 use super::{Generation, Incarnation, ReplicationError};
-use crossbeam_channel::{Receiver, Sender, TryRecvError};
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 use std::collections::HashMap;
 use std::io::BufReader;
 use std::net::{Shutdown, SocketAddr, TcpStream};
@@ -78,7 +77,57 @@ enum Msg {
     Lead,
 }
 
-type Waiter = Sender<Msg>;
+/// Where a waiter is told: no spinning, as a waiter shares the node's
+/// cores with the threads that would answer it.
+#[derive(Default)]
+struct Mailbox {
+    mail: Mutex<Mail>,
+    posted: Condvar,
+}
+
+#[derive(Default)]
+struct Mail {
+    reply: Option<Result<Reply, LinkDown>>,
+    lead: bool,
+}
+
+impl Mailbox {
+    fn post(&self, msg: Msg) {
+        let mut m = self.mail.lock();
+        match msg {
+            Msg::Reply(r) => m.reply = Some(r),
+            Msg::Lead => m.lead = true,
+        }
+        drop(m);
+        self.posted.notify_one();
+    }
+
+    /// The reply if it came; whether told to read (the word is taken).
+    fn take(&self) -> (Option<Result<Reply, LinkDown>>, bool) {
+        let mut m = self.mail.lock();
+        (m.reply.take(), std::mem::take(&mut m.lead))
+    }
+
+    /// Wait for a reply or a word to read until `deadline`: `None` when it
+    /// passed with neither.
+    fn wait(&self, deadline: Instant) -> Option<Msg> {
+        let mut m = self.mail.lock();
+        loop {
+            if let Some(r) = m.reply.take() {
+                return Some(Msg::Reply(r));
+            }
+            if std::mem::take(&mut m.lead) {
+                return Some(Msg::Lead);
+            }
+            if self.posted.wait_until(&mut m, deadline).timed_out() && m.reply.is_none() && !m.lead
+            {
+                return None;
+            }
+        }
+    }
+}
+
+type Waiter = Arc<Mailbox>;
 
 struct Pending {
     dead: bool,
@@ -114,7 +163,7 @@ impl Shared {
             std::mem::take(&mut p.waiters)
         };
         for (_, w) in waiters {
-            let _ = w.send(Msg::Reply(Err(LinkDown)));
+            w.post(Msg::Reply(Err(LinkDown)));
         }
         let _ = self.stream.shutdown(Shutdown::Both);
     }
@@ -184,7 +233,7 @@ impl Shared {
             let waiter = self.pending.lock().waiters.remove(&id);
             match waiter {
                 Some(w) => {
-                    let _ = w.send(Msg::Reply(Ok(reply)));
+                    w.post(Msg::Reply(Ok(reply)));
                 }
                 // A waiter that gave up (its deadline passed) before its reply came.
                 None if id < self.next_id.load(Ordering::Relaxed) => {}
@@ -205,10 +254,8 @@ impl Shared {
         if p.dead || p.waiters.is_empty() || self.rx.is_locked() {
             return;
         }
-        for w in p.waiters.values() {
-            if w.send(Msg::Lead).is_ok() {
-                return;
-            }
+        if let Some(w) = p.waiters.values().next() {
+            w.post(Msg::Lead);
         }
     }
 
@@ -439,15 +486,15 @@ impl Link {
     /// request is sent, as the reply may come at once).
     fn expect_reply(&self) -> Result<Ticket, LinkDown> {
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = crossbeam_channel::unbounded();
+        let mailbox = Arc::new(Mailbox::default());
         let mut p = self.shared.pending.lock();
         if p.dead {
             return Err(LinkDown);
         }
-        p.waiters.insert(id, tx);
+        p.waiters.insert(id, mailbox.clone());
         Ok(Ticket {
             id,
-            rx,
+            mailbox,
             shared: self.shared.clone(),
         })
     }
@@ -474,7 +521,7 @@ impl Drop for Link {
 /// A submitted request's claim on its reply.
 pub struct Ticket {
     id: u64,
-    rx: Receiver<Msg>,
+    mailbox: Arc<Mailbox>,
     shared: Arc<Shared>,
 }
 
@@ -483,22 +530,13 @@ impl Ticket {
     /// else does.
     pub fn wait(self, deadline: Instant) -> Result<Reply, CallError> {
         loop {
-            match self.rx.try_recv() {
-                Ok(Msg::Reply(r)) => return finish(r),
-                Ok(Msg::Lead) | Err(TryRecvError::Empty) => {}
-                Err(TryRecvError::Disconnected) => return Err(CallError::Down),
+            if let (Some(r), _) = self.mailbox.take() {
+                return finish(r);
             }
             if let Some(mut rx) = self.shared.rx.try_lock() {
-                // The reply may have been handed over before the lock came,
-                // behind words to read (only the reader hands replies over,
-                // so none comes now).
-                let mut got = None;
-                while let Ok(m) = self.rx.try_recv() {
-                    if let Msg::Reply(r) = m {
-                        got = Some(r);
-                    }
-                }
-                if let Some(r) = got {
+                // The reply may have been handed over before the lock came
+                // (only the reader hands replies over, so none comes now).
+                if let (Some(r), _) = self.mailbox.take() {
                     drop(rx);
                     self.shared.hand_over();
                     return finish(r);
@@ -508,15 +546,10 @@ impl Ticket {
                 self.shared.hand_over();
                 return res;
             }
-            match self.rx.recv_deadline(deadline) {
-                Ok(Msg::Reply(r)) => return finish(r),
-                Ok(Msg::Lead) => {}
-                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
-                    return Err(CallError::Timeout)
-                }
-                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
-                    return Err(CallError::Down)
-                }
+            match self.mailbox.wait(deadline) {
+                Some(Msg::Reply(r)) => return finish(r),
+                Some(Msg::Lead) => {}
+                None => return Err(CallError::Timeout),
             }
         }
     }
@@ -527,11 +560,7 @@ impl Drop for Ticket {
         // Leave the waiters, then pass on a word to read that came for us
         // (hand_over sends it under the pending lock, so none comes later).
         self.shared.pending.lock().waiters.remove(&self.id);
-        let mut lead = false;
-        while let Ok(m) = self.rx.try_recv() {
-            lead |= matches!(m, Msg::Lead);
-        }
-        if lead {
+        if self.mailbox.take().1 {
             self.shared.hand_over();
         }
     }
@@ -668,9 +697,9 @@ mod tests {
         {
             let p = link.shared.pending.lock();
             let w = &p.waiters[&t.id];
-            w.send(Msg::Lead).unwrap();
-            w.send(Msg::Lead).unwrap();
-            w.send(Msg::Reply(Ok(Reply::Ok))).unwrap();
+            w.post(Msg::Lead);
+            w.post(Msg::Lead);
+            w.post(Msg::Reply(Ok(Reply::Ok)));
         }
         let res = t.wait(Instant::now() + Duration::from_secs(60));
         assert!(matches!(res, Ok(Reply::Ok)), "{res:?}");
