@@ -334,14 +334,16 @@ fn writes_land_identically_on_every_replica() {
         ))
         .unwrap();
 
-        // Four writers at once, unaligned and multi-block writes, discards.
+        // Four writers at once, unaligned and multi-block writes, discards;
+        // sizes on both sides of what a replica's link reader runs itself
+        // (64 KiB) and hands to its workers.
         std::thread::scope(|s| {
             for t in 0..4u64 {
                 let m = &m;
                 s.spawn(move || {
                     for k in 0..200u64 {
-                        let off = (t * 4000 + k * 17) * 997 % (PARAMS.size - 70_000);
-                        let len = 1 + (k * 7919 + t) % 65_536;
+                        let off = (t * 4000 + k * 17) * 997 % (PARAMS.size - 200_000);
+                        let len = 1 + (k * 7919 + t) % 196_608;
                         m.write_at(&pattern(t * 1000 + k, len as usize), off)
                             .unwrap();
                         if k % 50 == 49 {

@@ -1,7 +1,8 @@
 //! The replica server: serves this node's replicas to the attached node.
-//! A few worker threads per connection take turns reading requests and
-//! each runs the one it read, so requests of one link run in parallel and
-//! are answered out of order. A write is answered once the image has it (in the page cache,
+//! One thread per connection reads the requests: it runs small writes
+//! itself and answers a burst of them with one send; everything else goes
+//! to a few workers, so requests of one link run in parallel and are
+//! answered out of order. A write is answered once the image has it (in the page cache,
 //! which survives kill -9 of this process); a flush once the image flushed.
 
 use super::local::LocalReplicas;
@@ -315,64 +316,138 @@ fn serve_conn(inner: &Inner, stream: TcpStream, peer: Option<SocketAddr>) {
     tracing::info!(?peer, from = %hello.from, volume_id = %hello.volume_id, "replica link down");
 }
 
+/// Writes up to this size are run by the link's reader itself, and their
+/// answers go out together once it has read everything that came: a
+/// small write into the page cache costs less than waking a worker, and
+/// one send answers a burst. Larger writes, reads (which may wait on a
+/// disk), flushes and the rest go to the link's workers, so one slow
+/// request never holds up the link.
+const INLINE_WRITE: usize = 64 << 10;
+/// Answers held back at most before they are sent anyway.
+const MAX_HELD: usize = 32;
+/// Payload buffers kept for reuse per link, and the largest kept.
+const POOL: usize = WORKERS_PER_LINK + 2;
+const POOL_MAX_BYTES: usize = 8 << 20;
+
+/// Payload buffers handed between a link's reader and its workers, so a
+/// 1 MiB write costs no mmap and no page faults (glibc mmaps blocks that
+/// big, see sys/malloc.rs).
+struct Pool(Mutex<Vec<Vec<u8>>>);
+
+impl Pool {
+    fn take(&self) -> Vec<u8> {
+        self.0.lock().pop().unwrap_or_default()
+    }
+
+    fn give(&self, buf: Vec<u8>) {
+        let mut p = self.0.lock();
+        if p.len() < POOL && buf.capacity() <= POOL_MAX_BYTES {
+            p.push(buf);
+        }
+    }
+}
+
 fn serve_requests(replica: &LocalReplica, generation: u64, stream: &TcpStream) {
     let out = Mutex::new(stream);
-    // The workers take turns reading: the one that read a request runs it
-    // and answers it while another reads the next, so a request never
-    // waits for a hand-off to another thread.
-    let input = Mutex::new(BufReader::with_capacity(256 << 10, stream));
-    let done = AtomicBool::new(false);
+    let pool = Pool(Mutex::new(Vec::new()));
+    let (work_tx, work_rx) = crossbeam_channel::bounded::<(u64, Request)>(WORKERS_PER_LINK);
     std::thread::scope(|scope| {
         for _ in 0..WORKERS_PER_LINK {
-            let (out, input, done) = (&out, &input, &done);
+            let (out, pool, work_rx) = (&out, &pool, work_rx.clone());
             scope.spawn(move || {
-                // Each worker's payload buffer, handed back after each write.
-                let mut spare = Vec::new();
-                loop {
-                    let (id, req) = {
-                        let mut r = input.lock();
-                        if done.load(Ordering::Relaxed) {
-                            return;
-                        }
-                        match wire::read_frame_reusing(&mut *r, &mut spare) {
-                            Ok(Some(Frame::Request { id, req })) => (id, req),
-                            other => {
-                                match other {
-                                    Ok(None) => {}
-                                    Ok(Some(frame)) => {
-                                        tracing::warn!(?frame, "unexpected frame on a replica link")
-                                    }
-                                    Err(e) => {
-                                        tracing::debug!(error = %e, "replica link read failed")
-                                    }
-                                }
-                                done.store(true, Ordering::Relaxed);
-                                return;
-                            }
-                        }
-                    };
+                for (id, req) in work_rx {
+                    let mut spare = pool.take();
                     let reply = execute(replica, generation, id, &req, &mut spare);
-                    if let Request::Write { data, .. } = req {
-                        spare = data;
-                    }
                     let sent = match reply {
                         Reply::Frame(f) => out.lock().write_all(&f.encode()),
                         // A read's data leaves from its buffer, behind its header.
                         Reply::Data(data) => {
                             let header = wire::data_header(id, data.len());
                             let res = wire::write_parts(&mut *out.lock(), &[&header, &data]);
-                            spare = data;
+                            pool.give(data);
                             res
                         }
                     };
+                    pool.give(spare);
+                    if let Request::Write { data, .. } = req {
+                        pool.give(data);
+                    }
                     if sent.is_err() {
                         let _ = out.lock().shutdown(Shutdown::Both);
                     }
                 }
             });
         }
+        drop(work_rx);
+        read_requests(replica, generation, stream, &out, &pool, &work_tx);
+        // The workers finish what they were given, then end.
+        drop(work_tx);
     });
     let _ = stream.shutdown(Shutdown::Both);
+}
+
+/// The link's reader: runs small writes itself (see [`INLINE_WRITE`]),
+/// hands the rest to the workers, until the link ends.
+fn read_requests(
+    replica: &LocalReplica,
+    generation: u64,
+    stream: &TcpStream,
+    out: &Mutex<&TcpStream>,
+    pool: &Pool,
+    work: &crossbeam_channel::Sender<(u64, Request)>,
+) {
+    let mut input = BufReader::with_capacity(256 << 10, stream);
+    let mut held: Vec<u8> = Vec::new();
+    let mut count = 0;
+    let mut spare = Vec::new();
+    let send_held = |held: &mut Vec<u8>, count: &mut usize| -> bool {
+        let ok = held.is_empty() || out.lock().write_all(held).is_ok();
+        held.clear();
+        *count = 0;
+        ok
+    };
+    loop {
+        // About to read from the socket, perhaps to wait: answer first.
+        if input.buffer().is_empty() && !send_held(&mut held, &mut count) {
+            break;
+        }
+        if spare.capacity() == 0 {
+            spare = pool.take();
+        }
+        let (id, req) = match wire::read_frame_reusing(&mut input, &mut spare) {
+            Ok(Some(Frame::Request { id, req })) => (id, req),
+            other => {
+                match other {
+                    Ok(None) => {}
+                    Ok(Some(frame)) => tracing::warn!(?frame, "unexpected frame on a replica link"),
+                    Err(e) => tracing::debug!(error = %e, "replica link read failed"),
+                }
+                break;
+            }
+        };
+        match req {
+            Request::Write { ref data, .. } if data.len() <= INLINE_WRITE => {
+                match execute(replica, generation, id, &req, &mut Vec::new()) {
+                    Reply::Frame(f) => held.extend_from_slice(&f.encode()),
+                    Reply::Data(_) => unreachable!("a write is answered by a frame"),
+                }
+                count += 1;
+                if let Request::Write { data, .. } = req {
+                    spare = data;
+                }
+                if count >= MAX_HELD && !send_held(&mut held, &mut count) {
+                    break;
+                }
+            }
+            req => {
+                if work.send((id, req)).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    // What was run is answered, if the link still takes it.
+    send_held(&mut held, &mut count);
 }
 
 enum Reply {
