@@ -1248,6 +1248,16 @@ impl ThinImage {
         }
     }
 
+    /// Whether a write of `offset..offset+len` would copy a block first,
+    /// and so wait on a sync of the data file (advisory: unlocked).
+    pub fn write_may_wait(&self, offset: u64, len: u64) -> bool {
+        if len == 0 || offset.saturating_add(len) > self.size() || !self.may_copy() {
+            return false;
+        }
+        let (first, last) = self.span(offset, len);
+        self.needs_copy(first, last)
+    }
+
     fn needs_copy(&self, first: u64, last: u64) -> bool {
         (first..=last).any(|block| self.copy_source(block).is_some())
     }

@@ -236,14 +236,9 @@ impl ActivityLog {
     /// Mark the extents `[offset, offset + len)` touches active, durably,
     /// before a write changes them. Free once they are.
     pub fn activate(&self, offset: u64, len: u64) -> io::Result<()> {
-        if len == 0 {
+        let Some((first, last)) = self.extents_of(offset, len) else {
             return Ok(());
-        }
-        let (first, last) = span(offset, len);
-        if first >= self.extents {
-            return Ok(()); // past the end: the image refuses it
-        }
-        let last = last.min(self.extents - 1);
+        };
         if (first..=last).all(|e| self.is_active(e)) {
             return Ok(());
         }
@@ -267,6 +262,25 @@ impl ActivityLog {
             self.words[w0 + i].store(w, Ordering::Release);
         }
         Ok(())
+    }
+
+    /// Whether a write of `offset..offset+len` finds its extents active
+    /// (so [`ActivityLog::activate`] would not write the log).
+    pub fn covers(&self, offset: u64, len: u64) -> bool {
+        match self.extents_of(offset, len) {
+            Some((first, last)) => (first..=last).all(|e| self.is_active(e)),
+            None => true,
+        }
+    }
+
+    /// The extents `offset..offset+len` touches; `None` if none (empty, or
+    /// past the end: the image refuses it).
+    fn extents_of(&self, offset: u64, len: u64) -> Option<(u64, u64)> {
+        if len == 0 {
+            return None;
+        }
+        let (first, last) = span(offset, len);
+        (first < self.extents).then(|| (first, last.min(self.extents - 1)))
     }
 
     /// Mark every extent active, durably.
@@ -563,7 +577,11 @@ mod tests {
         assert_eq!(log.extents(), 101);
         assert_eq!(log.active_count(), 0);
         // A write across an extent boundary marks both.
+        assert!(!log.covers(3 * EXTENT - 512, 1024));
         log.activate(3 * EXTENT - 512, 1024).unwrap();
+        assert!(log.covers(2 * EXTENT, 2 * EXTENT) && !log.covers(2 * EXTENT, 2 * EXTENT + 1));
+        // Nothing to mark: empty, or past the end.
+        assert!(log.covers(70 * EXTENT, 0) && log.covers(200 * EXTENT, 4096));
         log.activate(100 * EXTENT, 4096).unwrap();
         log.activate(70 * EXTENT, 0).unwrap();
         log.activate(200 * EXTENT, 4096).unwrap();

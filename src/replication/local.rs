@@ -196,6 +196,14 @@ impl LocalReplica {
         Ok(self.image.write_at(buf, offset)?)
     }
 
+    /// Whether a write of `offset..offset+len` would only copy into the
+    /// page cache: its extents are active and no block of it must be
+    /// copied first (a copy is synced before it is mapped). Advisory: a
+    /// snapshot taken meanwhile can make it wrong, which costs a wait.
+    pub fn write_is_quick(&self, offset: u64, len: u64) -> bool {
+        self.activity.covers(offset, len) && !self.image.write_may_wait(offset, len)
+    }
+
     pub fn discard(
         &self,
         generation: Generation,

@@ -316,12 +316,14 @@ fn serve_conn(inner: &Inner, stream: TcpStream, peer: Option<SocketAddr>) {
     tracing::info!(?peer, from = %hello.from, volume_id = %hello.volume_id, "replica link down");
 }
 
-/// Writes up to this size are run by the link's reader itself, and their
-/// answers go out together once it has read everything that came: a
-/// small write into the page cache costs less than waking a worker, and
-/// one send answers a burst. Larger writes, reads (which may wait on a
-/// disk), flushes and the rest go to the link's workers, so one slow
-/// request never holds up the link.
+/// Writes up to this size that only copy into the page cache
+/// ([`LocalReplica::write_is_quick`]) are run by the link's reader
+/// itself, and their answers go out together once it has read everything
+/// that came: such a write costs less than waking a worker, and one send
+/// answers a burst. Larger writes, writes that sync (a copy-on-write, a
+/// new extent in the activity log), reads (which may wait on a disk),
+/// flushes and the rest go to the link's workers, so one slow request
+/// never holds up the link.
 const INLINE_WRITE: usize = 64 << 10;
 /// Answers held back at most before they are sent anyway.
 const MAX_HELD: usize = 32;
@@ -426,7 +428,10 @@ fn read_requests(
             }
         };
         match req {
-            Request::Write { ref data, .. } if data.len() <= INLINE_WRITE => {
+            Request::Write { offset, ref data }
+                if data.len() <= INLINE_WRITE
+                    && replica.write_is_quick(offset, data.len() as u64) =>
+            {
                 match execute(replica, generation, id, &req, &mut Vec::new()) {
                     Reply::Frame(f) => held.extend_from_slice(&f.encode()),
                     Reply::Data(_) => unreachable!("a write is answered by a frame"),

@@ -1281,9 +1281,15 @@ mod tests {
         img.flush().unwrap();
         let data = dir.path().join(DATA_FILE);
         let before = disk_bytes(&data);
+        assert!(!img.write_may_wait(0, 4096), "nothing shared yet");
         img.snapshot("s").unwrap();
         img.snapshot("t").unwrap();
         assert_eq!(disk_bytes(&data), before);
+        // A write to a shared block copies it first (and syncs the copy).
+        assert!(img.write_may_wait(3 * MIB + 100, 10));
+        assert!(!img.write_may_wait(MIB, 4096), "unmapped: nothing to copy");
+        img.write_at(&[7; 10], 3 * MIB + 100).unwrap();
+        assert!(!img.write_may_wait(3 * MIB, 4096), "copied: its own now");
         // The map copy costs what the map holds: 64 pages here (and the
         // filesystem's extent tree), of a 512 KiB map file.
         let snap = snap_path(dir.path(), "s");
