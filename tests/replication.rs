@@ -910,6 +910,59 @@ fn another_protocol_version_is_refused() {
     ));
 }
 
+/// Say Hello for generation 1 on a new connection to `node`.
+fn hello(node: &Node) -> TcpStream {
+    let mut s = TcpStream::connect(node.addr).unwrap();
+    wire::write_frame(&mut s, &Frame::Hello(Hello::new(VOL, 1, "a", PARAMS))).unwrap();
+    let ok = wire::read_frame(&mut s).unwrap();
+    assert!(matches!(ok, Some(Frame::HelloOk { .. })), "{ok:?}");
+    s
+}
+
+/// Send `req` as request `id` and read the answer.
+fn ask(s: &mut TcpStream, id: u64, req: wire::Request) -> Frame {
+    wire::write_frame(s, &Frame::Request { id, req }).unwrap();
+    wire::read_frame(s).unwrap().expect("an answer")
+}
+
+#[test]
+fn a_link_replaced_by_a_newer_one_runs_nothing_more() {
+    // The attached node gave up on a link and made a new one (same
+    // generation): what still comes on the old one must not run, or a late
+    // write or log clear could land after the new link's resync.
+    let node = Node::new("b");
+    let mut old = hello(&node);
+    let write = |v: u8| wire::Request::Write {
+        offset: 0,
+        data: vec![v; 4096],
+    };
+    assert!(matches!(ask(&mut old, 1, write(1)), Frame::Ok { id: 1 }));
+    let mut new = hello(&node);
+    match ask(&mut old, 2, write(2)) {
+        Frame::Error { id, code, message } => {
+            assert_eq!((id, code), (2, ErrorCode::Busy));
+            assert!(message.contains("replaced"), "{message}");
+        }
+        other => panic!("expected the old link's write refused, got {other:?}"),
+    }
+    let clear = wire::Request::Deactivate {
+        first: 0,
+        count: 1,
+        seq: 1,
+    };
+    assert!(matches!(ask(&mut old, 3, clear), Frame::Error { .. }));
+    let read = wire::Request::Read {
+        offset: 0,
+        len: 4096,
+    };
+    match ask(&mut new, 4, read) {
+        Frame::Data { id: 4, data } => assert_eq!(data, [1; 4096], "the late write ran"),
+        other => panic!("expected data, got {other:?}"),
+    }
+    assert_eq!(node.local().activity(1).unwrap(), [1], "the late clear ran");
+    assert!(matches!(ask(&mut new, 5, write(3)), Frame::Ok { id: 5 }));
+}
+
 #[test]
 fn a_failing_local_disk_is_detached_and_resynced_while_peers_carry_on() {
     // Node a's disk holds 8 MiB: a's writes fail (ENOSPC) past that.

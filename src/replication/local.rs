@@ -16,6 +16,7 @@ use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
 const GENERATION_FILE: &str = "generation";
@@ -82,6 +83,9 @@ pub struct LocalReplica {
     /// The highest generation seen. IO holds the read side while it runs,
     /// so once a newer generation is stored no older IO is in flight.
     generation: RwLock<Generation>,
+    /// The newest link's number (see [`LocalReplica::advance`]); changed
+    /// only under `generation`'s write lock.
+    link: AtomicU64,
     incarnation: Incarnation,
     /// Extents written since the replicas were last known equal.
     activity: ActivityLog,
@@ -97,6 +101,25 @@ impl std::fmt::Debug for LocalReplica {
             .field("generation", &*self.generation.read())
             .field("incarnation", &format_args!("{:016x}", self.incarnation))
             .finish()
+    }
+}
+
+/// Who does an IO on a replica: the session of an attach generation and,
+/// for a request that came over the network, the link it came on (see
+/// [`LocalReplica::advance`]). The attached node's own replica is used
+/// in-process, as the bare generation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Session {
+    pub generation: Generation,
+    link: Option<u64>,
+}
+
+impl From<Generation> for Session {
+    fn from(generation: Generation) -> Session {
+        Session {
+            generation,
+            link: None,
+        }
     }
 }
 
@@ -136,29 +159,54 @@ impl LocalReplica {
         *self.generation.read()
     }
 
-    /// Take the replica for `generation`: refused if a newer one was seen;
-    /// a newer one is stored (synced) and fences every older session.
-    pub fn advance(&self, generation: Generation) -> Result<(), ReplicationError> {
-        self.admit(generation).map(drop)
+    /// Take the replica for `generation` on a new link: refused if a newer
+    /// generation was seen; a newer one is stored (synced) and fences every
+    /// older session. Requests of an earlier link (of any generation) that
+    /// are running are waited for, and those not yet run are refused: a
+    /// request of a link the attached node gave up on (a clear of the
+    /// activity log, a write) never runs after the link that replaced it
+    /// came up.
+    pub fn advance(&self, generation: Generation) -> Result<Session, ReplicationError> {
+        drop(self.admit(generation.into())?);
+        let current = self.generation.write();
+        if *current != generation {
+            return Err(self.fenced(generation, *current));
+        }
+        let link = self.link.load(Ordering::Relaxed) + 1;
+        self.link.store(link, Ordering::Release);
+        Ok(Session {
+            generation,
+            link: Some(link),
+        })
     }
 
-    /// Check `generation` for one IO; the guard keeps it current until the
-    /// IO is done.
-    fn admit(
-        &self,
-        generation: Generation,
-    ) -> Result<RwLockReadGuard<'_, Generation>, ReplicationError> {
+    fn fenced(&self, generation: Generation, current: Generation) -> ReplicationError {
+        ReplicationError::Fenced {
+            volume: self.volume_id.clone(),
+            generation,
+            current,
+        }
+    }
+
+    /// Check `by` for one IO; the guard keeps it current until the IO is
+    /// done.
+    fn admit(&self, by: Session) -> Result<RwLockReadGuard<'_, Generation>, ReplicationError> {
+        let generation = by.generation;
         loop {
             let current = self.generation.read();
             if generation == *current {
+                if by
+                    .link
+                    .is_some_and(|l| l != self.link.load(Ordering::Acquire))
+                {
+                    return Err(ReplicationError::Superseded {
+                        volume: self.volume_id.clone(),
+                    });
+                }
                 return Ok(current);
             }
             if generation < *current {
-                return Err(ReplicationError::Fenced {
-                    volume: self.volume_id.clone(),
-                    generation,
-                    current: *current,
-                });
+                return Err(self.fenced(generation, *current));
             }
             drop(current);
             let mut current = self.generation.write();
@@ -177,21 +225,21 @@ impl LocalReplica {
 
     pub fn read_at(
         &self,
-        generation: Generation,
+        by: impl Into<Session>,
         buf: &mut [u8],
         offset: u64,
     ) -> Result<(), ReplicationError> {
-        let _g = self.admit(generation)?;
+        let _g = self.admit(by.into())?;
         Ok(self.image.read_at(buf, offset)?)
     }
 
     pub fn write_at(
         &self,
-        generation: Generation,
+        by: impl Into<Session>,
         buf: &[u8],
         offset: u64,
     ) -> Result<(), ReplicationError> {
-        let _g = self.admit(generation)?;
+        let _g = self.admit(by.into())?;
         self.activate(offset, buf.len() as u64)?;
         Ok(self.image.write_at(buf, offset)?)
     }
@@ -206,11 +254,11 @@ impl LocalReplica {
 
     pub fn discard(
         &self,
-        generation: Generation,
+        by: impl Into<Session>,
         offset: u64,
         len: u64,
     ) -> Result<(), ReplicationError> {
-        let _g = self.admit(generation)?;
+        let _g = self.admit(by.into())?;
         self.activate(offset, len)?;
         Ok(self.image.discard(offset, len)?)
     }
@@ -222,16 +270,16 @@ impl LocalReplica {
     }
 
     /// The extents active in the activity log (see [`super::activity`]).
-    pub fn activity(&self, generation: Generation) -> Result<Vec<u64>, ReplicationError> {
-        Ok(self.activity_stamped(generation)?.1)
+    pub fn activity(&self, by: impl Into<Session>) -> Result<Vec<u64>, ReplicationError> {
+        Ok(self.activity_stamped(by)?.1)
     }
 
     /// The activity log's last clear and its active extents.
     pub fn activity_stamped(
         &self,
-        generation: Generation,
+        by: impl Into<Session>,
     ) -> Result<(Stamp, Vec<u64>), ReplicationError> {
-        let _g = self.admit(generation)?;
+        let _g = self.admit(by.into())?;
         // The stamp first: a clear between the two reads shows as bits
         // cleared under an older stamp (safe), never the other way.
         let stamp = self.activity.stamp();
@@ -243,44 +291,52 @@ impl LocalReplica {
     /// replica. A fenced session must not.
     pub fn deactivate(
         &self,
-        generation: Generation,
+        by: impl Into<Session>,
         first: u64,
         count: u64,
         seq: u64,
     ) -> Result<(), ReplicationError> {
-        let _g = self.admit(generation)?;
+        let by = by.into();
+        let _g = self.admit(by)?;
         self.activity
-            .deactivate(first, count, Stamp { generation, seq })
+            .deactivate(
+                first,
+                count,
+                Stamp {
+                    generation: by.generation,
+                    seq,
+                },
+            )
             .map_err(io_err("write", self.activity.path()))
     }
 
     /// Mark every extent of the activity log active, durably: the image
     /// is about to be copied whole into (see [`super::wire::Request::ActivateAll`]).
-    pub fn activate_all(&self, generation: Generation) -> Result<(), ReplicationError> {
-        let _g = self.admit(generation)?;
+    pub fn activate_all(&self, by: impl Into<Session>) -> Result<(), ReplicationError> {
+        let _g = self.admit(by.into())?;
         self.activity
             .activate_all()
             .map_err(io_err("write", self.activity.path()))
     }
 
-    pub fn flush(&self, generation: Generation) -> Result<(), ReplicationError> {
-        let _g = self.admit(generation)?;
+    pub fn flush(&self, by: impl Into<Session>) -> Result<(), ReplicationError> {
+        let _g = self.admit(by.into())?;
         Ok(self.image.flush()?)
     }
 
     /// Snapshot the image (it flushes first) for `generation`: a fenced
     /// session must not add snapshots either.
-    pub fn snapshot(&self, generation: Generation, name: &str) -> Result<(), ReplicationError> {
-        let _g = self.admit(generation)?;
+    pub fn snapshot(&self, by: impl Into<Session>, name: &str) -> Result<(), ReplicationError> {
+        let _g = self.admit(by.into())?;
         Ok(self.image.snapshot(name)?)
     }
 
     pub fn delete_snapshot(
         &self,
-        generation: Generation,
+        by: impl Into<Session>,
         name: &str,
     ) -> Result<(), ReplicationError> {
-        let _g = self.admit(generation)?;
+        let _g = self.admit(by.into())?;
         Ok(self.image.delete_snapshot(name)?)
     }
 
@@ -480,6 +536,7 @@ impl LocalReplicas {
             activity,
             volume_id: volume_id.to_string(),
             generation: RwLock::new(read_generation(&dir)?),
+            link: AtomicU64::new(0),
             incarnation: incarnation(&dir, made)?,
             dir,
             image,
@@ -836,6 +893,40 @@ mod tests {
         let mut buf = [0u8; 4096];
         r.read_at(9, &mut buf, 0).unwrap();
         assert_eq!(buf, [1; 4096], "the fenced write changed nothing");
+    }
+
+    #[test]
+    fn a_newer_link_refuses_the_requests_of_the_one_it_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = LocalReplicas::new(dir.path().to_path_buf())
+            .open("v", P)
+            .unwrap();
+        let first = r.advance(3).unwrap();
+        r.write_at(first, &[1; 4096], 0).unwrap();
+        let second = r.advance(3).unwrap();
+        // A late request of the first link (a write, a clear of the log).
+        let err = r.write_at(first, &[2; 4096], 0).unwrap_err();
+        assert!(matches!(err, ReplicationError::Superseded { .. }), "{err}");
+        assert!(err.to_string().contains("replaced"), "{err}");
+        assert!(r.deactivate(first, 0, 1, 1).is_err());
+        assert!(r.flush(first).is_err());
+        assert_eq!(
+            r.activity(second).unwrap(),
+            [1],
+            "extent 0 still active: the clear was not run"
+        );
+        let mut buf = [0u8; 4096];
+        r.read_at(second, &mut buf, 0).unwrap();
+        assert_eq!(buf, [1; 4096], "the late write changed nothing");
+        // The in-process replica of the attached node has no link.
+        r.write_at(3, &[4; 4096], 0).unwrap();
+        // A newer generation fences both.
+        let third = r.advance(4).unwrap();
+        assert!(matches!(
+            r.write_at(second, &[5; 4096], 0),
+            Err(ReplicationError::Fenced { .. })
+        ));
+        r.write_at(third, &[6; 4096], 0).unwrap();
     }
 
     #[test]

@@ -110,6 +110,13 @@ pub enum ReplicationError {
         generation: Generation,
         current: Generation,
     },
+    /// A newer link from the attached node replaced the one a request came
+    /// on (see [`LocalReplica::advance`]).
+    #[error(
+        "replica of volume {volume}: the request came on a link that the attached node has \
+         since replaced; it was not run"
+    )]
+    Superseded { volume: String },
     #[error(transparent)]
     Engine(#[from] EngineError),
     #[error("{op} {path}: {source}")]

@@ -6,6 +6,7 @@
 //! which survives kill -9 of this process); a flush once the image flushed.
 
 use super::local::LocalReplicas;
+use super::local::Session;
 use super::wire::{self, ErrorCode, Frame, Hello, Request, WireError, MAX_IO, PROTOCOL_VERSION};
 use super::{Generation, Incarnation, LocalReplica, ReplicationError};
 use crate::engine::EngineError;
@@ -207,7 +208,7 @@ fn code_of(e: &ReplicationError) -> ErrorCode {
         ) => ErrorCode::Invalid,
         ReplicationError::Engine(EngineError::NoSuchSnapshot { .. })
         | ReplicationError::NotFound(_) => ErrorCode::NotFound,
-        ReplicationError::Busy(_) => ErrorCode::Busy,
+        ReplicationError::Busy(_) | ReplicationError::Superseded { .. } => ErrorCode::Busy,
         _ => ErrorCode::Io,
     }
 }
@@ -285,7 +286,7 @@ fn serve_conn(inner: &Inner, stream: TcpStream, peer: Option<SocketAddr>) {
             Err(e) => refuse_hello(&stream, code_of(&e), e.to_string()),
         };
     }
-    let (replica, prior) = match inner
+    let (replica, prior, session) = match inner
         .replicas
         .open_as(
             &hello.volume_id,
@@ -295,7 +296,7 @@ fn serve_conn(inner: &Inner, stream: TcpStream, peer: Option<SocketAddr>) {
         )
         .and_then(|r| {
             let prior = r.generation();
-            r.advance(hello.generation).map(|()| (r, prior))
+            r.advance(hello.generation).map(|s| (r, prior, s))
         }) {
         Ok(r) => r,
         Err(e) => return refuse_hello(&stream, code_of(&e), e.to_string()),
@@ -312,7 +313,7 @@ fn serve_conn(inner: &Inner, stream: TcpStream, peer: Option<SocketAddr>) {
         generation = hello.generation,
         "replica link up"
     );
-    serve_requests(&replica, hello.generation, &stream);
+    serve_requests(&replica, session, &stream);
     tracing::info!(?peer, from = %hello.from, volume_id = %hello.volume_id, "replica link down");
 }
 
@@ -349,7 +350,7 @@ impl Pool {
     }
 }
 
-fn serve_requests(replica: &LocalReplica, generation: u64, stream: &TcpStream) {
+fn serve_requests(replica: &LocalReplica, session: Session, stream: &TcpStream) {
     let out = Mutex::new(stream);
     let pool = Pool(Mutex::new(Vec::new()));
     let (work_tx, work_rx) = crossbeam_channel::bounded::<(u64, Request)>(WORKERS_PER_LINK);
@@ -359,7 +360,7 @@ fn serve_requests(replica: &LocalReplica, generation: u64, stream: &TcpStream) {
             scope.spawn(move || {
                 for (id, req) in work_rx {
                     let mut spare = pool.take();
-                    let reply = execute(replica, generation, id, &req, &mut spare);
+                    let reply = execute(replica, session, id, &req, &mut spare);
                     let sent = match reply {
                         Reply::Frame(f) => out.lock().write_all(&f.encode()),
                         // A read's data leaves from its buffer, behind its header.
@@ -381,7 +382,7 @@ fn serve_requests(replica: &LocalReplica, generation: u64, stream: &TcpStream) {
             });
         }
         drop(work_rx);
-        read_requests(replica, generation, stream, &out, &pool, &work_tx);
+        read_requests(replica, session, stream, &out, &pool, &work_tx);
         // The workers finish what they were given, then end.
         drop(work_tx);
     });
@@ -392,7 +393,7 @@ fn serve_requests(replica: &LocalReplica, generation: u64, stream: &TcpStream) {
 /// hands the rest to the workers, until the link ends.
 fn read_requests(
     replica: &LocalReplica,
-    generation: u64,
+    session: Session,
     stream: &TcpStream,
     out: &Mutex<&TcpStream>,
     pool: &Pool,
@@ -432,7 +433,7 @@ fn read_requests(
                 if data.len() <= INLINE_WRITE
                     && replica.write_is_quick(offset, data.len() as u64) =>
             {
-                match execute(replica, generation, id, &req, &mut Vec::new()) {
+                match execute(replica, session, id, &req, &mut Vec::new()) {
                     Reply::Frame(f) => held.extend_from_slice(&f.encode()),
                     Reply::Data(_) => unreachable!("a write is answered by a frame"),
                 }
@@ -463,7 +464,7 @@ enum Reply {
 
 fn execute(
     replica: &LocalReplica,
-    generation: u64,
+    session: Session,
     id: u64,
     req: &Request,
     spare: &mut Vec<u8>,
@@ -481,7 +482,7 @@ fn execute(
             }
             let mut buf = std::mem::take(spare);
             buf.resize(len as usize, 0);
-            if let Err(e) = replica.read_at(generation, &mut buf, offset) {
+            if let Err(e) = replica.read_at(session, &mut buf, offset) {
                 *spare = buf;
                 return Reply::Frame(error_frame(id, &e));
             }
@@ -492,21 +493,19 @@ fn execute(
             *spare = buf;
             return Reply::Data(sum);
         }
-        Request::Write { offset, ref data } => replica.write_at(generation, data, offset),
-        Request::Discard { offset, len } => replica.discard(generation, offset, len),
-        Request::Flush => replica.flush(generation),
-        Request::Snapshot { ref name } => replica.snapshot(generation, name),
-        Request::DeleteSnapshot { ref name } => replica.delete_snapshot(generation, name),
+        Request::Write { offset, ref data } => replica.write_at(session, data, offset),
+        Request::Discard { offset, len } => replica.discard(session, offset, len),
+        Request::Flush => replica.flush(session),
+        Request::Snapshot { ref name } => replica.snapshot(session, name),
+        Request::DeleteSnapshot { ref name } => replica.delete_snapshot(session, name),
         Request::Activity => {
-            return match replica.activity_stamped(generation) {
+            return match replica.activity_stamped(session) {
                 Ok((stamp, words)) => Reply::Data(super::activity::encode_reply(stamp, &words)),
                 Err(e) => Reply::Frame(error_frame(id, &e)),
             }
         }
-        Request::Deactivate { first, count, seq } => {
-            replica.deactivate(generation, first, count, seq)
-        }
-        Request::ActivateAll => replica.activate_all(generation),
+        Request::Deactivate { first, count, seq } => replica.deactivate(session, first, count, seq),
+        Request::ActivateAll => replica.activate_all(session),
     };
     Reply::Frame(match result {
         Ok(()) => Frame::Ok { id },
