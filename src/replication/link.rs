@@ -638,17 +638,26 @@ mod tests {
     fn waiters_read_for_each_other_and_each_gets_its_own_reply() {
         // Eight threads, replies in reverse order of a batch of eight:
         // whoever reads must hand the others theirs, and pass the
-        // reading on when its own came.
+        // reading on when its own came. Frames of many senders, small and
+        // large, never interleave (the peer parses every frame).
         let link = Arc::new(connect(peer("b", 8)));
         let rounds = 50;
         std::thread::scope(|scope| {
             for _ in 0..8 {
                 let link = link.clone();
                 scope.spawn(move || {
-                    for _ in 0..rounds {
+                    for k in 0..rounds {
+                        let deadline = Instant::now() + Duration::from_secs(20);
+                        if k % 10 == 9 {
+                            let big = vec![k as u8; 200 << 10];
+                            let t = link.submit_write(0, &big).unwrap();
+                            let id = t.id;
+                            let res = t.wait(deadline);
+                            assert!(matches!(res, Ok(Reply::Ok)), "write {id}: {res:?}");
+                            continue;
+                        }
                         let t = link.submit(Request::Read { offset: 0, len: 8 }).unwrap();
                         let id = t.id;
-                        let deadline = Instant::now() + Duration::from_secs(20);
                         match t.wait(deadline) {
                             Ok(Reply::Data(d)) => assert_eq!(d, id.to_be_bytes()),
                             other => panic!("request {id}: {other:?}"),
