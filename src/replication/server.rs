@@ -344,7 +344,7 @@ impl Pool {
 
     fn give(&self, buf: Vec<u8>) {
         let mut p = self.0.lock();
-        if p.len() < POOL && buf.capacity() <= POOL_MAX_BYTES {
+        if p.len() < POOL && (1..=POOL_MAX_BYTES).contains(&buf.capacity()) {
             p.push(buf);
         }
     }
@@ -446,7 +446,9 @@ fn read_requests(
                 }
             }
             req => {
-                if work.send((id, req)).is_err() {
+                // Answer what ran before waiting for a worker, which may
+                // be busy with a flush.
+                if !send_held(&mut held, &mut count) || work.send((id, req)).is_err() {
                     break;
                 }
             }
