@@ -98,7 +98,7 @@ pub enum NewReplica {
 }
 
 /// [`BlockEngine::io_parallelism`] of a mirror with a replica elsewhere.
-const REMOTE_IO_PARALLELISM: usize = 16;
+const REMOTE_IO_PARALLELISM: usize = 8;
 
 enum Endpoint {
     Local(Arc<LocalReplica>),
