@@ -712,6 +712,91 @@ fn a_replica_back_while_detached_is_resynced_without_asking() {
     c.shutdown();
 }
 
+/// The only in-sync replica is put back from a backup (its node's disk
+/// rolled back) while the other is outdated: no other in-sync replica can
+/// tell, but etcd records the last attach that reached every in-sync one,
+/// so the attach is refused rather than serving data that lacks
+/// acknowledged writes, and says how to go on. `replica accept` takes a
+/// replica as the data (refused while attached), and the other is copied
+/// whole from it.
+#[test]
+fn a_rolled_back_lone_replica_is_refused_until_one_is_accepted() {
+    // No sweeps: the attach, not a background resync, meets the rollback.
+    let mut c = Cluster::start_with(Mode::Loopback, 2, |_| {
+        vec!["--sweep-interval".into(), "3600".into()]
+    });
+    let vol = "rolled";
+    c.create(0, vol, 2, "64M", &[("nodes", "n1,n2")]);
+    let id = c.inspect_on(0, vol)["id"].as_str().unwrap().to_string();
+    let d = BlockDev::open(&c.attach_on(0, vol));
+    write_blocks(&d, 0..256, 1);
+    drop(d);
+    c.detach_on(0, vol);
+    let replica = c.node(0).data_dir.join("volumes").join(&id);
+    let backup = tempfile::tempdir().unwrap();
+    c.kill9(0);
+    let cp = |from: &std::path::Path, to: &std::path::Path| {
+        let ok = Command::new("cp").arg("-a").arg(from).arg(to).status();
+        assert!(ok.unwrap().success(), "cp -a {}", from.display());
+    };
+    cp(&replica, backup.path());
+    c.start_again(0);
+
+    // n2 misses what follows: n1 is the only replica in sync.
+    let d = BlockDev::open(&c.attach_on(0, vol));
+    c.kill9(1);
+    write_blocks(&d, 4096..4352, 2);
+    d.sync().expect("fdatasync");
+    drop(d);
+    c.wait_node_up(0, 1, false);
+    c.detach_on(0, vol);
+    assert_eq!(c.replica_info(0, vol, "n2")["state"], "outdated");
+
+    c.kill9(0);
+    std::fs::remove_dir_all(&replica).unwrap();
+    cp(&backup.path().join(&id), &replica);
+    c.start_again(0);
+    c.start_again(1);
+    c.wait_node_up(0, 1, true);
+
+    let err = c.cli_err(0, &["attach", vol]);
+    for want in [
+        "n1: it has seen attach generation",
+        "restored from a backup",
+        "dunnage replica accept rolled NODE",
+    ] {
+        assert!(err.contains(want), "{want:?} missing from: {err}");
+    }
+    assert_eq!(c.replica_info(0, vol, "n1")["state"], "outdated");
+    // Refused again, not served: the refusal is recorded.
+    let err = c.cli_err(1, &["attach", vol]);
+    assert!(err.contains("every replica is outdated"), "{err}");
+
+    let err = c.cli_err(1, &["replica", "accept", vol, "n3"]);
+    assert!(err.contains("node n3 holds no replica"), "{err}");
+    let out = c.cli_ok(1, &["replica", "accept", vol, "n1"]);
+    assert!(out.contains("n2 resynced whole"), "{out}");
+    wait_all_in_sync(&c, 1, vol);
+    c.wait_for("the background resync to give the attach back", || {
+        let info = c.cluster_info(1, vol);
+        info["resync_on"].is_null() && info["attached_on"].is_null()
+    });
+    assert_checksums_equal(&c, &[0, 1], vol);
+
+    // The backup's data, on either node; what n1 lost is lost everywhere.
+    let d = BlockDev::open(&c.attach_on(1, vol));
+    verify_blocks(&d, 0..256, 1);
+    for i in 4096..4352 {
+        assert_eq!(d.read_block(i).unwrap(), vec![0; BLOCK], "block {i}");
+    }
+    let err = c.cli_err(0, &["replica", "accept", vol, "n2"]);
+    assert!(err.contains("attached on node n2"), "{err}");
+    drop(d);
+    c.detach_on(1, vol);
+    c.remove(0, vol);
+    c.shutdown();
+}
+
 // ---------------------------------------------------------------------------------------
 // e. node ls and volume inspect
 // ---------------------------------------------------------------------------------------

@@ -118,6 +118,10 @@ struct FakeStates {
     calls: Mutex<Vec<(String, ReplicaState, bool)>>,
     incarnations: Mutex<std::collections::HashMap<String, Incarnation>>,
     fail: Mutex<Option<Fail>>,
+    /// The attach it is bound to (set by [`config`]), as the cluster's is.
+    generation: Mutex<Generation>,
+    /// What [`StateStore::reached`] recorded last.
+    reached: Mutex<Generation>,
 }
 
 impl FakeStates {
@@ -129,6 +133,7 @@ impl FakeStates {
     fn next(&self) -> Arc<FakeStates> {
         Arc::new(FakeStates {
             incarnations: Mutex::new(self.incarnations.lock().clone()),
+            reached: Mutex::new(*self.reached.lock()),
             ..FakeStates::default()
         })
     }
@@ -188,6 +193,12 @@ impl StateStore for FakeStates {
             .insert(node.to_string(), incarnation);
         Ok(())
     }
+
+    fn reached(&self) -> Result<(), StateStoreError> {
+        self.answer()?;
+        *self.reached.lock() = *self.generation.lock();
+        Ok(())
+    }
 }
 
 fn config(
@@ -205,6 +216,8 @@ fn config(
             ..p
         })
         .collect();
+    *states.generation.lock() = generation;
+    let reached = *states.reached.lock();
     MirrorConfig {
         volume_id: VOL.into(),
         volume: "vol".into(),
@@ -214,6 +227,7 @@ fn config(
         local,
         local_state,
         local_incarnation: states.incarnation(node),
+        reached,
         peers,
         states,
         io_timeout: IO_TIMEOUT,
@@ -1421,14 +1435,7 @@ fn an_in_sync_replica_rolled_back_to_a_backup_is_resynced_whole() {
 #[test]
 fn an_outdated_replica_rolled_back_past_a_clear_is_resynced_whole() {
     let mut nodes: Vec<Node> = ["a", "b"].iter().map(|n| Node::new(n)).collect();
-    let states = FakeStates::new();
-    detached_after_a_write(&nodes, 1, &states, 0);
-    let backup = tempfile::tempdir().unwrap();
-    cp_a(&nodes[1].replicas.dir(VOL).unwrap(), backup.path());
-
-    // Written and cleared (settled) after the backup.
-    let states = states.next();
-    detached_after_a_write(&nodes, 2, &states, 3 * activity::EXTENT);
+    let (backup, states) = b_backed_up_before_a_write(&nodes);
     // b away for an attach (outdated), then put back from the backup.
     nodes[1].stop();
     let states = states.next();
@@ -1450,6 +1457,86 @@ fn an_outdated_replica_rolled_back_past_a_clear_is_resynced_whole() {
     assert_eq!(nodes[0].checksum(), nodes[1].checksum());
     assert_eq!(status_of(&m, "b").resynced_bytes, PARAMS.size);
     m.close();
+}
+
+/// The only in-sync replica, put back from a backup, has no other in-sync
+/// one to be compared with: the attach that last got through is recorded
+/// (`StateStore::reached`), so it is still found rolled back, recorded
+/// outdated, and the attach refused, saying why and how to go on. Then,
+/// accepted as the volume's data (what `dunnage replica accept` records:
+/// it in sync, the others outdated with their incarnations forgotten, no
+/// reached generation), the next attach copies the other replica whole
+/// from it, although the logs were cleared of what the backup lacks.
+#[test]
+fn a_lone_in_sync_replica_rolled_back_is_refused_until_accepted() {
+    let mut nodes: Vec<Node> = ["a", "b"].iter().map(|n| Node::new(n)).collect();
+    let (backup, states) = b_backed_up_before_a_write(&nodes);
+    let states = states.next();
+    detached_after_a_write(&nodes, 3, &states, 5 * activity::EXTENT);
+    assert_eq!(*states.reached.lock(), 3);
+    put_back(&mut nodes[1], backup.path());
+
+    // a is outdated (say it missed writes while away): b is the only
+    // replica recorded in sync.
+    let states = states.next();
+    let open = |generation, states: &Arc<FakeStates>| {
+        Mirror::open(config(
+            "a",
+            generation,
+            Some(nodes[0].local()),
+            ReplicaState::Outdated,
+            vec![nodes[1].peer(ReplicaState::InSync)],
+            states.clone(),
+        ))
+    };
+    let Err(err) = open(4, &states) else {
+        panic!("the attach served a rolled-back lone replica");
+    };
+    assert!(
+        matches!(err, ReplicationError::NoInSyncReplica { .. }),
+        "{err}"
+    );
+    let text = err.to_string();
+    for want in [
+        "b: it has seen attach generation 1, not 3",
+        "dunnage replica accept",
+    ] {
+        assert!(text.contains(want), "{want:?} missing from: {text}");
+    }
+    assert_eq!(states.recorded_for("b"), vec![ReplicaState::Outdated]);
+    assert_eq!(
+        *states.reached.lock(),
+        3,
+        "a refused attach reached nothing"
+    );
+
+    let states = states.next();
+    states.incarnations.lock().remove("a");
+    *states.reached.lock() = 0;
+    let m = open(5, &states).unwrap();
+    wait_in_sync(&m, "a");
+    m.flush().unwrap();
+    assert_eq!(read_vec(&*m, 0, 4096), pattern(1, 4096));
+    for at in [3, 5] {
+        assert_eq!(read_vec(&*m, at * activity::EXTENT, 4096), vec![0; 4096]);
+    }
+    assert_eq!(nodes[0].checksum(), nodes[1].checksum());
+    assert_eq!(status_of(&m, "a").resynced_bytes, PARAMS.size);
+    m.close();
+    assert_eq!(*states.reached.lock(), 5);
+}
+
+/// Attach 1 writes at 0, then b's replica is copied aside (returned), then
+/// attach 2 writes at extent 3 (settled: cleared from the logs by the
+/// next attach's). Returns the backup and attach 2's states.
+fn b_backed_up_before_a_write(nodes: &[Node]) -> (tempfile::TempDir, Arc<FakeStates>) {
+    let states = FakeStates::new();
+    detached_after_a_write(nodes, 1, &states, 0);
+    let backup = tempfile::tempdir().unwrap();
+    cp_a(&nodes[1].replicas.dir(VOL).unwrap(), backup.path());
+    let states = states.next();
+    detached_after_a_write(nodes, 2, &states, 3 * activity::EXTENT);
+    (backup, states)
 }
 
 /// An attach of a with b as its peer that writes block `pattern(generation)`

@@ -1,9 +1,9 @@
 //! The cluster side of the CLI: `node ls`, `volume resync` (a progress bar
-//! until every replica is in sync) and `replica add/rm/checksum`.
+//! until every replica is in sync) and `replica add/rm/accept/checksum`.
 
 use crate::cluster::Member;
 use crate::control::client::Client;
-use crate::control::{NameArgs, ReplicaArgs};
+use crate::control::{AcceptArgs, NameArgs, ReplicaArgs};
 use crate::registry::VolumeInfo;
 use crate::replication::ReplicaState;
 use anyhow::{bail, Result};
@@ -52,6 +52,20 @@ pub enum ReplicaCmd {
         /// The volume.
         volume: String,
         /// The node whose replica goes (it may be down).
+        node: String,
+    },
+    /// Take a node's replica as the volume's data when no replica in sync
+    /// is left on a live node: every replica was found outdated, rolled
+    /// back (its files restored from a backup) or replaced, or the nodes
+    /// of the in-sync ones are gone for good (DRBD's forced primary,
+    /// LINSTOR's `--discard-my-data` on the others). Writes that only the
+    /// other replicas hold are lost: they are recorded outdated and
+    /// resynced whole from it. Refused while the volume is attached, or
+    /// while an in-sync replica's node is up. Run from any node.
+    Accept {
+        /// The volume.
+        volume: String,
+        /// The node whose replica becomes the volume's data (it must be up).
         node: String,
     },
     /// Print the sha256 of this node's replica of a volume (compare nodes
@@ -106,6 +120,21 @@ pub fn replica(run_dir: &Path, cmd: ReplicaCmd) -> Result<()> {
             println!("{volume}: replica added on {node}; it is outdated until resynced");
             if wait {
                 resync(run_dir, volume, timeout)?;
+            }
+        }
+        ReplicaCmd::Accept { volume, node } => {
+            let args = AcceptArgs {
+                name: volume.clone(),
+                node: node.clone(),
+            };
+            let outdated: Vec<String> = client.post("/v1/replica/accept", &args)?;
+            if outdated.is_empty() {
+                println!("{volume}: the replica on {node} is its data now");
+            } else {
+                println!(
+                    "{volume}: the replica on {node} is its data now; {} resynced whole from it",
+                    outdated.join(", ")
+                );
             }
         }
         ReplicaCmd::Rm { volume, node } => {

@@ -80,6 +80,12 @@ fn while_holding(volume_id: &str, generation: Generation) -> Txn {
 fn unreleased_key(volume_id: &str) -> String {
     format!("{PREFIX}unreleased/{volume_id}")
 }
+/// The generation of the last attach that reached every replica then in
+/// sync (`StateStore::reached`): each has seen it, so one found older was
+/// rolled back.
+fn reached_key(volume_id: &str) -> String {
+    format!("{PREFIX}reached/{volume_id}")
+}
 /// With the trailing slash, so that one id is never a prefix of another's keys.
 fn replicas_prefix(volume_id: &str) -> String {
     format!("{PREFIX}replicas/{volume_id}/")
@@ -1261,6 +1267,81 @@ impl Cluster {
         self.put_holding(volume_id, generation, TxnOp::put(key, value, None))
     }
 
+    /// Record that the attach at `generation` reached every replica then
+    /// in sync (see [`reached_key`]).
+    pub fn set_reached(&self, volume_id: &str, generation: Generation) -> Result<(), ClusterError> {
+        let op = TxnOp::put(reached_key(volume_id), generation.to_string(), None);
+        self.put_holding(volume_id, generation, op)
+    }
+
+    /// The generation [`Self::set_reached`] recorded last; 0 if none (or
+    /// unreadable: then no replica is taken for rolled back).
+    pub fn reached(&self, volume_id: &str) -> Result<Generation, ClusterError> {
+        let key = reached_key(volume_id);
+        let Some(kv) = self.run(|s| async move { s.get(&key).await })? else {
+            return Ok(0);
+        };
+        let text = kv.value_str().unwrap_or_default().trim();
+        Ok(text.parse().unwrap_or_else(|_| {
+            warn!(
+                volume_id,
+                value = text,
+                "unreadable reached generation in etcd: ignored"
+            );
+            0
+        }))
+    }
+
+    /// `dunnage replica accept`: while `generation` holds the attach,
+    /// record `node`'s replica in sync and every other one outdated, in one
+    /// transaction. The others' incarnations are forgotten, so that the
+    /// next attach copies them whole: their activity logs may have been
+    /// cleared of writes the accepted replica lacks. So is the reached
+    /// generation: the accepted replica may have seen an older one.
+    pub fn accept_replica(
+        &self,
+        volume_id: &str,
+        generation: Generation,
+        node: &str,
+        others: &[String],
+    ) -> Result<(), ClusterError> {
+        if generation == 0 {
+            return Err(ClusterError::Fenced {
+                volume: volume_id.to_string(),
+                generation,
+            });
+        }
+        let record = |state| to_json(&ReplicaRecord { state, generation });
+        let mut ops = vec![
+            TxnOp::put(
+                format!("{}{node}", replicas_prefix(volume_id)),
+                record(ReplicaState::InSync),
+                None,
+            ),
+            TxnOp::delete(reached_key(volume_id), None),
+        ];
+        for n in others {
+            ops.push(TxnOp::put(
+                format!("{}{n}", replicas_prefix(volume_id)),
+                record(ReplicaState::Outdated),
+                None,
+            ));
+            ops.push(TxnOp::delete(
+                format!("{}{n}", incarnations_prefix(volume_id)),
+                None,
+            ));
+        }
+        let txn = while_holding(volume_id, generation).and_then(ops);
+        if self.run(move |s| async move { Ok(s.txn(txn).await?.succeeded()) })? {
+            Ok(())
+        } else {
+            Err(ClusterError::Fenced {
+                volume: volume_id.to_string(),
+                generation,
+            })
+        }
+    }
+
     /// Unguarded initial states at create time (all InSync for a new, empty volume).
     pub fn init_replica_states(
         &self,
@@ -1292,7 +1373,7 @@ impl Cluster {
             snapshots_prefix(volume_id),
             incarnations_prefix(volume_id),
         ];
-        let mark = unreleased_key(volume_id);
+        let keys = [unreleased_key(volume_id), reached_key(volume_id)];
         self.run(|s| async move {
             let mut kv = s.client.kv_client();
             for prefix in prefixes {
@@ -1300,7 +1381,10 @@ impl Cluster {
                     .await
                     .map_err(|e| s.error(e))?;
             }
-            kv.delete(mark, None).await.map_err(|e| s.error(e))
+            for key in keys {
+                kv.delete(key, None).await.map_err(|e| s.error(e))?;
+            }
+            Ok(())
         })?;
         Ok(())
     }
@@ -1612,5 +1696,9 @@ impl StateStore for EtcdStateStore {
             incarnation,
             replaced,
         ))
+    }
+
+    fn reached(&self) -> Result<(), StateStoreError> {
+        self.answer(self.cluster.set_reached(&self.volume_id, self.generation))
     }
 }

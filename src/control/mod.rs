@@ -26,6 +26,14 @@ pub struct ReplicaArgs {
     pub node: Option<String>,
 }
 
+/// `replica accept`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AcceptArgs {
+    pub name: String,
+    pub node: String,
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 pub struct CreateArgs {
     pub name: String,
@@ -299,6 +307,19 @@ async fn replica_change(reg: Reg, body: web::Bytes) -> HttpResponse {
     }
 }
 
+async fn replica_accept(reg: Reg, body: web::Bytes) -> HttpResponse {
+    match args::<AcceptArgs>(&body) {
+        Ok(a) => reply(
+            reg.send(registry::cluster::AcceptReplica {
+                volume: a.name,
+                node: a.node,
+            })
+            .await,
+        ),
+        Err(e) => fail(400, e),
+    }
+}
+
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/v1/node", web::get().to(node))
         .route("/v1/volume/list", web::post().to(list))
@@ -316,6 +337,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/v1/node/list", web::post().to(node_list))
         .route("/v1/replica/checksum", web::post().to(replica_checksum))
         .route("/v1/replica/change", web::post().to(replica_change))
+        .route("/v1/replica/accept", web::post().to(replica_accept))
         .route("/v1/volume/resync", web::post().to(resync_start))
         .default_service(web::to(|| async { fail(404, "no such control endpoint") }));
 }

@@ -356,6 +356,25 @@ impl Handler<ChangeReplica> for Registry {
     }
 }
 
+/// `dunnage replica accept VOL NODE`: answers the replicas now outdated.
+#[derive(Message)]
+#[rtype(result = "Reply<Vec<String>>")]
+pub struct AcceptReplica {
+    pub volume: String,
+    pub node: String,
+}
+
+impl Handler<AcceptReplica> for Registry {
+    type Result = ResponseFuture<Reply<Vec<String>>>;
+    fn handle(&mut self, m: AcceptReplica, _: &mut Context<Self>) -> Self::Result {
+        let msg = crate::volume::replicas::AcceptReplica { node: m.node };
+        match self.lookup(&m.volume).and_then(|r| self.actor(&r)) {
+            Ok(addr) => forward(addr, msg),
+            Err(e) => Box::pin(async move { Err(e) }),
+        }
+    }
+}
+
 /// A request another node forwarded (a `volume::forward::HolderRequest`
 /// in JSON), for the volume's actor here. Errors carry the wire's code
 /// and the message without this node's prefix (the asking node adds its own).

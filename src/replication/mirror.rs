@@ -88,6 +88,10 @@ pub struct MirrorConfig {
     /// Extents the replicas' activity logs keep active at most
     /// ([`activity::HOT_MAX`]; tests use fewer).
     pub hot_extents: u64,
+    /// The generation of the last attach that reached every replica then
+    /// in sync ([`StateStore::reached`]; 0: none recorded). An in-sync
+    /// replica that has seen an older one was rolled back.
+    pub reached: Generation,
 }
 
 /// Where a replica added to a running mirror lives.
@@ -414,23 +418,33 @@ impl Mirror {
         // before any IO, so an in-sync replica that missed an attach the
         // others had was rolled back: its files restored from a backup, a
         // disk or VM snapshot reverted. Its image is the recorded one, but
-        // not its content.
+        // not its content. The last attach that got through is recorded
+        // too: a lone in-sync replica has no other to be compared with.
         let newest = met
             .iter()
             .filter(|m| m.1 == ReplicaState::InSync && m.3 == Met::Known)
             .map(|m| m.4)
-            .max();
+            .chain([cfg.reached])
+            .max()
+            .unwrap_or(0);
         let mut replaced = Vec::new();
+        // Why each replica recorded in sync is not, for the error if none is.
+        let mut lost = Vec::new();
         let mut whole = Vec::new();
         for &(node, state, seen, met, prior) in &met {
-            let rolled_back =
-                state == ReplicaState::InSync && met == Met::Known && Some(prior) < newest;
+            let rolled_back = state == ReplicaState::InSync && met == Met::Known && prior < newest;
             if met == Met::Replaced || rolled_back {
                 if rolled_back {
-                    tracing::warn!(volume = %cfg.volume, node, generation = prior, newest = ?newest,
-                        "replica is older than the other in-sync ones (its files were restored from a backup, or its disk rolled back): recording it outdated; it is resynced whole");
+                    tracing::warn!(volume = %cfg.volume, node, generation = prior, newest,
+                        "replica has not seen the last attach the others had (its files were restored from a backup, or its disk rolled back): recording it outdated; it is resynced whole");
+                    lost.push(format!(
+                        "{node}: it has seen attach generation {prior}, not {newest} (its files were restored from a backup, or its disk rolled back), so it lacks writes"
+                    ));
                 } else {
                     tracing::warn!(volume = %cfg.volume, node, "replica's image is not the one recorded (its files were lost or replaced): recording it outdated; it is resynced whole");
+                    lost.push(format!(
+                        "{node}: its image is not the one recorded (its files were lost or replaced)"
+                    ));
                 }
                 if state != ReplicaState::Outdated {
                     cfg.states.set_state(node, ReplicaState::Outdated)?;
@@ -543,10 +557,7 @@ impl Mirror {
             ));
         }
         if in_sync.is_empty() {
-            let mut why: Vec<String> = replaced
-                .iter()
-                .map(|n| format!("{n}: its image is not the one recorded in sync (its files were lost or replaced)"))
-                .collect();
+            let mut why = lost;
             why.extend(unreachable);
             let detail = if why.is_empty() {
                 "every replica is outdated".to_string()
@@ -566,6 +577,8 @@ impl Mirror {
                 cell.track.recorded(ReplicaState::Outdated);
             }
         }
+        // Every replica left in sync has seen this generation now.
+        cfg.states.reached()?;
 
         let inner = Arc::new(Inner {
             volume_id: cfg.volume_id,

@@ -82,6 +82,12 @@ pub trait StateStore: Send + Sync {
         incarnation: Incarnation,
         replaced: bool,
     ) -> Result<(), StateStoreError>;
+    /// Record that this attach reached every replica still recorded in
+    /// sync (each has seen its generation): a later attach that meets an
+    /// in-sync replica with an older generation knows it was rolled back,
+    /// even when no other in-sync replica is there to compare it with
+    /// ([`mirror::MirrorConfig::reached`]).
+    fn reached(&self) -> Result<(), StateStoreError>;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -167,7 +173,10 @@ pub enum ReplicationError {
     HasClones { volume: String, clones: String },
     #[error(
         "volume {volume} has no in-sync replica that can be reached ({detail}): \
-         bring a node holding an in-sync replica back"
+         bring a node holding an in-sync replica back; if none will come back, or \
+         every replica is outdated, accept the best one left as the volume's data \
+         with `dunnage replica accept {volume} NODE` (the writes only the others \
+         held are lost)"
     )]
     NoInSyncReplica { volume: String, detail: String },
     #[error(transparent)]

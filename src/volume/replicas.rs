@@ -93,6 +93,25 @@ fn new_replica_node(
     Ok(chosen.remove(0))
 }
 
+/// Start the background resync of a volume attached nowhere whose
+/// replicas just changed: redundancy comes back now, not at the next
+/// attach.
+fn resync_now(c: &std::sync::Arc<ClusterNode>, record: VolumeRecord) {
+    let name = record.name.clone();
+    match replicated::start_resync(c, record, false) {
+        Ok(_) => {}
+        // Another node's sweep (or an attach) was quicker: it resyncs.
+        Err(VolumeErrorKind::Cluster(e))
+            if matches!(
+                *e,
+                ClusterError::HeldForResync { .. } | ClusterError::HeldBy { .. }
+            ) => {}
+        Err(e) => {
+            tracing::warn!(volume = %name, error = %e, "no background resync now: the next attach or sweep resyncs");
+        }
+    }
+}
+
 /// Why `node`'s replica may not go, looking at etcd (the volume is
 /// attached nowhere): it is the last one, or no other is in sync on a
 /// live node.
@@ -243,19 +262,7 @@ impl VolumeActor {
             // No IO ran: an unreleased mark of an earlier attach stays.
             replicated::give_back(&c, &record.id, &record.name, generation, false);
             let changed = changed.map_err(|e| self.err(e))?;
-            // Redundancy comes back now, not at the next attach.
-            match replicated::start_resync(&c, changed, false) {
-                Ok(_) => {}
-                // Another node's sweep (or an attach) was quicker: it resyncs.
-                Err(VolumeErrorKind::Cluster(e))
-                    if matches!(
-                        *e,
-                        ClusterError::HeldForResync { .. } | ClusterError::HeldBy { .. }
-                    ) => {}
-                Err(e) => {
-                    tracing::warn!(volume = %record.name, error = %e, "no background resync now: the next attach or sweep resyncs");
-                }
-            }
+            resync_now(&c, changed);
         }
         if !add && node == me {
             // Else its node drops it at its next sweep.
@@ -268,9 +275,185 @@ impl VolumeActor {
     }
 }
 
+/// `dunnage replica accept VOL NODE`: take `node`'s replica as the
+/// volume's data when no replica in sync is left on a live node (DRBD's
+/// forced primary, LINSTOR's `--discard-my-data` on the others). Answers
+/// the replicas recorded outdated by it.
+#[derive(Message)]
+#[rtype(result = "Result<Vec<String>, VolumeError>")]
+pub struct AcceptReplica {
+    pub node: String,
+}
+
+/// Why `node`'s replica may not be accepted, from etcd's states under an
+/// attach this node holds; else the replicas that were in sync on a node
+/// now down (their writes since the others fell behind are given up).
+fn check_accept(
+    replicas: &[String],
+    states: &std::collections::BTreeMap<String, ReplicaState>,
+    members: &[Member],
+    node: &str,
+) -> Result<Vec<String>, String> {
+    let up = |n: &str| members.iter().any(|m| m.name == n && m.up);
+    if !up(node) {
+        return Err(format!(
+            "node {node} is not up (`dunnage node ls`): start its daemon first, so that the attach after the accept can read its replica"
+        ));
+    }
+    if states.get(node) == Some(&ReplicaState::InSync) {
+        return Err(format!(
+            "node {node}'s replica is recorded in sync already: attach the volume (an attach that finds it rolled back or its files replaced records it outdated, and says so)"
+        ));
+    }
+    let in_sync: Vec<&String> = replicas
+        .iter()
+        .filter(|n| *n != node && states.get(*n) == Some(&ReplicaState::InSync))
+        .collect();
+    if let Some(live) = in_sync.iter().find(|n| up(n)) {
+        return Err(format!(
+            "node {live}'s replica is in sync and its node is up: attach the volume, and it resyncs node {node}'s from it; accepting {node}'s would throw away writes that only {live}'s holds"
+        ));
+    }
+    Ok(in_sync.into_iter().cloned().collect())
+}
+
+impl VolumeActor {
+    fn accept_replica(&mut self, node: String) -> Result<Vec<String>, VolumeError> {
+        let Some(c) = self.node.cluster.clone() else {
+            return Err(self.err(VolumeErrorKind::NotClustered("replica accept")));
+        };
+        let record = self.record()?;
+        if !record.replicas.contains(&node) {
+            return Err(self.err(refused(format!(
+                "node {node} holds no replica of it (its replicas: {})",
+                record.replicas.join(", ")
+            ))));
+        }
+        // Attached: it has an in-sync replica, else the attach had failed.
+        let holder = match &self.attached {
+            Some(_) => Some(c.cluster.node().to_string()),
+            None => c
+                .cluster
+                .attach_owner(&self.id)
+                .map_err(|e| self.err(e))?
+                .map(|(n, _)| n),
+        };
+        if let Some(holder) = holder {
+            return Err(self.err(refused(format!(
+                "it is attached on node {holder}, so a replica in sync serves it: there is nothing to accept"
+            ))));
+        }
+        let members = c.cluster.members().map_err(|e| self.err(e))?;
+        let generation =
+            replicated::take_attach(&c, &record, Duration::ZERO).map_err(|e| self.err(e))?;
+        // States change only under an attach: checked once this one holds it.
+        let accepted = c
+            .cluster
+            .replica_states(&record.id)
+            .map_err(VolumeErrorKind::from)
+            .and_then(|states| {
+                check_accept(&record.replicas, &states, &members, &node).map_err(refused)
+            })
+            .and_then(|lost| {
+                let others: Vec<String> = record
+                    .replicas
+                    .iter()
+                    .filter(|n| **n != node)
+                    .cloned()
+                    .collect();
+                c.cluster
+                    .accept_replica(&record.id, generation, &node, &others)
+                    .map_err(VolumeErrorKind::from)?;
+                Ok((others, lost))
+            });
+        // No IO ran: an unreleased mark of an earlier attach stays.
+        replicated::give_back(&c, &record.id, &record.name, generation, false);
+        let (others, lost) = accepted.map_err(|e| self.err(e))?;
+        for n in &lost {
+            tracing::warn!(volume = %record.name, node = %n, accepted = %node,
+                "replica was in sync on a node that is down: recorded outdated, its writes since the accepted replica fell behind are given up");
+        }
+        tracing::warn!(volume = %record.name, node = %node, outdated = ?others,
+            "replica accepted as the volume's data: the others are resynced whole from it");
+        resync_now(&c, record);
+        Ok(others)
+    }
+}
+
+impl Handler<AcceptReplica> for VolumeActor {
+    type Result = Result<Vec<String>, VolumeError>;
+    fn handle(&mut self, m: AcceptReplica, _: &mut SyncContext<Self>) -> Self::Result {
+        self.accept_replica(m.node)
+    }
+}
+
 impl Handler<ChangeReplica> for VolumeActor {
     type Result = Result<String, VolumeError>;
     fn handle(&mut self, m: ChangeReplica, _: &mut SyncContext<Self>) -> Self::Result {
         self.change_replica(m.add, m.node)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn members(up: &[(&str, bool)]) -> Vec<Member> {
+        up.iter()
+            .map(|(n, up)| Member {
+                name: n.to_string(),
+                addr: "127.0.0.1:1".parse().unwrap(),
+                up: *up,
+                started_at: chrono::Utc::now(),
+            })
+            .collect()
+    }
+
+    fn states(s: &[(&str, ReplicaState)]) -> BTreeMap<String, ReplicaState> {
+        s.iter().map(|(n, s)| (n.to_string(), *s)).collect()
+    }
+
+    const ABC: [&str; 3] = ["a", "b", "c"];
+
+    fn replicas() -> Vec<String> {
+        ABC.iter().map(|n| n.to_string()).collect()
+    }
+
+    use ReplicaState::{InSync, Outdated};
+
+    #[test]
+    fn a_replica_is_accepted_only_when_no_in_sync_one_is_on_a_live_node() {
+        let all_up = members(&[("a", true), ("b", true), ("c", true)]);
+        let none = states(&[("a", Outdated), ("b", Outdated), ("c", Outdated)]);
+        assert_eq!(check_accept(&replicas(), &none, &all_up, "b"), Ok(vec![]));
+
+        // An in-sync one on a live node serves the volume: refused.
+        let c_in_sync = states(&[("a", Outdated), ("b", Outdated), ("c", InSync)]);
+        let err = check_accept(&replicas(), &c_in_sync, &all_up, "b").unwrap_err();
+        assert!(err.contains("node c's replica is in sync"), "{err}");
+
+        // Its node gone: accepted, and c is named as given up.
+        let c_down = members(&[("a", true), ("b", true), ("c", false)]);
+        assert_eq!(
+            check_accept(&replicas(), &c_in_sync, &c_down, "b"),
+            Ok(vec!["c".to_string()])
+        );
+    }
+
+    #[test]
+    fn accepting_a_down_or_in_sync_replica_is_refused() {
+        let b_down = members(&[("a", true), ("b", false), ("c", true)]);
+        let none = states(&[("a", Outdated), ("b", Outdated), ("c", Outdated)]);
+        let err = check_accept(&replicas(), &none, &b_down, "b").unwrap_err();
+        assert!(err.contains("node b is not up"), "{err}");
+        // No record at all for a node that never joined.
+        let err = check_accept(&replicas(), &none, &b_down[..1], "b").unwrap_err();
+        assert!(err.contains("node b is not up"), "{err}");
+
+        let all_up = members(&[("a", true), ("b", true), ("c", true)]);
+        let b_in_sync = states(&[("a", Outdated), ("b", InSync), ("c", Outdated)]);
+        let err = check_accept(&replicas(), &b_in_sync, &all_up, "b").unwrap_err();
+        assert!(err.contains("recorded in sync already"), "{err}");
     }
 }

@@ -128,6 +128,7 @@ fn mirror_for(
     let cl = &c.cluster;
     let states = cl.replica_states(&record.id)?;
     let incarnations = cl.replica_incarnations(&record.id)?;
+    let reached = cl.reached(&record.id)?;
     let members = cl.members()?;
     let me = cl.node().to_string();
     let params = params(record);
@@ -180,6 +181,7 @@ fn mirror_for(
         resync_rate: c.resync_rate,
         io_timeout: c.replica_timeout,
         hot_extents: crate::replication::activity::HOT_MAX,
+        reached,
     });
     if mirror.is_err() {
         c.replicas.close(&record.id);
