@@ -38,7 +38,8 @@ enum Cmd {
     /// The cluster's nodes.
     #[command(subcommand)]
     Node(NodeCmd),
-    /// This node's replicas.
+    /// A replicated volume's replicas: add, remove, accept one as the data when none is
+    /// in sync, checksum this node's.
     #[command(subcommand)]
     Replica(ReplicaCmd),
     /// Attach a volume as a block device on this host; prints the device path.

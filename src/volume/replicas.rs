@@ -93,6 +93,11 @@ fn new_replica_node(
     Ok(chosen.remove(0))
 }
 
+/// Whether `node` is a live member (its etcd lease is alive).
+fn is_up(members: &[Member], node: &str) -> bool {
+    members.iter().any(|m| m.name == node && m.up)
+}
+
 /// Start the background resync of a volume attached nowhere whose
 /// replicas just changed: redundancy comes back now, not at the next
 /// attach.
@@ -122,11 +127,10 @@ fn check_remove(
     node: &str,
 ) -> Result<(), VolumeErrorKind> {
     let states = c.cluster.replica_states(&record.id)?;
-    let current_elsewhere = record.replicas.iter().any(|n| {
-        n != node
-            && states.get(n) == Some(&ReplicaState::InSync)
-            && members.iter().any(|m| &m.name == n && m.up)
-    });
+    let current_elsewhere = record
+        .replicas
+        .iter()
+        .any(|n| n != node && states.get(n) == Some(&ReplicaState::InSync) && is_up(members, n));
     if current_elsewhere {
         return Ok(());
     }
@@ -294,7 +298,7 @@ fn check_accept(
     members: &[Member],
     node: &str,
 ) -> Result<Vec<String>, String> {
-    let up = |n: &str| members.iter().any(|m| m.name == n && m.up);
+    let up = |n: &str| is_up(members, n);
     if !up(node) {
         return Err(format!(
             "node {node} is not up (`dunnage node ls`): start its daemon first, so that the attach after the accept can read its replica"
