@@ -797,6 +797,69 @@ fn a_rolled_back_lone_replica_is_refused_until_one_is_accepted() {
     c.shutdown();
 }
 
+/// An attach that ended unreleased (its node killed) owes the next one a
+/// comparison of the replicas. An attach that then fails to open (every
+/// replica's node down) must leave it owed: once the nodes are back, the
+/// next attach still compares.
+#[test]
+fn a_comparison_owed_by_an_unreleased_attach_survives_a_failed_attach() {
+    // No sweeps: a background resync would take the comparison over.
+    let mut c = Cluster::start_with(Mode::Loopback, 4, |_| {
+        vec!["--sweep-interval".into(), "3600".into()]
+    });
+    let vol = "owed";
+    c.create(0, vol, 2, "64M", &[("nodes", "n1,n2")]);
+    let compared = |c: &Cluster, i: usize| {
+        c.node(i)
+            .log()
+            .matches("comparing the replicas in the background")
+            .count()
+    };
+    // n3 writes without a replica of its own, and is killed attached.
+    let d = BlockDev::open(&c.attach_on(2, vol));
+    write_blocks(&d, 0..64, 1);
+    drop(d);
+    c.kill9(2);
+    c.kill9(0);
+    c.kill9(1);
+    for i in 0..3 {
+        c.wait_node_up(3, i, false);
+    }
+    let err = c.cli_err(3, &["attach", vol]);
+    assert!(
+        err.contains("no in-sync replica that can be reached"),
+        "{err}"
+    );
+    assert_eq!(compared(&c, 3), 0, "the failed attach compared nothing");
+
+    c.start_again(0);
+    c.start_again(1);
+    c.wait_node_up(3, 0, true);
+    c.wait_node_up(3, 1, true);
+    let d = BlockDev::open(&c.attach_on(3, vol));
+    assert_eq!(
+        compared(&c, 3),
+        1,
+        "the attach after the failed one compares the replicas\n{}",
+        c.logs()
+    );
+    verify_blocks(&d, 0..64, 1);
+    drop(d);
+    c.wait_for("the comparison to finish", || {
+        c.cluster_info(3, vol)["verification"]["finished"] == true
+    });
+    c.detach_on(3, vol);
+    assert_checksums_equal(&c, &[0, 1], vol);
+    // Back, n3 takes back the attach it had (the volume is free now).
+    c.start_again(2);
+    c.wait_for("n3 to resume its attach", || {
+        c.cluster_info(3, vol)["attached_on"] == "n3"
+    });
+    c.detach_on(2, vol);
+    c.remove(3, vol);
+    c.shutdown();
+}
+
 // ---------------------------------------------------------------------------------------
 // e. node ls and volume inspect
 // ---------------------------------------------------------------------------------------
