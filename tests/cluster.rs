@@ -105,6 +105,23 @@ fn assert_all_in_sync(c: &Cluster, on: usize, vol: &str, context: &str) {
     );
 }
 
+/// Waits until, as node `on` sees it, `vol` is neither resynced in the
+/// background nor attached: the background resync gave the attach back.
+fn wait_resync_gone(c: &Cluster, on: usize, vol: &str) {
+    c.wait_for("the background resync to give the attach back", || {
+        let info = c.cluster_info(on, vol);
+        info["resync_on"].is_null() && info["attached_on"].is_null()
+    });
+}
+
+/// `n` daemons on loopback, each sweeping every `secs` seconds (3600: no
+/// sweep during a test, so no background resync starts by itself).
+fn loopback_sweeping_every(n: usize, secs: u64) -> Cluster {
+    Cluster::start_with(Mode::Loopback, n, |_| {
+        vec!["--sweep-interval".into(), secs.to_string()]
+    })
+}
+
 /// Checksums of every node's replica of `vol` (which must be detached): all equal.
 fn assert_checksums_equal(c: &Cluster, nodes: &[usize], vol: &str) -> String {
     let sums: Vec<(String, String)> = nodes
@@ -636,9 +653,7 @@ fn resync_sends_only_dirty_blocks(mode: Mode) {
 /// plays no part in who starts it.
 #[test]
 fn a_replica_back_while_detached_is_resynced_without_asking() {
-    let mut c = Cluster::start_with(Mode::Loopback, 3, |_| {
-        vec!["--sweep-interval".into(), "1".into()]
-    });
+    let mut c = loopback_sweeping_every(3, 1);
     let vol = "behind";
     c.create(0, vol, 2, "64M", &[("nodes", "n1,n2")]);
     let dev = c.attach_on(0, vol);
@@ -659,10 +674,7 @@ fn a_replica_back_while_detached_is_resynced_without_asking() {
 
     c.start_again(1);
     wait_all_in_sync(&c, 2, vol);
-    c.wait_for("the background resync to give the attach back", || {
-        let info = c.cluster_info(2, vol);
-        info["resync_on"].is_null() && info["attached_on"].is_null()
-    });
+    wait_resync_gone(&c, 2, vol);
     let started = |i: usize| c.node(i).log().contains("resyncing it here");
     assert!(
         started(0) && !started(1) && !started(2),
@@ -696,10 +708,7 @@ fn a_replica_back_while_detached_is_resynced_without_asking() {
         c.node(1).log().contains("resyncing it from the others")
     });
     wait_all_in_sync(&c, 2, vol);
-    c.wait_for("the background resync to give the attach back", || {
-        let info = c.cluster_info(2, vol);
-        info["resync_on"].is_null() && info["attached_on"].is_null()
-    });
+    wait_resync_gone(&c, 2, vol);
     assert_checksums_equal(&c, &[0, 1], vol);
     c.kill9(0);
     let d = BlockDev::open(&c.attach_on(1, vol));
@@ -722,9 +731,7 @@ fn a_replica_back_while_detached_is_resynced_without_asking() {
 #[test]
 fn a_rolled_back_lone_replica_is_refused_until_one_is_accepted() {
     // No sweeps: the attach, not a background resync, meets the rollback.
-    let mut c = Cluster::start_with(Mode::Loopback, 2, |_| {
-        vec!["--sweep-interval".into(), "3600".into()]
-    });
+    let mut c = loopback_sweeping_every(2, 3600);
     let vol = "rolled";
     c.create(0, vol, 2, "64M", &[("nodes", "n1,n2")]);
     let id = c.inspect_on(0, vol)["id"].as_str().unwrap().to_string();
@@ -777,10 +784,7 @@ fn a_rolled_back_lone_replica_is_refused_until_one_is_accepted() {
     let out = c.cli_ok(1, &["replica", "accept", vol, "n1"]);
     assert!(out.contains("n2 resynced whole"), "{out}");
     wait_all_in_sync(&c, 1, vol);
-    c.wait_for("the background resync to give the attach back", || {
-        let info = c.cluster_info(1, vol);
-        info["resync_on"].is_null() && info["attached_on"].is_null()
-    });
+    wait_resync_gone(&c, 1, vol);
     assert_checksums_equal(&c, &[0, 1], vol);
 
     // The backup's data, on either node; what n1 lost is lost everywhere.
@@ -804,9 +808,7 @@ fn a_rolled_back_lone_replica_is_refused_until_one_is_accepted() {
 #[test]
 fn a_comparison_owed_by_an_unreleased_attach_survives_a_failed_attach() {
     // No sweeps: a background resync would take the comparison over.
-    let mut c = Cluster::start_with(Mode::Loopback, 4, |_| {
-        vec!["--sweep-interval".into(), "3600".into()]
-    });
+    let mut c = loopback_sweeping_every(4, 3600);
     let vol = "owed";
     c.create(0, vol, 2, "64M", &[("nodes", "n1,n2")]);
     let compared = |c: &Cluster, i: usize| {
