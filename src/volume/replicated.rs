@@ -199,7 +199,7 @@ const RESYNC_POLL: Duration = Duration::from_millis(200);
 /// in the background on this node, so that its redundancy comes back
 /// without waiting for an attach (DRBD resyncs secondaries too). The job
 /// holds the attach as a resync, which any attach, snapshot, restore or
-/// replica change stops first ([`take_attach`]); it ends when every
+/// replica change stops first (`take_attach`); it ends when every
 /// replica is in sync, or when one stays unreachable. Ok(false): nothing
 /// to do, or one runs here already.
 pub fn start_resync(
