@@ -333,12 +333,7 @@ impl Inner {
         ))
     }
 
-    fn read_remote(
-        &self,
-        link: &Link,
-        buf: &mut [u8],
-        offset: u64,
-    ) -> Result<(), CallError> {
+    fn read_remote(&self, link: &Link, buf: &mut [u8], offset: u64) -> Result<(), CallError> {
         let deadline = Instant::now() + self.io_timeout;
         let mut done = 0;
         while done < buf.len() {

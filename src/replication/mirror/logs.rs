@@ -73,12 +73,7 @@ impl Inner {
     /// durably. Skipped unless `still` holds under the lock, and while a
     /// replica is out of sync ([`Inner::all_in_sync`]). False once the
     /// mirror is closed or fenced.
-    fn clear_extents(
-        &self,
-        first: u64,
-        count: u64,
-        still: impl Fn(&Hot) -> bool,
-    ) -> bool {
+    fn clear_extents(&self, first: u64, count: u64, still: impl Fn(&Hot) -> bool) -> bool {
         if self.is_closed() || self.is_fenced() {
             return false;
         }
