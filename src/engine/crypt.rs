@@ -61,7 +61,7 @@
 //! thin but show on disk which units hold zeros. Passthrough is always
 //! refused: the kernel would write plaintext to the data file.
 
-use super::{BlockEngine, EngineError, ThinImage};
+use super::{is_zero, BlockEngine, EngineError, ThinImage};
 use aes::cipher::consts::U16;
 use aes::cipher::{
     array::ArraySize, Array, BlockCipherDecBackend, BlockCipherDecClosure, BlockCipherDecrypt,
@@ -695,14 +695,7 @@ impl CryptEngine {
                 align: UNIT,
             });
         }
-        match offset.checked_add(len) {
-            Some(end) if end <= self.inner.size() => Ok(()),
-            _ => Err(EngineError::OutOfRange {
-                offset,
-                len,
-                size: self.inner.size(),
-            }),
-        }
+        super::check_range(offset, len, self.inner.size())
     }
 }
 
@@ -761,17 +754,6 @@ impl BlockEngine for CryptEngine {
     fn io_parallelism(&self) -> usize {
         self.inner.io_parallelism()
     }
-}
-
-/// Whether `buf` is all zeros (vectorizable; ciphertext fails at once).
-fn is_zero(buf: &[u8]) -> bool {
-    let mut chunks = buf.chunks_exact(128);
-    for chunk in &mut chunks {
-        if chunk.iter().fold(0u8, |acc, &b| acc | b) != 0 {
-            return false;
-        }
-    }
-    chunks.remainder().iter().all(|&b| b == 0)
 }
 
 /// `[u8; 32]` as 64 lowercase hex digits in JSON.

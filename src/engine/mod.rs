@@ -59,3 +59,57 @@ pub trait BlockEngine: Send + Sync {
 
 /// [`BlockEngine::io_parallelism`] of an engine on local files.
 pub const DEFAULT_IO_PARALLELISM: usize = 4;
+
+/// `Ok` when `offset..offset + len` lies inside a device of `size` bytes.
+pub(crate) fn check_range(offset: u64, len: u64, size: u64) -> Result<(), EngineError> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(EngineError::OutOfRange { offset, len, size }),
+    }
+}
+
+/// Whether `buf` is all zeros (vectorizable; stops at the first non-zero chunk).
+pub(crate) fn is_zero(buf: &[u8]) -> bool {
+    let mut chunks = buf.chunks_exact(128);
+    for chunk in &mut chunks {
+        if chunk.iter().fold(0u8, |acc, &b| acc | b) != 0 {
+            return false;
+        }
+    }
+    chunks.remainder().iter().all(|&b| b == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn is_zero_finds_a_single_set_byte() {
+        for len in [0usize, 1, 127, 128, 129, 4096, 5000] {
+            let mut v = vec![0u8; len];
+            assert!(is_zero(&v));
+            for at in [0, len / 2, len.saturating_sub(1)] {
+                if len > 0 {
+                    v[at] = 1;
+                    assert!(!is_zero(&v), "len {len} at {at}");
+                    v[at] = 0;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn check_range_refuses_what_ends_past_the_device_or_overflows() {
+        assert!(check_range(0, 4096, 4096).is_ok());
+        assert!(check_range(4096, 0, 4096).is_ok());
+        assert!(matches!(
+            check_range(1, 4096, 4096),
+            Err(EngineError::OutOfRange {
+                offset: 1,
+                len: 4096,
+                size: 4096
+            })
+        ));
+        assert!(check_range(u64::MAX, 2, u64::MAX).is_err());
+    }
+}

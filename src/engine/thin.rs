@@ -297,7 +297,7 @@ use super::alloc::{AllocGuard, PhysAlloc};
 use super::extents::data_extents;
 use super::header::{Header, FEATURE_CLONE, HEADER_BYTES};
 use super::map::{BlockMap, Entry};
-use super::{BlockEngine, EngineError};
+use super::{is_zero, BlockEngine, EngineError};
 use nix::errno::Errno;
 use nix::fcntl::{fallocate, FallocateFlags, Flock, FlockArg};
 use parking_lot::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -786,14 +786,7 @@ impl ThinImage {
     }
 
     fn check_range(&self, offset: u64, len: u64) -> Result<(), EngineError> {
-        match offset.checked_add(len) {
-            Some(end) if end <= self.size => Ok(()),
-            _ => Err(EngineError::OutOfRange {
-                offset,
-                len,
-                size: self.size,
-            }),
-        }
+        super::check_range(offset, len, self.size)
     }
 
     /// First and last logical block of a non-empty range.
@@ -1097,17 +1090,6 @@ fn read_full(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
         }
     }
     Ok(done)
-}
-
-/// Whether `buf` is all zeros (vectorizable; stops at the first non-zero chunk).
-fn is_zero(buf: &[u8]) -> bool {
-    let mut chunks = buf.chunks_exact(128);
-    for chunk in &mut chunks {
-        if chunk.iter().fold(0u8, |acc, &b| acc | b) != 0 {
-            return false;
-        }
-    }
-    chunks.remainder().iter().all(|&b| b == 0)
 }
 
 #[cfg(test)]

@@ -25,7 +25,7 @@ use super::ranges::RangeLocks;
 use super::state::{unit_span, Pacer, ReplicaStatus, Route, Track, UNIT};
 use super::wire::{ErrorCode, Hello, Request};
 use super::{Generation, Incarnation, ReplicaState, ReplicationError, StateStore};
-use crate::engine::{BlockEngine, EngineError, ThinParams};
+use crate::engine::{is_zero, BlockEngine, EngineError, ThinParams};
 use crossbeam_channel::{Receiver, Sender};
 use parking_lot::{Condvar, Mutex, RwLock};
 use sha2::{Digest, Sha256};
@@ -318,13 +318,6 @@ fn meet(recorded: Option<Incarnation>, seen: Incarnation) -> Met {
 /// not allow for.
 fn handshake_timeout(io_timeout: Duration) -> Duration {
     io_timeout.max(Duration::from_secs(30))
-}
-
-fn is_zero(buf: &[u8]) -> bool {
-    // Word-wise: the resync scans whole runs.
-    let mut chunks = buf.chunks_exact(8);
-    chunks.all(|c| u64::from_ne_bytes(c.try_into().unwrap()) == 0)
-        && chunks.remainder().iter().all(|&b| b == 0)
 }
 
 impl Mirror {
@@ -663,14 +656,7 @@ impl Inner {
     }
 
     fn check_range(&self, offset: u64, len: u64) -> Result<(), EngineError> {
-        match offset.checked_add(len) {
-            Some(end) if end <= self.size => Ok(()),
-            _ => Err(EngineError::OutOfRange {
-                offset,
-                len,
-                size: self.size,
-            }),
-        }
+        crate::engine::check_range(offset, len, self.size)
     }
 
     /// A local replica's error: fencing fences the mirror.
