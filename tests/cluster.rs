@@ -748,6 +748,10 @@ fn a_rolled_back_lone_replica_is_refused_until_one_is_accepted() {
     };
     cp(&replica, backup.path());
     c.start_again(0);
+    // Taken after the backup: n1's files, put back, will lack it.
+    c.cli_ok(0, &["snapshot", "create", vol, "late"]);
+    let both = vec!["n1".to_string(), "n2".to_string()];
+    assert_eq!(snapshot_names_on(&c, 0, vol), [("late".to_string(), both)]);
 
     // n2 misses what follows: n1 is the only replica in sync.
     let d = BlockDev::open(&c.attach_on(0, vol));
@@ -783,6 +787,9 @@ fn a_rolled_back_lone_replica_is_refused_until_one_is_accepted() {
     assert!(err.contains("node n3 holds no replica"), "{err}");
     let out = c.cli_ok(1, &["replica", "accept", vol, "n1"]);
     assert!(out.contains("n2 resynced whole"), "{out}");
+    // The records no longer count on n1 for the snapshot it lacks.
+    let n2 = vec!["n2".to_string()];
+    assert_eq!(snapshot_names_on(&c, 0, vol), [("late".to_string(), n2)]);
     wait_all_in_sync(&c, 1, vol);
     wait_resync_gone(&c, 1, vol);
     assert_checksums_equal(&c, &[0, 1], vol);
@@ -795,8 +802,24 @@ fn a_rolled_back_lone_replica_is_refused_until_one_is_accepted() {
     }
     let err = c.cli_err(0, &["replica", "accept", vol, "n2"]);
     assert!(err.contains("attached on node n2"), "{err}");
+    write_blocks(&d, 8192..8200, 3);
+    d.sync().expect("fdatasync");
     drop(d);
     c.detach_on(1, vol);
+
+    // Restored from n2's copy of the snapshot; n1's replica, which
+    // lacks it, is brought to it by the next attach.
+    c.cli_ok(0, &["volume", "restore", vol, "late"]);
+    let d = BlockDev::open(&c.attach_on(0, vol));
+    wait_all_in_sync(&c, 0, vol);
+    verify_blocks(&d, 0..256, 1);
+    for i in 8192..8200 {
+        assert_eq!(d.read_block(i).unwrap(), vec![0; BLOCK], "block {i}");
+    }
+    drop(d);
+    c.detach_on(0, vol);
+    wait_resync_gone(&c, 0, vol);
+    assert_checksums_equal(&c, &[0, 1], vol);
     c.remove(0, vol);
     c.shutdown();
 }
@@ -1596,6 +1619,16 @@ fn a_clone_of_a_replicated_volume_lives_on_its_parents_nodes() {
     );
     assert_all_in_sync(&c, 2, copy, "after replica add of a clone");
     assert_checksums_equal(&c, &[0, 1, 2], copy);
+    // The parent's replica on n3, added after the clone's plain copy
+    // there, shares nothing with it: it may go again.
+    let wait = RESYNC_TIMEOUT_SECS.to_string();
+    c.cli_ok(
+        1,
+        &["replica", "add", src, "n3", "--wait", "--timeout", &wait],
+    );
+    assert_eq!(c.placement(2, src), ["n1", "n2", "n3"]);
+    c.cli_ok(0, &["replica", "rm", src, "n3"]);
+    assert_eq!(c.placement(2, src), ["n1", "n2"]);
     let dev = c.attach_on(2, copy);
     let d = BlockDev::open(&dev);
     assert_eq!(d.read_block(3).expect("read"), a);

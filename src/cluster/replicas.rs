@@ -188,18 +188,12 @@ impl Cluster {
         incarnation: Incarnation,
         replaced: bool,
     ) -> Result<(), ClusterError> {
-        const TRIES: usize = 20;
-        let fenced = || ClusterError::Fenced {
-            volume: volume_id.to_string(),
-            generation,
-        };
-        // A missing key compares as revision 0: never a valid guard.
-        if generation == 0 {
-            return Err(fenced());
-        }
         let key = format!("{}{node}", incarnations_prefix(volume_id));
-        for _ in 0..TRIES {
-            let (mut ops, mut when) = if replaced {
+        let what = || {
+            format!("the snapshot records of volume {volume_id}, read to record node {node}'s replica replaced,")
+        };
+        self.txn_holding(volume_id, generation, what, || {
+            let (mut ops, when) = if replaced {
                 self.snapshots_without(volume_id, node)?
             } else {
                 (Vec::new(), Vec::new())
@@ -209,22 +203,8 @@ impl Cluster {
                 format!("{incarnation:016x}"),
                 None,
             ));
-            when.push(Compare::mod_revision(
-                attach_key(volume_id),
-                CompareOp::Equal,
-                generation as i64,
-            ));
-            let txn = Txn::new().when(when).and_then(ops);
-            if self.run(move |s| async move { Ok(s.txn(txn).await?.succeeded()) })? {
-                return Ok(());
-            }
-            if self.attach_holder(volume_id)?.map(|h| h.generation) != Some(generation) {
-                return Err(fenced());
-            }
-        }
-        Err(ClusterError::Etcd(format!(
-            "the snapshot records of volume {volume_id} kept changing under {TRIES} attempts to record node {node}'s replica replaced; retry"
-        )))
+            Ok((ops, when, ()))
+        })
     }
 
     /// Record `node`'s replica state, only while the volume's attach key is
@@ -363,6 +343,48 @@ impl Cluster {
         Ok(())
     }
 
+    /// Run the transaction `attempt` builds (its operations, the compares
+    /// that hold it to the keys it read, and what to answer) only while
+    /// `generation` holds the volume's attach: built again while only
+    /// those keys changed meanwhile, Err(Fenced) once the attach moved.
+    /// `what` says what kept changing after the last try.
+    pub(super) fn txn_holding<T>(
+        &self,
+        volume_id: &str,
+        generation: Generation,
+        what: impl FnOnce() -> String,
+        mut attempt: impl FnMut() -> Result<(Vec<TxnOp>, Vec<Compare>, T), ClusterError>,
+    ) -> Result<T, ClusterError> {
+        const TRIES: usize = 20;
+        let fenced = || ClusterError::Fenced {
+            volume: volume_id.to_string(),
+            generation,
+        };
+        // A missing key compares as revision 0: never a valid guard.
+        if generation == 0 {
+            return Err(fenced());
+        }
+        for _ in 0..TRIES {
+            let (ops, mut when, answer) = attempt()?;
+            when.push(Compare::mod_revision(
+                attach_key(volume_id),
+                CompareOp::Equal,
+                generation as i64,
+            ));
+            let txn = Txn::new().when(when).and_then(ops);
+            if self.run(move |s| async move { Ok(s.txn(txn).await?.succeeded()) })? {
+                return Ok(answer);
+            }
+            if self.attach_holder(volume_id)?.map(|h| h.generation) != Some(generation) {
+                return Err(fenced());
+            }
+        }
+        Err(ClusterError::Etcd(format!(
+            "{} kept changing under {TRIES} attempts; retry",
+            what()
+        )))
+    }
+
     /// Run `op` only while `generation` holds the volume's attach
     /// (Err(Fenced) otherwise).
     pub(super) fn put_holding(
@@ -402,9 +424,9 @@ impl Cluster {
         generation: Generation,
         change: ReplicaChange<'_>,
     ) -> Result<crate::catalog::VolumeRecord, ClusterError> {
-        const TRIES: usize = 20;
         let key = volume_key(name);
-        for _ in 0..TRIES {
+        let what = || format!("volume {name}'s record, read to change its replicas,");
+        self.txn_holding(volume_id, generation, what, || {
             let k = key.clone();
             let Some(kv) = self.run(|s| async move { s.get(&k).await })? else {
                 return Err(ClusterError::Etcd(format!(
@@ -421,7 +443,11 @@ impl Cluster {
             // An added replica is met anew; a removed one's image is deleted.
             let incarnation_key = |n: &str| format!("{}{n}", incarnations_prefix(volume_id));
             let mut ops = Vec::new();
-            let mut snapshots_read = Vec::new();
+            let mut when = vec![Compare::mod_revision(
+                key.as_str(),
+                CompareOp::Equal,
+                kv.mod_revision(),
+            )];
             match change {
                 ReplicaChange::Add(n) => {
                     if !record.replicas.iter().any(|r| r == n) {
@@ -441,30 +467,13 @@ impl Cluster {
                     ops.push(TxnOp::delete(incarnation_key(n), None));
                     let (snaps, held) = self.snapshots_without(volume_id, n)?;
                     ops.extend(snaps);
-                    snapshots_read.extend(held);
+                    when.extend(held);
                 }
             }
             record.spec.repl = u8::try_from(record.replicas.len()).unwrap_or(u8::MAX);
             ops.push(TxnOp::put(key.as_str(), to_json(&record), None));
-            let mut when = vec![
-                Compare::mod_revision(attach_key(volume_id), CompareOp::Equal, generation as i64),
-                Compare::mod_revision(key.as_str(), CompareOp::Equal, kv.mod_revision()),
-            ];
-            when.extend(snapshots_read);
-            let txn = Txn::new().when(when).and_then(ops);
-            if self.run(move |s| async move { Ok(s.txn(txn).await?.succeeded()) })? {
-                return Ok(record);
-            }
-            if self.attach_holder(volume_id)?.map(|h| h.generation) != Some(generation) {
-                return Err(ClusterError::Fenced {
-                    volume: volume_id.to_string(),
-                    generation,
-                });
-            }
-        }
-        Err(ClusterError::Etcd(format!(
-            "volume {name} kept changing under {TRIES} attempts to change its replicas; retry"
-        )))
+            Ok((ops, when, record))
+        })
     }
 
     /// A [`StateStore`] bound to one volume and generation, for the data path.

@@ -3,6 +3,14 @@
 
 use super::*;
 
+/// Snapshot records rewritten: the transaction's operations, the compares
+/// that hold it to the records read, and the snapshots' names.
+struct Rewrite {
+    ops: Vec<TxnOp>,
+    when: Vec<Compare>,
+    names: Vec<String>,
+}
+
 impl Cluster {
     /// The volume's snapshot records that list `node`, rewritten without
     /// it, and the compares that hold the transaction to the records read:
@@ -12,16 +20,29 @@ impl Cluster {
         volume_id: &str,
         node: &str,
     ) -> Result<(Vec<TxnOp>, Vec<Compare>), ClusterError> {
+        let r = self.snapshots_lacking(volume_id, node, |_| true)?;
+        Ok((r.ops, r.when))
+    }
+
+    /// [`Cluster::snapshots_without`], for the snapshots named such that
+    /// `lacks(name)`.
+    fn snapshots_lacking(
+        &self,
+        volume_id: &str,
+        node: &str,
+        lacks: impl Fn(&str) -> bool,
+    ) -> Result<Rewrite, ClusterError> {
         let prefix = snapshots_prefix(volume_id);
         let p = prefix.clone();
         let kvs = self.run(|s| async move { s.get_prefix(&p).await })?;
-        let (mut ops, mut when) = (Vec::new(), Vec::new());
+        let (mut ops, mut when, mut names) = (Vec::new(), Vec::new(), Vec::new());
         for kv in kvs {
             let Some(name) = key_tail(&kv, &prefix) else {
                 continue;
             };
             let mut snap: SnapshotRecord = parse(&kv)?;
-            if snap.nodes.iter().any(|r| r == node) {
+            if lacks(name) && snap.nodes.iter().any(|r| r == node) {
+                names.push(name.to_string());
                 snap.nodes.retain(|r| r != node);
                 let key = format!("{prefix}{name}");
                 when.push(Compare::mod_revision(
@@ -32,7 +53,28 @@ impl Cluster {
                 ops.push(TxnOp::put(key, to_json(&snap), None));
             }
         }
-        Ok((ops, when))
+        Ok(Rewrite { ops, when, names })
+    }
+
+    /// While `generation` holds the attach: stop listing `node` on the
+    /// volume's snapshots other than those in `held` (what its replica
+    /// holds, after it was accepted as the data: its files may be older
+    /// than the records). Answers the snapshots it was taken off.
+    pub fn unlist_snapshots_lacking(
+        &self,
+        volume_id: &str,
+        generation: Generation,
+        node: &str,
+        held: &[String],
+    ) -> Result<Vec<String>, ClusterError> {
+        let lacks = |name: &str| !held.iter().any(|h| h == name);
+        let what = || {
+            format!("the snapshot records of volume {volume_id}, read to take node {node} off those its replica lacks,")
+        };
+        self.txn_holding(volume_id, generation, what, || {
+            let r = self.snapshots_lacking(volume_id, node, lacks)?;
+            Ok((r.ops, r.when, r.names))
+        })
     }
 
     /// The volume's snapshots, oldest first.

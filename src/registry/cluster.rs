@@ -10,7 +10,7 @@ use crate::config::ClusterNode;
 use crate::engine::CryptEngine;
 use crate::replication::wire::ErrorCode;
 use crate::spec::{SpecError, VolumeSpec};
-use crate::volume::forward::{HolderRequest, RunForwarded};
+use crate::volume::forward::{HolderOp, HolderRequest, RunForwarded};
 use crate::volume::replicated::{self as vr, ClusterView};
 use actix::prelude::*;
 use std::collections::BTreeMap;
@@ -410,6 +410,20 @@ impl Handler<Forwarded> for Registry {
                 return Box::pin(async move { Err(refused) });
             }
         };
+        if req.op == HolderOp::ReplicaContents {
+            // Not through the volume's actor: the asking node's actor may
+            // be waiting for a reply from this node's (a request forwarded
+            // to the holder, which asks this node).
+            let answer = match &self.node.cluster {
+                Some(c) => c
+                    .replicas
+                    .contents(&req.volume_id)
+                    .map(|held| serde_json::to_string(&held).expect("a reply serializes"))
+                    .map_err(|e| (ErrorCode::Io, e.to_string())),
+                None => Err((ErrorCode::Invalid, "this node is not in a cluster".into())),
+            };
+            return Box::pin(async move { answer });
+        }
         let addr = match self.lookup(&req.volume).and_then(|r| self.actor(&r)) {
             Ok(a) => a,
             Err(e) => {

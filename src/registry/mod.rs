@@ -83,7 +83,12 @@ impl RegistryError {
                 | volume::VolumeErrorKind::ReplicasOnHolder(_)
                 | volume::VolumeErrorKind::ReplicaChange(_) => 409,
                 volume::VolumeErrorKind::Replication(ref r)
-                    if matches!(**r, crate::replication::ReplicationError::Membership { .. }) =>
+                    if matches!(
+                        **r,
+                        crate::replication::ReplicationError::Membership { .. }
+                            | crate::replication::ReplicationError::SnapshotNeedsAll { .. }
+                            | crate::replication::ReplicationError::SnapshotHeldNowhere { .. }
+                    ) =>
                 {
                     409
                 }

@@ -23,6 +23,19 @@ const GENERATION_FILE: &str = "generation";
 const INCARNATION_FILE: &str = "incarnation";
 const HEADER_FILE: &str = "header";
 
+/// What a node's replica of a volume holds, as its directory says.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicaContents {
+    /// The node has an image of the volume.
+    pub present: bool,
+    /// Its snapshots, sorted.
+    pub snapshots: Vec<String>,
+    /// The volume ids of the live clones whose images on this node share
+    /// its blocks (a clone's replica made as a plain copy is not one).
+    pub clones: Vec<String>,
+}
+
 /// Check a volume id that names a directory: `[A-Za-z0-9][A-Za-z0-9_.-]*`,
 /// at most 128 bytes (ids come over the network).
 pub fn check_volume_id(id: &str) -> Result<(), ReplicationError> {
@@ -610,6 +623,26 @@ impl LocalReplicas {
         Ok(open)
     }
 
+    /// What the replica of `volume_id` here holds, read from its
+    /// directory without opening it.
+    pub fn contents(&self, volume_id: &str) -> Result<ReplicaContents, ReplicationError> {
+        let dir = self.dir(volume_id)?;
+        if !dir.join(HEADER_FILE).exists() {
+            return Ok(ReplicaContents::default());
+        }
+        let mut clones: Vec<String> = ThinImage::clones_of(&dir)?
+            .into_iter()
+            .filter_map(|(_, d)| Some(d.file_name()?.to_string_lossy().into_owned()))
+            .collect();
+        clones.sort();
+        clones.dedup();
+        Ok(ReplicaContents {
+            present: true,
+            snapshots: ThinImage::snapshot_names(&dir)?,
+            clones,
+        })
+    }
+
     /// Close the replica and delete its directory. Refused while anyone
     /// holds it.
     pub fn remove(&self, volume_id: &str) -> Result<(), ReplicationError> {
@@ -838,6 +871,20 @@ mod tests {
             reps.remove("parent"),
             Err(ReplicationError::HasClones { .. })
         ));
+        let held = |snapshots: &[&str], clones: &[&str]| ReplicaContents {
+            present: true,
+            snapshots: snapshots.iter().map(|s| s.to_string()).collect(),
+            clones: clones.iter().map(|s| s.to_string()).collect(),
+        };
+        assert_eq!(
+            reps.contents("parent").unwrap(),
+            held(&["base"], &["clone"])
+        );
+        assert_eq!(reps.contents("clone").unwrap(), held(&[], &[]));
+        assert_eq!(
+            reps.contents("nowhere").unwrap(),
+            ReplicaContents::default()
+        );
         // Never an empty image in its place: it would pass for in sync.
         assert!(reps.open_as("copy", P, Some(&base("gone")), false).is_err());
         assert!(!dir.path().join("copy").exists());
@@ -851,6 +898,10 @@ mod tests {
         // Even where the base is here: nothing ties it to a base directory.
         let again = reps.open_as("again", P, Some(&base("base")), true).unwrap();
         assert!(!again.image().is_clone());
+        assert_eq!(
+            reps.contents("parent").unwrap(),
+            held(&["base"], &["clone"])
+        );
         drop(again);
         reps.remove("again").unwrap();
         reps.remove("clone").unwrap();

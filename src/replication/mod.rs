@@ -24,7 +24,7 @@ pub mod state;
 pub mod wire;
 
 pub use link::{forward_request, restore_replica};
-pub use local::{check_volume_id, LocalReplica, LocalReplicas, ReplicaBase};
+pub use local::{check_volume_id, LocalReplica, LocalReplicas, ReplicaBase, ReplicaContents};
 pub use mirror::{Mirror, MirrorConfig, NewReplica, PeerSpec, Verification};
 pub use server::{Forwarder, ReplicaServer};
 pub use state::{ReplicaStatus, ResyncProgress};
@@ -198,6 +198,13 @@ pub enum ReplicationError {
         node: String,
         why: String,
     },
+    /// No replica of the volume holds the snapshot any more.
+    #[error(
+        "cannot restore snapshot {snapshot} of volume {volume}: none of its replicas holds it \
+         (each was placed, or its files replaced, after the snapshot was taken); it can only \
+         be deleted (`dunnage snapshot rm {volume} {snapshot}`)"
+    )]
+    SnapshotHeldNowhere { volume: String, snapshot: String },
     /// A replica cannot be added to or removed from the volume now.
     #[error("cannot {op} the replica of volume {volume} on node {node}: {why}")]
     Membership {

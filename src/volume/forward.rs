@@ -41,6 +41,11 @@ pub enum HolderOp {
     /// `snapshot ls`, asked of a node with a replica (not necessarily the
     /// holder) by one without: the space figures are its replica's.
     ListSnapshots,
+    /// What this node's replica of the volume holds
+    /// ([`crate::replication::ReplicaContents`]),
+    /// read from its directory. Answered by the registry, not the volume's
+    /// actor: the asking node's actor may be the one waiting for it.
+    ReplicaContents,
 }
 
 /// A forwarded request, as it travels.
@@ -75,7 +80,7 @@ pub(super) fn forward_to(
         op,
     };
     let wait = match request.op {
-        HolderOp::ListSnapshots => LIST_WAIT,
+        HolderOp::ListSnapshots | HolderOp::ReplicaContents => LIST_WAIT,
         _ => FORWARD_WAIT,
     };
     let json = serde_json::to_string(&request).expect("a request serializes");
@@ -149,6 +154,12 @@ impl VolumeActor {
                 let record = self.record()?;
                 to_json(&self.cluster_snapshots(&c, &record)?)
             }
+            HolderOp::ReplicaContents => {
+                let Some(c) = self.node.cluster.clone() else {
+                    return Err(self.err(VolumeErrorKind::NotClustered("a replica's contents")));
+                };
+                to_json(&c.replicas.contents(&self.id).map_err(|e| self.err(e))?)
+            }
         })
     }
 
@@ -202,6 +213,7 @@ mod tests {
             HolderOp::RemoveReplica { node: "n2".into() },
             HolderOp::StopResync,
             HolderOp::ListSnapshots,
+            HolderOp::ReplicaContents,
         ] {
             let req = HolderRequest {
                 volume: "pg".into(),

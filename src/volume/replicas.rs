@@ -10,13 +10,13 @@
 //! sync. A removed one is recorded Outdated before its writes stop, and an
 //! added one is Outdated until its resync ends.
 
-use super::forward::HolderOp;
+use super::forward::{forward_to, HolderOp};
 use super::{replicated, Backing, VolumeActor, VolumeError, VolumeErrorKind};
 use crate::catalog::VolumeRecord;
 use crate::cluster::placement::{place, PlacementRequest};
 use crate::cluster::{ClusterError, Member, ReplicaChange};
 use crate::config::ClusterNode;
-use crate::replication::{NewReplica, ReplicaState, ReplicationError};
+use crate::replication::{NewReplica, ReplicaContents, ReplicaState, ReplicationError};
 use actix::prelude::*;
 use std::time::Duration;
 
@@ -34,6 +34,23 @@ pub struct ChangeReplica {
 
 fn refused(why: String) -> VolumeErrorKind {
     VolumeErrorKind::ReplicaChange(why)
+}
+
+/// What `node`'s replica of `record` holds: read here, or asked of it.
+fn contents_on(
+    c: &ClusterNode,
+    record: &VolumeRecord,
+    node: &str,
+) -> Result<ReplicaContents, VolumeErrorKind> {
+    if node == c.cluster.node() {
+        return Ok(c.replicas.contents(&record.id)?);
+    }
+    let reply = forward_to(c, record, node, HolderOp::ReplicaContents)?;
+    serde_json::from_str(&reply).map_err(|e| VolumeErrorKind::OnHolder {
+        node: node.to_string(),
+        code: crate::replication::wire::ErrorCode::Protocol,
+        message: format!("an unreadable reply ({e}): {reply}"),
+    })
 }
 
 /// The node a new replica goes to: `asked`, or the one placement ranks
@@ -140,7 +157,82 @@ fn check_remove(
     )))
 }
 
+/// After `node`'s replica was accepted as the data, while `generation`
+/// holds the attach: the snapshot records stop listing it on snapshots it
+/// lacks (its files may have been put back from a backup older than them),
+/// so that a restore or a clone does not count on it for those. Best
+/// effort: the accept stands either way.
+fn unlist_snapshots_lacking(
+    c: &ClusterNode,
+    record: &VolumeRecord,
+    generation: crate::replication::Generation,
+    node: &str,
+) {
+    let held = match contents_on(c, record, node) {
+        Ok(held) => held.snapshots,
+        Err(e) => {
+            tracing::warn!(volume = %record.name, node, error = %e,
+                "cannot read which snapshots the accepted replica holds: the snapshot records may list it on some it lacks");
+            return;
+        }
+    };
+    match c
+        .cluster
+        .unlist_snapshots_lacking(&record.id, generation, node, &held)
+    {
+        Ok(gone) if !gone.is_empty() => {
+            tracing::warn!(volume = %record.name, node, snapshots = ?gone,
+                "the accepted replica lacks these snapshots: no longer listed on its node")
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(volume = %record.name, node, error = %e,
+            "cannot update the snapshot records after the accept: they may list the accepted replica on snapshots it lacks"),
+    }
+}
+
 impl VolumeActor {
+    /// Refuse to remove `node`'s replica of `record` while a clone's
+    /// replica there shares its blocks. The catalog says which clones have
+    /// a replica on the node, not whether it was made sharing or as a
+    /// plain copy (`LocalReplicas::open_as`): the node itself is asked.
+    fn check_no_clone_shares(
+        &self,
+        c: &ClusterNode,
+        record: &VolumeRecord,
+        node: &str,
+    ) -> Result<(), VolumeError> {
+        let catalog = &*self.node.catalog;
+        let there = super::clones_of(catalog, &record.id, |r| {
+            r.replicas.iter().any(|n| n == node)
+        });
+        if there.is_empty() {
+            return Ok(());
+        }
+        let sharing: Vec<String> = match contents_on(c, record, node) {
+            Ok(held) => catalog
+                .list()
+                .into_iter()
+                .filter(|r| held.clones.contains(&r.id))
+                .map(|r| r.name)
+                .collect(),
+            Err(e) => {
+                return Err(self.err(refused(format!(
+                    "clone {} has a replica on node {node}, and node {node} could not say whether it shares this replica's blocks ({e}); start its daemon and retry, or remove that replica first (`dunnage replica rm {} {node}`)",
+                    there.join(", "),
+                    there[0]
+                ))))
+            }
+        };
+        if sharing.is_empty() {
+            return Ok(());
+        }
+        Err(self.err(refused(format!(
+            "the replica of clone {} on node {node} shares its blocks; remove that first (`dunnage replica rm {} {node}`, or remove the clone)",
+            sharing.join(", "),
+            sharing[0]
+        ))))
+    }
+
     pub(super) fn change_replica(
         &mut self,
         add: bool,
@@ -192,15 +284,7 @@ impl VolumeActor {
                     "node {n} holds its only replica; remove the volume instead"
                 ))));
             }
-            let clones =
-                super::clones_of(&*self.node.catalog, &record.id, |r| r.replicas.contains(&n));
-            if !clones.is_empty() {
-                return Err(self.err(refused(format!(
-                    "the replica of clone {} on node {n} shares its blocks; remove that first (`dunnage replica rm {} {n}`, or remove the clone)",
-                    clones.join(", "),
-                    clones[0]
-                ))));
-            }
+            self.check_no_clone_shares(&c, &record, &n)?;
             n
         };
         let change = if add {
@@ -368,6 +452,7 @@ impl VolumeActor {
                 c.cluster
                     .accept_replica(&record.id, generation, &node, &others)
                     .map_err(VolumeErrorKind::from)?;
+                unlist_snapshots_lacking(&c, &record, generation, &node);
                 Ok((others, lost))
             });
         // No IO ran: an unreleased mark of an earlier attach stays.

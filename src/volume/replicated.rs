@@ -359,7 +359,8 @@ pub(super) fn close_mirror(
 /// Refuse a snapshot operation (`op`: take, delete, restore) up front,
 /// before anything is opened or recorded, when a replica's node is down;
 /// for a take or restore also when a replica is not in sync, and for a
-/// restore when it lacks the snapshot (`snap`). The cluster's members.
+/// restore when no replica holds the snapshot (`snap`). The cluster's
+/// members.
 pub(super) fn check_replicas(
     c: &ClusterNode,
     record: &VolumeRecord,
@@ -376,8 +377,6 @@ pub(super) fn check_replicas(
             "unreachable (its node is down)".to_string()
         } else if op != "delete" && state != ReplicaState::InSync {
             state.to_string()
-        } else if snap.is_some_and(|s| !s.nodes.contains(node)) {
-            "without this snapshot (it was placed there after the snapshot was taken)".to_string()
         } else {
             continue;
         };
@@ -389,6 +388,17 @@ pub(super) fn check_replicas(
             why,
         }
         .into());
+    }
+    // Replicas placed (or whose files were replaced) since the snapshot
+    // lack it: restored from one that holds it, as a resync.
+    if let Some(snap) = snap {
+        if !record.replicas.iter().any(|n| snap.nodes.contains(n)) {
+            return Err(ReplicationError::SnapshotHeldNowhere {
+                volume: record.name.clone(),
+                snapshot: snapshot.to_string(),
+            }
+            .into());
+        }
     }
     Ok(members)
 }
@@ -423,7 +433,7 @@ pub(super) fn restore(
     };
     let members = check_replicas(c, record, "restore", name, Some(snap))?;
     let generation = take_attach(c, record, Duration::ZERO)?;
-    let res = restore_replicas(c, record, name, generation, &members);
+    let res = restore_replicas(c, record, snap, generation, &members);
     // Every in-sync replica now holds the snapshot's contents: nothing
     // an earlier unreleased attach left is left to compare. Unless it
     // failed: then what was owed still is.
@@ -434,10 +444,11 @@ pub(super) fn restore(
 fn restore_replicas(
     c: &ClusterNode,
     record: &VolumeRecord,
-    name: &str,
+    snap: &crate::cluster::SnapshotRecord,
     generation: Generation,
     members: &[crate::cluster::Member],
 ) -> Result<(), VolumeErrorKind> {
+    let name = snap.name.as_str();
     let me = c.cluster.node();
     let states = c.cluster.state_store(&record.id, &record.name, generation);
     let hello = Hello::new(&record.id, generation, me, params(record));
@@ -469,12 +480,16 @@ fn restore_replicas(
             }
         }
     };
-    // The reference first (this node's replica if it holds one); the
-    // others are outdated until restored, so a failure or a crash from
-    // here leaves them to be resynced from it.
+    // The reference first (this node's replica if it holds the
+    // snapshot); the others are outdated until restored, so a failure or
+    // a crash from here leaves them to be resynced from it. Those without
+    // the snapshot stay so: the reference's activity log, forgotten by
+    // its restore, makes that resync whole.
+    let holds = |n: &String| snap.nodes.contains(n);
     let mut order = record.replicas.clone();
-    order.sort_by_key(|n| n != me);
+    order.sort_by_key(|n| (!holds(n), n != me));
     let (reference, others) = order.split_first().expect("a volume has replicas");
+    debug_assert!(holds(reference), "check_replicas found one that holds it");
     for n in others {
         states
             .set_state(n, ReplicaState::Outdated)
@@ -489,6 +504,10 @@ fn restore_replicas(
         return Err(e.into());
     }
     for n in others {
+        if !holds(n) {
+            tracing::warn!(volume = %record.name, node = %n, snapshot = name, "replica without the snapshot: it stays outdated and is resynced whole from {reference} at the next attach");
+            continue;
+        }
         match restore_one(n) {
             Ok(()) => states
                 .set_state(n, ReplicaState::InSync)
