@@ -5,7 +5,9 @@
 //! daemon runs it on the volume's actor, and the reply comes back. So
 //! `dunnage snapshot create`, `snapshot rm`, `replica add/rm` and clones
 //! work from any node, as in Portworx. A node without a replica also asks
-//! one with a replica for `snapshot ls` (the space figures are a replica's).
+//! one with a replica for `snapshot ls` (the space figures are a replica's),
+//! and `replica rm` and `replica accept` ask a replica's node what it holds
+//! (`ReplicaContents`: its snapshots, and the clones sharing its blocks).
 
 use super::{VolumeActor, VolumeError, VolumeErrorKind};
 use crate::catalog::VolumeRecord;
