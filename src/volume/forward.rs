@@ -171,14 +171,20 @@ impl VolumeActor {
         node: &str,
         reply: &str,
     ) -> Result<T, VolumeError> {
-        serde_json::from_str(reply).map_err(|e| {
-            self.err(VolumeErrorKind::OnHolder {
-                node: node.to_string(),
-                code: crate::replication::wire::ErrorCode::Protocol,
-                message: format!("an unreadable reply ({e}): {reply}"),
-            })
-        })
+        parse_reply(node, reply).map_err(|e| self.err(e))
     }
+}
+
+/// `node`'s reply to a forwarded op, as `T`.
+pub(super) fn parse_reply<T: for<'de> Deserialize<'de>>(
+    node: &str,
+    reply: &str,
+) -> Result<T, VolumeErrorKind> {
+    serde_json::from_str(reply).map_err(|e| VolumeErrorKind::OnHolder {
+        node: node.to_string(),
+        code: crate::replication::wire::ErrorCode::Protocol,
+        message: format!("an unreadable reply ({e}): {reply}"),
+    })
 }
 
 fn to_json<T: Serialize>(v: &T) -> String {

@@ -10,7 +10,7 @@
 //! sync. A removed one is recorded Outdated before its writes stop, and an
 //! added one is Outdated until its resync ends.
 
-use super::forward::{forward_to, HolderOp};
+use super::forward::{forward_to, parse_reply, HolderOp};
 use super::{replicated, Backing, VolumeActor, VolumeError, VolumeErrorKind};
 use crate::catalog::VolumeRecord;
 use crate::cluster::placement::{place, PlacementRequest};
@@ -46,11 +46,7 @@ fn contents_on(
         return Ok(c.replicas.contents(&record.id)?);
     }
     let reply = forward_to(c, record, node, HolderOp::ReplicaContents)?;
-    serde_json::from_str(&reply).map_err(|e| VolumeErrorKind::OnHolder {
-        node: node.to_string(),
-        code: crate::replication::wire::ErrorCode::Protocol,
-        message: format!("an unreadable reply ({e}): {reply}"),
-    })
+    parse_reply(node, &reply)
 }
 
 /// The node a new replica goes to: `asked`, or the one placement ranks
