@@ -762,6 +762,12 @@ fn a_rolled_back_lone_replica_is_refused_until_one_is_accepted() {
     c.wait_node_up(0, 1, false);
     c.detach_on(0, vol);
     assert_eq!(c.replica_info(0, vol, "n2")["state"], "outdated");
+    // `volume ls` shows it too.
+    let ls = c.cli_ok(0, &["volume", "ls"]);
+    assert!(
+        ls.contains("REPLICAS") && ls.contains("n1 n2(outdated)"),
+        "{ls}"
+    );
 
     c.kill9(0);
     std::fs::remove_dir_all(&replica).unwrap();
@@ -1573,6 +1579,18 @@ fn a_clone_of_a_replicated_volume_lives_on_its_parents_nodes() {
     d.write_block(3, &a).expect("write");
     d.write_block(4, &b).expect("write");
     d.sync().expect("fdatasync");
+    // Where it is attached and its replicas' states, in `volume ls` on
+    // a node without a replica.
+    let ls: Vec<Value> = serde_json::from_str(&c.cli_ok(2, &["volume", "ls", "--json"])).unwrap();
+    let listed = ls.iter().find(|v| v["name"] == src).expect("listed");
+    assert_eq!(listed["cluster"]["attached_on"], "n1", "{listed}");
+    let states: Vec<(&str, &str)> = listed["cluster"]["replicas"]
+        .as_array()
+        .expect("replicas")
+        .iter()
+        .map(|r| (r["node"].as_str().unwrap(), r["state"].as_str().unwrap()))
+        .collect();
+    assert_eq!(states, [("n1", "in-sync"), ("n2", "in-sync")], "{listed}");
     let parent = format!("parent={src}");
     // Its replicas are the parent's: no other placement.
     let err = c.cli_err(

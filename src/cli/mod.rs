@@ -168,7 +168,8 @@ pub fn snapshot(run_dir: &Path, cmd: SnapshotCmd) -> Result<()> {
 fn table(vols: &[VolumeInfo]) -> String {
     let mut t = Table::new();
     t.load_preset(NOTHING);
-    t.set_header([
+    let clustered = vols.iter().any(|v| v.cluster.is_some());
+    let mut header = vec![
         "NAME",
         "SIZE",
         "FS",
@@ -177,10 +178,14 @@ fn table(vols: &[VolumeInfo]) -> String {
         "ALLOCATED",
         "MOUNTS",
         "LABELS",
-    ]);
+    ];
+    if clustered {
+        header.extend(["ATTACHED", "REPLICAS"]);
+    }
+    t.set_header(header);
     for v in vols {
         let labels: Vec<String> = v.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        t.add_row([
+        let mut row = vec![
             v.name.clone(),
             human_bytes(v.size_bytes),
             v.fs.clone(),
@@ -196,9 +201,37 @@ fn table(vols: &[VolumeInfo]) -> String {
             } else {
                 labels.join(",")
             },
-        ]);
+        ];
+        if clustered {
+            let (attached, replicas) = cluster_columns(v.cluster.as_ref());
+            row.extend([attached, replicas]);
+        }
+        t.add_row(row);
     }
     t.to_string()
+}
+
+/// `volume ls`'s ATTACHED and REPLICAS: the node holding the attach (or
+/// resyncing the volume), and each replica's node, with its state unless
+/// it is in sync (`n1 n2(outdated)`).
+fn cluster_columns(view: Option<&crate::volume::replicated::ClusterView>) -> (String, String) {
+    let Some(view) = view else {
+        return ("?".into(), "?".into());
+    };
+    let attached = match (&view.attached_on, &view.resync_on) {
+        (Some(n), _) => n.clone(),
+        (None, Some(n)) => format!("- (resync on {n})"),
+        (None, None) => "-".into(),
+    };
+    let replicas: Vec<String> = view
+        .replicas
+        .iter()
+        .map(|r| match r.state {
+            crate::replication::ReplicaState::InSync => r.node.clone(),
+            state => format!("{}({state})", r.node),
+        })
+        .collect();
+    (attached, replicas.join(" "))
 }
 
 pub fn volume(run_dir: &Path, cmd: VolumeCmd) -> Result<()> {

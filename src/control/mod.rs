@@ -83,7 +83,18 @@ fn args<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, String> {
 type Reg = web::Data<Addr<Registry>>;
 
 async fn list(reg: Reg) -> HttpResponse {
-    reply(reg.send(registry::List).await)
+    let mut vols = match reg.send(registry::List).await {
+        Ok(Ok(v)) => v,
+        other => return reply(other),
+    };
+    // In a cluster, each volume's attach and replicas (best effort: the
+    // list stands without them).
+    if let Ok(Ok(mut views)) = reg.send(registry::cluster::ListCluster).await {
+        for v in &mut vols {
+            v.cluster = views.remove(&v.name);
+        }
+    }
+    HttpResponse::Ok().json(vols)
 }
 
 async fn create(reg: Reg, body: web::Bytes) -> HttpResponse {

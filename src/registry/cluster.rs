@@ -315,6 +315,41 @@ impl Handler<QueryCluster> for Registry {
     }
 }
 
+/// `volume ls`'s cluster part: each volume's attach and replica states, by
+/// name, read from etcd (not through the volume actors, one of which may be
+/// busy with a long attach); empty on a single node. Once etcd fails to
+/// answer, the volumes left are left out (not waited for one by one).
+#[derive(Message)]
+#[rtype(result = "Reply<std::collections::BTreeMap<String, ClusterView>>")]
+pub struct ListCluster;
+
+impl Handler<ListCluster> for Registry {
+    type Result = ResponseFuture<Reply<std::collections::BTreeMap<String, ClusterView>>>;
+    fn handle(&mut self, _: ListCluster, _: &mut Context<Self>) -> Self::Result {
+        let Some(c) = self.node.cluster.clone() else {
+            return Box::pin(async { Ok(Default::default()) });
+        };
+        let records = self.node.catalog.list();
+        Box::pin(async move {
+            let views = tokio::task::spawn_blocking(move || {
+                let mut views = std::collections::BTreeMap::new();
+                for r in records {
+                    match crate::volume::replicated::etcd_view(&c, &r) {
+                        Ok(view) => views.insert(r.name, view),
+                        Err(e) => {
+                            tracing::warn!(volume = %r.name, error = %e, "volume ls: etcd did not answer; listing without the cluster columns from here");
+                            break;
+                        }
+                    };
+                }
+                views
+            })
+            .await;
+            Ok(views.unwrap_or_default())
+        })
+    }
+}
+
 /// `dunnage replica checksum VOL`.
 #[derive(Message)]
 #[rtype(result = "Reply<String>")]

@@ -42,8 +42,8 @@ pub struct VolumeInfo {
     /// Used and shared space with snapshots (`volume inspect` only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub space: Option<crate::volume::snapshots::Space>,
-    /// Replica placement and states, attach holder (cluster mode,
-    /// `volume inspect` only).
+    /// Replica placement and states, attach holder (cluster mode, `volume
+    /// inspect` and `volume ls`; resync progress in inspect only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster: Option<crate::volume::replicated::ClusterView>,
 }

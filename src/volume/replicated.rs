@@ -629,14 +629,9 @@ impl Handler<QueryCluster> for VolumeActor {
                 verification: mirror.verification(),
             }));
         }
-        let holder = c.cluster.attach_holder(&self.id).map_err(|e| self.err(e))?;
-        let (owner, resync_on) = match holder {
-            Some(h) if h.resync => (None, Some(h.node)),
-            Some(h) => (Some((h.node, h.generation)), None),
-            None => (None, None),
-        };
         // A background resync here: its mirror knows the progress.
         if let Some(mirror) = c.mirror(&self.id).filter(|_| c.resyncing(&self.id)) {
+            let resync_on = Some(c.cluster.node().to_string());
             return Ok(Some(ClusterView {
                 attached_on: None,
                 generation: None,
@@ -645,29 +640,37 @@ impl Handler<QueryCluster> for VolumeActor {
                 verification: mirror.verification(),
             }));
         }
-        let states = c
-            .cluster
-            .replica_states(&self.id)
-            .map_err(|e| self.err(e))?;
-        Ok(Some(ClusterView {
-            attached_on: owner.as_ref().map(|(n, _)| n.clone()),
-            generation: owner.map(|(_, g)| g),
-            resync_on,
-            replicas: record
-                .replicas
-                .iter()
-                .map(|n| ReplicaView {
-                    node: n.clone(),
-                    state: states.get(n).copied().unwrap_or(ReplicaState::Outdated),
-                    local: None,
-                    connected: None,
-                    resync: None,
-                    resync_sent_bytes: None,
-                })
-                .collect(),
-            verification: None,
-        }))
+        etcd_view(&c, &record).map(Some).map_err(|e| self.err(e))
     }
+}
+
+/// What etcd says of the volume's attach and replicas (`volume ls`, and
+/// `volume inspect` where no mirror of it runs).
+pub fn etcd_view(c: &ClusterNode, record: &VolumeRecord) -> Result<ClusterView, ClusterError> {
+    let (owner, resync_on) = match c.cluster.attach_holder(&record.id)? {
+        Some(h) if h.resync => (None, Some(h.node)),
+        Some(h) => (Some((h.node, h.generation)), None),
+        None => (None, None),
+    };
+    let states = c.cluster.replica_states(&record.id)?;
+    Ok(ClusterView {
+        attached_on: owner.as_ref().map(|(n, _)| n.clone()),
+        generation: owner.map(|(_, g)| g),
+        resync_on,
+        replicas: record
+            .replicas
+            .iter()
+            .map(|n| ReplicaView {
+                node: n.clone(),
+                state: states.get(n).copied().unwrap_or(ReplicaState::Outdated),
+                local: None,
+                connected: None,
+                resync: None,
+                resync_sent_bytes: None,
+            })
+            .collect(),
+        verification: None,
+    })
 }
 
 /// Start a background resync if the volume is attached nowhere and a
