@@ -328,3 +328,47 @@ pub fn detach(run_dir: &Path, name: String) -> Result<()> {
     let () = Client::new(run_dir).post("/v1/volume/detach", &NameArgs { name })?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replication::ReplicaState;
+    use crate::volume::replicated::{ClusterView, ReplicaView};
+
+    fn replica(node: &str, state: ReplicaState) -> ReplicaView {
+        ReplicaView {
+            node: node.into(),
+            state,
+            local: None,
+            connected: None,
+            resync: None,
+            resync_sent_bytes: None,
+        }
+    }
+
+    #[test]
+    fn cluster_columns_name_the_holder_and_the_replicas_not_in_sync() {
+        let mut view = ClusterView {
+            attached_on: Some("n1".into()),
+            generation: Some(7),
+            resync_on: None,
+            replicas: vec![
+                replica("n1", ReplicaState::InSync),
+                replica("n2", ReplicaState::Resyncing),
+                replica("n3", ReplicaState::Outdated),
+            ],
+            verification: None,
+        };
+        assert_eq!(
+            cluster_columns(Some(&view)),
+            ("n1".into(), "n1 n2(resyncing) n3(outdated)".into())
+        );
+        view.attached_on = None;
+        view.resync_on = Some("n2".into());
+        assert_eq!(cluster_columns(Some(&view)).0, "- (resync on n2)");
+        view.resync_on = None;
+        assert_eq!(cluster_columns(Some(&view)).0, "-");
+        // etcd did not answer for it.
+        assert_eq!(cluster_columns(None), ("?".into(), "?".into()));
+    }
+}
