@@ -316,6 +316,72 @@ fn write_until(
     }
 }
 
+/// Write 4 KiB blocks by [`BlockEngine::write_then`] from four threads
+/// (block % 4 picks the thread), each with up to `window` in flight:
+/// `(block, seed)` writes pattern(seed) there, after the earlier writes to
+/// the same block were answered (as the kernel orders them). Panics on an
+/// error; returns how many were answered, and how many of them from a
+/// replica link's reader (the writer did not wait).
+fn write_then_window(
+    e: &dyn BlockEngine,
+    window: usize,
+    writes: impl Iterator<Item = (u64, u64)>,
+) -> (u64, u64) {
+    const THREADS: u64 = 4;
+    let writes: Vec<(u64, u64)> = writes.collect();
+    let answered = AtomicU64::new(0);
+    let by_link = AtomicU64::new(0);
+    std::thread::scope(|s| {
+        for t in 0..THREADS {
+            let mine: Vec<(u64, u64)> = writes
+                .iter()
+                .copied()
+                .filter(|(b, _)| b % THREADS == t)
+                .collect();
+            let (answered, by_link) = (&answered, &by_link);
+            s.spawn(move || {
+                let (tx, rx) = crossbeam_channel::unbounded::<(u64, bool, Result<(), String>)>();
+                let mut in_flight = std::collections::HashMap::<u64, usize>::new();
+                let settle = |in_flight: &mut std::collections::HashMap<u64, usize>| {
+                    let (block, on_link, res) = rx
+                        .recv_timeout(Duration::from_secs(60))
+                        .expect("a write_then never answered");
+                    res.unwrap_or_else(|e| panic!("write to block {block}: {e}"));
+                    let n = in_flight.get_mut(&block).unwrap();
+                    *n -= 1;
+                    if *n == 0 {
+                        in_flight.remove(&block);
+                    }
+                    answered.fetch_add(1, Ordering::SeqCst);
+                    by_link.fetch_add(u64::from(on_link), Ordering::SeqCst);
+                };
+                for (block, seed) in mine {
+                    while in_flight.values().sum::<usize>() >= window
+                        || in_flight.contains_key(&block)
+                    {
+                        settle(&mut in_flight);
+                    }
+                    *in_flight.entry(block).or_default() += 1;
+                    let tx = tx.clone();
+                    e.write_then(
+                        &pattern(seed, BLOCK as usize),
+                        block * BLOCK,
+                        Box::new(move |res| {
+                            let name = std::thread::current().name().unwrap_or("").to_string();
+                            let on_link = name.starts_with("link-") || name == "mirror-fail";
+                            let _ = tx.send((block, on_link, res.map_err(|e| e.to_string())));
+                        }),
+                    );
+                }
+                while !in_flight.is_empty() {
+                    settle(&mut in_flight);
+                }
+            });
+        }
+    });
+    (answered.into_inner(), by_link.into_inner())
+}
+
 /// Write distinct 4 KiB blocks `blocks` (block k holds pattern(seed + k)).
 fn write_blocks(e: &dyn BlockEngine, seed: u64, blocks: impl Iterator<Item = u64>) -> u64 {
     let mut n = 0;
@@ -369,6 +435,13 @@ fn writes_land_identically_on_every_replica() {
             }
         });
         m.write_at(&pattern(99, 8192), PARAMS.size - 8192).unwrap();
+        // Writes answered by callback (as FUSE's are), 32 in flight, some
+        // over the same blocks as others in flight.
+        let then_blocks = 1000u64;
+        let (acked, by_link) =
+            write_then_window(&*m, 32, (0..then_blocks).map(|k| (k * 13 % 200, 500 + k)));
+        assert_eq!(acked, then_blocks);
+        assert!(by_link > 0, "no write was answered by a link's reader");
         m.flush().unwrap();
 
         let sums: Vec<String> = nodes.iter().map(Node::checksum).collect();
@@ -376,6 +449,18 @@ fn writes_land_identically_on_every_replica() {
             sums.iter().all(|s| *s == sums[0]),
             "{n_peers} peers: {sums:?}"
         );
+        // The last write to each block is the one that reads back.
+        for block in 0..200u64 {
+            let k = (0..then_blocks)
+                .rev()
+                .find(|k| k * 13 % 200 == block)
+                .unwrap();
+            assert_eq!(
+                read_vec(&*m, block * BLOCK, BLOCK as usize),
+                pattern(500 + k, BLOCK as usize),
+                "block {block}"
+            );
+        }
         let empty = tempfile::tempdir().unwrap();
         let zeros = LocalReplicas::new(empty.path().to_path_buf())
             .open(VOL, PARAMS)
@@ -444,6 +529,41 @@ fn peer_down_mid_writes_is_outdated_then_resynced() {
     assert!(b.resync_sent_bytes > 0);
     assert!(b.resync.is_none());
     assert_eq!(status_of(&m, "c").resync_sent_bytes, 0);
+}
+
+#[test]
+fn writes_in_flight_to_a_stopping_peer_are_held_by_the_others() {
+    // Writes answered by callback from the links' readers: when b stops
+    // with writes in flight, each is still answered (held by a and c), b
+    // is recorded outdated (off the readers' threads), then resynced.
+    let mut nodes: Vec<Node> = ["a", "b", "c"].iter().map(|n| Node::new(n)).collect();
+    let states = FakeStates::new();
+    let m = Mirror::open(config_a_bc(&nodes, 1, states.clone())).unwrap();
+    let blocks = PARAMS.size / BLOCK;
+    let writes = |from: u64, n: u64| (from..from + n).map(move |k| ((k * 7) % blocks, k));
+    assert_eq!(write_then_window(&*m, 32, writes(0, 400)).0, 400);
+    std::thread::scope(|s| {
+        let stopper = s.spawn(|| {
+            std::thread::sleep(Duration::from_millis(20));
+            nodes[1].stop();
+        });
+        let (acked, by_link) = write_then_window(&*m, 32, writes(400, 3000));
+        assert_eq!(acked, 3000);
+        assert!(by_link > 0, "no write was answered by a link's reader");
+        stopper.join().unwrap();
+    });
+    wait_until("b outdated", || {
+        status_of(&m, "b").state == ReplicaState::Outdated
+    });
+    assert_eq!(write_then_window(&*m, 32, writes(3400, 300)).0, 300);
+    nodes[1].restart();
+    wait_in_sync(&m, "b");
+    m.flush().unwrap();
+    let sums: Vec<String> = nodes.iter().map(Node::checksum).collect();
+    assert_eq!(sums[0], sums[1], "b resynced");
+    assert_eq!(sums[0], sums[2]);
+    assert_eq!(states.recorded_for("b")[0], ReplicaState::Outdated);
+    assert!(states.recorded_for("c").is_empty());
 }
 
 #[test]

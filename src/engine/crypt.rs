@@ -736,6 +736,25 @@ impl BlockEngine for CryptEngine {
         })
     }
 
+    /// One chunk: encrypted here, handed on (the layer below is done with
+    /// the ciphertext when it returns). Larger writes go synchronously.
+    fn write_then(&self, buf: &[u8], offset: u64, done: super::WriteDone) {
+        if buf.len() > WRITE_CHUNK {
+            return done(self.write_at(buf, offset));
+        }
+        if let Err(e) = self.check(offset, buf.len() as u64) {
+            return done(Err(e));
+        }
+        SCRATCH.with_borrow_mut(|scratch| {
+            if scratch.len() < buf.len() {
+                scratch.resize(buf.len(), 0);
+            }
+            let out = &mut scratch[..buf.len()];
+            self.xts.encrypt_to(buf, out, offset / UNIT);
+            self.inner.write_then(out, offset, done)
+        })
+    }
+
     fn flush(&self) -> Result<(), EngineError> {
         self.inner.flush()
     }

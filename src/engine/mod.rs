@@ -35,6 +35,13 @@ pub trait BlockEngine: Send + Sync {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), EngineError>;
     /// Write `buf` at `offset`. Not durable until [`BlockEngine::flush`] returns.
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), EngineError>;
+    /// [`BlockEngine::write_at`], with the outcome given to `done` rather
+    /// than returned: maybe later and on another thread, so that the
+    /// caller need not wait (a replicated write waits for the network).
+    /// `buf` is not used once this returns. By default, synchronous.
+    fn write_then(&self, buf: &[u8], offset: u64, done: WriteDone) {
+        done(self.write_at(buf, offset))
+    }
     /// Make every write that completed before this call durable: after it
     /// returns, the data survives kill -9 of the process and a power cut.
     fn flush(&self) -> Result<(), EngineError>;
@@ -56,6 +63,10 @@ pub trait BlockEngine: Send + Sync {
         DEFAULT_IO_PARALLELISM
     }
 }
+
+/// Where [`BlockEngine::write_then`] sends a write's outcome. It must not
+/// block: it may run on a replica link's reader.
+pub type WriteDone = Box<dyn FnOnce(Result<(), EngineError>) + Send>;
 
 /// [`BlockEngine::io_parallelism`] of an engine on local files.
 pub const DEFAULT_IO_PARALLELISM: usize = 4;

@@ -167,6 +167,10 @@ impl BlockEngine for PriorityEngine {
         self.arbiter.admit(self.class, buf.len() as u64);
         self.inner.write_at(buf, offset)
     }
+    fn write_then(&self, buf: &[u8], offset: u64, done: super::WriteDone) {
+        self.arbiter.admit(self.class, buf.len() as u64);
+        self.inner.write_then(buf, offset, done)
+    }
     fn flush(&self) -> Result<(), EngineError> {
         self.inner.flush()
     }

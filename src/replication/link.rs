@@ -5,16 +5,20 @@
 //! (leader/followers): the one reading hands each other reply to its
 //! waiter, and when its own has come it passes the reading on to a waiter
 //! still waiting. A lone writer (QD1) reads its own reply: no thread
-//! between the socket and it. The link is dead after any error or a
-//! timeout; waiters get [`LinkDown`] and the mirror connects a new one.
+//! between the socket and it. A request may instead leave a callback
+//! ([`Link::submit_write_then`]), run by whoever reads its reply; while
+//! callbacks wait, a reader thread of the link's own (started by the first
+//! of them) reads too, taking turns with the waiters. The link is dead
+//! after any error or a timeout; waiters get [`LinkDown`] and the mirror
+//! connects a new one.
 
 use super::wire::{self, ErrorCode, Frame, Hello, Request, WireError, PROTOCOL_VERSION};
 use super::{Generation, Incarnation, ReplicationError};
 use parking_lot::{Condvar, Mutex};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::BufReader;
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -127,11 +131,67 @@ impl Mailbox {
     }
 }
 
-type Waiter = Arc<Mailbox>;
+/// What a reply is for: a thread waiting in [`Ticket::wait`], or a
+/// callback to run with it.
+enum Waiter {
+    Wait(Arc<Mailbox>),
+    Call(Callback),
+}
+
+/// Runs once with a request's outcome, on the thread that read its reply
+/// (or saw the link die): it must not block.
+pub type Callback = Box<dyn FnOnce(Result<Reply, CallError>) + Send>;
+
+impl Waiter {
+    fn deliver(self, r: Result<Reply, LinkDown>) {
+        match self {
+            Waiter::Wait(m) => m.post(Msg::Reply(r)),
+            Waiter::Call(f) => f(finish(r)),
+        }
+    }
+}
 
 struct Pending {
     dead: bool,
     waiters: HashMap<u64, Waiter>,
+    /// Callbacks among the waiters.
+    calls: usize,
+    /// The reader thread sleeps until a callback waits.
+    reader_idle: bool,
+    /// The callbacks' ids and deadlines, in the order sent (entries of
+    /// callbacks already run are dropped lazily).
+    deadlines: VecDeque<(u64, Instant)>,
+}
+
+impl Pending {
+    /// Take the waiter of `id`, if any.
+    fn take(&mut self, id: u64) -> Option<Waiter> {
+        let w = self.waiters.remove(&id);
+        if matches!(w, Some(Waiter::Call(_))) {
+            self.calls -= 1;
+        }
+        w
+    }
+
+    /// The earliest deadline of a waiting callback.
+    fn next_deadline(&mut self) -> Option<Instant> {
+        while let Some(&(id, deadline)) = self.deadlines.front() {
+            if matches!(self.waiters.get(&id), Some(Waiter::Call(_))) {
+                return Some(deadline);
+            }
+            self.deadlines.pop_front();
+        }
+        None
+    }
+}
+
+/// Whom a reader reads for.
+#[derive(Clone, Copy)]
+enum Until {
+    /// Its own reply (id, deadline).
+    Mine(u64, Instant),
+    /// The callbacks (the reader thread): until none waits.
+    Calls,
 }
 
 /// The reading side of the link, held by the waiter that reads.
@@ -149,6 +209,9 @@ struct Shared {
     tx: Mutex<TcpStream>,
     rx: Mutex<Rx>,
     next_id: AtomicU64,
+    reader_started: AtomicBool,
+    /// Wakes the reader thread: a callback waits, or the link died.
+    calls_posted: Condvar,
 }
 
 impl Shared {
@@ -160,18 +223,29 @@ impl Shared {
                 return;
             }
             p.dead = true;
+            p.calls = 0;
+            p.deadlines.clear();
             std::mem::take(&mut p.waiters)
         };
-        for (_, w) in waiters {
-            w.post(Msg::Reply(Err(LinkDown)));
-        }
+        self.calls_posted.notify_all();
         let _ = self.stream.shutdown(Shutdown::Both);
+        for (_, w) in waiters {
+            w.deliver(Err(LinkDown));
+        }
     }
 
-    /// Read replies, handing each to its waiter, until `mine` comes (its
-    /// reply is returned), `deadline` passes or the link dies.
-    fn read_until(&self, rx: &mut Rx, mine: u64, deadline: Instant) -> Result<Reply, CallError> {
+    /// Read replies, handing each to its waiter, until `until` is met:
+    /// its own reply came (returned), or no callback waits any more
+    /// (`None`); or its deadline passes or the link dies.
+    fn read_until(&self, rx: &mut Rx, until: Until) -> Result<Option<Reply>, CallError> {
         loop {
+            let deadline = match until {
+                Until::Mine(_, deadline) => deadline,
+                Until::Calls => match self.pending.lock().next_deadline() {
+                    Some(deadline) => deadline,
+                    None => return Ok(None),
+                },
+            };
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 // A frame may be half read: the link can't go on.
@@ -226,15 +300,13 @@ impl Shared {
                     return Err(CallError::Down);
                 }
             };
-            if id == mine {
-                self.pending.lock().waiters.remove(&id);
-                return finish(Ok(reply));
+            if matches!(until, Until::Mine(mine, _) if mine == id) {
+                self.pending.lock().take(id);
+                return finish(Ok(reply)).map(Some);
             }
-            let waiter = self.pending.lock().waiters.remove(&id);
+            let waiter = self.pending.lock().take(id);
             match waiter {
-                Some(w) => {
-                    w.post(Msg::Reply(Ok(reply)));
-                }
+                Some(w) => w.deliver(Ok(reply)),
                 // A waiter that gave up (its deadline passed) before its reply came.
                 None if id < self.next_id.load(Ordering::Relaxed) => {}
                 None => {
@@ -251,11 +323,37 @@ impl Shared {
     /// leaves ([`Ticket`]'s drop) either is not picked or finds the word.
     fn hand_over(&self) {
         let p = self.pending.lock();
-        if p.dead || p.waiters.is_empty() || self.rx.is_locked() {
+        if p.dead || p.waiters.len() == p.calls || self.rx.is_locked() {
             return;
         }
-        if let Some(w) = p.waiters.values().next() {
-            w.post(Msg::Lead);
+        let waiting = p.waiters.values().find_map(|w| match w {
+            Waiter::Wait(m) => Some(m),
+            Waiter::Call(_) => None,
+        });
+        if let Some(m) = waiting {
+            m.post(Msg::Lead);
+        }
+    }
+
+    /// The reader thread: reads while callbacks wait (taking turns with
+    /// the waiters), sleeps while none does, ends with the link.
+    fn serve_calls(&self) {
+        loop {
+            {
+                let mut p = self.pending.lock();
+                while p.calls == 0 && !p.dead {
+                    p.reader_idle = true;
+                    self.calls_posted.wait(&mut p);
+                }
+                p.reader_idle = false;
+                if p.dead {
+                    return;
+                }
+            }
+            let mut rx = self.rx.lock();
+            let _ = self.read_until(&mut rx, Until::Calls);
+            drop(rx);
+            self.hand_over();
         }
     }
 
@@ -319,6 +417,9 @@ impl Link {
             pending: Mutex::new(Pending {
                 dead: false,
                 waiters: HashMap::new(),
+                calls: 0,
+                reader_idle: false,
+                deadlines: VecDeque::new(),
             }),
             tx: Mutex::new(stream.try_clone().map_err(io_err)?),
             rx: Mutex::new(Rx {
@@ -326,6 +427,8 @@ impl Link {
                 timeout: None,
             }),
             next_id: AtomicU64::new(1),
+            reader_started: AtomicBool::new(false),
+            calls_posted: Condvar::new(),
         });
         Ok(Link {
             node: node.to_string(),
@@ -482,6 +585,40 @@ impl Link {
         Ok(ticket)
     }
 
+    /// Send a Write request of `data` at `offset` (straight from `data`,
+    /// as [`Link::submit_write`]); `then` runs once with its reply, or
+    /// with [`CallError::Down`] when the link dies or `deadline` passes
+    /// first (maybe before this returns, on this thread).
+    pub fn submit_write_then(&self, offset: u64, data: &[u8], deadline: Instant, then: Callback) {
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut p = self.shared.pending.lock();
+            if p.dead {
+                drop(p);
+                return then(Err(CallError::Down));
+            }
+            p.waiters.insert(id, Waiter::Call(then));
+            p.calls += 1;
+            p.deadlines.push_back((id, deadline));
+            if std::mem::take(&mut p.reader_idle) {
+                self.shared.calls_posted.notify_one();
+            }
+        }
+        if !self.shared.reader_started.swap(true, Ordering::AcqRel) {
+            let shared = self.shared.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("link-{}", self.node))
+                .spawn(move || shared.serve_calls());
+            if let Err(e) = spawned {
+                tracing::error!(node = %self.node, error = %e, "cannot start the replica link's reader");
+                return self.shared.die();
+            }
+        }
+        let header = wire::write_header(id, offset, data.len());
+        // A failed send kills the link, which runs `then`.
+        let _ = self.shared.send(&[&header, data]);
+    }
+
     /// A new id and the ticket of its reply (registered before the
     /// request is sent, as the reply may come at once).
     fn expect_reply(&self) -> Result<Ticket, LinkDown> {
@@ -491,7 +628,7 @@ impl Link {
         if p.dead {
             return Err(LinkDown);
         }
-        p.waiters.insert(id, mailbox.clone());
+        p.waiters.insert(id, Waiter::Wait(mailbox.clone()));
         Ok(Ticket {
             id,
             mailbox,
@@ -541,10 +678,12 @@ impl Ticket {
                     self.shared.hand_over();
                     return finish(r);
                 }
-                let res = self.shared.read_until(&mut rx, self.id, deadline);
+                let res = self
+                    .shared
+                    .read_until(&mut rx, Until::Mine(self.id, deadline));
                 drop(rx);
                 self.shared.hand_over();
-                return res;
+                return res.map(|r| r.expect("read until its own reply"));
             }
             match self.mailbox.wait(deadline) {
                 Some(Msg::Reply(r)) => return finish(r),
@@ -559,7 +698,7 @@ impl Drop for Ticket {
     fn drop(&mut self) {
         // Leave the waiters, then pass on a word to read that came for us
         // (hand_over sends it under the pending lock, so none comes later).
-        self.shared.pending.lock().waiters.remove(&self.id);
+        self.shared.pending.lock().take(self.id);
         if self.mailbox.take().1 {
             self.shared.hand_over();
         }
@@ -670,6 +809,85 @@ mod tests {
         assert!(link.shared.pending.lock().waiters.is_empty());
     }
 
+    /// `n` writes by callback on `link`; their outcomes, by id order of
+    /// sending, once all came.
+    fn writes_then(link: &Link, n: usize, deadline: Instant) -> Vec<Result<Reply, CallError>> {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        for k in 0..n {
+            let tx = tx.clone();
+            let then: Callback = Box::new(move |res| tx.send((k, res)).unwrap());
+            link.submit_write_then(0, &[k as u8; 4096], deadline, then);
+        }
+        let mut out: Vec<_> = (0..n)
+            .map(|_| {
+                rx.recv_timeout(Duration::from_secs(30))
+                    .expect("a callback ran")
+            })
+            .collect();
+        assert!(rx.try_recv().is_err(), "each callback ran once");
+        out.sort_by_key(|(k, _)| *k);
+        out.into_iter().map(|(_, r)| r).collect()
+    }
+
+    #[test]
+    fn callbacks_get_their_replies_with_waiters_reading_or_not() {
+        // Callbacks alone, replies in reverse order of batches of eight:
+        // the link's reader thread reads for them.
+        let link = connect(peer("b", 8));
+        let far = Instant::now() + Duration::from_secs(30);
+        for res in writes_then(&link, 64, far) {
+            assert!(matches!(res, Ok(Reply::Ok)), "{res:?}");
+        }
+        assert_eq!(link.shared.pending.lock().calls, 0);
+        // With threads waiting too (a peer answering each request at
+        // once): whoever reads runs the callbacks it reads replies for,
+        // and hands the waiters theirs.
+        let link = Arc::new(connect(peer("b", 1)));
+        std::thread::scope(|scope| {
+            for _ in 0..3 {
+                let link = link.clone();
+                scope.spawn(move || {
+                    for _ in 0..40 {
+                        let t = link.submit(Request::Read { offset: 0, len: 8 }).unwrap();
+                        let id = t.id;
+                        match t.wait(Instant::now() + Duration::from_secs(30)) {
+                            Ok(Reply::Data(d)) => assert_eq!(d, id.to_be_bytes()),
+                            other => panic!("request {id}: {other:?}"),
+                        }
+                    }
+                });
+            }
+            for _ in 0..8 {
+                for res in writes_then(&link, 5, far) {
+                    assert!(matches!(res, Ok(Reply::Ok)), "{res:?}");
+                }
+            }
+        });
+        let p = link.shared.pending.lock();
+        assert!(!p.dead);
+        assert!(p.waiters.is_empty());
+        assert_eq!(p.calls, 0);
+    }
+
+    #[test]
+    fn a_callback_past_its_deadline_kills_the_link() {
+        let link = connect(peer("b", 0));
+        let t0 = Instant::now();
+        let res = writes_then(&link, 3, Instant::now() + Duration::from_millis(300));
+        assert!(
+            res.iter().all(|r| matches!(r, Err(CallError::Down))),
+            "{res:?}"
+        );
+        assert!(
+            t0.elapsed() >= Duration::from_millis(300),
+            "timed out early"
+        );
+        assert!(link.shared.pending.lock().dead);
+        // On a dead link, the callback runs at once.
+        let res = writes_then(&link, 1, Instant::now() + Duration::from_secs(60));
+        assert!(matches!(res[0], Err(CallError::Down)), "{res:?}");
+    }
+
     #[test]
     fn a_lone_request_reads_its_own_reply() {
         let link = connect(peer("b", 1));
@@ -705,7 +923,9 @@ mod tests {
         let t = link.submit(Request::Flush).unwrap();
         {
             let p = link.shared.pending.lock();
-            let w = &p.waiters[&t.id];
+            let Waiter::Wait(w) = &p.waiters[&t.id] else {
+                panic!("a ticket's waiter is a mailbox");
+            };
             w.post(Msg::Lead);
             w.post(Msg::Lead);
             w.post(Msg::Reply(Ok(Reply::Ok)));

@@ -10,6 +10,7 @@
 //! coming, each taking its range while another's is still held.
 
 use parking_lot::{Condvar, Mutex};
+use std::sync::Arc;
 
 #[derive(Default)]
 pub struct RangeLocks {
@@ -88,15 +89,45 @@ impl RangeLocks {
 
 impl Drop for RangeGuard<'_> {
     fn drop(&mut self) {
-        let mut s = self.locks.state.lock();
-        if let Some(i) = s.held.iter().position(|&h| h == self.range) {
+        self.locks.release(self.range);
+    }
+}
+
+/// A locked range whose holder outlives the call that locked it (a write
+/// waiting for its replicas' replies); released on drop.
+pub struct OwnedRange {
+    locks: Arc<RangeLocks>,
+    range: (u64, u64),
+}
+
+impl RangeLocks {
+    /// [`RangeLocks::lock`], for an owner that keeps it.
+    pub fn lock_owned(self: &Arc<Self>, start: u64, end: u64) -> OwnedRange {
+        let guard = self.lock(start, end);
+        let range = guard.range;
+        std::mem::forget(guard);
+        OwnedRange {
+            locks: self.clone(),
+            range,
+        }
+    }
+
+    fn release(&self, range: (u64, u64)) {
+        let mut s = self.state.lock();
+        if let Some(i) = s.held.iter().position(|&h| h == range) {
             s.held.swap_remove(i);
         }
         let wake = !s.waiting.is_empty();
         drop(s);
         if wake {
-            self.locks.released.notify_all();
+            self.released.notify_all();
         }
+    }
+}
+
+impl Drop for OwnedRange {
+    fn drop(&mut self) {
+        self.locks.release(self.range);
     }
 }
 
@@ -104,7 +135,6 @@ impl Drop for RangeGuard<'_> {
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Arc;
 
     #[test]
     fn overlapping_ranges_exclude_each_other() {

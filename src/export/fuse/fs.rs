@@ -286,10 +286,18 @@ impl Filesystem for ImageFs {
         if ino != IMAGE_INO {
             return reply.error(Errno::EISDIR);
         }
-        match self.engine.write_at(data, offset) {
-            Ok(()) => reply.written(data.len() as u32),
-            Err(e) => reply.error(errno(&e)),
-        }
+        // Answered when the engine is done, maybe from another thread (a
+        // replicated write: the link's reader), so this thread can take
+        // the next request meanwhile.
+        let len = data.len() as u32;
+        self.engine.write_then(
+            data,
+            offset,
+            Box::new(move |res| match res {
+                Ok(()) => reply.written(len),
+                Err(e) => reply.error(errno(&e)),
+            }),
+        );
     }
 
     fn flush(

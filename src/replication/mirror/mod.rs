@@ -19,19 +19,19 @@
 //! upkeep) and `snapshot.rs`.
 
 use super::activity::{self, Hot, EXTENT};
-use super::link::{CallError, Link, Reply};
+use super::link::{CallError, Callback, Link, Reply};
 use super::local::{check_volume_id, LocalReplica, ReplicaBase};
-use super::ranges::RangeLocks;
+use super::ranges::{OwnedRange, RangeLocks};
 use super::state::{unit_span, Pacer, ReplicaStatus, Route, Track, UNIT};
 use super::wire::{ErrorCode, Hello, Request};
 use super::{Generation, Incarnation, ReplicaState, ReplicationError, StateStore};
-use crate::engine::{is_zero, BlockEngine, EngineError, ThinParams};
+use crate::engine::{is_zero, BlockEngine, EngineError, ThinParams, WriteDone};
 use crossbeam_channel::{Receiver, Sender};
 use parking_lot::{Condvar, Mutex, RwLock};
 use sha2::{Digest, Sha256};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -192,7 +192,9 @@ struct Inner {
     /// added or removed; each IO works on the set it read.
     replicas: RwLock<Replicas>,
     states: Arc<dyn StateStore>,
-    ranges: RangeLocks,
+    ranges: Arc<RangeLocks>,
+    /// Writes and discards between their begin and end.
+    writes: Arc<AtomicUsize>,
     fenced: AtomicBool,
     closed: AtomicBool,
     verification: Mutex<Option<Verification>>,
@@ -706,6 +708,17 @@ impl BlockEngine for Mirror {
             self.inner.replicate(at, WriteOp::Write(chunk))?;
         }
         Ok(())
+    }
+
+    /// With other writes in flight, answered from the thread that reads
+    /// the last replica's reply: the FUSE thread goes back to the kernel
+    /// for the next request. Alone (queue depth 1), the calling thread
+    /// waits and reads the reply itself: no other thread to wake.
+    fn write_then(&self, buf: &[u8], offset: u64, done: WriteDone) {
+        if buf.len() <= MAX_WRITE && self.inner.writes.load(Ordering::Relaxed) > 0 {
+            return self.inner.replicate_then(offset, buf, done);
+        }
+        done(self.write_at(buf, offset))
     }
 
     fn flush(&self) -> Result<(), EngineError> {
