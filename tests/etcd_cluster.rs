@@ -28,28 +28,41 @@ struct Etcd {
 }
 
 impl Etcd {
+    /// On free ports, picked again when another process took one between
+    /// the pick and etcd's bind.
     fn start() -> Etcd {
-        let dir = tempfile::tempdir().unwrap();
-        // Both listeners at once, so that the two ports differ.
-        let (l1, l2) = (
-            TcpListener::bind("127.0.0.1:0").unwrap(),
-            TcpListener::bind("127.0.0.1:0").unwrap(),
-        );
-        let client_addr = l1.local_addr().unwrap();
-        let peer = format!("http://{}", l2.local_addr().unwrap());
-        drop((l1, l2));
-        let mut etcd = Etcd {
-            child: None,
-            dir,
-            client_addr,
-            peer,
-        };
-        etcd.run();
-        etcd
+        for attempt in 1.. {
+            let dir = tempfile::tempdir().unwrap();
+            // Both listeners at once, so that the two ports differ.
+            let (l1, l2) = (
+                TcpListener::bind("127.0.0.1:0").unwrap(),
+                TcpListener::bind("127.0.0.1:0").unwrap(),
+            );
+            let client_addr = l1.local_addr().unwrap();
+            let peer = format!("http://{}", l2.local_addr().unwrap());
+            drop((l1, l2));
+            let mut etcd = Etcd {
+                child: None,
+                dir,
+                client_addr,
+                peer,
+            };
+            match etcd.try_run() {
+                Ok(()) => return etcd,
+                Err(log) if attempt < 5 && log.contains("address already in use") => continue,
+                Err(log) => panic!("{log}"),
+            }
+        }
+        unreachable!()
     }
 
     /// Start (again, on the same ports and data) and wait until it serves.
     fn run(&mut self) {
+        self.try_run().unwrap_or_else(|log| panic!("{log}"))
+    }
+
+    /// [`Etcd::run`]; its log if it exited instead.
+    fn try_run(&mut self) -> Result<(), String> {
         let client = self.url();
         let peer = &self.peer;
         let log = std::fs::OpenOptions::new()
@@ -75,7 +88,7 @@ impl Etcd {
             .spawn()
             .expect("start /usr/bin/etcd (Debian package etcd-server)");
         self.child = Some(child);
-        self.wait_healthy();
+        self.wait_healthy()
     }
 
     fn stop(&mut self) {
@@ -90,15 +103,16 @@ impl Etcd {
     }
 
     /// Until `/health` says true: etcd listens before it has elected itself.
-    fn wait_healthy(&mut self) {
+    fn wait_healthy(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + EVENTUALLY;
         loop {
             let child = self.child.as_mut().expect("etcd started");
             if let Some(status) = child.try_wait().unwrap() {
-                panic!("etcd exited ({status}):\n{}", self.log());
+                self.child = None;
+                return Err(format!("etcd exited ({status}):\n{}", self.log()));
             }
             if self.health() {
-                return;
+                return Ok(());
             }
             assert!(
                 Instant::now() < deadline,

@@ -100,7 +100,7 @@ impl Cluster {
             None => {
                 // Hold every listener until all are picked: distinct ports.
                 let held: Vec<TcpListener> = (0..n)
-                    .map(|_| TcpListener::bind((LOCALHOST, 0)).expect("bind ephemeral port"))
+                    .map(|_| super::netns::listen_port(LOCALHOST))
                     .collect();
                 held.iter()
                     .map(|l| l.local_addr().expect("local addr"))

@@ -415,8 +415,28 @@ fn which(tool: &str) -> bool {
 /// A TCP port on `ip` that nobody listened on a moment ago (in the caller's
 /// namespace). Racy by nature; good enough for tests.
 pub fn free_port(ip: Ipv4Addr) -> u16 {
-    let l = TcpListener::bind((ip, 0)).expect("bind an ephemeral port");
-    l.local_addr().expect("local addr").port()
+    listen_port(ip).local_addr().expect("local addr").port()
+}
+
+/// A bound listener on a free port below the kernel's ephemeral range
+/// (32768 and up here): a port handed to a server after the pick can't be
+/// taken meanwhile as the local port of some outgoing connection, as an
+/// ephemeral one can. Each call of a process tries other ports than the
+/// last, and processes start apart (by pid).
+pub fn listen_port(ip: Ipv4Addr) -> TcpListener {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    let base = std::process::id().wrapping_mul(2_654_435_761) % SPAN;
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (LOW + (base + n) % SPAN) as u16;
+        if let Ok(l) = TcpListener::bind((ip, port)) {
+            return l;
+        }
+    }
+    panic!("no free TCP port on {ip} in {LOW}..{}", LOW + SPAN)
 }
 
 /// A single-member etcd cluster for one test.
@@ -435,7 +455,8 @@ impl Etcd {
     /// Starts etcd on `ip` (inside network namespace `netns` if given) and
     /// waits until `etcdctl endpoint health` answers. In a namespace of the
     /// test's own the standard ports 2379/2380 are free by construction;
-    /// elsewhere free ports are picked.
+    /// elsewhere free ports are picked, and picked again when another
+    /// process took one between the pick and etcd's bind.
     pub fn start(ip: Ipv4Addr, netns: Option<&str>) -> Etcd {
         for bin in [ETCD, ETCDCTL] {
             assert!(
@@ -443,12 +464,29 @@ impl Etcd {
                 "{bin} is missing: run `just deps` (Debian package etcd-server and etcd-client)"
             );
         }
+        let mut attempt = 1;
+        loop {
+            let mut etcd = Etcd::spawn(ip, netns);
+            match etcd.wait_healthy() {
+                Ok(()) => return etcd,
+                Err(log)
+                    if netns.is_none() && attempt < 5 && log.contains("address already in use") =>
+                {
+                    eprintln!("etcd: a picked port was taken meanwhile; picking again");
+                    attempt += 1;
+                }
+                Err(log) => panic!("{log}"),
+            }
+        }
+    }
+
+    fn spawn(ip: Ipv4Addr, netns: Option<&str>) -> Etcd {
         let (client_port, peer_port) = match netns {
             Some(_) => (2379, 2380),
             None => {
                 // Hold the first so the second cannot be the same port.
-                let a = TcpListener::bind((ip, 0)).expect("bind");
-                let b = TcpListener::bind((ip, 0)).expect("bind");
+                let a = listen_port(ip);
+                let b = listen_port(ip);
                 (
                     a.local_addr().expect("addr").port(),
                     b.local_addr().expect("addr").port(),
@@ -497,27 +535,29 @@ impl Etcd {
         let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {ETCD}: {e}"));
-        let mut etcd = Etcd {
+        Etcd {
             client_url,
             client_addr: SocketAddr::from((ip, client_port)),
             netns: netns.map(str::to_string),
             child: Some(child),
             log_path,
             dir,
-        };
-        etcd.wait_healthy();
-        etcd
+        }
     }
 
-    fn wait_healthy(&mut self) {
+    /// Wait until etcd answers healthy; its log when it exited instead.
+    fn wait_healthy(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + ETCD_START_TIMEOUT;
         loop {
             if self.healthy_from(self.netns.as_deref()) {
-                return;
+                return Ok(());
             }
             if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
                 self.child = None;
-                panic!("etcd exited ({status}) while starting\n{}", self.log_tail());
+                return Err(format!(
+                    "etcd exited ({status}) while starting\n{}",
+                    self.log_tail()
+                ));
             }
             assert!(
                 Instant::now() < deadline,
