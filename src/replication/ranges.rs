@@ -200,4 +200,30 @@ mod tests {
         assert!(got.load(Ordering::SeqCst));
         assert!(l.try_lock(50, 51).is_some(), "served, then released");
     }
+
+    #[test]
+    fn an_owned_range_is_held_until_dropped_on_another_thread() {
+        // As a write answered by callback holds its range until the thread
+        // that reads its last ack drops it.
+        let l = Arc::new(RangeLocks::new());
+        let owned = l.lock_owned(10, 20);
+        assert!(l.try_lock(15, 16).is_none());
+        assert!(
+            l.try_lock(20, 30).is_some(),
+            "adjacent ranges do not overlap"
+        );
+        let got = Arc::new(AtomicBool::new(false));
+        let waiter = {
+            let (l, got) = (l.clone(), got.clone());
+            std::thread::spawn(move || {
+                let _g = l.lock(0, 15);
+                got.store(true, Ordering::SeqCst);
+            })
+        };
+        assert!(!got.load(Ordering::SeqCst));
+        std::thread::spawn(move || drop(owned)).join().unwrap();
+        waiter.join().unwrap();
+        assert!(got.load(Ordering::SeqCst));
+        assert!(l.try_lock(10, 20).is_some(), "released");
+    }
 }
