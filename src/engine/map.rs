@@ -338,11 +338,30 @@ impl BlockMap {
         file.write_all_at(buf, page as u64 * MAP_PAGE_BYTES as u64)
     }
 
-    /// Read a map of `nblocks` entries from `file`, skipping holes, so the
-    /// cost follows the written part of the map. Checks the file length and
-    /// that entries past `nblocks` are zero; entry contents are checked by
-    /// the caller.
+    /// Read an image's head map of `nblocks` entries from `file`, skipping
+    /// holes, so the cost follows the written part of the map. Checks the
+    /// file length and that entries past `nblocks` are zero; entry contents
+    /// are checked by the caller. The file may be longer than `nblocks`
+    /// needs, when a grow was interrupted after it extended the map and
+    /// before it wrote the header (see `thin/grow.rs`): that tail must hold
+    /// nothing.
     pub fn load(file: &File, path: &Path, nblocks: u64) -> Result<BlockMap, EngineError> {
+        Self::load_inner(file, path, nblocks, false)
+    }
+
+    /// [`BlockMap::load`] for a frozen (snapshot) map, which may be shorter
+    /// than `nblocks` needs: it was taken before the image grew, and its
+    /// missing entries are unmapped.
+    pub fn load_frozen(file: &File, path: &Path, nblocks: u64) -> Result<BlockMap, EngineError> {
+        Self::load_inner(file, path, nblocks, true)
+    }
+
+    fn load_inner(
+        file: &File,
+        path: &Path,
+        nblocks: u64,
+        frozen: bool,
+    ) -> Result<BlockMap, EngineError> {
         let io_err = |op: &'static str| {
             move |source: io::Error| EngineError::Io {
                 op,
@@ -356,11 +375,35 @@ impl BlockMap {
         };
         let expected = Self::file_len(nblocks);
         let len = file.metadata().map_err(io_err("stat"))?.len();
-        if len != expected {
+        let fits = if frozen {
+            len <= expected && len % MAP_PAGE_BYTES as u64 == 0
+        } else {
+            len >= expected
+        };
+        if !fits {
+            let want = if frozen { "at most" } else { "at least" };
             return Err(corrupt(format!(
-                "map file is {len} bytes, expected {expected} for {nblocks} blocks"
+                "map file is {len} bytes, expected {want} {expected} for {nblocks} blocks"
             )));
         }
+        if len > expected {
+            for (start, end) in data_extents(file, len).map_err(io_err("seek"))? {
+                let (start, end) = (start.max(expected), end);
+                if start >= end {
+                    continue;
+                }
+                let mut tail = vec![0u8; (end - start) as usize];
+                file.read_exact_at(&mut tail, start)
+                    .map_err(io_err("read"))?;
+                if tail.iter().any(|&b| b != 0) {
+                    return Err(corrupt(format!(
+                        "map file is {len} bytes, and holds entries past the {expected} \
+                         that {nblocks} blocks need"
+                    )));
+                }
+            }
+        }
+        let len = len.min(expected);
         let map = BlockMap::new(nblocks);
         const CHUNK: usize = 256 * MAP_PAGE_BYTES;
         let mut buf = vec![0u8; CHUNK];

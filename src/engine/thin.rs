@@ -251,6 +251,19 @@
 //! the base's `crypt` file copied (same key, same ciphertext: XTS tweaks
 //! are logical offsets, which a copy keeps).
 //!
+//! # Growing
+//!
+//! [`ThinImage::grow`] enlarges a closed image: the map file is extended
+//! (sparse, synced), then the header is replaced by rename. A crash between
+//! leaves the old header and a longer map whose tail is empty, which open
+//! accepts. The new logical blocks are unmapped, so they read zeros;
+//! identity placement gives them their own physical index when free (a
+//! copy-on-write copy placed at or above the old block count may hold it:
+//! then the fallback, at or above the new count). Snapshot maps are not
+//! touched: one taken before the grow is shorter than the head's, and its
+//! missing entries read as unmapped; so is a clone's base snapshot past
+//! its end. Nothing shrinks.
+//!
 //! # Concurrency
 //!
 //! IO is positional (`pread`/`pwrite`) and takes no global lock. An IO
@@ -286,6 +299,7 @@
 //! Snapshot operations of one image are serialized by a mutex.
 
 mod discard;
+mod grow;
 mod passthrough;
 mod read;
 mod snap;
@@ -475,6 +489,24 @@ fn io_error<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> E
     }
 }
 
+/// Lock the header of the image in `dir` exclusively, without waiting
+/// (`op` names the failure). The lock is on the file the path names when
+/// it is taken: growing replaces the header by a rename, so a lock won on
+/// the file it replaced is dropped and taken again.
+fn lock_header(dir: &Path, op: &'static str) -> Result<Flock<File>, EngineError> {
+    let path = dir.join(HEADER_FILE);
+    loop {
+        let hdr = File::open(&path).map_err(io_error("open", &path))?;
+        let lock = Flock::lock(hdr, FlockArg::LockExclusiveNonblock)
+            .map_err(|(_, errno)| io_error(op, &path)(errno.into()))?;
+        let held = lock.metadata().map_err(io_error("stat", &path))?;
+        let named = std::fs::metadata(&path).map_err(io_error("stat", &path))?;
+        if (held.dev(), held.ino()) == (named.dev(), named.ino()) {
+            return Ok(lock);
+        }
+    }
+}
+
 /// fsync a directory (after creating or removing an entry in it).
 fn sync_dir(dir: &Path) -> Result<(), EngineError> {
     File::open(dir)
@@ -568,17 +600,7 @@ impl ThinImage {
 
     fn open_inner(dir: &Path, resuming: bool) -> Result<ThinImage, EngineError> {
         let hdr_path = dir.join(HEADER_FILE);
-        let hdr = File::open(&hdr_path).map_err(io_error("open", &hdr_path))?;
-        let lock = match Flock::lock(hdr, FlockArg::LockExclusiveNonblock) {
-            Ok(lock) => lock,
-            Err((_, errno)) => {
-                return Err(EngineError::Io {
-                    op: "lock (is the image open elsewhere?)",
-                    path: hdr_path,
-                    source: errno.into(),
-                })
-            }
-        };
+        let lock = lock_header(dir, "lock (is the image open elsewhere?)")?;
         let corrupt = |path: &Path, reason: String| EngineError::Corrupt {
             path: path.to_path_buf(),
             reason,

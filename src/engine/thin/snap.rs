@@ -2,8 +2,8 @@
 //! the module doc of `thin.rs`, which holds the invariants.
 
 use super::{
-    io_error, read_full, sync_dir, ThinImage, DATA_FILE, HEADER_FILE, MAP_FILE, PASSTHROUGH_FILE,
-    UNMAP_WINDOW_BYTES,
+    io_error, lock_header, read_full, sync_dir, ThinImage, DATA_FILE, HEADER_FILE, MAP_FILE,
+    PASSTHROUGH_FILE, UNMAP_WINDOW_BYTES,
 };
 use crate::engine::header::{Header, FEATURE_CLONE, HEADER_BYTES};
 use crate::engine::map::{BlockMap, Entry};
@@ -117,7 +117,7 @@ fn test_and_set(words: &mut Vec<u64>, bit: u64) -> bool {
 
 fn load_map(path: &Path, nblocks: u64) -> Result<BlockMap, EngineError> {
     let file = File::open(path).map_err(io_error("open", path))?;
-    BlockMap::load(&file, path, nblocks)
+    BlockMap::load_frozen(&file, path, nblocks)
 }
 
 /// The physical blocks some snapshot references, one bit each: set only
@@ -368,7 +368,7 @@ fn write_durably(dir: &Path, tmp: &str, name: &str, bytes: &[u8]) -> Result<(), 
     sync_dir(dir)
 }
 
-fn read_header(dir: &Path) -> Result<Header, EngineError> {
+pub(super) fn read_header(dir: &Path) -> Result<Header, EngineError> {
     let path = dir.join(HEADER_FILE);
     let file = File::open(&path).map_err(io_error("open", &path))?;
     let mut buf = vec![0u8; HEADER_BYTES];
@@ -454,9 +454,13 @@ impl BaseChain {
                 )));
             }
             let base = read_header(&record.dir)?;
-            if (base.size, base.block_size) != (header.size, header.block_size) {
+            // Sizes may differ: either may have grown since the clone was
+            // made. The base snapshot's map is never longer than the
+            // clone's (it was taken before the clone, at most as large),
+            // and what lies past its end reads zeros.
+            if base.block_size != header.block_size {
                 return Err(bad(format!(
-                    "its base {} has another size or block size",
+                    "its base {} has another block size",
                     record.dir.display()
                 )));
             }
@@ -904,7 +908,7 @@ impl ThinImage {
                 clone,
             });
         }
-        let doomed = BlockMap::load(&file, &path, self.nblocks)?;
+        let doomed = BlockMap::load_frozen(&file, &path, self.nblocks)?;
         std::fs::remove_file(&path).map_err(io_error("remove", &path))?;
         let pins = pins_dir(&self.dir, name);
         if let Err(e) = std::fs::remove_dir_all(&pins) {
@@ -989,11 +993,7 @@ impl ThinImage {
     /// freed by the next open (invariant 1's scrub).
     pub fn restore(dir: &Path, name: &str) -> Result<(), EngineError> {
         validate_name(name)?;
-        let hdr_path = dir.join(HEADER_FILE);
-        let hdr = File::open(&hdr_path).map_err(io_error("open", &hdr_path))?;
-        let _lock = Flock::lock(hdr, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
-            io_error("lock (is the image open? close it to restore)", &hdr_path)(errno.into())
-        })?;
+        let _lock = lock_header(dir, "lock (is the image open? close it to restore)")?;
         let header = read_header(dir)?;
         if dir.join(PASSTHROUGH_FILE).exists() {
             return Err(EngineError::InPassthrough {
