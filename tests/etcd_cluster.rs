@@ -190,6 +190,7 @@ fn eventually(what: &str, mut ok: impl FnMut() -> bool) {
 
 fn record(name: &str) -> VolumeRecord {
     VolumeRecord {
+        grow_fs: false,
         name: name.into(),
         id: new_volume_id(),
         created_at: chrono::Utc::now(),

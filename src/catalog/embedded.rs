@@ -157,6 +157,7 @@ mod tests {
 
     fn record(name: &str) -> VolumeRecord {
         VolumeRecord {
+            grow_fs: false,
             name: name.into(),
             id: crate::catalog::new_volume_id(),
             created_at: chrono::Utc::now(),

@@ -41,6 +41,11 @@ pub struct VolumeRecord {
     /// it. A single node's volumes keep theirs in the image's `crypt` file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub crypt: Option<Box<crate::engine::CryptParams>>,
+    /// The device grew (or may be larger than its filesystem: a clone, a
+    /// restore) since the filesystem was last grown: the next mount grows
+    /// it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub grow_fs: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

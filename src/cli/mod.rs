@@ -65,10 +65,16 @@ pub enum VolumeCmd {
         #[arg(long, default_value_t = 3600)]
         timeout: u64,
     },
-    /// Change a volume's sticky flag, labels or passthrough.
+    /// Grow a volume to SIZE (`20G`, `512M`, `1T`; never shrinks), while it
+    /// is detached: in a cluster every replica follows, and the filesystem
+    /// grows at the next mount. The same as `volume update NAME -o size=SIZE`.
+    Resize { name: String, size: String },
+    /// Change a volume's size (grow only, while detached), sticky flag,
+    /// labels or passthrough.
     Update {
         name: String,
-        /// `sticky=true|false`, `label=k=v,k2=v2` or `passthrough=true|false`.
+        /// `size=20G`, `sticky=true|false`, `label=k=v,k2=v2` or
+        /// `passthrough=true|false`.
         #[arg(short = 'o', long = "opt", value_name = "KEY=VALUE", required = true)]
         opts: Vec<String>,
     },
@@ -300,6 +306,14 @@ pub fn volume(run_dir: &Path, cmd: VolumeCmd) -> Result<()> {
             println!("{name}");
         }
         VolumeCmd::Resync { name, timeout } => cluster::resync(run_dir, name, timeout)?,
+        VolumeCmd::Resize { name, size } => {
+            let args = CreateArgs {
+                name,
+                opts: [("size".to_string(), size)].into(),
+            };
+            let v: VolumeInfo = client.post("/v1/volume/update", &args)?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
         VolumeCmd::Update { name, opts } => {
             let args = CreateArgs {
                 name,

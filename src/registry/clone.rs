@@ -116,6 +116,9 @@ impl Registry {
             // blocks are ciphertext.
             replicas: source.replicas.clone(),
             crypt: source.crypt.clone(),
+            // Its snapshot may predate a grow of the source: the clone's
+            // first mount grows the filesystem (a no-op if it is whole).
+            grow_fs: source.formatted,
         };
         Ok(Created::Clone { record, source })
     }

@@ -93,6 +93,7 @@ impl Registry {
             clone_of: None,
             replicas,
             crypt,
+            grow_fs: false,
         };
         c.cluster
             .init_replica_states(&record.id, &record.replicas)

@@ -176,14 +176,7 @@ impl Registry {
     }
 
     fn info(&self, record: VolumeRecord) -> VolumeInfo {
-        let rt = self
-            .runtime
-            .read()
-            .get(&record.id)
-            .cloned()
-            .unwrap_or_default();
-        let allocated = crate::config::disk_usage(&self.node.volume_dir(&record.id));
-        VolumeInfo::new(record, rt, allocated, &self.node.name)
+        info_of(&self.node, &self.runtime, record)
     }
 
     /// A new volume's record, or the existing volume (Create is idempotent),
@@ -274,6 +267,7 @@ impl Registry {
             clone_of: None,
             replicas: Vec::new(),
             crypt: None,
+            grow_fs: false,
         };
         let dir = self.node.volume_dir(&record.id);
         let made = std::fs::create_dir_all(&dir)
@@ -332,11 +326,15 @@ impl Registry {
         }
     }
 
-    fn update(&mut self, name: &str, opts: &BTreeMap<String, String>) -> Reply<VolumeInfo> {
+    /// Check an update's options against the volume's record, changing
+    /// nothing: every option is refused before any takes effect.
+    fn parse_update(
+        &self,
+        name: &str,
+        opts: &BTreeMap<String, String>,
+    ) -> Reply<(VolumeRecord, Changes)> {
         let record = self.lookup(name)?;
-        let mut sticky = None;
-        let mut labels = None;
-        let mut passthrough = None;
+        let mut changes = Changes::default();
         for (k, v) in opts {
             match k.as_str() {
                 // Takes effect at the next attach.
@@ -349,47 +347,84 @@ impl Registry {
                             ..record.spec.clone()
                         })?;
                     }
-                    passthrough = Some(on);
+                    changes.passthrough = Some(on);
                 }
                 "sticky" | "label" | "labels" => {
                     let one: BTreeMap<String, String> = [(k.clone(), v.clone())].into();
                     let parsed = spec::parse_options(&one, None)?;
                     if k == "sticky" {
-                        sticky = Some(parsed.sticky);
+                        changes.sticky = Some(parsed.sticky);
                     } else {
-                        labels = Some(parsed.labels);
+                        changes.labels = Some(parsed.labels);
                     }
                 }
-                _ => {
-                    return Err(SpecError::Value {
-                        option: k.clone(),
-                        value: v.clone(),
-                        reason: "only sticky, label and passthrough can change after create".into(),
+                "size" => {
+                    let size = spec::parse_size(v)?;
+                    if size < record.spec.size {
+                        return Err(SpecError::Value {
+                            option: k.clone(),
+                            value: v.clone(),
+                            reason: format!(
+                                "volume {} has {} and cannot shrink: a filesystem cut short loses data; create a smaller volume and copy the data over",
+                                record.name,
+                                spec::human_bytes(record.spec.size)
+                            ),
+                        }
+                        .into());
                     }
-                    .into())
+                    changes.size = Some((size, v.clone()));
                 }
+                _ => return Err(SpecError::Value {
+                    option: k.clone(),
+                    value: v.clone(),
+                    reason:
+                        "only size (to grow), sticky, label and passthrough can change after create"
+                            .into(),
+                }
+                .into()),
             }
         }
-        let updated = self
-            .node
-            .catalog
+        Ok((record, changes))
+    }
+}
+
+/// What an update changes, checked.
+#[derive(Debug, Default)]
+struct Changes {
+    sticky: Option<bool>,
+    labels: Option<BTreeMap<String, String>>,
+    passthrough: Option<bool>,
+    /// Bytes, and as given.
+    size: Option<(u64, String)>,
+}
+
+impl Changes {
+    /// Apply the changes other than size to the catalog.
+    fn apply(&self, node: &Node, record: &VolumeRecord) -> Reply<VolumeRecord> {
+        if self.sticky.is_none() && self.labels.is_none() && self.passthrough.is_none() {
+            return node
+                .catalog
+                .get(&record.name)
+                .filter(|r| r.id == record.id)
+                .ok_or_else(|| RegistryError::NotFound(record.name.clone()));
+        }
+        node.catalog
             .modify(&record.name, &record.id, &mut |r| {
-                if let Some(s) = sticky {
+                if let Some(s) = self.sticky {
                     r.spec.sticky = s;
                 }
-                if let Some(l) = &labels {
+                if let Some(l) = &self.labels {
                     r.spec.labels = l.clone();
                 }
-                if let Some(p) = passthrough {
+                if let Some(p) = self.passthrough {
                     r.spec.passthrough = p;
                 }
             })
             .map_err(|source| RegistryError::Catalog {
                 volume: record.name.clone(),
-                node: self.node.name.clone(),
+                node: node.name.clone(),
                 source,
-            })?;
-        Ok(self.info(updated))
+            })
     }
 }
 
@@ -415,6 +450,12 @@ impl Actor for Registry {
             }
         }
     }
+}
+
+fn info_of(node: &Node, runtime: &RuntimeTable, record: VolumeRecord) -> VolumeInfo {
+    let rt = runtime.read().get(&record.id).cloned().unwrap_or_default();
+    let allocated = crate::config::disk_usage(&node.volume_dir(&record.id));
+    VolumeInfo::new(record, rt, allocated, &node.name)
 }
 
 /// Orphaned data (a crash between writing an image and the catalog, or
@@ -544,9 +585,31 @@ impl Handler<Create> for Registry {
 }
 
 impl Handler<Update> for Registry {
-    type Result = Reply<VolumeInfo>;
+    type Result = ResponseFuture<Reply<VolumeInfo>>;
+    /// A grow goes to the volume's actor (it owns the image and knows
+    /// whether it is attached); the other changes are the catalog's.
     fn handle(&mut self, msg: Update, _: &mut Context<Self>) -> Self::Result {
-        self.update(&msg.name, &msg.opts)
+        let checked = self
+            .parse_update(&msg.name, &msg.opts)
+            .and_then(|(record, changes)| {
+                let actor = match &changes.size {
+                    Some(_) => Some(self.actor(&record)?),
+                    None => None,
+                };
+                Ok((record, changes, actor))
+            });
+        let (record, changes, actor) = match checked {
+            Ok(c) => c,
+            Err(e) => return Box::pin(async move { Err(e) }),
+        };
+        let (node, runtime) = (self.node.clone(), self.runtime.clone());
+        Box::pin(async move {
+            if let (Some((size, given)), Some(actor)) = (changes.size.clone(), actor) {
+                forward(actor, volume::resize::Resize { size, given }).await?;
+            }
+            let updated = changes.apply(&node, &record)?;
+            Ok(info_of(&node, &runtime, updated))
+        })
     }
 }
 

@@ -156,6 +156,33 @@ pub fn forget(dir: &Path) -> io::Result<()> {
     }
 }
 
+/// The device of the log in `dir` grew from `old` to `new` bytes: its new
+/// extents, never written, are inactive, durably. A log not of `old`'s
+/// length (or none) is left as it is: open takes it as all active.
+pub fn grow(dir: &Path, old: u64, new: u64) -> io::Result<()> {
+    let path = dir.join(FILE);
+    let file = match OpenOptions::new().read(true).write(true).open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let len = |extents: u64| HEADER + extents.div_ceil(64) * 8;
+    let (was, now) = (extents(old), extents(new));
+    if file.metadata()?.len() != len(was) || now <= was {
+        return Ok(());
+    }
+    // Bits past the old last extent meant nothing; now they name extents.
+    if was % 64 != 0 {
+        let at = HEADER + (was / 64) * 8;
+        let mut word = [0u8; 8];
+        file.read_exact_at(&mut word, at)?;
+        let kept = u64::from_le_bytes(word) & ((1u64 << (was % 64)) - 1);
+        file.write_all_at(&kept.to_le_bytes(), at)?;
+    }
+    file.set_len(len(now))?;
+    file.sync_all()
+}
+
 /// Where a replica's image comes from, for its log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Made {
@@ -532,6 +559,28 @@ impl Hot {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_grown_log_keeps_its_extents_and_adds_inactive_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = 10 * EXTENT - 4096; // 10 extents, the last partial
+        let log = ActivityLog::open(dir.path(), old, Made::Equal).unwrap();
+        log.activate(2 * EXTENT, 1).unwrap();
+        log.activate(9 * EXTENT, 1).unwrap();
+        drop(log);
+        grow(dir.path(), old, 200 * EXTENT).unwrap();
+        let log = ActivityLog::open(dir.path(), 200 * EXTENT, Made::Before).unwrap();
+        assert_eq!(log.extents(), 200);
+        assert_eq!(log.active_count(), 2);
+        assert!(log.covers(2 * EXTENT, 1) && log.covers(9 * EXTENT, 1));
+        assert!(!log.covers(10 * EXTENT, 1) && !log.covers(199 * EXTENT, 1));
+        drop(log);
+        // A log of another length than the old size's is left alone: it
+        // opens as all active.
+        grow(dir.path(), old, 400 * EXTENT).unwrap();
+        let log = ActivityLog::open(dir.path(), 400 * EXTENT, Made::Before).unwrap();
+        assert_eq!(log.active_count(), 400);
+    }
 
     #[test]
     fn the_least_recently_written_extents_are_cleared_past_the_most() {

@@ -8,7 +8,7 @@
 //! `<dir>/generation`, synced before the new generation takes effect: IO
 //! of an older generation is refused from then on (fencing).
 
-use super::activity::{ActivityLog, Made, Stamp};
+use super::activity::{self, ActivityLog, Made, Stamp};
 use super::{Generation, Incarnation, ReplicationError};
 use crate::engine::{BlockEngine, ThinImage, ThinParams};
 use parking_lot::{Condvar, Mutex, RwLock, RwLockReadGuard};
@@ -524,13 +524,26 @@ impl LocalReplicas {
         }
         let made = !dir.join(HEADER_FILE).exists();
         let image = if !made {
+            if let Some(p) = params {
+                grow(&dir, volume_id, p)?;
+            }
             ThinImage::open(&dir)?
-        } else if let (Some(_), Some(b)) = (params, base) {
+        } else if let (Some(p), Some(b)) = (params, base) {
             let base_dir = self.dir(&b.volume_id)?;
             std::fs::create_dir_all(&dir).map_err(io_err("create", &dir))?;
-            ThinImage::create_clone(&dir, &base_dir, &b.snapshot).inspect_err(|_| {
-                let _ = std::fs::remove_dir_all(&dir);
-            })?
+            let clone =
+                ThinImage::create_clone(&dir, &base_dir, &b.snapshot).inspect_err(|_| {
+                    let _ = std::fs::remove_dir_all(&dir);
+                })?;
+            // The clone has its base's size, which may not have grown yet
+            // to the volume's (its replica grows when next attached).
+            if clone.size() < p.size {
+                drop(clone);
+                grow(&dir, volume_id, p)?;
+                ThinImage::open(&dir)?
+            } else {
+                clone
+            }
         } else if let Some(p) = params {
             std::fs::create_dir_all(&dir).map_err(io_err("create", &dir))?;
             ThinImage::create(&dir, p)?
@@ -772,6 +785,21 @@ impl LocalReplicas {
     }
 }
 
+/// A replica (closed) of a volume that grew while it was away grows to
+/// the size the volume's attached node asks for. Never shrinks, and
+/// leaves one of another block size for [`check_params`] to refuse.
+fn grow(dir: &Path, volume_id: &str, want: ThinParams) -> Result<(), ReplicationError> {
+    let have = ThinImage::params_of(dir)?;
+    if have.block_size != want.block_size || want.size <= have.size {
+        return Ok(());
+    }
+    if let Some(old) = ThinImage::grow(dir, want.size)? {
+        activity::grow(dir, old, want.size).map_err(io_err("grow the activity log in", dir))?;
+        tracing::info!(volume_id, from = old, to = want.size, "grew the replica");
+    }
+    Ok(())
+}
+
 fn check_params(r: &LocalReplica, want: ThinParams) -> Result<(), ReplicationError> {
     let have = r.params();
     if have.size != want.size || have.block_size != want.block_size {
@@ -831,6 +859,22 @@ mod tests {
         c.read_at(0, &mut buf, 0).unwrap();
         assert_eq!(buf, [7; 4096]);
         drop(c);
+        reps.close("v1");
+        // Closed, it grows to a larger size asked for (the volume grew
+        // while it was away), never shrinks back.
+        let bigger = ThinParams { size: 3 << 20, ..P };
+        let c = reps.open("v1", bigger).unwrap();
+        assert_eq!(c.params().size, bigger.size);
+        c.read_at(0, &mut buf, 0).unwrap();
+        assert_eq!(buf, [7; 4096]);
+        c.read_at(0, &mut buf, (3 << 20) - 4096).unwrap();
+        assert_eq!(buf, [0; 4096]);
+        drop(c);
+        reps.close("v1");
+        assert!(matches!(
+            reps.open("v1", P),
+            Err(ReplicationError::ParamsMismatch { .. })
+        ));
         reps.remove("v1").unwrap();
         assert!(!dir.path().join("v1").exists());
         assert!(matches!(

@@ -11,6 +11,7 @@ pub mod handover;
 pub mod mounting;
 pub mod replicas;
 pub mod replicated;
+pub mod resize;
 pub mod snapshots;
 pub mod usage;
 
@@ -110,6 +111,10 @@ pub enum VolumeErrorKind {
     HasClones(String),
     #[error("it is in use; a restore replaces its contents: stop its containers or `dunnage detach {0}` first")]
     RestoreInUse(String),
+    #[error("it has {have} and cannot shrink to {want}: a filesystem cut short loses data; create a smaller volume and copy the data over")]
+    Shrink { have: String, want: String },
+    #[error("it is in use, and it grows while detached: stop its containers or `dunnage detach {0}`, resize, then use it again (its filesystem grows at its next mount)")]
+    ResizeInUse(String),
     #[error("engine: {0}")]
     Engine(#[from] EngineError),
     #[error("export: {0}")]
@@ -370,9 +375,11 @@ impl VolumeActor {
             None if resuming => Ok(Backing::Image(Arc::new(ThinImage::open_resuming(
                 &self.node.volume_dir(&self.id),
             )?))),
-            None => Ok(Backing::Image(Arc::new(ThinImage::open(
-                &self.node.volume_dir(&self.id),
-            )?))),
+            None => {
+                let dir = self.node.volume_dir(&self.id);
+                self.grow_image(&dir)?;
+                Ok(Backing::Image(Arc::new(ThinImage::open(&dir)?)))
+            }
         }
     }
 
@@ -496,8 +503,16 @@ impl VolumeActor {
             }
         }
         let target = self.node.mount_point(&self.name);
+        let grow = record.grow_fs && record.spec.fs != FsType::None;
+        let mounted = mounting::grows_mounted(record.spec.fs);
+        if grow && !mounted {
+            self.grow_filesystem(record, &device, &target);
+        }
         let data = mounting::mount_for_docker(&device, &target, record.spec.fs)
             .map_err(VolumeErrorKind::Mount)?;
+        if grow && mounted {
+            self.grow_filesystem(record, &device, &target);
+        }
         let a = self.attached.as_mut().expect("brought up");
         a.fs_mount = Some(target);
         a.data_path = Some(data.clone());

@@ -91,6 +91,50 @@ pub fn mount_for_docker(device: &Path, target: &Path, fs: FsType) -> Result<Path
     Ok(data)
 }
 
+/// Whether `fs` grows while mounted (xfs: `xfs_growfs` works only on a
+/// mounted filesystem) rather than before (ext4: online growth needs
+/// `CAP_SYS_RESOURCE`, which containers and sandboxes often lack; offline
+/// needs a check first, and a volume about to be mounted is unmounted).
+pub fn grows_mounted(fs: FsType) -> bool {
+    fs == FsType::Xfs
+}
+
+/// Grow the filesystem on `device` to the device's size: ext4 before it is
+/// mounted (`e2fsck -f -p`, which resize2fs requires, then `resize2fs`),
+/// xfs once mounted at `target` (`xfs_growfs -d`). A filesystem that
+/// fills its device already is left as it is.
+pub fn grow_fs(device: &Path, target: &Path, fs: FsType) -> Result<(), String> {
+    let run = |program: &str, args: &[&std::ffi::OsStr], ok: &[i32]| -> Result<(), String> {
+        let out = Command::new(program)
+            .args(args)
+            .output()
+            .map_err(|e| format!("cannot run {program}: {e} (install e2fsprogs / xfsprogs)"))?;
+        if out.status.code().is_some_and(|c| ok.contains(&c)) {
+            return Ok(());
+        }
+        Err(format!(
+            "{program} {} failed ({}): {}{}",
+            args.last().map_or("".into(), |a| a.to_string_lossy()),
+            out.status,
+            String::from_utf8_lossy(&out.stdout).trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    };
+    match fs {
+        FsType::Ext4 => {
+            // 1: errors were fixed (preen), which is fine to go on from.
+            run(
+                "e2fsck",
+                &["-f".as_ref(), "-p".as_ref(), device.as_os_str()],
+                &[0, 1],
+            )?;
+            run("resize2fs", &[device.as_os_str()], &[0])
+        }
+        FsType::Xfs => run("xfs_growfs", &["-d".as_ref(), target.as_os_str()], &[0]),
+        FsType::None => Ok(()),
+    }
+}
+
 /// Unmount the filesystem at `target` and remove the mount point. A busy
 /// filesystem is retried briefly (udev and blkid hold it for a moment after
 /// a container stops); `force` then detaches it lazily (shutdown only).

@@ -397,11 +397,13 @@ impl Handler<Restore> for VolumeActor {
         }
         if let Some(c) = self.node.cluster.clone() {
             replicated::restore(&c, &record, &msg.snapshot).map_err(|e| self.err(e))?;
+            self.filesystem_may_be_short(&record);
             tracing::info!(volume = %self.name, snapshot = %msg.snapshot, "restored on every replica");
             return Ok(());
         }
         ThinImage::restore(&self.node.volume_dir(&self.id), &msg.snapshot)
             .map_err(|e| self.err(e))?;
+        self.filesystem_may_be_short(&record);
         tracing::info!(volume = %self.name, snapshot = %msg.snapshot, "restored");
         Ok(())
     }

@@ -67,10 +67,14 @@ impl ThinImage {
         Ok(Some(header.size))
     }
 
-    /// The device size of the image in `dir`, from its header (the image
-    /// may be open).
-    pub fn size_of(dir: &Path) -> Result<u64, EngineError> {
-        Ok(read_header(dir)?.size)
+    /// The size and block size of the image in `dir`, from its header
+    /// (the image may be open).
+    pub fn params_of(dir: &Path) -> Result<ThinParams, EngineError> {
+        let h = read_header(dir)?;
+        Ok(ThinParams {
+            size: h.size,
+            block_size: h.block_size,
+        })
     }
 }
 
@@ -111,11 +115,11 @@ mod tests {
         ));
         drop(img);
         assert_eq!(ThinImage::grow(dir.path(), new).unwrap(), Some(old));
-        assert_eq!(ThinImage::size_of(dir.path()).unwrap(), new);
+        assert_eq!(ThinImage::params_of(dir.path()).unwrap().size, new);
         // Never shrinks; the same size again is nothing to do.
         assert_eq!(ThinImage::grow(dir.path(), new).unwrap(), None);
         assert_eq!(ThinImage::grow(dir.path(), old).unwrap(), None);
-        assert_eq!(ThinImage::size_of(dir.path()).unwrap(), new);
+        assert_eq!(ThinImage::params_of(dir.path()).unwrap().size, new);
 
         let img = ThinImage::open(dir.path()).unwrap();
         assert_eq!(img.size(), new);
@@ -168,7 +172,7 @@ mod tests {
                 Err(EngineError::InvalidParams(_))
             ));
         }
-        assert_eq!(ThinImage::size_of(dir.path()).unwrap(), MIB);
+        assert_eq!(ThinImage::params_of(dir.path()).unwrap().size, MIB);
         assert_eq!(ThinImage::open(dir.path()).unwrap().size(), MIB);
     }
 

@@ -1,0 +1,205 @@
+//! Growing volumes through the CLI and the plugin socket: refused while in
+//! use, never shrinking, bad sizes changing nothing; the data kept, the
+//! filesystem (ext4 and xfs) grown at the next mount, online, and
+//! fsck-clean; a snapshot from before the grow restored, and a clone made,
+//! at the new size; the size kept across a daemon restart.
+
+mod common;
+
+use common::{mount_id, pattern, write_durably, Daemon, Opts};
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+
+const MIB: u64 = 1 << 20;
+
+/// Bytes of the filesystem mounted at `path`.
+fn fs_bytes(path: &Path) -> u64 {
+    let s = nix::sys::statvfs::statvfs(path).expect("statvfs");
+    s.blocks() as u64 * s.fragment_size() as u64
+}
+
+fn size_of(d: &Daemon, vol: &str) -> u64 {
+    d.inspect(vol)["size_bytes"].as_u64().unwrap()
+}
+
+/// fsck of the volume's filesystem, as a raw device on the host.
+fn assert_fsck_clean(d: &Daemon, vol: &str, fs: &str) {
+    let dev = d.cli_ok(&["attach", vol]).trim().to_string();
+    let out = match fs {
+        "xfs" => Command::new("xfs_repair").args(["-n", &dev]).output(),
+        _ => Command::new("e2fsck").args(["-f", "-n", &dev]).output(),
+    }
+    .expect("run fsck");
+    d.cli_ok(&["detach", vol]);
+    assert!(
+        out.status.success(),
+        "{vol}: fsck found problems: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn grows_with(fs: &str, old: u64, new: u64) {
+    let d = Daemon::start(Opts::default());
+    let vol = format!("grow-{fs}");
+    let (old_s, new_s) = (format!("{}M", old / MIB), format!("{}M", new / MIB));
+    d.create(&vol, &[("size", &old_s), ("fs", fs)]);
+    let kept = pattern(4 << 20, 11);
+
+    let id = mount_id(&format!("{vol}-1"));
+    let mp = d.mount(&vol, &id);
+    write_durably(&mp.join("kept"), &kept);
+    let before = fs_bytes(&mp);
+    assert!(before <= old, "{fs}: {before} bytes on a {old}-byte volume");
+    d.cli_ok(&["snapshot", "create", &vol, "small"]);
+
+    // In use: refused, says why and what to do, changes nothing.
+    let err = d.cli_err(&["volume", "resize", &vol, &new_s]);
+    assert!(
+        err.contains("in use") && err.contains(&vol) && err.contains("detach"),
+        "{err}"
+    );
+    assert_eq!(size_of(&d, &vol), old);
+    d.unmount(&vol, &id);
+
+    // Bad sizes: refused before anything changes.
+    let smaller = format!("{}M", old / MIB / 2);
+    for (size, says) in [
+        (smaller.as_str(), "cannot shrink"),
+        ("12Q", "unknown unit"),
+        ("99999999T", "64 TiB"),
+        ("", "whole number"),
+    ] {
+        let err = d.cli_err(&["volume", "resize", &vol, size]);
+        assert!(err.contains(says), "{size:?}: {err}");
+    }
+    let err = d.cli_err(&["volume", "update", &vol, "-o", "size=1T", "-o", "fs=xfs"]);
+    assert!(err.contains("only size"), "{err}");
+    assert_eq!(size_of(&d, &vol), old, "a refused update changed the size");
+    // The same size again: nothing to do.
+    d.cli_ok(&["volume", "resize", &vol, &old_s]);
+
+    d.cli_ok(&["volume", "resize", &vol, &new_s]);
+    let info = d.inspect(&vol);
+    assert_eq!(info["size_bytes"].as_u64().unwrap(), new, "{info}");
+    assert_eq!(info["options"]["size"], new_s.as_str(), "{info}");
+
+    // The next mount grows the filesystem; what was there is there, and
+    // more than the old size now fits.
+    let id = mount_id(&format!("{vol}-2"));
+    let mp = d.mount(&vol, &id);
+    let after = fs_bytes(&mp);
+    assert!(
+        after > before + (new - old) / 2,
+        "{fs}: the filesystem did not grow: {before} -> {after} bytes\n{}",
+        d.log_tail()
+    );
+    assert_eq!(fs::read(mp.join("kept")).unwrap(), kept);
+    let big = pattern(old as usize, 12);
+    write_durably(&mp.join("big"), &big);
+    d.unmount(&vol, &id);
+    assert_fsck_clean(&d, &vol, fs);
+
+    // A restart keeps the size; the data is read back whole.
+    let mut d = d;
+    d.restart();
+    assert_eq!(size_of(&d, &vol), new);
+    let id = mount_id(&format!("{vol}-3"));
+    let mp = d.mount(&vol, &id);
+    assert_eq!(fs::read(mp.join("big")).unwrap(), big);
+    assert_eq!(fs_bytes(&mp), after);
+    d.unmount(&vol, &id);
+
+    // A clone has the volume's size and its filesystem.
+    let clone = format!("{vol}-clone");
+    d.create(&clone, &[("parent", &vol)]);
+    assert_eq!(size_of(&d, &clone), new);
+    let id = mount_id(&format!("{clone}-1"));
+    let mp = d.mount(&clone, &id);
+    assert_eq!(fs::read(mp.join("big")).unwrap(), big);
+    assert_eq!(fs_bytes(&mp), after);
+    d.unmount(&clone, &id);
+    d.remove(&clone);
+
+    // The snapshot from before the grow, restored: the volume keeps its
+    // size, and its next mount grows the small filesystem again.
+    d.cli_ok(&["volume", "restore", &vol, "small"]);
+    assert_eq!(size_of(&d, &vol), new);
+    let id = mount_id(&format!("{vol}-4"));
+    let mp = d.mount(&vol, &id);
+    assert_eq!(fs::read(mp.join("kept")).unwrap(), kept);
+    assert!(!mp.join("big").exists());
+    assert_eq!(fs_bytes(&mp), after);
+    d.unmount(&vol, &id);
+    assert_fsck_clean(&d, &vol, fs);
+
+    d.cli_ok(&["snapshot", "rm", &vol, "small"]);
+    d.remove(&vol);
+    let l = d.leftovers_running();
+    assert!(l.is_empty(), "leftovers {l:?}\n{}", d.log_tail());
+}
+
+#[test]
+fn an_ext4_volume_grows_while_detached_and_its_filesystem_at_the_next_mount() {
+    grows_with("ext4", 64 * MIB, 256 * MIB);
+}
+
+#[test]
+fn an_xfs_volume_grows_while_detached_and_its_filesystem_at_the_next_mount() {
+    // mkfs.xfs wants 300 MiB at least.
+    grows_with("xfs", 320 * MIB, 960 * MIB);
+}
+
+#[test]
+fn a_raw_volume_grows_and_its_device_has_the_new_size() {
+    let d = Daemon::start(Opts::engine_path());
+    d.create("raw", &[("size", "32M"), ("fs", "none")]);
+    let dev = d.cli_ok(&["attach", "raw"]).trim().to_string();
+    let head = pattern(MIB as usize, 21);
+    write_device(&dev, 0, &head);
+    d.cli_ok(&["detach", "raw"]);
+    d.cli_ok(&["volume", "resize", "raw", "80M"]);
+    let dev = d.cli_ok(&["attach", "raw"]).trim().to_string();
+    assert_eq!(device_bytes(&dev), 80 * MIB);
+    let tail = pattern(MIB as usize, 22);
+    write_device(&dev, 79 * MIB, &tail);
+    assert_eq!(read_device(&dev, 0, MIB as usize), head);
+    assert_eq!(read_device(&dev, 79 * MIB, MIB as usize), tail);
+    // Never-written new space reads zeros.
+    assert!(read_device(&dev, 40 * MIB, MIB as usize)
+        .iter()
+        .all(|&b| b == 0));
+    d.cli_ok(&["detach", "raw"]);
+    d.remove("raw");
+}
+
+fn device_bytes(dev: &str) -> u64 {
+    let out = Command::new("blockdev")
+        .args(["--getsize64", dev])
+        .output()
+        .expect("blockdev");
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+fn write_device(dev: &str, offset: u64, data: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let f = fs::OpenOptions::new().write(true).open(dev).unwrap();
+    f.write_all_at(data, offset).unwrap();
+    f.sync_all().unwrap();
+}
+
+fn read_device(dev: &str, offset: u64, len: usize) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(dev)
+        .unwrap();
+    // O_DIRECT wants an aligned buffer: over-allocate and align by hand.
+    let mut buf = vec![0u8; len + 4096];
+    let at = buf.as_ptr().align_offset(4096);
+    f.read_exact_at(&mut buf[at..at + len], offset).unwrap();
+    buf[at..at + len].to_vec()
+}
