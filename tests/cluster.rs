@@ -1805,3 +1805,67 @@ fn replicas_move_between_nodes_while_in_use() {
     c.remove(0, vol);
     c.shutdown();
 }
+
+/// A replicated volume grows while detached, from any node, with one of
+/// its replica nodes down: the attached node's replica grows at the
+/// attach, the one that was down when it comes back and is resynced; the
+/// data below the old end stays, the new space takes writes, and the
+/// replicas end equal. Refused while the volume is attached elsewhere.
+#[test]
+fn a_replicated_volume_grows_and_a_replica_away_then_follows() {
+    let mut c = loopback_sweeping_every(3, 1);
+    let vol = "growing";
+    c.create(0, vol, 2, "32M", &[("nodes", "n1,n2")]);
+    let d = BlockDev::open(&c.attach_on(0, vol));
+    write_blocks(&d, 0..64, 1);
+    drop(d);
+    let err = c.cli_err(2, &["volume", "resize", vol, "96M"]);
+    assert!(err.contains("attached on node n1"), "{err}");
+    c.detach_on(0, vol);
+
+    c.kill9(1);
+    c.wait_node_up(0, 1, false);
+    c.cli_ok(2, &["volume", "resize", vol, "96M"]);
+    for i in [0, 2] {
+        assert_eq!(
+            c.inspect_on(i, vol)["size_bytes"].as_u64().unwrap(),
+            96 * MIB
+        );
+    }
+    let dev = c.attach_on(0, vol);
+    let size = Command::new("blockdev")
+        .args(["--getsize64", &dev])
+        .output()
+        .expect("blockdev");
+    assert_eq!(
+        String::from_utf8_lossy(&size.stdout).trim(),
+        (96 * MIB).to_string()
+    );
+    let d = BlockDev::open(&dev);
+    verify_blocks(&d, 0..64, 1);
+    // Past the old end (32 MiB = 8192 blocks of 4 KiB), up to the new one.
+    let past = 8192 - 8..8192 + 64;
+    let last = 24576 - 16..24576;
+    write_blocks(&d, past.clone(), 2);
+    write_blocks(&d, last.clone(), 3);
+    drop(d);
+    c.detach_on(0, vol);
+
+    c.start_again(1);
+    wait_all_in_sync(&c, 2, vol);
+    wait_resync_gone(&c, 2, vol);
+    assert_checksums_equal(&c, &[0, 1], vol);
+    assert!(
+        c.node(1).log().contains("grew the replica"),
+        "n2's replica did not grow when it came back\n{}",
+        c.logs()
+    );
+    let d = BlockDev::open(&c.attach_on(1, vol));
+    verify_blocks(&d, 0..64, 1);
+    verify_blocks(&d, past, 2);
+    verify_blocks(&d, last, 3);
+    drop(d);
+    c.detach_on(1, vol);
+    c.remove(0, vol);
+    c.shutdown();
+}
