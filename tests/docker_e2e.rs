@@ -158,26 +158,28 @@ fn docker_run_shorthand_name_at_size() {
     cleanup.volumes.push(vol.clone());
 
     let bind = format!("{vol}:/data");
-    let out = run_container(
-        &mut cleanup,
-        &[
-            "-v",
-            &bind,
-            "--volume-driver",
-            &d.name,
-            TEST_IMAGE,
-            "df",
-            "-k",
-            "/data",
-        ],
-    );
-    // Filesystem 1K-blocks Used Available Use% Mounted on
-    let kib: u64 = out
-        .lines()
-        .nth(1)
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("cannot parse df output: {out:?}"));
+    let df_kib = |cleanup: &mut Cleanup| -> u64 {
+        let out = run_container(
+            cleanup,
+            &[
+                "-v",
+                &bind,
+                "--volume-driver",
+                &d.name,
+                TEST_IMAGE,
+                "df",
+                "-k",
+                "/data",
+            ],
+        );
+        // Filesystem 1K-blocks Used Available Use% Mounted on
+        out.lines()
+            .nth(1)
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("cannot parse df output: {out:?}"))
+    };
+    let kib = df_kib(&mut cleanup);
     assert!(
         (GIB / 1024 * 17 / 10..=2 * GIB / 1024).contains(&kib),
         "{vol} should be about 2 GiB, df says {kib} KiB"
@@ -188,6 +190,15 @@ fn docker_run_shorthand_name_at_size() {
         "{vol} should create {base} with 2 GiB"
     );
     assert!(!d.is_mounted(&base));
+
+    // Grown between two containers: the next one sees the larger filesystem.
+    d.cli_ok(&["volume", "resize", &base, "3G"]);
+    let kib = df_kib(&mut cleanup);
+    assert!(
+        (GIB / 1024 * 27 / 10..=3 * GIB / 1024).contains(&kib),
+        "{base} grown to 3 GiB, df says {kib} KiB"
+    );
+    assert_eq!(d.inspect(&base)["size_bytes"], 3 * GIB);
 
     cleanup.volume_rm(&vol);
     let (status, g) = d.get(&base);
