@@ -155,7 +155,8 @@ pub enum ReplicationError {
     InvalidVolumeId(String),
     #[error(
         "replica of volume {volume_id} has size {have_size} and block size \
-         {have_block_size}, but {want_size} and {want_block_size} were asked for"
+         {have_block_size}, but {want_size} and {want_block_size} were asked for \
+         (a replica smaller than its grown volume grows when the volume is next attached)"
     )]
     ParamsMismatch {
         volume_id: String,

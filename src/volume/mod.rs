@@ -368,8 +368,11 @@ impl VolumeActor {
     fn open_backing(&self, resuming: bool) -> Result<Backing, VolumeErrorKind> {
         match &self.node.cluster {
             Some(c) => {
-                let (mirror, generation) =
-                    replicated::open_mirror(c, &self.record().map_err(|e| e.kind)?)?;
+                let (mirror, generation) = replicated::open_mirror(
+                    c,
+                    &self.record().map_err(|e| e.kind)?,
+                    self.node.catalog.as_ref(),
+                )?;
                 Ok(Backing::Mirror { mirror, generation })
             }
             None if resuming => Ok(Backing::Image(Arc::new(ThinImage::open_resuming(

@@ -93,10 +93,15 @@ pub(super) fn take_attach(
 pub(super) fn open_mirror(
     c: &ClusterNode,
     record: &VolumeRecord,
+    catalog: &dyn crate::catalog::Catalog,
 ) -> Result<(Arc<Mirror>, Generation), VolumeErrorKind> {
     let cl = &c.cluster;
     let wait = c.lease_ttl + Duration::from_secs(2);
     let generation = take_attach(c, record, wait)?;
+    // A resize changes the size under an attach of its own: read the
+    // record again now that this one holds it.
+    let fresh = catalog.get(&record.name).filter(|r| r.id == record.id);
+    let record = fresh.as_ref().unwrap_or(record);
     // A comparison owed by an unreleased attach stays owed if this fails.
     let mut owed = true;
     let opened = cl

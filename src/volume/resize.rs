@@ -3,12 +3,13 @@
 //! each replica when an attach next opens it at the new size); the
 //! filesystem grows at the next mount, online.
 
-use super::{mounting, Backing, VolumeActor, VolumeError, VolumeErrorKind};
+use super::{mounting, replicated, Backing, VolumeActor, VolumeError, VolumeErrorKind};
 use crate::catalog::VolumeRecord;
 use crate::engine::{BlockEngine, ThinImage};
 use crate::spec::{human_bytes, FsType};
 use actix::prelude::*;
 use std::path::Path;
+use std::time::Duration;
 
 /// Grow the volume to `size` bytes (`given` as the user wrote it, kept for
 /// `inspect`). Answers the updated record.
@@ -36,29 +37,31 @@ impl Handler<Resize> for VolumeActor {
         if self.attached.is_some() {
             return Err(self.err(VolumeErrorKind::ResizeInUse(self.name.clone())));
         }
-        if let Some(c) = &self.node.cluster {
-            if let Some((holder, _)) = c
-                .cluster
-                .attach_owner(&record.id)
-                .map_err(|e| self.err(e))?
-            {
-                return Err(self.err(crate::cluster::ClusterError::HeldBy {
-                    volume: self.name.clone(),
-                    node: holder,
-                }));
-            }
-        }
         // The catalog first: it is the truth the images follow (each grows
         // when next opened, if this stops before it does).
-        let updated = self
-            .node
-            .catalog
-            .modify(&self.name, &self.id, &mut |r| {
+        let modify = || {
+            self.node.catalog.modify(&self.name, &self.id, &mut |r| {
                 r.spec.size = msg.size;
                 r.options.insert("size".into(), msg.given.clone());
                 r.grow_fs = r.formatted && r.spec.fs != FsType::None;
             })
-            .map_err(|e| self.err(e))?;
+        };
+        // In a cluster, under an attach of its own (refused if attached
+        // elsewhere; a background resync is asked to stop), so that no
+        // attach opens the volume meanwhile: one that read the record
+        // before reads it again once it holds the attach.
+        let updated = match &self.node.cluster {
+            Some(c) => {
+                let generation =
+                    replicated::take_attach(c, &record, Duration::ZERO).map_err(|e| self.err(e))?;
+                let res = modify();
+                // Nothing of the replicas was compared or changed.
+                replicated::give_back(c, &record.id, &record.name, generation, false);
+                res
+            }
+            None => modify(),
+        }
+        .map_err(|e| self.err(e))?;
         if self.node.cluster.is_none() {
             ThinImage::grow(&self.node.volume_dir(&self.id), msg.size).map_err(|e| self.err(e))?;
         }

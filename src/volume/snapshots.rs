@@ -109,7 +109,8 @@ impl VolumeActor {
         // What the mirror would refuse, refused before opening one (which
         // records an unreachable replica outdated).
         replicated::check_replicas(c, record, op, snapshot, None).map_err(|e| self.err(e))?;
-        let (mirror, generation) = replicated::open_mirror(c, record).map_err(|e| self.err(e))?;
+        let (mirror, generation) = replicated::open_mirror(c, record, self.node.catalog.as_ref())
+            .map_err(|e| self.err(e))?;
         let res = f(&mirror, generation);
         replicated::close_mirror(c, &self.id, &self.name, &mirror, generation);
         res.map_err(|e| self.err(e))
