@@ -125,6 +125,19 @@ d detach v || fail "detach"
 say "ok: detached"
 [ -e "$dev" ] && fail "$dev still present after detach"
 
+# Grown while detached: the next attach's device has the new size, and
+# the data (an ext4 filesystem) is there.
+d volume resize v 384M >/dev/null || fail "volume resize"
+dev=$(d attach v) || fail "attach after resize"
+size=$(cat "/sys/block/${dev#/dev/}/size")
+[ "$size" = $((384 * 2048)) ] || fail "size after resize $size sectors, want $((384 * 2048))"
+mount -t ext4 -o ro "$dev" /mnt/v || fail "mount after resize"
+c=$(md5sum < /mnt/v/file | cut -d' ' -f1)
+umount /mnt/v || fail "umount after resize"
+[ "$c" = "$a" ] || fail "file differs after resize"
+d detach v || fail "detach after resize"
+say "ok: grown to 384 MiB while detached: the ublk device has the new size, the data stays"
+
 stop_daemon
 no_ublk_left
 
