@@ -80,7 +80,11 @@ fn grows_with(fs: &str, old: u64, new: u64) {
     // The same size again: nothing to do.
     d.cli_ok(&["volume", "resize", &vol, &old_s]);
 
-    d.cli_ok(&["volume", "resize", &vol, &new_s]);
+    let said = d.cli_ok(&["volume", "resize", &vol, &new_s]);
+    assert!(
+        said.contains(&vol) && said.contains(&format!("{fs} filesystem grows at its next mount")),
+        "{said}"
+    );
     let info = d.inspect(&vol);
     assert_eq!(info["size_bytes"].as_u64().unwrap(), new, "{info}");
     assert_eq!(info["options"]["size"], new_s.as_str(), "{info}");
@@ -159,7 +163,9 @@ fn a_raw_volume_grows_and_its_device_has_the_new_size() {
     let head = pattern(MIB as usize, 21);
     write_device(&dev, 0, &head);
     d.cli_ok(&["detach", "raw"]);
-    d.cli_ok(&["volume", "resize", "raw", "80M"]);
+    let said: serde_json::Value =
+        serde_json::from_str(&d.cli_ok(&["volume", "resize", "raw", "80M", "--json"])).unwrap();
+    assert_eq!(said["size_bytes"].as_u64(), Some(80 * MIB), "{said}");
     let dev = d.cli_ok(&["attach", "raw"]).trim().to_string();
     assert_eq!(device_bytes(&dev), 80 * MIB);
     let tail = pattern(MIB as usize, 22);

@@ -68,7 +68,13 @@ pub enum VolumeCmd {
     /// Grow a volume to SIZE (`20G`, `512M`, `1T`; never shrinks), while it
     /// is detached: in a cluster every replica follows, and the filesystem
     /// grows at the next mount. The same as `volume update NAME -o size=SIZE`.
-    Resize { name: String, size: String },
+    Resize {
+        name: String,
+        size: String,
+        /// Print the volume as JSON (as `volume inspect`) instead.
+        #[arg(long)]
+        json: bool,
+    },
     /// Change a volume's size (grow only, while detached), sticky flag,
     /// labels or passthrough.
     Update {
@@ -306,13 +312,24 @@ pub fn volume(run_dir: &Path, cmd: VolumeCmd) -> Result<()> {
             println!("{name}");
         }
         VolumeCmd::Resync { name, timeout } => cluster::resync(run_dir, name, timeout)?,
-        VolumeCmd::Resize { name, size } => {
+        VolumeCmd::Resize { name, size, json } => {
             let args = CreateArgs {
                 name,
                 opts: [("size".to_string(), size)].into(),
             };
             let v: VolumeInfo = client.post("/v1/volume/update", &args)?;
-            println!("{}", serde_json::to_string_pretty(&v)?);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else if v.formatted && v.fs != "none" {
+                println!(
+                    "{}: {}; its {} filesystem grows at its next mount",
+                    v.name,
+                    human_bytes(v.size_bytes),
+                    v.fs
+                );
+            } else {
+                println!("{}: {}", v.name, human_bytes(v.size_bytes));
+            }
         }
         VolumeCmd::Update { name, opts } => {
             let args = CreateArgs {
