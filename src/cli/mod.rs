@@ -65,9 +65,11 @@ pub enum VolumeCmd {
         #[arg(long, default_value_t = 3600)]
         timeout: u64,
     },
-    /// Grow a volume to SIZE (`20G`, `512M`, `1T`; never shrinks), while it
-    /// is detached: in a cluster every replica follows, and the filesystem
-    /// grows at the next mount. The same as `volume update NAME -o size=SIZE`.
+    /// Grow a volume to SIZE (`20G`, `512M`, `1T`; never shrinks). A single
+    /// node's volume grows also while mounted or attached (its filesystem
+    /// online where it can, else at the next mount); a replicated volume,
+    /// or one served by ublk, while detached (every replica follows). The
+    /// same as `volume update NAME -o size=SIZE`.
     Resize {
         name: String,
         size: String,
@@ -75,8 +77,8 @@ pub enum VolumeCmd {
         #[arg(long)]
         json: bool,
     },
-    /// Change a volume's size (grow only, while detached), sticky flag,
-    /// labels or passthrough.
+    /// Change a volume's size (grow only), sticky flag, labels or
+    /// passthrough.
     Update {
         name: String,
         /// `size=20G`, `sticky=true|false`, `label=k=v,k2=v2` or
@@ -320,9 +322,16 @@ pub fn volume(run_dir: &Path, cmd: VolumeCmd) -> Result<()> {
             let v: VolumeInfo = client.post("/v1/volume/update", &args)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
-            } else if v.formatted && v.fs != "none" {
+            } else if v.fs_grows_at_next_mount {
                 println!(
                     "{}: {}; its {} filesystem grows at its next mount",
+                    v.name,
+                    human_bytes(v.size_bytes),
+                    v.fs
+                );
+            } else if v.state == "mounted" {
+                println!(
+                    "{}: {}; its {} filesystem grew",
                     v.name,
                     human_bytes(v.size_bytes),
                     v.fs

@@ -449,6 +449,9 @@ pub struct ThinImage {
     poisoned: AtomicBool,
     flush_lock: Mutex<()>,
     flush_on_drop: bool,
+    /// Replaced by a newer open of the same image (an online grow): it
+    /// writes nothing more, not even at drop.
+    retired: AtomicBool,
     /// Physical blocks some snapshot references (see *Snapshots*).
     shared: SharedBits,
     /// Set bits of `shared`.
@@ -662,6 +665,7 @@ impl ThinImage {
             poisoned: AtomicBool::new(false),
             flush_lock: Mutex::new(()),
             flush_on_drop: true,
+            retired: AtomicBool::new(false),
             shared: SharedBits::from_words(limit, &refs.shared),
             shared_count: AtomicU64::new(refs.shared_count),
             head_shared: AtomicU64::new(refs.head_shared),
@@ -947,7 +951,7 @@ impl ThinImage {
 
 impl Drop for ThinImage {
     fn drop(&mut self) {
-        if self.flush_on_drop {
+        if self.flush_on_drop && !self.retired.load(Ordering::Acquire) {
             if let Err(e) = self.flush_inner() {
                 tracing::warn!(data = %self.data_path.display(), error = %e, "flush on close failed");
             }

@@ -287,6 +287,27 @@ impl Export {
         }
     }
 
+    /// The engine, replaceable while the export runs; `None` where the
+    /// device cannot change size while live (ublk: its size is fixed at
+    /// add on the kernels these hosts have).
+    pub fn engine_slot(&self) -> Option<&Arc<fuse::EngineSlot>> {
+        match &self.inner {
+            Inner::Fuse(f) => Some(f.engine_slot()),
+            Inner::Ublk(_) => None,
+        }
+    }
+
+    /// The engine grew: the device takes its new size.
+    pub fn refresh_size(&self) -> Result<(), ExportError> {
+        match &self.inner {
+            Inner::Fuse(f) => f.refresh_size(),
+            Inner::Ublk(_) => Err(ExportError::io(
+                "grow a live ublk device",
+                std::io::Error::from(std::io::ErrorKind::Unsupported),
+            )),
+        }
+    }
+
     pub fn handover(&self) -> Handover {
         match &self.inner {
             Inner::Fuse(f) => Handover::Fuse(f.handover()),

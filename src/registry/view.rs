@@ -29,6 +29,9 @@ pub struct VolumeInfo {
     pub labels: BTreeMap<String, String>,
     pub options: BTreeMap<String, String>,
     pub formatted: bool,
+    /// The device grew past the filesystem, which grows at the next mount.
+    #[serde(default)]
+    pub fs_grows_at_next_mount: bool,
     pub state: String,
     pub device: Option<PathBuf>,
     pub mountpoint: Option<PathBuf>,
@@ -72,6 +75,7 @@ impl VolumeInfo {
             labels: record.spec.labels,
             options: record.options,
             formatted: record.formatted,
+            fs_grows_at_next_mount: record.grow_fs,
             state: state.to_string(),
             device: rt.device,
             mountpoint: rt.mountpoint,

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
 const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;
 const LOOP_CLR_FD: libc::c_ulong = 0x4C01;
+const LOOP_SET_CAPACITY: libc::c_ulong = 0x4C07;
 const LO_FLAGS_AUTOCLEAR: u32 = 4;
 const LO_FLAGS_DIRECT_IO: u32 = 16;
 const LO_NAME_SIZE: usize = 64;
@@ -136,6 +137,17 @@ impl LoopDevice {
     /// The open device, to hand a copy to the FUSE keeper.
     pub fn file(&self) -> &File {
         &self.file
+    }
+
+    /// Read the backing file's size again (it grew): the device takes it.
+    pub fn set_capacity(&self) -> io::Result<()> {
+        // SAFETY: LOOP_SET_CAPACITY takes no argument.
+        let rc = unsafe { libc::ioctl(self.file.as_raw_fd(), LOOP_SET_CAPACITY, 0) };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
     }
 
     /// Detach now. Fails with EBUSY while someone else holds the device open

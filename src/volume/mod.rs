@@ -113,7 +113,7 @@ pub enum VolumeErrorKind {
     RestoreInUse(String),
     #[error("it has {have} and cannot shrink to {want}: a filesystem cut short loses data; create a smaller volume and copy the data over")]
     Shrink { have: String, want: String },
-    #[error("it is in use, and it grows while detached: stop its containers or `dunnage detach {0}`, resize, then use it again (its filesystem grows at its next mount)")]
+    #[error("it is attached, and a replicated volume, or one served by ublk, grows only while detached: stop its containers or `dunnage detach {0}`, resize, then use it again (its filesystem grows at its next mount)")]
     ResizeInUse(String),
     #[error("engine: {0}")]
     Engine(#[from] EngineError),

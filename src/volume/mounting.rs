@@ -101,9 +101,10 @@ pub fn grows_mounted(fs: FsType) -> bool {
 
 /// Grow the filesystem on `device` to the device's size: ext4 before it is
 /// mounted (`e2fsck -f -p`, which resize2fs requires, then `resize2fs`),
-/// xfs once mounted at `target` (`xfs_growfs -d`). A filesystem that
-/// fills its device already is left as it is.
-pub fn grow_fs(device: &Path, target: &Path, fs: FsType) -> Result<(), String> {
+/// or while mounted (`resize2fs` alone: online, needs CAP_SYS_RESOURCE);
+/// xfs mounted at `target` (`xfs_growfs -d`). A filesystem that fills its
+/// device already is left as it is.
+pub fn grow_fs(device: &Path, target: &Path, fs: FsType, mounted: bool) -> Result<(), String> {
     let run = |program: &str, args: &[&std::ffi::OsStr], ok: &[i32]| -> Result<(), String> {
         let out = Command::new(program)
             .args(args)
@@ -122,12 +123,14 @@ pub fn grow_fs(device: &Path, target: &Path, fs: FsType) -> Result<(), String> {
     };
     match fs {
         FsType::Ext4 => {
-            // 1: errors were fixed (preen), which is fine to go on from.
-            run(
-                "e2fsck",
-                &["-f".as_ref(), "-p".as_ref(), device.as_os_str()],
-                &[0, 1],
-            )?;
+            if !mounted {
+                // 1: errors were fixed (preen), which is fine to go on from.
+                run(
+                    "e2fsck",
+                    &["-f".as_ref(), "-p".as_ref(), device.as_os_str()],
+                    &[0, 1],
+                )?;
+            }
             run("resize2fs", &[device.as_os_str()], &[0])
         }
         FsType::Xfs => run("xfs_growfs", &["-d".as_ref(), target.as_os_str()], &[0]),

@@ -9,6 +9,7 @@ use crate::engine::{BlockEngine, ThinImage};
 use crate::spec::{human_bytes, FsType};
 use actix::prelude::*;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Grow the volume to `size` bytes (`given` as the user wrote it, kept for
@@ -34,8 +35,13 @@ impl Handler<Resize> for VolumeActor {
         if msg.size == have {
             return Ok(record);
         }
-        if self.attached.is_some() {
-            return Err(self.err(VolumeErrorKind::ResizeInUse(self.name.clone())));
+        // In use: only a single node's volume served through FUSE (the
+        // engine is reopened under its paused IO); a replicated volume's
+        // replicas, and a ublk device, change size only while detached.
+        if let Some(a) = &self.attached {
+            if self.node.cluster.is_some() || a.export.engine_slot().is_none() {
+                return Err(self.err(VolumeErrorKind::ResizeInUse(self.name.clone())));
+            }
         }
         // The catalog first: it is the truth the images follow (each grows
         // when next opened, if this stops before it does).
@@ -62,7 +68,10 @@ impl Handler<Resize> for VolumeActor {
             None => modify(),
         }
         .map_err(|e| self.err(e))?;
-        if self.node.cluster.is_none() {
+        if self.attached.is_some() {
+            self.grow_attached(msg.size, &updated)
+                .map_err(|e| self.err(e))?;
+        } else if self.node.cluster.is_none() {
             ThinImage::grow(&self.node.volume_dir(&self.id), msg.size).map_err(|e| self.err(e))?;
         }
         tracing::info!(volume = %self.name, from = have, to = msg.size, "grew");
@@ -71,6 +80,53 @@ impl Handler<Resize> for VolumeActor {
 }
 
 impl VolumeActor {
+    /// Grow a volume in use: with its IO paused, the image is flushed, its
+    /// files grown and opened again, and the new engine put in the old
+    /// one's place; then the device takes the new size, and a mounted
+    /// filesystem grows online (else at the next mount). If the image
+    /// cannot be opened again, the old engine goes on at the old size.
+    fn grow_attached(&mut self, size: u64, record: &VolumeRecord) -> Result<(), VolumeErrorKind> {
+        let dir = self.node.volume_dir(&self.id);
+        let a = self.attached.as_ref().expect("attached");
+        let (Backing::Image(old), Some(slot)) = (&a.engine, a.export.engine_slot()) else {
+            return Err(VolumeErrorKind::ResizeInUse(self.name.clone()));
+        };
+        let new = {
+            let mut held = slot.exclusive();
+            old.flush()?;
+            old.grow_open(size)?;
+            let new = Backing::Image(Arc::new(ThinImage::open_resuming(&dir)?));
+            *held = self.served(&new, &record.spec)?;
+            // No IO reaches the old image any more.
+            old.retire();
+            new
+        };
+        let a = self.attached.as_mut().expect("attached");
+        a.engine = new;
+        a.export.refresh_size()?;
+        tracing::info!(volume = %self.name, device = %a.export.device().display(), to = size, "grew the device in use");
+        let Some(target) = a.fs_mount.clone() else {
+            return Ok(());
+        };
+        let device = a.export.device().to_path_buf();
+        match mounting::grow_fs(&device, &target, record.spec.fs, true) {
+            Ok(()) => {
+                tracing::info!(volume = %self.name, "grew the mounted filesystem");
+                if let Err(e) = self
+                    .node
+                    .catalog
+                    .modify(&self.name, &self.id, &mut |r| r.grow_fs = false)
+                {
+                    tracing::warn!(volume = %self.name, error = %e, "could not record the filesystem grown; the next mount grows it again (a no-op)");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(volume = %self.name, node = %self.node.name, error = %e, "growing the mounted filesystem failed; it grows at its next mount")
+            }
+        }
+        Ok(())
+    }
+
     /// A single node's image grows to the catalog's size before it is
     /// opened (a grow that stopped after the catalog changed).
     pub(super) fn grow_image(&self, dir: &Path) -> Result<(), VolumeErrorKind> {
@@ -107,7 +163,8 @@ impl VolumeActor {
             Backing::Mirror { mirror, .. } => mirror.size(),
         };
         let started = std::time::Instant::now();
-        if let Err(e) = mounting::grow_fs(device, target, record.spec.fs) {
+        let mounted = mounting::grows_mounted(record.spec.fs);
+        if let Err(e) = mounting::grow_fs(device, target, record.spec.fs, mounted) {
             tracing::warn!(volume = %self.name, node = %self.node.name, error = %e, "growing the filesystem failed; it keeps its size until the next mount tries again");
             return;
         }

@@ -22,6 +22,26 @@ impl ThinImage {
             drop(Self::open(dir)?);
         }
         let _lock = lock_header(dir, "lock (is the image open? close it to grow it)")?;
+        Self::grow_files(dir, size)
+    }
+
+    /// Grow the files of this open image (see [`ThinImage::grow`]), for a
+    /// grow while it is in use: the caller has stopped its IO and flushed
+    /// it, then opens the image again (the new header is a new file, which
+    /// that open locks) and retires this one ([`ThinImage::retire`]),
+    /// which keeps its old size meanwhile.
+    pub fn grow_open(&self, size: u64) -> Result<Option<u64>, EngineError> {
+        Self::grow_files(&self.dir, size)
+    }
+
+    /// A newer open of this image replaced it: it writes nothing more,
+    /// not even the flush at drop. Its IO must have stopped.
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::Release);
+    }
+
+    /// [`ThinImage::grow`] with the header's lock held.
+    fn grow_files(dir: &Path, size: u64) -> Result<Option<u64>, EngineError> {
         let header = read_header(dir)?;
         if size <= header.size {
             return Ok(None);
@@ -160,6 +180,27 @@ mod tests {
         drop(img);
         let img = ThinImage::open(dir.path()).unwrap();
         assert_eq!(read_vec(&img, 0, new as usize), snap);
+    }
+
+    #[test]
+    fn an_open_image_grows_and_is_replaced_by_a_new_open() {
+        let (dir, img) = new_image(MIB, 4 * KIB as u32);
+        let v = pattern(13, MIB as usize);
+        img.write_at(&v, 0).unwrap();
+        img.flush().unwrap();
+        // Not while open, except by the image itself.
+        assert!(ThinImage::grow(dir.path(), 2 * MIB).is_err());
+        assert_eq!(img.grow_open(2 * MIB).unwrap(), Some(MIB));
+        assert_eq!(img.size(), MIB, "the old open keeps its size");
+        let new = ThinImage::open(dir.path()).unwrap();
+        img.retire();
+        drop(img);
+        assert_eq!(new.size(), 2 * MIB);
+        assert_eq!(read_vec(&new, 0, MIB as usize), v);
+        new.write_at(&v, MIB).unwrap();
+        drop(new);
+        let img = ThinImage::open(dir.path()).unwrap();
+        assert_eq!(read_vec(&img, MIB, MIB as usize), v);
     }
 
     #[test]

@@ -2,8 +2,7 @@
 //! the engine's. Requests are answered on fuser's worker threads by calling
 //! the engine directly; read buffers are per-thread and reused.
 
-use super::IMAGE;
-use crate::engine::BlockEngine;
+use super::{EngineSlot, IMAGE};
 use fuser::{
     BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
     InitFlags, KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
@@ -16,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-const IMAGE_INO: INodeNo = INodeNo(2);
+pub(super) const IMAGE_INO: INodeNo = INodeNo(2);
 /// File handle of opens served by passthrough (others are 0).
 const PASSTHROUGH_FH: FileHandle = FileHandle(1);
 /// Nothing here ever changes but through us, so the kernel may cache freely.
@@ -52,7 +51,7 @@ pub struct Status {
 }
 
 pub struct ImageFs {
-    engine: Arc<dyn BlockEngine>,
+    engine: Arc<EngineSlot>,
     started: SystemTime,
     /// Passthrough wanted (by configuration) and granted (by the kernel at init).
     passthrough: bool,
@@ -61,7 +60,7 @@ pub struct ImageFs {
 }
 
 impl ImageFs {
-    pub fn new(engine: Arc<dyn BlockEngine>, passthrough: bool, status: Arc<Status>) -> Self {
+    pub fn new(engine: Arc<EngineSlot>, passthrough: bool, status: Arc<Status>) -> Self {
         ImageFs {
             engine,
             started: SystemTime::now(),
@@ -75,7 +74,7 @@ impl ImageFs {
     /// engine is still in passthrough: the loop device's open (the one
     /// user of the image) goes on bypassing us, and its release ends it.
     pub fn resumed(
-        engine: Arc<dyn BlockEngine>,
+        engine: Arc<EngineSlot>,
         passthrough: bool,
         inherited: bool,
         status: Arc<Status>,
@@ -97,7 +96,7 @@ impl ImageFs {
         if backing.as_ref().is_some_and(|b| b.id.is_some()) {
             return true;
         }
-        let Some(file) = self.engine.begin_passthrough() else {
+        let Some(file) = self.engine.get().begin_passthrough() else {
             return false;
         };
         match reply.open_backing(&file) {
@@ -111,7 +110,7 @@ impl ImageFs {
             Err(e) => {
                 tracing::warn!(error = %e, "the kernel refused FUSE passthrough; serving IO ourselves");
                 if backing.is_none() {
-                    self.engine.end_passthrough();
+                    self.engine.get().end_passthrough();
                 }
                 false
             }
@@ -121,7 +120,7 @@ impl ImageFs {
     fn attr(&self, ino: INodeNo) -> Option<FileAttr> {
         let (kind, perm, size, nlink) = match ino {
             INodeNo::ROOT => (FileType::Directory, 0o700, 0, 2),
-            IMAGE_INO => (FileType::RegularFile, 0o600, self.engine.size(), 1),
+            IMAGE_INO => (FileType::RegularFile, 0o600, self.engine.get().size(), 1),
             _ => return None,
         };
         Some(FileAttr {
@@ -236,7 +235,7 @@ impl Filesystem for ImageFs {
                     // The last user is gone, so no IO bypasses us any more.
                     *backing = None;
                     self.status.active.store(false, Ordering::Relaxed);
-                    self.engine.end_passthrough();
+                    self.engine.get().end_passthrough();
                 }
             }
         }
@@ -257,14 +256,15 @@ impl Filesystem for ImageFs {
         if ino != IMAGE_INO {
             return reply.error(Errno::EISDIR);
         }
-        let end = self.engine.size();
+        let engine = self.engine.get();
+        let end = engine.size();
         let len = (size as u64).min(end.saturating_sub(offset)) as usize;
         READ_BUF.with(|buf| {
             let mut buf = buf.borrow_mut();
             if buf.len() < len {
                 buf.resize(len.max(MAX_IO as usize), 0);
             }
-            match self.engine.read_at(&mut buf[..len], offset) {
+            match engine.read_at(&mut buf[..len], offset) {
                 Ok(()) => reply.data(&buf[..len]),
                 Err(e) => reply.error(errno(&e)),
             }
@@ -290,7 +290,7 @@ impl Filesystem for ImageFs {
         // replicated write: the link's reader), so this thread can take
         // the next request meanwhile.
         let len = data.len() as u32;
-        self.engine.write_then(
+        self.engine.get().write_then(
             data,
             offset,
             Box::new(move |res| match res {
@@ -320,7 +320,7 @@ impl Filesystem for ImageFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        match self.engine.flush() {
+        match self.engine.get().flush() {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
         }
@@ -345,7 +345,7 @@ impl Filesystem for ImageFs {
         let zero = libc::FALLOC_FL_ZERO_RANGE;
         let ok = mode == punch
             || mode & !libc::FALLOC_FL_KEEP_SIZE == zero
-            || mode == 0 && offset.saturating_add(length) <= self.engine.size();
+            || mode == 0 && offset.saturating_add(length) <= self.engine.get().size();
         if !ok {
             return reply.error(Errno::EOPNOTSUPP);
         }
@@ -353,7 +353,7 @@ impl Filesystem for ImageFs {
             // Plain allocate within the size: a thin image allocates on write.
             return reply.ok();
         }
-        match self.engine.discard(offset, length) {
+        match self.engine.get().discard(offset, length) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
         }
@@ -407,7 +407,7 @@ impl Filesystem for ImageFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let blocks = self.engine.size() / 4096;
+        let blocks = self.engine.get().size() / 4096;
         reply.statfs(blocks, 0, 0, 2, 0, 4096, 255, 4096)
     }
 }

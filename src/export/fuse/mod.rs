@@ -13,6 +13,7 @@ use crate::engine::BlockEngine;
 use crate::sys::{self, loopdev, mount};
 use fuser::{BackgroundSession, Config, InitFlags, Session, SessionACL};
 use keeper::Keeper;
+use parking_lot::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -43,10 +44,34 @@ pub struct FuseHandover {
     pub passthrough_granted: bool,
 }
 
+/// The engine a FUSE export serves, which can be replaced while it runs
+/// (an online grow reopens the image): every request holds the read side
+/// for its IO, so whoever holds the write side knows that no IO is in
+/// flight on the engine and none starts. (A replicated write answered
+/// later by a link's reader outlives its request's hold: a mirror is
+/// never replaced this way.)
+pub struct EngineSlot(RwLock<Arc<dyn BlockEngine>>);
+
+impl EngineSlot {
+    pub fn new(engine: Arc<dyn BlockEngine>) -> EngineSlot {
+        EngineSlot(RwLock::new(engine))
+    }
+
+    /// The engine, for one request's IO.
+    pub fn get(&self) -> RwLockReadGuard<'_, Arc<dyn BlockEngine>> {
+        self.0.read()
+    }
+
+    /// The engine with no IO in flight, to replace it; IO waits meanwhile.
+    pub fn exclusive(&self) -> RwLockWriteGuard<'_, Arc<dyn BlockEngine>> {
+        self.0.write()
+    }
+}
+
 pub struct FuseLoopExport {
     key: String,
     keeper: Option<Arc<Keeper>>,
-    engine: Arc<dyn BlockEngine>,
+    engine: Arc<EngineSlot>,
     status: Arc<fs::Status>,
     mount_dir: PathBuf,
     session: Option<BackgroundSession>,
@@ -86,6 +111,8 @@ impl FuseLoopExport {
             |e| ExportError::FuseUnavailable(format!("mount FUSE at {}: {e}", mount_dir.display())),
         )?;
         let status = Arc::new(fs::Status::default());
+        let config = session_config(&*engine);
+        let engine = Arc::new(EngineSlot::new(engine));
         let mut this = FuseLoopExport {
             key: key.to_string(),
             keeper,
@@ -99,7 +126,6 @@ impl FuseLoopExport {
         let held = dev
             .try_clone()
             .map_err(|e| ExportError::io("duplicate the /dev/fuse descriptor", e))?;
-        let config = session_config(&*engine);
         let image = fs::ImageFs::new(engine, passthrough, status);
         // The kernel sent INIT when it mounted: fuser's handshake answers it.
         let session = Session::from_fd(image, OwnedFd::from(dev), SessionACL::Owner, config)
@@ -158,6 +184,7 @@ impl FuseLoopExport {
         let dev = File::from(dev);
         let status = Arc::new(fs::Status::default());
         let config = session_config(&*engine);
+        let engine = Arc::new(EngineSlot::new(engine));
         let image = fs::ImageFs::resumed(
             engine.clone(),
             handover.passthrough_granted,
@@ -210,6 +237,31 @@ impl FuseLoopExport {
         &self.device
     }
 
+    /// The engine this export serves, to replace it.
+    pub fn engine_slot(&self) -> &Arc<EngineSlot> {
+        &self.engine
+    }
+
+    /// The engine grew: tell the kernel. The FUSE file's cached attributes
+    /// are dropped and read again (a stat, from this thread: a FUSE worker
+    /// answers it), then the loop device takes the file's new size.
+    pub fn refresh_size(&self) -> Result<(), ExportError> {
+        if let Some(s) = &self.session {
+            s.notifier()
+                .inval_inode(fs::IMAGE_INO, -1, 0)
+                .map_err(|e| ExportError::io("invalidate the FUSE file's size", e))?;
+        }
+        let image = self.mount_dir.join(IMAGE);
+        std::fs::metadata(&image)
+            .map_err(|e| ExportError::io(format!("stat {}", image.display()), e))?;
+        if let Some(l) = &self.loop_dev {
+            l.set_capacity().map_err(|e| {
+                ExportError::io(format!("set the capacity of {}", self.device.display()), e)
+            })?;
+        }
+        Ok(())
+    }
+
     /// Whether the kernel does this volume's IO on the data file itself.
     pub fn passthrough(&self) -> bool {
         self.status.active.load(Ordering::Relaxed)
@@ -241,7 +293,7 @@ impl FuseLoopExport {
         }
         let _ = std::fs::remove_dir(&self.mount_dir);
         // No IO can bypass the engine once the session is over.
-        self.engine.end_passthrough();
+        self.engine.get().end_passthrough();
         Ok(())
     }
 
