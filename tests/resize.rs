@@ -67,6 +67,15 @@ fn grows_with(fs: &str, old: u64, mid: u64, new: u64) {
     }
     let err = d.cli_err(&["volume", "update", &vol, "-o", "size=1T", "-o", "fs=xfs"]);
     assert!(err.contains("only size"), "{err}");
+    // A refused grow applies none of the options given with it.
+    let half = format!("size={}", mib(old / 2));
+    let err = d.cli_err(&["volume", "update", &vol, "-o", &half, "-o", "sticky=true"]);
+    assert!(err.contains("cannot shrink"), "{err}");
+    assert_eq!(
+        d.inspect(&vol)["sticky"],
+        false,
+        "a refused update set sticky"
+    );
     assert_eq!(size_of(&d, &vol), old, "a refused update changed the size");
     // The same size again: nothing to do.
     d.cli_ok(&["volume", "resize", &vol, &mib(old)]);

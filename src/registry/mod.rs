@@ -358,20 +358,10 @@ impl Registry {
                         changes.labels = Some(parsed.labels);
                     }
                 }
+                // Shrinking is the volume's actor's to refuse, before any
+                // other change is applied.
                 "size" => {
                     let size = spec::parse_size(v)?;
-                    if size < record.spec.size {
-                        return Err(SpecError::Value {
-                            option: k.clone(),
-                            value: v.clone(),
-                            reason: format!(
-                                "volume {} has {} and cannot shrink: a filesystem cut short loses data; create a smaller volume and copy the data over",
-                                record.name,
-                                spec::human_bytes(record.spec.size)
-                            ),
-                        }
-                        .into());
-                    }
                     changes.size = Some((size, v.clone()));
                 }
                 _ => return Err(SpecError::Value {

@@ -509,12 +509,12 @@ impl VolumeActor {
         let grow = record.grow_fs && record.spec.fs != FsType::None;
         let mounted = mounting::grows_mounted(record.spec.fs);
         if grow && !mounted {
-            self.grow_filesystem(record, &device, &target);
+            self.grow_filesystem(record, &device, &target, mounted);
         }
         let data = mounting::mount_for_docker(&device, &target, record.spec.fs)
             .map_err(VolumeErrorKind::Mount)?;
         if grow && mounted {
-            self.grow_filesystem(record, &device, &target);
+            self.grow_filesystem(record, &device, &target, mounted);
         }
         let a = self.attached.as_mut().expect("brought up");
         a.fs_mount = Some(target);

@@ -1,7 +1,8 @@
-//! Growing a volume: while it is detached, the catalog's size changes and
-//! the images follow (this node's at once on a single node; in a cluster
-//! each replica when an attach next opens it at the new size); the
-//! filesystem grows at the next mount, online.
+//! Growing a volume: the catalog's size changes and the images follow
+//! (this node's at once on a single node, reopened under paused IO if in
+//! use; in a cluster each replica when an attach next opens it at the new
+//! size); the filesystem grows now if mounted and it can, else at the
+//! next mount.
 
 use super::{mounting, replicated, Backing, VolumeActor, VolumeError, VolumeErrorKind};
 use crate::catalog::VolumeRecord;
@@ -105,24 +106,9 @@ impl VolumeActor {
         a.engine = new;
         a.export.refresh_size()?;
         tracing::info!(volume = %self.name, device = %a.export.device().display(), to = size, "grew the device in use");
-        let Some(target) = a.fs_mount.clone() else {
-            return Ok(());
-        };
-        let device = a.export.device().to_path_buf();
-        match mounting::grow_fs(&device, &target, record.spec.fs, true) {
-            Ok(()) => {
-                tracing::info!(volume = %self.name, "grew the mounted filesystem");
-                if let Err(e) = self
-                    .node
-                    .catalog
-                    .modify(&self.name, &self.id, &mut |r| r.grow_fs = false)
-                {
-                    tracing::warn!(volume = %self.name, error = %e, "could not record the filesystem grown; the next mount grows it again (a no-op)");
-                }
-            }
-            Err(e) => {
-                tracing::warn!(volume = %self.name, node = %self.node.name, error = %e, "growing the mounted filesystem failed; it grows at its next mount")
-            }
+        if let Some(target) = a.fs_mount.clone() {
+            let device = a.export.device().to_path_buf();
+            self.grow_filesystem(record, &device, &target, true);
         }
         Ok(())
     }
@@ -153,17 +139,22 @@ impl VolumeActor {
     }
 
     /// The volume grew since its filesystem was last grown: grow it to the
-    /// device (before or after it is mounted, as its type needs: see
-    /// [`mounting::grow_fs`]). A failure is logged and tried again at the
-    /// next mount; the filesystem works at its old size.
-    pub(super) fn grow_filesystem(&self, record: &VolumeRecord, device: &Path, target: &Path) {
+    /// device, `mounted` at `target` or not yet (see [`mounting::grow_fs`]).
+    /// A failure is logged and tried again at the next mount; the
+    /// filesystem works at its old size.
+    pub(super) fn grow_filesystem(
+        &self,
+        record: &VolumeRecord,
+        device: &Path,
+        target: &Path,
+        mounted: bool,
+    ) {
         let Some(a) = &self.attached else { return };
         let size = match &a.engine {
             Backing::Image(i) => i.size(),
             Backing::Mirror { mirror, .. } => mirror.size(),
         };
         let started = std::time::Instant::now();
-        let mounted = mounting::grows_mounted(record.spec.fs);
         if let Err(e) = mounting::grow_fs(device, target, record.spec.fs, mounted) {
             tracing::warn!(volume = %self.name, node = %self.node.name, error = %e, "growing the filesystem failed; it keeps its size until the next mount tries again");
             return;
