@@ -21,7 +21,11 @@ fn fio(device: &str, extra: &[&str]) -> Command {
     common::fio_verify("restart", device, "32M", extra)
 }
 
-fn fio_survives_kill9(opts: Opts) {
+/// `copying`: the volume is written through once and snapshotted first,
+/// so that fio's writes copy shared blocks (copy-on-write) when the
+/// daemon is killed: those copies are in no map file yet, only in the copy
+/// journal.
+fn fio_survives_kill9(opts: Opts, copying: bool) {
     common::require_tools(&["fio"]);
     let opts_passthrough_off = opts.passthrough == "off";
     let mut d = Daemon::start(opts);
@@ -40,6 +44,21 @@ fn fio_survives_kill9(opts: Opts) {
         .unwrap_or("")
         .to_string();
 
+    if copying {
+        let fill = Command::new("dd")
+            .args([
+                "if=/dev/urandom",
+                &format!("of={dev}"),
+                "bs=1M",
+                "count=32",
+                "oflag=direct",
+            ])
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(fill.success());
+        d.cli_ok(&["snapshot", "create", "crashy", "before"]);
+    }
     let fio_child = fio(&dev, &["--rate_iops=2500"]).spawn().expect("run fio");
     thread::sleep(Duration::from_millis(1500));
     let mut fio_child = fio_child;
@@ -55,6 +74,14 @@ fn fio_survives_kill9(opts: Opts) {
         "fio ended while the daemon was dead (its IO failed instead of pausing)"
     );
     d.start_again();
+    if copying {
+        assert!(
+            d.log()
+                .contains("mapped again the copies of writes a stopped process had not flushed"),
+            "the killed daemon left no copies to map again: the test proves nothing\n{}",
+            d.log_tail()
+        );
+    }
     let (ok, out) = common::wait_child(fio_child, "fio", Duration::from_secs(180), || d.log_tail());
     assert!(
         ok && !out.contains("verify:") && !out.contains("bad magic"),
@@ -92,6 +119,9 @@ fn fio_survives_kill9(opts: Opts) {
     );
 
     d.cli_ok(&["detach", "crashy"]);
+    if copying {
+        d.cli_ok(&["snapshot", "rm", "crashy", "before"]);
+    }
     d.cli_ok(&["volume", "rm", "crashy"]);
     assert_clean(&d, "after detach and remove");
     d.sigterm_and_wait();
@@ -105,12 +135,17 @@ fn fio_survives_kill9(opts: Opts) {
 
 #[test]
 fn raw_device_io_pauses_across_kill9() {
-    fio_survives_kill9(Opts::default());
+    fio_survives_kill9(Opts::default(), false);
 }
 
 #[test]
 fn raw_device_io_pauses_across_kill9_engine_path() {
-    fio_survives_kill9(Opts::engine_path());
+    fio_survives_kill9(Opts::engine_path(), false);
+}
+
+#[test]
+fn raw_device_io_pauses_across_kill9_while_copying_snapshot_blocks() {
+    fio_survives_kill9(Opts::engine_path(), true);
 }
 
 fn read_counter(path: &std::path::Path) -> u64 {

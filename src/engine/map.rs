@@ -54,7 +54,6 @@ impl Entry {
         Entry(phys + 1)
     }
 
-    #[cfg(test)]
     pub fn from_raw(raw: u64) -> Entry {
         Entry(raw)
     }

@@ -259,7 +259,7 @@ impl LocalReplica {
 
     /// Whether a write of `offset..offset+len` would only copy into the
     /// page cache: its extents are active and no block of it must be
-    /// copied first (a copy is synced before it is mapped). Advisory: a
+    /// copied first (a copy reads and writes whole blocks). Advisory: a
     /// snapshot taken meanwhile can make it wrong, which costs a wait.
     pub fn write_is_quick(&self, offset: u64, len: u64) -> bool {
         self.activity.covers(offset, len) && !self.image.write_may_wait(offset, len)

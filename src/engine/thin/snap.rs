@@ -2,8 +2,8 @@
 //! the module doc of `thin.rs`, which holds the invariants.
 
 use super::{
-    io_error, lock_header, read_full, sync_dir, ThinImage, DATA_FILE, HEADER_FILE, MAP_FILE,
-    PASSTHROUGH_FILE, UNMAP_WINDOW_BYTES,
+    io_error, lock_header, read_full, sync_dir, CopyJournal, ThinImage, DATA_FILE, HEADER_FILE,
+    MAP_FILE, PASSTHROUGH_FILE, UNMAP_WINDOW_BYTES,
 };
 use crate::engine::header::{Header, FEATURE_CLONE, HEADER_BYTES};
 use crate::engine::map::{BlockMap, Entry};
@@ -1010,6 +1010,9 @@ impl ThinImage {
             }
             other => other?,
         };
+        // Copies a killed process made on the map being replaced: a record
+        // must never meet the restored map (it may hold the old entry).
+        CopyJournal::discard(dir)?;
         let tmp = dir.join(MAP_TMP);
         let file = File::options()
             .read(true)

@@ -30,6 +30,10 @@ impl ThinImage {
     pub(super) fn power_cut(self, dir: &Path, flushed: &[u8]) {
         self.crash();
         std::fs::write(dir.join(MAP_FILE), flushed).unwrap();
+        // The machine restarted: a copy journal is from another boot.
+        if copies::testing::records(dir) > 0 {
+            copies::testing::from_another_boot(dir);
+        }
     }
 }
 
@@ -627,6 +631,11 @@ pub(super) fn data_file_bytes(dir: &Path, offset: u64, len: usize) -> Vec<u8> {
 
 pub(super) fn marker_exists(dir: &Path) -> bool {
     dir.join(PASSTHROUGH_FILE).exists()
+}
+
+/// Syncs of the data file by flushes so far.
+pub(super) fn data_syncs(img: &ThinImage) -> u64 {
+    img.counters.data_syncs.load(Ordering::Relaxed)
 }
 
 /// (preads, pwrites, zero fills) so far.

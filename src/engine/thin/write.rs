@@ -126,8 +126,9 @@ impl ThinImage {
         }
     }
 
-    /// Whether a write of `offset..offset+len` would copy a block first,
-    /// and so wait on a sync of the data file (advisory: unlocked).
+    /// Whether a write of `offset..offset+len` would copy a block first:
+    /// it reads and writes whole blocks, and waits for a flush in progress
+    /// (advisory: unlocked).
     pub fn write_may_wait(&self, offset: u64, len: u64) -> bool {
         if len == 0 || offset.saturating_add(len) > self.size() || !self.may_copy() {
             return false;
@@ -188,9 +189,9 @@ impl ThinImage {
     /// [`BlockEngine::write_at`] when some block must be copied first,
     /// under the write side of the stripes (invariant 10): each such block
     /// is written whole to a new block (the bytes outside the write read
-    /// from its source; a block written whole is not read), the data file
-    /// is synced, and only then are the new blocks mapped (one
-    /// write-through for them all). Other blocks are written as usual.
+    /// from its source; a block written whole is not read), then the new
+    /// blocks are journaled and mapped in memory; the next flush syncs
+    /// them and writes their entries. Other blocks are written as usual.
     /// The copies of consecutive blocks go to consecutive new blocks when
     /// a run is free: one `pwritev` for them, with the old bytes around.
     pub(super) fn write_copying(
@@ -292,30 +293,34 @@ impl ThinImage {
                 alloc.give_back(block);
             }
         }
-        let result = result.and_then(|()| {
-            if s.copied.is_empty() {
-                return Ok(());
-            }
-            self.data.sync_data().map_err(|e| {
-                self.poisoned.store(true, Ordering::Release);
-                io_error("fdatasync", &self.data_path)(e)
-            })
-        });
         if let Err(e) = result {
             self.abandon_copies(&s.copied);
             return Err(e);
         }
-        let (Some(first), Some(last)) = (s.copied.first(), s.copied.last()) else {
+        if s.copied.is_empty() {
             return Ok(());
-        };
+        }
+        // Mapped in memory and journaled, not written to the map file: the
+        // next flush does that after its data sync (invariant 10).
+        let mut journal = self.copies.lock();
+        let journaled = journal.append(
+            s.copied
+                .iter()
+                .map(|c| (c.block, c.old, Entry::mapped(c.new))),
+        );
+        if let Err(e) = journaled {
+            let e = io_error("write", journal.path())(e);
+            drop(journal);
+            self.abandon_copies(&s.copied);
+            return Err(e);
+        }
+        // Before the journal lock goes: a flush that finds these copies
+        // mapped finds the data dirty too.
+        self.data_dirty.store(true, Ordering::Release);
         for c in &s.copied {
             self.publish_copy(c);
         }
-        // One write-through for them all: the entries of the blocks in
-        // between are current too (this write holds their stripes).
-        self.map
-            .write_through(&self.map_file, first.block, last.block + 1)
-            .map_err(io_error("write", &self.map_path))
+        Ok(())
     }
 
     /// Write a [`CopyRun`] (one `pwritev`, more only after a short write).
@@ -357,7 +362,7 @@ impl ThinImage {
     }
 
     /// Map a copied block in place of what its logical block had (in
-    /// memory; the caller writes the entry through).
+    /// memory; the next flush writes the entry).
     fn publish_copy(&self, c: &Copied) {
         let old = self.map.swap(c.block, Entry::mapped(c.new));
         debug_assert_eq!(old, c.old, "block {} changed under its write lock", c.block);

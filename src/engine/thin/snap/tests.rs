@@ -1,4 +1,5 @@
-use super::super::tests::{io_counts, map_bytes, new_image, read_vec, KIB, MIB};
+use super::super::copies::testing::{from_another_boot, records};
+use super::super::tests::{data_syncs, io_counts, map_bytes, new_image, read_vec, KIB, MIB};
 use super::*;
 use crate::engine::pattern::pattern;
 use crate::engine::BlockEngine;
@@ -308,6 +309,133 @@ fn copy_on_write_survives_crashes() {
     b2[50..150].copy_from_slice(&pattern(6, 100));
     assert_eq!(read_vec(&img, 2 * bs, bs as usize), b2);
     assert_eq!(view_vec(&img, "s", 0, 8 * bs as usize), old);
+}
+
+#[test]
+fn copies_cost_no_sync_and_reach_the_map_at_the_flush() {
+    let bs = 16 * KIB;
+    let (dir, img) = new_image(MIB, bs as u32);
+    img.write_at(&pattern(1, 8 * bs as usize), 0).unwrap();
+    img.snapshot("s").unwrap();
+    let (syncs, map_before) = (data_syncs(&img), map_bytes(dir.path()));
+    img.write_at(&pattern(2, 100), bs + 50).unwrap();
+    img.write_at(&pattern(3, 2 * bs as usize), 3 * bs).unwrap();
+    assert_eq!(data_syncs(&img), syncs, "a copy synced the data file");
+    assert_eq!(records(dir.path()), 3, "one record per copied block");
+    assert_eq!(
+        map_bytes(dir.path()),
+        map_before,
+        "a copy's entry reached the map file before a flush synced its data"
+    );
+    img.flush().unwrap();
+    assert_eq!(data_syncs(&img), syncs + 1);
+    assert_ne!(map_bytes(dir.path()), map_before);
+    let journal = img.copies.path().to_path_buf();
+    assert_eq!(
+        std::fs::metadata(journal).unwrap().len(),
+        0,
+        "flushed copies stay journaled"
+    );
+    // Written in place now: nothing copied, nothing journaled.
+    img.write_at(&pattern(4, 100), bs + 500).unwrap();
+    assert_eq!(records(dir.path()), 0);
+}
+
+#[test]
+fn unflushed_copies_survive_a_kill_and_are_dropped_after_a_machine_restart() {
+    let bs = 16 * KIB;
+    let (dir, img) = new_image(MIB, bs as u32);
+    let old = pattern(1, 8 * bs as usize);
+    img.write_at(&old, 0).unwrap();
+    img.snapshot("s").unwrap();
+    let mut model = old.clone();
+    let write = |img: &ThinImage, model: &mut Vec<u8>, seed: u64, at: u64, len: usize| {
+        let data = pattern(seed, len);
+        model[at as usize..][..len].copy_from_slice(&data);
+        img.write_at(&data, at).unwrap();
+    };
+    // Copied, then written again in place, then a whole-block copy.
+    write(&img, &mut model, 2, 2 * bs + 50, 100);
+    write(&img, &mut model, 3, 2 * bs + 4000, 100);
+    write(&img, &mut model, 4, 3 * bs, bs as usize);
+    img.crash(); // kill -9: the page cache keeps the journal and the data
+    let img = ThinImage::open(dir.path()).unwrap();
+    assert_eq!(
+        read_vec(&img, 0, 8 * bs as usize),
+        model,
+        "a kill lost a copy"
+    );
+    assert_eq!(records(dir.path()), 0, "open persists the copies it maps");
+    assert_eq!(view_vec(&img, "s", 0, 8 * bs as usize), old);
+    img.crash();
+    let img = ThinImage::open(dir.path()).unwrap();
+    assert_eq!(read_vec(&img, 0, 8 * bs as usize), model);
+
+    // A machine restart whose page cache lost a copy's data: the block
+    // reads as at the last flush, never as the lost copy's zeros.
+    let at_flush = model.clone();
+    write(&img, &mut model, 5, 5 * bs + 10, 100);
+    let copy = img.map.get(5).phys().unwrap();
+    img.crash();
+    let data = File::options()
+        .write(true)
+        .open(dir.path().join(DATA_FILE))
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&data, &vec![0u8; bs as usize], copy * bs).unwrap();
+    from_another_boot(dir.path());
+    let img = ThinImage::open(dir.path()).unwrap();
+    assert_eq!(read_vec(&img, 0, 8 * bs as usize), at_flush);
+    assert_eq!(records(dir.path()), 0);
+    assert_eq!(
+        img.usage().shared_blocks,
+        8 - 2,
+        "blocks 2 and 3 are copied"
+    );
+    // The dropped copy's block went back: the block copies again.
+    write(&img, &mut model, 6, 5 * bs + 10, 100);
+    img.flush().unwrap();
+    img.crash();
+    let img = ThinImage::open(dir.path()).unwrap();
+    assert_eq!(read_vec(&img, 0, 8 * bs as usize), model);
+    assert_eq!(view_vec(&img, "s", 0, 8 * bs as usize), old);
+}
+
+#[test]
+fn a_torn_journal_keeps_its_whole_records() {
+    let bs = 16 * KIB;
+    let (dir, img) = new_image(MIB, bs as u32);
+    img.write_at(&pattern(1, 4 * bs as usize), 0).unwrap();
+    img.snapshot("s").unwrap();
+    let new = pattern(2, 100);
+    img.write_at(&new, bs).unwrap();
+    img.crash();
+    let path = dir.path().join(super::super::copies::COPIES_FILE);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes.extend_from_slice(&[0xFF; 20]); // half a record
+    std::fs::write(&path, &bytes).unwrap();
+    let img = ThinImage::open(dir.path()).unwrap();
+    assert_eq!(read_vec(&img, bs, 100), new);
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
+}
+
+#[test]
+fn restore_drops_the_copies_of_the_map_it_replaces() {
+    let bs = 16 * KIB;
+    let (dir, img) = new_image(MIB, bs as u32);
+    let old = pattern(1, 4 * bs as usize);
+    img.write_at(&old, 0).unwrap();
+    img.snapshot("s").unwrap();
+    img.write_at(&pattern(2, 100), bs).unwrap();
+    img.crash(); // its copy journaled, not flushed
+    assert_eq!(records(dir.path()), 1);
+    ThinImage::restore(dir.path(), "s").unwrap();
+    assert_eq!(records(dir.path()), 0);
+    let img = ThinImage::open(dir.path()).unwrap();
+    assert_eq!(
+        read_vec(&img, 0, 4 * bs as usize),
+        old,
+        "a copy undid the restore"
+    );
 }
 
 #[test]
