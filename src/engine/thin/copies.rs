@@ -35,6 +35,12 @@ const MAGIC: &[u8; 8] = b"DNCOPY01";
 const HEADER: usize = 64;
 const BOOT_ID: usize = 36;
 const RECORD: usize = 32;
+/// A journal this long is flushed by the copy that made it so: it bounds
+/// what an open reads back (half a million copies, 16 GiB of 32 KiB blocks).
+#[cfg(not(test))]
+const FLUSH_AT: u64 = 16 << 20;
+#[cfg(test)]
+const FLUSH_AT: u64 = (HEADER + 64 * RECORD) as u64;
 
 /// This boot's id (`/proc/sys/kernel/random/boot_id`), the same for every
 /// process until the machine restarts.
@@ -166,7 +172,9 @@ impl CopyJournal {
         if len == 0 {
             return Ok(out);
         }
-        let mut bytes = vec![0u8; usize::try_from(len).unwrap_or(usize::MAX)];
+        // A journal never grows much past FLUSH_AT (one write's records):
+        // a longer file is damaged, and its tail is not read.
+        let mut bytes = vec![0u8; len.min(2 * FLUSH_AT) as usize];
         self.file
             .read_exact_at(&mut bytes, 0)
             .map_err(io_error("read", &self.path))?;
@@ -255,6 +263,11 @@ impl Locked<'_> {
         self.journal.file.write_all_at(buf, *len)?;
         *len += buf.len() as u64;
         Ok(())
+    }
+
+    /// Whether the journal is long enough that a flush should empty it.
+    pub fn wants_flush(&self) -> bool {
+        self.state.len >= FLUSH_AT
     }
 
     /// The map file holds every journaled copy, durably: empty the journal,

@@ -320,6 +320,11 @@ impl ThinImage {
         for c in &s.copied {
             self.publish_copy(c);
         }
+        let full = journal.wants_flush();
+        drop(journal);
+        if full {
+            self.flush_inner()?;
+        }
         Ok(())
     }
 

@@ -401,6 +401,31 @@ fn unflushed_copies_survive_a_kill_and_are_dropped_after_a_machine_restart() {
 }
 
 #[test]
+fn a_long_journal_is_flushed_by_the_copy_that_fills_it() {
+    let bs = 4 * KIB;
+    let (dir, img) = new_image(MIB, bs as u32);
+    img.write_at(&pattern(1, MIB as usize), 0).unwrap();
+    img.snapshot("s").unwrap();
+    let syncs = data_syncs(&img);
+    let mut most = 0;
+    for b in 0..200 {
+        img.write_at(&pattern(2 + b, 100), b * bs).unwrap();
+        most = most.max(records(dir.path()));
+    }
+    assert!(most <= 64, "the journal grew to {most} records");
+    assert!(data_syncs(&img) >= syncs + 3, "no flush emptied it");
+    img.crash();
+    let img = ThinImage::open(dir.path()).unwrap();
+    for b in 0..200 {
+        assert_eq!(
+            read_vec(&img, b * bs, 100),
+            pattern(2 + b, 100),
+            "block {b}"
+        );
+    }
+}
+
+#[test]
 fn a_torn_journal_keeps_its_whole_records() {
     let bs = 16 * KIB;
     let (dir, img) = new_image(MIB, bs as u32);
