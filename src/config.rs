@@ -34,8 +34,8 @@ pub struct ClusterNode {
     pub lease_ttl: std::time::Duration,
     /// How long a replica may stay silent before it leaves the in-sync set.
     pub replica_timeout: std::time::Duration,
-    /// Bytes per second a resync or verification may move, per replica.
-    pub resync_rate: Option<u64>,
+    /// How fast a resync or verification may move data, per replica.
+    pub resync: crate::replication::ResyncPace,
     /// How often the sweep runs (`registry::cluster::sweep`).
     pub sweep_every: std::time::Duration,
     /// Mirrors of the volumes attached here, fenced at once if the lease is lost.
@@ -68,7 +68,7 @@ impl ClusterNode {
         server: crate::replication::ReplicaServer,
         lease_ttl: std::time::Duration,
         replica_timeout: std::time::Duration,
-        resync_rate: Option<u64>,
+        resync: crate::replication::ResyncPace,
         sweep_every: std::time::Duration,
     ) -> Arc<Self> {
         let node = Arc::new(ClusterNode {
@@ -76,7 +76,7 @@ impl ClusterNode {
             replicas,
             lease_ttl,
             replica_timeout,
-            resync_rate,
+            resync,
             sweep_every,
             mirrors: Default::default(),
             server: parking_lot::Mutex::new(Some(server)),

@@ -74,6 +74,12 @@ pub struct ServeArgs {
     /// so that it leaves room for the volume's own IO; 0: no limit.
     #[arg(long, default_value_t = 0, value_name = "MIB_PER_S")]
     pub resync_rate: u64,
+    /// Cluster mode: MiB per second a resync (or comparison) keeps, per
+    /// replica, while the volume serves its own IO: it backs off to this
+    /// and speeds up to --resync-rate again once the volume has been idle
+    /// for a tenth of a second (DRBD's c-min-rate); 0: no back-off.
+    #[arg(long, default_value_t = 64, value_name = "MIB_PER_S")]
+    pub resync_busy_rate: u64,
     /// Cluster mode: seconds between this node's sweeps, which delete the
     /// replicas etcd no longer places here (and snapshots it does not
     /// list), and start the background resync of volumes attached nowhere
@@ -109,7 +115,11 @@ fn join_cluster(args: &ServeArgs, node: &str) -> Result<Arc<crate::config::Clust
         server,
         lease_ttl,
         std::time::Duration::from_secs(args.replica_timeout),
-        (args.resync_rate > 0).then(|| args.resync_rate.saturating_mul(1 << 20)),
+        crate::replication::ResyncPace {
+            max: (args.resync_rate > 0).then(|| args.resync_rate.saturating_mul(1 << 20)),
+            busy: (args.resync_busy_rate > 0)
+                .then(|| args.resync_busy_rate.saturating_mul(1 << 20)),
+        },
         std::time::Duration::from_secs(args.sweep_interval),
     ))
 }

@@ -9,7 +9,7 @@ use dunnage::replication::activity;
 use dunnage::replication::wire::{self, ErrorCode, Frame, Hello};
 use dunnage::replication::{
     Generation, Incarnation, LocalReplica, LocalReplicas, Mirror, MirrorConfig, NewReplica,
-    PeerSpec, ReplicaServer, ReplicaState, ReplicaStatus, ReplicationError, StateStore,
+    PeerSpec, ReplicaServer, ReplicaState, ReplicaStatus, ReplicationError, ResyncPace, StateStore,
     StateStoreError,
 };
 use parking_lot::Mutex;
@@ -232,7 +232,7 @@ fn config(
         states,
         io_timeout: IO_TIMEOUT,
         verify: false,
-        resync_rate: None,
+        resync: ResyncPace::default(),
         base: None,
         hot_extents: activity::HOT_MAX,
     }
@@ -1477,6 +1477,55 @@ fn a_replica_away_after_an_unreleased_attach_is_compared_once_back() {
 /// whole, and stays so for the attach after one that ended mid-copy: its
 /// log, which knows nothing of what the volume got meanwhile, is made all
 /// active before anything is recorded of it.
+/// DRBD's c-min-rate: a resync slows to `--resync-busy-rate` while the
+/// volume serves IO, and goes as fast as it can once the volume is idle.
+#[test]
+fn a_resync_yields_to_the_volumes_io_and_speeds_up_when_it_stops() {
+    let nodes: Vec<Node> = ["a", "b"].iter().map(|n| Node::new(n)).collect();
+    let states = FakeStates::new();
+    let mut cfg = config(
+        "a",
+        1,
+        Some(nodes[0].local()),
+        ReplicaState::InSync,
+        vec![],
+        states,
+    );
+    // 16 MiB at 64 KiB/s: four minutes while the volume is busy.
+    cfg.resync = ResyncPace {
+        max: None,
+        busy: Some(64 << 10),
+    };
+    let m = Arc::new(Mirror::open(cfg).unwrap());
+    m.write_at(&pattern(1, (16 * MIB) as usize), 0).unwrap();
+    m.flush().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let (m, stop) = (m.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 4096];
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                m.read_at(&mut buf, (n % 4096) * 4096).unwrap();
+                n += 1;
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        })
+    };
+    m.add_replica("b", NewReplica::Remote(nodes[1].addr))
+        .unwrap();
+    wait_until("b's resync yielding to the reads", || {
+        status_of(&m, "b").resync.is_some_and(|p| p.yielding)
+    });
+    let during = status_of(&m, "b").resync.unwrap();
+    assert!(during.done_bytes < during.total_bytes, "{during:?}");
+    stop.store(true, Ordering::Relaxed);
+    reader.join().unwrap();
+    // Idle: the rest goes unpaced (at 64 KiB/s it would outlast the wait).
+    wait_in_sync(&m, "b");
+    m.close();
+}
+
 #[test]
 fn a_replica_added_over_an_old_image_is_copied_whole_across_attaches() {
     let nodes: Vec<Node> = ["a", "b"].iter().map(|n| Node::new(n)).collect();
@@ -1495,7 +1544,7 @@ fn a_replica_added_over_an_old_image_is_copied_whole_across_attaches() {
         states.clone(),
     );
     // Paced, so that the attach ends with b's copy under way.
-    cfg.resync_rate = Some(8 * MIB);
+    cfg.resync = ResyncPace::fixed(Some(8 * MIB));
     let m = Mirror::open(cfg).unwrap();
     m.write_at(&pattern(1, (8 * MIB) as usize), 0).unwrap();
     m.settle();
@@ -1727,7 +1776,7 @@ fn a_full_resync_sends_only_the_chunks_that_differ() {
             FakeStates::new(),
         );
         // Paced (64 MiB/s: about a second for the device): it still ends.
-        cfg.resync_rate = Some(64 * MIB);
+        cfg.resync = ResyncPace::fixed(Some(64 * MIB));
         Mirror::open(cfg).unwrap()
     };
     let m = open(&nodes, 1, ReplicaState::InSync);

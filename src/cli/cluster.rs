@@ -150,8 +150,9 @@ pub fn replica(run_dir: &Path, cmd: ReplicaCmd) -> Result<()> {
     Ok(())
 }
 
-/// Bytes left to resync over all replicas, and the total, from inspect.
-fn resync_left(v: &VolumeInfo) -> Result<(u64, u64, usize)> {
+/// Bytes resynced and to resync over all replicas, the replicas behind,
+/// and whether a resync yields to the volume's IO, from inspect.
+fn resync_left(v: &VolumeInfo) -> Result<(u64, u64, usize, bool)> {
     let Some(c) = &v.cluster else {
         bail!(
             "volume {} is not in a cluster: it has no replicas to resync",
@@ -161,6 +162,7 @@ fn resync_left(v: &VolumeInfo) -> Result<(u64, u64, usize)> {
     let mut done = 0;
     let mut total = 0;
     let mut behind = 0;
+    let mut yielding = false;
     for r in &c.replicas {
         if r.state != ReplicaState::InSync {
             behind += 1;
@@ -168,9 +170,10 @@ fn resync_left(v: &VolumeInfo) -> Result<(u64, u64, usize)> {
         if let Some(p) = &r.resync {
             done += p.done_bytes;
             total += p.total_bytes;
+            yielding |= p.yielding;
         }
     }
-    Ok((done, total, behind))
+    Ok((done, total, behind, yielding))
 }
 
 /// `n1=in-sync, n2=outdated`, for errors.
@@ -200,7 +203,7 @@ pub fn resync(run_dir: &Path, name: String, timeout: u64) -> Result<()> {
     let mut started = false;
     loop {
         let v: VolumeInfo = client.post("/v1/volume/inspect", &NameArgs { name: name.clone() })?;
-        let (done, total, behind) = resync_left(&v)?;
+        let (done, total, behind, yielding) = resync_left(&v)?;
         if behind == 0 {
             bar.finish_with_message(format!("{name}: every replica in sync"));
             return Ok(());
@@ -228,7 +231,10 @@ pub fn resync(run_dir: &Path, name: String, timeout: u64) -> Result<()> {
                     "resync {name}: {behind} replica(s) behind (bytes show on {on})"
                 ));
             }
-            Some(_) => {}
+            Some(_) if yielding => bar.set_message(format!(
+                "resync {name} (slowed for the volume's IO, --resync-busy-rate)"
+            )),
+            Some(_) => bar.set_message(format!("resync {name}")),
         }
         bar.set_length(total);
         bar.set_position(done);

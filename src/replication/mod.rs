@@ -27,7 +27,7 @@ pub use link::{forward_request, restore_replica};
 pub use local::{check_volume_id, LocalReplica, LocalReplicas, ReplicaBase, ReplicaContents};
 pub use mirror::{Mirror, MirrorConfig, NewReplica, PeerSpec, Verification};
 pub use server::{Forwarder, ReplicaServer};
-pub use state::{ReplicaStatus, ResyncProgress};
+pub use state::{ReplicaStatus, ResyncPace, ResyncProgress};
 
 use crate::engine::EngineError;
 use serde::{Deserialize, Serialize};

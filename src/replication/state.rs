@@ -295,6 +295,9 @@ impl DirtyMap {
 pub struct ResyncProgress {
     pub done_bytes: u64,
     pub total_bytes: u64,
+    /// Slowed down to `--resync-busy-rate` while the volume serves IO.
+    #[serde(default)]
+    pub yielding: bool,
 }
 
 /// One replica as [`crate::replication::Mirror::status`] reports it.
@@ -342,6 +345,8 @@ pub struct Track {
     sent_bytes: u64,
     /// Bytes copied by the current resync.
     done_bytes: u64,
+    /// The current resync goes at its busy pace (see [`Pacer`]).
+    yielding: bool,
     /// Bytes compared or copied by every resync so far.
     resynced_bytes: u64,
     /// What the replica holds is unknown (a full resync): compare before
@@ -369,6 +374,7 @@ impl Track {
             unflushed: remote.then(|| DirtyMap::new(size)),
             sent_bytes: 0,
             done_bytes: 0,
+            yielding: false,
             resynced_bytes: 0,
             unknown,
             narrowable: true,
@@ -529,6 +535,7 @@ impl Track {
     pub fn recorded(&mut self, state: ReplicaState) {
         if state == ReplicaState::Resyncing && self.state != ReplicaState::Resyncing {
             self.done_bytes = 0;
+            self.yielding = false;
         }
         if state == ReplicaState::InSync {
             self.unknown = false;
@@ -579,26 +586,74 @@ impl Track {
         (self.state == ReplicaState::Resyncing).then(|| ResyncProgress {
             done_bytes: self.done_bytes,
             total_bytes: self.done_bytes + self.dirty.bytes(),
+            yielding: self.yielding,
         })
+    }
+
+    /// Whether the resync now goes at its busy pace.
+    pub fn set_yielding(&mut self, yielding: bool) {
+        self.yielding = yielding;
     }
 }
 
-/// Keeps background copying (resync, verification) at or below a rate:
-/// after `bytes` in `elapsed`, wait until `bytes / rate` has passed.
+/// How fast background copying (resync, verification) may go, per
+/// replica: at most `max` bytes per second, and at most `busy` while the
+/// volume serves its own IO (DRBD's `c-min-rate`: a resync leaves the
+/// disks and the network to the application, and takes them all back
+/// when it is idle). `None`: no limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ResyncPace {
+    pub max: Option<u64>,
+    pub busy: Option<u64>,
+}
+
+impl ResyncPace {
+    /// The same limit whether the volume is busy or not.
+    pub fn fixed(rate: Option<u64>) -> ResyncPace {
+        ResyncPace {
+            max: rate,
+            busy: None,
+        }
+    }
+
+    fn rate(&self, busy: bool) -> Option<u64> {
+        let max = self.max.filter(|&r| r > 0);
+        match self.busy.filter(|&r| r > 0) {
+            Some(b) if busy => Some(max.map_or(b, |m| m.min(b))),
+            _ => max,
+        }
+    }
+}
+
+/// How often a [`Pacer`] looks whether the volume served IO.
+const LOOK_EVERY: Duration = Duration::from_millis(100);
+
+/// Keeps background copying at or below the rate of its [`ResyncPace`]:
+/// after `bytes` since `start`, wait until `bytes / rate` has passed. The
+/// rate is chosen again every [`LOOK_EVERY`], from whether the volume's
+/// IO count moved since the last look.
 #[derive(Debug)]
 pub struct Pacer {
-    /// Bytes per second; `None`: as fast as it goes.
-    rate: Option<u64>,
+    pace: ResyncPace,
+    /// Since when `bytes` count, at the current rate.
     start: Instant,
     bytes: u64,
+    busy: bool,
+    looked: Instant,
+    /// The volume's IO count at the last look.
+    ios: u64,
 }
 
 impl Pacer {
-    pub fn new(rate: Option<u64>, now: Instant) -> Pacer {
+    /// `ios`: the volume's IO count now.
+    pub fn new(pace: ResyncPace, now: Instant, ios: u64) -> Pacer {
         Pacer {
-            rate: rate.filter(|&r| r > 0),
+            pace,
             start: now,
             bytes: 0,
+            busy: false,
+            looked: now,
+            ios,
         }
     }
 
@@ -607,13 +662,28 @@ impl Pacer {
         self.bytes += bytes;
     }
 
-    /// How long to wait at `now` before copying more.
-    pub fn wait(&self, now: Instant) -> Duration {
-        let Some(rate) = self.rate else {
+    /// Whether the pace is the busy one now.
+    pub fn is_busy(&self) -> bool {
+        self.busy
+    }
+
+    /// How long to wait at `now` before copying more; `ios`: the volume's
+    /// IO count now.
+    pub fn wait(&mut self, now: Instant, ios: u64) -> Duration {
+        if now.saturating_duration_since(self.looked) >= LOOK_EVERY {
+            let busy = ios != self.ios;
+            (self.looked, self.ios) = (now, ios);
+            if busy != self.busy {
+                // A new rate counts from now.
+                (self.busy, self.start, self.bytes) = (busy, now, 0);
+            }
+        }
+        let Some(rate) = self.pace.rate(self.busy) else {
             return Duration::ZERO;
         };
         let due = Duration::from_secs_f64(self.bytes as f64 / rate as f64);
         due.saturating_sub(now.saturating_duration_since(self.start))
+            .min(LOOK_EVERY)
     }
 }
 
@@ -624,23 +694,68 @@ mod tests {
     #[test]
     fn pacer_waits_for_what_the_rate_allows() {
         let t0 = Instant::now();
-        let mut p = Pacer::new(Some(100 * MIB), t0);
-        assert_eq!(p.wait(t0), Duration::ZERO);
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        let mut p = Pacer::new(ResyncPace::fixed(Some(100 * MIB)), t0, 0);
+        assert_eq!(p.wait(t0, 0), Duration::ZERO);
         p.add(50 * MIB);
-        assert_eq!(p.wait(t0), Duration::from_millis(500));
-        assert_eq!(
-            p.wait(t0 + Duration::from_millis(200)),
-            Duration::from_millis(300)
-        );
-        assert_eq!(p.wait(t0 + Duration::from_secs(1)), Duration::ZERO);
+        // Waits in steps of at most LOOK_EVERY, so that a change of pace
+        // is seen.
+        assert_eq!(p.wait(t0, 0), LOOK_EVERY);
+        assert_eq!(p.wait(ms(420), 0), Duration::from_millis(80));
+        assert_eq!(p.wait(ms(1000), 0), Duration::ZERO);
         p.add(150 * MIB);
-        assert_eq!(p.wait(t0 + Duration::from_secs(1)), Duration::from_secs(1));
+        assert_eq!(p.wait(ms(1950), 0), Duration::from_millis(50));
         // Unlimited, or a rate of 0: never waits.
         for rate in [None, Some(0)] {
-            let mut p = Pacer::new(rate, t0);
+            let mut p = Pacer::new(ResyncPace::fixed(rate), t0, 0);
             p.add(u64::MAX / 2);
-            assert_eq!(p.wait(t0), Duration::ZERO);
+            assert_eq!(p.wait(t0, 0), Duration::ZERO);
+            assert_eq!(p.wait(ms(500), 7), Duration::ZERO);
         }
+    }
+
+    #[test]
+    fn pacer_slows_down_while_the_volume_serves_io() {
+        let t0 = Instant::now();
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        let pace = ResyncPace {
+            max: None,
+            busy: Some(10 * MIB),
+        };
+        let mut p = Pacer::new(pace, t0, 5);
+        p.add(100 * MIB);
+        assert_eq!(p.wait(t0, 9), Duration::ZERO, "idle until the first look");
+        // IO seen at the look: 10 MiB/s from there.
+        assert_eq!(
+            p.wait(ms(100), 9),
+            Duration::ZERO,
+            "the new rate counts from now"
+        );
+        assert!(p.is_busy());
+        p.add(MIB);
+        assert_eq!(p.wait(ms(150), 9), Duration::from_millis(50));
+        // The count moves on: still busy, the rate holds.
+        assert_eq!(p.wait(ms(200), 12), Duration::ZERO);
+        p.add(2 * MIB);
+        assert_eq!(p.wait(ms(250), 12), LOOK_EVERY);
+        // No IO since the last look: as fast as it goes again.
+        assert_eq!(p.wait(ms(300), 12), Duration::ZERO);
+        assert!(!p.is_busy());
+        p.add(500 * MIB);
+        assert_eq!(p.wait(ms(301), 30), Duration::ZERO);
+
+        // A cap below the busy rate applies when busy too.
+        let pace = ResyncPace {
+            max: Some(MIB),
+            busy: Some(10 * MIB),
+        };
+        assert_eq!(pace.rate(true), Some(MIB));
+        assert_eq!(pace.rate(false), Some(MIB));
+        let pace = ResyncPace {
+            max: Some(100 * MIB),
+            busy: Some(0),
+        };
+        assert_eq!(pace.rate(true), Some(100 * MIB), "busy 0: no back-off");
     }
 
     const MIB: u64 = 1 << 20;
@@ -775,7 +890,8 @@ mod tests {
             t.progress(),
             Some(ResyncProgress {
                 done_bytes: 3 * UNIT,
-                total_bytes: 3 * UNIT
+                total_bytes: 3 * UNIT,
+                yielding: false,
             })
         );
         assert_eq!(t.sent_bytes(), 3 * UNIT);
@@ -864,7 +980,8 @@ mod tests {
             t.progress(),
             Some(ResyncProgress {
                 done_bytes: 0,
-                total_bytes: 3 * UNIT
+                total_bytes: 3 * UNIT,
+                yielding: false,
             })
         );
         t.run_failed(run);

@@ -183,7 +183,7 @@ fn mirror_for(
         base: replica_base(record),
         states: cl.state_store(&record.id, &record.name, generation),
         verify,
-        resync_rate: c.resync_rate,
+        resync: c.resync,
         io_timeout: c.replica_timeout,
         hot_extents: crate::replication::activity::HOT_MAX,
         reached,

@@ -22,7 +22,7 @@ use super::activity::{self, Hot, EXTENT};
 use super::link::{CallError, Callback, Link, Reply};
 use super::local::{check_volume_id, LocalReplica, ReplicaBase};
 use super::ranges::{OwnedRange, RangeLocks};
-use super::state::{unit_span, Pacer, ReplicaStatus, Route, Track, UNIT};
+use super::state::{unit_span, Pacer, ReplicaStatus, ResyncPace, Route, Track, UNIT};
 use super::wire::{ErrorCode, Hello, Request};
 use super::{Generation, Incarnation, ReplicaState, ReplicationError, StateStore};
 use crate::engine::{is_zero, BlockEngine, EngineError, ThinParams, WriteDone};
@@ -93,9 +93,8 @@ pub struct MirrorConfig {
     /// off): compare the in-sync replicas in the background and repair
     /// where they differ (see [`Mirror::verification`]).
     pub verify: bool,
-    /// Bytes per second a resync or verification may copy or compare, per
-    /// replica; `None`: as fast as it goes.
-    pub resync_rate: Option<u64>,
+    /// How fast a resync or verification may copy or compare, per replica.
+    pub resync: ResyncPace,
     pub peers: Vec<PeerSpec>,
     /// A clone's base: peers make their absent replicas clones of it.
     pub base: Option<ReplicaBase>,
@@ -198,7 +197,10 @@ struct Inner {
     fenced: AtomicBool,
     closed: AtomicBool,
     verification: Mutex<Option<Verification>>,
-    resync_rate: Option<u64>,
+    resync: ResyncPace,
+    /// Reads, writes, discards and flushes the volume asked for (not the
+    /// resync's own): a moving count slows resyncs down ([`Pacer`]).
+    app_ios: AtomicU64,
     /// The extents this attach's writes made active in the replicas'
     /// activity logs (see [`Inner::keep_activity`]).
     hot: Hot,
@@ -586,6 +588,16 @@ impl Inner {
         self.replicas.read().clone()
     }
 
+    /// The volume asked for an IO (counted for the resync's [`Pacer`]).
+    #[inline]
+    fn app_io(&self) {
+        self.app_ios.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn app_ios(&self) -> u64 {
+        self.app_ios.load(Ordering::Relaxed)
+    }
+
     /// Start a background thread.
     fn spawn(self: &Arc<Self>, job: Job<'_>) -> Result<JoinHandle<()>, ReplicationError> {
         let inner = self.clone();
@@ -695,10 +707,12 @@ impl BlockEngine for Mirror {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), EngineError> {
+        self.inner.app_io();
         self.inner.read(buf, offset)
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), EngineError> {
+        self.inner.app_io();
         if buf.len() <= MAX_WRITE {
             return self.inner.replicate(offset, WriteOp::Write(buf));
         }
@@ -716,16 +730,19 @@ impl BlockEngine for Mirror {
     /// waits and reads the reply itself: no other thread to wake.
     fn write_then(&self, buf: &[u8], offset: u64, done: WriteDone) {
         if buf.len() <= MAX_WRITE && self.inner.writes.load(Ordering::Relaxed) > 0 {
+            self.inner.app_io();
             return self.inner.replicate_then(offset, buf, done);
         }
         done(self.write_at(buf, offset))
     }
 
     fn flush(&self) -> Result<(), EngineError> {
+        self.inner.app_io();
         self.inner.flush()
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<(), EngineError> {
+        self.inner.app_io();
         self.inner.replicate(offset, WriteOp::Discard(len))
     }
 

@@ -287,7 +287,8 @@ impl Mirror {
             writes: Arc::new(AtomicUsize::new(0)),
             fenced: AtomicBool::new(false),
             closed: AtomicBool::new(false),
-            resync_rate: cfg.resync_rate,
+            resync: cfg.resync,
+            app_ios: AtomicU64::new(0),
             verification: Mutex::new(cfg.verify.then(|| Verification {
                 total_bytes: size,
                 ..Verification::default()

@@ -180,19 +180,20 @@ impl Inner {
         let mut cursor = 0;
         let mut buf = Vec::new();
         let unknown = r.cell.lock().track.content_unknown();
-        let mut pace = Pacer::new(self.resync_rate, Instant::now());
+        let mut pace = Pacer::new(self.resync, Instant::now(), self.app_ios());
         loop {
             self.stop_check()?;
             if r.is_removed() {
                 return Err(Stop::Done);
             }
-            let wait = pace.wait(Instant::now());
+            let wait = pace.wait(Instant::now(), self.app_ios());
             if !wait.is_zero() {
                 r.sleep(wait.min(MAX_BACKOFF));
                 continue;
             }
             let (run, link) = {
-                let cell = r.cell.lock();
+                let mut cell = r.cell.lock();
+                cell.track.set_yielding(pace.is_busy());
                 if !cell.track.connected() || cell.track.epoch() != epoch {
                     return Err(Stop::Retry("dropped".into()));
                 }

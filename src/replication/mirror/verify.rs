@@ -23,7 +23,7 @@ impl Inner {
         tracing::info!(volume = %self.volume, bytes = total, of = self.size,
             "comparing the extents the replicas' activity logs name");
         let mut buf = Vec::new();
-        let mut pace = Pacer::new(self.resync_rate, Instant::now());
+        let mut pace = Pacer::new(self.resync, Instant::now(), self.app_ios());
         let mut ranges = ranges.into_iter();
         let (mut offset, mut end) = ranges.next().unwrap_or((0, 0));
         loop {
@@ -37,7 +37,7 @@ impl Inner {
             if self.is_closed() || self.is_fenced() {
                 return;
             }
-            let wait = pace.wait(Instant::now());
+            let wait = pace.wait(Instant::now(), self.app_ios());
             if !wait.is_zero() {
                 std::thread::sleep(wait.min(MAX_BACKOFF));
                 continue;
