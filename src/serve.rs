@@ -71,7 +71,8 @@ pub struct ServeArgs {
     pub replica_timeout: u64,
     /// Cluster mode: MiB per second a resync (or the comparison of the
     /// replicas after an unclean failover) may read and send, per replica,
-    /// so that it leaves room for the volume's own IO; 0: no limit.
+    /// at most, even while the volume is idle (see --resync-busy-rate for
+    /// while it is not); 0: no limit.
     #[arg(long, default_value_t = 0, value_name = "MIB_PER_S")]
     pub resync_rate: u64,
     /// Cluster mode: MiB per second a resync (or comparison) keeps, per

@@ -149,9 +149,9 @@
 //!     when it was written in this boot, and drops them after a machine
 //!     restart (the blocks then read as at the last flush). No copy costs
 //!     a sync of its own.
-//!     The blocks one write copies are synced once, then mapped with one
-//!     write-through; consecutive ones get consecutive new blocks when a
-//!     run is free (one `pwritev` now, one `pwrite` for later IO).
+//!     The blocks one write copies are journaled with one write;
+//!     consecutive ones get consecutive new blocks when a run is free (one
+//!     `pwritev` now, one `pwrite` for later IO).
 //!     A discard of a shared block unmaps it and neither punches nor frees.
 //! 11. *Snapshot lifetime*: taking one excludes all IO, flushes (the data
 //!     of every block the copy references is durable before the copy is),
@@ -756,7 +756,7 @@ impl ThinImage {
         }
         if r.dropped > 0 {
             tracing::info!(data = %self.data_path.display(), records = r.dropped,
-                "dropped copies of writes never flushed before a machine restart: those blocks read as at the last flush");
+                "dropped journaled copies of writes never flushed (made before a machine restart, or no longer matching the map): those blocks read as at the last flush");
         }
         let mut journal = self.copies.lock();
         journal
