@@ -145,7 +145,7 @@ fn taking_a_snapshot_copies_no_data() {
     img.snapshot("s").unwrap();
     img.snapshot("t").unwrap();
     assert_eq!(disk_bytes(&data), before);
-    // A write to a shared block copies it first (and syncs the copy).
+    // A write to a shared block copies it first.
     assert!(img.write_may_wait(3 * MIB + 100, 10));
     assert!(!img.write_may_wait(MIB, 4096), "unmapped: nothing to copy");
     img.write_at(&[7; 10], 3 * MIB + 100).unwrap();
