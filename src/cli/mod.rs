@@ -227,7 +227,9 @@ fn table(vols: &[VolumeInfo]) -> String {
 
 /// `volume ls`'s ATTACHED and REPLICAS: the node holding the attach (or
 /// resyncing the volume), and each replica's node, with its state unless
-/// it is in sync (`n1 n2(outdated)`).
+/// it is in sync (`n1 n2(outdated)`), and how far its resync is where the
+/// node answering knows (`n2(resyncing 42%, yielding)`: slowed for the
+/// volume's IO).
 fn cluster_columns(view: Option<&crate::volume::replicated::ClusterView>) -> (String, String) {
     let Some(view) = view else {
         return ("?".into(), "?".into());
@@ -242,7 +244,15 @@ fn cluster_columns(view: Option<&crate::volume::replicated::ClusterView>) -> (St
         .iter()
         .map(|r| match r.state {
             crate::replication::ReplicaState::InSync => r.node.clone(),
-            state => format!("{}({state})", r.node),
+            state => match &r.resync {
+                Some(p) if p.total_bytes > 0 => format!(
+                    "{}({state} {}%{})",
+                    r.node,
+                    p.done_bytes.min(p.total_bytes) * 100 / p.total_bytes,
+                    if p.yielding { ", yielding" } else { "" }
+                ),
+                _ => format!("{}({state})", r.node),
+            },
         })
         .collect();
     (attached, replicas.join(" "))
@@ -402,6 +412,26 @@ mod tests {
         assert_eq!(
             cluster_columns(Some(&view)),
             ("n1".into(), "n1 n2(resyncing) n3(outdated)".into())
+        );
+        // The attached node knows how far a resync is.
+        view.replicas[1].resync = Some(crate::replication::ResyncProgress {
+            done_bytes: 42 << 20,
+            total_bytes: 100 << 20,
+            yielding: true,
+        });
+        assert_eq!(
+            cluster_columns(Some(&view)).1,
+            "n1 n2(resyncing 42%, yielding) n3(outdated)"
+        );
+        view.replicas[1].resync = Some(crate::replication::ResyncProgress {
+            done_bytes: 0,
+            total_bytes: 0,
+            yielding: false,
+        });
+        assert_eq!(
+            cluster_columns(Some(&view)).1,
+            "n1 n2(resyncing) n3(outdated)",
+            "nothing to say of an empty resync"
         );
         view.attached_on = None;
         view.resync_on = Some("n2".into());
