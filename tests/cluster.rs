@@ -1806,25 +1806,77 @@ fn replicas_move_between_nodes_while_in_use() {
     c.shutdown();
 }
 
-/// A replicated volume grows while detached, from any node, with one of
-/// its replica nodes down: the attached node's replica grows at the
-/// attach, the one that was down when it comes back and is resynced; the
-/// data below the old end stays, the new space takes writes, and the
-/// replicas end equal. Refused while the volume is attached elsewhere.
+/// A replicated volume grows in use, asked on a node without a replica
+/// (forwarded to the attached one, whose mirror opens again at the new
+/// size while fio writes and verifies); refused in use while a replica is
+/// away, naming it; then grows detached, from any node, with that replica
+/// node down: the attached node's replica grows at the attach, the one
+/// that was down when it comes back and is resynced; the data below the
+/// old end stays, the new space takes writes, and the replicas end equal.
 #[test]
-fn a_replicated_volume_grows_and_a_replica_away_then_follows() {
+fn a_replicated_volume_grows_in_use_and_with_a_replica_away() {
+    common::require_tools(&["fio"]);
     let mut c = loopback_sweeping_every(3, 1);
     let vol = "growing";
     c.create(0, vol, 2, "32M", &[("nodes", "n1,n2")]);
-    let d = BlockDev::open(&c.attach_on(0, vol));
+    let dev = c.attach_on(0, vol);
+    let d = BlockDev::open(&dev);
     write_blocks(&d, 0..64, 1);
-    drop(d);
-    let err = c.cli_err(2, &["volume", "resize", vol, "96M"]);
-    assert!(err.contains("attached on node n1"), "{err}");
-    c.detach_on(0, vol);
+    d.sync().expect("fdatasync");
+    // fio over 8..24 MiB, clear of the blocks above.
+    let child = common::fio_verify("growing", &dev, "16M", &["--offset=8M", "--rate_iops=1500"])
+        .spawn()
+        .expect("run fio");
+    std::thread::sleep(Duration::from_millis(500));
+    let said: Value =
+        serde_json::from_str(&c.cli_ok(2, &["volume", "resize", vol, "64M", "--json"])).unwrap();
+    assert_eq!(said["size_bytes"].as_u64(), Some(64 * MIB), "{said}");
+    assert_eq!(device_bytes(&dev), 64 * MIB);
+    assert!(
+        c.node(0)
+            .log()
+            .contains("mirror open again at the grown size")
+            && c.node(1).log().contains("grew the replica"),
+        "n1's mirror did not reopen, or n2's replica did not grow, in use\n{}",
+        c.logs()
+    );
+    // Past the old end (32 MiB = 8192 blocks of 4 KiB), while fio runs.
+    let past_in_use = 8192 - 8..8192 + 64;
+    write_blocks(&d, past_in_use.clone(), 2);
+    let (ok, out) = common::wait_child(child, "fio", Duration::from_secs(300), || c.logs());
+    assert!(
+        ok && !out.contains("verify:"),
+        "fio failed across the grow of a repl=2 volume in use:\n{out}\n{}",
+        c.logs()
+    );
+    verify_blocks(&d, 0..64, 1);
+    verify_blocks(&d, past_in_use.clone(), 2);
+    d.sync().expect("fdatasync");
+    assert_all_in_sync(&c, 0, vol, "after growing in use");
 
+    // n2 away: refused in use, with the replica named.
     c.kill9(1);
     c.wait_node_up(0, 1, false);
+    write_blocks(&d, 64..72, 4);
+    d.sync().expect("fdatasync");
+    c.wait_for("n1's mirror to find n2 gone", || {
+        c.cluster_info(0, vol)["replicas"]
+            .as_array()
+            .is_some_and(|rs| {
+                rs.iter()
+                    .any(|r| r["node"] == "n2" && r["state"] != "in-sync")
+            })
+    });
+    let err = c.cli_err(2, &["volume", "resize", vol, "96M"]);
+    assert!(
+        err.contains("replica on node n2") && err.contains("detach"),
+        "{err}"
+    );
+    assert_eq!(c.inspect_on(2, vol)["size_bytes"].as_u64(), Some(64 * MIB));
+    assert_eq!(device_bytes(&dev), 64 * MIB);
+    drop(d);
+    c.detach_on(0, vol);
+
     c.cli_ok(2, &["volume", "resize", vol, "96M"]);
     for i in [0, 2] {
         assert_eq!(
@@ -1833,20 +1885,15 @@ fn a_replicated_volume_grows_and_a_replica_away_then_follows() {
         );
     }
     let dev = c.attach_on(0, vol);
-    let size = Command::new("blockdev")
-        .args(["--getsize64", &dev])
-        .output()
-        .expect("blockdev");
-    assert_eq!(
-        String::from_utf8_lossy(&size.stdout).trim(),
-        (96 * MIB).to_string()
-    );
+    assert_eq!(device_bytes(&dev), 96 * MIB);
     let d = BlockDev::open(&dev);
     verify_blocks(&d, 0..64, 1);
-    // Past the old end (32 MiB = 8192 blocks of 4 KiB), up to the new one.
-    let past = 8192 - 8..8192 + 64;
+    verify_blocks(&d, 64..72, 4);
+    verify_blocks(&d, past_in_use.clone(), 2);
+    // Past the old end (64 MiB = 16384 blocks of 4 KiB), up to the new one.
+    let past = 16384 - 8..16384 + 64;
     let last = 24576 - 16..24576;
-    write_blocks(&d, past.clone(), 2);
+    write_blocks(&d, past.clone(), 5);
     write_blocks(&d, last.clone(), 3);
     drop(d);
     c.detach_on(0, vol);
@@ -1855,17 +1902,34 @@ fn a_replicated_volume_grows_and_a_replica_away_then_follows() {
     wait_all_in_sync(&c, 2, vol);
     wait_resync_gone(&c, 2, vol);
     assert_checksums_equal(&c, &[0, 1], vol);
-    assert!(
-        c.node(1).log().contains("grew the replica"),
+    // Once in use, once now.
+    assert_eq!(
+        c.node(1).log().matches("grew the replica").count(),
+        2,
         "n2's replica did not grow when it came back\n{}",
         c.logs()
     );
     let d = BlockDev::open(&c.attach_on(1, vol));
     verify_blocks(&d, 0..64, 1);
-    verify_blocks(&d, past, 2);
+    verify_blocks(&d, 64..72, 4);
+    verify_blocks(&d, past_in_use, 2);
+    verify_blocks(&d, past, 5);
     verify_blocks(&d, last, 3);
     drop(d);
     c.detach_on(1, vol);
     c.remove(0, vol);
     c.shutdown();
+}
+
+/// The size of block device `dev` in bytes.
+fn device_bytes(dev: &str) -> u64 {
+    let out = Command::new("blockdev")
+        .args(["--getsize64", dev])
+        .output()
+        .expect("blockdev");
+    assert!(out.status.success(), "blockdev {dev}: {out:?}");
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("a size")
 }

@@ -65,11 +65,12 @@ pub enum VolumeCmd {
         #[arg(long, default_value_t = 3600)]
         timeout: u64,
     },
-    /// Grow a volume to SIZE (`20G`, `512M`, `1T`; never shrinks). A single
-    /// node's volume grows also while mounted or attached (its filesystem
-    /// online where it can, else at the next mount); a replicated volume,
-    /// or one served by ublk, while detached (every replica follows). The
-    /// same as `volume update NAME -o size=SIZE`.
+    /// Grow a volume to SIZE (`20G`, `512M`, `1T`; never shrinks), also
+    /// while mounted or attached (its filesystem online where it can, else
+    /// at the next mount), from any node of a cluster. Every replica
+    /// follows; one that is away grows when it comes back. In use, a
+    /// replicated volume needs every replica in sync; a ublk device grows
+    /// only while detached. The same as `volume update NAME -o size=SIZE`.
     Resize {
         name: String,
         size: String,

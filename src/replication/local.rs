@@ -18,6 +18,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
 
 const GENERATION_FILE: &str = "generation";
 const INCARNATION_FILE: &str = "incarnation";
@@ -77,6 +78,24 @@ struct Closed {
     done: Mutex<bool>,
     cv: Condvar,
 }
+
+impl Closed {
+    /// Wait up to `d` for the replica to close; whether it did.
+    fn wait_for(&self, d: Duration) -> bool {
+        let deadline = Instant::now() + d;
+        let mut done = self.done.lock();
+        while !*done {
+            if self.cv.wait_until(&mut done, deadline).timed_out() {
+                return *done;
+            }
+        }
+        true
+    }
+}
+
+/// How long an open at a grown size waits for the replica's holders (the
+/// link of a mirror reopening at the new size) to let go.
+const GROW_WAIT: Duration = Duration::from_secs(15);
 
 /// Declared after the image in [`LocalReplica`]: fields drop in order, so
 /// when this signals, the image is closed and its lock released.
@@ -510,13 +529,28 @@ impl LocalReplicas {
     ) -> Result<Arc<LocalReplica>, ReplicationError> {
         let dir = self.dir(volume_id)?;
         let mut open = self.open.lock();
-        if let Some(slot) = open.get(volume_id) {
+        while let Some(slot) = open.get(volume_id) {
             if let Some(r) = slot.replica.upgrade() {
-                drop(open);
-                if let Some(p) = params {
-                    check_params(&r, p)?;
+                let grown = params
+                    .filter(|p| p.block_size == r.image.block_size() && p.size > r.image.size());
+                let Some(p) = grown else {
+                    drop(open);
+                    if let Some(p) = params {
+                        check_params(&r, p)?;
+                    }
+                    return Ok(r);
+                };
+                // The volume grew while attached: its mirror reopens at the
+                // new size, and the old one's link lets go of this replica
+                // in a moment. Its image grows once closed.
+                let closed = slot.closed.clone();
+                let refused = check_params(&r, p);
+                drop((open, r));
+                if !closed.wait_for(GROW_WAIT) {
+                    return Err(refused.expect_err("the sizes differ"));
                 }
-                return Ok(r);
+                open = self.open.lock();
+                continue;
             }
             // The last holder is dropping it: let its image close first.
             slot.wait_closed();
@@ -823,6 +857,34 @@ mod tests {
         block_size: 4096,
     };
 
+    /// A mirror reopened at a grown size meets its replica still held by
+    /// the old mirror's link: the open waits for it to close, then grows
+    /// it, keeping the data.
+    #[test]
+    fn an_open_at_a_grown_size_waits_for_the_holder_then_grows() {
+        let dir = tempfile::tempdir().unwrap();
+        let reps = LocalReplicas::new(dir.path().to_path_buf());
+        let held = reps.open("v1", P).unwrap();
+        held.write_at(0, &[9; 4096], 4096).unwrap();
+        let bigger = ThinParams { size: 4 << 20, ..P };
+        // Lets go a moment after the open below has begun (without the
+        // wait, that open is refused: the sizes differ).
+        let holder = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            drop(held);
+        });
+        let grown = reps.open("v1", bigger).unwrap();
+        holder.join().unwrap();
+        assert_eq!(grown.params().size, bigger.size);
+        let mut buf = [0u8; 4096];
+        grown.read_at(0, &mut buf, 4096).unwrap();
+        assert_eq!(buf, [9; 4096]);
+        grown.read_at(0, &mut buf, (4 << 20) - 4096).unwrap();
+        assert_eq!(buf, [0; 4096]);
+        // Its activity log covers the new end too.
+        grown.write_at(0, &[3; 4096], (4 << 20) - 4096).unwrap();
+    }
+
     #[test]
     fn volume_ids_are_checked() {
         for ok in ["abc", "0123456789abcdef", "a.b-c_d"] {
@@ -843,8 +905,17 @@ mod tests {
         assert!(Arc::ptr_eq(&a, &b));
         assert!(Arc::ptr_eq(&reps.get("v1").unwrap(), &a));
         a.write_at(0, &[7; 4096], 0).unwrap();
-        // Another size is refused for an existing replica.
-        let other = ThinParams { size: 2 << 20, ..P };
+        // A smaller size, or another block size, is refused for an
+        // existing replica.
+        let other = ThinParams { size: 1 << 19, ..P };
+        assert!(matches!(
+            reps.open("v1", other),
+            Err(ReplicationError::ParamsMismatch { .. })
+        ));
+        let other = ThinParams {
+            size: 2 << 20,
+            block_size: 8192,
+        };
         assert!(matches!(
             reps.open("v1", other),
             Err(ReplicationError::ParamsMismatch { .. })

@@ -3,8 +3,8 @@
 //! that changes replicas live. The request travels as a Hello with
 //! `forward` on the holder's replica port (no other port to open), its
 //! daemon runs it on the volume's actor, and the reply comes back. So
-//! `dunnage snapshot create`, `snapshot rm`, `replica add/rm` and clones
-//! work from any node, as in Portworx. A node without a replica also asks
+//! `dunnage snapshot create`, `snapshot rm`, `replica add/rm`, `volume
+//! resize` and clones work from any node, as in Portworx. A node without a replica also asks
 //! one with a replica for `snapshot ls` (the space figures are a replica's),
 //! and `replica rm` and `replica accept` ask a replica's node what it holds
 //! (`ReplicaContents`: its snapshots, and the clones sharing its blocks).
@@ -37,6 +37,11 @@ pub enum HolderOp {
     },
     RemoveReplica {
         node: String,
+    },
+    /// Grow the volume to `size` bytes (`given` as the user wrote it).
+    Resize {
+        size: u64,
+        given: String,
     },
     /// Stop this node's background resync of the volume (an attach wants it).
     StopResync,
@@ -143,6 +148,7 @@ impl VolumeActor {
             HolderOp::DeleteSnapshot { name } => to_json(&self.delete_snapshot(name)?),
             HolderOp::AddReplica { node } => to_json(&self.change_replica(true, node)?),
             HolderOp::RemoveReplica { node } => to_json(&self.change_replica(false, Some(node))?),
+            HolderOp::Resize { size, given } => to_json(&self.resize(size, given)?),
             HolderOp::StopResync => {
                 if let Some(c) = &self.node.cluster {
                     c.stop_resync(&self.id);
@@ -219,6 +225,10 @@ mod tests {
                 node: Some("n3".into()),
             },
             HolderOp::RemoveReplica { node: "n2".into() },
+            HolderOp::Resize {
+                size: 1 << 30,
+                given: "1G".into(),
+            },
             HolderOp::StopResync,
             HolderOp::ListSnapshots,
             HolderOp::ReplicaContents,

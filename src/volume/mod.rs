@@ -113,8 +113,10 @@ pub enum VolumeErrorKind {
     RestoreInUse(String),
     #[error("it has {have} and cannot shrink to {want}: a filesystem cut short loses data; create a smaller volume and copy the data over")]
     Shrink { have: String, want: String },
-    #[error("it is attached, and a replicated volume, or one served by ublk, grows only while detached: stop its containers or `dunnage detach {0}`, resize, then use it again (its filesystem grows at its next mount)")]
+    #[error("it is attached through ublk, and a ublk device grows only while detached: stop its containers or `dunnage detach {0}`, resize, then use it again (its filesystem grows at its next mount)")]
     ResizeInUse(String),
+    #[error("it is attached, and a replicated volume grows in use only with every replica in sync and reachable; the replica on node {node} is {why}: wait until `dunnage volume inspect` shows it in sync, or detach the volume and resize it then (a replica away grows when it comes back)")]
+    GrowNeedsReplicas { node: String, why: String },
     #[error("engine: {0}")]
     Engine(#[from] EngineError),
     #[error("export: {0}")]

@@ -330,6 +330,30 @@ pub(super) fn give_back(
     }
 }
 
+/// Open the volume's mirror again at the size `record` now says, under
+/// the attach this node holds (`generation`), for a volume grown while
+/// attached. `old` is flushed and has no IO in flight: it is closed and
+/// lets go of the replicas, so that each grows as the new mirror opens
+/// it (a peer's once its link from `old` has ended). A comparison still
+/// owed stays owed. If the new mirror cannot open, the volume's IO fails
+/// until it is detached; the next attach opens it at the new size.
+pub(super) fn reopen_mirror(
+    c: &ClusterNode,
+    record: &VolumeRecord,
+    old: &Mirror,
+    generation: Generation,
+) -> Result<Arc<Mirror>, VolumeErrorKind> {
+    let verify = old.verification().is_some_and(|v| !v.finished);
+    old.settle();
+    old.release();
+    c.untrack(&record.id);
+    c.replicas.close(&record.id);
+    let mirror = mirror_for(c, record, generation, verify)?;
+    c.track(&record.id, &mirror);
+    tracing::info!(volume = %record.name, generation, size = record.spec.size, "mirror open again at the grown size");
+    Ok(mirror)
+}
+
 /// The export has stopped and the mirror is flushed (or failed): close it
 /// and give the attach lease back.
 pub(super) fn close_mirror(

@@ -551,6 +551,16 @@ impl Mirror {
     }
 }
 
+impl Mirror {
+    /// [`Mirror::close`], and let go of the replicas: the local one closes
+    /// (and each peer's, once its link ends), so that a mirror opened
+    /// again at a grown size grows them. Call it with no IO in flight.
+    pub fn release(&self) {
+        self.close();
+        *self.inner.replicas.write() = Arc::from(Vec::new());
+    }
+}
+
 impl Drop for Mirror {
     fn drop(&mut self) {
         self.close();
