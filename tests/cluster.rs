@@ -1933,3 +1933,107 @@ fn device_bytes(dev: &str) -> u64 {
         .parse()
         .expect("a size")
 }
+
+/// `node cordon` keeps new replicas off a node; `node evacuate` moves
+/// every replica it holds elsewhere, one of a volume in use (fio writing
+/// and verifying across it) and one of a repl=1 volume, keeping the data;
+/// `node rm` forgets the node once it is down, never while it is up.
+#[test]
+fn a_node_is_cordoned_evacuated_and_forgotten() {
+    common::require_tools(&["fio"]);
+    let mut c = loopback_sweeping_every(3, 1);
+    c.create(0, "ev-a", 2, "32M", &[("nodes", "n1,n2")]);
+    c.create(0, "ev-b", 1, "16M", &[("nodes", "n2")]);
+    let d = BlockDev::open(&c.attach_on(1, "ev-b"));
+    write_blocks(&d, 0..256, 7);
+    drop(d);
+    c.detach_on(1, "ev-b");
+    let dev = c.attach_on(0, "ev-a");
+    let d = BlockDev::open(&dev);
+    // Outside fio's 8..24 MiB.
+    write_blocks(&d, 0..64, 1);
+    d.sync().expect("fdatasync");
+
+    c.cli_ok(2, &["node", "cordon", "n2"]);
+    let nodes: Value = serde_json::from_str(&c.cli_ok(0, &["node", "ls", "--json"])).unwrap();
+    let cordoned: Vec<&str> = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["cordoned"] == true)
+        .map(|m| m["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(cordoned, ["n2"], "{nodes}");
+    assert!(c.cli_ok(1, &["node", "ls"]).contains("up, cordoned"));
+    let err = c.cli_err(
+        0,
+        &["volume", "create", "ev-c", "-o", "repl=3", "-o", "size=16M"],
+    );
+    assert!(
+        err.contains("only 2 are up") && err.contains("cordoned, taking no new replicas: n2"),
+        "{err}"
+    );
+    let err = c.cli_err(
+        0,
+        &["volume", "create", "ev-c", "-o", "repl=1", "-o", "nodes=n2"],
+    );
+    assert!(err.contains("node n2 named in nodes= is cordoned"), "{err}");
+    let err = c.cli_err(0, &["node", "cordon", "n9"]);
+    assert!(err.contains("node n9 is not a member"), "{err}");
+
+    let child = common::fio_verify("evac", &dev, "16M", &["--offset=8M", "--rate_iops=1500"])
+        .spawn()
+        .expect("run fio");
+    let out = c.cli_ok(0, &["node", "evacuate", "n2", "--timeout", "300"]);
+    assert!(
+        out.contains("ev-a: replica on n2 removed")
+            && out.contains("ev-b: replica on n2 removed")
+            && out.contains("node n2 holds no replicas (2 moved)"),
+        "{out}"
+    );
+    assert_eq!(c.placement(2, "ev-a"), ["n1", "n3"]);
+    // Placement's pick: n1 and n3 hold one replica each now, n1 first by name.
+    assert_eq!(c.placement(2, "ev-b"), ["n1"]);
+    let (ok, out) = common::wait_child(child, "fio", Duration::from_secs(300), || c.logs());
+    assert!(
+        ok && !out.contains("verify:"),
+        "fio failed while its volume's replica moved off n2:\n{out}\n{}",
+        c.logs()
+    );
+    verify_blocks(&d, 0..64, 1);
+    let seen = device_sha256(&dev);
+    drop(d);
+    c.detach_on(0, "ev-a");
+    assert_eq!(assert_checksums_equal(&c, &[0, 2], "ev-a"), seen);
+    let d = BlockDev::open(&c.attach_on(2, "ev-b"));
+    verify_blocks(&d, 0..256, 7);
+    drop(d);
+    c.detach_on(2, "ev-b");
+    assert_checksums_equal(&c, &[0], "ev-b");
+    // Nothing left to move: a second run does nothing, and says so.
+    let out = c.cli_ok(1, &["node", "evacuate", "n2"]);
+    assert!(out.contains("(0 moved)"), "{out}");
+
+    let err = c.cli_err(0, &["node", "rm", "n2"]);
+    assert!(err.contains("node n2 is up"), "{err}");
+    c.kill9(1);
+    c.wait_node_up(0, 1, false);
+    let err = c.cli_err(0, &["node", "rm", "n3"]);
+    assert!(err.contains("node n3 holds replicas of ev-a"), "{err}");
+    c.cli_ok(0, &["node", "rm", "n2"]);
+    let nodes = c.cli_ok(2, &["node", "ls"]);
+    assert!(!nodes.contains("n2"), "{nodes}");
+    let err = c.cli_err(0, &["node", "rm", "n2"]);
+    assert!(err.contains("node n2 is not a member"), "{err}");
+    // Started again, it joins again, not cordoned (the cordon went with it).
+    c.start_again(1);
+    c.wait_node_up(0, 1, true);
+    let nodes = c.cli_ok(0, &["node", "ls"]);
+    assert!(
+        nodes.contains("n2") && !nodes.contains("cordoned"),
+        "{nodes}"
+    );
+    c.remove(0, "ev-a");
+    c.remove(0, "ev-b");
+    c.shutdown();
+}

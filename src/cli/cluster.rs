@@ -1,9 +1,10 @@
-//! The cluster side of the CLI: `node ls`, `volume resync` (a progress bar
-//! until every replica is in sync) and `replica add/rm/accept/checksum`.
+//! The cluster side of the CLI: `node ls/cordon/uncordon/evacuate/rm`,
+//! `volume resync` (a progress bar until every replica is in sync) and
+//! `replica add/rm/accept/checksum`.
 
 use crate::cluster::Member;
 use crate::control::client::Client;
-use crate::control::{AcceptArgs, NameArgs, ReplicaArgs};
+use crate::control::{AcceptArgs, NameArgs, NodeArgs, ReplicaArgs};
 use crate::registry::VolumeInfo;
 use crate::replication::ReplicaState;
 use anyhow::{bail, Result};
@@ -14,12 +15,45 @@ use std::time::{Duration, Instant};
 
 #[derive(Debug, Subcommand)]
 pub enum NodeCmd {
-    /// List the cluster's nodes and whether they are up (their etcd lease
-    /// is alive).
+    /// List the cluster's nodes, whether they are up (their etcd lease is
+    /// alive) and whether they are cordoned.
     Ls {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+    },
+    /// Stop placing new replicas on a node (new volumes, `replica add`);
+    /// the replicas it holds stay and keep serving. LINSTOR's
+    /// AutoplaceTarget=false, Kubernetes' cordon.
+    Cordon {
+        /// The node.
+        node: String,
+    },
+    /// Let a cordoned node take new replicas again.
+    Uncordon {
+        /// The node.
+        node: String,
+    },
+    /// Move every replica off a node, e.g. before taking it out of
+    /// service (LINSTOR's `node evacuate`, Portworx's decommission): the
+    /// node is cordoned, then for each volume with a replica there a new
+    /// replica is added where placement puts it, resynced (with a progress
+    /// bar; the volume stays in use), and the node's replica removed. The
+    /// node may be down if each volume has an in-sync replica elsewhere.
+    /// After a failure, run it again: it goes on where it stopped.
+    Evacuate {
+        /// The node to empty.
+        node: String,
+        /// Give up waiting for one volume's resync after this many seconds.
+        #[arg(long, default_value_t = 3600)]
+        timeout: u64,
+    },
+    /// Forget a node gone for good: it leaves `node ls`. Refused while it
+    /// is up or holds replicas (`node evacuate` moves them). A node
+    /// forgotten that starts again joins again.
+    Rm {
+        /// The node.
+        node: String,
     },
 }
 
@@ -77,8 +111,31 @@ pub enum ReplicaCmd {
 }
 
 pub fn node(run_dir: &Path, cmd: NodeCmd) -> Result<()> {
-    let NodeCmd::Ls { json } = cmd;
-    let members: Vec<Member> = Client::new(run_dir).post("/v1/node/list", &())?;
+    let client = Client::new(run_dir);
+    let json = match cmd {
+        NodeCmd::Ls { json } => json,
+        NodeCmd::Cordon { node } => {
+            cordon(&client, &node, true)?;
+            println!("node {node} cordoned: no new replica goes there; the ones it holds stay");
+            return Ok(());
+        }
+        NodeCmd::Uncordon { node } => {
+            cordon(&client, &node, false)?;
+            println!("node {node} takes new replicas again");
+            return Ok(());
+        }
+        NodeCmd::Evacuate { node, timeout } => return evacuate(run_dir, &node, timeout),
+        NodeCmd::Rm { node } => {
+            let args = NodeArgs {
+                node: node.clone(),
+                cordoned: false,
+            };
+            let () = client.post("/v1/node/rm", &args)?;
+            println!("node {node} forgotten");
+            return Ok(());
+        }
+    };
+    let members: Vec<Member> = client.post("/v1/node/list", &())?;
     if json {
         println!("{}", serde_json::to_string_pretty(&members)?);
         return Ok(());
@@ -90,11 +147,93 @@ pub fn node(run_dir: &Path, cmd: NodeCmd) -> Result<()> {
         t.add_row([
             m.name.clone(),
             m.addr.to_string(),
-            if m.up { "up" } else { "down" }.to_string(),
+            match (m.up, m.cordoned) {
+                (true, false) => "up",
+                (true, true) => "up, cordoned",
+                (false, false) => "down",
+                (false, true) => "down, cordoned",
+            }
+            .to_string(),
             m.started_at.format("%Y-%m-%d %H:%M:%S UTC").to_string(),
         ]);
     }
     println!("{t}");
+    Ok(())
+}
+
+fn cordon(client: &Client, node: &str, cordoned: bool) -> Result<()> {
+    let args = NodeArgs {
+        node: node.to_string(),
+        cordoned,
+    };
+    let () = client.post("/v1/node/cordon", &args)?;
+    Ok(())
+}
+
+/// See [`NodeCmd::Evacuate`].
+fn evacuate(run_dir: &Path, node: &str, timeout: u64) -> Result<()> {
+    let client = Client::new(run_dir);
+    cordon(&client, node, true)?;
+    println!("node {node} cordoned: no new replica goes there");
+    let vols: Vec<VolumeInfo> = client.post("/v1/volume/list", &())?;
+    let holding: Vec<&VolumeInfo> = vols
+        .iter()
+        .filter(|v| {
+            v.cluster
+                .as_ref()
+                .is_some_and(|c| c.replicas.iter().any(|r| r.node == node))
+        })
+        .collect();
+    let mut moved: Vec<&str> = Vec::new();
+    for v in holding {
+        let name = &v.name;
+        if let Err(e) = move_replica(run_dir, &client, v, node, timeout) {
+            bail!(
+                "evacuating node {node}: volume {name}: {e:#}; moved so far: {}; once that is fixed, run `dunnage node evacuate {node}` again: it goes on from there",
+                if moved.is_empty() { "none".to_string() } else { moved.join(", ") }
+            );
+        }
+        moved.push(name);
+    }
+    println!(
+        "node {node} holds no replicas ({} moved); it stays cordoned (`dunnage node uncordon {node}` lifts it); once it is shut down for good, `dunnage node rm {node}` forgets it",
+        moved.len()
+    );
+    Ok(())
+}
+
+/// Move `v`'s replica off `node`: add one where placement puts it (unless
+/// an earlier run's is still resyncing), wait for it, remove `node`'s.
+fn move_replica(
+    run_dir: &Path,
+    client: &Client,
+    v: &VolumeInfo,
+    node: &str,
+    timeout: u64,
+) -> Result<()> {
+    let name = &v.name;
+    let resyncing = v.cluster.as_ref().is_some_and(|c| {
+        c.replicas
+            .iter()
+            .any(|r| r.node != node && r.state != ReplicaState::InSync)
+    });
+    if !resyncing {
+        let args = ReplicaArgs {
+            name: name.clone(),
+            add: true,
+            node: None,
+        };
+        let added: String = client.post("/v1/replica/change", &args)?;
+        println!("{name}: replica added on {added}");
+    }
+    wait_in_sync(run_dir, name.clone(), timeout, Some(node))?;
+    let args = ReplicaArgs {
+        name: name.clone(),
+        add: false,
+        node: Some(node.to_string()),
+    };
+    let _: String = client.post("/v1/replica/change", &args)?;
+    println!("{name}: replica on {node} removed");
     Ok(())
 }
 
@@ -150,9 +289,10 @@ pub fn replica(run_dir: &Path, cmd: ReplicaCmd) -> Result<()> {
     Ok(())
 }
 
-/// Bytes resynced and to resync over all replicas, the replicas behind,
-/// and whether a resync yields to the volume's IO, from inspect.
-fn resync_left(v: &VolumeInfo) -> Result<(u64, u64, usize, bool)> {
+/// Bytes resynced and to resync over all replicas, the replicas behind
+/// (but the one on `except`), and whether a resync yields to the volume's
+/// IO, from inspect.
+fn resync_left(v: &VolumeInfo, except: Option<&str>) -> Result<(u64, u64, usize, bool)> {
     let Some(c) = &v.cluster else {
         bail!(
             "volume {} is not in a cluster: it has no replicas to resync",
@@ -164,7 +304,7 @@ fn resync_left(v: &VolumeInfo) -> Result<(u64, u64, usize, bool)> {
     let mut behind = 0;
     let mut yielding = false;
     for r in &c.replicas {
-        if r.state != ReplicaState::InSync {
+        if r.state != ReplicaState::InSync && except != Some(r.node.as_str()) {
             behind += 1;
         }
         if let Some(p) = &r.resync {
@@ -189,6 +329,12 @@ fn replica_states(v: &VolumeInfo) -> String {
 
 /// Wait until every replica of `name` is in sync, with a progress bar.
 pub fn resync(run_dir: &Path, name: String, timeout: u64) -> Result<()> {
+    wait_in_sync(run_dir, name, timeout, None)
+}
+
+/// [`resync`], not waiting for the replica on `except` (one that is being
+/// moved off its node, which may be down).
+fn wait_in_sync(run_dir: &Path, name: String, timeout: u64, except: Option<&str>) -> Result<()> {
     let client = Client::new(run_dir);
     let deadline = Instant::now() + Duration::from_secs(timeout);
     let bar = indicatif::ProgressBar::new(0);
@@ -203,7 +349,7 @@ pub fn resync(run_dir: &Path, name: String, timeout: u64) -> Result<()> {
     let mut started = false;
     loop {
         let v: VolumeInfo = client.post("/v1/volume/inspect", &NameArgs { name: name.clone() })?;
-        let (done, total, behind, yielding) = resync_left(&v)?;
+        let (done, total, behind, yielding) = resync_left(&v, except)?;
         if behind == 0 {
             bar.finish_with_message(format!("{name}: every replica in sync"));
             return Ok(());

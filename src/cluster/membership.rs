@@ -123,7 +123,7 @@ impl Shared {
 impl Cluster {
     /// Every node that ever joined; `up` when its lease-backed key is present.
     pub fn members(&self) -> Result<Vec<Member>, ClusterError> {
-        let (known, live) = self.run(|s| async move {
+        let (known, live, cordoned) = self.run(|s| async move {
             // One txn: both ranges from the same revision.
             let resp = s
                 .txn(Txn::new().and_then([
@@ -135,9 +135,21 @@ impl Cluster {
                         format!("{PREFIX}nodes/"),
                         Some(GetOptions::new().with_prefix()),
                     ),
+                    TxnOp::get(
+                        format!("{PREFIX}cordoned/"),
+                        Some(GetOptions::new().with_prefix().with_keys_only()),
+                    ),
                 ]))
                 .await?;
-            Ok((txn_kvs(&resp, 0), txn_kvs(&resp, 1)))
+            let cordoned: BTreeSet<String> = txn_kvs(&resp, 2)
+                .iter()
+                .filter_map(|kv| kv.key_str().ok())
+                .filter_map(|k| {
+                    k.strip_prefix(&format!("{PREFIX}cordoned/"))
+                        .map(str::to_string)
+                })
+                .collect();
+            Ok((txn_kvs(&resp, 0), txn_kvs(&resp, 1), cordoned))
         })?;
         let mut members: BTreeMap<String, Member> = BTreeMap::new();
         for (kvs, up) in [(known, false), (live, true)] {
@@ -146,6 +158,7 @@ impl Cluster {
                 members.insert(
                     r.name.clone(),
                     Member {
+                        cordoned: cordoned.contains(&r.name),
                         name: r.name,
                         addr: r.addr,
                         up,
@@ -155,6 +168,79 @@ impl Cluster {
             }
         }
         Ok(members.into_values().collect())
+    }
+
+    /// Cordon `node` (placement puts no new replica there; those it holds
+    /// stay) or lift it. Refused for a node that never joined.
+    pub fn set_cordoned(&self, node: &str, cordoned: bool) -> Result<(), ClusterError> {
+        let node = node.to_string();
+        self.run(|s| async move {
+            let known = known_key(&node);
+            let key = cordon_key(&node);
+            let op = if cordoned {
+                TxnOp::put(key.as_str(), "{}", None)
+            } else {
+                TxnOp::delete(key.as_str(), None)
+            };
+            let txn = Txn::new()
+                .when([Compare::create_revision(
+                    known.as_str(),
+                    CompareOp::Greater,
+                    0,
+                )])
+                .and_then([op]);
+            if s.txn(txn).await?.succeeded() {
+                Ok(())
+            } else {
+                Err(ClusterError::Node(format!(
+                    "node {node} is not a member of the cluster (`dunnage node ls` lists them)"
+                )))
+            }
+        })
+    }
+
+    /// Forget `node`, gone for good: it leaves `node ls`. Refused while it
+    /// is up, and while a volume has a replica on it (`volume_replicas`:
+    /// each volume's name and replica nodes, from the catalog). A node
+    /// forgotten that starts again joins again.
+    pub fn forget_node(
+        &self,
+        node: &str,
+        volume_replicas: &[(String, Vec<String>)],
+    ) -> Result<(), ClusterError> {
+        let holding: Vec<&str> = volume_replicas
+            .iter()
+            .filter(|(_, nodes)| nodes.iter().any(|n| n == node))
+            .map(|(v, _)| v.as_str())
+            .collect();
+        if !holding.is_empty() {
+            return Err(ClusterError::Node(format!(
+                "node {node} holds replicas of {}: move them first (`dunnage node evacuate {node}`, or `dunnage replica rm VOLUME {node}` for each)",
+                holding.join(", ")
+            )));
+        }
+        let node = node.to_string();
+        self.run(|s| async move {
+            let known = known_key(&node);
+            let live = node_key(&node);
+            let txn = Txn::new()
+                .when([
+                    Compare::create_revision(known.as_str(), CompareOp::Greater, 0),
+                    Compare::create_revision(live.as_str(), CompareOp::Equal, 0),
+                ])
+                .and_then([
+                    TxnOp::delete(known.as_str(), None),
+                    TxnOp::delete(cordon_key(&node).as_str(), None),
+                ]);
+            if s.txn(txn).await?.succeeded() {
+                return Ok(());
+            }
+            Err(ClusterError::Node(if s.get(&live).await?.is_some() {
+                format!("node {node} is up: stop its dunnage serve first (a node that is only being drained stays a member: `dunnage node evacuate {node}`)")
+            } else {
+                format!("node {node} is not a member of the cluster (`dunnage node ls` lists them)")
+            }))
+        })
     }
 
     /// The address of `node` if it is up.

@@ -47,7 +47,7 @@ use etcd_client::{
 };
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -72,6 +72,10 @@ fn node_key(node: &str) -> String {
 }
 fn known_key(node: &str) -> String {
     format!("{PREFIX}known/{node}")
+}
+/// Present while the node is cordoned: placement puts no new replica there.
+fn cordon_key(node: &str) -> String {
+    format!("{PREFIX}cordoned/{node}")
 }
 fn attach_key(volume_id: &str) -> String {
     format!("{PREFIX}attach/{volume_id}")
@@ -131,6 +135,9 @@ pub struct Member {
     /// Its lease-backed key is present: the node is alive.
     pub up: bool,
     pub started_at: DateTime<Utc>,
+    /// Placement puts no new replica on it (`dunnage node cordon`).
+    #[serde(default)]
+    pub cordoned: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -151,6 +158,9 @@ pub enum ClusterError {
     NameTaken { node: String },
     #[error("cannot place the replicas: {0}")]
     Placement(String),
+    /// A node command (`cordon`, `rm`) that cannot be done as asked.
+    #[error("{0}")]
+    Node(String),
     #[error("node {node} has lost its etcd lease (cut off from etcd for longer than the lease TTL); it registers again as soon as etcd answers; retry then")]
     LeaseLost { node: String },
     #[error("etcd key {key} holds damaged data ({reason}); fix or delete it with etcdctl")]

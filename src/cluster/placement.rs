@@ -14,6 +14,8 @@ pub struct PlacementRequest<'a> {
     /// Keep this volume's replicas off every node that already holds a
     /// replica of another volume of the group: a hard rule, not a preference.
     pub fg: bool,
+    /// Nodes that take no new replica (`dunnage node cordon`).
+    pub cordoned: &'a [String],
 }
 
 /// Choose `req.repl` distinct live nodes. `up` is the live members;
@@ -31,8 +33,22 @@ pub fn place(
     if req.repl == 0 {
         return Err("repl must be at least 1".into());
     }
-    let live: BTreeSet<&str> = up.iter().map(String::as_str).collect();
+    let cordoned: BTreeSet<&str> = req.cordoned.iter().map(String::as_str).collect();
+    let live: BTreeSet<&str> = up
+        .iter()
+        .map(String::as_str)
+        .filter(|n| !cordoned.contains(n))
+        .collect();
     let live_list = || list(live.iter().copied());
+    // Said where a count falls short.
+    let fenced_off = if cordoned.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "; cordoned, taking no new replicas: {}",
+            list(cordoned.iter().copied())
+        )
+    };
 
     let mut named = BTreeSet::new();
     for n in req.nodes {
@@ -53,6 +69,11 @@ pub fn place(
         ));
     }
     for n in req.nodes {
+        if cordoned.contains(n.as_str()) {
+            return Err(format!(
+                "node {n} named in nodes= is cordoned (it takes no new replicas): name another node, or `dunnage node uncordon {n}`"
+            ));
+        }
         if !live.contains(n.as_str()) {
             return Err(format!(
                 "node {n} named in nodes= is not a live member of the cluster (live: {}); check the name or start dunnage on that node",
@@ -62,7 +83,7 @@ pub fn place(
     }
     if live.len() < req.repl {
         return Err(format!(
-            "repl={} needs {} live nodes but only {} {} up ({}); start more nodes or lower repl",
+            "repl={} needs {} live nodes but only {} {} up ({}){fenced_off}; start more nodes or lower repl",
             req.repl,
             req.repl,
             live.len(),
@@ -117,7 +138,7 @@ pub fn place(
             .filter(|n| !taken.contains(n))
             .collect();
         return Err(format!(
-            "fg=true keeps the replicas of group {group} apart: repl={} needs {} live nodes without a replica of another volume of the group, but only {} {} ({}); nodes already holding one: {}; add nodes, lower repl or drop fg",
+            "fg=true keeps the replicas of group {group} apart: repl={} needs {} live nodes without a replica of another volume of the group, but only {} {} ({}); nodes already holding one: {}{fenced_off}; add nodes, lower repl or drop fg",
             req.repl,
             req.repl,
             free.len(),
@@ -127,6 +148,15 @@ pub fn place(
         ));
     }
     Ok(chosen)
+}
+
+/// The members that take no new replica.
+pub fn cordoned(members: &[super::Member]) -> Vec<String> {
+    members
+        .iter()
+        .filter(|m| m.cordoned)
+        .map(|m| m.name.clone())
+        .collect()
 }
 
 fn list<'a>(names: impl Iterator<Item = &'a str>) -> String {
@@ -156,7 +186,33 @@ mod tests {
             nodes,
             group: None,
             fg: false,
+            cordoned: &[],
         }
+    }
+
+    #[test]
+    fn cordoned_nodes_take_no_new_replica() {
+        let up = names(&["a", "b", "c"]);
+        let cordoned = names(&["a"]);
+        let r = |repl, nodes| PlacementRequest {
+            cordoned: &cordoned,
+            ..req(repl, nodes)
+        };
+        // Least loaded would be a.
+        let existing = vec![vol(None, &["b", "c"])];
+        assert_eq!(place(&r(1, &[]), &up, &existing).unwrap(), ["b"]);
+        assert_eq!(place(&r(2, &[]), &up, &existing).unwrap(), ["b", "c"]);
+        let err = place(&r(3, &[]), &up, &existing).unwrap_err();
+        assert!(
+            err.contains("only 2 are up (b, c); cordoned, taking no new replicas: a"),
+            "{err}"
+        );
+        let named = names(&["a"]);
+        let err = place(&r(1, &named), &up, &existing).unwrap_err();
+        assert!(
+            err.contains("node a named in nodes= is cordoned") && err.contains("uncordon a"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -257,6 +313,7 @@ mod tests {
             nodes: &[],
             group: Some("g"),
             fg: false,
+            cordoned: &[],
         };
         assert_eq!(place(&r, &up, &existing).unwrap(), ["b", "c"]);
         // Soft rule: with more copies than free nodes, group nodes are used,
@@ -269,6 +326,7 @@ mod tests {
             nodes: &[],
             group: None,
             fg: false,
+            cordoned: &[],
         };
         assert_eq!(place(&r, &up, &existing).unwrap(), ["d", "a"]);
     }
@@ -282,6 +340,7 @@ mod tests {
             nodes: &[],
             group: Some("g"),
             fg: true,
+            cordoned: &[],
         };
         assert_eq!(place(&r, &up, &existing).unwrap(), ["c", "d"]);
         let r = PlacementRequest { repl: 3, ..r };
@@ -304,6 +363,7 @@ mod tests {
             nodes: &hint,
             group: Some("g"),
             fg: true,
+            cordoned: &[],
         };
         let err = place(&r, &up, &existing).unwrap_err();
         assert!(err.contains("node a named in nodes="), "{err}");
@@ -323,6 +383,7 @@ mod tests {
             nodes: &[],
             group: Some("g"),
             fg: true,
+            cordoned: &[],
         };
         assert_eq!(place(&r, &up, &existing).unwrap(), ["a", "b"]);
         // fg without a group has nothing to keep apart.

@@ -490,24 +490,6 @@ impl Cluster {
             generation,
         })
     }
-
-    /// Place a new volume's replicas on the live members, away from the
-    /// replicas of the catalog's volumes as [`place`] ranks them.
-    pub fn place_replicas(&self, req: &PlacementRequest) -> Result<Vec<String>, ClusterError> {
-        let up: Vec<String> = self
-            .members()?
-            .into_iter()
-            .filter(|m| m.up)
-            .map(|m| m.name)
-            .collect();
-        let vols = self.run(|s| async move { s.get_prefix(&volumes_prefix()).await })?;
-        let mut existing = Vec::with_capacity(vols.len());
-        for kv in vols {
-            let r: crate::catalog::VolumeRecord = parse(&kv)?;
-            existing.push((r.spec.group, r.replicas));
-        }
-        place(req, &up, &existing).map_err(ClusterError::Placement)
-    }
 }
 
 /// Replica state changes of one attach generation.

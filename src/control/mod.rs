@@ -26,6 +26,16 @@ pub struct ReplicaArgs {
     pub node: Option<String>,
 }
 
+/// `node cordon`, `node uncordon`, `node rm`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeArgs {
+    pub node: String,
+    /// Cordon (true) or lift it (false); ignored by `node rm`.
+    #[serde(default)]
+    pub cordoned: bool,
+}
+
 /// `replica accept`.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -279,6 +289,29 @@ async fn node_list(reg: Reg) -> HttpResponse {
     reply(reg.send(registry::cluster::ListNodes).await)
 }
 
+async fn node_cordon(reg: Reg, body: web::Bytes) -> HttpResponse {
+    match args::<NodeArgs>(&body) {
+        Ok(a) => reply(
+            reg.send(registry::cluster::CordonNode {
+                node: a.node,
+                cordoned: a.cordoned,
+            })
+            .await,
+        ),
+        Err(e) => fail(400, e),
+    }
+}
+
+async fn node_rm(reg: Reg, body: web::Bytes) -> HttpResponse {
+    match args::<NodeArgs>(&body) {
+        Ok(a) => reply(
+            reg.send(registry::cluster::ForgetNode { node: a.node })
+                .await,
+        ),
+        Err(e) => fail(400, e),
+    }
+}
+
 async fn replica_checksum(reg: Reg, body: web::Bytes) -> HttpResponse {
     match args::<NameArgs>(&body) {
         Ok(a) => reply(
@@ -346,6 +379,8 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/v1/snapshot/list", web::post().to(snapshot_list))
         .route("/v1/snapshot/remove", web::post().to(snapshot_remove))
         .route("/v1/node/list", web::post().to(node_list))
+        .route("/v1/node/cordon", web::post().to(node_cordon))
+        .route("/v1/node/rm", web::post().to(node_rm))
         .route("/v1/replica/checksum", web::post().to(replica_checksum))
         .route("/v1/replica/change", web::post().to(replica_change))
         .route("/v1/replica/accept", web::post().to(replica_accept))

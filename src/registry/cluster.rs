@@ -4,7 +4,7 @@
 
 use super::{clone::Created, forward, Registry, RegistryError, Reply};
 use crate::catalog::{new_volume_id, VolumeRecord};
-use crate::cluster::placement::{place, PlacementRequest};
+use crate::cluster::placement::{cordoned, place, PlacementRequest};
 use crate::cluster::{ClusterError, Member};
 use crate::config::ClusterNode;
 use crate::engine::CryptEngine;
@@ -68,6 +68,7 @@ impl Registry {
             .filter(|m| m.up)
             .map(|m| m.name.clone())
             .collect();
+        let cordoned = cordoned(&members);
         let existing: Vec<(Option<String>, Vec<String>)> = self
             .node
             .catalog
@@ -80,6 +81,7 @@ impl Registry {
             nodes: &spec.nodes,
             group: spec.group.as_deref(),
             fg: spec.fg,
+            cordoned: &cordoned,
         };
         let replicas = place(&req, &up, &existing)
             .map_err(|e| self.cluster_err(name, ClusterError::Placement(e)))?;
@@ -516,6 +518,69 @@ impl Handler<ListNodes> for Registry {
         match &self.node.cluster {
             Some(c) => c.cluster.members().map_err(|e| self.cluster_err("-", e)),
             None => Err(RegistryError::NotClustered("node ls")),
+        }
+    }
+}
+
+/// `dunnage node cordon` / `uncordon`.
+#[derive(Message)]
+#[rtype(result = "Reply<()>")]
+pub struct CordonNode {
+    pub node: String,
+    pub cordoned: bool,
+}
+
+impl Handler<CordonNode> for Registry {
+    type Result = Reply<()>;
+    fn handle(&mut self, m: CordonNode, _: &mut Context<Self>) -> Self::Result {
+        let c = self
+            .node
+            .cluster
+            .as_ref()
+            .ok_or(RegistryError::NotClustered("node cordon"))?;
+        c.cluster
+            .set_cordoned(&m.node, m.cordoned)
+            .map_err(|source| self.node_err(source))?;
+        tracing::info!(node = %m.node, cordoned = m.cordoned, "node cordon changed");
+        Ok(())
+    }
+}
+
+/// `dunnage node rm`: forget a node gone for good.
+#[derive(Message)]
+#[rtype(result = "Reply<()>")]
+pub struct ForgetNode {
+    pub node: String,
+}
+
+impl Handler<ForgetNode> for Registry {
+    type Result = Reply<()>;
+    fn handle(&mut self, m: ForgetNode, _: &mut Context<Self>) -> Self::Result {
+        let c = self
+            .node
+            .cluster
+            .as_ref()
+            .ok_or(RegistryError::NotClustered("node rm"))?;
+        let held: Vec<(String, Vec<String>)> = self
+            .node
+            .catalog
+            .list()
+            .into_iter()
+            .map(|r| (r.name, r.replicas))
+            .collect();
+        c.cluster
+            .forget_node(&m.node, &held)
+            .map_err(|source| self.node_err(source))?;
+        tracing::info!(node = %m.node, "node forgotten");
+        Ok(())
+    }
+}
+
+impl Registry {
+    fn node_err(&self, source: ClusterError) -> RegistryError {
+        RegistryError::NodeOp {
+            node: self.node.name.clone(),
+            source,
         }
     }
 }

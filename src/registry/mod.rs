@@ -59,6 +59,13 @@ pub enum RegistryError {
     },
     #[error("{0}: this daemon runs alone (no --etcd); start it with --node, --listen and --etcd to form a cluster")]
     NotClustered(&'static str),
+    /// A node command (`node cordon`, `node rm`), asked of node `node`.
+    #[error("asked node {node}: {source}")]
+    NodeOp {
+        node: String,
+        #[source]
+        source: crate::cluster::ClusterError,
+    },
 }
 
 impl RegistryError {
@@ -120,6 +127,10 @@ impl RegistryError {
                 _ => 503,
             },
             RegistryError::NotClustered(_) => 400,
+            RegistryError::NodeOp { source, .. } => match source {
+                crate::cluster::ClusterError::Node(_) => 409,
+                _ => 503,
+            },
             RegistryError::ShuttingDown => 503,
             _ => 500,
         }

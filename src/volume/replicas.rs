@@ -76,6 +76,11 @@ fn new_replica_node(
                 "node {n} is not a live member of the cluster (`dunnage node ls` lists them)"
             )));
         }
+        if members.iter().any(|m| m.name == n && m.cordoned) {
+            return Err(refused(format!(
+                "node {n} is cordoned (it takes no new replicas): name another node, or `dunnage node uncordon {n}`"
+            )));
+        }
         return Ok(n);
     }
     let up: Vec<String> = members
@@ -96,6 +101,7 @@ fn new_replica_node(
         nodes: &[],
         group: record.spec.group.as_deref(),
         fg: record.spec.fg,
+        cordoned: &crate::cluster::placement::cordoned(members),
     };
     let mut chosen = place(&req, &up, &others).map_err(|e| {
         refused(format!(
@@ -491,6 +497,7 @@ mod tests {
                 addr: "127.0.0.1:1".parse().unwrap(),
                 up: *up,
                 started_at: chrono::Utc::now(),
+                cordoned: false,
             })
             .collect()
     }
