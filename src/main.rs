@@ -28,7 +28,7 @@ struct Cli {
 enum Cmd {
     /// Run the daemon: the Docker plugin socket and the control socket.
     /// Logs go to stderr; set RUST_LOG (e.g. debug) for more.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Manage volumes.
     #[command(subcommand)]
     Volume(VolumeCmd),
@@ -69,7 +69,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let res = match cli.cmd {
-        Cmd::Serve(args) => serve::run(args, cli.run_dir),
+        Cmd::Serve(args) => serve::run(*args, cli.run_dir),
         Cmd::Volume(cmd) => cli::volume(&cli.run_dir, cmd),
         Cmd::Snapshot(cmd) => cli::snapshot(&cli.run_dir, cmd),
         Cmd::Node(cmd) => cli::cluster::node(&cli.run_dir, cmd),

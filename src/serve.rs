@@ -46,6 +46,11 @@ pub struct ServeArgs {
     /// themselves after a restart. Read once at start; keep it mode 600.
     #[arg(long)]
     pub secret_file: Option<PathBuf>,
+    /// IP:PORT where Prometheus scrapes `GET /metrics` (volumes' IO, size,
+    /// replica states and resync, cluster nodes); off by default. The
+    /// control socket answers `GET /metrics` too.
+    #[arg(long, value_name = "IP:PORT")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// Cluster mode: this node's name among the cluster's members
     /// [default: the host name]. Errors name it.
     #[arg(long)]
@@ -452,6 +457,7 @@ pub fn run(args: ServeArgs, run_dir: PathBuf) -> Result<()> {
         .run();
         let reg = registry.clone();
         let info = web::Data::new(info);
+        let metrics_info = info.clone();
         let control_srv = HttpServer::new(move || {
             App::new()
                 .app_data(web::Data::new(reg.clone()))
@@ -463,9 +469,33 @@ pub fn run(args: ServeArgs, run_dir: PathBuf) -> Result<()> {
         .bind_uds(&control_sock)
         .with_context(|| format!("listen on {}", control_sock.display()))?
         .run();
+        let metrics_srv = match args.metrics_listen {
+            Some(addr) => {
+                let reg = registry.clone();
+                let info = metrics_info;
+                let srv = HttpServer::new(move || {
+                    App::new()
+                        .app_data(web::Data::new(reg.clone()))
+                        .app_data(info.clone())
+                        .configure(control::configure_metrics)
+                })
+                .workers(1)
+                .disable_signals()
+                .bind(addr)
+                .with_context(|| format!("serve metrics on {addr}"))?
+                .run();
+                tracing::info!(%addr, "serving Prometheus metrics at /metrics");
+                Some(srv)
+            }
+            None => None,
+        };
         let (ph, ch) = (plugin_srv.handle(), control_srv.handle());
+        let mh = metrics_srv.as_ref().map(|m| m.handle());
         actix_rt::spawn(plugin_srv);
         actix_rt::spawn(control_srv);
+        if let Some(m) = metrics_srv {
+            actix_rt::spawn(m);
+        }
         tracing::info!(
             node = %node.name,
             socket = %plugin_sock.display(),
@@ -484,6 +514,9 @@ pub fn run(args: ServeArgs, run_dir: PathBuf) -> Result<()> {
         // Stop taking requests, then take every volume down.
         ph.stop(true).await;
         ch.stop(true).await;
+        if let Some(m) = mh {
+            m.stop(true).await;
+        }
         registry.send(registry::Shutdown).await.ok();
         // Orderly: the keeper lets go of the keys too, so that it can exit
         // and a volume with its own key is locked after this restart until

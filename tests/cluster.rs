@@ -1937,11 +1937,29 @@ fn device_bytes(dev: &str) -> u64 {
 /// `node cordon` keeps new replicas off a node; `node evacuate` moves
 /// every replica it holds elsewhere, one of a volume in use (fio writing
 /// and verifying across it) and one of a repl=1 volume, keeping the data;
-/// `node rm` forgets the node once it is down, never while it is up.
+/// `node rm` forgets the node once it is down, never while it is up. The
+/// attached node's metrics show the cordon and the replicas' states.
 #[test]
 fn a_node_is_cordoned_evacuated_and_forgotten() {
     common::require_tools(&["fio"]);
-    let mut c = loopback_sweeping_every(3, 1);
+    let metrics = format!("127.0.0.1:{}", netns::free_port(Ipv4Addr::LOCALHOST));
+    let m = metrics.clone();
+    let mut c = Cluster::start_with(Mode::Loopback, 3, move |i| {
+        let mut args = vec!["--sweep-interval".into(), "1".into()];
+        if i == 0 {
+            args.extend(["--metrics-listen".into(), m.clone()]);
+        }
+        args
+    });
+    let scrape = || {
+        let conn = std::net::TcpStream::connect(&metrics).expect("connect to n1's metrics");
+        let (status, body) = common::http_get(conn, "/metrics");
+        assert!(
+            status.contains("200"),
+            "scrape of n1's metrics: {status}\n{body}"
+        );
+        body
+    };
     c.create(0, "ev-a", 2, "32M", &[("nodes", "n1,n2")]);
     c.create(0, "ev-b", 1, "16M", &[("nodes", "n2")]);
     let d = BlockDev::open(&c.attach_on(1, "ev-b"));
@@ -1980,6 +1998,20 @@ fn a_node_is_cordoned_evacuated_and_forgotten() {
     assert!(err.contains("node n2 named in nodes= is cordoned"), "{err}");
     let err = c.cli_err(0, &["node", "cordon", "n9"]);
     assert!(err.contains("node n9 is not a member"), "{err}");
+    let m = scrape();
+    for line in [
+        "dunnage_cluster_node_cordoned{node=\"n2\"} 1",
+        "dunnage_cluster_node_cordoned{node=\"n3\"} 0",
+        "dunnage_cluster_node_up{node=\"n2\"} 1",
+        "dunnage_replica_in_sync{volume=\"ev-a\",replica=\"n2\"} 1",
+        "dunnage_replica_connected{volume=\"ev-a\",replica=\"n2\"} 1",
+        "dunnage_volume_replicas_behind{volume=\"ev-a\"} 0",
+    ] {
+        assert!(
+            m.lines().any(|l| l == line),
+            "no `{line}` in n1's metrics:\n{m}"
+        );
+    }
 
     let child = common::fio_verify("evac", &dev, "16M", &["--offset=8M", "--rate_iops=1500"])
         .spawn()
@@ -1992,6 +2024,13 @@ fn a_node_is_cordoned_evacuated_and_forgotten() {
         "{out}"
     );
     assert_eq!(c.placement(2, "ev-a"), ["n1", "n3"]);
+    let m = scrape();
+    assert!(
+        m.lines()
+            .any(|l| l == "dunnage_replica_in_sync{volume=\"ev-a\",replica=\"n3\"} 1")
+            && !m.contains("replica=\"n2\""),
+        "n1's metrics after the evacuation:\n{m}"
+    );
     // Placement's pick: n1 and n3 hold one replica each now, n1 first by name.
     assert_eq!(c.placement(2, "ev-b"), ["n1"]);
     let (ok, out) = common::wait_child(child, "fio", Duration::from_secs(300), || c.logs());

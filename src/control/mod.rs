@@ -3,6 +3,7 @@
 //! with `curl --unix-socket`.
 
 pub mod client;
+pub mod metrics;
 
 use crate::registry::{self, snapshots as snap, Registry, RegistryError};
 use actix::Addr;
@@ -364,8 +365,36 @@ async fn replica_accept(reg: Reg, body: web::Bytes) -> HttpResponse {
     }
 }
 
+async fn metrics(reg: Reg, info: web::Data<NodeInfo>) -> HttpResponse {
+    let (volumes, cluster) = match reg.send(registry::Scrape).await {
+        Ok(s) => s,
+        Err(_) => return fail(503, "the daemon is shutting down"),
+    };
+    // Off the actor: etcd may be slow to answer, or not at all.
+    let members = match cluster {
+        Some(c) => web::block(move || c.members()).await.ok().and_then(|m| {
+            m.inspect_err(|e| tracing::warn!(error = %e, "metrics: the cluster's members are left out: etcd did not answer"))
+                .ok()
+        }),
+        None => None,
+    };
+    let body = metrics::render(&info.node, &info.export, &volumes, members.as_deref());
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4; charset=utf-8")
+        .body(body)
+}
+
+/// Only `GET /metrics`: what `serve --metrics-listen` serves.
+pub fn configure_metrics(cfg: &mut web::ServiceConfig) {
+    cfg.route("/metrics", web::get().to(metrics))
+        .default_service(web::to(|| async {
+            fail(404, "only GET /metrics is served here")
+        }));
+}
+
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/v1/node", web::get().to(node))
+        .route("/metrics", web::get().to(metrics))
         .route("/v1/volume/list", web::post().to(list))
         .route("/v1/volume/create", web::post().to(create))
         .route("/v1/volume/update", web::post().to(update))

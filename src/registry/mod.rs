@@ -634,6 +634,40 @@ impl Handler<List> for Registry {
     }
 }
 
+/// What a metrics scrape reads: every volume with its runtime state, and
+/// the cluster (whose members the caller reads off this actor).
+#[derive(Message)]
+#[rtype(
+    result = "(Vec<crate::control::metrics::VolumeSample>, Option<Arc<crate::cluster::Cluster>>)"
+)]
+pub struct Scrape;
+
+impl Handler<Scrape> for Registry {
+    type Result = MessageResult<Scrape>;
+    fn handle(&mut self, _: Scrape, _: &mut Context<Self>) -> Self::Result {
+        let runtime = self.runtime.read();
+        let samples = self
+            .node
+            .catalog
+            .list()
+            .into_iter()
+            .map(|record| crate::control::metrics::VolumeSample {
+                runtime: runtime.get(&record.id).cloned().unwrap_or_default(),
+                allocated: crate::config::disk_usage(&self.node.volume_dir(&record.id)),
+                replicas: self
+                    .node
+                    .cluster
+                    .as_ref()
+                    .and_then(|c| c.mirror(&record.id))
+                    .map(|m| m.status()),
+                record,
+            })
+            .collect();
+        let cluster = self.node.cluster.as_ref().map(|c| c.cluster.clone());
+        MessageResult((samples, cluster))
+    }
+}
+
 /// Forward a message to a volume's actor and map its answer.
 fn forward<M, T>(addr: Addr<VolumeActor>, msg: M) -> ResponseFuture<Reply<T>>
 where

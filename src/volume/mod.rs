@@ -63,6 +63,10 @@ pub struct Runtime {
     pub mounts: u32,
     /// `passthrough` or `engine` while attached.
     pub io_path: Option<&'static str>,
+    /// The device's counters when this attach began: a loop device's
+    /// outlive their attach, so metrics report the difference.
+    #[serde(skip)]
+    pub device_base: Option<crate::control::metrics::DeviceStats>,
 }
 
 /// Runtime state of every volume by id, written by volume actors and read by
@@ -271,21 +275,30 @@ impl VolumeActor {
             }
             None => handover::remove(&self.node, &self.id),
         }
+        let mut table = self.runtime.write();
         let rt = match &self.attached {
             None => Runtime::default(),
-            Some(a) => Runtime {
-                state: if self.usage.host_attached() {
-                    State::Attached
-                } else {
-                    State::Mounted
-                },
-                device: Some(a.export.device().to_path_buf()),
-                mountpoint: a.data_path.clone(),
-                mounts: self.usage.total_mounts(),
-                io_path: Some(a.export.io_path()),
-            },
+            Some(a) => {
+                let device = a.export.device().to_path_buf();
+                let device_base = match table.get(&self.id) {
+                    Some(old) if old.device.as_ref() == Some(&device) => old.device_base,
+                    _ => crate::control::metrics::DeviceStats::of(&device),
+                };
+                Runtime {
+                    state: if self.usage.host_attached() {
+                        State::Attached
+                    } else {
+                        State::Mounted
+                    },
+                    device: Some(device),
+                    mountpoint: a.data_path.clone(),
+                    mounts: self.usage.total_mounts(),
+                    io_path: Some(a.export.io_path()),
+                    device_base,
+                }
+            }
         };
-        self.runtime.write().insert(self.id.clone(), rt);
+        table.insert(self.id.clone(), rt);
     }
 
     /// What exports serve: the image (or the replicas' mirror), or the

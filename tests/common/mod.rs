@@ -1362,3 +1362,18 @@ pub fn docker_ok(args: &[&str]) -> String {
     );
     out.stdout
 }
+
+/// `GET path` over `stream` (TCP or a unix socket): the status line and
+/// the body.
+pub fn http_get(mut stream: impl std::io::Read + std::io::Write, path: &str) -> (String, String) {
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send the request");
+    let mut out = String::new();
+    stream.read_to_string(&mut out).expect("read the reply");
+    let (head, body) = out.split_once("\r\n\r\n").expect("an HTTP reply");
+    let status = head.lines().next().unwrap_or_default().to_string();
+    (status, body.to_string())
+}
