@@ -260,3 +260,92 @@ fn docker_volume_create_bad_option_shows_daemon_error() {
     );
     cleanup.volume_rm(&vol);
 }
+
+/// A replicated volume of a two-node cluster, used through dockerd on n1:
+/// created with repl=2 (scope global), mounted into a running container,
+/// grown while the container writes (asked on n2, forwarded to n1, xfs
+/// grown online so the container sees it at once), and after the
+/// container is gone the data is read back on n2 from its own replica.
+#[test]
+fn docker_uses_a_replicated_volume_and_it_grows_in_use() {
+    use common::cluster::{Cluster, Mode};
+    require_docker();
+    let c = Cluster::start_custom(
+        Mode::Loopback,
+        2,
+        |_| Vec::new(),
+        |i| Opts {
+            plugin_dir: (i == 0).then(|| DOCKER_PLUGIN_DIR.into()),
+            ..Opts::default()
+        },
+    );
+    let mut cleanup = Cleanup::default();
+    let driver = c.node(0).name.clone();
+    let vol = unique("e2e-repl");
+    cleanup.volumes.push(vol.clone());
+    let opts = ["--opt", "repl=2", "--opt", "size=320M", "--opt", "fs=xfs"];
+    let mut args = vec!["volume", "create", "-d", driver.as_str()];
+    args.extend(opts);
+    args.push(&vol);
+    docker_ok(&args);
+    let v: Value = serde_json::from_str(&docker_ok(&["volume", "inspect", &vol])).unwrap();
+    assert_eq!(v[0]["Scope"], "global", "{v}");
+    assert_eq!(c.placement(1, &vol), ["n1", "n2"], "seen from n2");
+
+    let cname = unique("dunnage-e2e-repl");
+    cleanup.containers.push(cname.clone());
+    let bind = format!("{vol}:/data");
+    docker_ok(&[
+        "run",
+        "-d",
+        "--name",
+        &cname,
+        "-v",
+        &bind,
+        TEST_IMAGE,
+        "sh",
+        "-c",
+        "echo kept > /data/f && sync && while true; do date >> /data/log; sleep 0.1; done",
+    ]);
+    let df = || {
+        let out = docker_ok(&["exec", &cname, "df", "-k", "/data"]);
+        let blocks: u64 = out
+            .lines()
+            .nth(1)
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|b| b.parse().ok())
+            .unwrap_or_else(|| panic!("df output: {out}"));
+        blocks
+    };
+    let before = df();
+    assert!(before < 320 * 1024, "{before} KiB");
+    c.cli_ok(1, &["volume", "resize", &vol, "1G"]);
+    let after = df();
+    assert!(
+        after > 900 * 1024,
+        "the container's filesystem did not grow: {before} -> {after} KiB\n{}",
+        c.logs()
+    );
+    docker_ok(&["exec", &cname, "sh", "-c", "echo grown > /data/g && sync"]);
+    docker_ok(&["rm", "-f", &cname]);
+    cleanup.containers.clear();
+
+    // Detached by dockerd; n2's replica holds everything.
+    let dev = c.cli_ok(1, &["attach", &vol]).trim().to_string();
+    let mnt = tempfile::tempdir().unwrap();
+    let m = mnt.path().to_str().unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-o", "ro", &dev, m])
+        .status()
+        .expect("mount");
+    assert!(mounted.success(), "mount {dev} on n2");
+    let f = std::fs::read_to_string(mnt.path().join("data/f"));
+    let g = std::fs::read_to_string(mnt.path().join("data/g"));
+    let _ = std::process::Command::new("umount").arg(m).status();
+    assert_eq!(f.unwrap(), "kept\n");
+    assert_eq!(g.unwrap(), "grown\n");
+    c.cli_ok(1, &["detach", &vol]);
+    cleanup.volume_rm(&vol);
+    drop(cleanup);
+    c.shutdown();
+}

@@ -84,6 +84,17 @@ impl Cluster {
 
     /// [`Cluster::start`] with more `serve` flags for node `i`: `more(i)`.
     pub fn start_with(mode: Mode, n: usize, more: impl Fn(usize) -> Vec<String>) -> Cluster {
+        Self::start_custom(mode, n, more, |_| Opts::default())
+    }
+
+    /// [`Cluster::start_with`], node `i`'s daemon started from `base(i)`
+    /// (e.g. a plugin dir dockerd watches) plus the cluster's flags.
+    pub fn start_custom(
+        mode: Mode,
+        n: usize,
+        more: impl Fn(usize) -> Vec<String>,
+        base: impl Fn(usize) -> Opts,
+    ) -> Cluster {
         super::require_host();
         let net = match mode {
             Mode::Veth => Some(Net::new(n)),
@@ -110,6 +121,7 @@ impl Cluster {
         let mut nodes = Vec::with_capacity(n);
         for (i, addr) in addrs.into_iter().enumerate() {
             let name = format!("n{}", i + 1);
+            let base = base(i);
             let opts = Opts {
                 netns: net.as_ref().map(|net| net.node_ns(i).to_string()),
                 extra_args: vec![
@@ -126,8 +138,9 @@ impl Cluster {
                 ]
                 .into_iter()
                 .chain(more(i))
+                .chain(base.extra_args.iter().cloned())
                 .collect(),
-                ..Opts::default()
+                ..base
             };
             nodes.push(Node {
                 name,
