@@ -58,7 +58,10 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if !matches!(cli.cmd, Cmd::Serve(_) | Cmd::FuseKeeper) {
+    // An import's copier sees EPIPE (the daemon stopped reading: its error
+    // follows), not a silent SIGPIPE death.
+    let importing = matches!(&cli.cmd, Cmd::Volume(VolumeCmd::Import { .. }));
+    if !matches!(cli.cmd, Cmd::Serve(_) | Cmd::FuseKeeper) && !importing {
         dunnage::sys::signal::default_sigpipe();
     }
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {

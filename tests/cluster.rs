@@ -2076,3 +2076,78 @@ fn a_node_is_cordoned_evacuated_and_forgotten() {
     c.remove(0, "ev-b");
     c.shutdown();
 }
+
+/// A replicated volume's snapshots export on a node holding a replica
+/// (the attached one or another; refused elsewhere), and import into a
+/// new replicated volume placed on other nodes, whose replicas end equal.
+#[test]
+fn a_replicated_volumes_snapshots_export_and_import_into_another_volume() {
+    let c = Cluster::start(Mode::Loopback, 3);
+    let tmp = tempfile::tempdir().unwrap();
+    let f = |n: &str| tmp.path().join(n).to_str().unwrap().to_string();
+    c.create(0, "ex", 2, "32M", &[("nodes", "n1,n2")]);
+    let d = BlockDev::open(&c.attach_on(0, "ex"));
+    write_blocks(&d, 0..64, 1);
+    d.sync().expect("fdatasync");
+    c.cli_ok(0, &["snapshot", "create", "ex", "s1"]);
+    write_blocks(&d, 32..96, 2);
+    d.sync().expect("fdatasync");
+    c.cli_ok(2, &["snapshot", "create", "ex", "s2"]);
+    write_blocks(&d, 200..210, 3);
+
+    let err = c.cli_err(2, &["snapshot", "export", "ex", "s1", "-o", &f("no")]);
+    assert!(
+        err.contains("node n3 holds no replica") && err.contains("n1, n2"),
+        "{err}"
+    );
+    // On n2, whose replica is not the attached node's; then on n1, in use.
+    c.cli_ok(1, &["snapshot", "export", "ex", "s1", "-o", &f("s1")]);
+    c.cli_ok(
+        0,
+        &[
+            "snapshot",
+            "export",
+            "ex",
+            "s2",
+            "--since",
+            "s1",
+            "-o",
+            &f("s2"),
+        ],
+    );
+    drop(d);
+    c.detach_on(0, "ex");
+
+    c.cli_ok(
+        2,
+        &[
+            "volume",
+            "import",
+            "copy",
+            "-i",
+            &f("s1"),
+            "-o",
+            "repl=2",
+            "-o",
+            "nodes=n2,n3",
+        ],
+    );
+    c.cli_ok(2, &["volume", "import", "copy", "-i", &f("s2")]);
+    assert_eq!(c.placement(0, "copy"), ["n2", "n3"]);
+    let d = BlockDev::open(&c.attach_on(2, "copy"));
+    verify_blocks(&d, 0..32, 1);
+    verify_blocks(&d, 32..96, 2);
+    // Written after s2: not in the copy.
+    for i in 200..210 {
+        assert!(
+            d.read_block(i).unwrap().iter().all(|&b| b == 0),
+            "block {i}"
+        );
+    }
+    drop(d);
+    c.detach_on(2, "copy");
+    assert_checksums_equal(&c, &[1, 2], "copy");
+    c.remove(0, "copy");
+    c.remove(0, "ex");
+    c.shutdown();
+}

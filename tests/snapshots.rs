@@ -330,3 +330,169 @@ fn a_volume_with_a_schedule_stays_on_the_engine_path() {
     d.cli_ok(&["snapshot", "rm", "sched", "manual"]);
     d.remove("sched");
 }
+
+/// `snapshot export` and `volume import` between two daemons (two
+/// machines): a whole snapshot makes a new volume (formatted already,
+/// under another key: the stream is plaintext), streams of changes bring
+/// it forward (from a file, and piped from one CLI into the other), and
+/// what would not apply, or a damaged or cut stream, is refused and
+/// leaves nothing behind.
+#[test]
+fn snapshots_export_whole_and_as_changes_and_import_on_another_node() {
+    let d1 = Daemon::start(Opts::default());
+    let d2 = Daemon::start(Opts::default());
+    let tmp = tempfile::tempdir().unwrap();
+    let f = |n: &str| tmp.path().join(n).to_str().unwrap().to_string();
+    d1.create(
+        "src",
+        &[("size", "64M"), ("secure", "true"), ("secret_key", "k-one")],
+    );
+    let (a1, a2, b, c) = (
+        pattern(300_000, 1),
+        pattern(200_000, 2),
+        pattern(1 << 20, 3),
+        pattern(5000, 4),
+    );
+    write_file(&d1, "src", "a", &a1);
+    d1.cli_ok(&["snapshot", "create", "src", "s1"]);
+    write_file(&d1, "src", "a", &a2);
+    write_file(&d1, "src", "b", &b);
+    d1.cli_ok(&["snapshot", "create", "src", "s2"]);
+    write_file(&d1, "src", "c", &c);
+    d1.cli_ok(&["snapshot", "create", "src", "s3"]);
+    d1.cli_ok(&["snapshot", "export", "src", "s1", "-o", &f("s1")]);
+    d1.cli_ok(&[
+        "snapshot",
+        "export",
+        "src",
+        "s2",
+        "--since",
+        "s1",
+        "-o",
+        &f("s2"),
+    ]);
+    let err = d1.cli_err(&[
+        "snapshot",
+        "export",
+        "src",
+        "s2",
+        "--since",
+        "nope",
+        "-o",
+        &f("x"),
+    ]);
+    assert!(err.contains("nope"), "{err}");
+    assert!(
+        !tmp.path().join("x").exists(),
+        "a failed export left its file"
+    );
+    // The changes since s1 are a fraction of the whole.
+    let (whole, delta) = (
+        fs::metadata(f("s1")).unwrap().len(),
+        fs::metadata(f("s2")).unwrap().len(),
+    );
+    assert!(delta < whole + (2 << 20), "{whole} {delta}");
+
+    let said = d2.cli_ok(&[
+        "volume",
+        "import",
+        "dst",
+        "-i",
+        &f("s1"),
+        "-o",
+        "secure=true",
+        "-o",
+        "secret_key=k-two",
+    ]);
+    assert!(said.is_empty(), "the summary goes to stderr: {said}");
+    let info = d2.inspect("dst");
+    assert_eq!(info["size_bytes"], 64 << 20, "{info}");
+    assert_eq!(info["encrypted"], true, "{info}");
+    assert_eq!(read_file(&d2, "dst", "a").as_deref(), Some(&a1[..]));
+    assert_eq!(read_file(&d2, "dst", "b"), None);
+    d2.cli_ok(&["volume", "import", "dst", "-i", &f("s2")]);
+    assert_eq!(read_file(&d2, "dst", "a").as_deref(), Some(&a2[..]));
+    assert_eq!(read_file(&d2, "dst", "b").as_deref(), Some(&b[..]));
+    assert_eq!(read_file(&d2, "dst", "c"), None);
+
+    // What would not apply is refused, and changes nothing.
+    let err = d2.cli_err(&["volume", "import", "dst", "-i", &f("s2")]);
+    assert!(err.contains("has a snapshot s2 already"), "{err}");
+    let err = d2.cli_err(&["volume", "import", "other", "-i", &f("s2")]);
+    assert!(
+        err.contains("no such volume: other") && err.contains("import the whole snapshot first"),
+        "{err}"
+    );
+    let err = d2.cli_err(&["volume", "import", "dst", "-i", &f("s1")]);
+    assert!(err.contains("volume dst exists"), "{err}");
+    let mut bytes = fs::read(f("s1")).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 1;
+    fs::write(f("damaged"), &bytes).unwrap();
+    let err = d2.cli_err(&["volume", "import", "broken", "-i", &f("damaged")]);
+    assert!(err.contains("damaged"), "{err}");
+    fs::write(f("cut"), &fs::read(f("s1")).unwrap()[..mid]).unwrap();
+    let err = d2.cli_err(&["volume", "import", "cut", "-i", &f("cut")]);
+    assert!(err.contains("ends early"), "{err}");
+    let names = d2.list_names();
+    assert!(
+        !names.iter().any(|n| n == "broken" || n == "cut"),
+        "{names:?}"
+    );
+    let dev = d2.cli_ok(&["attach", "dst"]);
+    d1.cli_ok(&[
+        "snapshot",
+        "export",
+        "src",
+        "s3",
+        "--since",
+        "s2",
+        "-o",
+        &f("s3"),
+    ]);
+    let err = d2.cli_err(&["volume", "import", "dst", "-i", &f("s3")]);
+    assert!(err.contains("in use"), "{err}: {dev}");
+    d2.cli_ok(&["detach", "dst"]);
+
+    // Piped from one node's CLI into the other's.
+    let piped = Command::new("sh")
+        .args([
+            "-c",
+            &format!(
+                "{bin} --run-dir {r1} snapshot export src s3 --since s2 | {bin} --run-dir {r2} volume import dst",
+                bin = common::BIN,
+                r1 = d1.run_dir.display(),
+                r2 = d2.run_dir.display()
+            ),
+        ])
+        .output()
+        .expect("sh");
+    assert!(piped.status.success(), "{piped:?}");
+    let said = String::from_utf8_lossy(&piped.stderr);
+    assert!(
+        said.contains("exported src@s3 since s2") && said.contains("imported dst@s3 since s2"),
+        "{said}"
+    );
+    assert_eq!(read_file(&d2, "dst", "c").as_deref(), Some(&c[..]));
+    let snaps = d2.cli_ok(&["snapshot", "ls", "dst"]);
+    assert!(
+        ["s1", "s2", "s3"].iter().all(|s| snaps.contains(s)),
+        "{snaps}"
+    );
+
+    for d in [&d1, &d2] {
+        let streams = d.run_dir.join("streams");
+        let left: Vec<_> = fs::read_dir(&streams)
+            .map(|r| r.flatten().collect())
+            .unwrap_or_default();
+        assert!(
+            left.is_empty(),
+            "FIFOs left in {}: {left:?}",
+            streams.display()
+        );
+    }
+    d2.remove("dst");
+    d1.remove("src");
+    assert_clean(&d1, "after the exports");
+    assert_clean(&d2, "after the imports");
+}

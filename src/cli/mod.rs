@@ -3,6 +3,7 @@
 
 pub mod cluster;
 pub mod debug;
+mod transfer;
 
 use crate::control::client::Client;
 use crate::control::{CreateArgs, NameArgs, SnapshotArgs};
@@ -87,6 +88,23 @@ pub enum VolumeCmd {
         #[arg(short = 'o', long = "opt", value_name = "KEY=VALUE", required = true)]
         opts: Vec<String>,
     },
+    /// Read a stream from `dunnage snapshot export` (RBD's import and
+    /// import-diff). A whole snapshot's stream makes volume NAME (it must
+    /// not exist; its size and filesystem come from the stream, other
+    /// options from -o). A stream of changes since snapshot S goes into
+    /// NAME, which must be detached and hold its own snapshot S (the one a
+    /// previous import took). Either way the import ends by taking the
+    /// stream's snapshot on NAME, so that the next changes apply.
+    Import {
+        name: String,
+        /// Read the stream from this file [default: stdin].
+        #[arg(short, long, value_name = "FILE")]
+        input: Option<PathBuf>,
+        /// Option of a new volume as key=value, repeatable (repl, secure,
+        /// label, ...; not size, fs or parent).
+        #[arg(short = 'o', long = "opt", value_name = "KEY=VALUE")]
+        opts: Vec<String>,
+    },
 }
 
 fn parse_opts(opts: &[String]) -> Result<BTreeMap<String, String>> {
@@ -121,11 +139,35 @@ pub enum SnapshotCmd {
     },
     /// Delete a snapshot, freeing the space only it holds.
     Rm { volume: String, name: String },
+    /// Write a snapshot's contents as a stream (RBD's export and
+    /// export-diff): every block it holds, or with --since only those that
+    /// changed after an older snapshot (and those discarded). Import it with
+    /// `dunnage volume import`, here or on another machine:
+    /// `dunnage snapshot export pg s2 --since s1 | ssh b dunnage volume import pg`.
+    /// The volume may be in use. An encrypted volume's stream is its
+    /// plaintext. In a cluster, run it on a node holding a replica.
+    Export {
+        volume: String,
+        snapshot: String,
+        /// Only the changes since this older snapshot of the volume.
+        #[arg(long, value_name = "SNAPSHOT")]
+        since: Option<String>,
+        /// Write the stream to this file [default: stdout, which must not
+        /// be a terminal].
+        #[arg(short, long, value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
 }
 
 pub fn snapshot(run_dir: &Path, cmd: SnapshotCmd) -> Result<()> {
     let client = Client::new(run_dir);
     match cmd {
+        SnapshotCmd::Export {
+            volume,
+            snapshot,
+            since,
+            output,
+        } => transfer::export(run_dir, volume, snapshot, since, output)?,
         SnapshotCmd::Create { volume, name, json } => {
             let s: SnapshotEntry =
                 client.post("/v1/snapshot/create", &SnapshotArgs { volume, name })?;
@@ -325,6 +367,9 @@ pub fn volume(run_dir: &Path, cmd: VolumeCmd) -> Result<()> {
             println!("{name}");
         }
         VolumeCmd::Resync { name, timeout } => cluster::resync(run_dir, name, timeout)?,
+        VolumeCmd::Import { name, input, opts } => {
+            transfer::import(run_dir, name, input, parse_opts(&opts)?)?
+        }
         VolumeCmd::Resize { name, size, json } => {
             let args = CreateArgs {
                 name,

@@ -37,6 +37,31 @@ pub struct NodeArgs {
     pub cordoned: bool,
 }
 
+/// `snapshot export`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportArgs {
+    pub volume: String,
+    pub snapshot: String,
+    #[serde(default)]
+    pub since: Option<String>,
+    /// Where the daemon writes the stream (a FIFO the CLI reads).
+    pub path: std::path::PathBuf,
+}
+
+/// `volume import`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImportArgs {
+    pub name: String,
+    /// Where the daemon reads the stream (a FIFO the CLI writes).
+    pub path: std::path::PathBuf,
+    /// Options of a volume made from a whole stream (`size` and `fs` come
+    /// from the stream).
+    #[serde(default)]
+    pub opts: BTreeMap<String, String>,
+}
+
 /// `replica accept`.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -239,6 +264,118 @@ async fn restore(reg: Reg, body: web::Bytes) -> HttpResponse {
     }
 }
 
+async fn snapshot_export(reg: Reg, body: web::Bytes) -> HttpResponse {
+    match args::<ExportArgs>(&body) {
+        Ok(a) => reply(
+            reg.send(snap::Export {
+                volume: a.volume,
+                snapshot: a.snapshot,
+                since: a.since,
+                path: a.path,
+            })
+            .await,
+        ),
+        Err(e) => fail(400, e),
+    }
+}
+
+/// A whole stream makes the volume (its size and filesystem from the
+/// stream), which is removed again if the import fails; a stream of
+/// changes goes into the existing volume.
+async fn volume_import(reg: Reg, body: web::Bytes) -> HttpResponse {
+    let a = match args::<ImportArgs>(&body) {
+        Ok(a) => a,
+        Err(e) => return fail(400, e),
+    };
+    let name = a.name.clone();
+    let path = a.path.clone();
+    let opened = web::block(move || crate::volume::backup::open_stream(&path)).await;
+    let stream = match opened {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return fail(400, format!("volume {name}: {e}")),
+        Err(e) => return fail(500, e.to_string()),
+    };
+    let h = stream.header().clone();
+    let fresh = h.since.is_none();
+    if fresh {
+        let mut opts = a.opts;
+        if opts.contains_key("parent") {
+            return fail(
+                400,
+                format!("volume {name}: an imported volume holds the stream's data, not a clone's: drop -o parent"),
+            );
+        }
+        let size = match h.size {
+            s if s % (1 << 20) == 0 => format!("{}M", s >> 20),
+            s => format!("{s}B"),
+        };
+        for (k, v) in [("size", size), ("fs", h.fs.clone())] {
+            match opts.get(k) {
+                Some(given) if k == "fs" && *given != v => {
+                    return fail(
+                        400,
+                        format!("volume {name}: the stream holds a {v} filesystem; drop -o fs={given}"),
+                    )
+                }
+                Some(_) if k == "size" => {
+                    return fail(
+                        400,
+                        format!("volume {name}: its size is the stream's ({} bytes); grow it after the import", h.size),
+                    )
+                }
+                _ => {
+                    opts.insert(k.to_string(), v);
+                }
+            }
+        }
+        if matches!(
+            reg.send(registry::Get { name: name.clone() }).await,
+            Ok(Ok(_))
+        ) {
+            return fail(
+                409,
+                format!("volume {name} exists; a whole stream makes a new volume: import it under another name, or remove {name} first"),
+            );
+        }
+        match reg
+            .send(registry::Create {
+                name: name.clone(),
+                opts,
+            })
+            .await
+        {
+            Ok(Ok(_)) => {}
+            other => return reply(other.map(|r| r.map(|_| ()))),
+        }
+    } else if !matches!(
+        reg.send(registry::Get { name: name.clone() }).await,
+        Ok(Ok(_))
+    ) {
+        return fail(
+            404,
+            format!("no such volume: {name}; a stream of changes since {} goes into a volume that holds that snapshot: import the whole snapshot first", h.since.as_deref().unwrap_or_default()),
+        );
+    } else if !a.opts.is_empty() {
+        return fail(
+            400,
+            format!("volume {name}: a stream of changes goes into an existing volume; options are for a whole stream's new volume"),
+        );
+    }
+    let done = reg
+        .send(snap::Import {
+            volume: name.clone(),
+            stream,
+            fresh,
+        })
+        .await;
+    if fresh && !matches!(done, Ok(Ok(_))) {
+        if let Ok(Err(e)) = reg.send(registry::Remove { name: name.clone() }).await {
+            tracing::warn!(volume = %name, error = %e, "could not remove the volume a failed import made");
+        }
+    }
+    reply(done)
+}
+
 async fn remove(reg: Reg, body: web::Bytes) -> HttpResponse {
     match args::<NameArgs>(&body) {
         Ok(a) => reply(reg.send(registry::Remove { name: a.name }).await),
@@ -407,6 +544,8 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/v1/snapshot/create", web::post().to(snapshot_create))
         .route("/v1/snapshot/list", web::post().to(snapshot_list))
         .route("/v1/snapshot/remove", web::post().to(snapshot_remove))
+        .route("/v1/snapshot/export", web::post().to(snapshot_export))
+        .route("/v1/volume/import", web::post().to(volume_import))
         .route("/v1/node/list", web::post().to(node_list))
         .route("/v1/node/cordon", web::post().to(node_cordon))
         .route("/v1/node/rm", web::post().to(node_rm))

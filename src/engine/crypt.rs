@@ -699,6 +699,63 @@ impl CryptEngine {
     }
 }
 
+/// An encrypted volume's cipher, for its data moved apart from the volume
+/// (a snapshot exported, a stream imported through a mirror).
+pub struct UnitCipher {
+    xts: XtsAes256,
+}
+
+impl UnitCipher {
+    /// For the image in `dir` (its `crypt` file); a wrong key is
+    /// [`EngineError::WrongKey`].
+    pub fn open(dir: &Path, secret: &Secret) -> Result<UnitCipher, EngineError> {
+        let (_, keys) = unlock(dir, secret)?;
+        Ok(UnitCipher::with_keys(&keys))
+    }
+
+    /// For `params` kept elsewhere (a cluster's catalog; `from` names it).
+    pub fn over(
+        params: &CryptParams,
+        secret: &Secret,
+        from: &Path,
+    ) -> Result<UnitCipher, EngineError> {
+        let keys = unlock_params(params, secret, from)?;
+        Ok(UnitCipher::with_keys(&keys))
+    }
+
+    fn with_keys(keys: &DerivedKeys) -> UnitCipher {
+        UnitCipher {
+            xts: XtsAes256::new(keys[..64].try_into().expect("64 bytes of XTS keys")),
+        }
+    }
+
+    fn check(buf: &[u8], offset: u64) -> Result<(), EngineError> {
+        if offset % UNIT != 0 || buf.len() as u64 % UNIT != 0 {
+            return Err(EngineError::Misaligned {
+                offset,
+                len: buf.len() as u64,
+                align: UNIT,
+            });
+        }
+        Ok(())
+    }
+
+    /// `buf` as read from the device at `offset` (whole units), in place;
+    /// never-written units (all zeros) stay zeros, as the volume reads them.
+    pub fn decrypt(&self, buf: &mut [u8], offset: u64) -> Result<(), EngineError> {
+        Self::check(buf, offset)?;
+        decrypt_units(&self.xts, buf, UNIT as usize, offset / UNIT);
+        Ok(())
+    }
+
+    /// `buf`, to be written to the device at `offset` (whole units), in place.
+    pub fn encrypt(&self, buf: &mut [u8], offset: u64) -> Result<(), EngineError> {
+        Self::check(buf, offset)?;
+        self.xts.encrypt(buf, offset / UNIT);
+        Ok(())
+    }
+}
+
 fn check_secret(secret: &Secret) -> Result<(), EngineError> {
     if secret.bytes().is_empty() {
         return Err(EngineError::InvalidParams("the secret is empty".into()));

@@ -17,9 +17,10 @@ mod header;
 mod map;
 pub mod pattern;
 pub mod priority;
+pub mod stream;
 mod thin;
 
-pub use crypt::{CryptEngine, CryptParams, Secret};
+pub use crypt::{CryptEngine, CryptParams, Secret, UnitCipher};
 pub use error::EngineError;
 pub use thin::{SnapshotInfo, SnapshotView, ThinImage, ThinParams, ThinUsage};
 

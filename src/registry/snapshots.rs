@@ -2,6 +2,7 @@
 //! image. Clones (`parent=`) are in `clone.rs`.
 
 use super::{forward, Registry, Reply};
+use crate::volume::backup::{self as vb, Incoming, TransferSummary};
 use crate::volume::snapshots::{self as vs, SnapshotEntry, Space};
 use actix::prelude::*;
 
@@ -31,6 +32,26 @@ pub struct DeleteSnapshot {
 pub struct Restore {
     pub volume: String,
     pub snapshot: String,
+}
+
+/// `dunnage snapshot export`: the stream goes to `path` (the CLI's FIFO).
+#[derive(Message)]
+#[rtype(result = "Reply<TransferSummary>")]
+pub struct Export {
+    pub volume: String,
+    pub snapshot: String,
+    pub since: Option<String>,
+    pub path: std::path::PathBuf,
+}
+
+/// `dunnage volume import`: `stream` (its header read) into `volume`.
+#[derive(Message)]
+#[rtype(result = "Reply<TransferSummary>")]
+pub struct Import {
+    pub volume: String,
+    pub stream: Incoming,
+    /// The volume was made for this import.
+    pub fresh: bool,
 }
 
 /// Space used and shared (answered by the volume's actor).
@@ -81,3 +102,22 @@ to_actor!(
     }
 );
 to_actor!(QuerySpace, Option<Space>, |m| &m.volume, vs::QuerySpace);
+to_actor!(
+    Export,
+    TransferSummary,
+    |m| &m.volume,
+    vb::Export {
+        snapshot: m.snapshot,
+        since: m.since,
+        path: m.path
+    }
+);
+to_actor!(
+    Import,
+    TransferSummary,
+    |m| &m.volume,
+    vb::Import {
+        stream: m.stream,
+        fresh: m.fresh
+    }
+);

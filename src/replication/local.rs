@@ -276,6 +276,14 @@ impl LocalReplica {
         Ok(self.image.write_at(buf, offset)?)
     }
 
+    /// A read-only view of snapshot `name` of this replica (an export).
+    pub fn snapshot_view(
+        &self,
+        name: &str,
+    ) -> Result<crate::engine::SnapshotView<'_>, ReplicationError> {
+        Ok(self.image.snapshot_view(name)?)
+    }
+
     /// Whether a write of `offset..offset+len` would only copy into the
     /// page cache: its extents are active and no block of it must be
     /// copied first (a copy reads and writes whole blocks). Advisory: a

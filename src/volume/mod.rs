@@ -6,6 +6,7 @@
 //! mkfs, mount(2), loop ioctls, FUSE session setup. IO never passes through
 //! it: the export's threads call the engine directly.
 
+pub mod backup;
 pub mod forward;
 pub mod handover;
 pub mod mounting;
@@ -123,6 +124,11 @@ pub enum VolumeErrorKind {
     GrowNeedsReplicas { node: String, why: String },
     #[error("engine: {0}")]
     Engine(#[from] EngineError),
+    #[error("export stream: {0}")]
+    Stream(#[from] crate::engine::stream::StreamError),
+    /// An export or import refused or cut short; says what to do.
+    #[error("{0}")]
+    Transfer(String),
     #[error("export: {0}")]
     Export(#[from] ExportError),
     #[error("catalog: {0}")]

@@ -91,7 +91,7 @@ impl VolumeActor {
     /// first; this is the race where the attach moved meanwhile): its
     /// mirror is the one writing, and only it can hold writes for the
     /// instant of a snapshot.
-    fn with_mirror<T>(
+    pub(super) fn with_mirror<T>(
         &self,
         c: &ClusterNode,
         record: &VolumeRecord,
@@ -202,7 +202,7 @@ impl VolumeActor {
     }
 
     /// Run `f` on the image: the attached engine, or the image opened now.
-    fn with_image<T>(
+    pub(super) fn with_image<T>(
         &self,
         f: impl FnOnce(&ThinImage) -> Result<T, EngineError>,
     ) -> Result<T, VolumeError> {

@@ -682,6 +682,41 @@ impl SnapshotView<'_> {
         self.image.size
     }
 
+    /// The image's block size in bytes.
+    pub fn block_size(&self) -> u64 {
+        u64::from(self.image.block_size)
+    }
+
+    /// Runs of blocks `(first, count, mapped)` to export: those whose
+    /// contents differ from snapshot `since` of the same image (`mapped`
+    /// false: they read as zeros now), or without `since` every mapped
+    /// block. A block is unchanged where both views reach the same
+    /// physical block of the same level (a block a snapshot holds is never
+    /// written again), or neither maps it. Runs hold at most `max` blocks.
+    pub fn changes(&self, since: Option<&SnapshotView<'_>>, max: u64) -> Vec<(u64, u64, bool)> {
+        let mut runs: Vec<(u64, u64, bool)> = Vec::new();
+        for block in 0..self.image.nblocks {
+            let now = lookup(&self.levels, block);
+            let changed = match since {
+                Some(old) => now != lookup(&old.levels, block),
+                None => now.is_some(),
+            };
+            if !changed {
+                continue;
+            }
+            let mapped = now.is_some();
+            match runs.last_mut() {
+                Some((first, count, m))
+                    if *m == mapped && *first + *count == block && *count < max =>
+                {
+                    *count += 1
+                }
+                _ => runs.push((block, 1, mapped)),
+            }
+        }
+        runs
+    }
+
     /// Fill `buf` with the device's bytes at `offset` as they were when the
     /// snapshot was taken.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), EngineError> {

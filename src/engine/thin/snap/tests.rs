@@ -1105,3 +1105,35 @@ fn snapshots_under_concurrent_io(bs: u64) {
     let img = ThinImage::open(dir.path()).unwrap();
     assert_eq!(img.usage().snapshot_blocks, 0);
 }
+
+/// What an export of snapshot s2 since s1 sends: the blocks written
+/// between them (copies or first writes) and those discarded, never the
+/// ones both hold; a whole export sends every mapped block.
+#[test]
+fn changes_between_snapshots_are_the_blocks_written_or_discarded_between() {
+    let bs = 4096u64;
+    let (_dir, img) = new_image(64 * bs, 4096);
+    img.write_at(&vec![1u8; (8 * bs) as usize], 0).unwrap();
+    img.write_at(&vec![2u8; bs as usize], 20 * bs).unwrap();
+    img.snapshot("s1").unwrap();
+    // Changed: block 3 (a copy), 30..32 (new), 20 (discarded).
+    img.write_at(&vec![3u8; bs as usize], 3 * bs).unwrap();
+    img.write_at(&vec![4u8; (2 * bs) as usize], 30 * bs)
+        .unwrap();
+    img.discard(20 * bs, bs).unwrap();
+    img.snapshot("s2").unwrap();
+    // After s2: not part of it.
+    img.write_at(&vec![5u8; bs as usize], 50 * bs).unwrap();
+    let s1 = img.snapshot_view("s1").unwrap();
+    let s2 = img.snapshot_view("s2").unwrap();
+    assert_eq!(
+        s2.changes(Some(&s1), 1024),
+        [(3, 1, true), (20, 1, false), (30, 2, true)]
+    );
+    assert_eq!(s1.changes(None, 1024), [(0, 8, true), (20, 1, true)]);
+    assert_eq!(
+        s1.changes(None, 3),
+        [(0, 3, true), (3, 3, true), (6, 2, true), (20, 1, true)]
+    );
+    assert!(s2.changes(Some(&s2), 1024).is_empty());
+}
