@@ -50,6 +50,10 @@ pub struct ClusterNode {
     /// Volumes whose resync the sweep does not start again before then
     /// (the last one failed or gave up on an unreachable replica).
     resync_backoff: parking_lot::Mutex<std::collections::HashMap<String, std::time::Instant>>,
+    /// The last comparison asked for (`volume verify`) of each volume
+    /// whose mirror here has closed since: `volume inspect` still shows it.
+    verified:
+        parking_lot::Mutex<std::collections::HashMap<String, crate::replication::Verification>>,
 }
 
 /// How long the sweep leaves a volume whose background resync failed.
@@ -83,6 +87,7 @@ impl ClusterNode {
             resyncs: Default::default(),
             resync_start: Default::default(),
             resync_backoff: Default::default(),
+            verified: Default::default(),
         });
         // A node whose lease is gone may have been replaced by another
         // attach already: it must not write again.
@@ -103,6 +108,21 @@ impl ClusterNode {
 
     pub fn untrack(&self, volume_id: &str) {
         self.mirrors.lock().remove(volume_id);
+    }
+
+    /// Keep a finished comparison's result past its mirror.
+    pub fn keep_verification(&self, volume_id: &str, v: crate::replication::Verification) {
+        self.verified.lock().insert(volume_id.to_string(), v);
+    }
+
+    /// A new comparison starts: the last one's result goes.
+    pub fn forget_verification(&self, volume_id: &str) {
+        self.verified.lock().remove(volume_id);
+    }
+
+    /// The last comparison asked for here whose mirror has closed.
+    pub fn last_verification(&self, volume_id: &str) -> Option<crate::replication::Verification> {
+        self.verified.lock().get(volume_id).copied()
     }
 
     /// The mirror of a volume attached here.

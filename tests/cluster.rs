@@ -2151,3 +2151,70 @@ fn a_replicated_volumes_snapshots_export_and_import_into_another_volume() {
     c.remove(0, "ex");
     c.shutdown();
 }
+
+/// `volume verify` finds a replica whose data went bad behind dunnage's
+/// back (a block of its data file overwritten) and repairs it from the
+/// replica reads come from: attached nowhere (run here, followed with
+/// --wait), and attached (asked on another node, run by the attached one,
+/// the volume in use).
+#[test]
+fn verify_finds_and_repairs_a_replica_that_differs() {
+    let c = Cluster::start(Mode::Loopback, 3);
+    c.create(0, "vf", 2, "16M", &[("nodes", "n1,n2")]);
+    c.create(0, "single", 1, "16M", &[]);
+    let err = c.cli_err(1, &["volume", "verify", "single"]);
+    assert!(err.contains("nothing to compare"), "{err}");
+    let id = c.inspect_on(0, "vf")["id"].as_str().unwrap().to_string();
+    let data = c.node(1).data_dir.join("volumes").join(&id).join("data");
+    let damage = |block: u64| {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&data).unwrap();
+        f.write_all_at(&[0xEE; 4096], block * 4096).unwrap();
+        f.sync_all().unwrap();
+    };
+    let d = BlockDev::open(&c.attach_on(0, "vf"));
+    write_blocks(&d, 0..256, 1);
+    drop(d);
+    c.detach_on(0, "vf");
+    let good = c.checksum_on(0, "vf");
+
+    // Attached nowhere: compared and repaired here.
+    damage(10);
+    assert_ne!(
+        c.checksum_on(1, "vf"),
+        good,
+        "the damage did not reach n2's replica"
+    );
+    let out = c.cli_ok(0, &["volume", "verify", "vf", "--wait"]);
+    assert!(
+        out.contains("compared 16.00 MiB on node n1") && out.contains("differed and were repaired"),
+        "{out}\n{}",
+        c.logs()
+    );
+    assert_eq!(c.checksum_on(1, "vf"), good);
+    let v = &c.cluster_info(0, "vf")["verification"];
+    assert_eq!(v["finished"], true, "{v}");
+    assert!(v["repaired_bytes"].as_u64().unwrap() > 0, "{v}");
+    // Nothing differs now: a second run says so.
+    let out = c.cli_ok(0, &["volume", "verify", "vf", "--wait"]);
+    assert!(out.contains("every replica held the same data"), "{out}");
+
+    // Attached on n1, asked on n3.
+    let d = BlockDev::open(&c.attach_on(0, "vf"));
+    damage(100);
+    let out = c.cli_ok(2, &["volume", "verify", "vf"]);
+    assert!(out.contains("on node n1"), "{out}");
+    c.wait_for("n1's comparison to finish", || {
+        let v = &c.cluster_info(0, "vf")["verification"];
+        v["finished"] == true && v["requested"] == true
+    });
+    let v = &c.cluster_info(0, "vf")["verification"];
+    assert!(v["repaired_bytes"].as_u64().unwrap() > 0, "{v}");
+    verify_blocks(&d, 0..256, 1);
+    drop(d);
+    c.detach_on(0, "vf");
+    assert_checksums_equal(&c, &[0, 1], "vf");
+    c.remove(0, "vf");
+    c.remove(0, "single");
+    c.shutdown();
+}

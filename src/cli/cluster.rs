@@ -395,3 +395,55 @@ fn wait_in_sync(run_dir: &Path, name: String, timeout: u64, except: Option<&str>
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// `dunnage volume verify`: start the comparison, and with `wait` follow
+/// it (where it runs here) to its end.
+pub fn verify(run_dir: &Path, name: String, wait: bool, timeout: u64) -> Result<()> {
+    let client = Client::new(run_dir);
+    let on: String = client.post("/v1/volume/verify", &NameArgs { name: name.clone() })?;
+    let v: VolumeInfo = client.post("/v1/volume/inspect", &NameArgs { name: name.clone() })?;
+    if !wait {
+        println!("{name}: comparing its replicas on node {on}; `dunnage volume inspect {name}` there shows the progress");
+        return Ok(());
+    }
+    if on != v.node {
+        println!("{name}: comparing its replicas on node {on}; run `dunnage volume verify {name} --wait` or `volume inspect` there to follow it");
+        return Ok(());
+    }
+    let deadline = Instant::now() + Duration::from_secs(timeout);
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:40}] {bytes}/{total_bytes} ({bytes_per_sec}, {eta})",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    bar.set_message(format!("verify {name}"));
+    loop {
+        let v: VolumeInfo = client.post("/v1/volume/inspect", &NameArgs { name: name.clone() })?;
+        let Some(p) = v.cluster.as_ref().and_then(|c| c.verification) else {
+            bar.abandon();
+            bail!("volume {name} on node {}: the comparison stopped before it finished (the volume was detached, or attached elsewhere); run it again", v.node);
+        };
+        bar.set_length(p.total_bytes);
+        bar.set_position(p.done_bytes);
+        if p.finished {
+            bar.finish_and_clear();
+            println!(
+                "{name}: compared {} on node {on}; {}",
+                indicatif::HumanBytes(p.done_bytes),
+                match p.repaired_bytes {
+                    0 => "every replica held the same data".to_string(),
+                    n => format!("{} differed and were repaired from the replica reads come from (the log names the replicas)", indicatif::HumanBytes(n)),
+                }
+            );
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bar.abandon();
+            bail!("volume {name} on node {}: the comparison is not done after {timeout} s; it goes on in the background", v.node);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

@@ -88,6 +88,22 @@ pub enum VolumeCmd {
         #[arg(short = 'o', long = "opt", value_name = "KEY=VALUE", required = true)]
         opts: Vec<String>,
     },
+    /// Compare a replicated volume's replicas over the whole device, by
+    /// digest, and copy each chunk that differs from the replica reads
+    /// come from (DRBD's online verify). It runs in the background on the
+    /// attached node (asked from any node), or here if the volume is
+    /// attached nowhere, while the volume stays usable; `volume inspect`
+    /// shows its progress (`cluster.verification`).
+    Verify {
+        name: String,
+        /// Wait until it is done, with a progress bar (on the node where
+        /// it runs).
+        #[arg(long)]
+        wait: bool,
+        /// Give up waiting after this many seconds.
+        #[arg(long, default_value_t = 3600)]
+        timeout: u64,
+    },
     /// Read a stream from `dunnage snapshot export` (RBD's import and
     /// import-diff). A whole snapshot's stream makes volume NAME (it must
     /// not exist; its size and filesystem come from the stream, other
@@ -367,6 +383,11 @@ pub fn volume(run_dir: &Path, cmd: VolumeCmd) -> Result<()> {
             println!("{name}");
         }
         VolumeCmd::Resync { name, timeout } => cluster::resync(run_dir, name, timeout)?,
+        VolumeCmd::Verify {
+            name,
+            wait,
+            timeout,
+        } => cluster::verify(run_dir, name, wait, timeout)?,
         VolumeCmd::Import { name, input, opts } => {
             transfer::import(run_dir, name, input, parse_opts(&opts)?)?
         }

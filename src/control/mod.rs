@@ -460,6 +460,16 @@ async fn replica_checksum(reg: Reg, body: web::Bytes) -> HttpResponse {
     }
 }
 
+async fn verify_start(reg: Reg, body: web::Bytes) -> HttpResponse {
+    match args::<NameArgs>(&body) {
+        Ok(a) => reply(
+            reg.send(registry::cluster::StartVerify { volume: a.name })
+                .await,
+        ),
+        Err(e) => fail(400, e),
+    }
+}
+
 async fn resync_start(reg: Reg, body: web::Bytes) -> HttpResponse {
     match args::<NameArgs>(&body) {
         Ok(a) => reply(
@@ -553,5 +563,6 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/v1/replica/change", web::post().to(replica_change))
         .route("/v1/replica/accept", web::post().to(replica_accept))
         .route("/v1/volume/resync", web::post().to(resync_start))
+        .route("/v1/volume/verify", web::post().to(verify_start))
         .default_service(web::to(|| async { fail(404, "no such control endpoint") }));
 }

@@ -483,6 +483,23 @@ impl Handler<Forwarded> for Registry {
     }
 }
 
+/// `dunnage volume verify`: answers the node the comparison runs on.
+#[derive(Message)]
+#[rtype(result = "Reply<String>")]
+pub struct StartVerify {
+    pub volume: String,
+}
+
+impl Handler<StartVerify> for Registry {
+    type Result = ResponseFuture<Reply<String>>;
+    fn handle(&mut self, m: StartVerify, _: &mut Context<Self>) -> Self::Result {
+        match self.lookup(&m.volume).and_then(|r| self.actor(&r)) {
+            Ok(addr) => forward(addr, vr::StartVerify),
+            Err(e) => Box::pin(async move { Err(e) }),
+        }
+    }
+}
+
 /// `dunnage volume resync` on a volume attached nowhere: resync it in the
 /// background here. Answers whether one started.
 #[derive(Message)]

@@ -206,6 +206,8 @@ pub enum ReplicationError {
          be deleted (`dunnage snapshot rm {volume} {snapshot}`)"
     )]
     SnapshotHeldNowhere { volume: String, snapshot: String },
+    #[error("volume {0}: a comparison of its replicas is running already; `dunnage volume inspect` shows its progress")]
+    VerifyRunning(String),
     /// A replica cannot be added to or removed from the volume now.
     #[error("cannot {op} the replica of volume {volume} on node {node}: {why}")]
     Membership {

@@ -43,6 +43,8 @@ pub enum HolderOp {
         size: u64,
         given: String,
     },
+    /// Compare the replicas (`dunnage volume verify`).
+    Verify,
     /// Stop this node's background resync of the volume (an attach wants it).
     StopResync,
     /// `snapshot ls`, asked of a node with a replica (not necessarily the
@@ -149,6 +151,7 @@ impl VolumeActor {
             HolderOp::AddReplica { node } => to_json(&self.change_replica(true, node)?),
             HolderOp::RemoveReplica { node } => to_json(&self.change_replica(false, Some(node))?),
             HolderOp::Resize { size, given } => to_json(&self.resize(size, given)?),
+            HolderOp::Verify => to_json(&self.start_verify()?),
             HolderOp::StopResync => {
                 if let Some(c) = &self.node.cluster {
                     c.stop_resync(&self.id);
@@ -230,6 +233,7 @@ mod tests {
                 given: "1G".into(),
             },
             HolderOp::StopResync,
+            HolderOp::Verify,
             HolderOp::ListSnapshots,
             HolderOp::ReplicaContents,
         ] {

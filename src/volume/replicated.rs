@@ -212,8 +212,28 @@ pub fn start_resync(
     record: VolumeRecord,
     lost_here: bool,
 ) -> Result<bool, VolumeErrorKind> {
+    start_background(c, record, lost_here, false)
+}
+
+/// [`start_resync`], or with `verify` a comparison of every replica over
+/// the whole device (`dunnage volume verify` of a volume attached
+/// nowhere), which starts even with every replica in sync and ends the
+/// job once done.
+pub fn start_background(
+    c: &Arc<ClusterNode>,
+    record: VolumeRecord,
+    lost_here: bool,
+    verify: bool,
+) -> Result<bool, VolumeErrorKind> {
     let _one = c.resync_start.lock();
     if c.resyncing(&record.id) {
+        if verify {
+            // The resync's mirror compares too, once asked.
+            if let Some(m) = c.mirror(&record.id) {
+                m.start_verify()?;
+                return Ok(true);
+            }
+        }
         return Ok(false);
     }
     let states = c.cluster.replica_states(&record.id)?;
@@ -223,7 +243,7 @@ pub fn start_resync(
         .any(|n| states.get(n) != Some(&ReplicaState::InSync));
     // This node's replica lost its files: etcd does not know it yet, the
     // mirror finds it (Mirror::open meets it replaced).
-    if !behind && !lost_here {
+    if !behind && !lost_here && !verify {
         return Ok(false);
     }
     let cl = &c.cluster;
@@ -243,6 +263,12 @@ pub fn start_resync(
             return Err(e);
         }
     };
+    if verify {
+        if let Err(e) = mirror.start_verify() {
+            close_mirror(c, &record.id, &record.name, &mirror, generation);
+            return Err(e.into());
+        }
+    }
     c.track(&record.id, &mirror);
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let job = {
@@ -365,6 +391,9 @@ pub(super) fn close_mirror(
 ) {
     mirror.settle();
     mirror.close();
+    if let Some(v) = mirror.verification().filter(|v| v.requested && v.finished) {
+        c.keep_verification(volume_id, v);
+    }
     c.untrack(volume_id);
     c.replicas.close(volume_id);
     // A comparison cut short is the next attach's to do again; so is one
@@ -669,7 +698,9 @@ impl Handler<QueryCluster> for VolumeActor {
                 verification: mirror.verification(),
             }));
         }
-        etcd_view(&c, &record).map(Some).map_err(|e| self.err(e))
+        let mut view = etcd_view(&c, &record).map_err(|e| self.err(e))?;
+        view.verification = c.last_verification(&self.id);
+        Ok(Some(view))
     }
 }
 
@@ -822,5 +853,50 @@ impl Handler<Checksum> for VolumeActor {
             c.replicas.close(&self.id);
         }
         sum.map_err(|e| self.err(e))
+    }
+}
+
+/// `dunnage volume verify`: compare the replicas over the whole device,
+/// repairing those that differ from the one reads come from. Runs on the
+/// attached node's mirror (asked there if it is another node), or,
+/// attached nowhere, in a background job here. Answers the node it runs on.
+#[derive(Message)]
+#[rtype(result = "Result<String, VolumeError>")]
+pub struct StartVerify;
+
+impl Handler<StartVerify> for VolumeActor {
+    type Result = Result<String, VolumeError>;
+    fn handle(&mut self, _: StartVerify, _: &mut SyncContext<Self>) -> Self::Result {
+        self.start_verify()
+    }
+}
+
+impl VolumeActor {
+    pub(super) fn start_verify(&mut self) -> Result<String, VolumeError> {
+        let Some(c) = self.node.cluster.clone() else {
+            return Err(self.err(VolumeErrorKind::NotClustered("a comparison of replicas")));
+        };
+        let record = self.record()?;
+        if record.replicas.len() < 2 {
+            return Err(self.err(VolumeErrorKind::Transfer(format!(
+                "it has one replica ({}): there is nothing to compare it with",
+                record.replicas.join("")
+            ))));
+        }
+        if let Some(holder) = self.holder_elsewhere(&c)? {
+            let reply = self.forward(&c, &record, &holder, super::forward::HolderOp::Verify)?;
+            return self.forwarded_reply(&holder, &reply);
+        }
+        let me = c.cluster.node().to_string();
+        c.forget_verification(&self.id);
+        if let Some(super::Backing::Mirror { mirror, .. }) =
+            self.attached.as_ref().map(|a| &a.engine)
+        {
+            mirror.start_verify().map_err(|e| self.err(e))?;
+        } else {
+            start_background(&c, record, false, true).map_err(|e| self.err(e))?;
+        }
+        tracing::info!(volume = %self.name, "comparing the replicas, as asked");
+        Ok(me)
     }
 }

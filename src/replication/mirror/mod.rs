@@ -225,8 +225,8 @@ enum Job<'a> {
     Activity,
 }
 
-/// Progress of the comparison of the in-sync replicas after an attach
-/// that ended unreleased.
+/// Progress of a comparison of the in-sync replicas: after an attach
+/// that ended unreleased, or asked for (`dunnage volume verify`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Verification {
     pub done_bytes: u64,
@@ -234,6 +234,9 @@ pub struct Verification {
     /// Bytes found different on some replica and copied to it.
     pub repaired_bytes: u64,
     pub finished: bool,
+    /// Asked for: the whole device, not the extents the logs name.
+    #[serde(default)]
+    pub requested: bool,
 }
 
 /// Why a background step stopped.

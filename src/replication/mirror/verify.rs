@@ -1,6 +1,7 @@
-//! The comparison of the replicas after an attach that ended unreleased:
-//! the extents active in some log, compared with the replica reads come
-//! from and copied where they differ.
+//! The comparison of the replicas: after an attach that ended unreleased
+//! the extents active in some log, on request (DRBD's online verify) the
+//! whole device, compared with the replica reads come from and copied
+//! where they differ.
 
 use super::*;
 
@@ -15,13 +16,22 @@ impl Inner {
     /// when a log cannot be read). In the background, while the volume is
     /// in use.
     pub(super) fn verify(&self) {
-        let ranges = self.to_verify();
+        let requested = self.verification.lock().is_some_and(|v| v.requested);
+        let ranges = if requested {
+            vec![(0, self.size)]
+        } else {
+            self.to_verify()
+        };
         let total: u64 = ranges.iter().map(|(s, e)| e - s).sum();
         if let Some(v) = self.verification.lock().as_mut() {
             v.total_bytes = total;
         }
-        tracing::info!(volume = %self.volume, bytes = total, of = self.size,
-            "comparing the extents the replicas' activity logs name");
+        if requested {
+            tracing::info!(volume = %self.volume, bytes = total, "comparing the replicas, as asked");
+        } else {
+            tracing::info!(volume = %self.volume, bytes = total, of = self.size,
+                "comparing the extents the replicas' activity logs name");
+        }
         let mut buf = Vec::new();
         let mut pace = Pacer::new(self.resync, Instant::now(), self.app_ios());
         let mut ranges = ranges.into_iter();
@@ -63,7 +73,8 @@ impl Inner {
             volume = %self.volume,
             compared_bytes = v.done_bytes,
             repaired_bytes = v.repaired_bytes,
-            "replicas verified after the last attach ended unreleased"
+            requested = v.requested,
+            "replicas verified"
         );
     }
 
@@ -134,8 +145,8 @@ impl Inner {
             if self.holds(r, link.as_deref(), buf, offset) {
                 continue;
             }
-            tracing::info!(volume = %self.volume, peer = %r.node, offset, len,
-                "replica differs after an unreleased attach: repairing it");
+            tracing::warn!(volume = %self.volume, peer = %r.node, from = %src.node, offset, len,
+                "replica differs from the one reads come from: repairing it");
             match self.copy_to(r, link.as_deref(), buf, offset) {
                 Ok(_) => repaired += len,
                 Err(e) => {
@@ -172,5 +183,30 @@ impl Inner {
             (None, None) => return false,
         };
         have[..] == want[..]
+    }
+}
+
+impl Mirror {
+    /// Compare every in-sync replica with the one reads come from over the
+    /// whole device, in the background while the volume is in use, and
+    /// copy the chunks that differ (DRBD's online verify, which marks them
+    /// for its next resync). Refused while a comparison runs.
+    pub fn start_verify(&self) -> Result<(), ReplicationError> {
+        let mut workers = self.workers.lock();
+        self.inner.check_open().map_err(ReplicationError::Engine)?;
+        {
+            let mut v = self.inner.verification.lock();
+            if v.is_some_and(|v| !v.finished) {
+                return Err(ReplicationError::VerifyRunning(self.inner.volume.clone()));
+            }
+            *v = Some(Verification {
+                total_bytes: self.inner.size,
+                requested: true,
+                ..Verification::default()
+            });
+        }
+        let t = self.inner.spawn(Job::Verify)?;
+        workers.push((None, t));
+        Ok(())
     }
 }
