@@ -337,15 +337,7 @@ pub fn resync(run_dir: &Path, name: String, timeout: u64) -> Result<()> {
 fn wait_in_sync(run_dir: &Path, name: String, timeout: u64, except: Option<&str>) -> Result<()> {
     let client = Client::new(run_dir);
     let deadline = Instant::now() + Duration::from_secs(timeout);
-    let bar = indicatif::ProgressBar::new(0);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{msg} [{bar:40}] {bytes}/{total_bytes} ({bytes_per_sec}, {eta})",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-        .progress_chars("=> "),
-    );
-    bar.set_message(format!("resync {name}"));
+    let bar = super::bytes_bar(format!("resync {name}"), Some(0));
     let mut started = false;
     loop {
         let v: VolumeInfo = client.post("/v1/volume/inspect", &NameArgs { name: name.clone() })?;
@@ -411,15 +403,7 @@ pub fn verify(run_dir: &Path, name: String, wait: bool, timeout: u64) -> Result<
         return Ok(());
     }
     let deadline = Instant::now() + Duration::from_secs(timeout);
-    let bar = indicatif::ProgressBar::new(0);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{msg} [{bar:40}] {bytes}/{total_bytes} ({bytes_per_sec}, {eta})",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-        .progress_chars("=> "),
-    );
-    bar.set_message(format!("verify {name}"));
+    let bar = super::bytes_bar(format!("verify {name}"), Some(0));
     loop {
         let v: VolumeInfo = client.post("/v1/volume/inspect", &NameArgs { name: name.clone() })?;
         let Some(p) = v.cluster.as_ref().and_then(|c| c.verification) else {

@@ -123,6 +123,27 @@ pub enum VolumeCmd {
     },
 }
 
+/// A progress display in bytes on stderr: a bar towards `total`, or a
+/// spinner where the total is not known.
+fn bytes_bar(msg: String, total: Option<u64>) -> indicatif::ProgressBar {
+    use indicatif::{ProgressBar, ProgressStyle};
+    let bar = match total {
+        Some(t) => ProgressBar::new(t).with_style(
+            ProgressStyle::with_template(
+                "{msg} [{bar:40}] {bytes}/{total_bytes} ({bytes_per_sec}, {eta})",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        ),
+        None => ProgressBar::new_spinner().with_style(
+            ProgressStyle::with_template("{spinner} {msg} {bytes} ({bytes_per_sec})")
+                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+        ),
+    };
+    bar.set_message(msg);
+    bar
+}
+
 fn parse_opts(opts: &[String]) -> Result<BTreeMap<String, String>> {
     let mut out = BTreeMap::new();
     for o in opts {

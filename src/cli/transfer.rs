@@ -8,7 +8,7 @@ use crate::control::client::Client;
 use crate::control::{ExportArgs, ImportArgs};
 use crate::volume::backup::TransferSummary;
 use anyhow::{bail, Context, Result};
-use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
+use indicatif::{HumanBytes, ProgressBar};
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{IsTerminal, Read, Write};
@@ -81,25 +81,6 @@ fn copy(mut from: impl Read, mut to: impl Write, bar: &ProgressBar) -> std::io::
     Ok(total)
 }
 
-fn bar(msg: String, total: Option<u64>) -> ProgressBar {
-    let bar = match total {
-        Some(t) => ProgressBar::new(t).with_style(
-            ProgressStyle::with_template(
-                "{msg} [{bar:40}] {bytes}/{total_bytes} ({bytes_per_sec}, {eta})",
-            )
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
-        ),
-        None => ProgressBar::new_spinner().with_style(
-            ProgressStyle::with_template("{spinner} {msg} {bytes} ({bytes_per_sec})")
-                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
-        ),
-    };
-    bar.set_message(msg);
-    bar.enable_steady_tick(std::time::Duration::from_millis(200));
-    bar
-}
-
 fn said(s: &TransferSummary) -> String {
     let since = s
         .since
@@ -134,7 +115,8 @@ pub fn export(
         Box::new(File::create(p).with_context(|| format!("create {}", p.display()))?)
     };
     let fifo = Fifo::new(run_dir)?;
-    let bar = bar(format!("export {volume}@{snapshot}"), None);
+    let bar = super::bytes_bar(format!("export {volume}@{snapshot}"), None);
+    bar.enable_steady_tick(std::time::Duration::from_millis(200));
     let (path, b) = (fifo.path.clone(), bar.clone());
     let copier = std::thread::spawn(move || copy(File::open(path)?, out, &b));
     let args = ExportArgs {
@@ -192,7 +174,8 @@ pub fn import(
         (Box::new(f), len)
     };
     let fifo = Fifo::new(run_dir)?;
-    let bar = bar(format!("import {name}"), total);
+    let bar = super::bytes_bar(format!("import {name}"), total);
+    bar.enable_steady_tick(std::time::Duration::from_millis(200));
     let (path, b) = (fifo.path.clone(), bar.clone());
     let copier = std::thread::spawn(move || {
         let to = OpenOptions::new().write(true).open(path)?;
