@@ -480,6 +480,47 @@ fn snapshots_export_whole_and_as_changes_and_import_on_another_node() {
         "{snaps}"
     );
 
+    // An export runs beside the volume's other requests: with the stream
+    // unread (so the export cannot end), the volume mounts and unmounts,
+    // and refuses removal.
+    let exports = |d: &Daemon| d.log().matches("exporting").count();
+    let before = exports(&d1);
+    let mut held = Command::new(common::BIN)
+        .args(["--run-dir", &d1.run_dir.display().to_string()])
+        .args(["snapshot", "export", "src", "s3"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn the export");
+    let started = std::time::Instant::now();
+    while exports(&d1) == before {
+        assert!(
+            started.elapsed().as_secs() < 60,
+            "the export never started\n{}",
+            d1.log_tail()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    write_file(&d1, "src", "d", &c);
+    assert!(
+        held.try_wait().unwrap().is_none(),
+        "the export ended with its stream unread"
+    );
+    let err = d1.cli_err(&["volume", "rm", "src"]);
+    assert!(
+        err.contains("an export of one of its snapshots is running"),
+        "{err}"
+    );
+    let mut stream = Vec::new();
+    std::io::Read::read_to_end(held.stdout.as_mut().unwrap(), &mut stream).unwrap();
+    let out = held.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        stream.starts_with(b"DNSTREAM") && stream.len() > 1 << 20,
+        "{}",
+        stream.len()
+    );
+
     for d in [&d1, &d2] {
         let streams = d.run_dir.join("streams");
         let left: Vec<_> = fs::read_dir(&streams)

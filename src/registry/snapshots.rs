@@ -1,7 +1,7 @@
 //! Snapshot requests: forwarded to the volume's actor, which owns its
 //! image. Clones (`parent=`) are in `clone.rs`.
 
-use super::{forward, Registry, Reply};
+use super::{forward, Registry, RegistryError, Reply};
 use crate::volume::backup::{self as vb, Incoming, TransferSummary};
 use crate::volume::snapshots::{self as vs, SnapshotEntry, Space};
 use actix::prelude::*;
@@ -102,16 +102,28 @@ to_actor!(
     }
 );
 to_actor!(QuerySpace, Option<Space>, |m| &m.volume, vs::QuerySpace);
-to_actor!(
-    Export,
-    TransferSummary,
-    |m| &m.volume,
-    vb::Export {
-        snapshot: m.snapshot,
-        since: m.since,
-        path: m.path
+impl Handler<Export> for Registry {
+    type Result = ResponseFuture<Reply<TransferSummary>>;
+    /// The actor starts the export; its thread's result is awaited here.
+    fn handle(&mut self, m: Export, _: &mut Context<Self>) -> Self::Result {
+        let addr = match self.lookup(&m.volume).and_then(|r| self.actor(&r)) {
+            Ok(addr) => addr,
+            Err(e) => return Box::pin(async move { Err(e) }),
+        };
+        let msg = vb::Export {
+            snapshot: m.snapshot,
+            since: m.since,
+            path: m.path,
+        };
+        Box::pin(async move {
+            let running = addr
+                .send(msg)
+                .await
+                .map_err(|_| RegistryError::ShuttingDown)??;
+            Ok(running.0.await.map_err(|_| RegistryError::ShuttingDown)??)
+        })
     }
-);
+}
 to_actor!(
     Import,
     TransferSummary,

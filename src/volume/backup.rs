@@ -14,12 +14,15 @@
 
 use super::{Backing, VolumeActor, VolumeError, VolumeErrorKind};
 use crate::catalog::VolumeRecord;
+use crate::config::ClusterNode;
 use crate::engine::stream::{Piece, StreamHeader, StreamReader, StreamWriter, MAX_RECORD};
 use crate::engine::{BlockEngine, SnapshotView, ThinImage, UnitCipher};
+use crate::replication::LocalReplica;
 use actix::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// What an export or import moved.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -33,9 +36,11 @@ pub struct TransferSummary {
 }
 
 /// Write snapshot `snapshot` (or its changes since `since`) as a stream
-/// to `path` (the CLI's FIFO).
+/// to `path` (the CLI's FIFO). The actor only prepares it: a thread of its
+/// own streams, so that the volume's other requests (a Docker unmount)
+/// never wait for an export; its result comes on the receiver.
 #[derive(Message)]
-#[rtype(result = "Result<TransferSummary, VolumeError>")]
+#[rtype(result = "Result<ExportRunning, VolumeError>")]
 pub struct Export {
     pub snapshot: String,
     pub since: Option<String>,
@@ -55,43 +60,60 @@ pub struct Import {
     pub fresh: bool,
 }
 
+/// An export under way; its result when it ends.
+pub struct ExportRunning(pub tokio::sync::oneshot::Receiver<Result<TransferSummary, VolumeError>>);
+
+/// What an export thread reads: this node's image, or its replica.
+enum Source {
+    Image(Arc<ThinImage>),
+    Replica(Arc<ClusterNode>, Arc<LocalReplica>),
+}
+
 impl Handler<Export> for VolumeActor {
-    type Result = Result<TransferSummary, VolumeError>;
+    type Result = Result<ExportRunning, VolumeError>;
     fn handle(&mut self, m: Export, _: &mut SyncContext<Self>) -> Self::Result {
         let record = self.record()?;
-        let summary = self.export(&record, &m).map_err(|e| self.err(e))?;
-        tracing::info!(volume = %self.name, snapshot = %m.snapshot, since = ?m.since, data_bytes = summary.data_bytes, "exported");
-        Ok(summary)
+        let cipher = self.cipher(&record).map_err(|e| self.err(e))?;
+        let source = self
+            .export_source(&record, &m.snapshot)
+            .map_err(|e| self.err(e))?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (volume, node) = (self.name.clone(), self.node.name.clone());
+        tracing::info!(volume, snapshot = %m.snapshot, since = ?m.since, "exporting");
+        std::thread::Builder::new()
+            .name(format!("export-{volume}"))
+            .spawn(move || {
+                let res = source.export(&record, &m, cipher.as_ref());
+                match &res {
+                    Ok(s) => tracing::info!(volume, snapshot = %m.snapshot, since = ?m.since, data_bytes = s.data_bytes, "exported"),
+                    Err(e) => tracing::warn!(volume, snapshot = %m.snapshot, error = %e, "export failed"),
+                }
+                let _ = tx.send(res.map_err(|kind| VolumeError { volume, node, kind }));
+            })
+            .map_err(|e| self.err(VolumeErrorKind::Transfer(format!("start the export: {e}"))))?;
+        Ok(ExportRunning(rx))
     }
 }
 
 impl VolumeActor {
-    fn export(
-        &self,
+    /// The image (or replica) an export of `snapshot` reads, held open for
+    /// it: the attached one, or one opened now that the actor shares with
+    /// what else opens the image meanwhile (an attach, a snapshot).
+    fn export_source(
+        &mut self,
         record: &VolumeRecord,
-        m: &Export,
-    ) -> Result<TransferSummary, VolumeErrorKind> {
-        let out = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&m.path)
-            .map_err(|e| VolumeErrorKind::Transfer(format!("open {}: {e}", m.path.display())))?;
-        let cipher = self.cipher(record)?;
+        snapshot: &str,
+    ) -> Result<Source, VolumeErrorKind> {
         let Some(c) = self.node.cluster.clone() else {
-            let opened;
-            let img: &ThinImage = match self.attached.as_ref().map(|a| &a.engine) {
-                Some(Backing::Image(i)) => i,
-                _ => {
-                    opened = ThinImage::open(&self.node.volume_dir(&self.id))?;
-                    &opened
-                }
+            let image = match self.attached.as_ref().map(|a| &a.engine) {
+                Some(Backing::Image(i)) => i.clone(),
+                _ => match self.exporting.upgrade() {
+                    Some(i) => i,
+                    None => Arc::new(ThinImage::open(&self.node.volume_dir(&self.id))?),
+                },
             };
-            let view = img.snapshot_view(&m.snapshot)?;
-            let since = m
-                .since
-                .as_deref()
-                .map(|s| img.snapshot_view(s))
-                .transpose()?;
-            return write_stream(record, view, since, cipher.as_ref(), out);
+            self.exporting = Arc::downgrade(&image);
+            return Ok(Source::Image(image));
         };
         // A node with a replica holding the snapshot reads its own.
         let me = c.cluster.node().to_string();
@@ -99,31 +121,27 @@ impl VolumeActor {
             .cluster
             .snapshots(&record.id)?
             .into_iter()
-            .find(|s| s.name == m.snapshot)
+            .find(|s| s.name == snapshot)
             .map(|s| s.nodes)
-            .ok_or_else(|| {
-                VolumeErrorKind::Transfer(format!("it has no snapshot {}", m.snapshot))
-            })?;
+            .ok_or_else(|| VolumeErrorKind::Transfer(format!("it has no snapshot {snapshot}")))?;
         if !holders.contains(&me) || !record.replicas.contains(&me) {
             return Err(VolumeErrorKind::Transfer(format!(
-                "node {me} holds no replica of it with snapshot {}: run the export on a node that does ({})",
-                m.snapshot,
+                "node {me} holds no replica of it with snapshot {snapshot}: run the export on a node that does ({})",
                 holders.join(", ")
             )));
         }
         let replica = super::replicated::open_local(&c, record, false)?;
-        let res = (|| {
-            let view = replica.snapshot_view(&m.snapshot)?;
-            let since = m
-                .since
-                .as_deref()
-                .map(|s| replica.snapshot_view(s))
-                .transpose()?;
-            write_stream(record, view, since, cipher.as_ref(), out)
-        })();
-        drop(replica);
-        c.replicas.close(&record.id);
-        res
+        Ok(Source::Replica(c, replica))
+    }
+
+    /// Refuse what would change the image's files under an export.
+    pub(super) fn check_not_exporting(&self) -> Result<(), VolumeErrorKind> {
+        match self.exporting.upgrade() {
+            Some(_) => Err(VolumeErrorKind::Transfer(
+                "an export of one of its snapshots is running; retry once it has ended".into(),
+            )),
+            None => Ok(()),
+        }
     }
 
     /// The volume's cipher if it is encrypted (its own key, or the node's).
@@ -154,6 +172,45 @@ impl VolumeActor {
             &self.node.volume_dir(&self.id),
             &key,
         )?))
+    }
+}
+
+impl Source {
+    fn export(
+        self,
+        record: &VolumeRecord,
+        m: &Export,
+        cipher: Option<&UnitCipher>,
+    ) -> Result<TransferSummary, VolumeErrorKind> {
+        let out = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&m.path)
+            .map_err(|e| VolumeErrorKind::Transfer(format!("open {}: {e}", m.path.display())))?;
+        match self {
+            Source::Image(img) => {
+                let view = img.snapshot_view(&m.snapshot)?;
+                let since = m
+                    .since
+                    .as_deref()
+                    .map(|s| img.snapshot_view(s))
+                    .transpose()?;
+                write_stream(record, view, since, cipher, out)
+            }
+            Source::Replica(c, replica) => {
+                let res = (|| {
+                    let view = replica.snapshot_view(&m.snapshot)?;
+                    let since = m
+                        .since
+                        .as_deref()
+                        .map(|s| replica.snapshot_view(s))
+                        .transpose()?;
+                    write_stream(record, view, since, cipher, out)
+                })();
+                drop(replica);
+                c.replicas.close(&record.id);
+                res
+            }
+        }
     }
 }
 
@@ -215,6 +272,7 @@ impl Handler<Import> for VolumeActor {
         let h = stream.header().clone();
         self.check_import(&record, &h, m.fresh)
             .map_err(|e| self.err(e))?;
+        self.check_not_exporting().map_err(|e| self.err(e))?;
         let cipher = self.cipher(&record).map_err(|e| self.err(e))?;
         let moved = match self.node.cluster.clone() {
             None => {

@@ -212,6 +212,9 @@ pub struct VolumeActor {
     told_attached: bool,
     /// Running a request another node forwarded: never forward it again.
     forwarded: bool,
+    /// The image an export thread holds open (a single node's): whatever
+    /// opens the image meanwhile shares it (see `backup`).
+    exporting: std::sync::Weak<ThinImage>,
 }
 
 impl VolumeActor {
@@ -226,6 +229,7 @@ impl VolumeActor {
             removed: false,
             told_attached: false,
             forwarded: false,
+            exporting: std::sync::Weak::new(),
         }
     }
 
@@ -400,6 +404,15 @@ impl VolumeActor {
                 &self.node.volume_dir(&self.id),
             )?))),
             None => {
+                if let Some(image) = self.exporting.upgrade() {
+                    let record = self.record().map_err(|e| e.kind)?;
+                    if image.size() < record.spec.size {
+                        return Err(VolumeErrorKind::Transfer(
+                            "it grew, and an export of one of its snapshots holds it open at its old size; attach it once the export has ended".into(),
+                        ));
+                    }
+                    return Ok(Backing::Image(image));
+                }
                 let dir = self.node.volume_dir(&self.id);
                 self.grow_image(&dir)?;
                 Ok(Backing::Image(Arc::new(ThinImage::open(&dir)?)))
@@ -737,6 +750,7 @@ impl Handler<Remove> for VolumeActor {
                 .collect();
             return Err(self.err(VolumeErrorKind::HasClones(names.join(", "))));
         }
+        self.check_not_exporting().map_err(|e| self.err(e))?;
         // Catalog first: once it is gone the volume is gone, and a crash
         // before the data is deleted leaves an orphan that the next start removes.
         self.node

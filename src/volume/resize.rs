@@ -91,7 +91,7 @@ impl VolumeActor {
         if self.attached.is_some() {
             self.grow_attached(size, &updated)
                 .map_err(|e| self.err(e))?;
-        } else if self.node.cluster.is_none() {
+        } else if self.node.cluster.is_none() && self.check_not_exporting().is_ok() {
             ThinImage::grow(&self.node.volume_dir(&self.id), size).map_err(|e| self.err(e))?;
         }
         tracing::info!(volume = %self.name, from = have, to = size, "grew");

@@ -215,7 +215,11 @@ impl VolumeActor {
             Some(super::Backing::Mirror { .. }) => {
                 return Err(self.err(VolumeErrorKind::NotInCluster("snapshots")))
             }
-            None => ThinImage::open(&self.node.volume_dir(&self.id)).and_then(|img| f(&img)),
+            // An export's open image, shared.
+            None => match self.exporting.upgrade() {
+                Some(img) => f(&img),
+                None => ThinImage::open(&self.node.volume_dir(&self.id)).and_then(|img| f(&img)),
+            },
         };
         res.map_err(|e| self.err(snapshot_error(e, &self.name)))
     }
@@ -402,6 +406,7 @@ impl Handler<Restore> for VolumeActor {
             tracing::info!(volume = %self.name, snapshot = %msg.snapshot, "restored on every replica");
             return Ok(());
         }
+        self.check_not_exporting().map_err(|e| self.err(e))?;
         ThinImage::restore(&self.node.volume_dir(&self.id), &msg.snapshot)
             .map_err(|e| self.err(e))?;
         self.filesystem_may_be_short(&record);
