@@ -1938,7 +1938,8 @@ fn device_bytes(dev: &str) -> u64 {
 /// every replica it holds elsewhere, one of a volume in use (fio writing
 /// and verifying across it) and one of a repl=1 volume, keeping the data;
 /// `node rm` forgets the node once it is down, never while it is up. The
-/// attached node's metrics show the cordon and the replicas' states.
+/// volume in use is attached on the node emptied, which goes on diskless;
+/// its metrics show the cordon and the replicas' states.
 #[test]
 fn a_node_is_cordoned_evacuated_and_forgotten() {
     common::require_tools(&["fio"]);
@@ -1946,17 +1947,17 @@ fn a_node_is_cordoned_evacuated_and_forgotten() {
     let m = metrics.clone();
     let mut c = Cluster::start_with(Mode::Loopback, 3, move |i| {
         let mut args = vec!["--sweep-interval".into(), "1".into()];
-        if i == 0 {
+        if i == 1 {
             args.extend(["--metrics-listen".into(), m.clone()]);
         }
         args
     });
     let scrape = || {
-        let conn = std::net::TcpStream::connect(&metrics).expect("connect to n1's metrics");
+        let conn = std::net::TcpStream::connect(&metrics).expect("connect to n2's metrics");
         let (status, body) = common::http_get(conn, "/metrics");
         assert!(
             status.contains("200"),
-            "scrape of n1's metrics: {status}\n{body}"
+            "scrape of n2's metrics: {status}\n{body}"
         );
         body
     };
@@ -1966,7 +1967,8 @@ fn a_node_is_cordoned_evacuated_and_forgotten() {
     write_blocks(&d, 0..256, 7);
     drop(d);
     c.detach_on(1, "ev-b");
-    let dev = c.attach_on(0, "ev-a");
+    // Attached on the node to empty: it goes on diskless.
+    let dev = c.attach_on(1, "ev-a");
     let d = BlockDev::open(&dev);
     // Outside fio's 8..24 MiB.
     write_blocks(&d, 0..64, 1);
@@ -2009,7 +2011,7 @@ fn a_node_is_cordoned_evacuated_and_forgotten() {
     ] {
         assert!(
             m.lines().any(|l| l == line),
-            "no `{line}` in n1's metrics:\n{m}"
+            "no `{line}` in n2's metrics:\n{m}"
         );
     }
 
@@ -2029,7 +2031,7 @@ fn a_node_is_cordoned_evacuated_and_forgotten() {
         m.lines()
             .any(|l| l == "dunnage_replica_in_sync{volume=\"ev-a\",replica=\"n3\"} 1")
             && !m.contains("replica=\"n2\""),
-        "n1's metrics after the evacuation:\n{m}"
+        "n2's metrics after the evacuation:\n{m}"
     );
     // Placement's pick: n1 and n3 hold one replica each now, n1 first by name.
     assert_eq!(c.placement(2, "ev-b"), ["n1"]);
@@ -2042,7 +2044,7 @@ fn a_node_is_cordoned_evacuated_and_forgotten() {
     verify_blocks(&d, 0..64, 1);
     let seen = device_sha256(&dev);
     drop(d);
-    c.detach_on(0, "ev-a");
+    c.detach_on(1, "ev-a");
     assert_eq!(assert_checksums_equal(&c, &[0, 2], "ev-a"), seen);
     let d = BlockDev::open(&c.attach_on(2, "ev-b"));
     verify_blocks(&d, 0..256, 7);
