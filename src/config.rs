@@ -21,6 +21,10 @@ pub struct Node {
     pub scheduler: std::sync::OnceLock<actix::Recipient<crate::schedule::actor::ScheduleEvent>>,
     /// Shares engine IO between `io_priority` classes.
     pub arbiter: std::sync::Arc<crate::engine::priority::IoArbiter>,
+    /// Each volume's caps (`max_iops`, `max_bandwidth`) by id, shared by
+    /// its served engine and `volume update`.
+    pub limiters:
+        parking_lot::Mutex<std::collections::HashMap<String, Arc<crate::engine::limit::Limiter>>>,
     pub catalog: Arc<dyn Catalog>,
     /// Cluster mode (`serve --etcd`): membership, attach leases, replicas.
     pub cluster: Option<Arc<ClusterNode>>,
@@ -225,6 +229,22 @@ impl ClusterNode {
 }
 
 impl Node {
+    /// Volume `id`'s limiter, with `limits` set.
+    pub fn limiter(
+        &self,
+        id: &str,
+        limits: crate::engine::limit::IoLimits,
+    ) -> Arc<crate::engine::limit::Limiter> {
+        let l = self
+            .limiters
+            .lock()
+            .entry(id.to_string())
+            .or_default()
+            .clone();
+        l.set(limits);
+        l
+    }
+
     /// Tell the snapshot scheduler (if it runs yet).
     pub fn schedule(&self, ev: crate::schedule::actor::ScheduleEvent) {
         if let Some(s) = self.scheduler.get() {

@@ -403,6 +403,7 @@ pub fn run(args: ServeArgs, run_dir: PathBuf) -> Result<()> {
         exporter,
         keys,
         arbiter: crate::engine::priority::IoArbiter::new(),
+        limiters: Default::default(),
         scheduler: std::sync::OnceLock::new(),
         catalog,
         cluster,

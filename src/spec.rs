@@ -38,6 +38,8 @@ pub const SUPPORTED_OPTIONS: &[&str] = &[
     "snap_interval",
     "snap_schedule",
     "passthrough",
+    "max_iops",
+    "max_bandwidth",
     "repl",
     "replicas",
     "nodes",
@@ -132,6 +134,12 @@ pub struct VolumeSpec {
     /// or cloned while it is attached. Off unless asked for.
     #[serde(default)]
     pub passthrough: bool,
+    /// Caps on the volume's IO (`max_iops`, `max_bandwidth`); none by default.
+    #[serde(
+        default,
+        skip_serializing_if = "crate::engine::limit::IoLimits::is_none"
+    )]
+    pub limits: crate::engine::limit::IoLimits,
     /// Copies of the data, on distinct nodes (cluster mode only beyond 1).
     #[serde(default = "one")]
     pub repl: u8,
@@ -160,6 +168,7 @@ impl Default for VolumeSpec {
             fg: false,
             parent: None,
             passthrough: false,
+            limits: Default::default(),
             repl: 1,
             nodes: Vec::new(),
         }
@@ -447,6 +456,8 @@ pub fn parse_options(
             }
             "nodes" | "hosts" => spec.nodes = parse_nodes(&key_l, value)?,
             "passthrough" => spec.passthrough = parse_bool("passthrough", value)?,
+            "max_iops" => spec.limits.iops = parse_max_iops(value)?,
+            "max_bandwidth" => spec.limits.bandwidth = parse_max_bandwidth(value)?,
             k if NOT_YET.contains(&k) => {
                 if !is_default_value(k, value) {
                     return Err(not_yet(k, value));
@@ -522,6 +533,63 @@ fn parse_nodes(option: &str, value: &str) -> Result<Vec<String>, SpecError> {
     Ok(nodes)
 }
 
+fn is_unlimited(value: &str) -> bool {
+    matches!(
+        value.trim().to_ascii_lowercase().as_str(),
+        "0" | "none" | "off" | "unlimited"
+    )
+}
+
+/// `max_iops`: IOs per second, or `0`/`none` for no cap.
+pub fn parse_max_iops(value: &str) -> Result<Option<u32>, SpecError> {
+    if is_unlimited(value) {
+        return Ok(None);
+    }
+    match value.trim().parse::<u32>() {
+        Ok(n) if (1..=10_000_000).contains(&n) => Ok(Some(n)),
+        _ => Err(SpecError::Value {
+            option: "max_iops".into(),
+            value: value.chars().take(40).collect(),
+            reason: "expected IOs per second, 1 to 10000000, or 0 (or none) for no cap".into(),
+        }),
+    }
+}
+
+/// `max_bandwidth`: bytes per second as a size (`100M`, `1G`; a bare
+/// number is MiB), or `0`/`none` for no cap.
+pub fn parse_max_bandwidth(value: &str) -> Result<Option<u64>, SpecError> {
+    if is_unlimited(value) {
+        return Ok(None);
+    }
+    let v = value.trim();
+    let bare = !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit());
+    let bytes = if bare {
+        v.parse::<u64>().ok().and_then(|n| n.checked_mul(MIB))
+    } else {
+        let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
+        let (digits, unit) = v.split_at(split);
+        let mult = match unit.trim_end_matches("/s").to_ascii_lowercase().as_str() {
+            "k" | "ki" | "kib" | "kb" => Some(KIB),
+            "m" | "mi" | "mib" | "mb" => Some(MIB),
+            "g" | "gi" | "gib" | "gb" => Some(GIB),
+            _ => None,
+        };
+        digits
+            .parse::<u64>()
+            .ok()
+            .zip(mult)
+            .and_then(|(n, m)| n.checked_mul(m))
+    };
+    match bytes {
+        Some(b) if (64 * KIB..=TIB).contains(&b) => Ok(Some(b)),
+        _ => Err(SpecError::Value {
+            option: "max_bandwidth".into(),
+            value: value.chars().take(40).collect(),
+            reason: "expected bytes per second from 64K to 1T (`100M`, `1G`; a bare number is MiB), or 0 (or none) for no cap".into(),
+        }),
+    }
+}
+
 /// Passthrough hands the volume's IO to the kernel, which bypasses every
 /// feature that needs to see the writes.
 pub fn check_passthrough(spec: &VolumeSpec) -> Result<(), SpecError> {
@@ -531,6 +599,8 @@ pub fn check_passthrough(spec: &VolumeSpec) -> Result<(), SpecError> {
         Some("scheduled snapshots (they are taken while the volume is in use)")
     } else if spec.io_priority != crate::engine::priority::IoPriority::Medium {
         Some("an io_priority other than medium (the kernel's IO is not shared out)")
+    } else if !spec.limits.is_none() {
+        Some("max_iops or max_bandwidth (the kernel's IO is not capped)")
     } else if spec.repl > 1 {
         Some("repl above 1 (every write must reach the replicas)")
     } else if spec.parent.is_some() {
@@ -581,6 +651,51 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn io_caps_parse_and_refuse_what_makes_no_sense() {
+        let spec = parse_options(
+            &opts(&[("max_iops", "500"), ("max_bandwidth", "100M")]),
+            None,
+        )
+        .unwrap();
+        assert_eq!(spec.limits.iops, Some(500));
+        assert_eq!(spec.limits.bandwidth, Some(100 * MIB));
+        assert_eq!(
+            parse_max_bandwidth("20").unwrap(),
+            Some(20 * MIB),
+            "a bare number is MiB"
+        );
+        assert_eq!(parse_max_bandwidth("1G/s").unwrap(), Some(GIB));
+        assert_eq!(parse_max_bandwidth("512k").unwrap(), Some(512 * KIB));
+        for off in ["0", "none", "Unlimited"] {
+            assert_eq!(parse_max_iops(off).unwrap(), None);
+            assert_eq!(parse_max_bandwidth(off).unwrap(), None);
+        }
+        for bad in ["-5", "1.5", "abc", "10000001", ""] {
+            let e = parse_max_iops(bad).unwrap_err().to_string();
+            assert!(
+                e.contains("max_iops") && e.contains("IOs per second"),
+                "{bad}: {e}"
+            );
+        }
+        for bad in ["12Q", "1K", "2T", "-1M", "M"] {
+            let e = parse_max_bandwidth(bad).unwrap_err().to_string();
+            assert!(
+                e.contains("max_bandwidth") && e.contains("64K to 1T"),
+                "{bad}: {e}"
+            );
+        }
+        let both = parse_options(&opts(&[("max_iops", "100"), ("passthrough", "true")]), None);
+        assert!(both.is_err() || check_passthrough(&both.clone().unwrap()).is_err());
+        let spec = parse_options(&opts(&[("max_iops", "100")]), None).unwrap();
+        let err = check_passthrough(&VolumeSpec {
+            passthrough: true,
+            ..spec
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("max_iops"), "{err}");
     }
 
     #[test]

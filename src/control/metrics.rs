@@ -26,6 +26,8 @@ pub struct VolumeSample {
     pub allocated: u64,
     /// Its replicas, where this node holds its attach (the mirror's view).
     pub replicas: Option<Vec<ReplicaStatus>>,
+    /// Time its IO waited for its caps here (since the daemon started).
+    pub throttled: Option<std::time::Duration>,
 }
 
 /// A block device's counters (Documentation/block/stat.rst), bytes rather
@@ -228,6 +230,21 @@ pub fn render(
         "IOs in flight on the volume's device",
     );
 
+    let max_iops: Gauges<VolumeLabels> = family(
+        &mut reg,
+        "dunnage_volume_max_iops",
+        "The volume's IO cap (max_iops), where it has one",
+    );
+    let max_bw: Gauges<VolumeLabels> = family(
+        &mut reg,
+        "dunnage_volume_max_bandwidth_bytes",
+        "The volume's bandwidth cap (max_bandwidth) in bytes per second, where it has one",
+    );
+    let throttled: SecondsTotal<VolumeLabels> = family(
+        &mut reg,
+        "dunnage_volume_throttled_seconds",
+        "Time the volume's IO waited for its caps on this node, summed over IOs",
+    );
     let in_sync: Gauges<ReplicaLabels> = family(
         &mut reg,
         "dunnage_replica_in_sync",
@@ -264,6 +281,15 @@ pub fn render(
             .get_or_create(&l)
             .set(i64::from(v.runtime.state != State::Detached));
         mounts.get_or_create(&l).set(i64::from(v.runtime.mounts));
+        if let Some(n) = v.record.spec.limits.iops {
+            max_iops.get_or_create(&l).set(i64::from(n));
+        }
+        if let Some(b) = v.record.spec.limits.bandwidth {
+            max_bw.get_or_create(&l).set(gauge(b));
+        }
+        if let Some(t) = v.throttled {
+            throttled.get_or_create(&l).inc_by(t.as_secs_f64());
+        }
         let stats = v.runtime.device.as_deref().and_then(DeviceStats::of);
         if let Some(s) = stats.map(|s| s.since(&v.runtime.device_base.unwrap_or_default())) {
             reads.get_or_create(&l).inc_by(s.reads);

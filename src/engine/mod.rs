@@ -14,6 +14,7 @@ pub mod crypt;
 mod error;
 mod extents;
 mod header;
+pub mod limit;
 mod map;
 pub mod pattern;
 pub mod priority;

@@ -129,12 +129,14 @@ impl IoArbiter {
     }
 }
 
-/// An engine whose reads and writes are admitted by the node's arbiter.
+/// An engine whose reads and writes are admitted by the volume's caps,
+/// then by the node's arbiter.
 pub struct PriorityEngine {
     inner: Arc<dyn BlockEngine>,
     arbiter: Arc<IoArbiter>,
     class: IoPriority,
     passthrough: bool,
+    limiter: Arc<super::limit::Limiter>,
 }
 
 impl PriorityEngine {
@@ -145,12 +147,14 @@ impl PriorityEngine {
         arbiter: Arc<IoArbiter>,
         class: IoPriority,
         passthrough: bool,
+        limiter: Arc<super::limit::Limiter>,
     ) -> Self {
         PriorityEngine {
             inner,
             arbiter,
             class,
             passthrough,
+            limiter,
         }
     }
 }
@@ -160,14 +164,17 @@ impl BlockEngine for PriorityEngine {
         self.inner.size()
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), EngineError> {
+        self.limiter.admit(buf.len() as u64);
         self.arbiter.admit(self.class, buf.len() as u64);
         self.inner.read_at(buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), EngineError> {
+        self.limiter.admit(buf.len() as u64);
         self.arbiter.admit(self.class, buf.len() as u64);
         self.inner.write_at(buf, offset)
     }
     fn write_then(&self, buf: &[u8], offset: u64, done: super::WriteDone) {
+        self.limiter.admit(buf.len() as u64);
         self.arbiter.admit(self.class, buf.len() as u64);
         self.inner.write_then(buf, offset, done)
     }
@@ -175,14 +182,17 @@ impl BlockEngine for PriorityEngine {
         self.inner.flush()
     }
     fn discard(&self, offset: u64, len: u64) -> Result<(), EngineError> {
+        self.limiter.admit(0);
         self.inner.discard(offset, len)
     }
-    /// Only the default class may hand IO to the kernel: passthrough IO
-    /// bypasses the shares, so a volume asking for high or low stays on
-    /// the engine path where they apply.
+    /// Only the default class, uncapped, may hand IO to the kernel:
+    /// passthrough IO bypasses the shares and caps, so a volume asking for
+    /// high or low, or capped, stays on the engine path where they apply.
     fn begin_passthrough(&self) -> Option<std::fs::File> {
         match self.class {
-            IoPriority::Medium if self.passthrough => self.inner.begin_passthrough(),
+            IoPriority::Medium if self.passthrough && self.limiter.limits().is_none() => {
+                self.inner.begin_passthrough()
+            }
             IoPriority::Medium => None,
             IoPriority::High | IoPriority::Low => None,
         }

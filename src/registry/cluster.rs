@@ -601,3 +601,23 @@ impl Registry {
         }
     }
 }
+
+/// Caps changed by `volume update` on another node reach the engines
+/// served here.
+pub(super) fn refresh_limits(node: &crate::config::Node) {
+    let limiters: Vec<(String, Arc<crate::engine::limit::Limiter>)> = node
+        .limiters
+        .lock()
+        .iter()
+        .map(|(id, l)| (id.clone(), l.clone()))
+        .collect();
+    if limiters.is_empty() {
+        return;
+    }
+    let records = node.catalog.list();
+    for (id, l) in limiters {
+        if let Some(r) = records.iter().find(|r| r.id == id) {
+            l.set(r.spec.limits);
+        }
+    }
+}

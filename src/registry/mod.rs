@@ -369,6 +369,23 @@ impl Registry {
                         changes.labels = Some(parsed.labels);
                     }
                 }
+                // At once where the volume is attached here; on another
+                // node at its next sweep.
+                "max_iops" | "max_bandwidth" => {
+                    let mut limits = changes.limits.unwrap_or(record.spec.limits);
+                    if k == "max_iops" {
+                        limits.iops = spec::parse_max_iops(v)?;
+                    } else {
+                        limits.bandwidth = spec::parse_max_bandwidth(v)?;
+                    }
+                    if !limits.is_none() && record.spec.passthrough {
+                        spec::check_passthrough(&spec::VolumeSpec {
+                            limits,
+                            ..record.spec.clone()
+                        })?;
+                    }
+                    changes.limits = Some(limits);
+                }
                 // Shrinking is the volume's actor's to refuse, before any
                 // other change is applied.
                 "size" => {
@@ -379,7 +396,7 @@ impl Registry {
                     option: k.clone(),
                     value: v.clone(),
                     reason:
-                        "only size (to grow), sticky, label and passthrough can change after create"
+                        "only size (to grow), sticky, label, passthrough, max_iops and max_bandwidth can change after create"
                             .into(),
                 }
                 .into()),
@@ -397,12 +414,17 @@ struct Changes {
     passthrough: Option<bool>,
     /// Bytes, and as given.
     size: Option<(u64, String)>,
+    limits: Option<crate::engine::limit::IoLimits>,
 }
 
 impl Changes {
     /// Apply the changes other than size to the catalog.
     fn apply(&self, node: &Node, record: &VolumeRecord) -> Reply<VolumeRecord> {
-        if self.sticky.is_none() && self.labels.is_none() && self.passthrough.is_none() {
+        if self.sticky.is_none()
+            && self.labels.is_none()
+            && self.passthrough.is_none()
+            && self.limits.is_none()
+        {
             return node
                 .catalog
                 .get(&record.name)
@@ -419,6 +441,26 @@ impl Changes {
                 }
                 if let Some(p) = self.passthrough {
                     r.spec.passthrough = p;
+                }
+                if let Some(l) = self.limits {
+                    r.spec.limits = l;
+                    // What inspect shows: the caps as they are now.
+                    match l.iops {
+                        Some(n) => r.options.insert("max_iops".into(), n.to_string()),
+                        None => r.options.remove("max_iops"),
+                    };
+                    match l.bandwidth {
+                        Some(b) => r
+                            .options
+                            .insert("max_bandwidth".into(), format!("{}K", b >> 10)),
+                        None => r.options.remove("max_bandwidth"),
+                    };
+                }
+            })
+            .inspect(|updated| {
+                // A served engine holds the limiter: the new caps apply now.
+                if let Some(l) = node.limiters.lock().get(&updated.id) {
+                    l.set(updated.spec.limits);
                 }
             })
             .map_err(|source| RegistryError::Catalog {
@@ -437,6 +479,7 @@ impl Actor for Registry {
     fn started(&mut self, ctx: &mut Context<Self>) {
         if let Some(c) = self.node.cluster.clone() {
             ctx.run_interval(c.sweep_every, move |reg, _| {
+                cluster::refresh_limits(&reg.node);
                 cluster::sweep_replicas(&c);
                 cluster::resync_behind(reg, &c);
                 cluster::resync_lost_here(reg, &c);
@@ -660,6 +703,12 @@ impl Handler<Scrape> for Registry {
                     .as_ref()
                     .and_then(|c| c.mirror(&record.id))
                     .map(|m| m.status()),
+                throttled: self
+                    .node
+                    .limiters
+                    .lock()
+                    .get(&record.id)
+                    .map(|l| l.throttled()),
                 record,
             })
             .collect();

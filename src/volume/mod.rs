@@ -330,6 +330,7 @@ impl VolumeActor {
             // or cloned while attached (the kernel writes its data file).
             // Scheduled snapshots are taken while the volume is in use.
             spec.passthrough && spec.snap.is_none(),
+            self.node.limiter(&self.id, spec.limits),
         )))
     }
 
@@ -726,6 +727,7 @@ impl Handler<Remove> for VolumeActor {
         }
         if let Some(c) = self.node.cluster.clone() {
             replicated::remove(&c, &record).map_err(|e| self.err(e))?;
+            self.node.limiters.lock().remove(&self.id);
             self.removed = true;
             self.runtime.write().remove(&self.id);
             tracing::info!(volume = %self.name, "removed");
@@ -759,6 +761,7 @@ impl Handler<Remove> for VolumeActor {
             .map_err(|e| self.err(e))?;
         self.removed = true;
         self.node.keys.forget(&self.id);
+        self.node.limiters.lock().remove(&self.id);
         self.runtime.write().remove(&self.id);
         if record.clone_of.is_some() {
             // Unpin the parent's snapshot (the registry then deletes it).
