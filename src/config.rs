@@ -286,6 +286,17 @@ pub fn host_name() -> String {
 }
 
 /// Bytes the files of a directory take on disk (st_blocks), not their length.
+/// The size and free space (for unprivileged users, as `df` shows it) of
+/// the filesystem holding `dir`.
+pub fn capacity(dir: &Path) -> Option<crate::cluster::Capacity> {
+    let s = nix::sys::statvfs::statvfs(dir).ok()?;
+    let unit = s.fragment_size();
+    Some(crate::cluster::Capacity {
+        total_bytes: s.blocks().saturating_mul(unit),
+        free_bytes: s.blocks_available().saturating_mul(unit),
+    })
+}
+
 pub fn disk_usage(dir: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
     let Ok(entries) = std::fs::read_dir(dir) else {

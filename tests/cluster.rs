@@ -1984,7 +1984,17 @@ fn a_node_is_cordoned_evacuated_and_forgotten() {
         .map(|m| m["name"].as_str().unwrap())
         .collect();
     assert_eq!(cordoned, ["n2"], "{nodes}");
-    assert!(c.cli_ok(1, &["node", "ls"]).contains("up, cordoned"));
+    // Each node reported its data directory's size and free space.
+    for m in nodes.as_array().unwrap() {
+        let size = m["capacity"]["total_bytes"].as_u64().unwrap_or(0);
+        let free = m["capacity"]["free_bytes"].as_u64().unwrap_or(u64::MAX);
+        assert!(size > 0 && free <= size, "{m}");
+    }
+    let table = c.cli_ok(1, &["node", "ls"]);
+    assert!(
+        table.contains("up, cordoned") && table.contains("FREE") && table.contains("%)"),
+        "{table}"
+    );
     let err = c.cli_err(
         0,
         &["volume", "create", "ev-c", "-o", "repl=3", "-o", "size=16M"],
@@ -2001,6 +2011,10 @@ fn a_node_is_cordoned_evacuated_and_forgotten() {
     let err = c.cli_err(0, &["node", "cordon", "n9"]);
     assert!(err.contains("node n9 is not a member"), "{err}");
     let m = scrape();
+    assert!(
+        m.contains("dunnage_cluster_node_free_bytes{node=\"n3\"}"),
+        "no free space of n3 in n2's metrics:\n{m}"
+    );
     for line in [
         "dunnage_cluster_node_cordoned{node=\"n2\"} 1",
         "dunnage_cluster_node_cordoned{node=\"n3\"} 0",

@@ -96,6 +96,11 @@ fn metrics_count_each_volumes_io_during_its_attach() {
         m.keys().any(|k| k.starts_with("dunnage_node_info{")),
         "{m:?}"
     );
+    let (size, free) = (
+        m["dunnage_data_capacity_bytes"],
+        m["dunnage_data_free_bytes"],
+    );
+    assert!(size > 0.0 && free > 0.0 && free <= size, "{size} {free}");
 
     // Detached: no device figures; attached again (most likely on the same
     // loop device, whose counters run on), it starts from zero.

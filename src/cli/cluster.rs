@@ -7,6 +7,7 @@ use crate::control::client::Client;
 use crate::control::{AcceptArgs, NameArgs, NodeArgs, ReplicaArgs};
 use crate::registry::VolumeInfo;
 use crate::replication::ReplicaState;
+use crate::spec::human_bytes;
 use anyhow::{bail, Result};
 use clap::Subcommand;
 use comfy_table::{presets::NOTHING, Table};
@@ -142,7 +143,7 @@ pub fn node(run_dir: &Path, cmd: NodeCmd) -> Result<()> {
     }
     let mut t = Table::new();
     t.load_preset(NOTHING);
-    t.set_header(["NODE", "ADDRESS", "STATE", "SINCE"]);
+    t.set_header(["NODE", "ADDRESS", "STATE", "SIZE", "FREE", "SINCE"]);
     for m in &members {
         t.add_row([
             m.name.clone(),
@@ -154,6 +155,15 @@ pub fn node(run_dir: &Path, cmd: NodeCmd) -> Result<()> {
                 (false, true) => "down, cordoned",
             }
             .to_string(),
+            m.capacity
+                .map_or("-".to_string(), |c| human_bytes(c.total_bytes)),
+            m.capacity.map_or("-".to_string(), |c| {
+                format!(
+                    "{} ({}%)",
+                    human_bytes(c.free_bytes),
+                    c.free_bytes * 100 / c.total_bytes.max(1)
+                )
+            }),
             m.started_at.format("%Y-%m-%d %H:%M:%S UTC").to_string(),
         ]);
     }

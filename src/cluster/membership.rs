@@ -9,6 +9,7 @@ impl Shared {
             name: self.node.clone(),
             addr: self.addr,
             started_at: self.started_at,
+            capacity: None,
         }
     }
 
@@ -159,6 +160,7 @@ impl Cluster {
                     r.name.clone(),
                     Member {
                         cordoned: cordoned.contains(&r.name),
+                        capacity: r.capacity,
                         name: r.name,
                         addr: r.addr,
                         up,
@@ -168,6 +170,31 @@ impl Cluster {
             }
         }
         Ok(members.into_values().collect())
+    }
+
+    /// Publish this node's data directory's size and free space in its
+    /// member keys (`node ls`), under its live lease only.
+    pub fn report_capacity(&self, capacity: Capacity) -> Result<(), ClusterError> {
+        let lease = self.live_lease()?;
+        let record = MemberRecord {
+            capacity: Some(capacity),
+            ..self.shared.member_record()
+        };
+        self.run(|s| async move {
+            let key = node_key(&s.node);
+            let value = to_json(&record);
+            let txn = Txn::new()
+                .when([Compare::lease(key.as_str(), CompareOp::Equal, lease)])
+                .and_then([
+                    TxnOp::put(
+                        key.as_str(),
+                        value.clone(),
+                        Some(PutOptions::new().with_lease(lease)),
+                    ),
+                    TxnOp::put(known_key(&s.node), value, None),
+                ]);
+            s.txn(txn).await.map(drop)
+        })
     }
 
     /// Cordon `node` (placement puts no new replica there; those it holds

@@ -138,6 +138,9 @@ pub struct Member {
     /// Placement puts no new replica on it (`dunnage node cordon`).
     #[serde(default)]
     pub cordoned: bool,
+    /// Its data directory's filesystem, as it last reported it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity: Option<Capacity>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -183,6 +186,16 @@ struct MemberRecord {
     name: String,
     addr: SocketAddr,
     started_at: DateTime<Utc>,
+    /// Its data directory's filesystem, as last reported (each sweep).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    capacity: Option<Capacity>,
+}
+
+/// A node's data directory's filesystem: size and free bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Capacity {
+    pub total_bytes: u64,
+    pub free_bytes: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -146,8 +146,23 @@ pub fn render(
     export: &str,
     volumes: &[VolumeSample],
     members: Option<&[Member]>,
+    data: Option<crate::cluster::Capacity>,
 ) -> String {
     let mut reg = Registry::default();
+    if let Some(c) = data {
+        let size: Gauge = family(
+            &mut reg,
+            "dunnage_data_capacity_bytes",
+            "Size of the filesystem holding this node's data directory",
+        );
+        let free: Gauge = family(
+            &mut reg,
+            "dunnage_data_free_bytes",
+            "Free space of the filesystem holding this node's data directory",
+        );
+        size.set(gauge(c.total_bytes));
+        free.set(gauge(c.free_bytes));
+    }
     let info: Gauges<InfoLabels> = family(
         &mut reg,
         "dunnage_node_info",
@@ -327,6 +342,25 @@ pub fn render(
     }
 
     if let Some(members) = members {
+        let size: Gauges<NodeLabels> = family(
+            &mut reg,
+            "dunnage_cluster_node_capacity_bytes",
+            "Size of the node's data directory's filesystem, as it last reported it",
+        );
+        let free: Gauges<NodeLabels> = family(
+            &mut reg,
+            "dunnage_cluster_node_free_bytes",
+            "Free space of the node's data directory's filesystem, as it last reported it",
+        );
+        for m in members {
+            if let Some(c) = m.capacity {
+                let l = NodeLabels {
+                    node: m.name.clone(),
+                };
+                size.get_or_create(&l).set(gauge(c.total_bytes));
+                free.get_or_create(&l).set(gauge(c.free_bytes));
+            }
+        }
         let up: Gauges<NodeLabels> = family(
             &mut reg,
             "dunnage_cluster_node_up",

@@ -525,7 +525,8 @@ async fn metrics(reg: Reg, info: web::Data<NodeInfo>) -> HttpResponse {
         }),
         None => None,
     };
-    let body = metrics::render(&info.node, &info.export, &volumes, members.as_deref());
+    let data = crate::config::capacity(std::path::Path::new(&info.data_dir));
+    let body = metrics::render(&info.node, &info.export, &volumes, members.as_deref(), data);
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")
         .body(body)

@@ -621,3 +621,13 @@ pub(super) fn refresh_limits(node: &crate::config::Node) {
         }
     }
 }
+
+/// This node's data directory's size and free space, for `node ls`.
+pub(super) fn report_capacity(node: &crate::config::Node, c: &ClusterNode) {
+    let Some(capacity) = crate::config::capacity(&node.data_dir) else {
+        return;
+    };
+    if let Err(e) = c.cluster.report_capacity(capacity) {
+        tracing::debug!(error = %e, "could not report this node's capacity; the next sweep tries again");
+    }
+}

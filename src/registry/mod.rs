@@ -478,7 +478,9 @@ impl Actor for Registry {
     /// actor's mailbox starts with its Resume, before any Docker request.
     fn started(&mut self, ctx: &mut Context<Self>) {
         if let Some(c) = self.node.cluster.clone() {
+            cluster::report_capacity(&self.node, &c);
             ctx.run_interval(c.sweep_every, move |reg, _| {
+                cluster::report_capacity(&reg.node, &c);
                 cluster::refresh_limits(&reg.node);
                 cluster::sweep_replicas(&c);
                 cluster::resync_behind(reg, &c);

@@ -498,6 +498,7 @@ mod tests {
                 up: *up,
                 started_at: chrono::Utc::now(),
                 cordoned: false,
+                capacity: None,
             })
             .collect()
     }
