@@ -352,15 +352,6 @@ pub fn render(
             "dunnage_cluster_node_free_bytes",
             "Free space of the node's data directory's filesystem, as it last reported it",
         );
-        for m in members {
-            if let Some(c) = m.capacity {
-                let l = NodeLabels {
-                    node: m.name.clone(),
-                };
-                size.get_or_create(&l).set(gauge(c.total_bytes));
-                free.get_or_create(&l).set(gauge(c.free_bytes));
-            }
-        }
         let up: Gauges<NodeLabels> = family(
             &mut reg,
             "dunnage_cluster_node_up",
@@ -377,6 +368,10 @@ pub fn render(
             };
             up.get_or_create(&l).set(i64::from(m.up));
             cordoned.get_or_create(&l).set(i64::from(m.cordoned));
+            if let Some(c) = m.capacity {
+                size.get_or_create(&l).set(gauge(c.total_bytes));
+                free.get_or_create(&l).set(gauge(c.free_bytes));
+            }
         }
     }
 
