@@ -360,21 +360,30 @@ pub(super) fn give_back(
 /// the attach this node holds (`generation`), for a volume grown while
 /// attached. `old` is flushed and has no IO in flight: it is closed and
 /// lets go of the replicas, so that each grows as the new mirror opens
-/// it (a peer's once its link from `old` has ended). A comparison still
-/// owed stays owed. If the new mirror cannot open, the volume's IO fails
-/// until it is detached; the next attach opens it at the new size.
+/// it (a peer's once its link from `old` has ended). A comparison under
+/// way starts over on the new mirror. If the new mirror cannot open, the
+/// volume's IO fails until it is detached; the next attach opens it at
+/// the new size.
 pub(super) fn reopen_mirror(
     c: &ClusterNode,
     record: &VolumeRecord,
     old: &Mirror,
     generation: Generation,
 ) -> Result<Arc<Mirror>, VolumeErrorKind> {
-    let verify = old.verification().is_some_and(|v| !v.finished);
+    // A comparison cut short starts over: one owed after a crash as such,
+    // one asked for (`volume verify`) over the whole device again.
+    let pending = old.verification().filter(|v| !v.finished);
     old.settle();
     old.release();
     c.untrack(&record.id);
     c.replicas.close(&record.id);
-    let mirror = mirror_for(c, record, generation, verify)?;
+    let owed = pending.is_some_and(|v| !v.requested);
+    let mirror = mirror_for(c, record, generation, owed)?;
+    if pending.is_some_and(|v| v.requested) {
+        if let Err(e) = mirror.start_verify() {
+            tracing::warn!(volume = %record.name, error = %e, "the comparison asked for did not start again after the grow; run `dunnage volume verify` again");
+        }
+    }
     c.track(&record.id, &mirror);
     tracing::info!(volume = %record.name, generation, size = record.spec.size, "mirror open again at the grown size");
     Ok(mirror)
