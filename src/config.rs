@@ -40,8 +40,8 @@ pub struct ClusterNode {
     pub replica_timeout: std::time::Duration,
     /// How fast a resync or verification may move data, per replica.
     pub resync: crate::replication::ResyncPace,
-    /// How often the sweep runs (`registry::cluster::sweep`).
-    pub sweep_every: std::time::Duration,
+    /// How often the sweep runs, and when it replaces replicas.
+    pub sweep: Sweep,
     /// Mirrors of the volumes attached here, fenced at once if the lease is lost.
     mirrors: parking_lot::Mutex<
         std::collections::HashMap<String, std::sync::Weak<crate::replication::Mirror>>,
@@ -58,6 +58,16 @@ pub struct ClusterNode {
     /// whose mirror here has closed since: `volume inspect` still shows it.
     verified:
         parking_lot::Mutex<std::collections::HashMap<String, crate::replication::Verification>>,
+}
+
+/// The cluster sweep's timing (`registry::cluster`).
+#[derive(Debug, Clone, Copy)]
+pub struct Sweep {
+    /// How often it runs.
+    pub every: std::time::Duration,
+    /// How long a node stays down before the replicas it holds are
+    /// replaced on other nodes (`cluster::replace`); None: never.
+    pub replace_after: Option<std::time::Duration>,
 }
 
 /// How long the sweep leaves a volume whose background resync failed.
@@ -77,7 +87,7 @@ impl ClusterNode {
         lease_ttl: std::time::Duration,
         replica_timeout: std::time::Duration,
         resync: crate::replication::ResyncPace,
-        sweep_every: std::time::Duration,
+        sweep: Sweep,
     ) -> Arc<Self> {
         let node = Arc::new(ClusterNode {
             cluster,
@@ -85,7 +95,7 @@ impl ClusterNode {
             lease_ttl,
             replica_timeout,
             resync,
-            sweep_every,
+            sweep,
             mirrors: Default::default(),
             server: parking_lot::Mutex::new(Some(server)),
             resyncs: Default::default(),

@@ -92,6 +92,15 @@ pub struct ServeArgs {
     /// whose replicas fell behind (on the first node with an in-sync one).
     #[arg(long, default_value_t = 30, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub sweep_interval: u64,
+    /// Cluster mode: seconds a node may stay down before the replicas it
+    /// holds are replaced on other nodes (as Longhorn's replica
+    /// replenishment or LINSTOR's auto-evict do): each volume with a replica
+    /// there gets one where placement puts it, resynced in the background,
+    /// and the dead node's is removed once that one is in sync. Counted by
+    /// each node from when it saw the node go down; 0: never (replace by
+    /// hand with `replica add`/`rm` or `node evacuate`).
+    #[arg(long, default_value_t = 600, value_name = "SECS")]
+    pub replace_after: u64,
 }
 
 /// Join the cluster: serve replica traffic, then register in etcd.
@@ -126,7 +135,11 @@ fn join_cluster(args: &ServeArgs, node: &str) -> Result<Arc<crate::config::Clust
             busy: (args.resync_busy_rate > 0)
                 .then(|| args.resync_busy_rate.saturating_mul(1 << 20)),
         },
-        std::time::Duration::from_secs(args.sweep_interval),
+        crate::config::Sweep {
+            every: std::time::Duration::from_secs(args.sweep_interval),
+            replace_after: (args.replace_after > 0)
+                .then(|| std::time::Duration::from_secs(args.replace_after)),
+        },
     ))
 }
 

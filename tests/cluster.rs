@@ -2234,3 +2234,87 @@ fn verify_finds_and_repairs_a_replica_that_differs() {
     c.remove(0, "single");
     c.shutdown();
 }
+
+/// A node that stays down past `--replace-after` has its replicas replaced
+/// on the other nodes, with no operator: a volume attached elsewhere (its
+/// attached node does it, while it serves IO) and one attached nowhere (the
+/// node of its first live in-sync replica does it) each get a new replica,
+/// resynced, and then lose the dead node's; the dead node, back, deletes
+/// its files. Off by default (`--replace-after 600`, and 0 is never).
+#[test]
+fn replicas_of_a_node_that_stays_down_are_replaced_elsewhere() {
+    let mut c = Cluster::start_with(Mode::Loopback, 3, |_| {
+        ["--sweep-interval", "1", "--replace-after", "3"]
+            .map(String::from)
+            .to_vec()
+    });
+    c.create(0, "inuse", 2, "64M", &[("nodes", "n1,n2")]);
+    c.create(0, "idle", 2, "64M", &[("nodes", "n2,n3")]);
+    let ids: Vec<String> = ["inuse", "idle"]
+        .iter()
+        .map(|v| c.inspect_on(0, v)["id"].as_str().unwrap().to_string())
+        .collect();
+    let d = BlockDev::open(&c.attach_on(2, "idle"));
+    write_blocks(&d, 0..512, 1);
+    d.sync().expect("fdatasync");
+    drop(d);
+    c.detach_on(2, "idle");
+    let d = BlockDev::open(&c.attach_on(0, "inuse"));
+    write_blocks(&d, 0..512, 2);
+    d.sync().expect("fdatasync");
+
+    c.kill9(1);
+    // Written while n2 is down, before and during its replacement.
+    write_blocks(&d, 1024..1280, 3);
+    d.sync().expect("fdatasync");
+    let replaced = |vol: &str, want: [&str; 2]| {
+        c.placement(0, vol) == want
+            && c.cluster_info(0, vol)["replicas"]
+                .as_array()
+                .is_some_and(|rs| rs.iter().all(|r| r["state"] == "in-sync"))
+    };
+    c.wait_for("n2's replica of inuse replaced on n3", || {
+        replaced("inuse", ["n1", "n3"])
+    });
+    write_blocks(&d, 2048..2304, 4);
+    d.sync().expect("fdatasync");
+    c.wait_for("n2's replica of idle replaced on n1", || {
+        replaced("idle", ["n1", "n3"])
+    });
+    let info = c.cluster_info(0, "inuse");
+    assert!(
+        info["replicas"]
+            .as_array()
+            .is_some_and(|rs| rs.iter().all(|r| r["replaces"].is_null())),
+        "a finished replacement is no longer shown: {info}"
+    );
+    let log = netns::strip_ansi(&c.logs());
+    assert!(
+        log.contains("replacement replica added") && log.contains("its replacement is in sync"),
+        "{log}"
+    );
+    verify_blocks(&d, 0..512, 2);
+    verify_blocks(&d, 1024..1280, 3);
+    verify_blocks(&d, 2048..2304, 4);
+    drop(d);
+    c.detach_on(0, "inuse");
+    assert_checksums_equal(&c, &[0, 2], "inuse");
+    assert_checksums_equal(&c, &[0, 2], "idle");
+
+    // n2 comes back: etcd places nothing there any more, so it deletes
+    // both replicas' files at its sweep, and gets no replica back.
+    c.start_again(1);
+    let dir = c.node(1).data_dir.join("volumes");
+    c.wait_for("n2 to delete its replaced replicas", || {
+        ids.iter().all(|id| !dir.join(id).exists())
+    });
+    assert_eq!(c.placement(1, "inuse"), ["n1", "n3"]);
+    assert_eq!(c.placement(1, "idle"), ["n1", "n3"]);
+    let d = BlockDev::open(&c.attach_on(0, "idle"));
+    verify_blocks(&d, 0..512, 1);
+    drop(d);
+    c.detach_on(0, "idle");
+    c.remove(0, "inuse");
+    c.remove(0, "idle");
+    c.shutdown();
+}

@@ -200,6 +200,7 @@ fn record(name: &str) -> VolumeRecord {
         clone_of: None,
         replicas: vec!["a".into(), "b".into()],
         crypt: None,
+        replacing: BTreeMap::new(),
     }
 }
 

@@ -158,6 +158,7 @@ mod tests {
     fn record(name: &str) -> VolumeRecord {
         VolumeRecord {
             grow_fs: false,
+            replacing: Default::default(),
             name: name.into(),
             id: crate::catalog::new_volume_id(),
             created_at: chrono::Utc::now(),

@@ -46,6 +46,11 @@ pub struct VolumeRecord {
     /// it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub grow_fs: bool,
+    /// Replicas being replaced because their node stayed down (cluster
+    /// mode): the replaced node → the node of the replica replacing it,
+    /// removed once that one is in sync (`cluster::replace`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub replacing: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

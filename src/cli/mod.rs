@@ -322,17 +322,24 @@ fn cluster_columns(view: Option<&crate::volume::replicated::ClusterView>) -> (St
     let replicas: Vec<String> = view
         .replicas
         .iter()
-        .map(|r| match r.state {
-            crate::replication::ReplicaState::InSync => r.node.clone(),
-            state => match &r.resync {
-                Some(p) if p.total_bytes > 0 => format!(
-                    "{}({state} {}%{})",
-                    r.node,
-                    p.done_bytes.min(p.total_bytes) * 100 / p.total_bytes,
-                    if p.yielding { ", yielding" } else { "" }
-                ),
-                _ => format!("{}({state})", r.node),
-            },
+        .map(|r| {
+            let replaces = r
+                .replaces
+                .as_ref()
+                .map(|old| format!(", replaces {old}"))
+                .unwrap_or_default();
+            match r.state {
+                crate::replication::ReplicaState::InSync => r.node.clone(),
+                state => match &r.resync {
+                    Some(p) if p.total_bytes > 0 => format!(
+                        "{}({state} {}%{}{replaces})",
+                        r.node,
+                        p.done_bytes.min(p.total_bytes) * 100 / p.total_bytes,
+                        if p.yielding { ", yielding" } else { "" }
+                    ),
+                    _ => format!("{}({state}{replaces})", r.node),
+                },
+            }
         })
         .collect();
     (attached, replicas.join(" "))
@@ -481,6 +488,7 @@ mod tests {
             connected: None,
             resync: None,
             resync_sent_bytes: None,
+            replaces: None,
         }
     }
 
@@ -520,6 +528,11 @@ mod tests {
             cluster_columns(Some(&view)).1,
             "n1 n2(resyncing) n3(outdated)",
             "nothing to say of an empty resync"
+        );
+        view.replicas[2].replaces = Some("n4".into());
+        assert_eq!(
+            cluster_columns(Some(&view)).1,
+            "n1 n2(resyncing) n3(outdated, replaces n4)"
         );
         view.attached_on = None;
         view.resync_on = Some("n2".into());

@@ -27,17 +27,23 @@ impl Behind {
         self.replicas.iter().any(|n| !self.in_sync(n))
     }
 
-    /// The node that should resync it now: the first in-sync replica's, in
-    /// the record's order. None while any replica's node is down (the job
-    /// would wait for it and give up) or no replica is in sync (nothing
-    /// holds the current data for sure: the next attach sorts it out).
+    /// The node that should resync it now: the first in-sync replica's
+    /// that is up, in the record's order. None while no replica behind is
+    /// on a live node (a job could only wait for it: the node's return
+    /// starts one), or no replica on a live node is in sync (nothing holds
+    /// the current data for sure: the next attach sorts it out). A replica
+    /// whose node is down does not stop the others' resync.
     pub fn runner<'a>(&'a self, up: &BTreeSet<String>) -> Option<&'a str> {
-        if !self.is_behind() || self.replicas.iter().any(|n| !up.contains(n)) {
+        let live_behind = self
+            .replicas
+            .iter()
+            .any(|n| !self.in_sync(n) && up.contains(n));
+        if !live_behind {
             return None;
         }
         self.replicas
             .iter()
-            .find(|n| self.in_sync(n))
+            .find(|n| self.in_sync(n) && up.contains(*n))
             .map(String::as_str)
     }
 }
@@ -74,10 +80,19 @@ mod tests {
     }
 
     #[test]
-    fn nothing_runs_while_a_replica_node_is_down() {
+    fn nothing_runs_while_only_a_down_node_is_behind() {
         let b = behind(&[("n1", InSync), ("n2", Outdated), ("n3", InSync)]);
-        assert_eq!(b.runner(&up(&["n1", "n2"])), None, "n3 is down");
         assert_eq!(b.runner(&up(&["n1", "n3"])), None, "n2 is down");
+    }
+
+    #[test]
+    fn a_down_node_does_not_stop_the_others_resync() {
+        // n3 (down) holds the data too; n2 catches up from n1 meanwhile.
+        let b = behind(&[("n1", InSync), ("n2", Outdated), ("n3", InSync)]);
+        assert_eq!(b.runner(&up(&["n1", "n2"])), Some("n1"));
+        // The first in-sync replica's node is down: the next one runs it.
+        let b = behind(&[("n3", InSync), ("n2", Outdated), ("n1", InSync)]);
+        assert_eq!(b.runner(&up(&["n1", "n2"])), Some("n1"));
     }
 
     #[test]

@@ -30,12 +30,14 @@ mod behind;
 mod catalog;
 mod membership;
 pub mod placement;
+mod replace;
 mod replicas;
 mod snapshots;
 
 pub use behind::Behind;
 pub use catalog::EtcdCatalog;
 pub use placement::{place, PlacementRequest};
+pub use replace::{DownClock, ReplicaMap, Step, VolumeReplicas};
 
 use membership::keepalive;
 
@@ -221,6 +223,12 @@ pub struct Holder {
 #[derive(Debug, Clone, Copy)]
 pub enum ReplicaChange<'a> {
     Add(&'a str),
+    /// Add `node`'s, recorded as replacing `replaces`'s (its node stayed
+    /// down): that one is removed once `node`'s is in sync.
+    Replace {
+        node: &'a str,
+        replaces: &'a str,
+    },
     Remove(&'a str),
 }
 

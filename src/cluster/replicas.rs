@@ -29,22 +29,7 @@ impl Cluster {
             format!("{PREFIX}replicas/"),
             format!("{PREFIX}nodes/"),
         ])?;
-        let mut states: std::collections::HashMap<String, BTreeMap<String, ReplicaState>> =
-            Default::default();
-        let replicas = format!("{PREFIX}replicas/");
-        for kv in txn_kvs(&resp, 2) {
-            let Some((id, node)) = key_tail(&kv, &replicas).and_then(|t| t.split_once('/')) else {
-                continue;
-            };
-            // One unreadable record must not stop the others' resyncs.
-            let Some(r) = skip_bad(parse::<ReplicaRecord>(&kv)) else {
-                continue;
-            };
-            states
-                .entry(id.to_string())
-                .or_default()
-                .insert(node.to_string(), r.state);
-        }
+        let mut states = states_by_volume(&txn_kvs(&resp, 2));
         let mut behind = Vec::new();
         for kv in txn_kvs(&resp, 0) {
             let Some(r) = skip_bad(parse::<crate::catalog::VolumeRecord>(&kv)) else {
@@ -70,6 +55,59 @@ impl Cluster {
             }
         }
         Ok((behind, up))
+    }
+
+    /// Every volume's replicas, replacements, states and attached node,
+    /// with the nodes ever known and those up: one txn, one revision (what
+    /// the sweep's replacement of a dead node's replicas reads).
+    pub fn replicas_everywhere(&self) -> Result<ReplicaMap, ClusterError> {
+        let resp = self.run(|s| async move {
+            let all = |p: String| TxnOp::get(p, Some(GetOptions::new().with_prefix()));
+            let ops = [
+                all(volumes_prefix()),
+                all(format!("{PREFIX}attach/")),
+                all(format!("{PREFIX}replicas/")),
+                all(format!("{PREFIX}nodes/")),
+                all(format!("{PREFIX}known/")),
+            ];
+            s.txn(Txn::new().and_then(ops)).await
+        })?;
+        let mut attached: std::collections::HashMap<String, String> = Default::default();
+        for kv in txn_kvs(&resp, 1) {
+            let Some(id) = key_tail(&kv, &format!("{PREFIX}attach/")) else {
+                continue;
+            };
+            if let Some(a) = skip_bad(parse::<AttachRecord>(&kv)).filter(|a| !a.resync) {
+                attached.insert(id.to_string(), a.node);
+            }
+        }
+        let mut states = states_by_volume(&txn_kvs(&resp, 2));
+        let mut volumes = Vec::new();
+        for kv in txn_kvs(&resp, 0) {
+            let Some(r) = skip_bad(parse::<crate::catalog::VolumeRecord>(&kv)) else {
+                continue;
+            };
+            volumes.push(VolumeReplicas {
+                states: states.remove(&r.id).unwrap_or_default(),
+                attached_on: attached.remove(&r.id),
+                name: r.name,
+                id: r.id,
+                replicas: r.replicas,
+                replacing: r.replacing,
+            });
+        }
+        let names = |range: usize| -> BTreeSet<String> {
+            txn_kvs(&resp, range)
+                .iter()
+                .filter_map(|kv| skip_bad(parse::<MemberRecord>(kv)))
+                .map(|m| m.name)
+                .collect()
+        };
+        Ok(ReplicaMap {
+            volumes,
+            known: names(4),
+            up: names(3),
+        })
     }
 
     /// One txn (one revision): the volume records (range 0), the attach keys
@@ -449,7 +487,10 @@ impl Cluster {
                 kv.mod_revision(),
             )];
             match change {
-                ReplicaChange::Add(n) => {
+                ReplicaChange::Add(n) | ReplicaChange::Replace { node: n, .. } => {
+                    if let ReplicaChange::Replace { replaces, .. } = change {
+                        record.replacing.insert(replaces.to_string(), n.to_string());
+                    }
                     if !record.replicas.iter().any(|r| r == n) {
                         record.replicas.push(n.to_string());
                     }
@@ -462,6 +503,9 @@ impl Cluster {
                 }
                 ReplicaChange::Remove(n) => {
                     record.replicas.retain(|r| r != n);
+                    // A replacement of it, or by it, is over.
+                    record.replacing.remove(n);
+                    record.replacing.retain(|_, new| new != n);
                     record.spec.nodes.retain(|r| r != n);
                     ops.push(TxnOp::delete(state_key(n), None));
                     ops.push(TxnOp::delete(incarnation_key(n), None));
@@ -539,4 +583,27 @@ impl StateStore for EtcdStateStore {
     fn reached(&self) -> Result<(), StateStoreError> {
         self.answer(self.cluster.set_reached(&self.volume_id, self.generation))
     }
+}
+
+/// Replica states under `replicas/<volume id>/<node>`, by volume id then
+/// node; an unreadable record is left out (it must not stop the others).
+fn states_by_volume(
+    kvs: &[KeyValue],
+) -> std::collections::HashMap<String, BTreeMap<String, ReplicaState>> {
+    let mut states: std::collections::HashMap<String, BTreeMap<String, ReplicaState>> =
+        Default::default();
+    let replicas = format!("{PREFIX}replicas/");
+    for kv in kvs {
+        let Some((id, node)) = key_tail(kv, &replicas).and_then(|t| t.split_once('/')) else {
+            continue;
+        };
+        let Some(r) = skip_bad(parse::<ReplicaRecord>(kv)) else {
+            continue;
+        };
+        states
+            .entry(id.to_string())
+            .or_default()
+            .insert(node.to_string(), r.state);
+    }
+    states
 }

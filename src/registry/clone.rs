@@ -119,6 +119,7 @@ impl Registry {
             // Its snapshot may predate a grow of the source: the clone's
             // first mount grows the filesystem (a no-op if it is whole).
             grow_fs: source.formatted,
+            replacing: Default::default(),
         };
         Ok(Created::Clone { record, source })
     }

@@ -5,15 +5,16 @@
 use super::{clone::Created, forward, Registry, RegistryError, Reply};
 use crate::catalog::{new_volume_id, VolumeRecord};
 use crate::cluster::placement::{cordoned, place, PlacementRequest};
-use crate::cluster::{ClusterError, Member};
+use crate::cluster::{ClusterError, DownClock, Member, Step};
 use crate::config::ClusterNode;
 use crate::engine::CryptEngine;
 use crate::replication::wire::ErrorCode;
 use crate::spec::{SpecError, VolumeSpec};
 use crate::volume::forward::{HolderOp, HolderRequest, RunForwarded};
+use crate::volume::replicas::ChangeReplica as ChangeReplicaMsg;
 use crate::volume::replicated::{self as vr, ClusterView};
 use actix::prelude::*;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 impl Registry {
@@ -96,6 +97,7 @@ impl Registry {
             replicas,
             crypt,
             grow_fs: false,
+            replacing: Default::default(),
         };
         c.cluster
             .init_replica_states(&record.id, &record.replicas)
@@ -272,6 +274,110 @@ pub(super) fn resync_lost_here(reg: &mut Registry, c: &ClusterNode) -> Vec<Strin
     asked
 }
 
+/// The sweep's memory for replacing dead nodes' replicas: when it saw
+/// each node go down, the volumes with a step under way, and each
+/// volume's last failure (logged once, not every sweep).
+#[derive(Default)]
+pub struct Replacements {
+    clock: DownClock,
+    busy: HashSet<String>,
+    failed: HashMap<String, String>,
+}
+
+/// Replace the replicas held by nodes down for longer than `serve
+/// --replace-after` ([`crate::cluster::VolumeReplicas::next_step`]): one
+/// step per volume and sweep, for the volumes this node runs it for (their
+/// attached node, or attached nowhere the first live in-sync replica's),
+/// through the volume's actor as `replica add`/`rm` would. Answers the
+/// volumes asked.
+pub(super) fn replace_gone(reg: &mut Registry, c: &ClusterNode) -> Vec<(String, Step)> {
+    let Some(after) = c.sweep.replace_after else {
+        return Vec::new();
+    };
+    let crate::cluster::ReplicaMap { volumes, known, up } = match c.cluster.replicas_everywhere() {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::debug!(error = %e, "replacement check skipped: the catalog did not answer");
+            return Vec::new();
+        }
+    };
+    let now = std::time::Instant::now();
+    let gone = {
+        let mut r = reg.replacements.lock();
+        r.clock.observe(known.iter().map(String::as_str), &up, now);
+        r.clock.down_for(after, now)
+    };
+    let me = c.cluster.node().to_string();
+    let mut asked = Vec::new();
+    for v in volumes {
+        if !v.runs_here(&me, &up) {
+            continue;
+        }
+        let Some(step) = v.next_step(&up, &gone) else {
+            continue;
+        };
+        if !reg.replacements.lock().busy.insert(v.id.clone()) {
+            continue;
+        }
+        let addr = match reg.lookup(&v.name) {
+            Ok(r) if r.id == v.id => reg.actor(&r),
+            _ => {
+                reg.replacements.lock().busy.remove(&v.id);
+                continue;
+            }
+        };
+        let Ok(addr) = addr else {
+            reg.replacements.lock().busy.remove(&v.id);
+            continue;
+        };
+        let retrying = reg.replacements.lock().failed.contains_key(&v.id);
+        let msg = match &step {
+            Step::Add { replaces } => {
+                if !retrying {
+                    tracing::warn!(volume = %v.name, node = %me, down = %replaces, after_secs = after.as_secs(), "a replica's node stayed down: adding a replica elsewhere to replace it");
+                }
+                ChangeReplicaMsg {
+                    add: true,
+                    node: None,
+                    replaces: Some(replaces.clone()),
+                }
+            }
+            Step::Drop { node } => ChangeReplicaMsg {
+                add: false,
+                node: Some(node.clone()),
+                replaces: None,
+            },
+        };
+        let (name, id, memory) = (v.name.clone(), v.id.clone(), reg.replacements.clone());
+        let what = step.clone();
+        actix::spawn(async move {
+            let res = addr.send(msg).await;
+            let mut r = memory.lock();
+            r.busy.remove(&id);
+            match (res, &what) {
+                (Ok(Ok(added)), Step::Add { replaces }) => {
+                    r.failed.remove(&id);
+                    tracing::info!(volume = %name, added = %added, replaces = %replaces, "replacement replica added; the replaced one is removed once it is in sync");
+                }
+                (Ok(Ok(_)), Step::Drop { node }) => {
+                    r.failed.remove(&id);
+                    tracing::info!(volume = %name, removed = %node, "replica of a node that stayed down removed: its replacement is in sync");
+                }
+                (Ok(Err(e)), _) => {
+                    let e = e.to_string();
+                    if r.failed.get(&id) != Some(&e) {
+                        tracing::warn!(volume = %name, step = ?what, error = %e, "cannot replace the replica of a node that stayed down; the sweep tries again");
+                        r.failed.insert(id, e);
+                    }
+                }
+                (Err(_), _) => {}
+            }
+        });
+        asked.push((v.name, step));
+    }
+    asked
+}
+
 /// Delete the snapshots of this node's replica of `id` that etcd does not
 /// list (a crash between the replicas' take and etcd's record), while the
 /// volume is attached nowhere. A take under a name listed later deletes
@@ -386,6 +492,7 @@ impl Handler<ChangeReplica> for Registry {
         let msg = crate::volume::replicas::ChangeReplica {
             add: m.add,
             node: m.node,
+            replaces: None,
         };
         match self.lookup(&m.volume).and_then(|r| self.actor(&r)) {
             Ok(addr) => forward(addr, msg),

@@ -147,6 +147,8 @@ pub struct Registry {
     stopping: bool,
     /// Attach records of the last run to take back at start.
     resume: Vec<AttachRecord>,
+    /// The sweep's replacement of dead nodes' replicas (cluster mode).
+    replacements: Arc<parking_lot::Mutex<cluster::Replacements>>,
 }
 
 impl Registry {
@@ -157,6 +159,7 @@ impl Registry {
             actors: HashMap::new(),
             stopping: false,
             resume,
+            replacements: Default::default(),
         }
     }
 
@@ -279,6 +282,7 @@ impl Registry {
             replicas: Vec::new(),
             crypt: None,
             grow_fs: false,
+            replacing: Default::default(),
         };
         let dir = self.node.volume_dir(&record.id);
         let made = std::fs::create_dir_all(&dir)
@@ -479,12 +483,13 @@ impl Actor for Registry {
     fn started(&mut self, ctx: &mut Context<Self>) {
         if let Some(c) = self.node.cluster.clone() {
             cluster::report_capacity(&self.node, &c);
-            ctx.run_interval(c.sweep_every, move |reg, _| {
+            ctx.run_interval(c.sweep.every, move |reg, _| {
                 cluster::report_capacity(&reg.node, &c);
                 cluster::refresh_limits(&reg.node);
                 cluster::sweep_replicas(&c);
                 cluster::resync_behind(reg, &c);
                 cluster::resync_lost_here(reg, &c);
+                cluster::replace_gone(reg, &c);
             });
         }
         for rec in std::mem::take(&mut self.resume) {

@@ -148,8 +148,10 @@ impl VolumeActor {
         Ok(match op {
             HolderOp::TakeSnapshot { name } => to_json(&self.take_snapshot(Some(name))?),
             HolderOp::DeleteSnapshot { name } => to_json(&self.delete_snapshot(name)?),
-            HolderOp::AddReplica { node } => to_json(&self.change_replica(true, node)?),
-            HolderOp::RemoveReplica { node } => to_json(&self.change_replica(false, Some(node))?),
+            HolderOp::AddReplica { node } => to_json(&self.change_replica(true, node, None)?),
+            HolderOp::RemoveReplica { node } => {
+                to_json(&self.change_replica(false, Some(node), None)?)
+            }
             HolderOp::Resize { size, given } => to_json(&self.resize(size, given)?),
             HolderOp::Verify => to_json(&self.start_verify()?),
             HolderOp::StopResync => {

@@ -30,6 +30,10 @@ const MAX_REPLICAS: usize = 3;
 pub struct ChangeReplica {
     pub add: bool,
     pub node: Option<String>,
+    /// An add that replaces this node's replica (its node stayed down: the
+    /// sweep's `cluster::replace`); run only where the volume is attached,
+    /// or attached nowhere.
+    pub replaces: Option<String>,
 }
 
 fn refused(why: String) -> VolumeErrorKind {
@@ -239,13 +243,29 @@ impl VolumeActor {
         &mut self,
         add: bool,
         asked: Option<String>,
+        replaces: Option<String>,
     ) -> Result<String, VolumeError> {
         let what = if add { "replica add" } else { "replica rm" };
         let Some(c) = self.node.cluster.clone() else {
             return Err(self.err(VolumeErrorKind::NotClustered(what)));
         };
         let record = self.record()?;
+        if let Some(old) = &replaces {
+            if !record.replicas.contains(old) {
+                return Err(self.err(refused(format!("node {old} holds no replica of it"))));
+            }
+            // Decided already (a sweep read etcd before the record changed).
+            if let Some(new) = record.replacing.get(old) {
+                if record.replicas.contains(new) {
+                    return Ok(new.clone());
+                }
+            }
+        }
         if let Some(holder) = self.holder_elsewhere(&c)? {
+            if replaces.is_some() {
+                // Its attached node's sweep replaces it.
+                return Err(self.err(VolumeErrorKind::ReplicasOnHolder(holder)));
+            }
             let op = match (add, asked) {
                 (true, node) => HolderOp::AddReplica { node },
                 (false, Some(node)) => HolderOp::RemoveReplica { node },
@@ -289,7 +309,12 @@ impl VolumeActor {
             self.check_no_clone_shares(&c, &record, &n)?;
             n
         };
-        let change = if add {
+        let change = if let (true, Some(old)) = (add, replaces.as_deref()) {
+            ReplicaChange::Replace {
+                node: &node,
+                replaces: old,
+            }
+        } else if add {
             ReplicaChange::Add(&node)
         } else {
             ReplicaChange::Remove(&node)
@@ -481,7 +506,7 @@ impl Handler<AcceptReplica> for VolumeActor {
 impl Handler<ChangeReplica> for VolumeActor {
     type Result = Result<String, VolumeError>;
     fn handle(&mut self, m: ChangeReplica, _: &mut SyncContext<Self>) -> Self::Result {
-        self.change_replica(m.add, m.node)
+        self.change_replica(m.add, m.node, m.replaces)
     }
 }
 

@@ -194,8 +194,9 @@ fn mirror_for(
     Ok(mirror?)
 }
 
-/// How long a background resync waits on a replica that does not answer
-/// before it gives up (the next attach resyncs that replica).
+/// How long a background resync waits for a replica that does not answer
+/// once every other one is in sync (the sweep starts another job when its
+/// node is back).
 const RESYNC_UNREACHABLE: Duration = Duration::from_secs(60);
 /// How often a background resync looks at its mirror.
 const RESYNC_POLL: Duration = Duration::from_millis(200);
@@ -313,23 +314,34 @@ fn run_resync(
         }
         let status = mirror.status();
         let verified = mirror.verification().map_or(true, |v| v.finished);
-        if verified
-            && status
-                .iter()
-                .all(|s| s.state == ReplicaState::InSync && s.connected)
-        {
+        let reachable_in_sync = status
+            .iter()
+            .filter(|s| s.connected)
+            .all(|s| s.state == ReplicaState::InSync);
+        if verified && reachable_in_sync && status.iter().all(|s| s.connected) {
             tracing::info!(volume = %record.name, "background resync done: every replica in sync");
             break;
         }
-        if status.iter().any(|s| !s.connected) {
-            let since = *unreachable_since.get_or_insert_with(std::time::Instant::now);
-            if since.elapsed() > RESYNC_UNREACHABLE {
-                c.hold_off_resync(&record.id);
-                tracing::warn!(volume = %record.name, "background resync gives up on an unreachable replica: the next attach resyncs it");
-                break;
+        // Give up on a replica that does not answer only once nothing else
+        // is left to do: a new replica still copying goes on meanwhile.
+        match status.iter().find(|s| !s.connected) {
+            Some(away) if verified && reachable_in_sync => {
+                let since = *unreachable_since.get_or_insert_with(std::time::Instant::now);
+                if since.elapsed() > RESYNC_UNREACHABLE {
+                    // Its node's return starts the next job; a node up but
+                    // not answering must not have one started every sweep.
+                    let node_up = c
+                        .cluster
+                        .members()
+                        .map_or(true, |ms| ms.iter().any(|m| m.name == away.node && m.up));
+                    if node_up {
+                        c.hold_off_resync(&record.id);
+                    }
+                    tracing::warn!(volume = %record.name, node = %away.node, "background resync done but for a replica that does not answer: it is resynced once its node is back");
+                    break;
+                }
             }
-        } else {
-            unreachable_since = None;
+            _ => unreachable_since = None,
         }
         std::thread::sleep(RESYNC_POLL);
     }
@@ -658,6 +670,10 @@ pub struct ReplicaView {
     pub resync: Option<crate::replication::ResyncProgress>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resync_sent_bytes: Option<u64>,
+    /// The replica of a node that stayed down which this one replaces
+    /// (removed once this one is in sync).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replaces: Option<String>,
 }
 
 impl From<ReplicaStatus> for ReplicaView {
@@ -669,7 +685,22 @@ impl From<ReplicaStatus> for ReplicaView {
             connected: Some(s.connected),
             resync: s.resync,
             resync_sent_bytes: Some(s.resync_sent_bytes),
+            replaces: None,
         }
+    }
+}
+
+impl ClusterView {
+    /// Name, on each replica replacing another, the one it replaces.
+    fn with_replacements(mut self, record: &VolumeRecord) -> ClusterView {
+        for r in &mut self.replicas {
+            r.replaces = record
+                .replacing
+                .iter()
+                .find(|(_, new)| **new == r.node)
+                .map(|(old, _)| old.clone());
+        }
+        self
     }
 }
 
@@ -688,24 +719,30 @@ impl Handler<QueryCluster> for VolumeActor {
         if let Some(super::Backing::Mirror { mirror, generation }) =
             self.attached.as_ref().map(|a| &a.engine)
         {
-            return Ok(Some(ClusterView {
-                attached_on: Some(c.cluster.node().to_string()),
-                generation: Some(*generation),
-                resync_on: None,
-                replicas: mirror.status().into_iter().map(Into::into).collect(),
-                verification: mirror.verification(),
-            }));
+            return Ok(Some(
+                ClusterView {
+                    attached_on: Some(c.cluster.node().to_string()),
+                    generation: Some(*generation),
+                    resync_on: None,
+                    replicas: mirror.status().into_iter().map(Into::into).collect(),
+                    verification: mirror.verification(),
+                }
+                .with_replacements(&record),
+            ));
         }
         // A background resync here: its mirror knows the progress.
         if let Some(mirror) = c.mirror(&self.id).filter(|_| c.resyncing(&self.id)) {
             let resync_on = Some(c.cluster.node().to_string());
-            return Ok(Some(ClusterView {
-                attached_on: None,
-                generation: None,
-                resync_on,
-                replicas: mirror.status().into_iter().map(Into::into).collect(),
-                verification: mirror.verification(),
-            }));
+            return Ok(Some(
+                ClusterView {
+                    attached_on: None,
+                    generation: None,
+                    resync_on,
+                    replicas: mirror.status().into_iter().map(Into::into).collect(),
+                    verification: mirror.verification(),
+                }
+                .with_replacements(&record),
+            ));
         }
         let mut view = etcd_view(&c, &record).map_err(|e| self.err(e))?;
         view.verification = c.last_verification(&self.id);
@@ -736,10 +773,12 @@ pub fn etcd_view(c: &ClusterNode, record: &VolumeRecord) -> Result<ClusterView, 
                 connected: None,
                 resync: None,
                 resync_sent_bytes: None,
+                replaces: None,
             })
             .collect(),
         verification: None,
-    })
+    }
+    .with_replacements(record))
 }
 
 /// Start a background resync if the volume is attached nowhere and a
