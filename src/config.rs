@@ -295,10 +295,12 @@ pub fn host_name() -> String {
         .unwrap_or_else(|| "localhost".into())
 }
 
-/// Bytes the files of a directory take on disk (st_blocks), not their length.
 /// The size and free space (for unprivileged users, as `df` shows it) of
-/// the filesystem holding `dir`.
-pub fn capacity(dir: &Path) -> Option<crate::cluster::Capacity> {
+/// the filesystem holding the volumes' data under `data_dir`.
+pub fn capacity(data_dir: &Path) -> Option<crate::cluster::Capacity> {
+    // Where the volumes' data is (an operator may mount a disk there).
+    let volumes = data_dir.join("volumes");
+    let dir = if volumes.is_dir() { &volumes } else { data_dir };
     let s = nix::sys::statvfs::statvfs(dir).ok()?;
     let unit = s.fragment_size();
     Some(crate::cluster::Capacity {
@@ -307,6 +309,7 @@ pub fn capacity(dir: &Path) -> Option<crate::cluster::Capacity> {
     })
 }
 
+/// Bytes the files of a directory take on disk (st_blocks), not their length.
 pub fn disk_usage(dir: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
     let Ok(entries) = std::fs::read_dir(dir) else {

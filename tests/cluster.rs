@@ -1192,6 +1192,33 @@ fn a_full_local_disk_is_detached_and_the_volume_goes_on_with_its_peer() {
     drop(disk);
 }
 
+/// Placement puts a volume's replicas on nodes with room for it first: n1,
+/// first by name and as loaded as the others, has a small disk, so a
+/// repl=2 volume larger than its free space goes to n2 and n3; with three
+/// copies wanted it takes n1 too (a thin volume may still fit there).
+#[test]
+fn placement_prefers_nodes_with_room_for_the_volume() {
+    let c = loopback_sweeping_every(3, 1);
+    let disk = SmallTmpfs::mount_at(&c.node(0).data_dir.join("volumes"), 32 * MIB);
+    c.wait_for("n1 to report its small disk", || {
+        c.node_entry(1, 0)
+            .and_then(|e| e["capacity"]["free_bytes"].as_u64())
+            .is_some_and(|free| free <= 32 * MIB)
+    });
+    c.create(1, "roomy", 2, "128M", &[]);
+    assert_eq!(c.placement(1, "roomy"), ["n2", "n3"]);
+    c.create(1, "everywhere", 3, "128M", &[]);
+    assert_eq!(c.placement(1, "everywhere"), ["n1", "n2", "n3"]);
+    // A small volume fits n1, the least loaded now.
+    c.create(1, "small", 1, "16M", &[]);
+    assert_eq!(c.placement(1, "small"), ["n1"]);
+    for v in ["roomy", "everywhere", "small"] {
+        c.remove(1, v);
+    }
+    c.shutdown();
+    drop(disk);
+}
+
 // ---------------------------------------------------------------------------------------
 // Encryption in a cluster: the cluster's key (every node's --secret-file)
 // ---------------------------------------------------------------------------------------

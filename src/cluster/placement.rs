@@ -16,15 +16,21 @@ pub struct PlacementRequest<'a> {
     pub fg: bool,
     /// Nodes that take no new replica (`dunnage node cordon`).
     pub cordoned: &'a [String],
+    /// Nodes whose replicas' filesystem had less free space than the
+    /// volume's size when they last reported it: chosen only after the
+    /// others (a thin volume may still fit, so not refused).
+    pub short_of_space: &'a [String],
 }
 
 /// Choose `req.repl` distinct live nodes. `up` is the live members;
 /// `existing` the (group, replica nodes) of every other volume.
 ///
 /// Named nodes come first, in the order given. The rest are ranked: nodes
-/// without a replica of a same-group volume first, then the least loaded
-/// (fewest replicas of any volume), then by name so that the choice is
-/// stable. With `fg` a node holding a same-group replica is never chosen.
+/// without a replica of a same-group volume first, then those with room
+/// for the whole volume, then the least loaded (fewest replicas of any
+/// volume), then by name so that the choice is stable (free space is not
+/// compared beyond room or no room: nodes sharing a filesystem, or
+/// reporting a few bytes apart, must not reorder). With `fg` a node holding a same-group replica is never chosen.
 pub fn place(
     req: &PlacementRequest,
     up: &[String],
@@ -121,7 +127,15 @@ pub fn place(
         .copied()
         .filter(|n| !named.contains(n))
         .collect();
-    rest.sort_by_key(|n| (taken.contains(n), load.get(n).copied().unwrap_or(0), *n));
+    let short: BTreeSet<&str> = req.short_of_space.iter().map(String::as_str).collect();
+    rest.sort_by_key(|n| {
+        (
+            taken.contains(n),
+            short.contains(n),
+            load.get(n).copied().unwrap_or(0),
+            *n,
+        )
+    });
     for n in rest {
         if chosen.len() == req.repl {
             break;
@@ -148,6 +162,15 @@ pub fn place(
         ));
     }
     Ok(chosen)
+}
+
+/// The members whose last reported free space is less than `size`.
+pub fn short_of_space(members: &[super::Member], size: u64) -> Vec<String> {
+    members
+        .iter()
+        .filter(|m| m.capacity.is_some_and(|c| c.free_bytes < size))
+        .map(|m| m.name.clone())
+        .collect()
 }
 
 /// The members that take no new replica.
@@ -187,7 +210,33 @@ mod tests {
             group: None,
             fg: false,
             cordoned: &[],
+            short_of_space: &[],
         }
+    }
+
+    #[test]
+    fn nodes_without_room_for_the_volume_come_last() {
+        let up = names(&["a", "b", "c"]);
+        let short = names(&["a"]);
+        let r = |repl, nodes| PlacementRequest {
+            short_of_space: &short,
+            ..req(repl, nodes)
+        };
+        // a is the least loaded and first by name, but has no room.
+        let existing = vec![vol(None, &["b", "c"])];
+        assert_eq!(place(&r(2, &[]), &up, &existing).unwrap(), ["b", "c"]);
+        // Taken when nothing else is left (a thin volume may fit)...
+        assert_eq!(place(&r(3, &[]), &up, &existing).unwrap(), ["b", "c", "a"]);
+        // ...or when named.
+        let named = names(&["a"]);
+        assert_eq!(place(&r(1, &named), &up, &existing).unwrap(), ["a"]);
+        // The group rule still comes first.
+        let grouped = vec![vol(Some("g"), &["b"])];
+        let g = PlacementRequest {
+            group: Some("g"),
+            ..r(1, &[])
+        };
+        assert_eq!(place(&g, &up, &grouped).unwrap(), ["c"]);
     }
 
     #[test]
@@ -314,6 +363,7 @@ mod tests {
             group: Some("g"),
             fg: false,
             cordoned: &[],
+            short_of_space: &[],
         };
         assert_eq!(place(&r, &up, &existing).unwrap(), ["b", "c"]);
         // Soft rule: with more copies than free nodes, group nodes are used,
@@ -327,6 +377,7 @@ mod tests {
             group: None,
             fg: false,
             cordoned: &[],
+            short_of_space: &[],
         };
         assert_eq!(place(&r, &up, &existing).unwrap(), ["d", "a"]);
     }
@@ -341,6 +392,7 @@ mod tests {
             group: Some("g"),
             fg: true,
             cordoned: &[],
+            short_of_space: &[],
         };
         assert_eq!(place(&r, &up, &existing).unwrap(), ["c", "d"]);
         let r = PlacementRequest { repl: 3, ..r };
@@ -364,6 +416,7 @@ mod tests {
             group: Some("g"),
             fg: true,
             cordoned: &[],
+            short_of_space: &[],
         };
         let err = place(&r, &up, &existing).unwrap_err();
         assert!(err.contains("node a named in nodes="), "{err}");
@@ -384,6 +437,7 @@ mod tests {
             group: Some("g"),
             fg: true,
             cordoned: &[],
+            short_of_space: &[],
         };
         assert_eq!(place(&r, &up, &existing).unwrap(), ["a", "b"]);
         // fg without a group has nothing to keep apart.

@@ -83,6 +83,7 @@ impl Registry {
             group: spec.group.as_deref(),
             fg: spec.fg,
             cordoned: &cordoned,
+            short_of_space: &crate::cluster::placement::short_of_space(&members, spec.size),
         };
         let replicas = place(&req, &up, &existing)
             .map_err(|e| self.cluster_err(name, ClusterError::Placement(e)))?;

@@ -106,6 +106,7 @@ fn new_replica_node(
         group: record.spec.group.as_deref(),
         fg: record.spec.fg,
         cordoned: &crate::cluster::placement::cordoned(members),
+        short_of_space: &crate::cluster::placement::short_of_space(members, record.spec.size),
     };
     let mut chosen = place(&req, &up, &others).map_err(|e| {
         refused(format!(
