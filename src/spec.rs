@@ -129,6 +129,9 @@ pub struct VolumeSpec {
     /// Made as a writable clone of this volume (its name at the time).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<String>,
+    /// ...of this snapshot of it (`parent=SRC@SNAP`), not of its state now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_snapshot: Option<String>,
     /// Let the kernel read and write the data file directly (FUSE
     /// passthrough): loop-device speed, but the volume can't be snapshotted
     /// or cloned while it is attached. Off unless asked for.
@@ -167,6 +170,7 @@ impl Default for VolumeSpec {
             group: None,
             fg: false,
             parent: None,
+            parent_snapshot: None,
             passthrough: false,
             limits: Default::default(),
             repl: 1,
@@ -436,8 +440,19 @@ pub fn parse_options(
             }
             "fg" => spec.fg = parse_bool("fg", value)?,
             "parent" => {
-                let p = value.trim();
+                let (p, snap) = match value.trim().split_once('@') {
+                    Some((p, snap)) => (p, Some(snap)),
+                    None => (value.trim(), None),
+                };
                 validate_name(p)?;
+                if let Some(snap) = snap {
+                    validate_name(snap).map_err(|_| SpecError::Value {
+                        option: key_l.clone(),
+                        value: value.clone(),
+                        reason: "SRC@SNAP names a snapshot of SRC: letters, digits, '_', '.', '-', starting with a letter or digit (`dunnage snapshot ls SRC` lists them)".into(),
+                    })?;
+                    spec.parent_snapshot = Some(snap.to_string());
+                }
                 spec.parent = Some(p.to_string());
             }
             // Taken out by `take_secret` before parsing; never stored.
@@ -654,6 +669,15 @@ mod tests {
     }
 
     #[test]
+    fn a_parent_may_name_one_of_its_snapshots() {
+        let spec = parse_options(&opts(&[("parent", "pg@nightly-1")]), None).unwrap();
+        assert_eq!(spec.parent.as_deref(), Some("pg"));
+        assert_eq!(spec.parent_snapshot.as_deref(), Some("nightly-1"));
+        let spec = parse_options(&opts(&[("parent", "pg")]), None).unwrap();
+        assert_eq!(spec.parent_snapshot, None);
+    }
+
+    #[test]
     fn io_caps_parse_and_refuse_what_makes_no_sense() {
         let spec = parse_options(
             &opts(&[("max_iops", "500"), ("max_bandwidth", "100M")]),
@@ -806,6 +830,8 @@ mod tests {
             ),
             (&[("secure", "perhaps")], "true or false"),
             (&[("parent", "a/b")], "invalid volume name"),
+            (&[("parent", "a@")], "names a snapshot of SRC"),
+            (&[("parent", "a@b@c")], "names a snapshot of SRC"),
             (&[("io_priority", "urgent")], "high, medium or low"),
             (&[("group", "a b")], "group name"),
             (&[("shared", "true")], "not supported yet"),

@@ -1699,6 +1699,51 @@ fn a_clone_of_a_replicated_volume_lives_on_its_parents_nodes() {
     c.wait_for("the clone's base snapshot deleted", || {
         snapshot_names_on(&c, 2, src).is_empty()
     });
+
+    // A clone of one of its snapshots (`parent=SRC@SNAP`), asked on a
+    // node without a replica: made from each replica's SNAP.
+    c.cli_ok(2, &["snapshot", "create", src, "s1"]);
+    let dev = c.attach_on(0, src);
+    let d = BlockDev::open(&dev);
+    d.write_block(4, &a).expect("write after s1");
+    d.sync().expect("fdatasync");
+    let old = "old";
+    c.cli_ok(
+        2,
+        &["volume", "create", old, "-o", &format!("parent={src}@s1")],
+    );
+    let err = c.cli_err(
+        2,
+        &["volume", "create", "bad", "-o", &format!("parent={src}@s0")],
+    );
+    assert!(
+        err.contains("no snapshot s0") && err.contains("s1"),
+        "{err}"
+    );
+    let dev2 = c.attach_on(1, old);
+    let d2 = BlockDev::open(&dev2);
+    assert_eq!(d2.read_block(3).expect("read"), new);
+    assert_eq!(d2.read_block(4).expect("read"), b);
+    drop(d2);
+    c.detach_on(1, old);
+    assert_eq!(d.read_block(4).expect("read"), a, "the parent goes on");
+    drop(d);
+    c.detach_on(0, src);
+    let err = c.cli_err(0, &["snapshot", "rm", src, "s1"]);
+    assert!(err.contains("clones (old)"), "{err}");
+    c.remove(2, old);
+    assert_eq!(
+        snapshot_names_on(&c, 2, src)
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect::<Vec<_>>(),
+        ["s1"],
+        "SNAP stays with its volume"
+    );
+    // Once each node's sweep has deleted its replica of the clone.
+    c.wait_for("s1 to be deletable", || {
+        c.cli(0, &["snapshot", "rm", src, "s1"]).status.success()
+    });
     c.remove(0, src);
     c.shutdown();
 }

@@ -130,6 +130,67 @@ fn clone_and_parent_diverge_both_ways() {
     assert_clean(&d, "after removing both");
 }
 
+/// `parent=SRC@SNAP` clones one of SRC's snapshots, not its state now
+/// (RBD's clone of a snapshot, LINSTOR's restore into a new resource): no
+/// snapshot is taken for it, SNAP cannot be deleted while the clone uses
+/// it, and removing the clone leaves SNAP.
+#[test]
+fn a_clone_of_one_of_the_parents_snapshots() {
+    let d = Daemon::start(Opts::default());
+    d.create("base", &[("size", "64M")]);
+    write_file(&d, "base", "x", b"monday");
+    d.cli_ok(&["snapshot", "create", "base", "mon"]);
+    write_file(&d, "base", "x", b"tuesday");
+    d.cli_ok(&["snapshot", "create", "base", "tue"]);
+    // Mounted and written meanwhile: the clone does not care.
+    let id = mount_id("base-held");
+    let mp = d.mount("base", &id);
+    write_durably(&mp.join("x"), b"wednesday");
+
+    d.create("frommon", &[("parent", "base@mon")]);
+    assert_eq!(read_file(&d, "frommon", "x").unwrap(), b"monday");
+    d.create("fromtue", &[("parent", "base@tue")]);
+    assert_eq!(read_file(&d, "fromtue", "x").unwrap(), b"tuesday");
+    let snaps = |vol: &str| -> Vec<String> {
+        let list: Value =
+            serde_json::from_str(&d.cli_ok(&["snapshot", "ls", vol, "--json"])).unwrap();
+        list.as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(snaps("base"), ["mon", "tue"], "no snapshot taken for them");
+    write_file(&d, "frommon", "x", b"changed in the clone");
+    assert_eq!(fs::read(mp.join("x")).unwrap(), b"wednesday");
+    d.unmount("base", &id);
+
+    let err = d.cli_err(&["snapshot", "rm", "base", "mon"]);
+    assert!(err.contains("clones (frommon)"), "{err}");
+    let err = d.err(
+        "/VolumeDriver.Create",
+        &json!({"Name": "bad", "Opts": {"parent": "base@sun"}}),
+    );
+    assert!(
+        err.contains("no snapshot sun") && err.contains("mon, tue"),
+        "{err}"
+    );
+    let err = d.err(
+        "/VolumeDriver.Create",
+        &json!({"Name": "bad", "Opts": {"parent": "base@"}}),
+    );
+    assert!(err.contains("names a snapshot of SRC"), "{err}");
+
+    d.remove("frommon");
+    assert_eq!(snaps("base"), ["mon", "tue"], "SNAP stays with its volume");
+    d.cli_ok(&["snapshot", "rm", "base", "mon"]);
+    assert_eq!(read_file(&d, "fromtue", "x").unwrap(), b"tuesday");
+    d.remove("fromtue");
+    d.cli_ok(&["snapshot", "rm", "base", "tue"]);
+    d.remove("base");
+    assert_clean(&d, "after removing all");
+}
+
 #[test]
 fn clone_of_a_volume_mounted_under_fio_load() {
     common::require_tools(&["fio", "e2fsck"]);

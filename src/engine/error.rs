@@ -40,8 +40,9 @@ pub enum EngineError {
     #[error("image {dir} has no snapshot {name:?}: list its snapshots for the names it has")]
     NoSuchSnapshot { dir: PathBuf, name: String },
     #[error(
-        "snapshot {name:?} of {dir} is the base of the clone {clone}: \
-         destroy that clone first (ThinImage::destroy_clone)"
+        "snapshot {name:?} of {dir} is the base of the clone {clone}, which \
+         shares its blocks: remove that clone first (in a cluster, each node \
+         deletes a removed clone's replica at its next sweep)"
     )]
     SnapshotPinned {
         dir: PathBuf,

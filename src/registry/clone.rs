@@ -22,9 +22,18 @@ pub enum Created {
     },
 }
 
-/// The snapshot of the parent that a clone is based on.
+/// The snapshot of the parent that a clone is based on, taken for it.
 pub fn base_snapshot(clone_id: &str) -> String {
     format!("clone-{clone_id}")
+}
+
+/// Whether the clone's base snapshot was taken for it (deleted with it),
+/// not one of the parent's own (`parent=SRC@SNAP`), which stays.
+pub fn owns_base(record: &VolumeRecord) -> bool {
+    record
+        .clone_of
+        .as_ref()
+        .is_some_and(|c| c.snapshot == base_snapshot(&record.id))
 }
 
 impl Registry {
@@ -87,6 +96,10 @@ impl Registry {
                 format!("a clone of an encrypted volume uses its parent's key ({parent})"),
             );
         }
+        let from_snapshot = asked.parent_snapshot.clone();
+        if let Some(snap) = &from_snapshot {
+            self.check_parent_snapshot(&source, snap)?;
+        }
         let mut spec = VolumeSpec {
             size: source.spec.size,
             fs: source.spec.fs,
@@ -105,7 +118,7 @@ impl Registry {
             name: name.to_string(),
             clone_of: Some(CloneOf {
                 volume_id: source.id.clone(),
-                snapshot: base_snapshot(&id),
+                snapshot: from_snapshot.unwrap_or_else(|| base_snapshot(&id)),
             }),
             id,
             created_at: chrono::Utc::now(),
@@ -124,17 +137,94 @@ impl Registry {
         Ok(Created::Clone { record, source })
     }
 
-    /// Snapshot the parent through its actor, then make the clone.
+    /// `parent=SRC@SNAP`: SNAP must be a snapshot of SRC (in a cluster,
+    /// on every replica of SRC, since each makes its replica of the clone
+    /// from its own).
+    fn check_parent_snapshot(&self, source: &VolumeRecord, snap: &str) -> Reply<()> {
+        let refuse = |reason: String| -> Reply<()> {
+            Err(SpecError::Value {
+                option: "parent".into(),
+                value: format!("{}@{snap}", source.name),
+                reason,
+            }
+            .into())
+        };
+        let listing = |names: Vec<String>| {
+            if names.is_empty() {
+                "it has none".to_string()
+            } else {
+                format!("it has {}", names.join(", "))
+            }
+        };
+        if let Some(c) = &self.node.cluster {
+            let snaps = c
+                .cluster
+                .snapshots(&source.id)
+                .map_err(|e| RegistryError::Cluster {
+                    volume: source.name.clone(),
+                    node: self.node.name.clone(),
+                    source: e,
+                })?;
+            let Some(found) = snaps.iter().find(|s| s.name == snap) else {
+                let names = snaps.into_iter().map(|s| s.name).collect();
+                return refuse(format!(
+                    "{} has no snapshot {snap} ({})",
+                    source.name,
+                    listing(names)
+                ));
+            };
+            let lacking: Vec<&str> = source
+                .replicas
+                .iter()
+                .filter(|n| !found.nodes.contains(n))
+                .map(String::as_str)
+                .collect();
+            if !lacking.is_empty() {
+                return refuse(format!(
+                    "the replicas of {} on {} lack snapshot {snap} (placed after it was taken), and a clone's replicas are made from its parent's; clone from a snapshot taken since",
+                    source.name,
+                    lacking.join(", ")
+                ));
+            }
+            return Ok(());
+        }
+        let names =
+            ThinImage::snapshot_names(&self.node.volume_dir(&source.id)).map_err(|source_err| {
+                RegistryError::Create {
+                    volume: source.name.clone(),
+                    node: self.node.name.clone(),
+                    source: source_err,
+                }
+            })?;
+        if names.iter().any(|n| n == snap) {
+            return Ok(());
+        }
+        let names = names
+            .into_iter()
+            .filter(|n| !n.starts_with("clone-"))
+            .collect();
+        refuse(format!(
+            "{} has no snapshot {snap} ({})",
+            source.name,
+            listing(names)
+        ))
+    }
+
+    /// Snapshot the parent through its actor (unless the clone is of one
+    /// of its snapshots), then make the clone.
     pub(super) fn make_clone(
         &mut self,
         record: VolumeRecord,
         source: VolumeRecord,
     ) -> ResponseActFuture<Self, Reply<VolumeInfo>> {
+        let snap = record.clone_of.as_ref().expect("a clone").snapshot.clone();
+        if !owns_base(&record) {
+            return Box::pin(fut::ready(self.finish_clone(&record, &source, &snap)));
+        }
         let addr = match self.actor(&source) {
             Ok(a) => a,
             Err(e) => return Box::pin(fut::ready(Err(e))),
         };
-        let snap = record.clone_of.as_ref().expect("a clone").snapshot.clone();
         let taking = addr.send(TakeSnapshot {
             name: Some(snap.clone()),
         });

@@ -791,7 +791,13 @@ impl Handler<Remove> for Registry {
             Err(e) => Box::pin(fut::ready(Err(e))),
             Ok((addr, id)) => {
                 let name = msg.name.clone();
-                let clone_of = self.lookup(&msg.name).ok().and_then(|r| r.clone_of);
+                // A base snapshot taken for the clone goes with it; one of
+                // the parent's own (`parent=SRC@SNAP`) stays.
+                let clone_of = self
+                    .lookup(&msg.name)
+                    .ok()
+                    .filter(clone::owns_base)
+                    .and_then(|r| r.clone_of);
                 Box::pin(forward(addr, volume::Remove).into_actor(self).map(
                     move |res, act, ctx| {
                         if res.is_ok() {

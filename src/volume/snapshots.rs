@@ -346,15 +346,16 @@ impl Handler<DeleteSnapshot> for VolumeActor {
 
 impl VolumeActor {
     pub(super) fn delete_snapshot(&mut self, name: String) -> Result<(), VolumeError> {
+        // Clones are made from it (in a cluster, some replicas maybe not
+        // yet); the engine refuses too, naming a directory, not a volume.
+        let clones = super::clones_of(&*self.node.catalog, &self.id, |r| {
+            r.clone_of.as_ref().is_some_and(|o| o.snapshot == name)
+        });
+        if !clones.is_empty() {
+            return Err(self.err(VolumeErrorKind::HasClones(clones.join(", "))));
+        }
         if let Some(c) = self.node.cluster.clone() {
             let record = self.record()?;
-            // A clone's replicas are made from it (some maybe not yet).
-            let clones = super::clones_of(&*self.node.catalog, &record.id, |r| {
-                r.clone_of.as_ref().is_some_and(|o| o.snapshot == name)
-            });
-            if !clones.is_empty() {
-                return Err(self.err(VolumeErrorKind::HasClones(clones.join(", "))));
-            }
             if let Some(holder) = self.holder_elsewhere(&c)? {
                 let reply =
                     self.forward(&c, &record, &holder, HolderOp::DeleteSnapshot { name })?;
