@@ -80,6 +80,29 @@ fn from_memfd(fd: OwnedFd) -> io::Result<Secret> {
     Ok(Secret::new(std::mem::take(&mut *buf)))
 }
 
+/// A secret given as a file (`flag` names it in errors): the whole file
+/// without a trailing newline, not empty; a warning if others may read it.
+pub fn read_secret_file(path: &Path, flag: &str) -> io::Result<Vec<u8>> {
+    let mut bytes = std::fs::read(path)
+        .map_err(|e| io::Error::new(e.kind(), format!("read {flag} {}: {e}", path.display())))?;
+    while bytes.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+        bytes.pop();
+    }
+    if bytes.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{flag} {} is empty", path.display()),
+        ));
+    }
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(m) = std::fs::metadata(path) {
+        if m.permissions().mode() & 0o077 != 0 {
+            tracing::warn!(file = %path.display(), "{flag}: the file is readable by others than its owner: chmod 600 it");
+        }
+    }
+    Ok(bytes)
+}
+
 #[derive(Default)]
 pub struct KeyRing {
     node: Option<Arc<Secret>>,
@@ -97,27 +120,7 @@ impl KeyRing {
         let Some(path) = path else {
             return Ok(KeyRing::default());
         };
-        let mut bytes = std::fs::read(path).map_err(|e| {
-            io::Error::new(
-                e.kind(),
-                format!("read --secret-file {}: {e}", path.display()),
-            )
-        })?;
-        while bytes.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
-            bytes.pop();
-        }
-        if bytes.is_empty() {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("--secret-file {} is empty", path.display()),
-            ));
-        }
-        use std::os::unix::fs::PermissionsExt;
-        if let Ok(m) = std::fs::metadata(path) {
-            if m.permissions().mode() & 0o077 != 0 {
-                tracing::warn!(file = %path.display(), "the secret file is readable by others than its owner: chmod 600 it");
-            }
-        }
+        let bytes = read_secret_file(path, "--secret-file")?;
         Ok(KeyRing {
             node: Some(Arc::new(Secret::new(bytes))),
             ..KeyRing::default()

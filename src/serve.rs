@@ -101,6 +101,14 @@ pub struct ServeArgs {
     /// hand with `replica add`/`rm` or `node evacuate`).
     #[arg(long, default_value_t = 600, value_name = "SECS")]
     pub replace_after: u64,
+    /// Cluster mode: file holding the cluster's shared secret (the same on
+    /// every node; 32 random bytes or a long passphrase). With it, every
+    /// connection to the replica port proves both ways that its peer holds
+    /// the secret before any replica opens or forwarded request runs
+    /// (HMAC challenge-response; the secret never crosses the network).
+    /// Without it the replica port trusts whoever reaches it. Mode 600.
+    #[arg(long, value_name = "FILE", requires = "etcd")]
+    pub cluster_secret_file: Option<PathBuf>,
 }
 
 /// Join the cluster: serve replica traffic, then register in etcd.
@@ -108,6 +116,16 @@ fn join_cluster(args: &ServeArgs, node: &str) -> Result<Arc<crate::config::Clust
     use crate::cluster::{Cluster, ClusterConfig};
     use crate::replication::{LocalReplicas, ReplicaServer};
     let listen = args.listen.context("--listen is required with --etcd")?;
+    match &args.cluster_secret_file {
+        Some(path) => {
+            let secret = crate::keys::read_secret_file(path, "--cluster-secret-file")?;
+            crate::replication::auth::install(&secret).map_err(anyhow::Error::msg)?;
+        }
+        None => tracing::warn!(
+            listen = %listen,
+            "no --cluster-secret-file: the replica port serves any peer that reaches it; keep it on a private network, or give every node the same secret"
+        ),
+    }
     let replicas = LocalReplicas::new(args.data_dir.join("volumes"));
     let server = ReplicaServer::start(listen, node.to_string(), replicas.clone())
         .with_context(|| format!("serve replica traffic on {listen}"))?;

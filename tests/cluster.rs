@@ -2390,3 +2390,90 @@ fn replicas_of_a_node_that_stays_down_are_replaced_elsewhere() {
     c.remove(0, "idle");
     c.shutdown();
 }
+
+/// Replica traffic is authenticated (DRBD's shared-secret): every node of
+/// the harness holds the cluster secret. A peer without it gets nothing
+/// from the replica port, not even a fence of the attached node with a
+/// forged generation; a node started without the secret, or with another
+/// one, is refused by the attached node (the volume goes on with the
+/// others), and taken back once it has the right one.
+#[test]
+fn replica_traffic_needs_the_cluster_secret() {
+    use dunnage::replication::wire::{self, ErrorCode, Frame, Hello};
+    let mut c = Cluster::start(Mode::Loopback, 2);
+    let vol = "guarded";
+    c.create(0, vol, 2, "64M", &[("nodes", "n1,n2")]);
+    let id = c.inspect_on(0, vol)["id"].as_str().unwrap().to_string();
+    let d = BlockDev::open(&c.attach_on(0, vol));
+    write_blocks(&d, 0..64, 1);
+    d.sync().expect("fdatasync");
+
+    // A forged Hello at a generation far ahead: challenged, then refused.
+    let forged = Hello::new(
+        &id,
+        1 << 40,
+        "intruder",
+        dunnage::engine::ThinParams {
+            size: 64 * MIB,
+            block_size: 32 << 10,
+        },
+    );
+    let s = std::net::TcpStream::connect(c.addr(1)).expect("connect to n2's replica port");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    wire::write_frame(&mut &s, &Frame::Hello(forged)).unwrap();
+    match wire::read_frame(&mut &s).expect("n2 answers") {
+        Some(Frame::Challenge { .. }) => {}
+        other => panic!("expected a challenge, got {other:?}"),
+    }
+    wire::write_frame(&mut &s, &Frame::Proof { proof: [7; 32] }).unwrap();
+    match wire::read_frame(&mut &s).expect("n2 answers") {
+        Some(Frame::Error { code, message, .. }) => {
+            assert_eq!(code, ErrorCode::Unauthorized, "{message}");
+            assert!(message.contains("intruder"), "{message}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    drop(s);
+    // n1 still writes to both: nothing was fenced.
+    write_blocks(&d, 64..128, 2);
+    d.sync().expect("fdatasync");
+    assert_all_in_sync(&c, 0, vol, "after the forged Hello");
+
+    let secret = c.secret_file().display().to_string();
+    let other = c.node(1).root().join("other.secret");
+    std::fs::write(&other, "another cluster's secret\n").unwrap();
+    let other = other.display().to_string();
+    let refusals = [
+        (None, "accepted this node without authenticating it"),
+        (Some(other.as_str()), "did not prove this cluster's secret"),
+    ];
+    for (seed, (with, refusal)) in (3u64..).zip(refusals) {
+        c.kill9(1);
+        c.node_mut(1).set_arg("--cluster-secret-file", with);
+        c.start_again(1);
+        // The write finds n2's old link gone; n1 reconnects, and refuses.
+        write_blocks(&d, 0..32, seed);
+        d.sync().expect("fdatasync");
+        c.wait_for(&format!("n1 to refuse n2 ({refusal})"), || {
+            c.node(0).log().contains(refusal)
+        });
+        assert_ne!(
+            c.replica_info(0, vol, "n2")["state"],
+            "in-sync",
+            "n2 must not serve as a replica ({with:?})"
+        );
+    }
+    c.kill9(1);
+    c.node_mut(1)
+        .set_arg("--cluster-secret-file", Some(&secret));
+    c.start_again(1);
+    c.resync_on(0, vol, RESYNC_TIMEOUT_SECS);
+    assert_all_in_sync(&c, 0, vol, "with the right secret");
+    verify_blocks(&d, 0..32, 4);
+    verify_blocks(&d, 64..128, 2);
+    drop(d);
+    c.detach_on(0, vol);
+    assert_checksums_equal(&c, &[0, 1], vol);
+    c.remove(0, vol);
+    c.shutdown();
+}

@@ -510,8 +510,39 @@ fn say_hello(
     // A peer that stops reading must not stall the writer forever.
     stream.set_write_timeout(Some(timeout)).map_err(io_err)?;
     let mut s = &stream;
-    wire::write_frame(&mut s, &Frame::Hello(hello.clone())).map_err(link_err)?;
-    let (incarnation, prior) = match wire::read_frame(&mut s).map_err(link_err)? {
+    let hello_frame = Frame::Hello(hello.clone());
+    wire::write_frame(&mut s, &hello_frame).map_err(link_err)?;
+    let unauthorized = |message: String| ReplicationError::Refused {
+        node: node.to_string(),
+        code: ErrorCode::Unauthorized,
+        message,
+    };
+    let mut reply = wire::read_frame(&mut s).map_err(link_err)?;
+    let key = super::auth::key();
+    match (&reply, key) {
+        (Some(Frame::Challenge { nonce, proof }), Some(key)) => {
+            if !key.verify_server(&hello.nonce, nonce, node, proof) {
+                return Err(unauthorized(format!(
+                    "{addr} did not prove this cluster's secret as node {node}: start every node with the same --cluster-secret-file"
+                )));
+            }
+            let proof = key.client_proof(nonce, &hello.nonce, &hello_frame.encode());
+            wire::write_frame(&mut s, &Frame::Proof { proof }).map_err(link_err)?;
+            reply = wire::read_frame(&mut s).map_err(link_err)?;
+        }
+        (Some(Frame::Challenge { .. }), None) => {
+            return Err(unauthorized(format!(
+                "node {node} authenticates its replica peers and this node has no cluster secret: start it with the cluster's --cluster-secret-file"
+            )));
+        }
+        (Some(Frame::HelloOk { .. }), Some(_)) => {
+            return Err(unauthorized(format!(
+                "node {node} accepted this node without authenticating it (started without --cluster-secret-file): start every node with the same secret"
+            )));
+        }
+        _ => {}
+    }
+    let (incarnation, prior) = match reply {
         Some(Frame::HelloOk {
             version,
             node: peer,

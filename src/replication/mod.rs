@@ -15,6 +15,7 @@
 //!   replica misses and resyncs it when it is back.
 
 pub mod activity;
+pub mod auth;
 mod link;
 mod local;
 mod mirror;

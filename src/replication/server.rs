@@ -182,6 +182,44 @@ fn send(stream: &TcpStream, frame: &Frame) -> Result<(), WireError> {
     wire::write_frame(&mut s, frame)
 }
 
+/// Challenge the client of `hello` to prove the cluster secret, proving
+/// it first (`auth`). Err: why it is refused.
+fn authenticate(
+    key: &super::auth::ClusterKey,
+    stream: &TcpStream,
+    hello: &Hello,
+    node: &str,
+) -> Result<(), String> {
+    let nonce = super::auth::nonce();
+    let challenge = Frame::Challenge {
+        nonce,
+        proof: key.server_proof(&hello.nonce, &nonce, node),
+    };
+    send(stream, &challenge).map_err(|e| format!("sending the challenge: {e}"))?;
+    let hello_bytes = Frame::Hello(hello.clone()).encode();
+    match wire::read_frame(&mut &*stream) {
+        Ok(Some(Frame::Proof { proof }))
+            if key.verify_client(&nonce, &hello.nonce, &hello_bytes, &proof) =>
+        {
+            Ok(())
+        }
+        Ok(Some(Frame::Proof { .. })) => Err(format!(
+            "node {} did not prove this cluster's secret: start every node with the same --cluster-secret-file",
+            hello.from
+        )),
+        Ok(Some(Frame::Error { message, .. })) => Err(format!(
+            "node {} refused this node's challenge: {message}",
+            hello.from
+        )),
+        Ok(None) => Err(format!(
+            "node {} hung up at the challenge: it holds no cluster secret, or another one",
+            hello.from
+        )),
+        Ok(Some(other)) => Err(format!("expected a Proof, got {other:?}")),
+        Err(e) => Err(format!("reading the proof: {e}")),
+    }
+}
+
 fn refuse_hello(stream: &TcpStream, code: ErrorCode, message: String) {
     tracing::warn!(peer = ?stream.peer_addr().ok(), %code, message, "replica link refused");
     let _ = send(
@@ -248,6 +286,11 @@ fn serve_conn(inner: &Inner, stream: TcpStream, peer: Option<SocketAddr>) {
         }
         Err(e) => return refuse_hello(&stream, ErrorCode::Protocol, e.to_string()),
     };
+    if let Some(key) = super::auth::key() {
+        if let Err(why) = authenticate(key, &stream, &hello, &inner.node) {
+            return refuse_hello(&stream, ErrorCode::Unauthorized, why);
+        }
+    }
     if let Some(request) = &hello.forward {
         let forwarder = inner.forwarder.lock().clone();
         let Some(run) = forwarder else {

@@ -12,7 +12,7 @@
 //! version may change, so a server refuses a client of another version with
 //! a clear error instead of misreading it.
 
-use super::{Generation, ReplicaBase};
+use super::{auth, Generation, ReplicaBase};
 use crate::engine::ThinParams;
 use std::io::{self, IoSlice, Read, Write};
 
@@ -34,7 +34,10 @@ pub const MAGIC: [u8; 8] = *b"dunnrepl";
 ///    `ActivateAll` before a replica is copied whole; `HelloOk` carries
 ///    the replica's generation before the Hello; `Deactivate` carries the
 ///    clear's count and `Activity` answers the last clear's stamp too.
-pub const PROTOCOL_VERSION: u32 = 8;
+/// 9: a Hello carries a nonce; a server with a cluster secret answers it
+///    with a `Challenge`, which the client answers with a `Proof`, before
+///    its `HelloOk` (`auth`); the `Unauthorized` error.
+pub const PROTOCOL_VERSION: u32 = 9;
 /// Largest frame accepted (a write or read of up to 64 MiB plus headers).
 pub const MAX_FRAME: usize = (64 << 20) + 4096;
 /// Largest read or write one request may carry.
@@ -55,6 +58,8 @@ const KIND_DELETE_SNAPSHOT: u8 = 12;
 const KIND_ACTIVITY: u8 = 13;
 const KIND_DEACTIVATE: u8 = 14;
 const KIND_ACTIVATE_ALL: u8 = 15;
+const KIND_CHALLENGE: u8 = 16;
+const KIND_PROOF: u8 = 17;
 
 /// The first message of a connection: who asks, for which replica, under
 /// which attach generation.
@@ -86,6 +91,9 @@ pub struct Hello {
     /// parent's replica, say). Never for a replica the mirror may take for
     /// in sync: a new clone's first replicas are clones of its base.
     pub copied_whole: bool,
+    /// Fresh for each connection: what a server with a cluster secret
+    /// proves it over (`auth`).
+    pub nonce: auth::Nonce,
 }
 
 impl Hello {
@@ -101,6 +109,7 @@ impl Hello {
             base: None,
             forward: None,
             copied_whole: false,
+            nonce: auth::nonce(),
         }
     }
 
@@ -129,6 +138,9 @@ pub enum ErrorCode {
     NotFound,
     /// The replica is open: a restore must wait until it is closed.
     Busy,
+    /// The peer does not hold this node's cluster secret (or holds one
+    /// where this node has none).
+    Unauthorized,
 }
 
 impl ErrorCode {
@@ -141,6 +153,7 @@ impl ErrorCode {
             ErrorCode::Io => 5,
             ErrorCode::NotFound => 6,
             ErrorCode::Busy => 7,
+            ErrorCode::Unauthorized => 8,
         }
     }
 
@@ -153,6 +166,7 @@ impl ErrorCode {
             5 => ErrorCode::Io,
             6 => ErrorCode::NotFound,
             7 => ErrorCode::Busy,
+            8 => ErrorCode::Unauthorized,
             _ => return Err(WireError::Malformed(format!("unknown error code {v}"))),
         })
     }
@@ -168,6 +182,7 @@ impl std::fmt::Display for ErrorCode {
             ErrorCode::Io => "io",
             ErrorCode::NotFound => "not found",
             ErrorCode::Busy => "busy",
+            ErrorCode::Unauthorized => "unauthorized",
         })
     }
 }
@@ -255,6 +270,16 @@ pub enum Frame {
         code: ErrorCode,
         message: String,
     },
+    /// A server with a cluster secret, to a Hello: its nonce, and its
+    /// proof over both nonces and its name.
+    Challenge {
+        nonce: auth::Nonce,
+        proof: auth::Proof,
+    },
+    /// The client's answer to a Challenge.
+    Proof {
+        proof: auth::Proof,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -300,6 +325,8 @@ impl Frame {
             Frame::Ok { id } => (KIND_OK, *id),
             Frame::Data { id, .. } => (KIND_DATA, *id),
             Frame::Error { id, .. } => (KIND_ERROR, *id),
+            Frame::Challenge { .. } => (KIND_CHALLENGE, 0),
+            Frame::Proof { .. } => (KIND_PROOF, 0),
         };
         b.push(kind);
         b.extend_from_slice(&id.to_be_bytes());
@@ -335,6 +362,7 @@ impl Frame {
                     }
                 }
                 b.push(u8::from(h.copied_whole));
+                b.extend_from_slice(&h.nonce);
             }
             Frame::HelloOk {
                 version,
@@ -376,6 +404,11 @@ impl Frame {
                 b.push(code.to_u8());
                 put_str(&mut b, message);
             }
+            Frame::Challenge { nonce, proof } => {
+                b.extend_from_slice(nonce);
+                b.extend_from_slice(proof);
+            }
+            Frame::Proof { proof } => b.extend_from_slice(proof),
         }
         let len = (b.len() - 4) as u32;
         b[..4].copy_from_slice(&len.to_be_bytes());
@@ -427,6 +460,7 @@ impl Frame {
                         1 => true,
                         v => return Err(WireError::Malformed(format!("copied-whole flag {v}"))),
                     },
+                    nonce: r.array()?,
                 })
             }
             KIND_HELLO_OK => Frame::HelloOk {
@@ -435,6 +469,11 @@ impl Frame {
                 incarnation: r.u64()?,
                 generation: r.u64()?,
             },
+            KIND_CHALLENGE => Frame::Challenge {
+                nonce: r.array()?,
+                proof: r.array()?,
+            },
+            KIND_PROOF => Frame::Proof { proof: r.array()? },
             KIND_ERROR => Frame::Error {
                 id,
                 code: ErrorCode::from_u8(r.u8()?)?,
@@ -694,6 +733,9 @@ impl<'a> Reader<'a> {
         self.pos += n;
         Ok(s)
     }
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], WireError> {
+        Ok(self.take(N)?.try_into().expect("took N bytes"))
+    }
     fn rest(&mut self) -> &'a [u8] {
         let s = &self.buf[self.pos..];
         self.pos = self.buf.len();
@@ -730,20 +772,28 @@ mod tests {
     }
 
     fn fixture_hello() -> Hello {
-        Hello::new(
-            "0123456789abcdef0123456789abcdef",
-            42,
-            "node-a",
-            ThinParams {
-                size: 1 << 30,
-                block_size: 32 << 10,
-            },
-        )
+        Hello {
+            nonce: std::array::from_fn(|i| i as u8),
+            ..Hello::new(
+                "0123456789abcdef0123456789abcdef",
+                42,
+                "node-a",
+                ThinParams {
+                    size: 1 << 30,
+                    block_size: 32 << 10,
+                },
+            )
+        }
     }
 
     #[test]
     fn every_frame_roundtrips() {
         roundtrip(Frame::Hello(fixture_hello()));
+        roundtrip(Frame::Challenge {
+            nonce: [3; 32],
+            proof: [4; 32],
+        });
+        roundtrip(Frame::Proof { proof: [5; 32] });
         roundtrip(Frame::Hello(Hello {
             restore: Some("before-upgrade".into()),
             ..fixture_hello()
@@ -846,7 +896,7 @@ mod tests {
     /// by a fixture per version.
     #[test]
     fn hello_matches_fixture() {
-        let fixture = include_bytes!("../../fixtures/replication/hello-v8.bin");
+        let fixture = include_bytes!("../../fixtures/replication/hello-v9.bin");
         assert_eq!(Frame::Hello(fixture_hello()).encode(), fixture.to_vec());
         assert_eq!(
             read_frame(&mut &fixture[..]).unwrap().unwrap(),
@@ -854,7 +904,7 @@ mod tests {
         );
         // Nodes of older versions (no Digest, Snapshot, forward, prior
         // generation, incarnation) are told what to do.
-        let old: [(&[u8], u32); 7] = [
+        let old: [(&[u8], u32); 8] = [
             (include_bytes!("../../fixtures/replication/hello-v1.bin"), 1),
             (include_bytes!("../../fixtures/replication/hello-v2.bin"), 2),
             (include_bytes!("../../fixtures/replication/hello-v3.bin"), 3),
@@ -862,6 +912,7 @@ mod tests {
             (include_bytes!("../../fixtures/replication/hello-v5.bin"), 5),
             (include_bytes!("../../fixtures/replication/hello-v6.bin"), 6),
             (include_bytes!("../../fixtures/replication/hello-v7.bin"), 7),
+            (include_bytes!("../../fixtures/replication/hello-v8.bin"), 8),
         ];
         for (bytes, version) in old {
             match read_frame(&mut &bytes[..]) {
@@ -877,14 +928,21 @@ mod tests {
     fn other_version_is_refused_without_reading_the_rest() {
         let mut bytes = Frame::Hello(fixture_hello()).encode();
         // Version sits after length, kind, id and magic.
-        bytes[4 + 1 + 8 + 8..4 + 1 + 8 + 8 + 4].copy_from_slice(&9u32.to_be_bytes());
-        // A version 9 Hello may be longer: append garbage.
+        let next = PROTOCOL_VERSION + 1;
+        bytes[4 + 1 + 8 + 8..4 + 1 + 8 + 8 + 4].copy_from_slice(&next.to_be_bytes());
+        // A later version's Hello may be longer: append garbage.
         bytes.extend_from_slice(&[0xFF; 9]);
         let len = (bytes.len() - 4) as u32;
         bytes[..4].copy_from_slice(&len.to_be_bytes());
         let err = read_frame(&mut &bytes[..]).unwrap_err();
-        assert!(matches!(err, WireError::Version { theirs: 9 }), "{err}");
-        assert!(err.to_string().contains("version 9"), "{err}");
+        assert!(
+            matches!(err, WireError::Version { theirs } if theirs == next),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains(&format!("version {next}")),
+            "{err}"
+        );
     }
 
     #[test]

@@ -73,6 +73,8 @@ pub struct Cluster {
     pub etcd: Etcd,
     net: Option<Net>,
     cut: Vec<bool>,
+    /// Holds the cluster secret every node is started with.
+    secret_dir: tempfile::TempDir,
 }
 
 impl Cluster {
@@ -118,6 +120,16 @@ impl Cluster {
                     .collect()
             }
         };
+        // Every cluster authenticates its replica traffic, as one should.
+        let secret_dir = tempfile::Builder::new()
+            .prefix("dunnage-secret")
+            .tempdir()
+            .expect("create temp dir");
+        let secret = secret_dir.path().join("cluster.secret");
+        std::fs::write(&secret, format!("{:032x}\n", rand::random::<u128>()))
+            .expect("write the cluster secret");
+        std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .expect("chmod 600 the cluster secret");
         let mut nodes = Vec::with_capacity(n);
         for (i, addr) in addrs.into_iter().enumerate() {
             let name = format!("n{}", i + 1);
@@ -135,6 +147,8 @@ impl Cluster {
                     LEASE_TTL.to_string(),
                     "--replica-timeout".into(),
                     REPLICA_TIMEOUT.to_string(),
+                    "--cluster-secret-file".into(),
+                    secret.display().to_string(),
                 ]
                 .into_iter()
                 .chain(more(i))
@@ -155,6 +169,7 @@ impl Cluster {
             etcd,
             net,
             cut: vec![false; n],
+            secret_dir,
         };
         for node in &mut c.nodes {
             node.daemon.wait_ready();
@@ -511,6 +526,11 @@ impl Cluster {
     /// Starts node `i`'s daemon again with the same directories and flags.
     pub fn start_again(&mut self, i: usize) {
         self.nodes[i].daemon.start_again();
+    }
+
+    /// The cluster secret's file, which every node is started with.
+    pub fn secret_file(&self) -> std::path::PathBuf {
+        self.secret_dir.path().join("cluster.secret")
     }
 
     /// Partitions node `i` from everyone: veth: its cable is pulled;

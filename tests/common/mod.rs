@@ -227,6 +227,18 @@ impl Daemon {
         self.tmp.path()
     }
 
+    /// Set `flag`'s value among the extra arguments (or drop the flag), for
+    /// the next spawn.
+    pub fn set_arg(&mut self, flag: &str, value: Option<&str>) {
+        if let Some(i) = self.extra_args.iter().position(|a| a == flag) {
+            self.extra_args.drain(i..(i + 2).min(self.extra_args.len()));
+        }
+        if let Some(v) = value {
+            self.extra_args.push(flag.to_string());
+            self.extra_args.push(v.to_string());
+        }
+    }
+
     pub fn socket(&self) -> PathBuf {
         self.plugin_dir.join(format!("{}.sock", self.name))
     }

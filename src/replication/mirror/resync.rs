@@ -8,8 +8,8 @@ impl Inner {
     /// resync it when it is behind.
     pub(super) fn background(&self, r: &Arc<Replica>) {
         let mut backoff = MIN_BACKOFF;
-        // Say it once per outage, not once per attempt.
-        let mut warned = false;
+        // Say it once per outage and reason, not once per attempt.
+        let mut warned: Option<String> = None;
         loop {
             if self.is_closed() || r.is_removed() {
                 return;
@@ -34,15 +34,15 @@ impl Inner {
             match step {
                 Ok(()) => {
                     backoff = MIN_BACKOFF;
-                    warned = false;
+                    warned = None;
                 }
                 Err(Stop::Done) => {}
                 Err(Stop::Retry(why)) => {
-                    if warned {
+                    if warned.as_deref() == Some(why.as_str()) {
                         tracing::debug!(volume = %self.volume, peer = %r.node, why, "replica not back yet");
                     } else {
                         tracing::warn!(volume = %self.volume, peer = %r.node, why, "replica not back yet; retrying");
-                        warned = true;
+                        warned = Some(why);
                     }
                     r.sleep(backoff);
                     backoff = (backoff * 2).min(MAX_BACKOFF);
