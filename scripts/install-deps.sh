@@ -17,6 +17,7 @@ PACKAGES=(
     nftables       # nft: packet drops in cluster fault tests
     etcd-server    # etcd 3.4: the cluster's catalog, membership and attach leases
     etcd-client    # etcdctl: the cluster tests' etcd health checks (only Suggested by etcd-server)
+    openssl        # certificates for the test of an etcd with TLS
     protobuf-compiler # protoc, run by etcd-client's build script
     kmod           # modprobe (fuse, loop)
     libclang-dev   # bindgen, run by libublk-rs-sys when building the ublk export

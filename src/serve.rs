@@ -109,6 +109,65 @@ pub struct ServeArgs {
     /// Without it the replica port trusts whoever reaches it. Mode 600.
     #[arg(long, value_name = "FILE", requires = "etcd")]
     pub cluster_secret_file: Option<PathBuf>,
+    /// Cluster mode: the etcd user this node signs in as, where etcd has
+    /// authentication on (`etcdctl auth enable`); it must be able to read
+    /// and write the keys under /dunnage/. With --etcd-password-file.
+    #[arg(long, value_name = "NAME", requires = "etcd_password_file")]
+    pub etcd_user: Option<String>,
+    /// Cluster mode: file holding --etcd-user's password. Mode 600.
+    #[arg(long, value_name = "FILE", requires = "etcd_user")]
+    pub etcd_password_file: Option<PathBuf>,
+    /// Cluster mode: CA certificate (PEM) that etcd's server certificate
+    /// must chain to, for `https://` endpoints.
+    #[arg(long, value_name = "FILE", requires = "etcd")]
+    pub etcd_cacert: Option<PathBuf>,
+    /// Cluster mode: this node's client certificate (PEM), for an etcd
+    /// that checks them (`--client-cert-auth`). With --etcd-key.
+    #[arg(long, value_name = "FILE", requires = "etcd_key")]
+    pub etcd_cert: Option<PathBuf>,
+    /// Cluster mode: the private key (PEM) of --etcd-cert. Mode 600.
+    #[arg(long, value_name = "FILE", requires = "etcd_cert")]
+    pub etcd_key: Option<PathBuf>,
+}
+
+/// What etcd's flags ask for: credentials and TLS material, read now.
+fn etcd_security(args: &ServeArgs) -> Result<crate::cluster::EtcdSecurity> {
+    let read = |path: &std::path::Path, flag: &str| {
+        std::fs::read(path).with_context(|| format!("read {flag} {}", path.display()))
+    };
+    let user = match (&args.etcd_user, &args.etcd_password_file) {
+        (Some(user), Some(file)) => {
+            let password = crate::keys::read_secret_file(file, "--etcd-password-file")?;
+            let password = String::from_utf8(password)
+                .context("--etcd-password-file: the password is not UTF-8")?;
+            Some((user.clone(), zeroize::Zeroizing::new(password)))
+        }
+        _ => None,
+    };
+    let ca = args
+        .etcd_cacert
+        .as_deref()
+        .map(|p| read(p, "--etcd-cacert"))
+        .transpose()?;
+    let identity = match (&args.etcd_cert, &args.etcd_key) {
+        (Some(cert), Some(key)) => Some((
+            read(cert, "--etcd-cert")?,
+            zeroize::Zeroizing::new(crate::keys::read_secret_file(key, "--etcd-key")?),
+        )),
+        _ => None,
+    };
+    let tls = ca.is_some() || identity.is_some();
+    if let Some(plain) = args.etcd.iter().find(|u| tls != u.starts_with("https://")) {
+        anyhow::bail!(
+            "--etcd {plain}: {}",
+            if tls {
+                "--etcd-cacert/--etcd-cert need https:// endpoints"
+            } else {
+                "an https:// endpoint needs --etcd-cacert (the CA that etcd's certificate chains to)"
+            }
+        );
+    }
+    Ok(crate::cluster::EtcdSecurity { user, ca, identity })
 }
 
 /// Join the cluster: serve replica traffic, then register in etcd.
@@ -116,6 +175,7 @@ fn join_cluster(args: &ServeArgs, node: &str) -> Result<Arc<crate::config::Clust
     use crate::cluster::{Cluster, ClusterConfig};
     use crate::replication::{LocalReplicas, ReplicaServer};
     let listen = args.listen.context("--listen is required with --etcd")?;
+    let security = etcd_security(args)?;
     match &args.cluster_secret_file {
         Some(path) => {
             let secret = crate::keys::read_secret_file(path, "--cluster-secret-file")?;
@@ -135,6 +195,7 @@ fn join_cluster(args: &ServeArgs, node: &str) -> Result<Arc<crate::config::Clust
         listen: server.local_addr(),
         etcd: args.etcd.clone(),
         lease_ttl,
+        security,
     }) {
         Ok(c) => c,
         Err(e) => {

@@ -167,6 +167,7 @@ fn config(etcd: &Etcd, name: &str, port: u16, ttl: Duration) -> ClusterConfig {
         listen: addr(port),
         etcd: vec![etcd.url()],
         lease_ttl: ttl,
+        security: Default::default(),
     }
 }
 
@@ -781,4 +782,225 @@ fn detached_volumes_with_a_replica_behind_are_listed_with_the_live_members() {
     let (list, up) = a.detached_behind().unwrap();
     assert_eq!(up.iter().collect::<Vec<_>>(), ["a"]);
     assert_eq!(list[0].runner(&up), None);
+}
+
+/// Runs `program` with `args` in `dir`, panicking with its output if it fails.
+fn run_in(dir: &std::path::Path, program: &str, args: &[&str]) {
+    let out = Command::new(program)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("run {program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA, etcd's server certificate (for 127.0.0.1) and a client
+/// certificate signed by it, and another CA that signed nothing; in `dir`.
+fn make_certificates(dir: &std::path::Path) {
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    for ca in ["ca", "other-ca"] {
+        let (key, pem, subj) = (
+            format!("{ca}.key"),
+            format!("{ca}.pem"),
+            format!("/CN={ca}"),
+        );
+        let mut args = vec!["req", "-x509", "-days", "2", "-subj", &subj];
+        args.extend(ec);
+        args.extend(["-keyout", &key, "-out", &pem]);
+        run_in(dir, "openssl", &args);
+    }
+    std::fs::write(dir.join("server.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
+    for who in ["server", "client"] {
+        let (key, csr, pem, ext) = (
+            format!("{who}.key"),
+            format!("{who}.csr"),
+            format!("{who}.pem"),
+            format!("{who}.ext"),
+        );
+        let subj = format!("/CN=dunnage-{who}");
+        let mut args = vec!["req", "-subj", &subj];
+        args.extend(ec);
+        args.extend(["-keyout", &key, "-out", &csr]);
+        run_in(dir, "openssl", &args);
+        run_in(
+            dir,
+            "openssl",
+            &[
+                "x509",
+                "-req",
+                "-days",
+                "2",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-extfile",
+                &ext,
+                "-out",
+                &pem,
+            ],
+        );
+    }
+}
+
+/// A production-like etcd: TLS with client certificates, and
+/// authentication on. dunnage signs in as a user allowed only the keys
+/// under /dunnage/, over TLS; without the user, with a wrong password, or
+/// without trusting etcd's CA it is refused, saying what to give.
+#[test]
+fn a_node_joins_an_etcd_with_tls_and_authentication() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    make_certificates(d);
+    let (l1, l2) = (
+        TcpListener::bind("127.0.0.1:0").unwrap(),
+        TcpListener::bind("127.0.0.1:0").unwrap(),
+    );
+    let url = format!("https://{}", l1.local_addr().unwrap());
+    let peer = format!("http://{}", l2.local_addr().unwrap());
+    drop((l1, l2));
+    let log = std::fs::File::create(d.join("etcd.log")).unwrap();
+    let mut child = Command::new("/usr/bin/etcd")
+        .current_dir(d)
+        .args([
+            "--name=secure",
+            "--data-dir=data",
+            &format!("--listen-client-urls={url}"),
+            &format!("--advertise-client-urls={url}"),
+            &format!("--listen-peer-urls={peer}"),
+            &format!("--initial-advertise-peer-urls={peer}"),
+            &format!("--initial-cluster=secure={peer}"),
+            "--cert-file=server.pem",
+            "--key-file=server.key",
+            "--trusted-ca-file=ca.pem",
+            "--client-cert-auth",
+        ])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("start /usr/bin/etcd");
+    struct Kill<'a>(&'a mut Child);
+    impl Drop for Kill<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _kill = Kill(&mut child);
+    let ctl = |args: &[&str]| {
+        let mut all = vec![
+            "--endpoints",
+            url.as_str(),
+            "--cacert=ca.pem",
+            "--cert=client.pem",
+            "--key=client.key",
+        ];
+        all.extend(args);
+        Command::new("etcdctl")
+            .args(&all)
+            .current_dir(d)
+            .env("ETCDCTL_API", "3")
+            .output()
+            .expect("run etcdctl")
+    };
+    eventually("the TLS etcd to be healthy", || {
+        ctl(&["endpoint", "health"]).status.success()
+    });
+    for args in [
+        &["user", "add", "root:rootpw"][..],
+        &["user", "add", "dunnage:s3cret"],
+        &["role", "add", "dunnage"],
+        &[
+            "role",
+            "grant-permission",
+            "dunnage",
+            "--prefix=true",
+            "readwrite",
+            "/dunnage/",
+        ],
+        &["user", "grant-role", "dunnage", "dunnage"],
+        &["auth", "enable"],
+    ] {
+        let out = ctl(args);
+        assert!(out.status.success(), "etcdctl {args:?}: {out:?}");
+    }
+
+    let read = |f: &str| std::fs::read(d.join(f)).unwrap();
+    let secure = |user: Option<(&str, &str)>, ca: &str| dunnage::cluster::EtcdSecurity {
+        user: user.map(|(u, p)| (u.to_string(), zeroize::Zeroizing::new(p.to_string()))),
+        ca: Some(read(ca)),
+        identity: Some((
+            read("client.pem"),
+            zeroize::Zeroizing::new(read("client.key")),
+        )),
+    };
+    let config = |name: &str, security| ClusterConfig {
+        node: name.into(),
+        listen: addr(7901),
+        etcd: vec![url.clone()],
+        lease_ttl: TTL,
+        security,
+    };
+    let a = Cluster::connect(config("a", secure(Some(("dunnage", "s3cret")), "ca.pem")))
+        .unwrap_or_else(|e| panic!("join over TLS as user dunnage: {e}"));
+    a.catalog().insert(record("guarded")).unwrap();
+    assert!(a.catalog().get("guarded").is_some());
+    assert!(a.members().unwrap().iter().any(|m| m.name == "a" && m.up));
+
+    for (security, want) in [
+        (secure(None, "ca.pem"), "--etcd-user"),
+        (secure(Some(("dunnage", "wrong")), "ca.pem"), "--etcd-user"),
+        (
+            secure(Some(("dunnage", "s3cret")), "other-ca.pem"),
+            "cannot reach etcd",
+        ),
+    ] {
+        match Cluster::connect(config("b", security)) {
+            Ok(_) => panic!("joined without the right credentials ({want})"),
+            Err(e) => assert!(e.to_string().contains(want), "{e}"),
+        }
+    }
+    a.shutdown();
+
+    // The daemon's flags: what is missing is named before anything runs.
+    let dirs: Vec<String> = ["plugins", "data", "run"]
+        .iter()
+        .map(|sub| d.join(sub).display().to_string())
+        .collect();
+    let serve = |more: &[&str]| {
+        let mut args = vec!["serve", "--listen", "127.0.0.1:0", "--etcd", url.as_str()];
+        for (flag, dir) in ["--plugin-dir", "--data-dir", "--run-dir"]
+            .iter()
+            .zip(&dirs)
+        {
+            args.extend([*flag, dir.as_str()]);
+        }
+        args.extend(more);
+        let out = Command::new(env!("CARGO_BIN_EXE_dunnage"))
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "serve {args:?} started");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = serve(&[]);
+    assert!(err.contains("needs --etcd-cacert"), "{err}");
+    let err = serve(&["--etcd-user", "dunnage"]);
+    assert!(err.contains("--etcd-password-file"), "{err}");
 }

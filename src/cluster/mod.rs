@@ -128,6 +128,66 @@ pub struct ClusterConfig {
     /// Lease time to live, in whole seconds (rounded up): a node cut off
     /// from etcd for this long loses its membership and attaches.
     pub lease_ttl: Duration,
+    /// How to prove who this node is to etcd, and to check etcd's
+    /// certificate: nothing for a plain etcd.
+    pub security: EtcdSecurity,
+}
+
+/// etcd's own authentication (a user and password) and TLS (`https://`
+/// endpoints: the CA that etcd's certificate chains to, and this node's
+/// client certificate where etcd checks them).
+#[derive(Clone, Default)]
+pub struct EtcdSecurity {
+    pub user: Option<(String, zeroize::Zeroizing<String>)>,
+    /// PEM.
+    pub ca: Option<Vec<u8>>,
+    /// PEM certificate and key.
+    pub identity: Option<(Vec<u8>, zeroize::Zeroizing<Vec<u8>>)>,
+}
+
+impl std::fmt::Debug for EtcdSecurity {
+    /// Never the password or the key.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdSecurity")
+            .field("user", &self.user.as_ref().map(|(u, _)| u))
+            .field("ca", &self.ca.is_some())
+            .field("identity", &self.identity.is_some())
+            .finish()
+    }
+}
+
+impl EtcdSecurity {
+    fn apply(&self, mut opts: ConnectOptions) -> ConnectOptions {
+        if let Some((user, password)) = &self.user {
+            opts = opts
+                .with_user(user.clone(), password.as_str())
+                .with_auto_token_refresh(true);
+        }
+        if self.ca.is_some() || self.identity.is_some() {
+            let mut tls = etcd_client::TlsOptions::new();
+            if let Some(ca) = &self.ca {
+                tls = tls.ca_certificate(etcd_client::Certificate::from_pem(ca));
+            }
+            if let Some((cert, key)) = &self.identity {
+                tls = tls.identity(etcd_client::Identity::from_pem(cert, key.as_slice()));
+            }
+            opts = opts.with_tls(tls);
+        }
+        opts
+    }
+}
+
+/// etcd's answers that mean it wants (other) credentials from this node.
+fn is_refused_credentials(reason: &str) -> bool {
+    [
+        "user name is empty",
+        "authentication failed",
+        "invalid auth token",
+        "permission denied",
+        "invalid user ID",
+    ]
+    .iter()
+    .any(|m| reason.contains(m))
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -149,6 +209,8 @@ pub struct Member {
 pub enum ClusterError {
     #[error("cannot reach etcd at {endpoints}: {reason}; check that etcd is running and that the cluster's etcd URLs point at it")]
     Unreachable { endpoints: String, reason: String },
+    #[error("etcd at {endpoints} refused this node's credentials ({reason}): start dunnage serve with --etcd-user and --etcd-password-file naming an etcd user that may read and write the keys under /dunnage/")]
+    Credentials { endpoints: String, reason: String },
     #[error("volume {volume} is attached on node {node}; detach it there first (stop the containers using it), or, if {node} is down, retry once its etcd lease has expired")]
     HeldBy { volume: String, node: String },
     /// Held by a background resync, which stops when asked.
@@ -373,6 +435,13 @@ fn key_tail<'a>(kv: &'a KeyValue, prefix: &str) -> Option<&'a str> {
 
 impl Shared {
     fn error(&self, e: etcd_client::Error) -> ClusterError {
+        let reason = e.to_string();
+        if is_refused_credentials(&reason) {
+            return ClusterError::Credentials {
+                endpoints: self.endpoints.clone(),
+                reason,
+            };
+        }
         if is_unreachable(&e) {
             ClusterError::Unreachable {
                 endpoints: self.endpoints.clone(),
@@ -431,20 +500,30 @@ impl Cluster {
 
         let urls = cfg.etcd.clone();
         let eps = endpoints.clone();
+        let security = cfg.security.clone();
         let client = block_on(&handle, &endpoints, async move {
-            let opts = ConnectOptions::new()
+            let opts = security
+                .apply(ConnectOptions::new())
                 .with_connect_timeout(CALL_TIMEOUT)
                 // HTTP/2 pings find a dead connection so that it is made
                 // again; etcd refuses pings more often than every 5 s, and
                 // any without an open stream (the lease's is always open).
                 .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
                 .with_require_leader(true);
-            Client::connect(urls, Some(opts))
-                .await
-                .map_err(|e| ClusterError::Unreachable {
-                    endpoints: eps,
-                    reason: e.to_string(),
-                })
+            Client::connect(urls, Some(opts)).await.map_err(|e| {
+                let reason = e.to_string();
+                if is_refused_credentials(&reason) {
+                    ClusterError::Credentials {
+                        endpoints: eps,
+                        reason,
+                    }
+                } else {
+                    ClusterError::Unreachable {
+                        endpoints: eps,
+                        reason,
+                    }
+                }
+            })
         })?;
 
         let shared = Arc::new(Shared {
