@@ -42,6 +42,18 @@ enum Cmd {
     /// in sync, checksum this node's.
     #[command(subcommand)]
     Replica(ReplicaCmd),
+    /// This node and its cluster at a glance, and what needs attention:
+    /// nodes down, volumes degraded or unavailable, a filling data
+    /// directory.
+    Status {
+        /// JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Exit 1 if something needs attention (WARN), 2 on an ERROR
+        /// (for monitoring scripts).
+        #[arg(long)]
+        check: bool,
+    },
     /// Attach a volume as a block device on this host; prints the device path.
     Attach { name: String },
     /// Detach a volume attached with `dunnage attach`.
@@ -77,6 +89,7 @@ fn main() -> ExitCode {
         Cmd::Snapshot(cmd) => cli::snapshot(&cli.run_dir, cmd),
         Cmd::Node(cmd) => cli::cluster::node(&cli.run_dir, cmd),
         Cmd::Replica(cmd) => cli::cluster::replica(&cli.run_dir, cmd),
+        Cmd::Status { json, check } => cli::status::status(&cli.run_dir, json, check),
         Cmd::Attach { name } => cli::attach(&cli.run_dir, name),
         Cmd::Detach { name } => cli::detach(&cli.run_dir, name),
         Cmd::DebugEngineWriter { dir } => cli::debug::engine_writer(&dir),

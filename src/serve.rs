@@ -526,6 +526,7 @@ pub fn run(args: ServeArgs, run_dir: PathBuf) -> Result<()> {
         run_dir: run_dir.display().to_string(),
         mount_dir: mount_dir.display().to_string(),
         plugin_socket: plugin_sock.display().to_string(),
+        etcd: args.etcd.clone(),
     };
 
     let exporter_node = node.clone();

@@ -125,6 +125,17 @@ fn volume_create_ls_inspect_rm() {
 
     let v = d.inspect("cli1");
     check_volume_json(&v, "cli1");
+    // A single node's status: no cluster part; its volume counted.
+    let status: Value = serde_json::from_str(&d.cli_ok(&["status", "--json"])).unwrap();
+    assert_eq!(status["node"]["node"], v["node"], "{status}");
+    let listed = ls_json(&d, &[]).len();
+    assert_eq!(status["volumes"]["total"], listed, "{status}");
+    assert!(status.get("nodes").is_none(), "{status}");
+    let text = d.cli_ok(&["status"]);
+    assert!(
+        text.contains(&format!("volumes   {listed}, 0 attached here")),
+        "{text}"
+    );
     assert_eq!(v["size_bytes"], 64 * MIB, "{v}");
     assert_eq!(v["fs"], "ext4", "default fs: {v}");
     assert_eq!(v["block_size_kib"], 32, "default block size: {v}");

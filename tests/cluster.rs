@@ -2463,12 +2463,33 @@ fn replica_traffic_needs_the_cluster_secret() {
             "n2 must not serve as a replica ({with:?})"
         );
     }
+    // `status` says what needs a look; `--check` says it to scripts.
+    let out = c.cli(0, &["status", "--check"]);
+    assert!(matches!(out.status.code(), Some(1 | 2)), "{out:?}");
+    assert!(
+        out.stdout.contains("WARN   volume guarded: n2 outdated")
+            && out.stdout.contains("cluster   2 nodes: 2 up, 0 down"),
+        "{}",
+        out.stdout
+    );
     c.kill9(1);
     c.node_mut(1)
         .set_arg("--cluster-secret-file", Some(&secret));
     c.start_again(1);
     c.resync_on(0, vol, RESYNC_TIMEOUT_SECS);
     assert_all_in_sync(&c, 0, vol, "with the right secret");
+    // Healthy but for this host's disk, which may be filling (not ours).
+    let status: Value = serde_json::from_str(&c.cli_ok(1, &["status", "--json"])).unwrap();
+    let findings = status["findings"].as_array().unwrap();
+    assert!(
+        findings
+            .iter()
+            .all(|f| f["what"].as_str().unwrap().starts_with("data directory")),
+        "{status}"
+    );
+    assert_eq!(status["volumes"]["total"], 1, "{status}");
+    assert_eq!(status["volumes"]["degraded"], 0, "{status}");
+    assert_eq!(status["nodes"]["up"], 2, "{status}");
     verify_blocks(&d, 0..32, 4);
     verify_blocks(&d, 64..128, 2);
     drop(d);

@@ -3,6 +3,7 @@
 
 pub mod cluster;
 pub mod debug;
+pub mod status;
 mod transfer;
 
 use crate::control::client::Client;

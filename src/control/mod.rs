@@ -94,6 +94,9 @@ pub struct NodeInfo {
     pub run_dir: String,
     pub mount_dir: String,
     pub plugin_socket: String,
+    /// Cluster mode: its etcd endpoints (empty on a single node).
+    #[serde(default)]
+    pub etcd: Vec<String>,
 }
 
 fn fail(status: u16, msg: impl std::fmt::Display) -> HttpResponse {
