@@ -177,7 +177,7 @@ pub fn assess(
             );
         }
     }
-    findings.sort_by(|a, b| b.level.cmp(&a.level));
+    findings.sort_by_key(|f| std::cmp::Reverse(f.level));
     (findings, counts, nodes)
 }
 
