@@ -109,6 +109,12 @@ pub struct ServeArgs {
     /// Without it the replica port trusts whoever reaches it. Mode 600.
     #[arg(long, value_name = "FILE", requires = "etcd")]
     pub cluster_secret_file: Option<PathBuf>,
+    /// Cluster mode: this node's failure domain (a rack, room or zone:
+    /// letters, digits, '_', '.', '-'). Placement puts a volume's replicas
+    /// in distinct zones where there are enough, before anything else but
+    /// `group`; nodes without one count as a zone each.
+    #[arg(long, value_name = "NAME", requires = "etcd", value_parser = parse_zone)]
+    pub zone: Option<String>,
     /// Cluster mode: the etcd user this node signs in as, where etcd has
     /// authentication on (`etcdctl auth enable`); it must be able to read
     /// and write the keys under /dunnage/. With --etcd-password-file.
@@ -128,6 +134,12 @@ pub struct ServeArgs {
     /// Cluster mode: the private key (PEM) of --etcd-cert. Mode 600.
     #[arg(long, value_name = "FILE", requires = "etcd_cert")]
     pub etcd_key: Option<PathBuf>,
+}
+
+fn parse_zone(s: &str) -> Result<String, String> {
+    crate::spec::validate_name(s)
+        .map(|()| s.to_string())
+        .map_err(|e| format!("a zone is named like a volume: {e}"))
 }
 
 /// What etcd's flags ask for: credentials and TLS material, read now.
@@ -196,6 +208,7 @@ fn join_cluster(args: &ServeArgs, node: &str) -> Result<Arc<crate::config::Clust
         etcd: args.etcd.clone(),
         lease_ttl,
         security,
+        zone: args.zone.clone(),
     }) {
         Ok(c) => c,
         Err(e) => {

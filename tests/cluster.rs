@@ -1219,6 +1219,58 @@ fn placement_prefers_nodes_with_room_for_the_volume() {
     drop(disk);
 }
 
+/// `serve --zone`: a volume's replicas go to distinct zones (racks) before
+/// anything else, and a replica of a node that stays down is replaced in
+/// a zone the others are not in.
+#[test]
+fn replicas_spread_over_zones_and_a_replacement_keeps_the_spread() {
+    let zones = ["rack-a", "rack-a", "rack-b", "rack-b"];
+    let mut c = Cluster::start_with(Mode::Loopback, 4, |i| {
+        [
+            "--zone",
+            zones[i],
+            "--sweep-interval",
+            "1",
+            "--replace-after",
+            "2",
+        ]
+        .map(String::from)
+        .to_vec()
+    });
+    let listed: Vec<(String, String)> = c
+        .node_ls(0)
+        .iter()
+        .map(|m| {
+            (
+                m["name"].as_str().unwrap().to_string(),
+                m["zone"].as_str().unwrap_or("-").to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            ("n1", "rack-a"),
+            ("n2", "rack-a"),
+            ("n3", "rack-b"),
+            ("n4", "rack-b")
+        ]
+        .map(|(n, z)| (n.to_string(), z.to_string()))
+    );
+    assert!(c.cli_ok(0, &["node", "ls"]).contains("rack-b"));
+    // By name and load alone this would be n1 and n2, both in rack-a.
+    c.create(0, "spread", 2, "64M", &[]);
+    assert_eq!(c.placement(0, "spread"), ["n1", "n3"]);
+    c.kill9(2);
+    // n2 is first by name, but n4 keeps a copy in rack-b.
+    c.wait_for("n3's replica replaced in rack-b", || {
+        c.placement(0, "spread") == ["n1", "n4"]
+    });
+    c.start_again(2);
+    c.remove(0, "spread");
+    c.shutdown();
+}
+
 // ---------------------------------------------------------------------------------------
 // Encryption in a cluster: the cluster's key (every node's --secret-file)
 // ---------------------------------------------------------------------------------------

@@ -168,6 +168,7 @@ fn config(etcd: &Etcd, name: &str, port: u16, ttl: Duration) -> ClusterConfig {
         etcd: vec![etcd.url()],
         lease_ttl: ttl,
         security: Default::default(),
+        zone: None,
     }
 }
 
@@ -956,6 +957,7 @@ fn a_node_joins_an_etcd_with_tls_and_authentication() {
         etcd: vec![url.clone()],
         lease_ttl: TTL,
         security,
+        zone: None,
     };
     let a = Cluster::connect(config("a", secure(Some(("dunnage", "s3cret")), "ca.pem")))
         .unwrap_or_else(|e| panic!("join over TLS as user dunnage: {e}"));

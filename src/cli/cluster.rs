@@ -143,10 +143,11 @@ pub fn node(run_dir: &Path, cmd: NodeCmd) -> Result<()> {
     }
     let mut t = Table::new();
     t.load_preset(NOTHING);
-    t.set_header(["NODE", "ADDRESS", "STATE", "SIZE", "FREE", "SINCE"]);
+    t.set_header(["NODE", "ZONE", "ADDRESS", "STATE", "SIZE", "FREE", "SINCE"]);
     for m in &members {
         t.add_row([
             m.name.clone(),
+            m.zone.clone().unwrap_or_else(|| "-".into()),
             m.addr.to_string(),
             match (m.up, m.cordoned) {
                 (true, false) => "up",

@@ -10,6 +10,7 @@ impl Shared {
             addr: self.addr,
             started_at: self.started_at,
             capacity: None,
+            zone: self.zone.clone(),
         }
     }
 
@@ -161,6 +162,7 @@ impl Cluster {
                     Member {
                         cordoned: cordoned.contains(&r.name),
                         capacity: r.capacity,
+                        zone: r.zone,
                         name: r.name,
                         addr: r.addr,
                         up,

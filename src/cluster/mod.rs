@@ -131,6 +131,9 @@ pub struct ClusterConfig {
     /// How to prove who this node is to etcd, and to check etcd's
     /// certificate: nothing for a plain etcd.
     pub security: EtcdSecurity,
+    /// The failure domain (rack, room, zone) this node is in: placement
+    /// puts a volume's replicas in distinct ones where it can.
+    pub zone: Option<String>,
 }
 
 /// etcd's own authentication (a user and password) and TLS (`https://`
@@ -203,6 +206,9 @@ pub struct Member {
     /// Its data directory's filesystem, as it last reported it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capacity: Option<Capacity>,
+    /// Its failure domain (`serve --zone`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -253,6 +259,8 @@ struct MemberRecord {
     /// Its data directory's filesystem, as last reported (each sweep).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     capacity: Option<Capacity>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    zone: Option<String>,
 }
 
 /// A node's data directory's filesystem: size and free bytes.
@@ -329,6 +337,7 @@ type Callback = Arc<dyn Fn() + Send + Sync>;
 struct Shared {
     node: String,
     addr: SocketAddr,
+    zone: Option<String>,
     endpoints: String,
     ttl: Duration,
     started_at: DateTime<Utc>,
@@ -529,6 +538,7 @@ impl Cluster {
         let shared = Arc::new(Shared {
             node: cfg.node,
             addr: cfg.listen,
+            zone: cfg.zone,
             endpoints,
             ttl,
             started_at: Utc::now(),

@@ -20,14 +20,21 @@ pub struct PlacementRequest<'a> {
     /// volume's size when they last reported it: chosen only after the
     /// others (a thin volume may still fit, so not refused).
     pub short_of_space: &'a [String],
+    /// Each node's failure domain (`serve --zone`); a node without one is
+    /// a zone of its own.
+    pub zones: &'a BTreeMap<String, String>,
+    /// Nodes holding this volume's replicas already (`replica add`):
+    /// their zones count as taken.
+    pub beside: &'a [String],
 }
 
 /// Choose `req.repl` distinct live nodes. `up` is the live members;
 /// `existing` the (group, replica nodes) of every other volume.
 ///
-/// Named nodes come first, in the order given. The rest are ranked: nodes
-/// without a replica of a same-group volume first, then those with room
-/// for the whole volume, then the least loaded (fewest replicas of any
+/// Named nodes come first, in the order given. The rest are chosen one at
+/// a time, ranked: nodes without a replica of a same-group volume first,
+/// then those in a zone no replica of the volume is in yet (named, chosen
+/// or `beside`), then those with room for the whole volume, then the least loaded (fewest replicas of any
 /// volume), then by name so that the choice is stable (free space is not
 /// compared beyond room or no room: nodes sharing a filesystem, or
 /// reporting a few bytes apart, must not reorder). With `fg` a node holding a same-group replica is never chosen.
@@ -128,21 +135,35 @@ pub fn place(
         .filter(|n| !named.contains(n))
         .collect();
     let short: BTreeSet<&str> = req.short_of_space.iter().map(String::as_str).collect();
-    rest.sort_by_key(|n| {
-        (
-            taken.contains(n),
-            short.contains(n),
-            load.get(n).copied().unwrap_or(0),
-            *n,
-        )
-    });
-    for n in rest {
-        if chosen.len() == req.repl {
+    // A node without a zone is one of its own.
+    let zone_of = |n: &str| -> String {
+        req.zones
+            .get(n)
+            .map_or_else(|| format!("\0{n}"), |z| z.clone())
+    };
+    let mut zones_used: BTreeSet<String> = req
+        .beside
+        .iter()
+        .chain(&chosen)
+        .map(|n| zone_of(n))
+        .collect();
+    while chosen.len() < req.repl {
+        let Some((i, n)) = rest.iter().copied().enumerate().min_by_key(|(_, n)| {
+            (
+                taken.contains(n),
+                zones_used.contains(&zone_of(n)),
+                short.contains(n),
+                load.get(n).copied().unwrap_or(0),
+                *n,
+            )
+        }) else {
             break;
-        }
+        };
         if hard && taken.contains(n) {
             break;
         }
+        rest.remove(i);
+        zones_used.insert(zone_of(n));
         chosen.push(n.to_string());
     }
     if chosen.len() < req.repl {
@@ -162,6 +183,14 @@ pub fn place(
         ));
     }
     Ok(chosen)
+}
+
+/// Each member's zone, for those that have one.
+pub fn zones(members: &[super::Member]) -> BTreeMap<String, String> {
+    members
+        .iter()
+        .filter_map(|m| Some((m.name.clone(), m.zone.clone()?)))
+        .collect()
 }
 
 /// The members whose last reported free space is less than `size`.
@@ -195,6 +224,8 @@ fn list<'a>(names: impl Iterator<Item = &'a str>) -> String {
 mod tests {
     use super::*;
 
+    static NO_ZONES: BTreeMap<String, String> = BTreeMap::new();
+
     fn names(v: &[&str]) -> Vec<String> {
         v.iter().map(|s| s.to_string()).collect()
     }
@@ -211,7 +242,52 @@ mod tests {
             fg: false,
             cordoned: &[],
             short_of_space: &[],
+            zones: &NO_ZONES,
+            beside: &[],
         }
+    }
+
+    #[test]
+    fn replicas_spread_over_zones_before_anything_but_the_group() {
+        let up = names(&["a1", "a2", "b1", "b2", "c1"]);
+        let zones: BTreeMap<String, String> = [
+            ("a1", "a"),
+            ("a2", "a"),
+            ("b1", "b"),
+            ("b2", "b"),
+            ("c1", "c"),
+        ]
+        .into_iter()
+        .map(|(n, z)| (n.to_string(), z.to_string()))
+        .collect();
+        // c1 is the most loaded, yet zone c is the third zone.
+        let existing = vec![vol(None, &["c1"]), vol(None, &["c1"])];
+        let r = |repl, nodes| PlacementRequest {
+            zones: &zones,
+            ..req(repl, nodes)
+        };
+        assert_eq!(place(&r(2, &[]), &up, &existing).unwrap(), ["a1", "b1"]);
+        assert_eq!(
+            place(&r(3, &[]), &up, &existing).unwrap(),
+            ["a1", "b1", "c1"]
+        );
+        // More copies than zones: the zones fill up evenly, then repeat.
+        assert_eq!(
+            place(&r(4, &[]), &up, &existing).unwrap(),
+            ["a1", "b1", "c1", "a2"]
+        );
+        // A named node's zone counts, and so do the volume's other replicas'.
+        let named = names(&["a2"]);
+        assert_eq!(place(&r(2, &named), &up, &existing).unwrap(), ["a2", "b1"]);
+        let beside = names(&["a1", "b1"]);
+        let add = PlacementRequest {
+            beside: &beside,
+            ..r(1, &[])
+        };
+        let others = names(&["a2", "b2", "c1"]);
+        assert_eq!(place(&add, &others, &existing).unwrap(), ["c1"]);
+        // Nodes without a zone are a zone each.
+        assert_eq!(place(&req(2, &[]), &up, &existing).unwrap(), ["a1", "a2"]);
     }
 
     #[test]
@@ -364,6 +440,8 @@ mod tests {
             fg: false,
             cordoned: &[],
             short_of_space: &[],
+            zones: &NO_ZONES,
+            beside: &[],
         };
         assert_eq!(place(&r, &up, &existing).unwrap(), ["b", "c"]);
         // Soft rule: with more copies than free nodes, group nodes are used,
@@ -378,6 +456,8 @@ mod tests {
             fg: false,
             cordoned: &[],
             short_of_space: &[],
+            zones: &NO_ZONES,
+            beside: &[],
         };
         assert_eq!(place(&r, &up, &existing).unwrap(), ["d", "a"]);
     }
@@ -393,6 +473,8 @@ mod tests {
             fg: true,
             cordoned: &[],
             short_of_space: &[],
+            zones: &NO_ZONES,
+            beside: &[],
         };
         assert_eq!(place(&r, &up, &existing).unwrap(), ["c", "d"]);
         let r = PlacementRequest { repl: 3, ..r };
@@ -417,6 +499,8 @@ mod tests {
             fg: true,
             cordoned: &[],
             short_of_space: &[],
+            zones: &NO_ZONES,
+            beside: &[],
         };
         let err = place(&r, &up, &existing).unwrap_err();
         assert!(err.contains("node a named in nodes="), "{err}");
@@ -438,6 +522,8 @@ mod tests {
             fg: true,
             cordoned: &[],
             short_of_space: &[],
+            zones: &NO_ZONES,
+            beside: &[],
         };
         assert_eq!(place(&r, &up, &existing).unwrap(), ["a", "b"]);
         // fg without a group has nothing to keep apart.

@@ -84,6 +84,8 @@ impl Registry {
             fg: spec.fg,
             cordoned: &cordoned,
             short_of_space: &crate::cluster::placement::short_of_space(&members, spec.size),
+            zones: &crate::cluster::placement::zones(&members),
+            beside: &[],
         };
         let replicas = place(&req, &up, &existing)
             .map_err(|e| self.cluster_err(name, ClusterError::Placement(e)))?;

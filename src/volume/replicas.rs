@@ -54,12 +54,15 @@ fn contents_on(
 }
 
 /// The node a new replica goes to: `asked`, or the one placement ranks
-/// first among the live members without one, honouring `group`/`fg`.
+/// first among the live members without one, honouring `group`/`fg` and
+/// away from the zones of the other replicas (but `replacing`'s, whose
+/// zone it may take).
 fn new_replica_node(
     c: &ClusterNode,
     record: &VolumeRecord,
     members: &[Member],
     asked: Option<String>,
+    replacing: Option<&str>,
 ) -> Result<String, VolumeErrorKind> {
     if record.replicas.len() >= MAX_REPLICAS {
         return Err(refused(format!(
@@ -87,6 +90,12 @@ fn new_replica_node(
         }
         return Ok(n);
     }
+    let beside: Vec<String> = record
+        .replicas
+        .iter()
+        .filter(|n| Some(n.as_str()) != replacing)
+        .cloned()
+        .collect();
     let up: Vec<String> = members
         .iter()
         .filter(|m| m.up && !record.replicas.contains(&m.name))
@@ -107,6 +116,8 @@ fn new_replica_node(
         fg: record.spec.fg,
         cordoned: &crate::cluster::placement::cordoned(members),
         short_of_space: &crate::cluster::placement::short_of_space(members, record.spec.size),
+        zones: &crate::cluster::placement::zones(members),
+        beside: &beside,
     };
     let mut chosen = place(&req, &up, &others).map_err(|e| {
         refused(format!(
@@ -293,7 +304,8 @@ impl VolumeActor {
         } else if add {
             // A clone's replica on a node without its parent's is a plain
             // copy (`LocalReplicas::open_as`).
-            new_replica_node(&c, &record, &members, asked).map_err(|e| self.err(e))?
+            new_replica_node(&c, &record, &members, asked, replaces.as_deref())
+                .map_err(|e| self.err(e))?
         } else {
             let n = asked.expect("the CLI requires the node to remove");
             if !record.replicas.contains(&n) {
@@ -525,6 +537,7 @@ mod tests {
                 started_at: chrono::Utc::now(),
                 cordoned: false,
                 capacity: None,
+                zone: None,
             })
             .collect()
     }
