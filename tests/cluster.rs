@@ -1271,6 +1271,47 @@ fn replicas_spread_over_zones_and_a_replacement_keeps_the_spread() {
     c.shutdown();
 }
 
+/// `snapshot group` in a cluster: on the node where the attached volumes
+/// are (the others attached nowhere), one snapshot of each on every
+/// replica; asked on another node, refused, naming where to ask.
+#[test]
+fn a_group_snapshot_of_replicated_volumes() {
+    let c = Cluster::start(Mode::Loopback, 2);
+    for v in ["gdata", "glog"] {
+        c.create(0, v, 2, "64M", &[]);
+    }
+    let d = BlockDev::open(&c.attach_on(0, "gdata"));
+    write_blocks(&d, 0..16, 1);
+    d.sync().expect("fdatasync");
+    let err = c.cli_err(1, &["snapshot", "group", "g1", "gdata", "glog"]);
+    assert!(err.contains("attached on node n1"), "{err}");
+    assert_eq!(
+        c.cli_ok(0, &["snapshot", "group", "g1", "gdata", "glog"]),
+        "gdata g1\nglog g1\n"
+    );
+    for v in ["gdata", "glog"] {
+        assert_eq!(
+            snapshot_names_on(&c, 1, v),
+            [("g1".to_string(), vec!["n1".to_string(), "n2".to_string()])],
+            "{v}"
+        );
+    }
+    write_blocks(&d, 0..16, 2);
+    d.sync().expect("fdatasync");
+    drop(d);
+    c.detach_on(0, "gdata");
+    c.cli_ok(1, &["volume", "restore", "gdata", "g1"]);
+    let d = BlockDev::open(&c.attach_on(1, "gdata"));
+    verify_blocks(&d, 0..16, 1);
+    drop(d);
+    c.detach_on(1, "gdata");
+    for v in ["gdata", "glog"] {
+        c.cli_ok(0, &["snapshot", "rm", v, "g1"]);
+        c.remove(0, v);
+    }
+    c.shutdown();
+}
+
 // ---------------------------------------------------------------------------------------
 // Encryption in a cluster: the cluster's key (every node's --secret-file)
 // ---------------------------------------------------------------------------------------

@@ -168,6 +168,22 @@ pub enum SnapshotCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Take one snapshot named NAME of each volume at one instant, as if of
+    /// one disk (a database's data and log volumes): every write completed
+    /// before it is in the snapshots, none started after. The volumes' IO
+    /// pauses for that instant. All or nothing.
+    Group {
+        name: String,
+        /// The volumes; with --label, those too.
+        volumes: Vec<String>,
+        /// Also every volume with this label: `key=value`, or `key` for any
+        /// value. Repeatable.
+        #[arg(long)]
+        label: Vec<String>,
+        /// Print the snapshots as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// List a volume's snapshots as a table.
     Ls {
         volume: String,
@@ -213,6 +229,40 @@ pub fn snapshot(run_dir: &Path, cmd: SnapshotCmd) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&s)?);
             } else {
                 println!("{}", s.name);
+            }
+        }
+        SnapshotCmd::Group {
+            name,
+            mut volumes,
+            label,
+            json,
+        } => {
+            if !label.is_empty() {
+                let vols: Vec<VolumeInfo> = client.post("/v1/volume/list", &())?;
+                volumes.extend(
+                    vols.into_iter()
+                        .filter(|v| {
+                            label.iter().all(|l| match l.split_once('=') {
+                                Some((k, val)) => v.has_label(k, Some(val)),
+                                None => v.has_label(l, None),
+                            })
+                        })
+                        .map(|v| v.name),
+                );
+            }
+            if volumes.is_empty() {
+                anyhow::bail!(
+                    "no volume to snapshot: name them, or give a --label that some volume has"
+                );
+            }
+            let args = crate::control::GroupArgs { volumes, name };
+            let taken: Vec<SnapshotEntry> = client.post("/v1/snapshot/group", &args)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&taken)?);
+            } else {
+                for s in &taken {
+                    println!("{} {}", s.volume, s.name);
+                }
             }
         }
         SnapshotCmd::Ls { volume, json } => {

@@ -196,6 +196,13 @@ async fn inspect(reg: Reg, body: web::Bytes) -> HttpResponse {
     HttpResponse::Ok().json(info)
 }
 
+/// `{"volumes": [...], "name": ...}`: a group snapshot.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct GroupArgs {
+    pub volumes: Vec<String>,
+    pub name: String,
+}
+
 /// `{"volume": ..., "name": ...}` of the snapshot endpoints.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct SnapshotArgs {
@@ -218,6 +225,19 @@ async fn snapshot_create(reg: Reg, body: web::Bytes) -> HttpResponse {
         Ok(a) => reply(
             reg.send(snap::TakeSnapshot {
                 volume: a.volume,
+                name: a.name,
+            })
+            .await,
+        ),
+        Err(e) => fail(400, e),
+    }
+}
+
+async fn snapshot_group(reg: Reg, body: web::Bytes) -> HttpResponse {
+    match args::<GroupArgs>(&body) {
+        Ok(a) => reply(
+            reg.send(snap::GroupSnapshot {
+                volumes: a.volumes,
                 name: a.name,
             })
             .await,
@@ -556,6 +576,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/v1/volume/unlock", web::post().to(unlock))
         .route("/v1/volume/restore", web::post().to(restore))
         .route("/v1/snapshot/create", web::post().to(snapshot_create))
+        .route("/v1/snapshot/group", web::post().to(snapshot_group))
         .route("/v1/snapshot/list", web::post().to(snapshot_list))
         .route("/v1/snapshot/remove", web::post().to(snapshot_remove))
         .route("/v1/snapshot/export", web::post().to(snapshot_export))

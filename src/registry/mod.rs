@@ -50,6 +50,9 @@ pub enum RegistryError {
     },
     #[error("the daemon is shutting down")]
     ShuttingDown,
+    /// The request makes no sense as asked.
+    #[error("{0}")]
+    BadRequest(String),
     #[error("volume {volume} on node {node}: {source}")]
     Cluster {
         volume: String,
@@ -73,7 +76,7 @@ impl RegistryError {
     pub fn status(&self) -> u16 {
         match self {
             RegistryError::NotFound(_) => 404,
-            RegistryError::Spec(_) => 400,
+            RegistryError::Spec(_) | RegistryError::BadRequest(_) => 400,
             RegistryError::Volume(v) => match v.kind {
                 volume::VolumeErrorKind::InUse(_)
                 | volume::VolumeErrorKind::Sticky(_)

@@ -146,6 +146,9 @@ pub enum VolumeErrorKind {
     ReplicasOnHolder(String),
     #[error("{0}")]
     ReplicaChange(String),
+    /// A group snapshot could not pause this volume, or was called off.
+    #[error("group snapshot: {0}")]
+    Group(String),
     /// Forwarded to the node holding the attach, which refused.
     #[error("asked node {node}, where it is attached: {message}")]
     OnHolder {

@@ -234,6 +234,76 @@ fn snapshot_error(e: EngineError, volume: &str) -> VolumeErrorKind {
     }
 }
 
+/// This volume's part in a group snapshot (`dunnage snapshot group`): its
+/// IO paused (the FUSE export's engine slot, held exclusively: no request
+/// in flight, none starting), it says so on `frozen` and waits on `go`;
+/// once every volume of the group is paused, `go` says true and it takes
+/// the snapshot, then lets IO go on. So no write acknowledged after any
+/// volume's pause is in any of the snapshots, and every write
+/// acknowledged before all were paused is: the group is crash-consistent
+/// as one disk. `go` false or silent: called off, nothing taken.
+#[derive(Message)]
+#[rtype(result = "Result<SnapshotEntry, VolumeError>")]
+pub struct GroupPart {
+    pub name: String,
+    pub frozen: crossbeam_channel::Sender<Result<(), String>>,
+    pub go: crossbeam_channel::Receiver<bool>,
+}
+
+/// The longest a paused volume waits for the others of its group.
+pub const GROUP_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl Handler<GroupPart> for VolumeActor {
+    type Result = Result<SnapshotEntry, VolumeError>;
+    fn handle(&mut self, m: GroupPart, _: &mut SyncContext<Self>) -> Self::Result {
+        let refuse = |this: &Self, why: String| {
+            let _ = m.frozen.send(Err(format!("volume {}: {why}", this.name)));
+            Err(this.err(VolumeErrorKind::Group(why)))
+        };
+        if let Some(c) = self.node.cluster.clone() {
+            match self.holder_elsewhere(&c) {
+                Ok(Some(node)) => {
+                    return refuse(
+                        self,
+                        format!("it is attached on node {node}: a group is taken on the node where its attached volumes are"),
+                    )
+                }
+                Ok(None) => {}
+                Err(e) => return refuse(self, e.to_string()),
+            }
+        }
+        let slot = match self.attached.as_ref() {
+            Some(a) if a.export.io_path() == "passthrough" => {
+                return refuse(
+                    self,
+                    VolumeErrorKind::Passthrough(self.name.clone()).to_string(),
+                )
+            }
+            Some(a) => match a.export.engine_slot() {
+                Some(slot) => Some(slot.clone()),
+                None => return refuse(
+                    self,
+                    "it is served by ublk, which cannot be paused: snapshot it alone, or detach it"
+                        .into(),
+                ),
+            },
+            None => None,
+        };
+        let paused = slot.as_ref().map(|s| s.exclusive());
+        let _ = m.frozen.send(Ok(()));
+        let go =
+            m.go.recv_timeout(GROUP_WAIT + std::time::Duration::from_secs(5));
+        let taken = match go {
+            Ok(true) => self.take_snapshot(Some(m.name)),
+            _ => Err(self.err(VolumeErrorKind::Group(
+                "called off: another volume of the group could not be paused".into(),
+            ))),
+        };
+        drop(paused);
+        taken
+    }
+}
+
 /// Take a snapshot named `name` (default `snap-<UTC time>`).
 #[derive(Message)]
 #[rtype(result = "Result<SnapshotEntry, VolumeError>")]
