@@ -2428,10 +2428,18 @@ fn replicas_of_a_node_that_stays_down_are_replaced_elsewhere() {
     write_blocks(&d, 0..512, 2);
     d.sync().expect("fdatasync");
 
+    // Cordoned (maintenance), n2's replicas are left alone while it is down.
+    c.cli_ok(0, &["node", "cordon", "n2"]);
     c.kill9(1);
     // Written while n2 is down, before and during its replacement.
     write_blocks(&d, 1024..1280, 3);
     d.sync().expect("fdatasync");
+    c.wait_node_up(0, 1, false);
+    thread::sleep(Duration::from_secs(6));
+    assert_eq!(c.placement(0, "inuse"), ["n1", "n2"]);
+    assert_eq!(c.placement(0, "idle"), ["n2", "n3"]);
+    assert!(!c.logs().contains("adding a replica elsewhere"));
+    c.cli_ok(0, &["node", "uncordon", "n2"]);
     let replaced = |vol: &str, want: [&str; 2]| {
         c.placement(0, vol) == want
             && c.cluster_info(0, vol)["replicas"]

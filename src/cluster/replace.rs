@@ -71,6 +71,9 @@ pub struct ReplicaMap {
     pub known: BTreeSet<String>,
     /// The live members.
     pub up: BTreeSet<String>,
+    /// Members cordoned by hand (`node cordon`, `node evacuate`): their
+    /// replicas are the operator's to move, not replaced.
+    pub cordoned: BTreeSet<String>,
 }
 
 /// What the sweep does next about one volume.

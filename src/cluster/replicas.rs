@@ -69,6 +69,7 @@ impl Cluster {
                 all(format!("{PREFIX}replicas/")),
                 all(format!("{PREFIX}nodes/")),
                 all(format!("{PREFIX}known/")),
+                all(format!("{PREFIX}cordoned/")),
             ];
             s.txn(Txn::new().and_then(ops)).await
         })?;
@@ -103,10 +104,15 @@ impl Cluster {
                 .map(|m| m.name)
                 .collect()
         };
+        let cordoned = txn_kvs(&resp, 5)
+            .iter()
+            .filter_map(|kv| key_tail(kv, &format!("{PREFIX}cordoned/")).map(str::to_string))
+            .collect();
         Ok(ReplicaMap {
             volumes,
             known: names(4),
             up: names(3),
+            cordoned,
         })
     }
 

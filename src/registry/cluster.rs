@@ -297,7 +297,12 @@ pub(super) fn replace_gone(reg: &mut Registry, c: &ClusterNode) -> Vec<(String, 
     let Some(after) = c.sweep.replace_after else {
         return Vec::new();
     };
-    let crate::cluster::ReplicaMap { volumes, known, up } = match c.cluster.replicas_everywhere() {
+    let crate::cluster::ReplicaMap {
+        volumes,
+        known,
+        up,
+        cordoned,
+    } = match c.cluster.replicas_everywhere() {
         Ok(v) => v,
         Err(e) => {
             tracing::debug!(error = %e, "replacement check skipped: the catalog did not answer");
@@ -308,7 +313,11 @@ pub(super) fn replace_gone(reg: &mut Registry, c: &ClusterNode) -> Vec<(String, 
     let gone = {
         let mut r = reg.replacements.lock();
         r.clock.observe(known.iter().map(String::as_str), &up, now);
-        r.clock.down_for(after, now)
+        // A cordoned node's replicas are the operator's (maintenance,
+        // `node evacuate`): not replaced behind their back.
+        let mut gone = r.clock.down_for(after, now);
+        gone.retain(|n| !cordoned.contains(n));
+        gone
     };
     let me = c.cluster.node().to_string();
     let mut asked = Vec::new();
