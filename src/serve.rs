@@ -179,6 +179,9 @@ fn etcd_security(args: &ServeArgs) -> Result<crate::cluster::EtcdSecurity> {
             }
         );
     }
+    if user.is_some() && !tls {
+        tracing::warn!("--etcd-user over http://: the password crosses the network in the clear; give etcd https:// endpoints and --etcd-cacert");
+    }
     Ok(crate::cluster::EtcdSecurity { user, ca, identity })
 }
 
