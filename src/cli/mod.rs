@@ -532,15 +532,7 @@ mod tests {
     use crate::volume::replicated::{ClusterView, ReplicaView};
 
     fn replica(node: &str, state: ReplicaState) -> ReplicaView {
-        ReplicaView {
-            node: node.into(),
-            state,
-            local: None,
-            connected: None,
-            resync: None,
-            resync_sent_bytes: None,
-            replaces: None,
-        }
+        ReplicaView::recorded(node, state)
     }
 
     #[test]

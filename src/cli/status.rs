@@ -277,15 +277,7 @@ mod tests {
             resync_on: None,
             replicas: replicas
                 .iter()
-                .map(|(n, s)| ReplicaView {
-                    node: n.to_string(),
-                    state: *s,
-                    local: None,
-                    connected: None,
-                    resync: None,
-                    resync_sent_bytes: None,
-                    replaces: None,
-                })
+                .map(|(n, s)| ReplicaView::recorded(n, *s))
                 .collect(),
             verification: None,
         });

@@ -690,6 +690,21 @@ impl From<ReplicaStatus> for ReplicaView {
     }
 }
 
+impl ReplicaView {
+    /// A replica as etcd records it (nothing of its link or resync).
+    pub fn recorded(node: &str, state: ReplicaState) -> ReplicaView {
+        ReplicaView {
+            node: node.to_string(),
+            state,
+            local: None,
+            connected: None,
+            resync: None,
+            resync_sent_bytes: None,
+            replaces: None,
+        }
+    }
+}
+
 impl ClusterView {
     /// Name, on each replica replacing another, the one it replaces.
     fn with_replacements(mut self, record: &VolumeRecord) -> ClusterView {
@@ -766,14 +781,9 @@ pub fn etcd_view(c: &ClusterNode, record: &VolumeRecord) -> Result<ClusterView, 
         replicas: record
             .replicas
             .iter()
-            .map(|n| ReplicaView {
-                node: n.clone(),
-                state: states.get(n).copied().unwrap_or(ReplicaState::Outdated),
-                local: None,
-                connected: None,
-                resync: None,
-                resync_sent_bytes: None,
-                replaces: None,
+            .map(|n| {
+                let state = states.get(n).copied().unwrap_or(ReplicaState::Outdated);
+                ReplicaView::recorded(n, state)
             })
             .collect(),
         verification: None,
