@@ -1261,13 +1261,16 @@ fn replicas_spread_over_zones_and_a_replacement_keeps_the_spread() {
     // By name and load alone this would be n1 and n2, both in rack-a.
     c.create(0, "spread", 2, "64M", &[]);
     assert_eq!(c.placement(0, "spread"), ["n1", "n3"]);
+    c.create(0, "triple", 3, "64M", &[("nodes", "n1,n2,n3")]);
     c.kill9(2);
-    // n2 is first by name, but n4 keeps a copy in rack-b.
-    c.wait_for("n3's replica replaced in rack-b", || {
-        c.placement(0, "spread") == ["n1", "n4"]
+    // n2 is first by name, but n4 keeps a copy in rack-b; a repl=3 volume
+    // has a fourth replica while its replacement resyncs.
+    c.wait_for("n3's replicas replaced in rack-b", || {
+        c.placement(0, "spread") == ["n1", "n4"] && c.placement(0, "triple") == ["n1", "n2", "n4"]
     });
     c.start_again(2);
     c.remove(0, "spread");
+    c.remove(0, "triple");
     c.shutdown();
 }
 

@@ -328,21 +328,18 @@ pub(super) fn replace_gone(reg: &mut Registry, c: &ClusterNode) -> Vec<(String, 
         let Some(step) = v.next_step(&up, &gone) else {
             continue;
         };
-        if !reg.replacements.lock().busy.insert(v.id.clone()) {
-            continue;
-        }
         let addr = match reg.lookup(&v.name) {
-            Ok(r) if r.id == v.id => reg.actor(&r),
-            _ => {
-                reg.replacements.lock().busy.remove(&v.id);
+            Ok(r) if r.id == v.id => reg.actor(&r).ok(),
+            _ => None,
+        };
+        let Some(addr) = addr else { continue };
+        let retrying = {
+            let mut r = reg.replacements.lock();
+            if !r.busy.insert(v.id.clone()) {
                 continue;
             }
+            r.failed.contains_key(&v.id)
         };
-        let Ok(addr) = addr else {
-            reg.replacements.lock().busy.remove(&v.id);
-            continue;
-        };
-        let retrying = reg.replacements.lock().failed.contains_key(&v.id);
         let msg = match &step {
             Step::Add { replaces } => {
                 if !retrying {

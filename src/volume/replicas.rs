@@ -64,7 +64,8 @@ fn new_replica_node(
     asked: Option<String>,
     replacing: Option<&str>,
 ) -> Result<String, VolumeErrorKind> {
-    if record.replicas.len() >= MAX_REPLICAS {
+    // A replacement has one more for the time its replica resyncs.
+    if record.replicas.len() >= MAX_REPLICAS + usize::from(replacing.is_some()) {
         return Err(refused(format!(
             "it has {} replicas ({}), the most a volume may have; remove one first",
             record.replicas.len(),
