@@ -2567,6 +2567,15 @@ fn replica_traffic_needs_the_cluster_secret() {
             "n2 must not serve as a replica ({with:?})"
         );
     }
+    // n1 retries every second; n2 (with another secret) says so once.
+    thread::sleep(Duration::from_secs(3));
+    let log = c.node(1).log();
+    let this_run = log.rsplit("===== spawn").next().unwrap_or_default();
+    let warned = this_run
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("replica link refused"))
+        .count();
+    assert_eq!(warned, 1, "{this_run}");
     // `status` says what needs a look; `--check` says it to scripts.
     let out = c.cli(0, &["status", "--check"]);
     assert!(matches!(out.status.code(), Some(1 | 2)), "{out:?}");

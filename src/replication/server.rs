@@ -41,6 +41,9 @@ struct Inner {
     /// Live connections, to cut them at shutdown.
     conns: Mutex<HashMap<u64, TcpStream>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
+    /// When each kind of refusal was last logged, by peer address: a
+    /// misconfigured or fenced node retries every second.
+    refusals: Mutex<HashMap<(Option<IpAddr>, ErrorCode), std::time::Instant>>,
 }
 
 pub struct ReplicaServer {
@@ -73,6 +76,7 @@ impl ReplicaServer {
             next_conn: AtomicU64::new(0),
             conns: Mutex::new(HashMap::new()),
             threads: Mutex::new(Vec::new()),
+            refusals: Mutex::new(HashMap::new()),
         });
         let accept = {
             let inner = inner.clone();
@@ -220,8 +224,23 @@ fn authenticate(
     }
 }
 
-fn refuse_hello(stream: &TcpStream, code: ErrorCode, message: String) {
-    tracing::warn!(peer = ?stream.peer_addr().ok(), %code, message, "replica link refused");
+/// How often one kind of refusal of one peer is logged as a warning (the
+/// others at debug level).
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(60);
+
+fn refuse_hello(inner: &Inner, stream: &TcpStream, code: ErrorCode, message: String) {
+    let peer = stream.peer_addr().ok();
+    let now = std::time::Instant::now();
+    let warn = {
+        let mut logged = inner.refusals.lock();
+        logged.retain(|_, at| now.duration_since(*at) < REFUSAL_LOG_EVERY);
+        logged.insert((peer.map(|p| p.ip()), code), now).is_none()
+    };
+    if warn {
+        tracing::warn!(?peer, %code, message, "replica link refused (said again at most once a minute)");
+    } else {
+        tracing::debug!(?peer, %code, message, "replica link refused");
+    }
     let _ = send(
         stream,
         &Frame::Error {
@@ -276,25 +295,27 @@ fn serve_conn(inner: &Inner, stream: TcpStream, peer: Option<SocketAddr>) {
         Ok(None) => return,
         Ok(Some(other)) => {
             return refuse_hello(
+                inner,
                 &stream,
                 ErrorCode::Protocol,
                 format!("the first frame must be a Hello, got {other:?}"),
             )
         }
         Err(e @ WireError::Version { .. }) => {
-            return refuse_hello(&stream, ErrorCode::Version, e.to_string())
+            return refuse_hello(inner, &stream, ErrorCode::Version, e.to_string())
         }
-        Err(e) => return refuse_hello(&stream, ErrorCode::Protocol, e.to_string()),
+        Err(e) => return refuse_hello(inner, &stream, ErrorCode::Protocol, e.to_string()),
     };
     if let Some(key) = super::auth::key() {
         if let Err(why) = authenticate(key, &stream, &hello, &inner.node) {
-            return refuse_hello(&stream, ErrorCode::Unauthorized, why);
+            return refuse_hello(inner, &stream, ErrorCode::Unauthorized, why);
         }
     }
     if let Some(request) = &hello.forward {
         let forwarder = inner.forwarder.lock().clone();
         let Some(run) = forwarder else {
             return refuse_hello(
+                inner,
                 &stream,
                 ErrorCode::Busy,
                 format!("node {} is starting; retry", inner.node),
@@ -315,7 +336,7 @@ fn serve_conn(inner: &Inner, stream: TcpStream, peer: Option<SocketAddr>) {
                     )
                 });
             }
-            Err((code, message)) => refuse_hello(&stream, code, message),
+            Err((code, message)) => refuse_hello(inner, &stream, code, message),
         };
     }
     if let Some(snapshot) = &hello.restore {
@@ -326,7 +347,7 @@ fn serve_conn(inner: &Inner, stream: TcpStream, peer: Option<SocketAddr>) {
             Ok(()) => {
                 let _ = send(&stream, &hello_ok(inner, 0, 0));
             }
-            Err(e) => refuse_hello(&stream, code_of(&e), e.to_string()),
+            Err(e) => refuse_hello(inner, &stream, code_of(&e), e.to_string()),
         };
     }
     let (replica, prior, session) = match inner
@@ -342,7 +363,7 @@ fn serve_conn(inner: &Inner, stream: TcpStream, peer: Option<SocketAddr>) {
             r.advance(hello.generation).map(|s| (r, prior, s))
         }) {
         Ok(r) => r,
-        Err(e) => return refuse_hello(&stream, code_of(&e), e.to_string()),
+        Err(e) => return refuse_hello(inner, &stream, code_of(&e), e.to_string()),
     };
     if send(&stream, &hello_ok(inner, replica.incarnation(), prior)).is_err() {
         return;

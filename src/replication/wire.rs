@@ -122,7 +122,7 @@ impl Hello {
 }
 
 /// Why a server refused a request (or the Hello).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ErrorCode {
     /// The replica has seen a newer generation: the client is fenced.
     Fenced,
