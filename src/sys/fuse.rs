@@ -123,8 +123,29 @@ pub fn abort_connection(mount_point: &Path) -> io::Result<()> {
         .split_once(':')
         .map(|(_, m)| m)
         .ok_or_else(|| io::Error::other(format!("odd device {:?} in mountinfo", entry.dev)))?;
-    std::fs::write(format!("/sys/fs/fuse/connections/{minor}/abort"), "1")
+    let abort = format!("{FUSECTL}/{minor}/abort");
+    match std::fs::write(&abort, "1") {
+        Err(e)
+            if e.kind() == io::ErrorKind::NotFound
+                && !super::mount::is_mount_point(Path::new(FUSECTL)) =>
+        {
+            // Many hosts never mount the FUSE control filesystem.
+            nix::mount::mount(
+                Some("fusectl"),
+                FUSECTL,
+                Some("fusectl"),
+                MsFlags::empty(),
+                None::<&str>,
+            )
+            .map_err(io::Error::from)?;
+            std::fs::write(&abort, "1")
+        }
+        r => r,
+    }
 }
+
+/// Where the kernel's FUSE control filesystem lists the connections.
+const FUSECTL: &str = "/sys/fs/fuse/connections";
 
 #[cfg(test)]
 mod tests {
