@@ -184,6 +184,15 @@ impl Cluster {
         Ok(earlier.unwrap_or(false))
     }
 
+    /// The generation of the last attach not released cleanly (its node
+    /// was killed or cut off), if any: a clean release and every other
+    /// node's attach since change it.
+    pub fn unreleased(&self, volume_id: &str) -> Result<Option<Generation>, ClusterError> {
+        let mark = unreleased_key(volume_id);
+        let kv = self.run(|s| async move { s.get(&mark).await })?;
+        Ok(kv.and_then(|kv| kv.value_str().ok().and_then(|v| v.parse().ok())))
+    }
+
     /// Give up attach ownership, if `generation` still holds it. Releasing a
     /// volume nobody holds is fine; one held at another generation is Fenced.
     pub fn release_attach(

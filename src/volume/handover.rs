@@ -20,6 +20,10 @@ pub struct AttachRecord {
     pub fs_mount: Option<PathBuf>,
     pub data_path: Option<PathBuf>,
     pub usage: Usage,
+    /// The attach generation held (cluster mode): a restarted daemon takes
+    /// the volume back only if no other node attached it meanwhile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<crate::replication::Generation>,
 }
 
 fn path(node: &Node, id: &str) -> PathBuf {

@@ -156,6 +156,14 @@ pub enum VolumeErrorKind {
         code: crate::replication::wire::ErrorCode,
         message: String,
     },
+    #[error("another node attached it while this node's daemon was down, so the filesystem this node still had mounted on it is stale")]
+    AttachedSince,
+    #[error("it is not shared: only a volume created with shared=true is mounted on several nodes at once")]
+    NotShared(String),
+    #[error(
+        "it is not mounted on this node (it may have just been unmounted here): mount it again"
+    )]
+    NotMountedHere,
     #[error("{0} needs a cluster: start dunnage serve with --node, --listen and --etcd")]
     NotClustered(&'static str),
     #[error("this node holds no replica of it (its replicas are on {0})")]
@@ -281,6 +289,10 @@ impl VolumeActor {
                     fs_mount: a.fs_mount.clone(),
                     data_path: a.data_path.clone(),
                     usage: self.usage.clone(),
+                    generation: match &a.engine {
+                        Backing::Mirror { generation, .. } => Some(*generation),
+                        Backing::Image(_) => None,
+                    },
                 };
                 if let Err(e) = handover::save(&self.node, &rec) {
                     tracing::warn!(volume = %self.name, error = %e, "cannot write the attach record: a daemon crash now would disturb this volume's users");
@@ -465,6 +477,18 @@ impl VolumeActor {
     /// export goes on serving the same device, the filesystem stays
     /// mounted, Docker's mount IDs are remembered.
     fn resume(&mut self, rec: handover::AttachRecord) -> Result<(), VolumeErrorKind> {
+        if let (Some(c), Some(held)) = (&self.node.cluster, rec.generation) {
+            // Another node attached it meanwhile (and changed it, if only
+            // by replaying the journal): a filesystem the kernel here still
+            // has mounted is stale, and writing it back would corrupt it.
+            // A device nobody holds has no cache left (the kernel drops it
+            // at the last close), so it may be taken back.
+            let held_here =
+                rec.fs_mount.is_some() || crate::sys::loopdev::is_in_use(rec.export.device());
+            if held_here && c.cluster.unreleased(&self.id)? != Some(held) {
+                return Err(VolumeErrorKind::AttachedSince);
+            }
+        }
         // The engine stays in passthrough if it was: the kernel kept writing
         // the data file directly while no daemon ran.
         let engine = self.open_backing(true)?;
