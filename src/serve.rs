@@ -265,6 +265,20 @@ fn forwarder(registry: actix::Addr<Registry>) -> crate::replication::Forwarder {
     })
 }
 
+/// Lift the soft limit on open files to the hard one: a shared volume's
+/// holder keeps a descriptor for every file its clients hold (as
+/// virtiofsd does), beside each volume's own.
+fn raise_open_files() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!(soft, hard, error = %e, "cannot raise the open-file limit");
+            }
+        }
+    }
+}
+
 /// Start the snapshot scheduler and tell it every policy and attach.
 async fn start_scheduler(node: &Arc<Node>, registry: &actix::Addr<Registry>) {
     use crate::schedule::actor::{ScheduleEvent, SnapScheduler, SnapshotOps};
@@ -452,6 +466,7 @@ fn cleanup(node: &Node, keep: &[AttachRecord]) {
 
 pub fn run(args: ServeArgs, run_dir: PathBuf) -> Result<()> {
     crate::sys::malloc::pin_mmap_threshold();
+    raise_open_files();
     crate::spec::validate_name(&args.name).context("--name")?;
     let mount_dir = args
         .mount_dir

@@ -44,15 +44,12 @@ pub const SUPPORTED_OPTIONS: &[&str] = &[
     "replicas",
     "nodes",
     "hosts",
+    "shared",
 ];
 
 /// The option carrying a volume's own passphrase. It is taken out of the
 /// options (see [`take_secret`]) before anything stores or logs them.
 pub const SECRET_OPTION: &str = "secret_key";
-
-/// Options of the design that parse but are not built yet. Values that mean
-/// "off" or "the default" are accepted, anything else is refused, never ignored.
-const NOT_YET: &[&str] = &["shared"];
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SpecError {
@@ -65,12 +62,6 @@ pub enum SpecError {
         option: String,
         value: String,
         reason: String,
-    },
-    #[error("option {option}={value} is not supported yet by this build of dunnage; remove it (supported options: {supported})")]
-    NotYet {
-        option: String,
-        value: String,
-        supported: String,
     },
     #[error("unknown option {option:?}; valid options are: {valid}")]
     Unknown { option: String, valid: String },
@@ -149,6 +140,9 @@ pub struct VolumeSpec {
     /// Nodes wanted for the replicas (`nodes`/`hosts`); the rest are picked.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nodes: Vec<String>,
+    /// Several nodes may mount it at once (`export::share`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub shared: bool,
 }
 
 fn one() -> u8 {
@@ -175,6 +169,7 @@ impl Default for VolumeSpec {
             limits: Default::default(),
             repl: 1,
             nodes: Vec::new(),
+            shared: false,
         }
     }
 }
@@ -302,15 +297,6 @@ fn parse_labels(value: &str) -> Result<BTreeMap<String, String>, SpecError> {
         labels.insert(k.to_string(), v.trim().to_string());
     }
     Ok(labels)
-}
-
-/// True when a not-yet-built option's value asks for nothing beyond the default.
-fn is_default_value(option: &str, value: &str) -> bool {
-    let v = value.trim().to_ascii_lowercase();
-    match option {
-        "shared" => matches!(v.as_str(), "false" | "no" | "off" | "0"),
-        _ => false,
-    }
 }
 
 /// Take the volume's own passphrase out of `opts` (any key case), so that
@@ -473,11 +459,7 @@ pub fn parse_options(
             "passthrough" => spec.passthrough = parse_bool("passthrough", value)?,
             "max_iops" => spec.limits.iops = parse_max_iops(value)?,
             "max_bandwidth" => spec.limits.bandwidth = parse_max_bandwidth(value)?,
-            k if NOT_YET.contains(&k) => {
-                if !is_default_value(k, value) {
-                    return Err(not_yet(k, value));
-                }
-            }
+            "shared" => spec.shared = parse_bool("shared", value)?,
             _ => {
                 return Err(SpecError::Unknown {
                     option: key.chars().take(64).collect(),
@@ -508,6 +490,15 @@ pub fn parse_options(
                 spec.nodes.len(),
                 spec.repl
             ),
+        });
+    }
+    if spec.shared && spec.fs == FsType::None {
+        return Err(SpecError::Value {
+            option: "shared".into(),
+            value: "true".into(),
+            reason:
+                "nodes share a volume's filesystem, and fs=none makes none; use fs=ext4 or fs=xfs"
+                    .into(),
         });
     }
     if spec.fs == FsType::None && !spec.fsopts.is_empty() {
@@ -630,14 +621,6 @@ pub fn check_passthrough(spec: &VolumeSpec) -> Result<(), SpecError> {
             reason: format!("it cannot be combined with {what}; drop one of the two"),
         }),
         None => Ok(()),
-    }
-}
-
-fn not_yet(option: &str, value: &str) -> SpecError {
-    SpecError::NotYet {
-        option: option.to_string(),
-        value: value.chars().take(64).collect(),
-        supported: SUPPORTED_OPTIONS.join(", "),
     }
 }
 
@@ -834,7 +817,8 @@ mod tests {
             (&[("parent", "a@b@c")], "names a snapshot of SRC"),
             (&[("io_priority", "urgent")], "high, medium or low"),
             (&[("group", "a b")], "group name"),
-            (&[("shared", "true")], "not supported yet"),
+            (&[("shared", "perhaps")], "true or false"),
+            (&[("shared", "true"), ("fs", "none")], "fs=none makes none"),
             (&[("colour", "blue")], "valid options are: size, fs"),
             (&[("block_size", "48")], "power of two"),
             (&[("block_size", "2048")], "power of two"),
@@ -870,8 +854,8 @@ mod tests {
     }
 
     #[test]
-    fn default_values_of_unbuilt_options_are_accepted() {
-        parse_options(
+    fn default_values_are_accepted_and_shared_is_recorded() {
+        let spec = parse_options(
             &opts(&[
                 ("repl", "1"),
                 ("secure", "false"),
@@ -881,6 +865,13 @@ mod tests {
             None,
         )
         .unwrap();
+        assert!(!spec.shared);
+        let spec = parse_options(&opts(&[("shared", "yes"), ("repl", "2")]), None).unwrap();
+        assert!(spec.shared);
+        let json = serde_json::to_value(&spec).unwrap();
+        assert_eq!(json["shared"], true);
+        let back: VolumeSpec = serde_json::from_value(json).unwrap();
+        assert_eq!(back, spec);
     }
 
     #[test]

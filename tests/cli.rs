@@ -484,8 +484,16 @@ fn cli_errors() {
         err.contains("need a cluster") && err.contains("--etcd"),
         "{err:?}"
     );
-    let err = d.cli_err(&["volume", "create", "x", "-o", "shared=true"]);
-    assert!(err.contains("not supported yet"), "{err:?}");
+    let err = d.cli_err(&[
+        "volume",
+        "create",
+        "x",
+        "-o",
+        "shared=true",
+        "-o",
+        "fs=none",
+    ]);
+    assert!(err.contains("shared") && err.contains("fs=none"), "{err:?}");
     let err = d.cli_err(&["node", "ls"]);
     assert!(err.contains("runs alone"), "{err:?}");
     d.cli_ok(&["volume", "create", "single", "-o", "size=16M"]);

@@ -1316,6 +1316,231 @@ fn a_group_snapshot_of_replicated_volumes() {
 }
 
 // ---------------------------------------------------------------------------------------
+// Shared volumes (shared=true): several nodes mount one volume at once
+// ---------------------------------------------------------------------------------------
+
+/// Docker's Mount of `vol` on node `i` for mount ID `id`; the path.
+fn mount_on(c: &Cluster, i: usize, vol: &str, id: &str) -> std::path::PathBuf {
+    let v = c.node(i).ok(
+        "/VolumeDriver.Mount",
+        &serde_json::json!({"Name": vol, "ID": id}),
+    );
+    std::path::PathBuf::from(v["Mountpoint"].as_str().expect("a Mountpoint"))
+}
+
+fn unmount_on(c: &Cluster, i: usize, vol: &str, id: &str) {
+    c.node(i).ok(
+        "/VolumeDriver.Unmount",
+        &serde_json::json!({"Name": vol, "ID": id}),
+    );
+}
+
+/// The filesystem type mounted at `path`, if any (from /proc/self/mountinfo).
+fn fstype_at(path: &std::path::Path) -> Option<String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    info.lines().find_map(|l| {
+        let (left, right) = l.split_once(" - ")?;
+        let mp = left.split(' ').nth(4)?;
+        (std::path::Path::new(mp) == path)
+            .then(|| right.split(' ').next().unwrap_or("").to_string())
+    })
+}
+
+/// Runs `script` with sh as uid:gid 1000:1000 (no groups); whether it succeeded.
+fn as_user_1000(script: &str) -> bool {
+    Command::new("setpriv")
+        .args([
+            "--reuid=1000",
+            "--regid=1000",
+            "--clear-groups",
+            "sh",
+            "-c",
+            script,
+        ])
+        .status()
+        .expect("run setpriv")
+        .success()
+}
+
+/// A shared volume is mounted by three nodes at once: the holder mounts
+/// its filesystem, the others mount clients of it; what one node writes
+/// and closes, the others read when they open it; files are made as the
+/// caller and permissions hold; the holder keeps the volume while another
+/// node uses it and lets go after the last; when the holder dies, the
+/// clients get errors rather than hang, and a client node takes the volume
+/// over with every file synced before.
+#[test]
+fn a_shared_volume_is_mounted_on_several_nodes_at_once() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let mut c = Cluster::start(Mode::Loopback, 3);
+    c.create(0, "web", 2, "64M", &[("fs", "ext4"), ("shared", "true")]);
+    c.create(0, "solo", 1, "32M", &[("fs", "ext4")]);
+
+    let p1 = mount_on(&c, 0, "web", "c1");
+    assert_eq!(fstype_at(p1.parent().unwrap()).as_deref(), Some("ext4"));
+    std::fs::write(p1.join("a.txt"), "from n1\n").unwrap();
+    let p2 = mount_on(&c, 1, "web", "c2");
+    assert_ne!(p1, p2);
+    assert_eq!(fstype_at(&p2).as_deref(), Some("fuse.dunnage-share"));
+    assert_eq!(
+        std::fs::read_to_string(p2.join("a.txt")).unwrap(),
+        "from n1\n"
+    );
+
+    // n2 writes a tree; n1 sees it as written.
+    let big: Vec<u8> = (0..3 * MIB as usize).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::create_dir(p2.join("d")).unwrap();
+    {
+        let mut f = std::fs::File::create(p2.join("d/big.bin")).unwrap();
+        std::io::Write::write_all(&mut f, &big).unwrap();
+        f.sync_all().unwrap();
+    }
+    std::os::unix::fs::symlink("../a.txt", p2.join("d/link")).unwrap();
+    std::fs::rename(p2.join("d/big.bin"), p2.join("d/data.bin")).unwrap();
+    std::fs::set_permissions(p2.join("d"), std::fs::Permissions::from_mode(0o777)).unwrap();
+    assert_eq!(std::fs::read(p1.join("d/data.bin")).unwrap(), big);
+    assert_eq!(
+        std::fs::read_link(p1.join("d/link")).unwrap(),
+        std::path::Path::new("../a.txt")
+    );
+    assert_eq!(
+        std::fs::read_to_string(p1.join("d/link")).unwrap(),
+        "from n1\n"
+    );
+    assert!(!p1.join("d/big.bin").exists());
+    // Close-to-open: n1 rewrites a.txt; n2's next open reads it.
+    std::fs::write(p1.join("a.txt"), "n1 again\n").unwrap();
+    assert_eq!(
+        std::fs::read_to_string(p2.join("a.txt")).unwrap(),
+        "n1 again\n"
+    );
+
+    // A third node joins; the holder lists both.
+    let p3 = mount_on(&c, 2, "web", "c3");
+    let mut names: Vec<String> = std::fs::read_dir(p3.join("d"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["data.bin", "link"]);
+    let v = c.inspect_on(0, "web");
+    assert_eq!(v["shared"], true, "{v}");
+    assert_eq!(v["shared_with"], serde_json::json!(["n2", "n3"]), "{v}");
+    assert_eq!(c.inspect_on(1, "web")["served_by"], "n1");
+    let ls = c.cli_ok(1, &["volume", "ls"]);
+    let row = ls
+        .lines()
+        .find(|l| l.trim_start().starts_with("web "))
+        .unwrap_or("");
+    assert!(row.contains("mounted") && row.contains("via n1"), "{ls}");
+
+    // Files are the caller's, and the holder's permissions hold on clients.
+    assert!(as_user_1000(&format!(
+        "echo mine > {}/d/u.txt",
+        p3.display()
+    )));
+    let meta = std::fs::metadata(p1.join("d/u.txt")).unwrap();
+    assert_eq!((meta.uid(), meta.gid()), (1000, 1000));
+    assert!(
+        !as_user_1000(&format!("echo no >> {}/a.txt", p2.display())),
+        "uid 1000 wrote root's 0644 file through a client"
+    );
+    assert_eq!(
+        std::fs::read_to_string(p1.join("a.txt")).unwrap(),
+        "n1 again\n"
+    );
+
+    // A volume that is not shared is still refused, naming the holder.
+    mount_on(&c, 0, "solo", "s1");
+    let err = c.node(1).err(
+        "/VolumeDriver.Mount",
+        &serde_json::json!({"Name": "solo", "ID": "s2"}),
+    );
+    assert!(err.contains("attached on node n1"), "{err}");
+    unmount_on(&c, 0, "solo", "s1");
+
+    // n1's last container goes: n2 and n3 still use it, so it stays.
+    unmount_on(&c, 0, "web", "c1");
+    assert!(
+        fstype_at(p1.parent().unwrap()).is_some(),
+        "n1 let go while shared"
+    );
+    assert_eq!(std::fs::read(p2.join("d/data.bin")).unwrap(), big);
+    let err = c.cli_err(0, &["volume", "rm", "web"]);
+    assert!(err.contains("shared with node(s) n2, n3"), "{err}");
+    unmount_on(&c, 2, "web", "c3");
+    assert_eq!(fstype_at(&p3), None, "n3's client is gone");
+    unmount_on(&c, 1, "web", "c2");
+    assert_eq!(fstype_at(&p2), None, "n2's client is gone");
+    c.wait_for("n1 to let go of the volume", || {
+        fstype_at(p1.parent().unwrap()).is_none()
+    });
+
+    // Now n2 mounts first: it holds the volume itself, and n1 joins it.
+    let q2 = mount_on(&c, 1, "web", "c4");
+    assert_eq!(fstype_at(q2.parent().unwrap()).as_deref(), Some("ext4"));
+    let q1 = mount_on(&c, 0, "web", "c5");
+    assert_eq!(fstype_at(&q1).as_deref(), Some("fuse.dunnage-share"));
+    {
+        let mut f = std::fs::File::create(q1.join("synced.bin")).unwrap();
+        std::io::Write::write_all(&mut f, &big[..MIB as usize]).unwrap();
+        f.sync_all().unwrap();
+    }
+    // The holder dies: n1's client fails instead of hanging.
+    c.kill9(1);
+    let err = std::fs::read_dir(&q1)
+        .and_then(|d| d.collect::<Result<Vec<_>, _>>())
+        .map(|_| ())
+        .and_then(|()| std::fs::read(q1.join("synced.bin")).map(|_| ()))
+        .expect_err("a client of a dead holder answered");
+    assert!(
+        err.raw_os_error() == Some(libc::EIO) || err.raw_os_error() == Some(libc::ENOTCONN),
+        "{err}"
+    );
+    unmount_on(&c, 0, "web", "c5");
+    assert_eq!(fstype_at(&q1), None, "the broken client is unmounted");
+    // Once n2's lease is gone, n1 takes the volume over, everything in it.
+    let deadline = Instant::now() + CONVERGE;
+    let r1 = loop {
+        let (status, v) = c.node(0).call(
+            "/VolumeDriver.Mount",
+            &serde_json::json!({"Name": "web", "ID": "c6"}),
+        );
+        if status == 200 && v["Err"].as_str().unwrap_or("").is_empty() {
+            break std::path::PathBuf::from(v["Mountpoint"].as_str().unwrap());
+        }
+        assert!(Instant::now() < deadline, "no takeover: {v}");
+        thread::sleep(Duration::from_millis(500));
+    };
+    assert_eq!(fstype_at(r1.parent().unwrap()).as_deref(), Some("ext4"));
+    assert_eq!(
+        std::fs::read(r1.join("synced.bin")).unwrap(),
+        &big[..MIB as usize]
+    );
+    assert_eq!(std::fs::read(r1.join("d/data.bin")).unwrap(), big);
+    unmount_on(&c, 0, "web", "c6");
+    // n2 comes back: n1 attached the volume since, so n2 does not take
+    // back its stale mount (n1 replayed the journal under it).
+    c.start_again(1);
+    c.wait_node_up(0, 1, true);
+    c.wait_for("n2 to drop its stale mount", || {
+        fstype_at(q2.parent().unwrap()).is_none()
+    });
+    assert_eq!(c.inspect_on(1, "web")["state"], "detached");
+    assert!(
+        c.node(1)
+            .log_tail()
+            .contains("another node attached it while"),
+        "{}",
+        c.node(1).log_tail()
+    );
+    for v in ["web", "solo"] {
+        c.remove(0, v);
+    }
+    c.shutdown();
+}
+
+// ---------------------------------------------------------------------------------------
 // Encryption in a cluster: the cluster's key (every node's --secret-file)
 // ---------------------------------------------------------------------------------------
 

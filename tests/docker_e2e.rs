@@ -349,3 +349,117 @@ fn docker_uses_a_replicated_volume_and_it_grows_in_use() {
     drop(cleanup);
     c.shutdown();
 }
+
+/// A shared volume (`shared=true`) used by containers on two nodes at
+/// once: n2 holds it (mounted through the plugin socket), and dockerd's
+/// containers on n1 use it through n1's client of n2, as root and as
+/// another user, each seeing what the other node wrote.
+#[test]
+fn containers_on_two_nodes_share_a_volume() {
+    use common::cluster::{Cluster, Mode};
+    use std::os::unix::fs::MetadataExt;
+    require_docker();
+    let c = Cluster::start_custom(
+        Mode::Loopback,
+        2,
+        |_| Vec::new(),
+        |i| Opts {
+            plugin_dir: (i == 0).then(|| DOCKER_PLUGIN_DIR.into()),
+            ..Opts::default()
+        },
+    );
+    let mut cleanup = Cleanup::default();
+    let driver = c.node(0).name.clone();
+    let vol = unique("e2e-shared");
+    cleanup.volumes.push(vol.clone());
+    docker_ok(&[
+        "volume",
+        "create",
+        "-d",
+        &driver,
+        "--opt",
+        "shared=true",
+        "--opt",
+        "repl=2",
+        "--opt",
+        "size=64M",
+        &vol,
+    ]);
+    let v: Value = serde_json::from_str(&docker_ok(&["volume", "inspect", &vol])).unwrap();
+    assert_eq!(v[0]["Status"]["shared"], true, "{v}");
+    c.wait_for("n2 to list the volume", || {
+        c.volume_names(1).iter().any(|n| n == &vol)
+    });
+    let m = c
+        .node(1)
+        .ok("/VolumeDriver.Mount", &json!({"Name": vol, "ID": "on-n2"}));
+    let p2 = std::path::PathBuf::from(m["Mountpoint"].as_str().unwrap());
+    std::fs::write(p2.join("from-n2"), "hello from n2\n").unwrap();
+    std::fs::create_dir(p2.join("open")).unwrap();
+    std::fs::set_permissions(
+        p2.join("open"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+
+    let bind = format!("{vol}:/data");
+    let out = run_container(
+        &mut cleanup,
+        &[
+            "-v",
+            &bind,
+            TEST_IMAGE,
+            "sh",
+            "-c",
+            "cat /data/from-n2 && echo from-docker > /data/from-n1 && sync",
+        ],
+    );
+    assert_eq!(out, "hello from n2\n");
+    assert_eq!(
+        std::fs::read_to_string(p2.join("from-n1")).unwrap(),
+        "from-docker\n"
+    );
+    // While a container on n1 runs, n2 counts n1's session; then it goes.
+    let cname = unique("dunnage-e2e-shared");
+    cleanup.containers.push(cname.clone());
+    docker_ok(&[
+        "run", "-d", "--name", &cname, "-v", &bind, TEST_IMAGE, "sleep", "300",
+    ]);
+    assert_eq!(c.inspect_on(1, &vol)["shared_with"], json!(["n1"]));
+    assert_eq!(c.inspect_on(0, &vol)["served_by"], "n2");
+    docker_ok(&["rm", "-f", &cname]);
+    c.wait_for("n1's session to end", || {
+        c.inspect_on(1, &vol)["shared_with"].is_null()
+    });
+    // Another user in the container: files are theirs, and root's are not
+    // theirs to write.
+    let out = run_container(
+        &mut cleanup,
+        &[
+            "-u",
+            "1000:1000",
+            "-v",
+            &bind,
+            TEST_IMAGE,
+            "sh",
+            "-c",
+            "echo mine > /data/open/u && (echo no >> /data/from-n2 && echo wrote || echo refused)",
+        ],
+    );
+    assert_eq!(out, "refused\n");
+    let meta = std::fs::metadata(p2.join("open/u")).unwrap();
+    assert_eq!((meta.uid(), meta.gid()), (1000, 1000));
+    assert_eq!(
+        std::fs::read_to_string(p2.join("from-n2")).unwrap(),
+        "hello from n2\n"
+    );
+    // dockerd unmounted after each container: n1 holds no client now.
+    assert_eq!(c.inspect_on(0, &vol)["state"], "detached");
+    c.node(1).ok(
+        "/VolumeDriver.Unmount",
+        &json!({"Name": vol, "ID": "on-n2"}),
+    );
+    cleanup.volume_rm(&vol);
+    drop(cleanup);
+    c.shutdown();
+}

@@ -7,6 +7,7 @@ use dunnage::engine::pattern::pattern;
 use dunnage::engine::{BlockEngine, ThinParams};
 use dunnage::replication::activity;
 use dunnage::replication::wire::{self, ErrorCode, Frame, Hello};
+use dunnage::replication::Answer;
 use dunnage::replication::{
     Generation, Incarnation, LocalReplica, LocalReplicas, Mirror, MirrorConfig, NewReplica,
     PeerSpec, ReplicaServer, ReplicaState, ReplicaStatus, ReplicationError, ResyncPace, StateStore,
@@ -2102,7 +2103,14 @@ fn a_forwarded_request_reaches_the_daemon_and_its_reply_comes_back() {
         log.lock().push(req.to_string());
         match req {
             r#"{"op":"fail"}"# => Err((ErrorCode::NotFound, "no snapshot x".to_string())),
-            r => Ok(format!("{{\"echo\":{r}}}")),
+            // A session takes the connection over: it echoes one line.
+            r#"{"op":"session"}"# => Ok(Answer::Session(Box::new(|stream| {
+                let mut line = String::new();
+                let mut r = std::io::BufReader::new(&stream);
+                std::io::BufRead::read_line(&mut r, &mut line).unwrap();
+                std::io::Write::write_all(&mut &stream, format!("echo {line}").as_bytes()).unwrap();
+            }))),
+            r => Ok(Answer::Reply(format!("{{\"echo\":{r}}}"))),
         }
     }));
     assert_eq!(
@@ -2120,7 +2128,29 @@ fn a_forwarded_request_reaches_the_daemon_and_its_reply_comes_back() {
         }
         other => panic!("a refusal: {other:?}"),
     }
-    assert_eq!(*seen.lock(), [r#"{"op":"take"}"#, r#"{"op":"fail"}"#]);
+    let stream = dunnage::replication::open_session(
+        "holder",
+        node.addr,
+        "asker",
+        r#"{"op":"session"}"#,
+        IO_TIMEOUT,
+    )
+    .unwrap();
+    std::io::Write::write_all(&mut &stream, b"ping\n").unwrap();
+    let mut back = String::new();
+    std::io::Read::read_to_string(&mut &stream, &mut back).unwrap();
+    assert_eq!(
+        back, "echo ping\n",
+        "the session had the connection to itself"
+    );
+    assert_eq!(
+        *seen.lock(),
+        [
+            r#"{"op":"take"}"#,
+            r#"{"op":"fail"}"#,
+            r#"{"op":"session"}"#
+        ]
+    );
     // No replica was opened for it.
     assert!(node.replicas.get("-").is_none());
 }

@@ -421,7 +421,7 @@ fn bad_input_is_refused_and_changes_nothing() {
         ("replicas", "3", "repl", "need a cluster"),
         ("nodes", "n1", "nodes", "need a cluster"),
         ("hosts", "n1,n2", "nodes", "at most repl"),
-        ("shared", "true", "shared", "not supported yet"),
+        ("shared", "maybe", "shared", "true or false"),
     ] {
         let err = d.err(
             "/VolumeDriver.Create",

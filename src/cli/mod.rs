@@ -335,10 +335,12 @@ fn table(vols: &[VolumeInfo]) -> String {
             human_bytes(v.size_bytes),
             v.fs.clone(),
             v.state.clone(),
-            v.device
-                .as_ref()
-                .map(|d| d.display().to_string())
-                .unwrap_or_else(|| "-".into()),
+            match (&v.device, &v.served_by) {
+                (Some(d), _) => d.display().to_string(),
+                // A shared volume's client: its files come from the holder.
+                (None, Some(holder)) => format!("via {holder}"),
+                (None, None) => "-".into(),
+            },
             human_bytes(v.allocated_bytes),
             v.mounts.to_string(),
             if labels.is_empty() {

@@ -6,6 +6,7 @@
 //! with direct IO sits on it). Exports are thin: no policy, just plumbing.
 
 pub mod fuse;
+pub mod share;
 pub mod ublk;
 
 use crate::engine::BlockEngine;

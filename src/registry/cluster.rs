@@ -9,10 +9,12 @@ use crate::cluster::{ClusterError, DownClock, Member, Step};
 use crate::config::ClusterNode;
 use crate::engine::CryptEngine;
 use crate::replication::wire::ErrorCode;
+use crate::replication::Answer;
 use crate::spec::{SpecError, VolumeSpec};
 use crate::volume::forward::{HolderOp, HolderRequest, RunForwarded};
 use crate::volume::replicas::ChangeReplica as ChangeReplicaMsg;
 use crate::volume::replicated::{self as vr, ClusterView};
+use crate::volume::sharing::OpenShare;
 use actix::prelude::*;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -533,7 +535,7 @@ impl Handler<AcceptReplica> for Registry {
 /// in JSON), for the volume's actor here. Errors carry the wire's code
 /// and the message without this node's prefix (the asking node adds its own).
 #[derive(Message)]
-#[rtype(result = "Result<String, (ErrorCode, String)>")]
+#[rtype(result = "Result<Answer, (ErrorCode, String)>")]
 pub struct Forwarded(pub String);
 
 /// A refusal as it travels back to the node that forwarded the request.
@@ -552,7 +554,7 @@ fn wire_refusal(e: RegistryError) -> (ErrorCode, String) {
 }
 
 impl Handler<Forwarded> for Registry {
-    type Result = ResponseFuture<Result<String, (ErrorCode, String)>>;
+    type Result = ResponseFuture<Result<Answer, (ErrorCode, String)>>;
     fn handle(&mut self, m: Forwarded, _: &mut Context<Self>) -> Self::Result {
         let req: HolderRequest = match serde_json::from_str(&m.0) {
             Ok(r) => r,
@@ -572,7 +574,9 @@ impl Handler<Forwarded> for Registry {
                 Some(c) => c
                     .replicas
                     .contents(&req.volume_id)
-                    .map(|held| serde_json::to_string(&held).expect("a reply serializes"))
+                    .map(|held| {
+                        Answer::Reply(serde_json::to_string(&held).expect("a reply serializes"))
+                    })
                     .map_err(|e| (ErrorCode::Io, e.to_string())),
                 None => Err((ErrorCode::Invalid, "this node is not in a cluster".into())),
             };
@@ -585,6 +589,23 @@ impl Handler<Forwarded> for Registry {
                 return Box::pin(async move { Err(refused) });
             }
         };
+        if req.op == HolderOp::Share {
+            let open = OpenShare {
+                volume_id: req.volume_id,
+                from: req.from.clone(),
+            };
+            let what = format!("volume {} for node {}", req.volume, req.from);
+            return Box::pin(async move {
+                let grant = match addr.send(open).await {
+                    Ok(r) => r.map_err(|e| wire_refusal(e.into()))?,
+                    Err(_) => return Err(wire_refusal(RegistryError::ShuttingDown)),
+                };
+                Ok(Answer::Session(Box::new(move |stream| {
+                    crate::export::share::session::serve(&grant.root, stream, &what);
+                    drop(grant.guard);
+                })))
+            });
+        }
         let run = RunForwarded {
             volume_id: req.volume_id,
             from: req.from,
@@ -592,7 +613,7 @@ impl Handler<Forwarded> for Registry {
         };
         Box::pin(async move {
             match addr.send(run).await {
-                Ok(r) => r.map_err(|e| wire_refusal(e.into())),
+                Ok(r) => r.map(Answer::Reply).map_err(|e| wire_refusal(e.into())),
                 Err(_) => Err(wire_refusal(RegistryError::ShuttingDown)),
             }
         })

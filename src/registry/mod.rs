@@ -91,7 +91,8 @@ impl RegistryError {
                 | volume::VolumeErrorKind::WrongClusterKey
                 | volume::VolumeErrorKind::SnapshotsOnHolder(_)
                 | volume::VolumeErrorKind::ReplicasOnHolder(_)
-                | volume::VolumeErrorKind::ReplicaChange(_) => 409,
+                | volume::VolumeErrorKind::ReplicaChange(_)
+                | volume::VolumeErrorKind::NotMountedHere => 409,
                 volume::VolumeErrorKind::Replication(ref r)
                     if matches!(
                         **r,
@@ -120,7 +121,8 @@ impl RegistryError {
                 },
                 volume::VolumeErrorKind::NotInCluster(_)
                 | volume::VolumeErrorKind::NotClustered(_)
-                | volume::VolumeErrorKind::NoLocalReplica(_) => 400,
+                | volume::VolumeErrorKind::NoLocalReplica(_)
+                | volume::VolumeErrorKind::NotShared(_) => 400,
                 volume::VolumeErrorKind::Removed => 404,
                 _ => 500,
             },

@@ -40,6 +40,15 @@ pub struct VolumeInfo {
     /// While attached: `passthrough` (the kernel does IO on the data file)
     /// or `engine` (every IO through dunnage's engine).
     pub io_path: Option<String>,
+    /// Several nodes may mount it at once (`shared=true`).
+    #[serde(default)]
+    pub shared: bool,
+    /// Mounted here as a client of this node, which holds it (shared).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub served_by: Option<String>,
+    /// Other nodes mounting this shared volume through this node.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shared_with: Vec<String>,
     /// Bytes the volume's files take on the backing filesystem.
     pub allocated_bytes: u64,
     /// Used and shared space with snapshots (`volume inspect` only).
@@ -81,6 +90,9 @@ impl VolumeInfo {
             mountpoint: rt.mountpoint,
             mounts: rt.mounts,
             io_path: rt.io_path.map(str::to_string),
+            shared: record.spec.shared,
+            served_by: rt.joined,
+            shared_with: rt.sharers,
             allocated_bytes,
             space: None,
             cluster: None,
@@ -109,6 +121,15 @@ impl VolumeInfo {
         }
         if let Some(p) = &self.io_path {
             put("io_path", p.clone().into());
+        }
+        if self.shared {
+            put("shared", true.into());
+        }
+        if let Some(n) = &self.served_by {
+            put("served_by", n.clone().into());
+        }
+        if !self.shared_with.is_empty() {
+            put("shared_with", self.shared_with.join(",").into());
         }
         if !self.labels.is_empty() {
             put(

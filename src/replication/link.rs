@@ -489,6 +489,28 @@ pub fn forward_request(
     }
 }
 
+/// Hand `request` (JSON) to the daemon of `node` (at `addr`) as a session
+/// that takes the connection over (`Answer::Session`): the connection,
+/// once `node` said HelloOk.
+pub fn open_session(
+    node: &str,
+    addr: SocketAddr,
+    from: &str,
+    request: &str,
+    timeout: Duration,
+) -> Result<TcpStream, ReplicationError> {
+    let params = crate::engine::ThinParams {
+        size: 0,
+        block_size: 0,
+    };
+    let hello = Hello {
+        forward: Some(request.to_string()),
+        ..Hello::new("-", 0, from, params)
+    };
+    let (stream, ..) = say_hello(node, addr, &hello, timeout, timeout)?;
+    Ok(stream)
+}
+
 /// Connect and say Hello; the stream once `node` said HelloOk, and the
 /// replica's incarnation and generation before the Hello.
 fn say_hello(

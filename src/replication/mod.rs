@@ -24,10 +24,10 @@ mod server;
 pub mod state;
 pub mod wire;
 
-pub use link::{forward_request, restore_replica};
+pub use link::{forward_request, open_session, restore_replica};
 pub use local::{check_volume_id, LocalReplica, LocalReplicas, ReplicaBase, ReplicaContents};
 pub use mirror::{Mirror, MirrorConfig, NewReplica, PeerSpec, Verification};
-pub use server::{Forwarder, ReplicaServer};
+pub use server::{Answer, Forwarder, ReplicaServer};
 pub use state::{ReplicaStatus, ResyncPace, ResyncProgress};
 
 use crate::engine::EngineError;

@@ -29,8 +29,17 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(60);
 const WORKERS_PER_LINK: usize = 4;
 
 /// Runs a request forwarded by another node (a Hello's `forward`, JSON)
-/// in this node's daemon: the reply's JSON, or why not.
-pub type Forwarder = Arc<dyn Fn(&str) -> Result<String, (ErrorCode, String)> + Send + Sync>;
+/// in this node's daemon: what to answer, or why not.
+pub type Forwarder = Arc<dyn Fn(&str) -> Result<Answer, (ErrorCode, String)> + Send + Sync>;
+
+/// What a forwarded request gets.
+pub enum Answer {
+    /// One reply (JSON), then the connection closes.
+    Reply(String),
+    /// A session that takes the connection over after `HelloOk` (a shared
+    /// volume's client: `export::share`), on this connection's thread.
+    Session(Box<dyn FnOnce(TcpStream) + Send>),
+}
 
 struct Inner {
     node: String,
@@ -325,7 +334,13 @@ fn serve_conn(inner: &Inner, stream: TcpStream, peer: Option<SocketAddr>) {
         let _ = stream.set_write_timeout(Some(SEND_TIMEOUT));
         tracing::info!(?peer, from = %hello.from, "request forwarded by another node");
         return match run(request) {
-            Ok(reply) => {
+            Ok(Answer::Session(session)) => {
+                if send(&stream, &hello_ok(inner, 0, 0)).is_ok() {
+                    let _ = stream.set_read_timeout(None);
+                    session(stream);
+                }
+            }
+            Ok(Answer::Reply(reply)) => {
                 let _ = send(&stream, &hello_ok(inner, 0, 0)).and_then(|()| {
                     send(
                         &stream,

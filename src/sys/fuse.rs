@@ -42,6 +42,25 @@ pub fn mount(dev: &File, target: &Path, fsname: &str, subtype: &str) -> io::Resu
     .map_err(io::Error::from)
 }
 
+/// Mount a shared volume's client filesystem served through `dev` at
+/// `target`. Anyone may use it (containers run as any uid): the kernel
+/// checks permissions against the holder's modes (`default_permissions`).
+/// Unlike [`mount`], executables on it may run.
+pub fn mount_shared(dev: &File, target: &Path, fsname: &str) -> io::Result<()> {
+    let data = format!(
+        "fd={},rootmode=40000,user_id=0,group_id=0,default_permissions,allow_other,max_read=1048576",
+        dev.as_raw_fd()
+    );
+    nix::mount::mount(
+        Some(fsname),
+        target,
+        Some("fuse.dunnage-share"),
+        MsFlags::MS_NODEV | MsFlags::MS_NOSUID,
+        Some(data.as_str()),
+    )
+    .map_err(io::Error::from)
+}
+
 /// The bytes of a FUSE_INIT request as the kernel would send it, offering
 /// `flags` (fuser's `InitFlags` bits, 64 of them: the high half goes in
 /// `flags2` with `FUSE_INIT_EXT` set by the caller).

@@ -50,6 +50,9 @@ pub enum HolderOp {
     /// `snapshot ls`, asked of a node with a replica (not necessarily the
     /// holder) by one without: the space figures are its replica's.
     ListSnapshots,
+    /// Open a session on a shared volume mounted there (`volume::sharing`):
+    /// the connection then carries its file operations.
+    Share,
     /// What this node's replica of the volume holds
     /// ([`crate::replication::ReplicaContents`]),
     /// read from its directory. Answered by the registry, not the volume's
@@ -166,6 +169,11 @@ impl VolumeActor {
                 };
                 let record = self.record()?;
                 to_json(&self.cluster_snapshots(&c, &record)?)
+            }
+            HolderOp::Share => {
+                return Err(self.err(VolumeErrorKind::Mount(
+                    "a shared volume's session is opened by the registry, not forwarded".into(),
+                )))
             }
             HolderOp::ReplicaContents => {
                 let Some(c) = self.node.cluster.clone() else {

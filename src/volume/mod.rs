@@ -13,6 +13,7 @@ pub mod mounting;
 pub mod replicas;
 pub mod replicated;
 pub mod resize;
+pub mod sharing;
 pub mod snapshots;
 pub mod usage;
 
@@ -64,6 +65,12 @@ pub struct Runtime {
     pub mounts: u32,
     /// `passthrough` or `engine` while attached.
     pub io_path: Option<&'static str>,
+    /// Mounted here as a client of this node, which holds the (shared) volume.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub joined: Option<String>,
+    /// Other nodes with a session on this shared volume, held here.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub sharers: Vec<String>,
     /// The device's counters when this attach began: a loop device's
     /// outlive their attach, so metrics report the difference.
     #[serde(skip)]
@@ -226,6 +233,8 @@ pub struct VolumeActor {
     /// The image an export thread holds open (a single node's): whatever
     /// opens the image meanwhile shares it (see `backup`).
     exporting: std::sync::Weak<ThinImage>,
+    /// Mounted as a client of the node holding this shared volume.
+    joined: Option<sharing::Joined>,
 }
 
 impl VolumeActor {
@@ -241,6 +250,7 @@ impl VolumeActor {
             told_attached: false,
             forwarded: false,
             exporting: std::sync::Weak::new(),
+            joined: None,
         }
     }
 
@@ -302,7 +312,17 @@ impl VolumeActor {
         }
         let mut table = self.runtime.write();
         let rt = match &self.attached {
-            None => Runtime::default(),
+            None => match &self.joined {
+                None => Runtime::default(),
+                Some(j) => Runtime {
+                    state: State::Mounted,
+                    mountpoint: Some(j.mount.mount_point().to_path_buf()),
+                    mounts: self.usage.total_mounts(),
+                    io_path: Some("shared"),
+                    joined: Some(j.holder.clone()),
+                    ..Runtime::default()
+                },
+            },
             Some(a) => {
                 let device = a.export.device().to_path_buf();
                 let device_base = match table.get(&self.id) {
@@ -319,6 +339,8 @@ impl VolumeActor {
                     mountpoint: a.data_path.clone(),
                     mounts: self.usage.total_mounts(),
                     io_path: Some(a.export.io_path()),
+                    joined: None,
+                    sharers: self.usage.sharers(),
                     device_base,
                 }
             }
@@ -658,20 +680,18 @@ impl Handler<Mount> for VolumeActor {
             .check_mount(&self.name)
             .map_err(|e| self.err(e))?;
         if step == MountStep::Attach {
-            self.bring_up(&record.spec).map_err(|e| self.err(e))?;
-            if let Err(e) = self.format_and_mount(&record) {
-                let _ = self.tear_down(true);
-                self.publish();
-                return Err(self.err(e));
-            }
+            self.attach_or_join(&record)?;
         }
         self.usage.mounted(&msg.id);
         self.publish();
-        let path = self
-            .attached
-            .as_ref()
-            .and_then(|a| a.data_path.clone())
-            .expect("mounted");
+        let path = match &self.joined {
+            Some(j) => j.mount.mount_point().to_path_buf(),
+            None => self
+                .attached
+                .as_ref()
+                .and_then(|a| a.data_path.clone())
+                .expect("mounted"),
+        };
         tracing::info!(volume = %self.name, id = %msg.id, mounts = self.usage.total_mounts(), "mount");
         Ok(path)
     }
@@ -684,7 +704,11 @@ impl Handler<Unmount> for VolumeActor {
         let step = self.usage.unmount(&msg.id);
         tracing::info!(volume = %self.name, id = %msg.id, ?step, "unmount");
         if step == UnmountStep::Detach {
-            if let Err(e) = self.tear_down(false) {
+            let left = match self.joined.is_some() {
+                true => self.leave(),
+                false => self.tear_down(false),
+            };
+            if let Err(e) = left {
                 self.usage.restore(&msg.id);
                 self.publish();
                 return Err(self.err(e));
@@ -827,6 +851,8 @@ impl Handler<Shutdown> for VolumeActor {
     type Result = ();
 
     fn handle(&mut self, _: Shutdown, ctx: &mut SyncContext<Self>) {
+        // A client's mount goes (lazily if busy) with its session.
+        self.joined = None;
         match self.tear_down(true) {
             // Down: the attach record goes too (a next start has nothing to take back).
             Ok(()) => handover::remove(&self.node, &self.id),

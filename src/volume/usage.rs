@@ -30,6 +30,8 @@ pub enum UsageError {
     HostAttached(String),
     #[error("it is mounted by Docker ({0} mount(s)); stop the containers using it first")]
     DockerMounted(u32),
+    #[error("it is shared with node(s) {0}, whose containers use it: stop them first")]
+    Shared(String),
 }
 
 /// Persisted with the attach record, so a restarted daemon keeps counting.
@@ -38,6 +40,13 @@ pub struct Usage {
     /// Mount ID -> how many times Docker mounted it without unmounting.
     mounts: BTreeMap<String, u32>,
     host: bool,
+    /// Other nodes' sessions on this shared volume, by session number:
+    /// the filesystem stays mounted while any is open. Not persisted: a
+    /// session dies with the daemon.
+    #[serde(skip)]
+    sharers: BTreeMap<u64, String>,
+    #[serde(skip)]
+    next_session: u64,
 }
 
 impl Usage {
@@ -45,7 +54,7 @@ impl Usage {
         if self.host {
             return Err(UsageError::HostAttached(volume.to_string()));
         }
-        Ok(if self.mounts.is_empty() {
+        Ok(if self.mounts.is_empty() && self.sharers.is_empty() {
             MountStep::Attach
         } else {
             MountStep::Join
@@ -66,10 +75,37 @@ impl Usage {
         if *n == 0 {
             self.mounts.remove(id);
         }
-        if self.mounts.is_empty() {
+        if self.mounts.is_empty() && self.sharers.is_empty() {
             UnmountStep::Detach
         } else {
             UnmountStep::Keep
+        }
+    }
+
+    /// Another node opened a session on the (mounted) volume: its number.
+    pub fn share_opened(&mut self, node: &str) -> u64 {
+        self.next_session += 1;
+        self.sharers.insert(self.next_session, node.to_string());
+        self.next_session
+    }
+
+    /// A session ended; whether the volume is now used by no one.
+    pub fn share_closed(&mut self, session: u64) -> bool {
+        self.sharers.remove(&session).is_some() && self.is_idle()
+    }
+
+    /// The nodes with a session open, each once.
+    pub fn sharers(&self) -> Vec<String> {
+        let mut nodes: Vec<String> = self.sharers.values().cloned().collect();
+        nodes.sort();
+        nodes.dedup();
+        nodes
+    }
+
+    fn check_shared(&self) -> Result<(), UsageError> {
+        match self.sharers() {
+            nodes if nodes.is_empty() => Ok(()),
+            nodes => Err(UsageError::Shared(nodes.join(", "))),
         }
     }
 
@@ -82,7 +118,7 @@ impl Usage {
         if !self.mounts.is_empty() {
             return Err(UsageError::DockerMounted(self.total_mounts()));
         }
-        Ok(())
+        self.check_shared()
     }
 
     pub fn set_host(&mut self, attached: bool) {
@@ -100,7 +136,7 @@ impl Usage {
         if !self.mounts.is_empty() {
             return Err(UsageError::DockerMounted(self.total_mounts()));
         }
-        Ok(())
+        self.check_shared()
     }
 
     pub fn total_mounts(&self) -> u32 {
@@ -108,7 +144,7 @@ impl Usage {
     }
 
     pub fn is_idle(&self) -> bool {
-        !self.host && self.mounts.is_empty()
+        !self.host && self.mounts.is_empty() && self.sharers.is_empty()
     }
 }
 
@@ -164,6 +200,36 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("1 mount"));
+    }
+
+    #[test]
+    fn other_nodes_sessions_keep_a_shared_volume_mounted() {
+        let mut u = Usage::default();
+        u.mounted("a");
+        let s1 = u.share_opened("n2");
+        let s2 = u.share_opened("n2");
+        let s3 = u.share_opened("n3");
+        assert_eq!(u.sharers(), vec!["n2", "n3"]);
+        // The last local container goes: the sessions keep it mounted.
+        assert_eq!(u.unmount("a"), UnmountStep::Keep);
+        assert!(!u.is_idle());
+        let err = u.check_remove("v").unwrap_err();
+        assert_eq!(err, UsageError::Shared("n2, n3".into()));
+        assert!(err.to_string().contains("n2, n3"), "{err}");
+        assert!(u.check_host_attach().is_err());
+        // A new local mount joins what is mounted.
+        assert_eq!(u.check_mount("v"), Ok(MountStep::Join));
+        u.mounted("a");
+        assert!(!u.share_closed(s1));
+        assert!(!u.share_closed(s1), "closing twice counts once");
+        assert!(!u.share_closed(s3));
+        assert!(!u.share_closed(s2), "a local mount is left");
+        assert_eq!(u.unmount("a"), UnmountStep::Detach);
+        let mut u = Usage::default();
+        let s = u.share_opened("n2");
+        assert!(u.share_closed(s), "the last user gone: detach");
+        assert!(u.is_idle());
+        assert_eq!(u.check_mount("v"), Ok(MountStep::Attach));
     }
 
     #[test]

@@ -1,0 +1,240 @@
+//! Shared volumes (`shared=true`) in a cluster: the node holding the
+//! attach mounts the filesystem and serves it to other nodes' sessions;
+//! a node that mounts the volume while another holds it mounts a client
+//! of the holder's (see `export::share`).
+
+use super::forward::{HolderOp, HolderRequest};
+use super::{VolumeActor, VolumeError, VolumeErrorKind};
+use crate::catalog::VolumeRecord;
+use crate::cluster::ClusterError;
+use crate::export::share::client::ShareMount;
+use crate::export::share::session::TcpTransport;
+use actix::prelude::*;
+use std::path::PathBuf;
+
+/// How many times a Mount tries to attach or join: the holder may let go
+/// between our attach try and our session (its last user left).
+const JOIN_TRIES: usize = 3;
+
+/// This node's client of a volume another node holds.
+pub(super) struct Joined {
+    pub mount: ShareMount,
+    pub holder: String,
+}
+
+/// Another node asks to open a session on the volume, which must be
+/// shared and mounted here. Answers where its files are and a guard
+/// that ends the session's count when dropped.
+#[derive(Message)]
+#[rtype(result = "Result<ShareGrant, VolumeError>")]
+pub struct OpenShare {
+    pub volume_id: String,
+    pub from: String,
+}
+
+pub struct ShareGrant {
+    /// The directory Docker gets on this node: the session's root.
+    pub root: PathBuf,
+    pub guard: ShareGuard,
+}
+
+/// Ends a session's count on its volume's actor when dropped.
+pub struct ShareGuard {
+    actor: Addr<VolumeActor>,
+    session: u64,
+}
+
+impl Drop for ShareGuard {
+    fn drop(&mut self) {
+        self.actor.do_send(ShareClosed {
+            session: self.session,
+        });
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct ShareClosed {
+    session: u64,
+}
+
+impl Handler<OpenShare> for VolumeActor {
+    type Result = Result<ShareGrant, VolumeError>;
+
+    fn handle(&mut self, m: OpenShare, ctx: &mut SyncContext<Self>) -> Self::Result {
+        let record = self.record()?;
+        if record.id != m.volume_id {
+            return Err(self.err(VolumeErrorKind::Removed));
+        }
+        if !record.spec.shared {
+            return Err(self.err(VolumeErrorKind::NotShared(self.name.clone())));
+        }
+        let Some(root) = self.attached.as_ref().and_then(|a| a.data_path.clone()) else {
+            return Err(self.err(VolumeErrorKind::NotMountedHere));
+        };
+        let session = self.usage.share_opened(&m.from);
+        tracing::info!(volume = %self.name, from = %m.from, session, "another node joined the shared volume");
+        self.publish();
+        Ok(ShareGrant {
+            root,
+            guard: ShareGuard {
+                actor: ctx.address(),
+                session,
+            },
+        })
+    }
+}
+
+impl Handler<ShareClosed> for VolumeActor {
+    type Result = ();
+
+    fn handle(&mut self, m: ShareClosed, _: &mut SyncContext<Self>) {
+        let idle = self.usage.share_closed(m.session);
+        tracing::info!(volume = %self.name, session = m.session, "a node left the shared volume");
+        if idle && self.attached.is_some() {
+            // As the last local Unmount would; on failure the volume stays
+            // attached and the next Unmount or session end tries again.
+            if let Err(e) = self.tear_down(false) {
+                tracing::warn!(volume = %self.name, error = %e, "cannot detach the shared volume its last user left");
+            }
+        }
+        self.publish();
+    }
+}
+
+impl VolumeActor {
+    /// A Mount's first step on this node: attach here, or, for a shared
+    /// volume another node holds, join it there.
+    pub(super) fn attach_or_join(&mut self, record: &VolumeRecord) -> Result<(), VolumeError> {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let holder = match self.bring_up(&record.spec) {
+                Ok(()) => {
+                    if let Err(e) = self.format_and_mount(record) {
+                        let _ = self.tear_down(true);
+                        self.publish();
+                        return Err(self.err(e));
+                    }
+                    return Ok(());
+                }
+                Err(VolumeErrorKind::Cluster(c)) if record.spec.shared => match *c {
+                    ClusterError::HeldBy { node, .. } => node,
+                    other => return Err(self.err(other)),
+                },
+                Err(e) => return Err(self.err(e)),
+            };
+            match self.join(record, &holder) {
+                Ok(joined) => {
+                    self.joined = Some(joined);
+                    return Ok(());
+                }
+                // It let go meanwhile: attach here after all.
+                Err(VolumeErrorKind::OnHolder { code, .. })
+                    if tries < JOIN_TRIES
+                        && matches!(
+                            code,
+                            crate::replication::wire::ErrorCode::NotFound
+                                | crate::replication::wire::ErrorCode::Busy
+                        ) => {}
+                Err(e) => return Err(self.err(e)),
+            }
+        }
+    }
+
+    /// Open a session on `holder` and mount its client where this node
+    /// mounts the volume.
+    fn join(&self, record: &VolumeRecord, holder: &str) -> Result<Joined, VolumeErrorKind> {
+        let Some(c) = &self.node.cluster else {
+            return Err(VolumeErrorKind::NotClustered("a shared volume's session"));
+        };
+        let addr = c.cluster.member_addr(holder)?.ok_or_else(|| {
+            ClusterError::Placement(format!(
+                "node {holder}, which holds shared volume {}, is not a known member",
+                record.name
+            ))
+        })?;
+        let request = HolderRequest {
+            volume: record.name.clone(),
+            volume_id: record.id.clone(),
+            from: c.cluster.node().to_string(),
+            op: HolderOp::Share,
+        };
+        let json = serde_json::to_string(&request).expect("a request serializes");
+        let stream = crate::replication::open_session(
+            holder,
+            addr,
+            c.cluster.node(),
+            &json,
+            c.replica_timeout,
+        )
+        .map_err(|e| match e {
+            crate::replication::ReplicationError::Refused { code, message, .. } => {
+                VolumeErrorKind::OnHolder {
+                    node: holder.to_string(),
+                    code,
+                    message,
+                }
+            }
+            e => e.into(),
+        })?;
+        let what = format!("volume {} on node {holder}", record.name);
+        let transport = TcpTransport::new(stream, what)
+            .map_err(|e| VolumeErrorKind::Mount(format!("a session to node {holder}: {e}")))?;
+        let target = self.node.mount_point(&self.name);
+        std::fs::create_dir_all(&target)
+            .map_err(|e| VolumeErrorKind::Mount(format!("create {}: {e}", target.display())))?;
+        let fsname = format!("dunnage:{}@{holder}", record.name);
+        let mount = ShareMount::mount(Box::new(transport), &target, &fsname).map_err(|e| {
+            VolumeErrorKind::Mount(format!(
+                "mount the shared volume served by node {holder} at {}: {e}",
+                target.display()
+            ))
+        })?;
+        tracing::info!(volume = %self.name, holder, mountpoint = %target.display(), "joined a shared volume held by another node");
+        Ok(Joined {
+            mount,
+            holder: holder.to_string(),
+        })
+    }
+
+    /// The last Unmount of a joined volume: unmount the client. On failure
+    /// (busy) it stays mounted and the caller may retry.
+    pub(super) fn leave(&mut self) -> Result<(), VolumeErrorKind> {
+        let Some(joined) = self.joined.take() else {
+            return Ok(());
+        };
+        let target = joined.mount.mount_point().to_path_buf();
+        let holder = joined.holder.clone();
+        let mut mount = Some(joined.mount);
+        let mut last = None;
+        // As for a filesystem (`mounting::unmount`): busy for a moment
+        // after a container stops.
+        for _ in 0..25 {
+            match mount.take().expect("still mounted").unmount() {
+                Ok(()) => {
+                    last = None;
+                    break;
+                }
+                Err((m, e)) => {
+                    mount = Some(m);
+                    last = Some(e);
+                    std::thread::sleep(std::time::Duration::from_millis(40));
+                }
+            }
+        }
+        if let Some(e) = last {
+            self.joined = Some(Joined {
+                mount: mount.expect("still mounted"),
+                holder,
+            });
+            return Err(VolumeErrorKind::Mount(format!(
+                "unmount {}: {e}; something on this host still uses the volume's files",
+                target.display()
+            )));
+        }
+        let _ = std::fs::remove_dir(&target);
+        tracing::info!(volume = %self.name, holder, "left the shared volume");
+        Ok(())
+    }
+}
