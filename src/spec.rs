@@ -501,6 +501,13 @@ pub fn parse_options(
                     .into(),
         });
     }
+    if spec.shared && spec.secure {
+        return Err(SpecError::Value {
+            option: "shared".into(),
+            value: "true".into(),
+            reason: "other nodes read a shared volume's files in clear over the replica port, which encryption at rest would not cover; drop secure=true or shared=true".into(),
+        });
+    }
     if spec.fs == FsType::None && !spec.fsopts.is_empty() {
         return Err(SpecError::Value {
             option: "fsopts".into(),
@@ -819,6 +826,10 @@ mod tests {
             (&[("group", "a b")], "group name"),
             (&[("shared", "perhaps")], "true or false"),
             (&[("shared", "true"), ("fs", "none")], "fs=none makes none"),
+            (
+                &[("shared", "true"), ("secure", "true")],
+                "in clear over the replica port",
+            ),
             (&[("colour", "blue")], "valid options are: size, fs"),
             (&[("block_size", "48")], "power of two"),
             (&[("block_size", "2048")], "power of two"),

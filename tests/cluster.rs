@@ -1366,9 +1366,10 @@ fn as_user_1000(script: &str) -> bool {
 /// its filesystem, the others mount clients of it; what one node writes
 /// and closes, the others read when they open it; files are made as the
 /// caller and permissions hold; the holder keeps the volume while another
-/// node uses it and lets go after the last; when the holder dies, the
-/// clients get errors rather than hang, and a client node takes the volume
-/// over with every file synced before.
+/// node uses it and lets go after the last; when the holder stops or dies,
+/// the clients get errors rather than hang, and a client node takes the
+/// volume over with every file synced before; a killed holder back does
+/// not take back its stale mount.
 #[test]
 fn a_shared_volume_is_mounted_on_several_nodes_at_once() {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -1481,30 +1482,61 @@ fn a_shared_volume_is_mounted_on_several_nodes_at_once() {
     assert_eq!(fstype_at(q2.parent().unwrap()).as_deref(), Some("ext4"));
     let q1 = mount_on(&c, 0, "web", "c5");
     assert_eq!(fstype_at(&q1).as_deref(), Some("fuse.dunnage-share"));
-    {
-        let mut f = std::fs::File::create(q1.join("synced.bin")).unwrap();
-        std::io::Write::write_all(&mut f, &big[..MIB as usize]).unwrap();
+    let write_synced = |path: std::path::PathBuf, data: &[u8]| {
+        let mut f = std::fs::File::create(path).unwrap();
+        std::io::Write::write_all(&mut f, data).unwrap();
         f.sync_all().unwrap();
-    }
-    // The holder dies: n1's client fails instead of hanging.
-    c.kill9(1);
-    let err = std::fs::read_dir(&q1)
-        .and_then(|d| d.collect::<Result<Vec<_>, _>>())
-        .map(|_| ())
-        .and_then(|()| std::fs::read(q1.join("synced.bin")).map(|_| ()))
-        .expect_err("a client of a dead holder answered");
+    };
+    write_synced(q1.join("synced.bin"), &big[..MIB as usize]);
+    let dead_client = |path: &std::path::Path| {
+        let err = std::fs::read_dir(path)
+            .and_then(|d| d.collect::<Result<Vec<_>, _>>())
+            .map(|_| ())
+            .and_then(|()| std::fs::read(path.join("synced.bin")).map(|_| ()))
+            .expect_err("a client of a gone holder answered");
+        assert!(
+            [libc::EIO, libc::ENOTCONN].contains(&err.raw_os_error().unwrap_or(0)),
+            "{err}"
+        );
+    };
+    // n2 stops in order with n1's session open: the session ends before
+    // n2 unmounts, and n2 lets the volume go.
+    c.node_mut(1).sigterm_and_wait();
+    dead_client(&q1);
+    // Another container on n1 is not handed the dead client.
+    let err = c.node(0).err(
+        "/VolumeDriver.Mount",
+        &serde_json::json!({"Name": "web", "ID": "c5b"}),
+    );
     assert!(
-        err.raw_os_error() == Some(libc::EIO) || err.raw_os_error() == Some(libc::ENOTCONN),
+        err.contains("session to node n2") && err.contains("is gone"),
         "{err}"
     );
     unmount_on(&c, 0, "web", "c5");
     assert_eq!(fstype_at(&q1), None, "the broken client is unmounted");
-    // Once n2's lease is gone, n1 takes the volume over, everything in it.
+    c.start_again(1);
+    c.wait_node_up(0, 1, true);
+    let r1 = mount_on(&c, 0, "web", "c6");
+    assert_eq!(fstype_at(r1.parent().unwrap()).as_deref(), Some("ext4"));
+    assert_eq!(
+        std::fs::read(r1.join("synced.bin")).unwrap(),
+        &big[..MIB as usize]
+    );
+    let r2 = mount_on(&c, 1, "web", "c7");
+    assert_eq!(fstype_at(&r2).as_deref(), Some("fuse.dunnage-share"));
+    write_synced(r2.join("late.bin"), &big[MIB as usize..2 * MIB as usize]);
+
+    // The holder n1 dies: n2's client fails instead of hanging, and once
+    // n1's lease is gone n2 takes the volume over, everything in it.
+    c.kill9(0);
+    dead_client(&r2);
+    unmount_on(&c, 1, "web", "c7");
+    assert_eq!(fstype_at(&r2), None, "the broken client is unmounted");
     let deadline = Instant::now() + CONVERGE;
-    let r1 = loop {
-        let (status, v) = c.node(0).call(
+    let s2 = loop {
+        let (status, v) = c.node(1).call(
             "/VolumeDriver.Mount",
-            &serde_json::json!({"Name": "web", "ID": "c6"}),
+            &serde_json::json!({"Name": "web", "ID": "c8"}),
         );
         if status == 200 && v["Err"].as_str().unwrap_or("").is_empty() {
             break std::path::PathBuf::from(v["Mountpoint"].as_str().unwrap());
@@ -1512,27 +1544,31 @@ fn a_shared_volume_is_mounted_on_several_nodes_at_once() {
         assert!(Instant::now() < deadline, "no takeover: {v}");
         thread::sleep(Duration::from_millis(500));
     };
-    assert_eq!(fstype_at(r1.parent().unwrap()).as_deref(), Some("ext4"));
+    assert_eq!(fstype_at(s2.parent().unwrap()).as_deref(), Some("ext4"));
     assert_eq!(
-        std::fs::read(r1.join("synced.bin")).unwrap(),
+        std::fs::read(s2.join("synced.bin")).unwrap(),
         &big[..MIB as usize]
     );
-    assert_eq!(std::fs::read(r1.join("d/data.bin")).unwrap(), big);
-    unmount_on(&c, 0, "web", "c6");
-    // n2 comes back: n1 attached the volume since, so n2 does not take
-    // back its stale mount (n1 replayed the journal under it).
-    c.start_again(1);
-    c.wait_node_up(0, 1, true);
-    c.wait_for("n2 to drop its stale mount", || {
-        fstype_at(q2.parent().unwrap()).is_none()
+    assert_eq!(
+        std::fs::read(s2.join("late.bin")).unwrap(),
+        &big[MIB as usize..2 * MIB as usize]
+    );
+    assert_eq!(std::fs::read(s2.join("d/data.bin")).unwrap(), big);
+    unmount_on(&c, 1, "web", "c8");
+    // n1 comes back: n2 attached the volume since, so n1 does not take
+    // back its stale mount (n2 replayed the journal under it).
+    c.start_again(0);
+    c.wait_node_up(1, 0, true);
+    c.wait_for("n1 to drop its stale mount", || {
+        fstype_at(r1.parent().unwrap()).is_none()
     });
-    assert_eq!(c.inspect_on(1, "web")["state"], "detached");
+    assert_eq!(c.inspect_on(0, "web")["state"], "detached");
     assert!(
-        c.node(1)
+        c.node(0)
             .log_tail()
             .contains("another node attached it while"),
         "{}",
-        c.node(1).log_tail()
+        c.node(0).log_tail()
     );
     for v in ["web", "solo"] {
         c.remove(0, v);

@@ -2134,6 +2134,7 @@ fn a_forwarded_request_reaches_the_daemon_and_its_reply_comes_back() {
         "asker",
         r#"{"op":"session"}"#,
         IO_TIMEOUT,
+        IO_TIMEOUT,
     )
     .unwrap();
     std::io::Write::write_all(&mut &stream, b"ping\n").unwrap();

@@ -600,10 +600,7 @@ impl Handler<Forwarded> for Registry {
                     Ok(r) => r.map_err(|e| wire_refusal(e.into()))?,
                     Err(_) => return Err(wire_refusal(RegistryError::ShuttingDown)),
                 };
-                Ok(Answer::Session(Box::new(move |stream| {
-                    crate::export::share::session::serve(&grant.root, stream, &what);
-                    drop(grant.guard);
-                })))
+                Ok(Answer::Session(grant.into_session(what)))
             });
         }
         let run = RunForwarded {

@@ -491,13 +491,14 @@ pub fn forward_request(
 
 /// Hand `request` (JSON) to the daemon of `node` (at `addr`) as a session
 /// that takes the connection over (`Answer::Session`): the connection,
-/// once `node` said HelloOk.
+/// once `node` said HelloOk (within `wait`).
 pub fn open_session(
     node: &str,
     addr: SocketAddr,
     from: &str,
     request: &str,
     timeout: Duration,
+    wait: Duration,
 ) -> Result<TcpStream, ReplicationError> {
     let params = crate::engine::ThinParams {
         size: 0,
@@ -507,7 +508,7 @@ pub fn open_session(
         forward: Some(request.to_string()),
         ..Hello::new("-", 0, from, params)
     };
-    let (stream, ..) = say_hello(node, addr, &hello, timeout, timeout)?;
+    let (stream, ..) = say_hello(node, addr, &hello, timeout, wait)?;
     Ok(stream)
 }
 

@@ -235,6 +235,8 @@ pub struct VolumeActor {
     exporting: std::sync::Weak<ThinImage>,
     /// Mounted as a client of the node holding this shared volume.
     joined: Option<sharing::Joined>,
+    /// Other nodes' sessions on this shared volume, held here.
+    sessions: HashMap<u64, sharing::Session>,
 }
 
 impl VolumeActor {
@@ -251,6 +253,7 @@ impl VolumeActor {
             forwarded: false,
             exporting: std::sync::Weak::new(),
             joined: None,
+            sessions: HashMap::new(),
         }
     }
 
@@ -682,6 +685,12 @@ impl Handler<Mount> for VolumeActor {
         if step == MountStep::Attach {
             self.attach_or_join(&record)?;
         }
+        if let Some(j) = self.joined.as_ref().filter(|j| !j.mount.is_alive()) {
+            return Err(self.err(VolumeErrorKind::Mount(format!(
+                "the session to node {}, which served this shared volume, is gone: stop the containers using it on this node, then start them again",
+                j.holder
+            ))));
+        }
         self.usage.mounted(&msg.id);
         self.publish();
         let path = match &self.joined {
@@ -724,6 +733,14 @@ impl Handler<HostAttach> for VolumeActor {
 
     fn handle(&mut self, _: HostAttach, _: &mut SyncContext<Self>) -> Self::Result {
         let record = self.record()?;
+        // A filesystem nobody uses but still mounted (a failed detach) is
+        // never handed out as a raw device.
+        self.detach_if_unused();
+        if self.attached.as_ref().is_some_and(|a| a.fs_mount.is_some()) && self.usage.is_idle() {
+            return Err(self.err(VolumeErrorKind::Mount(
+                "its filesystem is still mounted here, unused, and could not be unmounted: see the daemon's log, then retry".into(),
+            )));
+        }
         if self.usage.host_attached() {
             if let Some(a) = &self.attached {
                 return Ok(a.export.device().to_path_buf());
@@ -843,6 +860,9 @@ impl Handler<Resume> for VolumeActor {
                 .abandon(&self.id, &export, fs_mount.as_deref());
             self.usage = Usage::default();
         }
+        // Only other nodes used it (a shared volume's sessions die with
+        // the daemon): nobody is left to unmount it.
+        self.detach_if_unused();
         self.publish();
     }
 }
@@ -851,8 +871,11 @@ impl Handler<Shutdown> for VolumeActor {
     type Result = ();
 
     fn handle(&mut self, _: Shutdown, ctx: &mut SyncContext<Self>) {
-        // A client's mount goes (lazily if busy) with its session.
+        // A client's mount goes (lazily if busy) with its session; other
+        // nodes' sessions end before the filesystem is unmounted, so that
+        // none writes into it once it is gone.
         self.joined = None;
+        self.cut_sessions();
         match self.tear_down(true) {
             // Down: the attach record goes too (a next start has nothing to take back).
             Ok(()) => handover::remove(&self.node, &self.id),

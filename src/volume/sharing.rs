@@ -10,11 +10,18 @@ use crate::cluster::ClusterError;
 use crate::export::share::client::ShareMount;
 use crate::export::share::session::TcpTransport;
 use actix::prelude::*;
+use parking_lot::Mutex;
+use std::net::TcpStream;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
 /// How many times a Mount tries to attach or join: the holder may let go
 /// between our attach try and our session (its last user left).
 const JOIN_TRIES: usize = 3;
+/// How long the holder may take to open a session: its actor may be busy
+/// (a first mount's mkfs, an unmount's retries, a snapshot).
+const JOIN_WAIT: Duration = Duration::from_secs(60);
 
 /// This node's client of a volume another node holds.
 pub(super) struct Joined {
@@ -34,8 +41,59 @@ pub struct OpenShare {
 
 pub struct ShareGrant {
     /// The directory Docker gets on this node: the session's root.
-    pub root: PathBuf,
-    pub guard: ShareGuard,
+    root: PathBuf,
+    guard: ShareGuard,
+    cut: Arc<Mutex<Cut>>,
+    /// Dropped once the session has let go of the filesystem.
+    done: crossbeam_channel::Sender<()>,
+}
+
+/// How the holder's actor ends a session it must not wait for (shutdown).
+#[derive(Default)]
+struct Cut {
+    /// The session's connection, once it runs.
+    stream: Option<TcpStream>,
+    /// Cut before it ran: it ends at once.
+    cut: bool,
+}
+
+/// The holder's handle on one session.
+pub(super) struct Session {
+    cut: Arc<Mutex<Cut>>,
+    done: crossbeam_channel::Receiver<()>,
+}
+
+impl ShareGrant {
+    /// The session, to run on its connection's thread: serves the files
+    /// until the client goes or the holder cuts it.
+    pub fn into_session(self, what: String) -> Box<dyn FnOnce(TcpStream) + Send> {
+        Box::new(move |stream| {
+            {
+                let mut cut = self.cut.lock();
+                if cut.cut {
+                    return;
+                }
+                cut.stream = stream.try_clone().ok();
+            }
+            crate::export::share::session::serve(&self.root, stream, &what);
+            drop(self.done);
+            drop(self.guard);
+        })
+    }
+}
+
+impl Session {
+    /// Cut the session and wait (a while) until it let go of the files.
+    fn cut(&self) {
+        {
+            let mut cut = self.cut.lock();
+            cut.cut = true;
+            if let Some(s) = &cut.stream {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+        }
+        let _ = self.done.recv_timeout(Duration::from_secs(5));
+    }
 }
 
 /// Ends a session's count on its volume's actor when dropped.
@@ -75,12 +133,23 @@ impl Handler<OpenShare> for VolumeActor {
         let session = self.usage.share_opened(&m.from);
         tracing::info!(volume = %self.name, from = %m.from, session, "another node joined the shared volume");
         self.publish();
+        let cut = Arc::new(Mutex::new(Cut::default()));
+        let (done, finished) = crossbeam_channel::bounded(0);
+        self.sessions.insert(
+            session,
+            Session {
+                cut: cut.clone(),
+                done: finished,
+            },
+        );
         Ok(ShareGrant {
             root,
             guard: ShareGuard {
                 actor: ctx.address(),
                 session,
             },
+            cut,
+            done,
         })
     }
 }
@@ -89,20 +158,36 @@ impl Handler<ShareClosed> for VolumeActor {
     type Result = ();
 
     fn handle(&mut self, m: ShareClosed, _: &mut SyncContext<Self>) {
-        let idle = self.usage.share_closed(m.session);
+        self.usage.share_closed(m.session);
+        self.sessions.remove(&m.session);
         tracing::info!(volume = %self.name, session = m.session, "a node left the shared volume");
-        if idle && self.attached.is_some() {
-            // As the last local Unmount would; on failure the volume stays
-            // attached and the next Unmount or session end tries again.
-            if let Err(e) = self.tear_down(false) {
-                tracing::warn!(volume = %self.name, error = %e, "cannot detach the shared volume its last user left");
-            }
-        }
+        self.detach_if_unused();
         self.publish();
     }
 }
 
 impl VolumeActor {
+    /// Detach a volume attached here that nobody uses any more, as the
+    /// last Unmount would (after the last session of a shared volume, or
+    /// a restart that found only other nodes using it). On failure it stays
+    /// attached; the next session end, Mount or host attach tries again.
+    pub(super) fn detach_if_unused(&mut self) {
+        if self.attached.is_none() || !self.usage.is_idle() {
+            return;
+        }
+        if let Err(e) = self.tear_down(false) {
+            tracing::warn!(volume = %self.name, error = %e, "cannot detach a volume nobody uses");
+        }
+    }
+
+    /// End every other node's session (the daemon stops): their clients
+    /// see errors from now on, and the filesystem is free to unmount.
+    pub(super) fn cut_sessions(&mut self) {
+        for (_, s) in self.sessions.drain() {
+            s.cut();
+        }
+    }
+
     /// A Mount's first step on this node: attach here, or, for a shared
     /// volume another node holds, join it there.
     pub(super) fn attach_or_join(&mut self, record: &VolumeRecord) -> Result<(), VolumeError> {
@@ -136,7 +221,10 @@ impl VolumeActor {
                             code,
                             crate::replication::wire::ErrorCode::NotFound
                                 | crate::replication::wire::ErrorCode::Busy
-                        ) => {}
+                        ) =>
+                {
+                    std::thread::sleep(Duration::from_millis(300));
+                }
                 Err(e) => return Err(self.err(e)),
             }
         }
@@ -167,6 +255,7 @@ impl VolumeActor {
             c.cluster.node(),
             &json,
             c.replica_timeout,
+            JOIN_WAIT,
         )
         .map_err(|e| match e {
             crate::replication::ReplicationError::Refused { code, message, .. } => {
@@ -201,38 +290,32 @@ impl VolumeActor {
     /// The last Unmount of a joined volume: unmount the client. On failure
     /// (busy) it stays mounted and the caller may retry.
     pub(super) fn leave(&mut self) -> Result<(), VolumeErrorKind> {
-        let Some(joined) = self.joined.take() else {
+        let Some(joined) = self.joined.as_mut() else {
             return Ok(());
         };
         let target = joined.mount.mount_point().to_path_buf();
-        let holder = joined.holder.clone();
-        let mut mount = Some(joined.mount);
         let mut last = None;
         // As for a filesystem (`mounting::unmount`): busy for a moment
         // after a container stops.
         for _ in 0..25 {
-            match mount.take().expect("still mounted").unmount() {
+            match joined.mount.unmount() {
                 Ok(()) => {
                     last = None;
                     break;
                 }
-                Err((m, e)) => {
-                    mount = Some(m);
+                Err(e) => {
                     last = Some(e);
-                    std::thread::sleep(std::time::Duration::from_millis(40));
+                    std::thread::sleep(Duration::from_millis(40));
                 }
             }
         }
         if let Some(e) = last {
-            self.joined = Some(Joined {
-                mount: mount.expect("still mounted"),
-                holder,
-            });
             return Err(VolumeErrorKind::Mount(format!(
                 "unmount {}: {e}; something on this host still uses the volume's files",
                 target.display()
             )));
         }
+        let holder = self.joined.take().map(|j| j.holder).unwrap_or_default();
         let _ = std::fs::remove_dir(&target);
         tracing::info!(volume = %self.name, holder, "left the shared volume");
         Ok(())

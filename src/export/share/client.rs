@@ -7,8 +7,9 @@
 //! - opens never set `keep_cache`, so each open drops the file's page cache
 //!   and reads what the holder has now (and no `direct_io`: within one
 //!   open, reads are cached and writes go through the page cache to us);
-//! - entries and attributes live one second (`TTL`), so a file another
-//!   node changed shows its new size and times a second later at most;
+//! - names live one second (`ENTRY_TTL`), attributes not at all
+//!   (`ATTR_TTL`): a file another node grew must show its new size at once,
+//!   or reads would stop at the old one;
 //! - no writeback cache: every write reaches the holder before `write(2)`
 //!   returns, and is there for the next open on any node.
 //!
@@ -32,10 +33,15 @@ use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-/// How long the kernel may trust an entry or attributes without asking.
-const TTL: Duration = Duration::from_secs(1);
+/// How long the kernel may trust a name's entry without asking.
+const ENTRY_TTL: Duration = Duration::from_secs(1);
+/// Attributes are never trusted: another node may have grown the file,
+/// and a read stops at the size the kernel has (close-to-open needs the
+/// holder's size at each open).
+const ATTR_TTL: Duration = Duration::ZERO;
 /// FUSE worker threads per mount: requests wait on the network, so a few
 /// run at once (the transport is shared by all of them).
 const THREADS: usize = 4;
@@ -52,6 +58,8 @@ pub trait Transport: Send + Sync + 'static {
 pub struct ShareMount {
     mount_point: PathBuf,
     session: Option<BackgroundSession>,
+    /// Set once the session to the holder failed.
+    gone: Arc<AtomicBool>,
 }
 
 impl ShareMount {
@@ -64,9 +72,10 @@ impl ShareMount {
     ) -> io::Result<ShareMount> {
         let dev = sys::fuse::open_dev()?;
         sys::fuse::mount_shared(&dev, mount_point, fsname)?;
+        let gone = Arc::new(AtomicBool::new(false));
         let fs = ShareFs {
             transport,
-            gone: AtomicBool::new(false),
+            gone: gone.clone(),
         };
         let mut config = Config::default();
         config.acl = SessionACL::All;
@@ -78,6 +87,7 @@ impl ShareMount {
             Ok(session) => Ok(ShareMount {
                 mount_point: mount_point.to_path_buf(),
                 session: Some(session),
+                gone,
             }),
             Err(e) => {
                 let _ = mount::unmount(mount_point, true);
@@ -90,14 +100,20 @@ impl ShareMount {
         &self.mount_point
     }
 
-    /// Unmount now; an error if it is busy (then nothing changed, and the
-    /// mount comes back with the error): callers may retry or go lazy (drop).
-    pub fn unmount(mut self) -> Result<(), (ShareMount, io::Error)> {
+    /// Whether the session to the holder still works (as far as known:
+    /// it fails at the first request after the holder went).
+    pub fn is_alive(&self) -> bool {
+        !self.gone.load(Ordering::Relaxed)
+    }
+
+    /// Unmount now; an error if it is busy (then nothing changed: callers
+    /// may retry, or drop it to detach lazily).
+    pub fn unmount(&mut self) -> io::Result<()> {
         match mount::unmount(&self.mount_point, false) {
             Ok(()) => self.join(),
             // Unmounted by someone else, maybe lazily: not waited for.
             Err(e) if not_mounted(&e) => drop(self.session.take()),
-            Err(e) => return Err((self, e)),
+            Err(e) => return Err(e),
         }
         Ok(())
     }
@@ -143,7 +159,7 @@ impl Drop for ShareMount {
 struct ShareFs {
     transport: Box<dyn Transport>,
     /// The session to the holder failed once (warned about).
-    gone: AtomicBool,
+    gone: Arc<AtomicBool>,
 }
 
 impl ShareFs {
@@ -175,7 +191,7 @@ impl ShareFs {
             Reply::Entry(a) => Some(a),
             _ => None,
         }) {
-            Ok(a) => reply.entry(&TTL, &file_attr(&a), Generation(0)),
+            Ok(a) => reply.entry_with_ttls(&ATTR_TTL, &ENTRY_TTL, &file_attr(&a), Generation(0)),
             Err(e) => reply.error(e),
         }
     }
@@ -185,7 +201,7 @@ impl ShareFs {
             Reply::Attr(a) => Some(a),
             _ => None,
         }) {
-            Ok(a) => reply.attr(&TTL, &file_attr(&a)),
+            Ok(a) => reply.attr(&ATTR_TTL, &file_attr(&a)),
             Err(e) => reply.error(e),
         }
     }
@@ -679,7 +695,9 @@ impl Filesystem for ShareFs {
         });
         match created {
             // No keep_cache, as for an open.
-            Ok((attr, fh)) => reply.created(&TTL, &attr, Generation(0), fh, FopenFlags::empty()),
+            Ok((attr, fh)) => {
+                reply.created(&ATTR_TTL, &attr, Generation(0), fh, FopenFlags::empty())
+            }
             Err(e) => reply.error(e),
         }
     }
@@ -886,7 +904,7 @@ mod tests {
     fn a_mounted_client_lists_and_reads_the_holders_files() {
         let dir = tempfile::tempdir().unwrap();
         let mnt = dir.path().canonicalize().unwrap();
-        let share = ShareMount::mount(Box::new(Fake), &mnt, "dunnage:test@here").unwrap();
+        let mut share = ShareMount::mount(Box::new(Fake), &mnt, "dunnage:test@here").unwrap();
         assert_eq!(share.mount_point(), mnt);
         assert!(mount::is_mount_point(&mnt));
 
@@ -907,11 +925,11 @@ mod tests {
 
         // Busy: nothing changes, and the mount comes back.
         let open = fs::File::open(mnt.join("hello")).unwrap();
-        let (share, e) = share.unmount().unwrap_err();
+        let e = share.unmount().unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::EBUSY));
         assert!(mount::is_mount_point(&mnt));
         drop(open);
-        share.unmount().map_err(|(_, e)| e).unwrap();
+        share.unmount().unwrap();
         assert!(!mount::is_mount_point(&mnt));
     }
 

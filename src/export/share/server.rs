@@ -156,6 +156,10 @@ impl ShareServer {
             } => {
                 let perm = mode & !umask & 0o7777;
                 let kind = SFlag::from_bits_retain(mode & libc::S_IFMT);
+                // Device nodes would be the holder's devices, opened as root.
+                if kind == SFlag::S_IFBLK || kind == SFlag::S_IFCHR {
+                    return Err(Errno::EPERM);
+                }
                 let name = new_name(&name)?;
                 let pfd = &self.node(parent)?.fd;
                 stat::mknodat(pfd, name, kind, Mode::from_bits_retain(perm), rdev.into())?;
@@ -226,7 +230,14 @@ impl ShareServer {
             }
             Request::Open { ino, flags } => {
                 let flags = (OFlag::from_bits_retain(flags) - DROPPED_FLAGS) | OFlag::O_CLOEXEC;
-                let path = proc_path(&self.node(ino)?.fd);
+                let node = self.node(ino)?;
+                // The kernel opens only files and directories through FUSE;
+                // a FIFO would block this session, a device is not ours.
+                let kind = stat_of(&node.fd)?.st_mode & libc::S_IFMT;
+                if kind != libc::S_IFREG && kind != libc::S_IFDIR {
+                    return Err(Errno::EACCES);
+                }
+                let path = proc_path(&node.fd);
                 let file = fcntl::open(path.as_str(), flags, Mode::empty())?;
                 Reply::Opened {
                     fh: self.add_file(file),
@@ -432,7 +443,7 @@ impl ShareServer {
         let new = flags | OFlag::O_CREAT | OFlag::O_EXCL;
         let (file, fresh) = match fcntl::openat(pfd, name, new, Mode::from_bits_retain(perm)) {
             Ok(file) => (file, true),
-            Err(Errno::EEXIST) if !excl => (fcntl::openat(pfd, name, flags, Mode::empty())?, false),
+            Err(Errno::EEXIST) if !excl => (open_existing(pfd, name, flags, caller)?, false),
             Err(e) => return Err(e),
         };
         // Following the magic link (no O_NOFOLLOW) reaches the file itself.
@@ -581,6 +592,46 @@ fn attr(ino: u64, st: &FileStat) -> Attr {
         rdev: st.st_rdev as u32,
         blksize: st.st_blksize as u32,
     }
+}
+
+/// Open the file that took `name` between the client's lookup and its
+/// create (another node made it): only a regular file (never blocking on
+/// a FIFO, never a device), and only if its owner, group or others' bits
+/// let the caller open it so (the client's kernel checked nothing: it
+/// thought the name free). Supplementary groups are not known here.
+fn open_existing(pfd: &OwnedFd, name: &[u8], flags: OFlag, caller: Caller) -> Res<OwnedFd> {
+    let file = fcntl::openat(pfd, name, flags | OFlag::O_NONBLOCK, Mode::empty())?;
+    let st = stat_of(&file)?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+        return Err(Errno::EEXIST);
+    }
+    let want = match flags & OFlag::O_ACCMODE {
+        OFlag::O_RDONLY => 0o4,
+        OFlag::O_WRONLY => 0o2,
+        _ => 0o6,
+    } | if flags.contains(OFlag::O_TRUNC) {
+        0o2
+    } else {
+        0
+    };
+    let granted = if caller.uid == 0 {
+        0o7
+    } else if caller.uid == st.st_uid {
+        (st.st_mode >> 6) & 0o7
+    } else if caller.gid == st.st_gid {
+        (st.st_mode >> 3) & 0o7
+    } else {
+        st.st_mode & 0o7
+    };
+    if granted & want != want {
+        return Err(Errno::EACCES);
+    }
+    // Back to the caller's blocking mode.
+    fcntl::fcntl(
+        &file,
+        fcntl::FcntlArg::F_SETFL(flags - OFlag::O_ACCMODE - OFlag::O_CLOEXEC),
+    )?;
+    Ok(file)
 }
 
 #[cfg(test)]
@@ -996,6 +1047,7 @@ mod tests {
 
         // Creating an existing name without O_EXCL opens it, leaving it be.
         fs::write(dir.path().join("mine"), b"x").unwrap();
+        fs::set_permissions(dir.path().join("mine"), fs::Permissions::from_mode(0o666)).unwrap();
         let (m, _) = create(&mut s, ROOT, "mine", caller);
         assert_eq!((m.uid, m.size), (0, 1));
         let excl = Request::Create {
@@ -1173,5 +1225,61 @@ mod tests {
         };
         assert_eq!(call(&mut s, req), ebadf);
         assert_eq!(s.handle(Request::Forget { ino: 999, n: 1 }), None);
+    }
+
+    /// What a client must not get the holder to do as root: open a FIFO
+    /// (the session would block), make or open a device, or open through
+    /// Create a file that another node put in place which the caller may
+    /// not open so.
+    #[test]
+    fn special_files_and_others_files_are_refused() {
+        let (dir, mut s) = server();
+        let caller = Caller {
+            uid: 1000,
+            gid: 1000,
+        };
+        nix::unistd::mkfifo(&dir.path().join("fifo"), Mode::from_bits_retain(0o666)).unwrap();
+        let Reply::Entry(f) = lookup(&mut s, ROOT, "fifo") else {
+            panic!("no fifo")
+        };
+        let open = |ino, flags| Request::Open { ino, flags };
+        assert_eq!(
+            call(&mut s, open(f.ino, libc::O_RDONLY)),
+            Reply::Errno(libc::EACCES)
+        );
+        let dev = Request::MkNod {
+            parent: ROOT,
+            name: b"sda".to_vec(),
+            mode: libc::S_IFBLK | 0o666,
+            umask: 0,
+            rdev: libc::makedev(8, 0) as u32,
+            caller: ROOT_CALLER,
+        };
+        assert_eq!(call(&mut s, dev), Reply::Errno(libc::EPERM));
+        assert!(!dir.path().join("sda").exists());
+        let create_as = |name: &str, who: Caller, flags| Request::Create {
+            parent: ROOT,
+            name: name.as_bytes().to_vec(),
+            mode: libc::S_IFREG | 0o644,
+            umask: 0,
+            flags,
+            caller: who,
+        };
+        // A FIFO where a file was to be created: refused, not opened.
+        let req = create_as("fifo", caller, libc::O_RDWR);
+        assert_eq!(call(&mut s, req), Reply::Errno(libc::EEXIST));
+        // Root's file, 0600: not for uid 1000, fine for root.
+        fs::write(dir.path().join("secret"), b"s").unwrap();
+        fs::set_permissions(dir.path().join("secret"), fs::Permissions::from_mode(0o600)).unwrap();
+        let req = create_as("secret", caller, libc::O_RDONLY);
+        assert_eq!(call(&mut s, req), Reply::Errno(libc::EACCES));
+        let req = create_as("secret", ROOT_CALLER, libc::O_RDWR);
+        assert!(matches!(call(&mut s, req), Reply::Created { .. }));
+        // Readable by others: uid 1000 may read it, not write it.
+        fs::set_permissions(dir.path().join("secret"), fs::Permissions::from_mode(0o644)).unwrap();
+        let req = create_as("secret", caller, libc::O_RDONLY);
+        assert!(matches!(call(&mut s, req), Reply::Created { .. }));
+        let req = create_as("secret", caller, libc::O_WRONLY);
+        assert_eq!(call(&mut s, req), Reply::Errno(libc::EACCES));
     }
 }
