@@ -278,7 +278,19 @@ impl FuseLoopExport {
     fn stop_session(&mut self) -> Result<(), ExportError> {
         if let Some(session) = self.session.take() {
             // Unmounting ends the connection; the workers then see ENODEV.
-            if let Err(e) = mount::unmount(&self.mount_dir, false) {
+            // Busy for a moment while the loop device's last opener (udev's
+            // probe after a resize, say) delays its autoclear.
+            let mut unmounted = mount::unmount(&self.mount_dir, false);
+            for _ in 0..50 {
+                match &unmounted {
+                    Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                        std::thread::sleep(std::time::Duration::from_millis(40));
+                        unmounted = mount::unmount(&self.mount_dir, false);
+                    }
+                    _ => break,
+                }
+            }
+            if let Err(e) = unmounted {
                 if mount::is_mount_point(&self.mount_dir) {
                     self.session = Some(session);
                     return Err(ExportError::io(
