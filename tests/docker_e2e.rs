@@ -266,11 +266,11 @@ fn docker_volume_create_bad_option_shows_daemon_error() {
 /// grown while the container writes (asked on n2, forwarded to n1, xfs
 /// grown online so the container sees it at once), and after the
 /// container is gone the data is read back on n2 from its own replica.
-#[test]
-fn docker_uses_a_replicated_volume_and_it_grows_in_use() {
+/// Two nodes on loopback; dockerd talks to n1's plugin socket.
+fn docker_cluster() -> common::cluster::Cluster {
     use common::cluster::{Cluster, Mode};
     require_docker();
-    let c = Cluster::start_custom(
+    Cluster::start_custom(
         Mode::Loopback,
         2,
         |_| Vec::new(),
@@ -278,7 +278,12 @@ fn docker_uses_a_replicated_volume_and_it_grows_in_use() {
             plugin_dir: (i == 0).then(|| DOCKER_PLUGIN_DIR.into()),
             ..Opts::default()
         },
-    );
+    )
+}
+
+#[test]
+fn docker_uses_a_replicated_volume_and_it_grows_in_use() {
+    let c = docker_cluster();
     let mut cleanup = Cleanup::default();
     let driver = c.node(0).name.clone();
     let vol = unique("e2e-repl");
@@ -356,18 +361,8 @@ fn docker_uses_a_replicated_volume_and_it_grows_in_use() {
 /// another user, each seeing what the other node wrote.
 #[test]
 fn containers_on_two_nodes_share_a_volume() {
-    use common::cluster::{Cluster, Mode};
     use std::os::unix::fs::MetadataExt;
-    require_docker();
-    let c = Cluster::start_custom(
-        Mode::Loopback,
-        2,
-        |_| Vec::new(),
-        |i| Opts {
-            plugin_dir: (i == 0).then(|| DOCKER_PLUGIN_DIR.into()),
-            ..Opts::default()
-        },
-    );
+    let c = docker_cluster();
     let mut cleanup = Cleanup::default();
     let driver = c.node(0).name.clone();
     let vol = unique("e2e-shared");

@@ -466,15 +466,7 @@ pub fn forward_request(
     timeout: Duration,
     wait: Duration,
 ) -> Result<String, ReplicationError> {
-    let params = crate::engine::ThinParams {
-        size: 0,
-        block_size: 0,
-    };
-    let hello = Hello {
-        forward: Some(request.to_string()),
-        ..Hello::new("-", 0, from, params)
-    };
-    let (stream, ..) = say_hello(node, addr, &hello, timeout, wait)?;
+    let stream = open_session(node, addr, from, request, timeout, wait)?;
     let link_err = |source: WireError| ReplicationError::Link {
         node: node.to_string(),
         addr,

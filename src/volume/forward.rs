@@ -79,6 +79,30 @@ pub(super) fn forward_to(
     node: &str,
     op: HolderOp,
 ) -> Result<String, VolumeErrorKind> {
+    let wait = match op {
+        HolderOp::ListSnapshots | HolderOp::ReplicaContents => LIST_WAIT,
+        _ => FORWARD_WAIT,
+    };
+    tracing::info!(volume = %record.name, node, ?op, "forwarding a request to another node");
+    let (addr, json) = holder_request(c, record, node, op)?;
+    crate::replication::forward_request(
+        node,
+        addr,
+        c.cluster.node(),
+        &json,
+        c.replica_timeout,
+        wait,
+    )
+    .map_err(|e| on_holder(node, e))
+}
+
+/// Where `node` serves, and `op` about `record` as it travels there.
+pub(super) fn holder_request(
+    c: &ClusterNode,
+    record: &VolumeRecord,
+    node: &str,
+    op: HolderOp,
+) -> Result<(std::net::SocketAddr, String), VolumeErrorKind> {
     let addr = c.cluster.member_addr(node)?.ok_or_else(|| {
         crate::cluster::ClusterError::Placement(format!(
             "node {node}, which holds volume {}, is not a known member",
@@ -91,28 +115,20 @@ pub(super) fn forward_to(
         from: c.cluster.node().to_string(),
         op,
     };
-    let wait = match request.op {
-        HolderOp::ListSnapshots | HolderOp::ReplicaContents => LIST_WAIT,
-        _ => FORWARD_WAIT,
-    };
     let json = serde_json::to_string(&request).expect("a request serializes");
-    tracing::info!(volume = %record.name, node, op = ?request.op, "forwarding a request to another node");
-    crate::replication::forward_request(
-        node,
-        addr,
-        c.cluster.node(),
-        &json,
-        c.replica_timeout,
-        wait,
-    )
-    .map_err(|e| match e {
+    Ok((addr, json))
+}
+
+/// A forwarded request's failure: the holder's refusal, said as its own.
+pub(super) fn on_holder(node: &str, e: ReplicationError) -> VolumeErrorKind {
+    match e {
         ReplicationError::Refused { code, message, .. } => VolumeErrorKind::OnHolder {
             node: node.to_string(),
             code,
             message,
         },
         e => e.into(),
-    })
+    }
 }
 
 /// Run a forwarded op on this node's actor of the volume. The reply's JSON.

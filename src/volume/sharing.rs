@@ -3,7 +3,7 @@
 //! a node that mounts the volume while another holds it mounts a client
 //! of the holder's (see `export::share`).
 
-use super::forward::{HolderOp, HolderRequest};
+use super::forward::HolderOp;
 use super::{VolumeActor, VolumeError, VolumeErrorKind};
 use crate::catalog::VolumeRecord;
 use crate::cluster::ClusterError;
@@ -236,19 +236,7 @@ impl VolumeActor {
         let Some(c) = &self.node.cluster else {
             return Err(VolumeErrorKind::NotClustered("a shared volume's session"));
         };
-        let addr = c.cluster.member_addr(holder)?.ok_or_else(|| {
-            ClusterError::Placement(format!(
-                "node {holder}, which holds shared volume {}, is not a known member",
-                record.name
-            ))
-        })?;
-        let request = HolderRequest {
-            volume: record.name.clone(),
-            volume_id: record.id.clone(),
-            from: c.cluster.node().to_string(),
-            op: HolderOp::Share,
-        };
-        let json = serde_json::to_string(&request).expect("a request serializes");
+        let (addr, json) = super::forward::holder_request(c, record, holder, HolderOp::Share)?;
         let stream = crate::replication::open_session(
             holder,
             addr,
@@ -257,16 +245,7 @@ impl VolumeActor {
             c.replica_timeout,
             JOIN_WAIT,
         )
-        .map_err(|e| match e {
-            crate::replication::ReplicationError::Refused { code, message, .. } => {
-                VolumeErrorKind::OnHolder {
-                    node: holder.to_string(),
-                    code,
-                    message,
-                }
-            }
-            e => e.into(),
-        })?;
+        .map_err(|e| super::forward::on_holder(holder, e))?;
         let what = format!("volume {} on node {holder}", record.name);
         let transport = TcpTransport::new(stream, what)
             .map_err(|e| VolumeErrorKind::Mount(format!("a session to node {holder}: {e}")))?;
