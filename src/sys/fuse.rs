@@ -144,11 +144,14 @@ pub fn abort_connection(mount_point: &Path) -> io::Result<()> {
         .ok_or_else(|| io::Error::other(format!("odd device {:?} in mountinfo", entry.dev)))?;
     let abort = format!("{FUSECTL}/{minor}/abort");
     match std::fs::write(&abort, "1") {
-        Err(e)
-            if e.kind() == io::ErrorKind::NotFound
-                && !super::mount::is_mount_point(Path::new(FUSECTL)) =>
-        {
-            // Many hosts never mount the FUSE control filesystem.
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            // Many hosts never mount the FUSE control filesystem. One
+            // mount of it, even when two volumes are abandoned at once.
+            static MOUNTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+            let _one = MOUNTING.lock().unwrap_or_else(|p| p.into_inner());
+            if super::mount::is_mount_point(Path::new(FUSECTL)) {
+                return std::fs::write(&abort, "1");
+            }
             nix::mount::mount(
                 Some("fusectl"),
                 FUSECTL,
