@@ -43,10 +43,11 @@
 //! the cluster, no other daemon, no qemu-storage-daemon). The control-plane
 //! timings and the memory figures of the daemon under test need dunnage's
 //! daemon: without dunnage among the targets they are skipped, and the
-//! results say so.
+//! results say so. `--profiles IDS` runs only those fio profiles (job file
+//! stems, e.g. `--profiles randwrite-4k-qd1`), to study one figure.
 //!
 //! ```text
-//! just bench [quick] [--dir PATH] [--rounds N] [--runtime SECS] [--size SIZE] [--no-docker] [--only NAMES]
+//! just bench [quick] [--dir PATH] [--rounds N] [--runtime SECS] [--size SIZE] [--no-docker] [--profiles IDS] [--only NAMES]
 //! cargo bench --bench fio -- quick
 //! cargo bench --bench fio -- --only dunnage-engine,dunnage-repl2
 //! ```
@@ -74,7 +75,7 @@ mod targets;
 
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use job::{Params, PROFILES};
+use job::{Params, Profile, PROFILES};
 use kind::{Server, UBLK_CONTROL};
 use proc::{check_stop, cpu_seconds, nap, rss_kib, Teardown};
 use report::{Outcome, PerTarget, ProfileResult, Results};
@@ -100,6 +101,9 @@ usage: cargo bench --bench fio -- [quick] [options]     (or: just bench [quick] 
                     dunnage-secure, dunnage-10snaps, dunnage-repl2, dunnage-repl3,
                     dunnage-ublk (where the kernel has ublk). Without dunnage the
                     control-plane timings and its daemon's memory are skipped
+  --profiles IDS    run only these fio profiles (comma-separated job names under
+                    fixtures/fio/): randread-4k-qd32, randwrite-4k-qd32,
+                    randwrite-4k-qd1, read-1m-qd8, write-1m-qd8, randrw-4k-qd16
   -h, --help        this text
 
 Writes target/bench/results.json, results.md and chart.png.";
@@ -117,6 +121,8 @@ struct Opts {
     docker: bool,
     /// `--only`: the targets to run, in run order; all of them without it.
     only: Option<Vec<Kind>>,
+    /// `--profiles`: the fio profiles to run, in table order.
+    profiles: Vec<&'static Profile>,
 }
 
 fn parse_size(s: &str) -> Result<u64> {
@@ -136,6 +142,19 @@ fn parse_size(s: &str) -> Result<u64> {
     Ok(bytes)
 }
 
+/// `--profiles a,b`: the named profiles, in table order.
+fn parse_profiles(list: &str) -> Result<Vec<&'static Profile>> {
+    let names: Vec<&str> = list.split(',').map(str::trim).collect();
+    let known: Vec<&str> = PROFILES.iter().map(|p| p.id).collect();
+    if let Some(bad) = names.iter().find(|n| !known.contains(n)) {
+        bail!(
+            "--profiles: no profile {bad:?}; the profiles are {}",
+            known.join(", ")
+        );
+    }
+    Ok(PROFILES.iter().filter(|p| names.contains(&p.id)).collect())
+}
+
 impl Opts {
     fn parse(args: &[String]) -> Result<Option<Opts>> {
         let mut o = Opts {
@@ -147,6 +166,7 @@ impl Opts {
             size: 2 << 30,
             docker: true,
             only: None,
+            profiles: PROFILES.iter().collect(),
         };
         let (mut rounds, mut runtime, mut size, mut only) = (None, None, None, None);
         let mut it = args.iter();
@@ -172,6 +192,13 @@ impl Opts {
                         bail!("--only needs a value (target names)\n\n{USAGE}");
                     }
                     only = Some(list);
+                }
+                "--profiles" => {
+                    let list = value("--profiles")?;
+                    if list.starts_with('-') {
+                        bail!("--profiles needs a value (profile names)\n\n{USAGE}");
+                    }
+                    o.profiles = parse_profiles(&list)?;
                 }
                 "-h" | "--help" => {
                     println!("{USAGE}");
@@ -441,7 +468,7 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
     };
     let total = 6
         + kinds.iter().map(|k| k.device_writes()).sum::<u64>() * precond
-        + (o.rounds * PROFILES.len()) as u64 * n_targets * per_job
+        + (o.rounds * o.profiles.len()) as u64 * n_targets * per_job
         + if control { PLUGIN_CYCLES as u64 } else { 0 }
         + docker_work;
     let pg = Progress::new(total);
@@ -449,7 +476,7 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
         "fio bench ({}): {} round(s) x {} profiles x {n_targets} targets, {} s jobs, {} MiB devices on {}",
         if o.quick { "quick" } else { "full" },
         o.rounds,
-        PROFILES.len(),
+        o.profiles.len(),
         o.runtime,
         o.size >> 20,
         backing.fs
@@ -728,7 +755,7 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
     // The profiles, targets interleaved, round after round.
     let mut samples: BTreeMap<(&str, &str), PerTarget> = BTreeMap::new();
     for round in 1..=o.rounds {
-        for p in &PROFILES {
+        for p in &o.profiles {
             for t in &all {
                 check_stop()?;
                 let entry = samples.entry((p.id, t.kind.name())).or_default();
@@ -1037,7 +1064,8 @@ fn bench(o: &Opts, td: &mut Teardown) -> Result<()> {
         ),
         (None, None) => {}
     }
-    let profiles: Vec<ProfileResult> = PROFILES
+    let profiles: Vec<ProfileResult> = o
+        .profiles
         .iter()
         .map(|p| {
             let mut results = BTreeMap::new();
