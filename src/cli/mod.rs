@@ -80,12 +80,13 @@ pub enum VolumeCmd {
         #[arg(long)]
         json: bool,
     },
-    /// Change a volume's size (grow only), sticky flag, labels or
-    /// passthrough.
+    /// Change a volume's size (grow only), sticky flag, labels,
+    /// passthrough or IO caps.
     Update {
         name: String,
-        /// `size=20G`, `sticky=true|false`, `label=k=v,k2=v2` or
-        /// `passthrough=true|false`.
+        /// `size=20G`, `sticky=true|false`, `label=k=v,k2=v2`,
+        /// `passthrough=true|false`, `max_iops=N` or `max_bandwidth=100M`
+        /// (`0` or `none` lifts a cap).
         #[arg(short = 'o', long = "opt", value_name = "KEY=VALUE", required = true)]
         opts: Vec<String>,
     },
