@@ -55,9 +55,15 @@ enum Cmd {
         check: bool,
     },
     /// Attach a volume as a block device on this host; prints the device path.
-    Attach { name: String },
+    Attach {
+        /// The volume's name.
+        name: String,
+    },
     /// Detach a volume attached with `dunnage attach`.
-    Detach { name: String },
+    Detach {
+        /// The volume's name.
+        name: String,
+    },
     /// Test helper: write, discard and flush an engine image in a loop,
     /// reporting each flush on stdout (see `tests/engine_crash.rs`).
     #[command(hide = true)]

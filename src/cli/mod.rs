@@ -41,14 +41,21 @@ pub enum VolumeCmd {
         label: Vec<String>,
     },
     /// Show one volume as JSON.
-    Inspect { name: String },
+    Inspect {
+        /// The volume's name.
+        name: String,
+    },
     /// Delete a volume and its data (refused while in use or sticky).
-    Rm { name: String },
+    Rm {
+        /// The volume's name.
+        name: String,
+    },
     /// Give the key of an encrypted volume created with its own
     /// `secret_key`: after a daemon restart such a volume is locked until
     /// then. The key is read from standard input (or --key-file), never
     /// from the command line, where `ps` would show it.
     Unlock {
+        /// The volume's name.
         name: String,
         /// Read the key from this file instead of standard input.
         #[arg(long)]
@@ -56,12 +63,18 @@ pub enum VolumeCmd {
     },
     /// Put a volume back as it was at one of its snapshots (not while it is
     /// mounted or attached). Its later writes are lost; the snapshot stays.
-    Restore { name: String, snapshot: String },
+    Restore {
+        /// The volume's name.
+        name: String,
+        /// The snapshot to go back to (`dunnage snapshot ls NAME`).
+        snapshot: String,
+    },
     /// Wait until every replica of a volume is in sync, showing the
     /// resync's progress (cluster mode; bytes on the node doing the resync,
     /// replica states elsewhere). A volume attached nowhere is resynced in
     /// the background on this node, until an attach needs it.
     Resync {
+        /// The volume's name.
         name: String,
         /// Give up after this many seconds.
         #[arg(long, default_value_t = 3600)]
@@ -74,7 +87,9 @@ pub enum VolumeCmd {
     /// replicated volume needs every replica in sync; a ublk device grows
     /// only while detached. The same as `volume update NAME -o size=SIZE`.
     Resize {
+        /// The volume's name.
         name: String,
+        /// The new size: `20G`, `512M`, `1T` (binary units; a bare number is GiB).
         size: String,
         /// Print the volume as JSON (as `volume inspect`) instead.
         #[arg(long)]
@@ -83,6 +98,7 @@ pub enum VolumeCmd {
     /// Change a volume's size (grow only), sticky flag, labels,
     /// passthrough or IO caps.
     Update {
+        /// The volume's name.
         name: String,
         /// `size=20G`, `sticky=true|false`, `label=k=v,k2=v2`,
         /// `passthrough=true|false`, `max_iops=N` or `max_bandwidth=100M`
@@ -97,6 +113,7 @@ pub enum VolumeCmd {
     /// attached nowhere, while the volume stays usable; `volume inspect`
     /// shows its progress (`cluster.verification`).
     Verify {
+        /// The volume's name.
         name: String,
         /// Wait until it is done, with a progress bar (on the node where
         /// it runs).
@@ -114,6 +131,7 @@ pub enum VolumeCmd {
     /// previous import took). Either way the import ends by taking the
     /// stream's snapshot on NAME, so that the next changes apply.
     Import {
+        /// The volume to make, or to bring forward by a stream of changes.
         name: String,
         /// Read the stream from this file [default: stdin].
         #[arg(short, long, value_name = "FILE")]
@@ -162,6 +180,7 @@ pub enum SnapshotCmd {
     /// Take a snapshot (metadata only, no data copied). It holds every write
     /// completed before it and none after, also while the volume is in use.
     Create {
+        /// The volume to snapshot.
         volume: String,
         /// Snapshot name [default: snap-<UTC time>].
         name: Option<String>,
@@ -174,6 +193,7 @@ pub enum SnapshotCmd {
     /// before it is in the snapshots, none started after. The volumes' IO
     /// pauses for that instant. All or nothing.
     Group {
+        /// The snapshot's name, the same on every volume.
         name: String,
         /// The volumes; with --label, those too.
         volumes: Vec<String>,
@@ -187,13 +207,19 @@ pub enum SnapshotCmd {
     },
     /// List a volume's snapshots as a table.
     Ls {
+        /// The volume whose snapshots to list.
         volume: String,
         /// Print JSON instead.
         #[arg(long)]
         json: bool,
     },
     /// Delete a snapshot, freeing the space only it holds.
-    Rm { volume: String, name: String },
+    Rm {
+        /// The volume the snapshot belongs to.
+        volume: String,
+        /// The snapshot's name.
+        name: String,
+    },
     /// Write a snapshot's contents as a stream (RBD's export and
     /// export-diff): every block it holds, or with --since only those that
     /// changed after an older snapshot (and those discarded). Import it with
@@ -202,7 +228,9 @@ pub enum SnapshotCmd {
     /// The volume may be in use. An encrypted volume's stream is its
     /// plaintext. In a cluster, run it on a node holding a replica.
     Export {
+        /// The volume.
         volume: String,
+        /// The snapshot of it to write.
         snapshot: String,
         /// Only the changes since this older snapshot of the volume.
         #[arg(long, value_name = "SNAPSHOT")]
