@@ -18,6 +18,14 @@ fn assert_clean(d: &Daemon, context: &str) {
     assert!(l.is_empty(), "{context}: leftovers {l:?}\n{}", d.log_tail());
 }
 
+fn volume_names(d: &Daemon) -> Vec<String> {
+    let list: Value = serde_json::from_str(&d.cli_ok(&["volume", "ls", "--json"])).unwrap();
+    let list = list.as_array().expect("volume ls --json is an array");
+    list.iter()
+        .map(|v| v["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
 fn write_file(d: &Daemon, vol: &str, file: &str, data: &[u8]) {
     let id = mount_id(&format!("w-{vol}-{file}"));
     let mp = d.mount(vol, &id);
@@ -128,6 +136,113 @@ fn clone_and_parent_diverge_both_ways() {
     assert_eq!(list, json!([]), "the clone's base snapshot was left behind");
     d.remove("src");
     assert_clean(&d, "after removing both");
+}
+
+/// A clone made while its parent is removed or resized (two requests at
+/// once on the plugin socket and the CLI): never a clone over a deleted
+/// parent, never a clone recorded at a size its device does not have.
+/// The races are real (no hook slows either side); each round asserts the
+/// outcome whichever request won.
+#[test]
+fn a_clone_races_with_the_removal_and_the_resize_of_its_parent() {
+    let d = Daemon::start(Opts::default());
+    let (mut clones, mut removes) = (0, 0);
+    for i in 0..12 {
+        let (p, c) = (format!("rp{i}"), format!("rc{i}"));
+        d.create(&p, &[("size", "32M"), ("fs", "none")]);
+        let clone_body = json!({"Name": c, "Opts": {"parent": p}});
+        let resize = i % 2 == 1;
+        let (cloned, other) = std::thread::scope(|s| {
+            let cloning = s.spawn(|| d.call("/VolumeDriver.Create", &clone_body));
+            let other = if resize {
+                let out = d.cli(&["volume", "resize", &p, "64M"]);
+                (
+                    out.status.success(),
+                    format!("{}{}", out.stdout, out.stderr),
+                )
+            } else {
+                let (status, v) = d.call("/VolumeDriver.Remove", &json!({"Name": p}));
+                (status == 200 && v["Err"] == "", v.to_string())
+            };
+            (cloning.join().expect("clone thread"), other)
+        });
+        let clone_ok = cloned.0 == 200 && cloned.1["Err"] == "";
+        let names = volume_names(&d);
+        if !clone_ok {
+            let err = cloned.1["Err"].as_str().unwrap_or_default().to_string();
+            assert!(
+                !names.contains(&c),
+                "round {i}: refused clone {c} is listed: {err}"
+            );
+            assert!(
+                err.contains("being removed")
+                    || err.contains("being resized")
+                    || err.contains("no such volume"),
+                "round {i}: the clone's error says why: {err}"
+            );
+        }
+        if resize {
+            // Both may succeed, one after the other; the clone's record
+            // and its device must agree either way.
+            if clone_ok {
+                clones += 1;
+                let info = d.inspect(&c);
+                let dev = d.cli_ok(&["attach", &c]);
+                let bytes = Command::new("blockdev")
+                    .args(["--getsize64", dev.trim()])
+                    .output()
+                    .expect("blockdev");
+                let bytes: u64 = String::from_utf8_lossy(&bytes.stdout)
+                    .trim()
+                    .parse()
+                    .unwrap();
+                d.cli_ok(&["detach", &c]);
+                assert_eq!(info["size_bytes"], bytes, "round {i}: {info}");
+            }
+            if !other.0 {
+                assert!(
+                    other.1.contains("a clone of it is being made"),
+                    "round {i}: {}",
+                    other.1
+                );
+            }
+        } else {
+            assert!(
+                !(clone_ok && other.0),
+                "round {i}: both the clone and the removal of its parent succeeded: {}",
+                d.log_tail()
+            );
+            if clone_ok {
+                clones += 1;
+                assert!(
+                    names.contains(&p),
+                    "round {i}: clone {c} made but parent {p} gone"
+                );
+                assert!(
+                    other.1.contains("a clone of it is being made") || other.1.contains("clones ("),
+                    "round {i}: the removal's error says why: {}",
+                    other.1
+                );
+                // The clone is whole: its image opens.
+                let dev = d.cli_ok(&["attach", &c]);
+                assert!(dev.trim().starts_with("/dev/"), "{dev}");
+                d.cli_ok(&["detach", &c]);
+            } else {
+                removes += 1;
+                assert!(
+                    !names.contains(&p),
+                    "round {i}: {p} was removed but is listed"
+                );
+            }
+        }
+        for v in [&c, &p] {
+            if volume_names(&d).contains(v) {
+                d.remove(v);
+            }
+        }
+    }
+    eprintln!("clones made: {clones}, parents removed first: {removes}");
+    assert_clean(&d, "after the races");
 }
 
 /// `parent=SRC@SNAP` clones one of SRC's snapshots, not its state now

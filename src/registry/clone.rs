@@ -218,17 +218,27 @@ impl Registry {
         source: VolumeRecord,
     ) -> ResponseActFuture<Self, Reply<VolumeInfo>> {
         let snap = record.clone_of.as_ref().expect("a clone").snapshot.clone();
+        if let Err(why) = self.inflight.start_clone(&source.id) {
+            let e = self.busy(&source.name, format!("cannot clone it now: {why}"));
+            return Box::pin(fut::ready(Err(e)));
+        }
         if !owns_base(&record) {
-            return Box::pin(fut::ready(self.finish_clone(&record, &source, &snap)));
+            let done = self.finish_clone(&record, &source, &snap);
+            self.inflight.end_clone(&source.id);
+            return Box::pin(fut::ready(done));
         }
         let addr = match self.actor(&source) {
             Ok(a) => a,
-            Err(e) => return Box::pin(fut::ready(Err(e))),
+            Err(e) => {
+                self.inflight.end_clone(&source.id);
+                return Box::pin(fut::ready(Err(e)));
+            }
         };
         let taking = addr.send(TakeSnapshot {
             name: Some(snap.clone()),
         });
         Box::pin(taking.into_actor(self).map(move |res, act, _| {
+            act.inflight.end_clone(&source.id);
             match res {
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => return Err(RegistryError::Volume(e)),

@@ -8,6 +8,7 @@
 
 mod clone;
 pub mod cluster;
+mod inflight;
 pub mod snapshots;
 mod view;
 
@@ -50,6 +51,13 @@ pub enum RegistryError {
     },
     #[error("the daemon is shutting down")]
     ShuttingDown,
+    /// Another request on the volume is under way (`inflight.rs`).
+    #[error("volume {volume} on node {node}: {reason}; try again when that is done")]
+    Busy {
+        volume: String,
+        node: String,
+        reason: String,
+    },
     /// The request makes no sense as asked.
     #[error("{0}")]
     BadRequest(String),
@@ -154,6 +162,8 @@ pub struct Registry {
     resume: Vec<AttachRecord>,
     /// The sweep's replacement of dead nodes' replicas (cluster mode).
     replacements: Arc<parking_lot::Mutex<cluster::Replacements>>,
+    /// Clones, removes and resizes under way (they exclude each other).
+    inflight: inflight::InFlight,
 }
 
 impl Registry {
@@ -165,6 +175,15 @@ impl Registry {
             stopping: false,
             resume,
             replacements: Default::default(),
+            inflight: Default::default(),
+        }
+    }
+
+    fn busy(&self, volume: &str, reason: String) -> RegistryError {
+        RegistryError::Busy {
+            volume: volume.to_string(),
+            node: self.node.name.clone(),
+            reason,
         }
     }
 
@@ -641,7 +660,7 @@ impl Handler<Create> for Registry {
 }
 
 impl Handler<Update> for Registry {
-    type Result = ResponseFuture<Reply<VolumeInfo>>;
+    type Result = ResponseActFuture<Self, Reply<VolumeInfo>>;
     /// A grow goes to the volume's actor (it owns the image and knows
     /// whether it is attached); the other changes are the catalog's.
     fn handle(&mut self, msg: Update, _: &mut Context<Self>) -> Self::Result {
@@ -656,16 +675,29 @@ impl Handler<Update> for Registry {
             });
         let (record, changes, actor) = match checked {
             Ok(c) => c,
-            Err(e) => return Box::pin(async move { Err(e) }),
+            Err(e) => return Box::pin(fut::ready(Err(e))),
         };
+        let resizing = changes.size.is_some().then(|| record.id.clone());
+        if let Some(id) = &resizing {
+            if let Err(why) = self.inflight.start_resize(id) {
+                let e = self.busy(&record.name, format!("cannot resize it now: {why}"));
+                return Box::pin(fut::ready(Err(e)));
+            }
+        }
         let (node, runtime) = (self.node.clone(), self.runtime.clone());
-        Box::pin(async move {
+        let work = async move {
             if let (Some((size, given)), Some(actor)) = (changes.size.clone(), actor) {
                 forward(actor, volume::resize::Resize { size, given }).await?;
             }
             let updated = changes.apply(&node, &record)?;
             Ok(info_of(&node, &runtime, updated))
-        })
+        };
+        Box::pin(work.into_actor(self).map(move |res, act, _| {
+            if let Some(id) = resizing {
+                act.inflight.end_resize(&id);
+            }
+            res
+        }))
     }
 }
 
@@ -795,6 +827,10 @@ impl Handler<Remove> for Registry {
         match res {
             Err(e) => Box::pin(fut::ready(Err(e))),
             Ok((addr, id)) => {
+                if let Err(why) = self.inflight.start_remove(&id) {
+                    let e = self.busy(&msg.name, format!("cannot remove it now: {why}"));
+                    return Box::pin(fut::ready(Err(e)));
+                }
                 let name = msg.name.clone();
                 // A base snapshot taken for the clone goes with it; one of
                 // the parent's own (`parent=SRC@SNAP`) stays.
@@ -805,6 +841,7 @@ impl Handler<Remove> for Registry {
                     .and_then(|r| r.clone_of);
                 Box::pin(forward(addr, volume::Remove).into_actor(self).map(
                     move |res, act, ctx| {
+                        act.inflight.end_remove(&id);
                         if res.is_ok() {
                             act.actors.remove(&id);
                             act.node
