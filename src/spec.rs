@@ -2,6 +2,9 @@
 //! validated before anything is touched. Every refusal says what is wrong and
 //! what would be accepted.
 
+mod fsopts;
+
+pub use fsopts::{accepted_fsopts, check_fsopts, mkfs_args};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
@@ -515,6 +518,8 @@ pub fn parse_options(
             reason: "fs=none makes no filesystem, so fsopts has nothing to apply to".into(),
         });
     }
+    // After the loop: `fs` may come after `fsopts`, or not at all (ext4).
+    check_fsopts(spec.fs, &spec.fsopts)?;
     Ok(spec)
 }
 
@@ -946,6 +951,183 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("only one"), "{err}");
+    }
+
+    fn fsopts_err(fs: Option<&str>, fsopts: &str) -> String {
+        let mut o = opts(&[("fsopts", fsopts), ("size", "1G")]);
+        if let Some(fs) = fs {
+            o.insert("fs".into(), fs.into());
+        }
+        parse_options(&o, None)
+            .map(|s| panic!("{fs:?} {fsopts:?} accepted: {:?}", s.fsopts))
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn fsopts_that_reach_outside_the_volume_are_refused() {
+        let cases: &[(&str, &str, &[&str])] = &[
+            ("ext4", "-d /etc", &["\"-d /etc\"", "host path"]),
+            ("ext4", "-d/etc", &["\"-d /etc\"", "host path"]),
+            ("ext4", "-qd /etc", &["\"-d /etc\"", "host path"]),
+            ("ext4", "-z /some/path", &["\"-z /some/path\"", "host path"]),
+            (
+                "ext4",
+                "-l /etc/shadow",
+                &["\"-l /etc/shadow\"", "host path"],
+            ),
+            (
+                "ext4",
+                "-J device=/dev/sdb",
+                &["device=/dev/sdb", "host device"],
+            ),
+            ("ext4", "-J size=64,device=/dev/sdb", &["host device"]),
+            ("ext4", "-E offset=4096", &["offset", "start of the device"]),
+            ("ext4", "-E stride=4 -E stripe_width=8", &["given twice"]),
+            (
+                "ext4",
+                "-O journal_dev",
+                &["journal_dev", "never be mounted"],
+            ),
+            (
+                "ext4",
+                "-O ^has_journal,bogus",
+                &["\"bogus\"", "not an ext4 feature"],
+            ),
+            ("ext4", "-c", &["\"-c\"", "badblocks"]),
+            ("ext4", "-F", &["\"-F\"", "already passes -F"]),
+            ("ext4", "-n", &["dry run"]),
+            ("ext4", "-S", &["\"-S\""]),
+            ("ext4", "-V", &["version"]),
+            ("ext4", "-t ext2", &["\"-t ext2\"", "fs=ext4"]),
+            ("ext4", "-e panic", &["panic the host"]),
+            ("ext4", "-b 65536", &["\"-b 65536\"", "4 KiB page"]),
+            ("ext4", "-b 8192", &["4 KiB page"]),
+            ("ext4", "--bogus", &["\"--bogus\"", "long options"]),
+            (
+                "ext4",
+                "-x",
+                &["\"-x\"", "not an option dunnage passes to mkfs.ext4"],
+            ),
+            ("ext4", "/dev/sda", &["\"/dev/sda\"", "device to format"]),
+            ("ext4", "-", &["device to format"]),
+            ("ext4", "-b", &["\"-b\"", "needs a value"]),
+            ("ext4", "-m crc=1", &["\"-m crc=1\"", "percentage"]),
+            ("ext4", "-m 60", &["percentage"]),
+            ("ext4", "-I 0100", &["power of two"]),
+            ("ext4", "-T bogus", &["usage types"]),
+            ("ext4", "-L 12345678901234567", &["16 bytes"]),
+            ("ext4", "-E android_sparse", &["sparse image"]),
+            (
+                "xfs",
+                "-p /etc/protofile",
+                &["\"-p /etc/protofile\"", "host path"],
+            ),
+            ("xfs", "-c options=/etc/x.conf", &["host path"]),
+            ("xfs", "-l logdev=/dev/sda", &["logdev", "host device"]),
+            (
+                "xfs",
+                "-l internal,logdev=/dev/sda,size=64m",
+                &["host device"],
+            ),
+            ("xfs", "-l internal=0", &["host device"]),
+            ("xfs", "-d name=/tmp/img", &["name", "host path"]),
+            (
+                "xfs",
+                "-dname=/tmp/img",
+                &["\"-d name=/tmp/img\"", "host path"],
+            ),
+            ("xfs", "-d file,name=/tmp/img,size=1g", &["host file"]),
+            ("xfs", "-d size=1g", &["volume's size"]),
+            ("xfs", "-r rtdev=/dev/sdc", &["realtime", "host device"]),
+            ("xfs", "-N", &["dry run"]),
+            ("xfs", "-b size=65536", &["4 KiB page"]),
+            ("xfs", "-m crc=1,crc=1", &["given twice"]),
+            ("xfs", "-m crc=1 -m crc=0", &["given twice"]),
+            ("xfs", "-m crc=2", &["=0 or =1"]),
+            ("xfs", "-m bogus=1", &["not a -m suboption", "crc"]),
+            ("xfs", "-m crc=1,,reflink=1", &["empty suboption"]),
+            ("xfs", "-L abcdefghijklm", &["12 bytes"]),
+            ("xfs", "--bogus", &["long options"]),
+            ("xfs", "-F", &["\"-F\"", "mkfs.xfs"]),
+            // ext4's options are not xfs's, and the other way round.
+            ("xfs", "-E stride=4", &["\"-E\"", "mkfs.xfs"]),
+            ("ext4", "-m reflink=1", &["percentage"]),
+        ];
+        for (fs, fsopts, wants) in cases {
+            let err = fsopts_err(Some(fs), fsopts);
+            for want in *wants {
+                assert!(err.contains(want), "{fs} {fsopts:?}: {err}");
+            }
+            assert!(err.contains("option fsopts"), "{err}");
+            assert!(err.contains("others are refused"), "{err}");
+            let tool_list = if *fs == "xfs" {
+                "-m crc,"
+            } else {
+                "-E stride="
+            };
+            assert!(err.contains(tool_list), "lists what is accepted: {err}");
+        }
+    }
+
+    #[test]
+    fn realistic_fsopts_are_accepted_and_kept_as_given() {
+        let ok: &[(&str, &str)] = &[
+            ("ext4", "-b 4096 -i 16384 -I 256 -m 1 -L pgdata -O ^has_journal"),
+            ("ext4", "-b4096 -m0.5 -jqv -D -e remount-ro -T largefile4"),
+            ("ext4", "-E stride=16,stripe_width=64,lazy_itable_init=1,nodiscard,root_owner=999:999"),
+            ("ext4", "-E stripe-width=8,root_owner,encoding=utf8,quotatype=usrquota:grpquota -O quota,casefold"),
+            ("ext4", "-O bigalloc -C 64k -G 32 -M /srv/data"),
+            ("ext4", "-g 8192 -N 100000 -O ^resize_inode,meta_bg"),
+            ("ext4", "-O fast_commit -J size=64,fast_commit_size=256 -U random"),
+            ("ext4", "-U c1b9d5a2-f162-11cf-9ece-0020afc76f16 -b 1k -L -d"),
+            ("xfs", "-m  crc=1"),
+            ("xfs", "-m crc=1,reflink=1,bigtime=1 -i sparse -l internal,size=64m -n ftype=1"),
+            ("xfs", "-mcrc=1 -mreflink=0 -b size=4k -s size=4096 -K -f -q -L data"),
+            ("xfs", "-d agcount=4,su=64k,sw=2 -i size=512,maxpct=5 -l su=64k,lazy-count=1 -n size=8192,version=ci"),
+            ("xfs", "-d sunit=128,swidth=256 -m uuid=c1b9d5a2-f162-11cf-9ece-0020afc76f16"),
+        ];
+        // Each set also makes a filesystem with mke2fs 1.47.0 / mkfs.xfs 6.1.0
+        // on a 1 GiB file.
+        for (fs, fsopts) in ok {
+            let spec = parse_options(
+                &opts(&[("fs", fs), ("fsopts", fsopts), ("size", "1G")]),
+                None,
+            )
+            .unwrap_or_else(|e| panic!("{fs} {fsopts:?}: {e}"));
+            assert_eq!(
+                spec.fsopts.join(" "),
+                fsopts.split_whitespace().collect::<Vec<_>>().join(" ")
+            );
+        }
+    }
+
+    #[test]
+    fn fsopts_are_checked_for_the_fs_whatever_the_order_and_ext4_by_default() {
+        // BTreeMap orders "fs" before "fsopts"; the check must not depend on it.
+        assert!(fsopts_err(None, "-m crc=1").contains("mkfs.ext4"));
+        assert!(parse_options(&opts(&[("fsopts", "-m 1 -L db")]), None).is_ok());
+        for o in [
+            opts(&[("fsopts", "-m crc=1"), ("fs", "xfs")]),
+            opts(&[("Fs", "xfs"), ("fsopts", "-m crc=1")]),
+            opts(&[("fsopts", "-m crc=1"), ("FS", "xfs")]),
+        ] {
+            assert_eq!(parse_options(&o, None).unwrap().fs, FsType::Xfs);
+        }
+        assert!(check_fsopts(FsType::Ext4, &[]).is_ok());
+        assert!(check_fsopts(FsType::None, &[]).is_ok());
+        assert!(check_fsopts(FsType::None, &["-q".to_string()]).is_err());
+    }
+
+    #[test]
+    fn stored_fsopts_load_without_being_checked_again() {
+        // A catalog record from an older build, with options now refused.
+        let old: VolumeSpec = serde_json::from_value(serde_json::json!({
+            "size": 1u64 << 30, "fs": "ext4", "fsopts": ["-b", "65536"],
+            "block_size_kib": 32, "sticky": false, "labels": {}
+        }))
+        .unwrap();
+        assert_eq!(old.fsopts, ["-b", "65536"]);
     }
 
     #[test]

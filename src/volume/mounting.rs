@@ -11,22 +11,24 @@ pub const DATA_SUBDIR: &str = "data";
 
 /// Make the filesystem. Returns mkfs's complaint on failure.
 pub fn mkfs(device: &Path, spec: &VolumeSpec) -> Result<(), String> {
-    let mut cmd = match spec.fs {
+    // The device reads zeros where never written, so ext4's journal and
+    // inode tables need not be written out now: the volume stays thin.
+    let (mut cmd, extended) = match spec.fs {
         FsType::Ext4 => {
             let mut c = Command::new("mkfs.ext4");
-            // The device reads zeros where never written, so the journal and
-            // inode tables need not be written out now: the volume stays thin.
-            c.args(["-q", "-F", "-E", "lazy_itable_init=1,lazy_journal_init=1"]);
-            c
+            c.args(["-q", "-F"]);
+            (c, "lazy_itable_init=1,lazy_journal_init=1")
         }
         FsType::Xfs => {
             let mut c = Command::new("mkfs.xfs");
             c.args(["-q", "-f"]);
-            c
+            (c, "")
         }
         FsType::None => return Ok(()),
     };
-    cmd.args(&spec.fsopts).arg(device);
+    let opts =
+        crate::spec::mkfs_args(spec.fs, &spec.fsopts, extended).map_err(|e| e.to_string())?;
+    cmd.args(&opts).arg(device);
     let out = cmd.output().map_err(|e| {
         format!(
             "cannot run mkfs for {}: {e} (install e2fsprogs / xfsprogs)",
