@@ -481,7 +481,12 @@ fn only_volumes_that_ask_for_passthrough_get_it() {
     // Turned off, it takes effect at the next attach.
     d.cli_ok(&["volume", "update", "fast", "-o", "passthrough=false"]);
     d.mount("fast", &b);
-    assert_eq!(d.inspect("fast")["io_path"], "engine");
+    let info = d.inspect("fast");
+    assert_eq!(info["io_path"], "engine");
+    assert_eq!(
+        info["options"]["passthrough"], "false",
+        "inspect shows the value now: {info}"
+    );
     d.cli_ok(&["snapshot", "create", "fast", "manual"]);
     d.unmount("fast", &b);
     d.cli_ok(&["snapshot", "rm", "plain", "manual"]);
@@ -536,7 +541,24 @@ fn snapshots_export_whole_and_as_changes_and_import_on_another_node() {
     d1.cli_ok(&["snapshot", "create", "src", "s2"]);
     write_file(&d1, "src", "c", &c);
     d1.cli_ok(&["snapshot", "create", "src", "s3"]);
+    // The FIFO of a CLI killed mid-stream (no such pid), and one of a
+    // live process: the next export removes the first only.
+    let streams = d1.run_dir.join("streams");
+    let (dead, live) = (
+        streams.join("4194305-0123456789abcdef"),
+        streams.join(format!("{}-0123456789abcdef", std::process::id())),
+    );
+    for dir in [&dead, &live] {
+        fs::create_dir_all(dir).unwrap();
+        fs::write(dir.join("stream"), b"").unwrap();
+    }
     d1.cli_ok(&["snapshot", "export", "src", "s1", "-o", &f("s1")]);
+    assert!(!dead.exists(), "a dead CLI's stream directory is left");
+    assert!(
+        live.join("stream").exists(),
+        "a live process's stream was removed"
+    );
+    fs::remove_dir_all(&live).unwrap();
     d1.cli_ok(&[
         "snapshot",
         "export",

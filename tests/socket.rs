@@ -527,6 +527,13 @@ fn shorthand_name_at_size() {
     // dockerd keeps calling the volume by the name it was given.
     let (status, v) = d.get("short@2G");
     assert_eq!(status, 200, "Get short@2G: {v}");
+    // What follows '@' must be a size: `short@junk` names nothing, and
+    // removing it removes nothing.
+    let (status, v) = d.get("short@junk");
+    assert!(status != 200 || v["Err"] != "", "Get short@junk: {v}");
+    let err = d.err("/VolumeDriver.Remove", &json!({"Name": "short@junk"}));
+    assert!(err.contains("junk"), "{err}");
+    assert_eq!(d.list_names(), ["short"]);
     let id = mount_id("short");
     let mp = d.mount("short@2G", &id);
     assert_eq!(mp, d.mountpoint("short"));

@@ -23,6 +23,7 @@ struct Fifo {
 
 impl Fifo {
     fn new(run_dir: &Path) -> Result<Fifo> {
+        prune_dead(&run_dir.join("streams"));
         let dir = run_dir.join("streams").join(format!(
             "{}-{:016x}",
             std::process::id(),
@@ -52,6 +53,28 @@ impl Fifo {
             o.read(true);
         }
         let _ = o.custom_flags(libc::O_NONBLOCK).open(&self.path);
+    }
+}
+
+/// Remove the FIFOs of CLIs killed before their drop ran (`export | head`
+/// ends with SIGPIPE): each directory is named after its CLI's pid.
+fn prune_dead(streams: &Path) {
+    let Ok(entries) = std::fs::read_dir(streams) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let pid = name
+            .to_str()
+            .and_then(|n| n.split_once('-'))
+            .map(|(p, _)| p);
+        let Some(pid) = pid.filter(|p| p.parse::<u32>().is_ok()) else {
+            continue;
+        };
+        if !Path::new("/proc").join(pid).exists() {
+            let _ = std::fs::remove_file(e.path().join("stream"));
+            let _ = std::fs::remove_dir(e.path());
+        }
     }
 }
 

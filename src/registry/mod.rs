@@ -187,9 +187,13 @@ impl Registry {
         }
     }
 
-    /// Resolve Docker's `name@size` shorthand to the volume's name.
+    /// Resolve Docker's `name@size` shorthand to the volume's name (the
+    /// size must be one: `data@junk` is no name for `data`).
     fn lookup(&self, name: &str) -> Reply<VolumeRecord> {
-        let (base, _) = spec::split_shorthand(name);
+        let (base, size) = spec::split_shorthand(name);
+        if let Some(size) = size {
+            spec::parse_size(size)?;
+        }
         self.node
             .catalog
             .get(base)
@@ -461,13 +465,23 @@ impl Changes {
         }
         node.catalog
             .modify(&record.name, &record.id, &mut |r| {
+                // What inspect shows as options: the values as they are now.
+                let mut shown = |names: &[&str], value: String| {
+                    r.options
+                        .retain(|k, _| !names.iter().any(|n| k.trim().eq_ignore_ascii_case(n)));
+                    r.options.insert(names[0].to_string(), value);
+                };
                 if let Some(s) = self.sticky {
+                    shown(&["sticky"], s.to_string());
                     r.spec.sticky = s;
                 }
                 if let Some(l) = &self.labels {
+                    let joined: Vec<String> = l.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                    shown(&["label", "labels"], joined.join(","));
                     r.spec.labels = l.clone();
                 }
                 if let Some(p) = self.passthrough {
+                    shown(&["passthrough"], p.to_string());
                     r.spec.passthrough = p;
                 }
                 if let Some(l) = self.limits {
