@@ -355,6 +355,32 @@ pub fn parse_options(
     shorthand_size: Option<&str>,
 ) -> Result<VolumeSpec, SpecError> {
     let mut spec = VolumeSpec::default();
+    // One option under two spellings (`repl` and `replicas`, `Size` and
+    // `size`) would otherwise be decided by the map's order.
+    let mut spelled: BTreeMap<&str, &str> = BTreeMap::new();
+    for key in opts.keys() {
+        let canon = match key.trim().to_ascii_lowercase().as_str() {
+            "replicas" => "repl",
+            "hosts" => "nodes",
+            "labels" => "label",
+            "priority_io" => "io_priority",
+            other => SUPPORTED_OPTIONS
+                .iter()
+                .copied()
+                .find(|o| *o == other)
+                .unwrap_or(""),
+        };
+        if canon.is_empty() {
+            continue; // unknown: refused below, with the list
+        }
+        if let Some(first) = spelled.insert(canon, key) {
+            return Err(SpecError::Value {
+                option: canon.into(),
+                value: format!("{}, {}", opts[first], opts[key]),
+                reason: format!("given twice, as {first} and as {key}; give it once"),
+            });
+        }
+    }
     for (key, value) in opts {
         let key_l = key.trim().to_ascii_lowercase();
         match key_l.as_str() {
@@ -1117,6 +1143,22 @@ mod tests {
         assert!(check_fsopts(FsType::Ext4, &[]).is_ok());
         assert!(check_fsopts(FsType::None, &[]).is_ok());
         assert!(check_fsopts(FsType::None, &["-q".to_string()]).is_err());
+    }
+
+    #[test]
+    fn an_option_given_under_two_spellings_is_refused() {
+        for pair in [
+            ("repl", "replicas"),
+            ("size", "Size"),
+            ("label", "labels"),
+            ("nodes", "hosts"),
+        ] {
+            let mut o = BTreeMap::new();
+            o.insert(pair.0.to_string(), "1".to_string());
+            o.insert(pair.1.to_string(), "2".to_string());
+            let err = parse_options(&o, None).unwrap_err().to_string();
+            assert!(err.contains("given twice"), "{pair:?}: {err}");
+        }
     }
 
     #[test]

@@ -170,7 +170,9 @@ fn parse_opts(opts: &[String]) -> Result<BTreeMap<String, String>> {
         let Some((k, v)) = o.split_once('=') else {
             bail!("option {o:?} is not KEY=VALUE (for example -o size=10G)");
         };
-        out.insert(k.to_string(), v.to_string());
+        if let Some(first) = out.insert(k.to_string(), v.to_string()) {
+            bail!("option {k} is given twice ({k}={first}, {o}): give it once (labels: -o label=a=1,b=2)");
+        }
     }
     Ok(out)
 }
