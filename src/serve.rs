@@ -41,6 +41,14 @@ pub struct ServeArgs {
     /// through dunnage's own engine path.
     #[arg(long, value_enum, default_value = "auto")]
     pub fuse_passthrough: Passthrough,
+    /// On SIGTERM, leave every attached volume (mounted for containers or
+    /// attached on the host) to the next `dunnage serve`, as a crash would:
+    /// no unmount, no detach; IO waits until the next daemon takes them
+    /// back. For `systemctl restart` under running containers (with
+    /// `KillMode=process`, so that the FUSE keeper stays). With nothing
+    /// attached, and on SIGINT, the stop is the usual orderly one.
+    #[arg(long)]
+    pub handover_on_stop: bool,
     /// File holding the node-wide encryption key: `secure=true` volumes
     /// created without their own `secret_key` use it, and open by
     /// themselves after a restart. Read once at start; keep it mode 600.
@@ -561,6 +569,7 @@ pub fn run(args: ServeArgs, run_dir: PathBuf) -> Result<()> {
     };
 
     let exporter_node = node.clone();
+    let handover_on_stop = args.handover_on_stop;
     let system = actix::System::new();
     let result = system.block_on(async move {
         let registry = Registry::new(node.clone(), resumable).start();
@@ -632,16 +641,31 @@ pub fn run(args: ServeArgs, run_dir: PathBuf) -> Result<()> {
         );
 
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
-        }
-        // Stop taking requests, then take every volume down.
+        let sigterm = tokio::select! {
+            _ = term.recv() => true,
+            _ = tokio::signal::ctrl_c() => false,
+        };
+        // Stop taking requests, then take every volume down (or hand over).
         ph.stop(true).await;
         ch.stop(true).await;
         if let Some(m) = mh {
             m.stop(true).await;
         }
+        let attached = crate::volume::handover::count(&node);
+        if sigterm && handover_on_stop && attached > 0 {
+            // Exactly what a killed daemon leaves, which the next one takes
+            // back (attach records, the keeper's descriptors and keys, the
+            // cluster lease until its TTL): nothing here may run a teardown.
+            tracing::info!(
+                volumes = attached,
+                "SIGTERM with --handover-on-stop: leaving the attached volumes to the next dunnage serve; exiting without detaching"
+            );
+            std::process::exit(0);
+        }
+        tracing::info!(
+            "{}: shutting down",
+            if sigterm { "SIGTERM" } else { "SIGINT" }
+        );
         registry.send(registry::Shutdown).await.ok();
         // Orderly: the keeper lets go of the keys too, so that it can exit
         // and a volume with its own key is locked after this restart until

@@ -47,6 +47,16 @@ pub fn remove(node: &Node, id: &str) {
     }
 }
 
+/// How many volumes have a record (attached here), touching nothing.
+pub fn count(node: &Node) -> usize {
+    std::fs::read_dir(node.attached_dir()).map_or(0, |entries| {
+        entries
+            .flatten()
+            .filter(|e| e.path().extension().and_then(|x| x.to_str()) == Some("json"))
+            .count()
+    })
+}
+
 /// Every readable record; unreadable ones are reported and removed (their
 /// leftovers are then cleaned up like any crash's).
 pub fn load_all(node: &Node) -> Vec<AttachRecord> {
