@@ -311,8 +311,9 @@ impl Cluster {
         names
     }
 
-    /// `volume create NAME -o repl=R -o size=SIZE -o fs=none [-o more...]` on
-    /// node `on`; waits until every running node lists it.
+    /// `volume create NAME -o repl=R -o size=SIZE [-o more...]` on node
+    /// `on`, with `fs=none` unless `more` names an fs; waits until every
+    /// running node lists it.
     pub fn create(&self, on: usize, vol: &str, repl: u32, size: &str, more: &[(&str, &str)]) {
         let repl = format!("repl={repl}");
         let size = format!("size={size}");
@@ -320,7 +321,9 @@ impl Cluster {
             .iter()
             .map(|s| s.to_string())
             .collect();
-        args.extend(["-o".to_string(), "fs=none".to_string()]);
+        if !more.iter().any(|(k, _)| *k == "fs") {
+            args.extend(["-o".to_string(), "fs=none".to_string()]);
+        }
         for (k, v) in more {
             args.push("-o".into());
             args.push(format!("{k}={v}"));
